@@ -1,0 +1,262 @@
+"""The on-disk adapter format: one `.safetensors` file, metadata in its header.
+
+Tensors are named `layers.<layer>.<index>.<param>`: `<index>` numbers the interventions of one layer
+(0 only with shared weights; 0 = first positions and 1 = last positions without), `<param>` is a
+parameter name of the intervention type (see server/reft/interventions.py). The safetensors header's
+`__metadata__` holds one key, "reft", whose value is the JSON of `AdapterConfig`.
+
+`validate()` checks a file against itself and, given one, against the base model; every problem is
+an `AdapterError` that names the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from server.reft.interventions import INTERVENTION_TYPES, activation
+from server.reft.positions import PositionSpec, interventions_per_layer, parse_positions
+
+FORMAT_VERSION = 1
+METADATA_KEY = "reft"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ORTHONORMAL_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served; `field` names what is wrong."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    type: str
+    rank: int
+    hidden_size: int
+    layers: tuple[int, ...]
+    positions: str
+    share_weights: bool = True
+    activation: str = "linear"
+    base_model: str = ""
+    dtype: str = "float32"
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def position_spec(self) -> PositionSpec:
+        return parse_positions(self.positions)
+
+    @property
+    def interventions_per_layer(self) -> int:
+        return interventions_per_layer(self.share_weights)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterConfig:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AdapterError("metadata", f"not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise AdapterError("metadata", "must be a JSON object")
+        return config_from_dict(raw)
+
+
+_REQUIRED = ("type", "rank", "hidden_size", "layers", "positions")
+_FIELD_TYPES = {
+    "type": str,
+    "rank": int,
+    "hidden_size": int,
+    "positions": str,
+    "share_weights": bool,
+    "activation": str,
+    "base_model": str,
+    "dtype": str,
+    "format_version": int,
+}
+
+
+def config_from_dict(raw: dict) -> AdapterConfig:
+    """Build and check an AdapterConfig from untrusted JSON-like data."""
+    for name in _REQUIRED:
+        if name not in raw:
+            raise AdapterError(name, "missing")
+    unknown = set(raw) - set(_FIELD_TYPES) - {"layers"}
+    if unknown:
+        raise AdapterError(sorted(unknown)[0], "unknown field")
+    for name, kind in _FIELD_TYPES.items():
+        value = raw.get(name)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise AdapterError(name, f"must be {kind.__name__}, got {type(value).__name__}")
+    layers = raw["layers"]
+    if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        raise AdapterError("layers", "must be a list of integers")
+    config = AdapterConfig(**{**raw, "layers": tuple(layers)})
+    _check_config(config)
+    return config
+
+
+def _check_config(config: AdapterConfig) -> None:
+    if config.format_version != FORMAT_VERSION:
+        raise AdapterError("format_version", f"unsupported version {config.format_version}")
+    if config.type not in INTERVENTION_TYPES:
+        raise AdapterError("type", f"unknown intervention type {config.type!r}; known: {', '.join(INTERVENTION_TYPES)}")
+    if config.rank < 1:
+        raise AdapterError("rank", f"must be >= 1, got {config.rank}")
+    if config.hidden_size < 1:
+        raise AdapterError("hidden_size", f"must be >= 1, got {config.hidden_size}")
+    if config.rank > config.hidden_size:
+        raise AdapterError("rank", f"{config.rank} exceeds hidden_size {config.hidden_size}")
+    if not config.layers:
+        raise AdapterError("layers", "must name at least one layer")
+    if len(set(config.layers)) != len(config.layers):
+        raise AdapterError("layers", f"duplicate layer in {list(config.layers)}")
+    if min(config.layers) < 0:
+        raise AdapterError("layers", f"negative layer index in {list(config.layers)}")
+    try:
+        config.position_spec
+    except ValueError as e:
+        raise AdapterError("positions", str(e)) from None
+    try:
+        activation(config.activation)
+    except ValueError as e:
+        raise AdapterError("activation", str(e)) from None
+    if config.dtype not in DTYPES:
+        raise AdapterError("dtype", f"unknown dtype {config.dtype!r}; known: {', '.join(DTYPES)}")
+
+
+def tensor_name(layer: int, index: int, param: str) -> str:
+    return f"layers.{layer}.{index}.{param}"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What an adapter is validated against."""
+
+    num_layers: int
+    hidden_size: int
+
+
+@dataclass
+class AdapterFile:
+    """An adapter as stored: its config and its tensors (on CPU, in the stored dtype)."""
+
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def intervention_params(self, layer: int, index: int) -> dict[str, torch.Tensor]:
+        prefix = f"layers.{layer}.{index}."
+        return {name[len(prefix) :]: t for name, t in self.tensors.items() if name.startswith(prefix)}
+
+    def to_bytes(self) -> bytes:
+        tensors = {name: t.contiguous() for name, t in self.tensors.items()}
+        return save_safetensors(tensors, metadata={METADATA_KEY: self.config.to_json()})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> AdapterFile:
+        metadata = _read_metadata(data)
+        if METADATA_KEY not in metadata:
+            raise AdapterError("metadata", f"the safetensors header has no {METADATA_KEY!r} metadata")
+        config = AdapterConfig.from_json(metadata[METADATA_KEY])
+        try:
+            tensors = load_safetensors(data)
+        except Exception as e:  # the library raises several types for malformed files
+            raise AdapterError("file", f"not a valid safetensors file ({e})") from None
+        return cls(config, tensors)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AdapterFile:
+        return cls.from_bytes(Path(path).read_bytes())
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise AdapterError("file", "too short to be a safetensors file")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8 or header_len > 100_000_000:
+        raise AdapterError("file", "not a safetensors file (bad header length)")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AdapterError("file", "not a safetensors file (header is not JSON)") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def validate(adapter: AdapterFile, model: ModelShape | None = None) -> None:
+    """Raise AdapterError naming the first problem; None means the adapter can be served."""
+    config = adapter.config
+    _check_config(config)
+    if model is not None:
+        if config.hidden_size != model.hidden_size:
+            raise AdapterError(
+                "hidden_size", f"adapter has hidden_size {config.hidden_size}, the model has {model.hidden_size}"
+            )
+        out_of_range = [layer for layer in config.layers if layer >= model.num_layers]
+        if out_of_range:
+            raise AdapterError(
+                "layers", f"layer {out_of_range[0]} out of range: the model has {model.num_layers} layers (0..{model.num_layers - 1})"
+            )
+    _check_tensors(adapter)
+
+
+def _check_tensors(adapter: AdapterFile) -> None:
+    config = adapter.config
+    kind = INTERVENTION_TYPES[config.type]
+    dims = {"d": config.hidden_size, "r": config.rank}
+    expected = set()
+    for layer in config.layers:
+        for index in range(config.interventions_per_layer):
+            for spec in kind.params:
+                name = tensor_name(layer, index, spec.name)
+                tensor = adapter.tensors.get(name)
+                if tensor is None:
+                    if spec.optional:
+                        continue
+                    raise AdapterError(f"tensors.{name}", "missing")
+                expected.add(name)
+                shape = tuple(dims[axis] for axis in spec.shape)
+                if tuple(tensor.shape) != shape:
+                    raise AdapterError(
+                        f"tensors.{name}", f"shape {list(tensor.shape)} does not match {list(shape)} ({'x'.join(spec.shape)})"
+                    )
+                if not tensor.is_floating_point():
+                    raise AdapterError(f"tensors.{name}", f"must be a floating-point tensor, got {tensor.dtype}")
+                if not torch.isfinite(tensor).all():
+                    raise AdapterError(f"tensors.{name}", "contains NaN or infinite values")
+                if spec.name == "rotation":
+                    _check_orthonormal(name, tensor)
+    unexpected = sorted(set(adapter.tensors) - expected)
+    if unexpected:
+        raise AdapterError(f"tensors.{unexpected[0]}", f"unexpected tensor for a {config.type} adapter with layers {list(config.layers)}")
+
+
+def _check_orthonormal(name: str, rotation: torch.Tensor) -> None:
+    r = rotation.float()
+    gram = r.T @ r
+    error = (gram - torch.eye(gram.shape[0])).abs().max().item()
+    tolerance = ORTHONORMAL_TOLERANCE.get(rotation.dtype, 1e-3)
+    if not math.isfinite(error) or error > tolerance:
+        raise AdapterError(
+            f"tensors.{name}",
+            f"columns are not orthonormal (max |R^T R - I| = {error:.3g}); a rotation trained with weight decay collapses",
+        )

@@ -1,0 +1,147 @@
+"""The ReFT family as pure tensor functions, with pyreft's formulas and dtype behaviour.
+
+Every function maps hidden states `h` of shape [n, d] to edited states of the same shape and dtype.
+Notation (pyreft's): R' is d x r with orthonormal columns (the paper's R^T), W and W2 are r x d,
+b is r. Projections through R' run in R's dtype (fp32) and the sum with `h` happens in the wider
+dtype before the cast back, exactly as pyreft does; linear maps run in `h`'s dtype.
+
+Parameters of one intervention (names used in the adapter file):
+  rotation     R'  [d, r]  fp32, orthonormal columns
+  weight       W   [r, d]  learned source weight
+  bias         b   [r]     learned source bias (ConsReFT/LobiReFT: the learned source vector)
+  proj_weight  W2  [r, d]  NoReFT / NoDiReFT projection
+  proj_bias    b2  [r]     NoReFT projection bias (optional)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.activations import ACT2FN
+
+Params = Mapping[str, Tensor]
+Activation = Callable[[Tensor], Tensor]
+
+
+def activation(name: str) -> Activation:
+    """pyreft's activation lookup: transformers' ACT2FN, "linear" (the default) is the identity."""
+    if name not in ACT2FN:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(sorted(ACT2FN))}")
+    return ACT2FN[name]
+
+
+def loreft(h: Tensor, p: Params, act: Activation) -> Tensor:
+    """LoReFT: h + (act(W h + b) - h R') R'^T."""
+    rotation = p["rotation"]
+    rotated = h.to(rotation.dtype) @ rotation
+    source = act(F.linear(h, p["weight"], p["bias"]))
+    return (h + (source - rotated) @ rotation.T).to(h.dtype)
+
+
+def noreft(h: Tensor, p: Params, act: Activation) -> Tensor:
+    """NoReFT: h + (act(W1 h + b1) - (W2 h + b2)) W2, no orthogonality."""
+    projected = F.linear(h, p["proj_weight"], p.get("proj_bias"))
+    source = act(F.linear(h, p["weight"], p["bias"]))
+    return (h + (source - projected) @ p["proj_weight"]).to(h.dtype)
+
+
+def direft(h: Tensor, p: Params, act: Activation) -> Tensor:
+    """DiReFT: h + act(W h + b) R'^T."""
+    rotation = p["rotation"]
+    source = act(F.linear(h.to(p["weight"].dtype), p["weight"], p["bias"]))
+    return (h + source.to(rotation.dtype) @ rotation.T).to(h.dtype)
+
+
+def nodireft(h: Tensor, p: Params, act: Activation) -> Tensor:
+    """NoDiReFT: h + act(W1 h + b1) W2."""
+    source = act(F.linear(h, p["weight"], p["bias"]))
+    return (h + source @ p["proj_weight"]).to(h.dtype)
+
+
+def consreft(h: Tensor, p: Params, act: Activation) -> Tensor:
+    """ConsReFT: h + (b - h R') R'^T (no activation)."""
+    rotation = p["rotation"]
+    rotated = h.to(rotation.dtype) @ rotation
+    return (h + (p["bias"] - rotated) @ rotation.T).to(h.dtype)
+
+
+def lobireft(h: Tensor, p: Params, act: Activation) -> Tensor:
+    """LobiReFT: h + b R'^T (a constant shift inside the subspace)."""
+    rotation = p["rotation"]
+    return (h + p["bias"] @ rotation.T).to(h.dtype)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple[str, ...]  # in terms of "d" (hidden size) and "r" (rank)
+    fp32: bool = False  # kept in fp32 whatever the model dtype (pyreft keeps these in fp32)
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class InterventionType:
+    name: str
+    pyreft_class: str
+    apply: Callable[[Tensor, Params, Activation], Tensor]
+    params: tuple[ParamSpec, ...]
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((s for s in self.params if s.name == name), None)
+
+
+_ROTATION = ParamSpec("rotation", ("d", "r"), fp32=True)
+_WEIGHT = ParamSpec("weight", ("r", "d"))
+_BIAS = ParamSpec("bias", ("r",))
+_SOURCE_VECTOR = ParamSpec("bias", ("r",), fp32=True)
+_PROJ_WEIGHT = ParamSpec("proj_weight", ("r", "d"))
+
+INTERVENTION_TYPES: dict[str, InterventionType] = {
+    t.name: t
+    for t in (
+        InterventionType("loreft", "LoreftIntervention", loreft, (_ROTATION, _WEIGHT, _BIAS)),
+        InterventionType(
+            "noreft",
+            "NoreftIntervention",
+            noreft,
+            (_PROJ_WEIGHT, ParamSpec("proj_bias", ("r",), optional=True), _WEIGHT, _BIAS),
+        ),
+        InterventionType("direft", "DireftIntervention", direft, (_ROTATION, _WEIGHT, _BIAS)),
+        InterventionType("nodireft", "NodireftIntervention", nodireft, (_PROJ_WEIGHT, _WEIGHT, _BIAS)),
+        InterventionType("consreft", "ConsreftIntervention", consreft, (_ROTATION, _SOURCE_VECTOR)),
+        InterventionType("lobireft", "LobireftIntervention", lobireft, (_ROTATION, _SOURCE_VECTOR)),
+    )
+}
+
+
+def intervention_type(name: str) -> InterventionType:
+    try:
+        return INTERVENTION_TYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown intervention type {name!r}; known: {', '.join(INTERVENTION_TYPES)}") from None
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One intervention ready to apply: its type, activation and parameters on the model's device."""
+
+    kind: InterventionType
+    act: Activation
+    params: Params
+
+    def __call__(self, h: Tensor) -> Tensor:
+        return self.kind.apply(h, self.params, self.act)
+
+
+def cast_params(kind: InterventionType, params: Params, dtype: torch.dtype, device: torch.device | str) -> dict:
+    """Place parameters for a model of `dtype`: rotations and source vectors stay fp32 (as in pyreft)."""
+    placed = {}
+    for name, tensor in params.items():
+        spec = kind.param(name)
+        target = torch.float32 if spec is not None and spec.fp32 else dtype
+        placed[name] = tensor.to(device=device, dtype=target)
+    return placed

@@ -1,0 +1,41 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from server.tiny_models import build_tiny_model
+
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+torch.set_num_threads(min(torch.get_num_threads(), 2))
+
+FIXTURE = Path(__file__).parent / "fixtures" / "pyreft_reference"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """tiny_model_dir(family) -> directory of a random-init model of that family, built once."""
+    built = {}
+
+    def get(family: str = "llama") -> Path:
+        if family not in built:
+            built[family] = build_tiny_model(family, tmp_path_factory.mktemp(f"tiny_{family}"))
+        return built[family]
+
+    return get
+
+
+def load_reference_model(path):
+    """A plain transformers model (sdpa attention) for the reference generator."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="session")
+def pyreft_fixture():
+    expected = json.loads((FIXTURE / "expected.json").read_text())
+    model = load_reference_model(FIXTURE / "model")
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURE / "model")
+    return model, tokenizer, expected

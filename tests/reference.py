@@ -1,0 +1,44 @@
+"""The slow reference generator: the yardstick the engine is compared against.
+
+One request at a time on a plain transformers model (sdpa attention, its own KV cache): the prompt
+forward runs with forward hooks that apply the adapter at its prompt positions, then decoding runs
+the unmodified model. This is exactly pyreft's generation semantics, with nothing of the engine.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from server.reft.adapter import Adapter
+from server.reft.hf_hooks import apply_adapter, locations_for_prompts
+
+
+@torch.no_grad()
+def reference_generate(
+    model,
+    prompt_ids: list[int],
+    adapter: Adapter | None = None,
+    *,
+    max_new_tokens: int = 16,
+    eos_token_id: int | None = None,
+) -> list[int]:
+    """Greedy tokens after `prompt_ids` (BOS included, as served), at most `max_new_tokens`."""
+    device = next(model.parameters()).device
+    hooks = nullcontext()
+    if adapter is not None:
+        locations = locations_for_prompts([adapter.positions(len(prompt_ids))], device=device)
+        hooks = apply_adapter(model, adapter.layers, locations)
+    with hooks:
+        out = model(torch.tensor([prompt_ids], device=device), use_cache=True)
+    past, logits = out.past_key_values, out.logits[0, -1]
+    tokens: list[int] = []
+    while len(tokens) < max_new_tokens:
+        token = int(logits.argmax())
+        tokens.append(token)
+        if token == eos_token_id:
+            break
+        out = model(torch.tensor([[token]], device=device), past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[0, -1]
+    return tokens
