@@ -7,8 +7,9 @@ import pytest
 from server.adapters.format import ModelShape
 from server.adapters.pyreft import import_pyreft
 from server.reft.adapter import Adapter
+from server.tokenization import encode_prompt
 from tests.conftest import FIXTURE
-from tests.reference import reference_generate
+from server.reft.reference import reference_generate
 
 CASES = json.loads((FIXTURE / "expected.json").read_text())["cases"]
 MAX_NEW_TOKENS = json.loads((FIXTURE / "expected.json").read_text())["max_new_tokens"]
@@ -42,7 +43,7 @@ def test_reproduces_pyreft_generation(pyreft_fixture, case):
     model, tokenizer, _ = pyreft_fixture
     adapter = import_fixture_adapter(case["adapter"])
     assert sorted_key_positions(adapter, case["adapter"], len(case["prompt_ids"])) == case["positions"]
-    assert [tokenizer.bos_token_id] + tokenizer(case["prompt"]).input_ids == case["prompt_ids"]
+    assert encode_prompt(tokenizer, case["prompt"]) == case["prompt_ids"]
     steered = reference_generate(model, case["prompt_ids"], adapter, max_new_tokens=MAX_NEW_TOKENS)
     assert steered == case["adapter_tokens"]
     assert reference_generate(model, case["prompt_ids"], None, max_new_tokens=MAX_NEW_TOKENS) == case["base_tokens"]

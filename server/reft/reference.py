@@ -1,4 +1,4 @@
-"""The slow reference generator: the yardstick the engine is compared against.
+"""The slow reference generator: the yardstick the engine is compared against (tests, trainer evaluation).
 
 One request at a time on a plain transformers model (sdpa attention, its own KV cache): the prompt
 forward runs with forward hooks that apply the adapter at its prompt positions, then decoding runs

@@ -1,0 +1,34 @@
+"""Prompt tokenization shared by the server, the trainer and the tests, so all see the same ids.
+
+Raw prompts: the tokenizer's own special tokens, plus BOS prepended when the tokenizer has a BOS of
+its own (distinct from EOS) and did not add it; pyreft serves prompts with BOS first, and ReFT
+positions count it. Chat: the tokenizer's chat template renders text that already holds any special
+tokens, which is then tokenized without adding more (as vLLM does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class ChatTemplateMissing(ValueError):
+    pass
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is not None and bos != eos and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids
+
+
+def render_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateMissing("this model's tokenizer has no chat template; use /v1/completions with a prompt")
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+    text = render_chat(tokenizer, messages, add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
