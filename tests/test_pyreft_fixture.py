@@ -7,9 +7,9 @@ import pytest
 from server.adapters.format import ModelShape
 from server.adapters.pyreft import import_pyreft
 from server.reft.adapter import Adapter
+from server.reft.reference import reference_generate
 from server.tokenization import encode_prompt
 from tests.conftest import FIXTURE
-from server.reft.reference import reference_generate
 
 CASES = json.loads((FIXTURE / "expected.json").read_text())["cases"]
 MAX_NEW_TOKENS = json.loads((FIXTURE / "expected.json").read_text())["max_new_tokens"]

@@ -28,14 +28,18 @@ def test_householder_reconstruction_matches_torch_parametrization():
     with torch.no_grad():  # move the reflectors away from the initial point, as training does
         original.add_(0.3 * torch.randn(24, 4).tril(diagonal=-1))
     state = layer.state_dict()
-    got = orthogonal_from_householder(state["parametrizations.weight.original"], state["parametrizations.weight.0.base"])
+    got = orthogonal_from_householder(
+        state["parametrizations.weight.original"], state["parametrizations.weight.0.base"]
+    )
     torch.testing.assert_close(got, layer.weight, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.T @ got, torch.eye(4), rtol=1e-5, atol=1e-5)
 
     with torch.no_grad():  # weight decay shrinks the diagonal below 1: torch's .int() zeroes that column
         original[1, 1] = 0.9
     state = layer.state_dict()
-    got = orthogonal_from_householder(state["parametrizations.weight.original"], state["parametrizations.weight.0.base"])
+    got = orthogonal_from_householder(
+        state["parametrizations.weight.original"], state["parametrizations.weight.0.base"]
+    )
     torch.testing.assert_close(got, layer.weight, rtol=1e-5, atol=1e-6)
     assert got[:, 1].abs().max() == 0
 
@@ -64,7 +68,7 @@ def test_dotted_key_style_of_older_pyvene(tmp_path):
     directory = copy_fixture("lo_l14_f3l3_unshared", tmp_path)
     config = json.loads((directory / "config.json").read_text())
     dotted = [key.replace("_", ".").replace("block.output", "block_output") for key in config["sorted_keys"]]
-    for old, new in zip(config["sorted_keys"], dotted):
+    for old, new in zip(config["sorted_keys"], dotted, strict=True):
         (directory / f"intkey_{old}.bin").rename(directory / f"intkey_{new}.bin")
     config["sorted_keys"] = dotted
     (directory / "config.json").write_text(json.dumps(config))
@@ -167,7 +171,9 @@ def test_broken_config_json(tmp_path):
 
 def test_mismatched_explicit_arguments():
     with pytest.raises(AdapterError, match="not noreft"):
-        import_pyreft(FIXTURE / "adapters" / "lo_l2_f1l1", positions="f1", share_weights=True, intervention_type="noreft")
+        import_pyreft(
+            FIXTURE / "adapters" / "lo_l2_f1l1", positions="f1", share_weights=True, intervention_type="noreft"
+        )
     with pytest.raises(AdapterError, match=r"layers \[2\], not \[3\]"):
         import_pyreft(FIXTURE / "adapters" / "lo_l2_f1l1", positions="f1", share_weights=True, layers=[3])
     with pytest.raises(AdapterError, match="rank 4, not 8"):

@@ -126,7 +126,7 @@ def _check_config(config: AdapterConfig) -> None:
     if min(config.layers) < 0:
         raise AdapterError("layers", f"negative layer index in {list(config.layers)}")
     try:
-        config.position_spec
+        parse_positions(config.positions)
     except ValueError as e:
         raise AdapterError("positions", str(e)) from None
     try:
@@ -214,7 +214,9 @@ def validate(adapter: AdapterFile, model: ModelShape | None = None) -> None:
         out_of_range = [layer for layer in config.layers if layer >= model.num_layers]
         if out_of_range:
             raise AdapterError(
-                "layers", f"layer {out_of_range[0]} out of range: the model has {model.num_layers} layers (0..{model.num_layers - 1})"
+                "layers",
+                f"layer {out_of_range[0]} out of range: "
+                f"the model has {model.num_layers} layers (0..{model.num_layers - 1})",
             )
     _check_tensors(adapter)
 
@@ -237,7 +239,8 @@ def _check_tensors(adapter: AdapterFile) -> None:
                 shape = tuple(dims[axis] for axis in spec.shape)
                 if tuple(tensor.shape) != shape:
                     raise AdapterError(
-                        f"tensors.{name}", f"shape {list(tensor.shape)} does not match {list(shape)} ({'x'.join(spec.shape)})"
+                        f"tensors.{name}",
+                        f"shape {list(tensor.shape)} does not match {list(shape)} ({'x'.join(spec.shape)})",
                     )
                 if not tensor.is_floating_point():
                     raise AdapterError(f"tensors.{name}", f"must be a floating-point tensor, got {tensor.dtype}")
@@ -247,7 +250,10 @@ def _check_tensors(adapter: AdapterFile) -> None:
                     _check_orthonormal(name, tensor)
     unexpected = sorted(set(adapter.tensors) - expected)
     if unexpected:
-        raise AdapterError(f"tensors.{unexpected[0]}", f"unexpected tensor for a {config.type} adapter with layers {list(config.layers)}")
+        raise AdapterError(
+            f"tensors.{unexpected[0]}",
+            f"unexpected tensor for a {config.type} adapter with layers {list(config.layers)}",
+        )
 
 
 def _check_orthonormal(name: str, rotation: torch.Tensor) -> None:
@@ -258,5 +264,6 @@ def _check_orthonormal(name: str, rotation: torch.Tensor) -> None:
     if not math.isfinite(error) or error > tolerance:
         raise AdapterError(
             f"tensors.{name}",
-            f"columns are not orthonormal (max |R^T R - I| = {error:.3g}); a rotation trained with weight decay collapses",
+            f"columns are not orthonormal (max |R^T R - I| = {error:.3g}); "
+            "a rotation trained with weight decay collapses",
         )

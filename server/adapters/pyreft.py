@@ -42,7 +42,7 @@ def _parse_key(key: str) -> _Key:
 
 
 def _type_from_pyreft_class(text: str) -> str:
-    """"<class 'pyreft.interventions.LoreftIntervention'>" -> "loreft"."""
+    """ "<class 'pyreft.interventions.LoreftIntervention'>" -> "loreft"."""
     match = _PYREFT_CLASS.search(text.strip())
     class_name = match.group(1) if match else text
     for name, kind in INTERVENTION_TYPES.items():
@@ -105,7 +105,9 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for code, RuntimeError/EOFError for corrupt files
-        raise AdapterError(path.name, f"cannot be read safely as a tensor state dict ({type(e).__name__}: {e})") from None
+        raise AdapterError(
+            path.name, f"cannot be read safely as a tensor state dict ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterError(path.name, "is not a state dict of tensors")
     return state
@@ -162,7 +164,9 @@ def import_pyreft(
         if missing:
             raise AdapterError("checkpoint", f"config.json names intkey_{missing[0]}.bin, which is missing")
         if len(set(types)) != 1:
-            raise AdapterError("type", f"mixed intervention types {sorted(set(types))} in one adapter are not supported")
+            raise AdapterError(
+                "type", f"mixed intervention types {sorted(set(types))} in one adapter are not supported"
+            )
         if intervention_type is not None and intervention_type != types[0]:
             raise AdapterError("type", f"checkpoint holds {types[0]} interventions, not {intervention_type}")
         kind = types[0]

@@ -19,7 +19,9 @@ from server.reft.layers import decoder_layers
 Locations = Sequence[tuple[Tensor, Tensor]]  # per intervention index: (batch indices, position indices)
 
 
-def locations_for_prompts(position_lists: Sequence[Sequence[Sequence[int]]], device=None) -> list[tuple[Tensor, Tensor]]:
+def locations_for_prompts(
+    position_lists: Sequence[Sequence[Sequence[int]]], device=None
+) -> list[tuple[Tensor, Tensor]]:
     """Locations for a batch: position_lists[b][k] = positions of intervention #k in batch row b."""
     per_index = max((len(rows) for rows in position_lists), default=0)
     locations = []
@@ -27,20 +29,25 @@ def locations_for_prompts(position_lists: Sequence[Sequence[Sequence[int]]], dev
         batch = [b for b, rows in enumerate(position_lists) for _ in rows[k]]
         positions = [p for rows in position_lists for p in rows[k]]
         locations.append(
-            (torch.tensor(batch, dtype=torch.long, device=device), torch.tensor(positions, dtype=torch.long, device=device))
+            (
+                torch.tensor(batch, dtype=torch.long, device=device),
+                torch.tensor(positions, dtype=torch.long, device=device),
+            )
         )
     return locations
 
 
 def _edit(interventions: Sequence[Intervention], locations: Locations, hidden: Tensor) -> Tensor:
-    for intervention, (batch, positions) in zip(interventions, locations):
+    for intervention, (batch, positions) in zip(interventions, locations, strict=False):
         if positions.numel():
             hidden = hidden.index_put((batch, positions), intervention(hidden[batch, positions]))
     return hidden
 
 
 @contextmanager
-def apply_adapter(model: nn.Module, layers: Mapping[int, Sequence[Intervention]], locations: Locations) -> Iterator[None]:
+def apply_adapter(
+    model: nn.Module, layers: Mapping[int, Sequence[Intervention]], locations: Locations
+) -> Iterator[None]:
     """While active, every forward of `model` edits the given locations at the adapter's layers."""
     blocks = decoder_layers(model)
 

@@ -1,0 +1,138 @@
+"""Attention over the engine's paged KV cache, plugged into transformers' AttentionInterface.
+
+The engine packs every scheduled sequence of a step into one row [1, T]. Models loaded with
+`attn_implementation=ATTENTION_NAME` call `paged_attention` per layer with that step's queries,
+keys and values; it writes the new keys/values into the pool and attends each sequence over its own
+cached context. Sequences are batched in (at most) two padded groups: one-token queries (decode)
+and longer chunks (prefill), each one SDPA call with a boolean mask built once per step.
+
+GPU seam: `AttentionGroup.attend` is the only place that reads the pool; a varlen / paged kernel
+(flash-attn varlen, FlexAttention with a block mask) replaces it without touching the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import AttentionInterface
+
+from server.engine.kv_cache import KVCache
+
+ATTENTION_NAME = "reft_paged"
+STEP_KWARG = "reft_attention"
+
+
+@dataclass(frozen=True)
+class Span:
+    """One sequence's rows in a packed step."""
+
+    row: int  # first row of the sequence in the step
+    length: int  # query tokens this step
+    start: int  # absolute position of the first query token (tokens already cached)
+    block_table: list[int]
+
+
+class AttentionGroup:
+    """Sequences attended together: queries padded to the longest, contexts to the longest."""
+
+    def __init__(self, spans: list[Span], block_size: int, num_rows: int, device: torch.device):
+        query_len = max(s.length for s in spans)
+        context_len = max(s.start + s.length for s in spans)
+        offsets = range(query_len)
+        self.gather_rows = torch.tensor(
+            [[s.row + i if i < s.length else 0 for i in offsets] for s in spans], device=device
+        ).flatten()
+        # padded query rows are written to the spare row `num_rows` and dropped
+        self.scatter_rows = torch.tensor(
+            [s.row + i if i < s.length else num_rows for s in spans for i in offsets], device=device
+        )
+        self.query_pos = torch.tensor([[s.start + i for i in offsets] for s in spans], device=device)
+        max_blocks = -(-context_len // block_size)
+        tables = torch.tensor(
+            [s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks])) for s in spans],
+            device=device,
+        )
+        slots = tables[:, :, None] * block_size + torch.arange(block_size, device=device)
+        self.kv_slots = slots.flatten(1)[:, :context_len].flatten()
+        self.shape = (len(spans), query_len, context_len)
+        # one sequence from position 0 needs only SDPA's built-in causal mask
+        self.plain_causal = len(spans) == 1 and spans[0].start == 0
+        self._masks: dict[int | None, Tensor] = {}
+
+    def mask(self, sliding_window: int | None) -> Tensor:
+        if sliding_window not in self._masks:
+            key_pos = torch.arange(self.shape[2], device=self.query_pos.device)
+            query_pos = self.query_pos[:, :, None]
+            allowed = key_pos <= query_pos
+            if sliding_window is not None:
+                allowed &= key_pos > query_pos - sliding_window
+            self._masks[sliding_window] = allowed[:, None]  # [n, 1, q, k]
+        return self._masks[sliding_window]
+
+    def attend(
+        self, queries: Tensor, keys: Tensor, values: Tensor, scaling: float | None, sliding_window: int | None
+    ) -> Tensor:
+        """queries [T, H, D] of the step, keys/values [slots, KV, D] of one layer -> [n * q, H, D]."""
+        n, query_len, context_len = self.shape
+        heads, kv_heads = queries.shape[1], keys.shape[1]
+        q = queries.index_select(0, self.gather_rows).view(n, query_len, heads, -1).transpose(1, 2)
+        k = keys.index_select(0, self.kv_slots).view(n, context_len, kv_heads, -1).transpose(1, 2)
+        v = values.index_select(0, self.kv_slots).view(n, context_len, kv_heads, -1).transpose(1, 2)
+        window_bites = sliding_window is not None and context_len > sliding_window
+        if self.plain_causal and not window_bites:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=heads != kv_heads)
+        else:
+            mask = self.mask(sliding_window if window_bites else None)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=heads != kv_heads)
+        return out.transpose(1, 2).reshape(n * query_len, heads, -1)
+
+
+@dataclass
+class StepAttention:
+    """What every layer's attention needs for one step; built once per step by the model runner."""
+
+    kv: KVCache
+    slot_mapping: Tensor  # [T] slot of each new token
+    groups: list[AttentionGroup]
+
+    @classmethod
+    def build(cls, kv: KVCache, spans: list[Span], slot_mapping: Tensor) -> StepAttention:
+        device = slot_mapping.device
+        num_rows = slot_mapping.numel()
+        decode = [s for s in spans if s.length == 1]
+        prefill = [s for s in spans if s.length > 1]
+        groups = [AttentionGroup(g, kv.block_size, num_rows, device) for g in (decode, prefill) if g]
+        return cls(kv, slot_mapping, groups)
+
+
+def paged_attention(
+    module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    step: StepAttention | None = kwargs.get(STEP_KWARG)
+    if step is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention runs only inside the engine (no {STEP_KWARG} given)")
+    if softcap is not None:
+        raise NotImplementedError("attention logit softcapping is not supported")
+    layer = module.layer_idx
+    queries, keys, values = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, D]
+    step.kv.write(layer, step.slot_mapping, keys, values)
+    out = queries.new_empty((queries.shape[0] + 1, *queries.shape[1:]))
+    for group in step.groups:
+        attended = group.attend(queries, step.kv.keys[layer], step.kv.values[layer], scaling, sliding_window)
+        out.index_copy_(0, group.scatter_rows, attended)
+    return out[:-1].unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)

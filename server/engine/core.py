@@ -1,0 +1,157 @@
+"""The synchronous engine: owns the scheduler, KV cache, model runner and sampler; `step()` runs one
+iteration and reports what each sequence produced. Not thread-safe: the async facade drives it from
+its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from server.engine.kv_cache import KVCache, KVLayout
+from server.engine.model_runner import ModelRunner
+from server.engine.sampler import Sample, Sampler
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_bytes: int = 512 * 2**20  # the KV pool's memory budget
+    num_blocks: int | None = None  # overrides kv_cache_bytes when set
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 512  # per step; prefills are chunked to fit
+    max_model_len: int | None = None  # prompt + output; default: the model's context window
+
+
+@dataclass
+class SeqOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_tokens: list[int] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    num_prompt: int = 0
+    num_generated: int = 0
+
+
+@dataclass(frozen=True)
+class StepStats:
+    num_tokens: int
+    num_seqs: int
+    num_prefill_tokens: int
+    seconds: float
+
+
+class EngineCore:
+    def __init__(self, model: nn.Module, config: EngineConfig, eos_token_ids: set[int]):
+        dtype = next(model.parameters()).dtype
+        device = next(model.parameters()).device
+        layout = KVLayout.from_config(model.config, dtype)
+        if config.num_blocks is not None:
+            self.kv = KVCache(layout, config.num_blocks, config.block_size, device)
+        else:
+            self.kv = KVCache.from_budget(layout, config.kv_cache_bytes, config.block_size, device)
+        window = getattr(model.config, "max_position_embeddings", None) or self.kv.capacity_tokens
+        self.max_model_len = min(config.max_model_len or window, window)
+        usable = self.kv.capacity_tokens - config.block_size  # one watermark block stays free on admission
+        if usable < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {self.kv.capacity_tokens} tokens, less than max_model_len {self.max_model_len} "
+                "plus one block: raise the KV cache budget or lower max_model_len"
+            )
+        self.scheduler = Scheduler(self.kv, SchedulerConfig(config.max_num_seqs, config.max_batched_tokens))
+        self.runner = ModelRunner(model, self.kv)
+        self.sampler = Sampler()
+        self.eos_token_ids = eos_token_ids
+        self.sequences: dict[str, Sequence] = {}
+        self.last_step: StepStats | None = None
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; raises ValueError if it can never fit the context window."""
+        if not seq.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if seq.request_id in self.sequences:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        if seq.num_prompt >= self.max_model_len:
+            raise ValueError(f"the prompt has {seq.num_prompt} tokens; the context window is {self.max_model_len}")
+        self.sequences[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def abort(self, request_id: str) -> SeqOutput | None:
+        seq = self.sequences.get(request_id)
+        return self._finish(seq, FinishReason.ABORT) if seq is not None else None
+
+    def step(self) -> list[SeqOutput]:
+        started = time.perf_counter()
+        self.last_step = None
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        try:
+            result = self.runner.run(chunks)
+        except Exception as e:  # the step as a whole failed: fail its requests, keep serving
+            log.exception("engine step failed")
+            return [self._finish(c.seq, FinishReason.ERROR, f"{type(e).__name__}: {e}") for c in chunks]
+        self.scheduler.complete(chunks)
+        outputs = [self._finish(seq, FinishReason.ERROR, error) for seq, error in result.failures.items()]
+        rows = [i for i, chunk in enumerate(result.sampling) if not chunk.seq.finished]
+        if rows:
+            seqs = [result.sampling[i].seq for i in rows]
+            samples = self.sampler(result.logits[rows], seqs)
+            outputs.extend(self._append(seq, sample) for seq, sample in zip(seqs, samples, strict=True))
+        prefill = sum(c.length for c in chunks if c.length > 1)
+        self.last_step = StepStats(sum(c.length for c in chunks), len(chunks), prefill, time.perf_counter() - started)
+        return outputs
+
+    def _append(self, seq: Sequence, sample: Sample) -> SeqOutput:
+        seq.token_ids.append(sample.token)
+        reason = self._stop_reason(seq, sample.token)
+        if reason is not None:
+            return self._finish(seq, reason, new_tokens=[sample.token], samples=[sample])
+        return self._output(seq, [sample.token], [sample])
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        sampling = seq.sampling
+        if (token in self.eos_token_ids and not sampling.ignore_eos) or token in sampling.stop_token_ids:
+            return FinishReason.STOP
+        if seq.num_generated >= sampling.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None, **produced) -> SeqOutput:
+        self.scheduler.remove(seq)
+        self.sequences.pop(seq.request_id, None)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.error = error
+        output = self._output(seq, **produced)
+        output.finish_reason, output.error = reason, error
+        return output
+
+    @staticmethod
+    def _output(seq: Sequence, new_tokens: list[int] | None = None, samples: list[Sample] | None = None) -> SeqOutput:
+        return SeqOutput(seq.request_id, new_tokens or [], samples or [], None, None, seq.num_prompt, seq.num_generated)
+
+
+def model_eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    """EOS ids from the generation config (may be a list), the model config and the tokenizer."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids

@@ -1,0 +1,62 @@
+"""Prometheus metrics: the conventional LLM-server figures plus the adapter registry's.
+
+Each app owns its own CollectorRegistry, so several apps (tests, several servers in one process)
+never collide. Counters carry an `adapter` label (the adapter name, "base" without one); latency
+histograms are unlabelled to keep cardinality bounded with thousands of adapters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+BASE_LABEL = "base"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "reft_requests", "Finished generation requests by adapter and status", ["adapter", "status"], registry=r
+        )
+        self.rejected = Counter("reft_requests_rejected", "Requests refused before the engine", ["reason"], registry=r)
+        self.prompt_tokens = Counter("reft_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
+        self.generation_tokens = Counter("reft_generation_tokens", "Tokens generated", ["adapter"], registry=r)
+        self.ttft = Histogram(
+            "reft_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "reft_inter_token_latency_seconds", "Time between tokens", buckets=TOKEN_LATENCY_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "reft_e2e_request_latency_seconds", "Request latency, end to end", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_length = Gauge("reft_queue_length", "Requests waiting for the engine", registry=r)
+        self.running = Gauge("reft_running_requests", "Requests in the running batch", registry=r)
+        self.kv_usage = Gauge("reft_kv_cache_usage_ratio", "Share of KV cache blocks in use", registry=r)
+        self.kv_blocks = Gauge("reft_kv_cache_blocks", "KV cache blocks in the pool", registry=r)
+        self.preemptions = Counter("reft_preemptions", "Sequences preempted for KV memory", registry=r)
+        self.step_tokens = Histogram(
+            "reft_step_batch_tokens", "Tokens per engine step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.step_requests = Histogram(
+            "reft_step_batch_requests", "Requests per engine step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.step_seconds = Histogram(
+            "reft_step_duration_seconds", "Engine step duration", buckets=TOKEN_LATENCY_BUCKETS, registry=r
+        )
+        self.adapters_stored = Gauge("reft_adapters_stored", "Adapters in the store", registry=r)
+        self.adapters_resident = Gauge("reft_adapters_resident", "Adapters loaded on the model's device", registry=r)
+        self.adapter_resident_bytes = Gauge("reft_adapters_resident_bytes", "Bytes of resident adapters", registry=r)
+        self.adapter_load_seconds = Histogram(
+            "reft_adapter_load_seconds", "Adapter load latency", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.adapter_cache_hits = Counter("reft_adapter_cache_hits", "Adapter lookups served resident", registry=r)
+        self.adapter_cache_misses = Counter("reft_adapter_cache_misses", "Adapter lookups that loaded", registry=r)
+        self.adapter_evictions = Counter("reft_adapter_evictions", "Adapters evicted from memory", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
