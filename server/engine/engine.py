@@ -73,6 +73,7 @@ class RequestStream:
         self._stops = StopStringMatcher(request.sampling.stop)
         self._generated = 0
         self.finished = False
+        self._accounted = False  # removed from the engine's in-flight set and counted in metrics
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -127,8 +128,12 @@ class RequestStream:
         self.last_token_at = now
 
     def cancel(self) -> None:
-        if not self.finished:
-            self.engine.cancel(self.request_id)
+        """The consumer gives up: abort in the engine and end this stream with an ABORT output."""
+        if self.finished or self._accounted:
+            return
+        self.engine.cancel(self.request_id)
+        self.engine._finished(self, FinishReason.ABORT)
+        self._queue.put_nowait(SeqOutput(self.request_id, finish_reason=FinishReason.ABORT))
 
     async def collect(self) -> RequestOutput:
         """Run to completion; one RequestOutput holding the whole text, tokens and logprobs."""
@@ -225,6 +230,9 @@ class AsyncEngine:
         self._wakeup.set()
 
     def _finished(self, stream: RequestStream, reason: FinishReason) -> None:
+        if stream._accounted:
+            return
+        stream._accounted = True
         self._streams.pop(stream.request_id, None)
         if self.metrics:
             adapter = stream.request.adapter.name if stream.request.adapter else BASE_LABEL

@@ -14,6 +14,8 @@ class StopStringMatcher:
 
     def feed(self, delta: str) -> str:
         """Add generated text; returns what may be shown now. Sets `stopped` on a match."""
+        if self.stopped:
+            return ""
         if not self.stops:
             return delta
         search_from = max(0, len(self.text) - self.longest + 1)

@@ -14,6 +14,7 @@ from server.reft.layers import decoder_layers
 from server.reft.plan import InterventionPlan
 
 PLAN_KWARG = "reft_plan"
+HANDLES_ATTRIBUTE = "_reft_plan_hook_handles"
 
 
 def _make_hook(layer: int):
@@ -29,7 +30,12 @@ def _make_hook(layer: int):
 
 
 def install_plan_hooks(model: nn.Module) -> list[RemovableHandle]:
-    return [
-        block.register_forward_hook(_make_hook(layer), with_kwargs=True)
-        for layer, block in enumerate(decoder_layers(model))
-    ]
+    """Hook every decoder layer once; several engines over one model must not stack hooks."""
+    installed = getattr(model, HANDLES_ATTRIBUTE, None)
+    if installed is None:
+        installed = [
+            block.register_forward_hook(_make_hook(layer), with_kwargs=True)
+            for layer, block in enumerate(decoder_layers(model))
+        ]
+        setattr(model, HANDLES_ATTRIBUTE, installed)
+    return installed

@@ -1,0 +1,183 @@
+"""The async facade: streams, detokenization, stop strings, cancellation and overload."""
+
+import asyncio
+import random
+
+import pytest
+
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.engine import AsyncEngine, EngineOverloaded, EngineStopped, GenerationRequest
+from server.engine.sequence import FinishReason, SamplingParams
+from server.engine.stop_strings import StopStringMatcher
+from server.tiny_models import byte_level_tokenizer
+from tests.engine_utils import load_engine_model, make_core, run_core, seq
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_engine_model(tiny_model_dir("llama"))
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [1] + [rng.randrange(3, 259) for _ in range(length - 1)]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def with_engine(model, body, max_queue=256, **config):
+    engine = AsyncEngine(make_core(model, **config), byte_level_tokenizer(), max_queue=max_queue)
+    engine.start()
+    try:
+        return await body(engine)
+    finally:
+        await engine.stop()
+
+
+def test_detokenizer_never_splits_multibyte_characters():
+    tokenizer = byte_level_tokenizer()
+    text = "héllo ✓ 日本語 🎉 done"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text)  # multi-byte characters span several tokens
+    detokenizer = IncrementalDetokenizer(tokenizer, [1, 72, 73])
+    deltas = [detokenizer.push([token]) for token in ids]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) + detokenizer.flush() == text
+
+
+def test_detokenizer_flushes_an_incomplete_character_at_the_end():
+    tokenizer = byte_level_tokenizer()
+    ids = tokenizer("✓", add_special_tokens=False)["input_ids"]
+    detokenizer = IncrementalDetokenizer(tokenizer, [1])
+    assert detokenizer.push(ids[:2]) == ""
+    assert detokenizer.flush() == "\ufffd"
+
+
+@pytest.mark.parametrize(
+    "deltas, stops, shown, stopped",
+    [
+        (["hello wor", "ld and more"], ("world",), "hello ", True),
+        (["ab", "c", "d"], ("cd",), "ab", True),
+        (["a STO", "P b"], ("STOP",), "a ", True),
+        (["a ST", "ring"], ("STOP",), "a STring", False),
+        (["xyz"], (), "xyz", False),
+        (["one", "two"], ("w", "ne"), "o", True),
+    ],
+)
+def test_stop_string_matcher(deltas, stops, shown, stopped):
+    matcher = StopStringMatcher(stops)
+    out = "".join(matcher.feed(d) for d in deltas)
+    out += matcher.finish()
+    assert (out, matcher.stopped) == (shown, stopped)
+
+
+def test_stream_matches_the_core_and_decodes_text(model):
+    p = prompt(40, 1)
+    expected = run_core(make_core(model), [(seq("x", p, max_new_tokens=20), 0)])["x"]
+
+    async def body(engine):
+        stream = engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=20)))
+        parts = [out async for out in stream]
+        return parts
+
+    parts = run(with_engine(model, body))
+    assert [t for part in parts for t in part.token_ids] == expected
+    assert "".join(part.text for part in parts) == byte_level_tokenizer().decode(expected)
+    assert parts[-1].finished and parts[-1].finish_reason is FinishReason.LENGTH
+    assert parts[-1].completion_tokens == 20 and parts[-1].prompt_tokens == 40
+
+
+def test_stop_string_ends_the_request_and_frees_its_blocks(model):
+    tokenizer = byte_level_tokenizer()
+    p = prompt(30, 2)
+    full = run_core(make_core(model), [(seq("x", p, max_new_tokens=30), 0)])["x"]
+    text = tokenizer.decode(full)
+    stop = text[10:13]
+    assert stop and text.find(stop) >= 1
+
+    async def body(engine):
+        result = await engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=30, stop=(stop,)))).collect()
+        await asyncio.sleep(0.1)
+        return result, engine.core.kv.num_free_blocks, engine.core.kv.num_blocks, engine.num_in_flight
+
+    result, free, total, in_flight = run(with_engine(model, body))
+    assert result.text == text[: text.find(stop)]
+    assert result.finish_reason is FinishReason.STOP
+    assert free == total and in_flight == 0
+
+
+def test_a_thousand_requests_with_random_cancellations_leak_no_blocks(model):
+    rng = random.Random(0)
+
+    async def one(engine, i):
+        params = SamplingParams(max_new_tokens=rng.randint(1, 12), temperature=rng.choice([0.0, 1.0]), seed=i)
+        stream = engine.submit(GenerationRequest(prompt(rng.randint(1, 60), i), params))
+        cancel_after = rng.choice([0, 1, 3, None, None])
+        if cancel_after == 0:
+            stream.cancel()
+        outputs = []
+        async for out in stream:
+            outputs.append(out)
+            if cancel_after is not None and len(outputs) >= cancel_after:
+                stream.cancel()
+                break
+        return outputs[-1].finish_reason
+
+    async def body(engine):
+        reasons = []
+        for batch in range(10):
+            reasons += await asyncio.gather(*(one(engine, batch * 100 + i) for i in range(100)))
+        for _ in range(100):  # cancellations land at the next step
+            if engine.core.kv.num_free_blocks == engine.core.kv.num_blocks and not engine.core.sequences:
+                break
+            await asyncio.sleep(0.02)
+        return reasons, engine.core.kv.num_free_blocks, engine.core.kv.num_blocks, len(engine.core.sequences)
+
+    reasons, free, total, remaining = run(with_engine(model, body, num_blocks=96, max_num_seqs=32, max_model_len=256))
+    assert len(reasons) == 1000
+    assert free == total and remaining == 0
+    assert FinishReason.ABORT in reasons and FinishReason.LENGTH in reasons
+
+
+def test_overload_is_refused_not_queued_without_bound(model):
+    async def body(engine):
+        streams = [engine.submit(GenerationRequest(prompt(10, i), SamplingParams(max_new_tokens=50))) for i in range(6)]
+        with pytest.raises(EngineOverloaded):
+            engine.submit(GenerationRequest(prompt(10, 99)))
+        for stream in streams:
+            stream.cancel()
+        return [await s.collect() for s in streams]
+
+    results = run(with_engine(model, body, max_queue=2, max_num_seqs=4))
+    assert all(r.finished for r in results)
+
+
+def test_graceful_stop_drains_running_requests(model):
+    async def body():
+        engine = AsyncEngine(make_core(model), byte_level_tokenizer())
+        engine.start()
+        stream = engine.submit(GenerationRequest(prompt(10, 1), SamplingParams(max_new_tokens=40)))
+        collecting = asyncio.create_task(stream.collect())
+        await asyncio.sleep(0.01)
+        await engine.stop(grace_seconds=30)
+        with pytest.raises(EngineStopped):
+            engine.submit(GenerationRequest(prompt(10, 2)))
+        return await collecting
+
+    result = run(body())
+    assert result.finish_reason is FinishReason.LENGTH and result.completion_tokens == 40
+
+
+def test_stop_after_grace_aborts_the_rest(model):
+    async def body():
+        engine = AsyncEngine(make_core(model), byte_level_tokenizer())
+        engine.start()
+        stream = engine.submit(GenerationRequest(prompt(10, 1), SamplingParams(max_new_tokens=400, ignore_eos=True)))
+        collecting = asyncio.create_task(stream.collect())
+        await asyncio.sleep(0.05)
+        await engine.stop(grace_seconds=0)
+        return await collecting
+
+    assert run(body()).finish_reason is FinishReason.ABORT

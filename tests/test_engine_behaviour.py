@@ -1,0 +1,208 @@
+"""Sampling, stop conditions, logprobs, local failures, fairness and block accounting of the core."""
+
+import random
+
+import pytest
+import torch
+
+from server.engine.sampler import Sampler, filter_logits
+from server.engine.sequence import FinishReason, SamplingParams, Sequence
+from server.reft.adapter import Adapter
+from server.reft.interventions import Intervention
+from tests.engine_utils import load_engine_model, make_core, random_adapter, random_adapter_file, run_core, seq
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_engine_model(tiny_model_dir("llama"))
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [1] + [rng.randrange(3, 259) for _ in range(length - 1)]
+
+
+SAMPLED = [
+    dict(temperature=0.8, seed=11),
+    dict(temperature=1.3, top_k=20, seed=12),
+    dict(temperature=1.0, top_p=0.8, seed=13),
+    dict(temperature=0.9, min_p=0.1, seed=14),
+    dict(temperature=1.0, repetition_penalty=1.3, seed=15),
+    dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.02, repetition_penalty=1.1, seed=16),
+]
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_mixed_batch(model):
+    hidden = model.config.hidden_size
+    adapters = [random_adapter(f"a{i}", "loreft", (i % 4,), 4, "f2+l2", hidden, seed=i) for i in range(3)]
+    requests = []
+    for i, params in enumerate(SAMPLED):
+        adapter = adapters[i % 3] if i % 2 else None
+        requests.append((seq(f"s{i}", prompt(10 + 17 * i, i), adapter, max_new_tokens=16, **params), i))
+    for i in range(8):  # greedy neighbours that come and go
+        requests.append((seq(f"g{i}", prompt(5 + 30 * i, 100 + i), adapters[i % 3], max_new_tokens=4 + i), 2 * i))
+    core = make_core(model, max_batched_tokens=48)
+    mixed = run_core(core, requests)
+    for request, _ in requests:
+        if request.request_id.startswith("s"):
+            fresh = Sequence(request.request_id, request.prompt_ids, request.sampling, request.adapter)
+            alone = run_core(core, [(fresh, 0)])
+            assert mixed[request.request_id] == alone[request.request_id]
+    distinct = {tuple(mixed[f"s{i}"]) for i in range(len(SAMPLED))}
+    assert len(distinct) == len(SAMPLED)
+
+
+def test_different_seeds_differ_and_unseeded_sampling_runs(model):
+    core = make_core(model)
+    p = prompt(20, 0)
+    out = run_core(core, [(seq(f"x{s}", p, temperature=1.0, seed=s, max_new_tokens=12), 0) for s in range(4)])
+    assert len({tuple(v) for v in out.values()}) == 4
+    out = run_core(core, [(seq("u", p, temperature=1.0, max_new_tokens=12), 0)])
+    assert len(out["u"]) == 12
+
+
+def test_filters_keep_what_they_should():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    kept = lambda **kw: torch.isfinite(  # noqa: E731
+        filter_logits(
+            logits,
+            torch.tensor([kw.get("k", 0)]),
+            torch.tensor([kw.get("p", 1.0)]),
+            torch.tensor([kw.get("m", 0.0)]),
+        )
+    )[0].tolist()
+    assert kept(k=2) == [True, True, False, False, False]
+    assert kept(p=0.5) == [True, False, False, False, False]  # p(top) = 0.64 already crosses 0.5
+    assert kept(p=0.9) == [True, True, True, False, False]
+    assert kept(m=0.3) == [True, True, False, False, False]  # p(2nd)/p(top) = e^-1 = 0.37
+    assert kept() == [True] * 5
+
+
+def test_repetition_penalty_changes_greedy_choice():
+    sampler = Sampler()
+    logits = torch.tensor([[2.0, 1.9, 0.0]])
+    plain = Sequence("a", [0], SamplingParams())
+    penalized = Sequence("b", [0], SamplingParams(repetition_penalty=1.2))
+    assert sampler(logits, [plain])[0].token == 0
+    assert sampler(logits, [penalized])[0].token == 1
+
+
+def test_stop_token_eos_and_length(model, tiny_model_dir):
+    from server.reft.reference import reference_generate
+    from tests.conftest import load_reference_model
+
+    reference_model = load_reference_model(tiny_model_dir("llama"))
+    p = prompt(30, 5)
+    expected = reference_generate(reference_model, p, None, max_new_tokens=12)
+    stop_at = expected[5]
+    core = make_core(model, eos={stop_at})
+    out = run_core(core, [(seq("eos", p, max_new_tokens=12), 0)])
+    assert out["eos"] == expected[: expected.index(stop_at) + 1]
+    core = make_core(model)
+    finished = {}
+    core.add(seq("stop", p, max_new_tokens=12, stop_token_ids=(stop_at,)))
+    core.add(seq("len", p, max_new_tokens=7))
+    core.add(seq("ignore", p, max_new_tokens=12, ignore_eos=True))
+    while core.has_work():
+        for o in core.step():
+            if o.finish_reason:
+                finished[o.request_id] = (o.finish_reason, o.num_generated)
+    assert finished["stop"] == (FinishReason.STOP, expected.index(stop_at) + 1)
+    assert finished["len"] == (FinishReason.LENGTH, 7)
+    assert finished["ignore"] == (FinishReason.LENGTH, 12)
+
+
+def test_context_window_ends_generation(model):
+    core = make_core(model, max_model_len=64)
+    with pytest.raises(ValueError, match="context window"):
+        core.add(seq("long", prompt(64, 0)))
+    core.add(seq("edge", prompt(60, 0), max_new_tokens=100))
+    reasons = [o.finish_reason for _ in range(20) for o in core.step()]
+    assert FinishReason.LENGTH in reasons
+
+
+def test_logprobs_match_the_model_distribution(model):
+    from tests.conftest import load_reference_model
+
+    core = make_core(model)
+    p = prompt(12, 3)
+    core.add(seq("lp", p, max_new_tokens=3, logprobs=5))
+    samples = [s for _ in range(5) for o in core.step() for s in o.samples]
+    assert len(samples) == 3
+    tokens = p + [s.token for s in samples]
+    reference = load_reference_model(model.name_or_path)  # the engine's model runs only inside the engine
+    with torch.no_grad():
+        logprobs = reference(torch.tensor([tokens])).logits[0].log_softmax(-1)
+    for i, sample in enumerate(samples):
+        row = logprobs[len(p) - 1 + i]
+        assert sample.logprob == pytest.approx(row[sample.token].item(), abs=1e-4)
+        assert [t for t, _ in sample.top_logprobs] == row.topk(5).indices.tolist()
+        assert sample.top_logprobs[0][0] == sample.token  # greedy picks the top token
+
+
+def test_a_failing_adapter_fails_only_its_own_request(model, tiny_model_dir):
+    from server.reft.reference import reference_generate
+    from tests.conftest import load_reference_model
+
+    hidden = model.config.hidden_size
+    good = random_adapter("good", "loreft", (1,), 4, "f2+l2", hidden, seed=1)
+    broken = random_adapter("broken", "loreft", (1,), 4, "f2+l2", hidden, seed=2)
+    bad_params = dict(broken.layers[1][0].params, rotation=torch.zeros(hidden + 1, 4))  # wrong shape at run time
+    broken.layers[1][0] = Intervention(broken.layers[1][0].kind, broken.layers[1][0].act, bad_params)
+    core = make_core(model)
+    p1, p2, p3 = prompt(20, 1), prompt(33, 2), prompt(7, 3)
+    requests = [(seq("good", p1, good), 0), (seq("broken", p2, broken), 0), (seq("base", p3), 0)]
+    finished = {}
+    tokens = {}
+    for request, _ in requests:
+        core.add(request)
+    while core.has_work():
+        for o in core.step():
+            tokens.setdefault(o.request_id, []).extend(o.new_tokens)
+            if o.finish_reason:
+                finished[o.request_id] = (o.finish_reason, o.error)
+    assert finished["broken"][0] is FinishReason.ERROR and "adapter" in finished["broken"][1]
+    reference_model = load_reference_model(tiny_model_dir("llama"))
+    assert tokens["good"] == reference_generate(reference_model, p1, good, max_new_tokens=10)
+    assert tokens["base"] == reference_generate(reference_model, p3, None, max_new_tokens=10)
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
+def test_a_long_request_is_not_starved_by_a_stream_of_short_ones(model):
+    core = make_core(model, max_batched_tokens=16, max_num_seqs=4, num_blocks=80)
+    requests = [(seq("long", prompt(300, 0), max_new_tokens=4), 0)]
+    requests += [(seq(f"short{i}", prompt(8, i), max_new_tokens=3), i) for i in range(1, 200)]
+    finished_order = []
+    pending = sorted(requests, key=lambda r: r[1])
+    step = 0
+    while pending or core.has_work():
+        while pending and pending[0][1] <= step:
+            core.add(pending.pop(0)[0])
+        finished_order += [o.request_id for o in core.step() if o.finish_reason]
+        step += 1
+    assert finished_order.index("long") < 60, "the long request waited behind later arrivals"
+
+
+def test_admission_is_first_come_first_served(model):
+    core = make_core(model, max_num_seqs=2, max_batched_tokens=64)
+    for i in range(6):
+        core.add(seq(f"r{i}", prompt(10, i), max_new_tokens=5))
+    order = []
+    while core.has_work():
+        order += [o.request_id for o in core.step() if o.finish_reason]
+    assert order == [f"r{i}" for i in range(6)]
+
+
+def test_adapter_with_no_positions_on_a_one_token_prompt_equals_base(model):
+    adapter = random_adapter("x", "loreft", (0, 1), 4, "f3+l3", model.config.hidden_size)
+    assert adapter.positions(1) == [[]]
+    core = make_core(model)
+    out = run_core(core, [(seq("a", [1], adapter), 0), (seq("b", [1]), 0)])
+    assert out["a"] == out["b"]
+
+
+def test_adapter_dtype_follows_the_model(model):
+    adapter_file = random_adapter_file("loreft", (0,), 4, "f1", model.config.hidden_size)
+    adapter = Adapter.from_file(adapter_file, name="bf", dtype=torch.bfloat16)
+    params = adapter.layers[0][0].params
+    assert params["rotation"].dtype == torch.float32 and params["weight"].dtype == torch.bfloat16
