@@ -22,11 +22,13 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from server.reft.interventions import INTERVENTION_TYPES, activation
+from server.reft.layers import decoder_layers
 from server.reft.positions import PositionSpec, interventions_per_layer, parse_positions
 
 FORMAT_VERSION = 1
 METADATA_KEY = "reft"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_HEADER_BYTES = 100_000_000
 ORTHONORMAL_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
@@ -148,6 +150,10 @@ class ModelShape:
     num_layers: int
     hidden_size: int
 
+    @classmethod
+    def of(cls, model) -> ModelShape:
+        return cls(num_layers=len(decoder_layers(model)), hidden_size=model.config.hidden_size)
+
 
 @dataclass
 class AdapterFile:
@@ -188,11 +194,23 @@ class AdapterFile:
         return cls.from_bytes(Path(path).read_bytes())
 
 
+def read_config(path: str | Path) -> AdapterConfig:
+    """The config of a stored adapter, from its header alone (no tensors read)."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+        data = prefix + f.read(min(header_len, MAX_HEADER_BYTES))
+    metadata = _read_metadata(data)
+    if METADATA_KEY not in metadata:
+        raise AdapterError("metadata", f"the safetensors header has no {METADATA_KEY!r} metadata")
+    return AdapterConfig.from_json(metadata[METADATA_KEY])
+
+
 def _read_metadata(data: bytes) -> dict[str, str]:
     if len(data) < 8:
         raise AdapterError("file", "too short to be a safetensors file")
     (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > len(data) - 8 or header_len > 100_000_000:
+    if header_len > len(data) - 8 or header_len > MAX_HEADER_BYTES:
         raise AdapterError("file", "not a safetensors file (bad header length)")
     try:
         header = json.loads(data[8 : 8 + header_len])

@@ -1,0 +1,157 @@
+"""`reft-server train`: fit an adapter on the model you serve, write it to a file or the store.
+
+`add_train_arguments` declares the flags on a parser (server/cli.py wires it as a subcommand) and
+`run_train` runs it, returning the exit status. Progress goes to stderr, the summary to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from server.adapters.format import DTYPES, ModelShape
+from server.adapters.store import AdapterStore
+from server.reft.interventions import INTERVENTION_TYPES
+from server.training.data import load_examples
+from server.training.trainer import Progress, TrainResult, train_adapter
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="base model directory (the model you serve)")
+    parser.add_argument(
+        "--data", required=True, type=Path, help='JSONL: {"prompt", "completion"} or {"messages"} lines'
+    )
+    parser.add_argument("--name", required=True, help="adapter name")
+    parser.add_argument("--layers", required=True, help='layers to intervene on: "8;16", "8,16" or "all"')
+    parser.add_argument("--rank", type=int, default=4, help="low-rank dimension r (default 4)")
+    parser.add_argument(
+        "--positions", default="f1+l1", help='prompt positions: "f1+l1", "f5", "l3", "0,1,-1" (default f1+l1)'
+    )
+    parser.add_argument(
+        "--share-weights",
+        action="store_true",
+        help="one intervention per layer for both sides (implied for one-sided positions)",
+    )
+    parser.add_argument("--type", dest="intervention_type", choices=list(INTERVENTION_TYPES), default="loreft")
+    parser.add_argument("--activation", default="linear", help="activation of the learned source (default linear)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--lr", type=float, default=4e-3, help="AdamW learning rate, decayed linearly to 0 (default 4e-3)"
+    )
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--weight-decay", type=float, default=0.0, help="for the linear parameters; the rotation never decays"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype the base model runs in")
+    parser.add_argument("--device", default="cpu", help='torch device, e.g. "cpu" or "cuda"')
+    destination = parser.add_mutually_exclusive_group(required=True)
+    destination.add_argument("--out", type=Path, help="write the adapter to this .safetensors file")
+    destination.add_argument("--store", type=Path, help="publish the adapter as a new version in this adapter store")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    try:
+        result, destination = _train(args)
+    except (ValueError, OSError) as e:
+        print(f"reft-server train: error: {e}", file=sys.stderr)
+        return 1
+    print(_summary(args, result, destination))
+    return 0
+
+
+def parse_layers(text: str, num_layers: int) -> list[int]:
+    """ "8;16", "8,16" or "all" (every one of the model's `num_layers`) -> layer indices."""
+    if text.strip().lower() == "all":
+        return list(range(num_layers))
+    try:
+        layers = [int(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f'invalid --layers {text!r}: use "8;16", "8,16" or "all"') from None
+    if not layers:
+        raise ValueError("--layers names no layer")
+    return layers  # the trainer checks them against the model
+
+
+def publish_to_store(store_dir: Path, name: str, data: bytes) -> int:
+    """Publish as the next version of `name`; returns the version number."""
+    return AdapterStore(store_dir).publish(name, data)
+
+
+def _train(args: argparse.Namespace) -> tuple[TrainResult, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import, only when training
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    examples = load_examples(args.data, tokenizer)  # bad data fails before the model loads
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    bar = ProgressBar(sys.stderr)
+    result = train_adapter(
+        model,
+        examples,
+        layers=parse_layers(args.layers, ModelShape.of(model).num_layers),
+        intervention_type=args.intervention_type,
+        rank=args.rank,
+        positions=args.positions,
+        share_weights=args.share_weights,
+        activation=args.activation,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        progress=bar,
+        base_model=str(args.model),
+    )
+    bar.close()
+    return result, _write(result, args)
+
+
+def _write(result: TrainResult, args: argparse.Namespace) -> str:
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        result.adapter.save(args.out)
+        return str(args.out)
+    version = publish_to_store(args.store, args.name, result.adapter.to_bytes())
+    return f"{args.store} as {args.name}@{version}"
+
+
+def _summary(args: argparse.Namespace, result: TrainResult, destination: str) -> str:
+    config = result.adapter.config
+    return "\n".join(
+        [
+            f"trained {result.trained_parameters:,} parameters ({config.type}, rank {config.rank}, "
+            f"{len(config.layers)} layers, positions {config.positions}) over {len(result.epoch_losses)} epochs "
+            f"in {result.seconds:.1f} s",
+            f"final loss {result.final_loss:.4f} (first epoch {result.epoch_losses[0]:.4f})",
+            f"adapter {args.name!r} written to {destination}",
+        ]
+    )
+
+
+class ProgressBar:
+    """One line on `stream`, redrawn in place with a carriage return: steps done and the running loss."""
+
+    def __init__(self, stream: TextIO, width: int = 30, min_interval_s: float = 0.1):
+        self.stream = stream
+        self.width = width
+        self.min_interval_s = min_interval_s
+        self._last_draw = 0.0
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        if progress.step < progress.total_steps and now - self._last_draw < self.min_interval_s:
+            return  # redrawing every step would cost more than a tiny model's step
+        self._last_draw = now
+        filled = self.width * progress.step // progress.total_steps
+        self.stream.write(
+            f"\r[{'#' * filled}{'.' * (self.width - filled)}] step {progress.step}/{progress.total_steps} "
+            f"epoch {progress.epoch}/{progress.epochs} loss {progress.loss:.4f}"
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
