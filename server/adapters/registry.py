@@ -1,0 +1,245 @@
+"""Resident adapters: resolves `name` or `name@version` to an Adapter on the model's device.
+
+Loads happen on first use in a worker thread (never on the event loop or the engine thread), once
+per version even under concurrent requests. Resident adapters form an LRU set bounded by bytes and
+count; only adapters no request holds are evicted. A request holds a Lease for its whole life, so a
+new version published meanwhile (hot swap) or a delete never changes what a running request uses.
+
+The catalog (name -> current version) follows the store: local admin changes update it at once,
+and a periodic sync picks up what other processes sharing the store published or deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from server.adapters.format import AdapterError, AdapterFile, ModelShape, validate
+from server.adapters.store import AdapterStore, NotFound, check_name
+from server.metrics import Metrics
+from server.reft.adapter import Adapter
+
+log = logging.getLogger(__name__)
+
+
+class AdapterNotFound(LookupError):
+    pass
+
+
+class AdapterIncompatible(ValueError):
+    """A stored adapter that does not fit the served model."""
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """ "name" -> (name, None); "name@3" -> (name, 3)."""
+    name, _, version = ref.partition("@")
+    check_name(name)
+    if not version:
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise ValueError(f"invalid adapter version in {ref!r}: use name@<positive integer>")
+    return name, int(version)
+
+
+@dataclass(eq=False)
+class Resident:
+    adapter: Adapter
+    refs: int = 0
+    retired: bool = False  # its name was deleted: drop it once nobody uses it
+
+
+class Lease:
+    """A running request's hold on a resident adapter; release exactly once when it finishes."""
+
+    def __init__(self, registry: AdapterRegistry, resident: Resident):
+        self._registry = registry
+        self._resident: Resident | None = resident
+
+    @property
+    def adapter(self) -> Adapter:
+        assert self._resident is not None, "lease already released"
+        return self._resident.adapter
+
+    def release(self) -> None:
+        if self._resident is not None:
+            self._registry._release(self._resident)
+            self._resident = None
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        store: AdapterStore,
+        model: ModelShape,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        max_bytes: int = 1 << 30,
+        max_count: int = 1024,
+        sync_interval: float = 2.0,
+        metrics: Metrics | None = None,
+    ):
+        self.store = store
+        self.model = model
+        self.dtype = dtype
+        self.device = device
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+        self.sync_interval = sync_interval
+        self.metrics = metrics
+        self.catalog: dict[str, int] = {}
+        self._resident: OrderedDict[tuple[str, int], Resident] = OrderedDict()
+        self._loading: dict[tuple[str, int], asyncio.Future[Resident]] = {}
+        self._sync_task: asyncio.Task | None = None
+
+    # -- catalog ---------------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        """Re-read every name's current version from the store (other processes' changes)."""
+        catalog = await asyncio.to_thread(self._scan)
+        for name in set(self.catalog) - set(catalog):
+            self._retire(name)
+        self.catalog = catalog
+        self._report()
+
+    def _scan(self) -> dict[str, int]:
+        catalog = {}
+        for name in self.store.names():
+            try:
+                catalog[name] = self.store.current(name)
+            except NotFound:
+                continue  # deleted while we looked
+        return catalog
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._sync_task = asyncio.create_task(self._sync_loop())
+
+    async def stop(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sync_interval)
+            try:
+                await self.refresh()
+            except Exception:  # a flaky volume must not stop the loop
+                log.exception("adapter store sync failed")
+
+    def published(self, name: str, version: int) -> None:
+        """A local publish or roll back: serve `version` for `name` from now on."""
+        self.catalog[name] = version
+        self._report()
+
+    def deleted(self, name: str) -> None:
+        self.catalog.pop(name, None)
+        self._retire(name)
+        self._report()
+
+    def _retire(self, name: str) -> None:
+        for key, resident in list(self._resident.items()):
+            if key[0] == name:
+                resident.retired = True
+                if resident.refs == 0:
+                    self._drop(key)
+
+    # -- resolution ------------------------------------------------------------------------------
+    async def acquire(self, ref: str) -> Lease:
+        """Resolve and pin an adapter; raises AdapterNotFound, AdapterIncompatible or ValueError."""
+        name, version = parse_ref(ref)
+        if version is None:
+            version = self.catalog.get(name)
+        if version is None:  # maybe published by another process since the last sync
+            try:
+                version = await asyncio.to_thread(self.store.current, name)
+            except NotFound:
+                raise AdapterNotFound(f"adapter {name!r} not found") from None
+            self.catalog[name] = version
+        key = (name, version)
+        resident = self._resident.get(key)
+        if resident is not None and not resident.retired:
+            self._resident.move_to_end(key)
+            if self.metrics:
+                self.metrics.adapter_cache_hits.inc()
+        else:
+            resident = await self._load_once(key)
+        resident.refs += 1
+        self._evict()
+        return Lease(self, resident)
+
+    async def _load_once(self, key: tuple[str, int]) -> Resident:
+        pending = self._loading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        try:
+            started = time.perf_counter()
+            adapter = await asyncio.to_thread(self._load, *key)
+            if self.metrics:
+                self.metrics.adapter_cache_misses.inc()
+                self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+            resident = Resident(adapter)
+            self._resident[key] = resident
+            self._report()
+            future.set_result(resident)
+            return resident
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # mark retrieved: waiters re-raise it, nobody else must
+            raise
+        finally:
+            del self._loading[key]
+
+    def _load(self, name: str, version: int) -> Adapter:
+        try:
+            _, data = self.store.read(name, version)
+        except NotFound as e:
+            raise AdapterNotFound(str(e)) from None
+        try:
+            adapter_file = AdapterFile.from_bytes(data)
+            validate(adapter_file, self.model)
+        except AdapterError as e:
+            raise AdapterIncompatible(f"adapter {name}@{version} cannot be served: {e}") from None
+        return Adapter.from_file(adapter_file, name=name, version=version, dtype=self.dtype, device=self.device)
+
+    # -- residency -------------------------------------------------------------------------------
+    def _release(self, resident: Resident) -> None:
+        resident.refs -= 1
+        key = (resident.adapter.name, resident.adapter.version)
+        if resident.refs == 0 and resident.retired and self._resident.get(key) is resident:
+            self._drop(key)
+        else:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop least recently used, unused adapters while over the byte or count budget."""
+        for key, resident in list(self._resident.items()):
+            if self.resident_bytes <= self.max_bytes and len(self._resident) <= self.max_count:
+                return
+            if resident.refs == 0:
+                self._drop(key)
+                if self.metrics:
+                    self.metrics.adapter_evictions.inc()
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        del self._resident[key]
+        self._report()
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(r.adapter.nbytes for r in self._resident.values())
+
+    def is_resident(self, name: str, version: int) -> bool:
+        return (name, version) in self._resident
+
+    def _report(self) -> None:
+        if self.metrics:
+            self.metrics.adapters_stored.set(len(self.catalog))
+            self.metrics.adapters_resident.set(len(self._resident))
+            self.metrics.adapter_resident_bytes.set(self.resident_bytes)

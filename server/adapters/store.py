@@ -1,0 +1,215 @@
+"""The adapter store: a directory tree that several server processes may share (one volume).
+
+    <root>/<name>/versions/000007.safetensors   immutable, one per published version
+    <root>/<name>/current                       the served version number, replaced atomically
+    <root>/.locks/<name>.lock                   serializes publishes/deletes of one name (flock)
+    <root>/.tombstones/<name>                   last version of a deleted name: numbers never repeat
+    <root>/.tmp/                                files being written
+
+Publishing writes the bytes to .tmp, fsyncs, hard-links them to the next free version number (a
+link either fully exists or not), then flips `current` with an atomic rename. A crash at any moment
+leaves the old or the new version served, never a partial file. Versions are never renumbered, so
+`name@version` means the same bytes forever, across deletes and processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+VERSION_SUFFIX = ".safetensors"
+STALE_TMP_SECONDS = 3600
+
+
+class StoreError(Exception):
+    pass
+
+
+class InvalidName(StoreError, ValueError):
+    pass
+
+
+class NotFound(StoreError, KeyError):
+    def __str__(self) -> str:
+        return self.args[0] if self.args else "not found"
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise InvalidName(
+            f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    size: int
+    created: float  # unix time
+    path: Path
+
+
+@dataclass(frozen=True)
+class NameInfo:
+    name: str
+    current: int
+    versions: tuple[VersionInfo, ...]
+
+    def version(self, number: int) -> VersionInfo:
+        for info in self.versions:
+            if info.version == number:
+                return info
+        raise NotFound(f"adapter {self.name!r} has no version {number}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class AdapterStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        for sub in (".locks", ".tombstones", ".tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._clean_stale_tmp()
+
+    # -- paths -----------------------------------------------------------------------------------
+    def _dir(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def _version_path(self, name: str, version: int) -> Path:
+        return self._dir(name) / "versions" / f"{version:06d}{VERSION_SUFFIX}"
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        with open(self.root / ".locks" / f"{check_name(name)}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _tmp_path(self) -> Path:
+        return self.root / ".tmp" / f"{uuid.uuid4().hex}.part"
+
+    def _clean_stale_tmp(self) -> None:
+        cutoff = time.time() - STALE_TMP_SECONDS
+        for path in (self.root / ".tmp").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+
+    # -- reading ---------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Served names: directories with a readable `current` pointer."""
+        found = []
+        for entry in self.root.iterdir():
+            if not entry.name.startswith(".") and NAME_PATTERN.match(entry.name) and (entry / "current").exists():
+                found.append(entry.name)
+        return sorted(found)
+
+    def current(self, name: str) -> int:
+        try:
+            return int((self._dir(name) / "current").read_text().strip())
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"adapter {name!r} not found") from None
+
+    def versions(self, name: str) -> list[int]:
+        try:
+            files = (self._dir(name) / "versions").iterdir()
+            return sorted(int(p.name[: -len(VERSION_SUFFIX)]) for p in files if p.name.endswith(VERSION_SUFFIX))
+        except FileNotFoundError:
+            return []
+
+    def info(self, name: str) -> NameInfo:
+        current = self.current(name)
+        versions = []
+        for number in self.versions(name):
+            path = self._version_path(name, number)
+            with contextlib.suppress(FileNotFoundError):
+                stat = path.stat()
+                versions.append(VersionInfo(number, stat.st_size, stat.st_mtime, path))
+        return NameInfo(name, current, tuple(versions))
+
+    def read(self, name: str, version: int | None = None) -> tuple[int, bytes]:
+        """(version, bytes) of `version`, or of the current one."""
+        number = self.current(name) if version is None else version
+        try:
+            return number, self._version_path(name, number).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"adapter {name!r} has no version {number}") from None
+
+    # -- writing ---------------------------------------------------------------------------------
+    def publish(self, name: str, data: bytes) -> int:
+        """Store `data` as the next version of `name` and make it current; returns the version."""
+        check_name(name)
+        tmp = self._tmp_path()
+        _write_synced(tmp, data)
+        try:
+            with self._locked(name):
+                versions_dir = self._dir(name) / "versions"
+                versions_dir.mkdir(parents=True, exist_ok=True)
+                version = max([*self.versions(name), self._tombstone(name)]) + 1
+                os.link(tmp, self._version_path(name, version))
+                _fsync_dir(versions_dir)
+                self._set_pointer(name, version)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return version
+
+    def set_current(self, name: str, version: int) -> None:
+        """Serve an existing version (roll back or forward)."""
+        with self._locked(name):
+            self.current(name)  # the name must exist
+            if not self._version_path(name, version).exists():
+                raise NotFound(f"adapter {name!r} has no version {version}")
+            self._set_pointer(name, version)
+
+    def delete(self, name: str) -> None:
+        """Take the name out of service and remove its files. Requests already running keep their
+        adapter (it is in memory); numbering continues after the deleted versions if reused."""
+        with self._locked(name):
+            directory = self._dir(name)
+            if not directory.exists():
+                raise NotFound(f"adapter {name!r} not found")
+            last = max([*self.versions(name), self._tombstone(name)])
+            tombstone = self._tmp_path()
+            _write_synced(tombstone, f"{last}\n".encode())
+            os.replace(tombstone, self.root / ".tombstones" / name)
+            trash = self.root / ".tmp" / f"deleted-{name}-{uuid.uuid4().hex}"
+            os.rename(directory, trash)  # atomic: the name disappears at once
+            _fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _tombstone(self, name: str) -> int:
+        try:
+            return int((self.root / ".tombstones" / name).read_text().strip())
+        except FileNotFoundError:
+            return 0
+
+    def _set_pointer(self, name: str, version: int) -> None:
+        tmp = self._tmp_path()
+        _write_synced(tmp, f"{version}\n".encode())
+        os.replace(tmp, self._dir(name) / "current")
+        _fsync_dir(self._dir(name))

@@ -1,0 +1,220 @@
+"""The admin API under /v1/adapters: upload, import from pyreft, list, show, roll back, delete.
+
+Every route needs the admin bearer token. Uploads are validated against the served model before
+anything is written; a rejected upload leaves the store exactly as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from safetensors.torch import load as load_safetensors
+
+from server.adapters.archive import ArchiveError, unpack_checkpoint
+from server.adapters.format import AdapterError, AdapterFile, ModelShape, config_from_dict, read_config, validate
+from server.adapters.pyreft import import_pyreft
+from server.adapters.store import InvalidName, NameInfo, NotFound, check_name
+from server.api.deps import AppState, State, require_admin
+from server.api.errors import APIError
+from server.api.schemas import AdapterDetail, AdapterSummary, PublishResponse, SetCurrentRequest, VersionSummary
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters (admin)"], dependencies=[Depends(require_admin)])
+
+
+def _name(name: str) -> str:
+    try:
+        return check_name(name)
+    except InvalidName as e:
+        raise APIError(400, str(e), param="name") from None
+
+
+def _rejected(error: AdapterError) -> APIError:
+    return APIError(422, f"adapter rejected: {error}", param=error.field)
+
+
+async def _read_upload(upload: UploadFile, limit: int, field: str) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise APIError(413, f"{field}: larger than the upload limit of {limit} bytes", param=field)
+    if not data:
+        raise APIError(400, f"{field}: the file is empty", param=field)
+    return data
+
+
+def _version_summary(state: AppState, name: str, info) -> VersionSummary:
+    summary = VersionSummary(version=info.version, size=info.size, created=info.created)
+    try:
+        config = read_config(info.path)
+    except (AdapterError, OSError):
+        return summary
+    return summary.model_copy(
+        update={
+            "type": config.type,
+            "layers": list(config.layers),
+            "rank": config.rank,
+            "positions": config.positions,
+            "share_weights": config.share_weights,
+            "loaded": state.registry.is_resident(name, info.version),
+        }
+    )
+
+
+def _detail(state: AppState, info: NameInfo) -> AdapterDetail:
+    versions = [_version_summary(state, info.name, v) for v in info.versions]
+    current = next((v for v in versions if v.version == info.current), None)
+    return AdapterDetail(
+        name=info.name,
+        current_version=info.current,
+        versions=[v.version for v in versions],
+        size=current.size if current else 0,
+        type=current.type if current else None,
+        layers=current.layers if current else None,
+        rank=current.rank if current else None,
+        positions=current.positions if current else None,
+        loaded=bool(current and current.loaded),
+        details=versions,
+    )
+
+
+async def _info(state: AppState, name: str) -> NameInfo:
+    try:
+        return await asyncio.to_thread(state.store.info, name)
+    except NotFound as e:
+        raise APIError(404, str(e), param="name") from None
+
+
+async def _publish(state: AppState, name: str, adapter: AdapterFile) -> PublishResponse:
+    if not adapter.config.base_model:
+        adapter.config = dataclasses.replace(adapter.config, base_model=state.model_name)
+    payload = adapter.to_bytes()
+    version = await asyncio.to_thread(state.store.publish, name, payload)
+    state.registry.published(name, version)
+    config = adapter.config
+    return PublishResponse(
+        name=name, version=version, size=len(payload), type=config.type, layers=list(config.layers), rank=config.rank
+    )
+
+
+@router.get("", response_model=list[AdapterSummary])
+async def list_adapters(state: State):
+    """Every adapter: versions, current version, size, type, layers, rank, loaded or not."""
+    names = await asyncio.to_thread(state.store.names)
+    details = []
+    for name in names:
+        try:
+            info = await asyncio.to_thread(state.store.info, name)
+        except NotFound:
+            continue  # deleted meanwhile
+        details.append(AdapterSummary(**_detail(state, info).model_dump(exclude={"details"})))
+    return details
+
+
+@router.get("/{name}", response_model=AdapterDetail)
+async def show_adapter(name: str, state: State):
+    """One adapter with every version's details."""
+    return _detail(state, await _info(state, _name(name)))
+
+
+@router.post("/{name}", response_model=PublishResponse, status_code=201)
+async def upload_adapter(
+    name: str,
+    file: Annotated[UploadFile, File(description="The adapter .safetensors file")],
+    state: State,
+    metadata: Annotated[str | None, Form(description="Adapter config as JSON, when the file's header has none")] = None,
+):
+    """Publish a new version of `name` (created if new) and make it current: hot swap."""
+    name = _name(name)
+    data = await _read_upload(file, state.settings.max_upload_size, "file")
+    try:
+        if metadata is not None:
+            try:
+                raw = json.loads(metadata)
+            except json.JSONDecodeError as e:
+                raise APIError(400, f"metadata: not valid JSON ({e})", param="metadata") from None
+            if not isinstance(raw, dict):
+                raise APIError(400, "metadata: must be a JSON object", param="metadata")
+            try:
+                tensors = load_safetensors(data)
+            except Exception as e:  # malformed safetensors raise several types
+                raise AdapterError("file", f"not a valid safetensors file ({e})") from None
+            adapter = AdapterFile(config_from_dict(raw), tensors)
+        else:
+            adapter = AdapterFile.from_bytes(data)
+        validate(adapter, ModelShape.of(state.model))
+    except AdapterError as e:
+        raise _rejected(e) from None
+    return await _publish(state, name, adapter)
+
+
+@router.post("/{name}/pyreft", response_model=PublishResponse, status_code=201)
+async def import_pyreft_adapter(
+    name: str,
+    archive: Annotated[UploadFile, File(description="A .tar(.gz) or .zip of the pyreft checkpoint directory")],
+    positions: Annotated[str, Form(description="Positions it was trained with, e.g. f7+l7")],
+    share_weights: Annotated[bool, Form(description="Whether prefix and suffix shared one intervention")],
+    state: State,
+    activation: Annotated[str, Form(description="Activation of the learned source")] = "linear",
+    intervention_type: Annotated[str | None, Form(description="Needed only without config.json")] = None,
+    layers: Annotated[str | None, Form(description="Comma-separated, needed only without config.json")] = None,
+    rank: Annotated[int | None, Form(description="Needed only without config.json")] = None,
+):
+    """Import a pyreft/pyvene checkpoint (weights_only loading) as a new version of `name`."""
+    name = _name(name)
+    data = await _read_upload(archive, state.settings.max_upload_size, "archive")
+    try:
+        layer_list = [int(x) for x in layers.replace(";", ",").split(",") if x.strip()] if layers else None
+    except ValueError:
+        raise APIError(400, "layers: use comma-separated integers", param="layers") from None
+
+    def unpack_and_import() -> AdapterFile:
+        with tempfile.TemporaryDirectory(prefix="reft-import-") as tmp:
+            directory = unpack_checkpoint(data, Path(tmp) / "checkpoint")
+            return import_pyreft(
+                directory,
+                positions=positions,
+                share_weights=share_weights,
+                activation=activation,
+                intervention_type=intervention_type,
+                layers=layer_list,
+                rank=rank,
+                base_model=state.model_name,
+                model=ModelShape.of(state.model),
+            )
+
+    try:
+        adapter = await asyncio.to_thread(unpack_and_import)
+    except ArchiveError as e:
+        raise APIError(422, f"archive rejected: {e}", param="archive") from None
+    except AdapterError as e:
+        raise _rejected(e) from None
+    return await _publish(state, name, adapter)
+
+
+@router.put("/{name}/current", response_model=AdapterDetail)
+async def set_current_version(name: str, body: SetCurrentRequest, state: State):
+    """Serve another existing version (roll back or forward); running requests keep theirs."""
+    name = _name(name)
+    try:
+        await asyncio.to_thread(state.store.set_current, name, body.version)
+    except NotFound as e:
+        raise APIError(404, str(e), param="version") from None
+    state.registry.published(name, body.version)
+    return _detail(state, await _info(state, name))
+
+
+@router.delete("/{name}")
+async def delete_adapter(name: str, state: State):
+    """Take `name` out of service and delete its files; running requests finish unharmed."""
+    name = _name(name)
+    try:
+        await asyncio.to_thread(state.store.delete, name)
+    except NotFound as e:
+        raise APIError(404, str(e), param="name") from None
+    state.registry.deleted(name)
+    return {"name": name, "deleted": True}

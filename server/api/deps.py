@@ -1,0 +1,73 @@
+"""Shared application state and the FastAPI dependencies that guard routes."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.adapters.registry import AdapterRegistry
+from server.adapters.store import AdapterStore
+from server.api.errors import APIError
+from server.config import Settings
+from server.engine.engine import AsyncEngine
+from server.metrics import Metrics
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    model_name: str
+    model: object
+    tokenizer: object
+    engine: AsyncEngine
+    store: AdapterStore
+    registry: AdapterRegistry
+    metrics: Metrics
+    draining: bool = False
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.core.max_model_len
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.reft
+
+
+State = Annotated[AppState, Depends(get_state)]
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def require_api_key(request: Request, state: State) -> None:
+    """Generation routes: a bearer token when REFT_API_KEY is set."""
+    key = state.settings.api_key
+    if key is not None and not _matches(_bearer(request), key.get_secret_value()):
+        raise APIError(
+            401, "missing or invalid API key (Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def require_admin(request: Request, state: State) -> None:
+    """Admin routes: the admin bearer token; closed without one unless explicitly opened."""
+    token = state.settings.admin_token
+    if token is None:
+        if state.settings.admin_open:
+            return
+        raise APIError(403, "the admin API is disabled: set REFT_ADMIN_TOKEN (or --admin-open for local use)")
+    if not _matches(_bearer(request), token.get_secret_value()):
+        raise APIError(
+            401,
+            "missing or invalid admin token (Authorization: Bearer <token>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

@@ -1,0 +1,236 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions and /v1/models.
+
+The `model` field picks the adapter, as in vLLM and LoRAX: the base model's id means no adapter,
+an adapter's name (or name@version) means that adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+
+from server.api import sse
+from server.api.deps import AppState, State, require_api_key
+from server.api.errors import APIError, error_body
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
+from server.api.service import Running, collect, start, stream_outputs, tokenize, tokenize_chat
+from server.engine.engine import RequestOutput
+from server.engine.sampler import Sample
+from server.engine.sequence import FinishReason
+
+router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
+
+
+def adapter_for_model(state: AppState, model: str) -> str | None:
+    return None if model == state.model_name else model
+
+
+def check_supported(body: OpenAIFields) -> None:
+    if problem := body.unsupported():
+        raise APIError(400, problem, param=problem.split(":")[0].split(" ")[0])
+
+
+async def start_model(state: AppState, prompt_ids: list[int], body: OpenAIFields, sampling) -> Running:
+    try:
+        return await start(state, prompt_ids, sampling, adapter_for_model(state, body.model), "model")
+    except APIError as e:
+        if e.status == 404:
+            raise APIError(
+                404,
+                f"model {body.model!r} not found: it is neither the base model {state.model_name!r} nor an adapter",
+                param="model",
+            ) from None
+        raise
+
+
+def finish_reason(output: RequestOutput) -> str | None:
+    if output.finish_reason is FinishReason.ERROR:
+        raise APIError(500, f"generation failed: {output.error}")
+    return output.finish_reason.value if output.finish_reason else None
+
+
+def usage(outputs: list[RequestOutput]) -> dict:
+    prompt = sum(o.prompt_tokens for o in outputs)
+    completion = sum(o.completion_tokens for o in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# -- logprobs in OpenAI's two shapes ----------------------------------------------------------------
+def completion_logprobs(tokenizer, samples: list[Sample], text_offset: int = 0) -> dict:
+    tokens = [tokenizer.decode([s.token]) for s in samples]
+    offsets, position = [], text_offset
+    for token in tokens:
+        offsets.append(position)
+        position += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [s.logprob for s in samples],
+        "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in s.top_logprobs or []} for s in samples],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tokenizer, samples: list[Sample]) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top_logprobs or []]}
+            for s in samples
+        ]
+    }
+
+
+# -- streaming ---------------------------------------------------------------------------------------
+async def merged(runs: list[Running], timeout: float) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several requests as they come, tagged with the request's index."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, running: Running) -> None:
+        try:
+            async for output in stream_outputs(running, timeout):
+                await queue.put((index, output))
+        except BaseException as e:  # surface timeouts and errors to the consumer
+            await queue.put((index, e))
+        finally:
+            await queue.put((index, done))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(runs)]
+    remaining = len(runs)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for running in runs:
+            running.close()
+
+
+async def openai_events(
+    runs: list[Running], timeout: float, chunk, include_usage: bool, base: dict
+) -> AsyncIterator[str]:
+    """SSE for both routes; `chunk(index, output)` builds one choice."""
+    finals: dict[int, RequestOutput] = {}
+    try:
+        async for index, output in merged(runs, timeout):
+            if output.finished:
+                finals[index] = output
+            yield sse.event({**base, "choices": [chunk(index, output)]})
+        if include_usage:
+            yield sse.event({**base, "choices": [], "usage": usage(list(finals.values()))})
+    except TimeoutError:
+        yield sse.event(error_body(504, f"the request did not finish within {timeout:g} s and was aborted"))
+    except APIError as e:
+        yield sse.event(error_body(e.status, e.message))
+    yield sse.DONE
+
+
+# -- routes ------------------------------------------------------------------------------------------
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, state: State):
+    """OpenAI text completions; `model` = the base model id or an adapter name."""
+    check_supported(body)
+    prompts = [tokenize(state, prompt) for prompt in body.prompts()]
+    sampling = body.sampling(body.max_tokens, body.logprobs)
+    runs = []
+    try:
+        for prompt_ids in prompts:
+            runs.append(await start_model(state, prompt_ids, body, sampling))
+    except BaseException:
+        for running in runs:
+            running.close()
+        raise
+    base = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.model,
+    }
+    wants_logprobs = body.logprobs is not None
+    timeout = state.settings.request_timeout
+
+    if body.stream:
+        offsets = [0] * len(runs)
+
+        def chunk(index: int, output: RequestOutput) -> dict:
+            logprobs = completion_logprobs(state.tokenizer, output.logprobs, offsets[index]) if wants_logprobs else None
+            offsets[index] += len(output.text)
+            return {"index": index, "text": output.text, "logprobs": logprobs, "finish_reason": finish_reason(output)}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse.response(openai_events(runs, timeout, chunk, include_usage, base))
+
+    outputs = await asyncio.gather(*(collect(request, running, timeout) for running in runs))
+    choices = [
+        {
+            "index": i,
+            "text": output.text,
+            "logprobs": completion_logprobs(state.tokenizer, output.logprobs) if wants_logprobs else None,
+            "finish_reason": finish_reason(output),
+        }
+        for i, output in enumerate(outputs)
+    ]
+    return {**base, "choices": choices, "usage": usage(list(outputs))}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
+    """OpenAI chat completions with the tokenizer's chat template; `model` picks the adapter."""
+    check_supported(body)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt_ids = tokenize_chat(state, messages)
+    max_new_tokens = body.max_new_tokens(default=max(1, state.max_model_len - len(prompt_ids)))
+    sampling = body.sampling(max_new_tokens, body.logprob_count())
+    running = await start_model(state, prompt_ids, body, sampling)
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+    timeout = state.settings.request_timeout
+
+    if body.stream:
+        first = [True]
+
+        def chunk(index: int, output: RequestOutput) -> dict:
+            delta = {"role": "assistant", "content": output.text} if first[0] else {"content": output.text}
+            first[0] = False
+            logprobs = chat_logprobs(state.tokenizer, output.logprobs) if body.logprobs else None
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason(output)}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse.response(
+            openai_events([running], timeout, chunk, include_usage, {**base, "object": "chat.completion.chunk"})
+        )
+
+    output = await collect(request, running, timeout)
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": output.text},
+        "logprobs": chat_logprobs(state.tokenizer, output.logprobs) if body.logprobs else None,
+        "finish_reason": finish_reason(output),
+    }
+    return {**base, "object": "chat.completion", "choices": [choice], "usage": usage([output])}
+
+
+@router.get("/v1/models")
+async def models(state: State):
+    """The base model and every adapter in the store, each usable as `model`."""
+    created = int(time.time())
+    entry = {"object": "model", "created": created, "owned_by": "reft-server"}
+    data = [{**entry, "id": state.model_name, "root": state.model_name, "parent": None}]
+    data += [
+        {**entry, "id": name, "root": state.model_name, "parent": state.model_name}
+        for name in sorted(state.registry.catalog)
+    ]
+    return {"object": "list", "data": data}

@@ -1,0 +1,239 @@
+"""Request and response bodies. Requests forbid unknown fields: a misspelled or unsupported
+parameter is a 400 that names it, never silently ignored."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from server.engine.sequence import MAX_LOGPROBS, SamplingParams
+
+MAX_STOP_STRINGS = 16
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingFields(StrictModel):
+    """Sampling parameters shared by every generation route (vLLM's names and meanings)."""
+
+    temperature: float = Field(0.0, ge=0, le=100, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1, description="0 or -1 = off")
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: StopString | list[StopString] | None = Field(None, description="Stop strings (not in the output)")
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value):
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        return value
+
+    def sampling(self, max_new_tokens: int, logprobs: int | None) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_k=max(self.top_k, 0),
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop_token_ids=tuple(self.stop_token_ids),
+            stop=stop,
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+        )
+
+
+# -- native API -------------------------------------------------------------------------------------
+class GenerateRequest(SamplingFields):
+    prompt: str | None = Field(None, description="Text prompt (BOS is added as the model expects)")
+    input_ids: list[TokenId] | None = Field(None, description="Token ids, used as given (instead of prompt)")
+    adapter: str | None = Field(None, description="Adapter name or name@version; unset = the base model")
+    max_new_tokens: int = Field(64, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Return logprobs with the top n")
+    stream: bool = Field(False, description="Server-sent events, one per token batch")
+
+    @model_validator(mode="after")
+    def _one_prompt(self):
+        if (self.prompt is None) == (self.input_ids is None):
+            raise ValueError("give exactly one of prompt or input_ids")
+        if self.input_ids is not None and not self.input_ids:
+            raise ValueError("input_ids must not be empty")
+        return self
+
+
+class TokenLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+    top_logprobs: list[dict] = Field(default_factory=list)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AdapterRef(BaseModel):
+    name: str
+    version: int
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    adapter: AdapterRef | None
+    usage: Usage
+    logprobs: list[TokenLogprob] | None = None
+
+
+# -- OpenAI-compatible API --------------------------------------------------------------------------
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class OpenAIFields(SamplingFields):
+    """Fields both OpenAI routes share. Accepted but unsupported values are refused in `check()`."""
+
+    model: str
+    temperature: float = Field(1.0, ge=0, le=2)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def unsupported(self) -> str | None:
+        if self.n != 1:
+            return "n: only n=1 is supported"
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence_penalty / frequency_penalty are not supported; use repetition_penalty"
+        if self.logit_bias:
+            return "logit_bias is not supported"
+        return None
+
+
+Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
+
+
+class CompletionRequest(OpenAIFields):
+    prompt: Prompt
+    max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> str | None:
+        if self.echo:
+            return "echo is not supported"
+        if self.suffix:
+            return "suffix is not supported"
+        if self.best_of not in (None, 1):
+            return "best_of: only 1 is supported"
+        return super().unsupported()
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per choice: a string or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return [prompt]
+        return list(prompt)
+
+
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(OpenAIFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+
+    def unsupported(self) -> str | None:
+        if self.tools or self.tool_choice not in (None, "none"):
+            return "tools / tool_choice are not supported"
+        if self.response_format and self.response_format.get("type") != "text":
+            return "response_format: only {'type': 'text'} is supported"
+        return super().unsupported()
+
+    def max_new_tokens(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# -- admin API --------------------------------------------------------------------------------------
+class SetCurrentRequest(StrictModel):
+    version: int = Field(ge=1)
+
+
+class VersionSummary(BaseModel):
+    version: int
+    size: int
+    created: float
+    type: str | None = None
+    layers: list[int] | None = None
+    rank: int | None = None
+    positions: str | None = None
+    share_weights: bool | None = None
+    loaded: bool = False
+
+
+class AdapterSummary(BaseModel):
+    name: str
+    current_version: int
+    versions: list[int]
+    size: int
+    type: str | None
+    layers: list[int] | None
+    rank: int | None
+    positions: str | None
+    loaded: bool
+
+
+class AdapterDetail(AdapterSummary):
+    details: list[VersionSummary]
+
+
+class PublishResponse(BaseModel):
+    name: str
+    version: int
+    size: int
+    type: str
+    layers: list[int]
+    rank: int

@@ -1,0 +1,150 @@
+"""The generation path shared by the native and OpenAI routes: validate, resolve the adapter,
+submit to the engine, and consume the stream under a timeout that also watches for disconnects.
+Every failure before the engine becomes a 4xx/503 APIError; nothing invalid reaches the engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from server.adapters.registry import AdapterIncompatible, AdapterNotFound, Lease
+from server.adapters.store import InvalidName
+from server.api.deps import AppState
+from server.api.errors import APIError
+from server.engine.engine import EngineOverloaded, EngineStopped, GenerationRequest, RequestOutput, RequestStream
+from server.engine.sequence import SamplingParams
+from server.metrics import BASE_LABEL
+from server.tokenization import ChatTemplateMissing, encode_chat, encode_prompt
+
+DISCONNECT_POLL_SECONDS = 0.25
+RETRY_AFTER_SECONDS = "1"
+
+
+def check_text(value: str, field: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"{field}: not valid UTF-8 (lone surrogate)", param=field) from None
+    return value
+
+
+def tokenize(state: AppState, prompt: str | list[int], field: str = "prompt") -> list[int]:
+    if isinstance(prompt, str):
+        ids = encode_prompt(state.tokenizer, check_text(prompt, field))
+    else:
+        vocab = state.model.config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"{field}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param=field)
+        ids = list(prompt)
+    if not ids:
+        raise APIError(400, f"{field}: the prompt is empty", param=field)
+    return ids
+
+
+def tokenize_chat(state: AppState, messages: list[dict]) -> list[int]:
+    for i, message in enumerate(messages):
+        check_text(message["content"], f"messages.{i}.content")
+    try:
+        return encode_chat(state.tokenizer, messages)
+    except ChatTemplateMissing as e:
+        raise APIError(400, str(e), param="messages") from None
+    except Exception as e:  # a template may raise anything on messages it does not accept
+        raise APIError(400, f"messages: the chat template rejected them ({e})", param="messages") from None
+
+
+def check_length(state: AppState, prompt_ids: list[int], max_new_tokens: int, field: str) -> None:
+    limit = state.max_model_len
+    if len(prompt_ids) + max_new_tokens > limit:
+        raise APIError(
+            400,
+            f"this model's context window is {limit} tokens; the request needs {len(prompt_ids) + max_new_tokens} "
+            f"({len(prompt_ids)} in the prompt, {max_new_tokens} to generate)",
+            param=field,
+        )
+
+
+async def acquire_adapter(state: AppState, ref: str, field: str) -> Lease:
+    try:
+        return await state.registry.acquire(ref)
+    except AdapterNotFound as e:
+        raise APIError(404, str(e), param=field) from None
+    except AdapterIncompatible as e:
+        raise APIError(422, str(e), param=field) from None
+    except (InvalidName, ValueError) as e:
+        raise APIError(400, str(e), param=field) from None
+
+
+@dataclass
+class Running:
+    """A submitted request and the adapter lease it holds until it ends."""
+
+    stream: RequestStream
+    lease: Lease | None
+
+    @property
+    def adapter_label(self) -> str:
+        return self.lease.adapter.name if self.lease else BASE_LABEL
+
+    def close(self) -> None:
+        self.stream.cancel()
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+
+async def start(
+    state: AppState, prompt_ids: list[int], sampling: SamplingParams, adapter_ref: str | None, adapter_field: str
+) -> Running:
+    if state.draining or not state.engine.accepting:
+        raise APIError(503, "the server is shutting down or not ready")
+    check_length(state, prompt_ids, sampling.max_new_tokens, "max_tokens")
+    lease = await acquire_adapter(state, adapter_ref, adapter_field) if adapter_ref else None
+    try:
+        stream = state.engine.submit(GenerationRequest(prompt_ids, sampling, lease.adapter if lease else None))
+    except Exception as e:
+        if lease is not None:
+            lease.release()
+        raise _submit_error(state, e) from None
+    return Running(stream, lease)
+
+
+def _submit_error(state: AppState, error: Exception) -> Exception:
+    if isinstance(error, EngineOverloaded):
+        state.metrics.rejected.labels("overloaded").inc()
+        return APIError(429, f"server overloaded: {error}; retry later", headers={"Retry-After": RETRY_AFTER_SECONDS})
+    if isinstance(error, EngineStopped):
+        return APIError(503, str(error))
+    if isinstance(error, ValueError):
+        return APIError(400, str(error))
+    return error
+
+
+async def collect(request: Request, running: Running, timeout: float) -> RequestOutput:
+    """Run to completion; cancel on timeout (504) or when the client goes away."""
+    task = asyncio.ensure_future(running.stream.collect())
+    try:
+        async with asyncio.timeout(timeout):
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+                if not task.done() and await request.is_disconnected():
+                    running.close()
+        return task.result()
+    except TimeoutError:
+        raise APIError(504, f"the request did not finish within {timeout:g} s and was aborted") from None
+    finally:
+        task.cancel()
+        running.close()
+
+
+async def stream_outputs(running: Running, timeout: float) -> AsyncIterator[RequestOutput]:
+    """Yield outputs; a client disconnect cancels this generator, which cancels the request."""
+    try:
+        async with asyncio.timeout(timeout):
+            async for output in running.stream:
+                yield output
+    finally:
+        running.close()

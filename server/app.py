@@ -1,0 +1,105 @@
+"""create_app(): the FastAPI application. Its lifespan loads the model, starts the engine thread and
+the store sync, and on shutdown drains running requests for the configured grace period."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+
+from server.adapters.format import ModelShape
+from server.adapters.registry import AdapterRegistry
+from server.adapters.store import AdapterStore
+from server.api import admin, generate, health, openai
+from server.api.deps import AppState
+from server.api.errors import install_error_handlers
+from server.api.request_context import RequestContext
+from server.api.upload_limit import UploadLimit
+from server.config import Settings
+from server.engine.core import EngineConfig, EngineCore, model_eos_ids
+from server.engine.engine import AsyncEngine
+from server.metrics import Metrics
+from server.model_loader import load_model, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """One frozen base model, many ReFT adapters per request in mixed batches.
+
+* `/v1/generate`: native generation (JSON or server-sent events).
+* `/v1/completions`, `/v1/chat/completions`, `/v1/models`: OpenAI-compatible; `model` picks the adapter.
+* `/v1/adapters`: the admin API (bearer token).
+* `/health`, `/ready`, `/metrics`: operations.
+"""
+
+
+def served_name(settings: Settings, model_path: str) -> str:
+    if settings.served_model_name:
+        return settings.served_model_name
+    return Path(model_path).name if Path(model_path).exists() else model_path
+
+
+def build_state(settings: Settings, model_path: str, model=None, tokenizer=None) -> AppState:
+    """Everything the routes need; loads the model unless one is given (tests pass theirs)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    if model is None:
+        device = resolve_device(settings.device)
+        model, tokenizer = load_model(model_path, device, resolve_dtype(settings.dtype, device))
+    metrics = Metrics()
+    engine_config = EngineConfig(
+        block_size=settings.block_size,
+        kv_cache_bytes=int(settings.kv_cache_memory),
+        max_num_seqs=settings.max_num_seqs,
+        max_batched_tokens=settings.max_batched_tokens,
+        max_model_len=settings.max_model_len,
+    )
+    core = EngineCore(model, engine_config, model_eos_ids(model, tokenizer))
+    engine = AsyncEngine(core, tokenizer, max_queue=settings.max_queue, metrics=metrics)
+    store = AdapterStore(settings.store)
+    parameter = next(model.parameters())
+    registry = AdapterRegistry(
+        store,
+        ModelShape.of(model),
+        dtype=parameter.dtype,
+        device=parameter.device,
+        max_bytes=int(settings.adapter_memory),
+        max_count=settings.max_resident_adapters,
+        sync_interval=settings.store_sync_interval,
+        metrics=metrics,
+    )
+    return AppState(settings, served_name(settings, model_path), model, tokenizer, engine, store, registry, metrics)
+
+
+def create_app(settings: Settings, *, model_path: str | None = None, model=None, tokenizer=None) -> FastAPI:
+    """The app for `settings`. `model_path` defaults to settings.model; tests may pass a loaded model."""
+    path = model_path or settings.model
+    if path is None:
+        raise ValueError("no model given: pass --model (the CLI builds the demo model when none is given)")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = await asyncio.to_thread(build_state, settings, path, model, tokenizer)
+        app.state.reft = state
+        state.engine.start()
+        await state.registry.start()
+        log.info("ready", extra={"fields": {"model": state.model_name, "max_model_len": state.max_model_len}})
+        try:
+            yield
+        finally:
+            state.draining = True
+            await state.registry.stop()
+            await state.engine.stop(grace_seconds=settings.shutdown_grace)
+            log.info("stopped")
+
+    app = FastAPI(title="reft-server", version=version("reft-server"), description=DESCRIPTION, lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(UploadLimit, limit_bytes=int(settings.max_upload_size), path_prefix="/v1/adapters")
+    app.add_middleware(RequestContext)
+    for module in (generate, openai, admin, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,57 @@
+"""Server settings: every field is an environment variable (REFT_<FIELD>) and a `serve` CLI flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ByteSize, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DEMO_DIR = Path.home() / ".cache" / "reft-server" / "demo"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REFT_", extra="ignore")
+
+    # model
+    model: str | None = Field(None, description="Local path or hub id of the base model; unset = the offline demo")
+    served_model_name: str | None = Field(None, description="Base model id in the API (default: the model's name)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device; auto = cuda when available")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Model dtype; auto = bfloat16 on GPU, float32 on CPU"
+    )
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice)")
+    demo_dir: Path = Field(DEFAULT_DEMO_DIR, description="Where the demo model is built and cached")
+
+    # network
+    host: str = Field("127.0.0.1", description="Address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on")
+
+    # engine
+    kv_cache_memory: ByteSize = Field(ByteSize(512 * 2**20), description="KV cache budget, e.g. 512MiB or 20GiB")
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block")
+    max_num_seqs: int = Field(64, ge=1, description="Requests in the running batch at most")
+    max_batched_tokens: int = Field(512, ge=1, description="Tokens per engine step (prefill is chunked to fit)")
+    max_model_len: int | None = Field(None, ge=2, description="Prompt + output tokens at most (default: the model's)")
+    max_queue: int = Field(256, ge=0, description="Requests waiting beyond the running batch; more get 429")
+    request_timeout: float = Field(600.0, gt=0, description="Seconds before a request is aborted")
+
+    # adapters
+    store: Path = Field(Path("adapters_store"), description="Adapter store directory (may be shared by replicas)")
+    store_sync_interval: float = Field(
+        2.0, gt=0, description="Seconds between looks at the store for other replicas' changes"
+    )
+    adapter_memory: ByteSize = Field(ByteSize(2**30), description="Budget of resident adapters")
+    max_resident_adapters: int = Field(1024, ge=1, description="Resident adapters at most")
+    max_upload_size: ByteSize = Field(ByteSize(256 * 2**20), description="Largest adapter upload accepted")
+
+    # security
+    admin_token: SecretStr | None = Field(None, description="Bearer token for the admin API (/v1/adapters writes)")
+    admin_open: bool = Field(False, description="Open the admin API without a token (local use only)")
+    api_key: SecretStr | None = Field(None, description="Bearer token required on generation routes when set")
+
+    # operations
+    shutdown_grace: float = Field(30.0, ge=0, description="Seconds to drain running requests on SIGTERM")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+    log_json: bool = Field(True, description="Structured JSON logs (false = plain text)")
