@@ -41,7 +41,7 @@ def random_adapter_file(
             for spec in INTERVENTION_TYPES[kind].params:
                 shape = [{"d": hidden_size, "r": rank}[axis] for axis in spec.shape]
                 if spec.name == "rotation":
-                    tensor = torch.linalg.qr(torch.randn(*shape, generator=g))[0]
+                    tensor = torch.linalg.qr(torch.randn(*shape, generator=g))[0].contiguous()
                 else:
                     tensor = torch.randn(*shape, generator=g) * scale
                 tensors[tensor_name(layer, index, spec.name)] = tensor

@@ -1,0 +1,74 @@
+"""Helpers for HTTP tests: in-process apps, SSE parsing, adapter uploads, tar archives of checkpoints."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.config import Settings
+
+ADMIN_TOKEN = "admin-secret"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def app_settings(store: Path, **overrides) -> Settings:
+    defaults = dict(
+        store=store,
+        admin_token=ADMIN_TOKEN,
+        kv_cache_memory="32MiB",
+        max_model_len=512,
+        max_num_seqs=8,
+        max_batched_tokens=128,
+        store_sync_interval=0.2,
+        log_json=False,
+    )
+    return Settings(**{**defaults, **overrides})
+
+
+@contextmanager
+def running_app(model_path: Path, store: Path, **overrides):
+    app = create_app(app_settings(store, **overrides), model_path=str(model_path))
+    with TestClient(app) as client:
+        yield client
+
+
+def sse_events(lines) -> list:
+    """Decoded `data:` payloads of an SSE stream, ending with the string "[DONE]"."""
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            payload = line[len("data: ") :]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def stream(client: TestClient, path: str, body: dict, **kwargs) -> list:
+    with client.stream("POST", path, json=body, **kwargs) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return sse_events(response.iter_lines())
+
+
+def upload(client: TestClient, name: str, data: bytes, headers=ADMIN, **form):
+    files = {"file": ("adapter.safetensors", data, "application/octet-stream")}
+    return client.post(f"/v1/adapters/{name}", files=files, data=form or None, headers=headers)
+
+
+def tar_directory(directory: Path, arcname: str = "checkpoint") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        archive.add(directory, arcname=arcname)
+    return buffer.getvalue()
+
+
+def error_of(response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert body["error"]["code"] == response.status_code
+    return body["error"]

@@ -1,0 +1,212 @@
+"""The HTTP API in-process (httpx via TestClient): every route, streaming, adapters chosen per
+request, pyreft import end to end, and the JSON errors of bad input. Runs on the pyreft fixture
+model so served tokens can be checked against pyreft's own outputs."""
+
+import json
+
+import pytest
+
+from server.adapters.pyreft import import_pyreft
+from tests.api_utils import ADMIN, error_of, running_app, stream, tar_directory, upload
+from tests.conftest import FIXTURE
+
+EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
+MAX_NEW = EXPECTED["max_new_tokens"]
+MODEL_NAME = "model"  # the fixture model's directory name is its served name
+
+
+def cases(adapter: str) -> list[dict]:
+    return [c for c in EXPECTED["cases"] if c["adapter"] == adapter]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    with running_app(FIXTURE / "model", store, max_queue=64) as client:
+        archive = tar_directory(FIXTURE / "adapters" / "lo_l14_f3l3_unshared")
+        response = client.post(
+            "/v1/adapters/lo14/pyreft",
+            files={"archive": ("ckpt.tar.gz", archive)},
+            data={"positions": "f3+l3", "share_weights": "false"},
+            headers=ADMIN,
+        )
+        assert response.status_code == 201, response.text
+        di = import_pyreft(FIXTURE / "adapters" / "di_l13_f1l2_unshared", positions="f1+l2", share_weights=False)
+        assert upload(client, "di", di.to_bytes()).status_code == 201
+        yield client
+
+
+def generate(client, **body):
+    response = client.post("/v1/generate", json={"max_new_tokens": MAX_NEW, "ignore_eos": True, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_health_ready_and_metrics(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    generate(client, prompt="warm up", max_new_tokens=2)
+    text = client.get("/metrics").text
+    for name in ("reft_requests_total", "reft_time_to_first_token_seconds_bucket", "reft_kv_cache_usage_ratio"):
+        assert name in text
+    assert "x-request-id" in client.get("/health").headers
+
+
+@pytest.mark.parametrize("adapter, name", [("lo_l14_f3l3_unshared", "lo14"), ("di_l13_f1l2_unshared", "di")])
+def test_served_tokens_equal_pyreft_for_uploaded_adapters(client, adapter, name):
+    for case in cases(adapter):
+        steered = generate(client, prompt=case["prompt"], adapter=name)
+        assert steered["token_ids"] == case["adapter_tokens"]
+        assert steered["adapter"] == {"name": name, "version": 1}
+        assert (
+            generate(client, input_ids=case["prompt_ids"], adapter=f"{name}@1")["token_ids"] == case["adapter_tokens"]
+        )
+        base = generate(client, prompt=case["prompt"])
+        assert base["token_ids"] == case["base_tokens"] and "adapter" not in base
+        assert base["usage"] == {
+            "prompt_tokens": len(case["prompt_ids"]),
+            "completion_tokens": MAX_NEW,
+            "total_tokens": len(case["prompt_ids"]) + MAX_NEW,
+        }
+
+
+def test_streaming_equals_non_streaming(client):
+    case = cases("lo_l14_f3l3_unshared")[0]
+    body = {"prompt": case["prompt"], "adapter": "lo14", "max_new_tokens": MAX_NEW, "ignore_eos": True}
+    events = stream(client, "/v1/generate", {**body, "stream": True})
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert [t for e in chunks for t in e["token_ids"]] == case["adapter_tokens"]
+    assert all(e["finish_reason"] is None for e in chunks[:-1])
+    final = chunks[-1]
+    assert final["finish_reason"] == "length" and final["usage"]["completion_tokens"] == MAX_NEW
+    assert final["adapter"] == {"name": "lo14", "version": 1}
+    whole = generate(client, **body)
+    assert "".join(e["text"] for e in chunks) == whole["text"]
+
+
+def test_logprobs(client):
+    out = generate(client, prompt="Hello", max_new_tokens=3, logprobs=2)
+    assert len(out["logprobs"]) == 3
+    for entry, token in zip(out["logprobs"], out["token_ids"], strict=True):
+        assert entry["token_id"] == token and entry["logprob"] <= 0
+        assert [t["token_id"] for t in entry["top_logprobs"]][0] == token  # greedy takes the top token
+
+
+def test_openai_completions_choose_the_adapter_by_model(client):
+    case = cases("di_l13_f1l2_unshared")[1]
+    body = {"prompt": case["prompt"], "max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
+    steered = client.post("/v1/completions", json={**body, "model": "di"}).json()
+    base = client.post("/v1/completions", json={**body, "model": MODEL_NAME}).json()
+    assert steered["object"] == "text_completion" and steered["model"] == "di"
+    native_steered = generate(client, prompt=case["prompt"], adapter="di")
+    native_base = generate(client, prompt=case["prompt"])
+    assert steered["choices"][0]["text"] == native_steered["text"]
+    assert base["choices"][0]["text"] == native_base["text"]
+    assert native_steered["token_ids"] != native_base["token_ids"]
+    assert steered["usage"]["completion_tokens"] == MAX_NEW
+
+
+def test_openai_completions_batch_of_prompts_and_stream(client):
+    prompts = [c["prompt"] for c in cases("lo_l14_f3l3_unshared")[:3]]
+    body = {"model": "lo14", "prompt": prompts, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    out = client.post("/v1/completions", json=body).json()
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    events = stream(client, "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    texts = ["", "", ""]
+    for event in events[:-2]:
+        for choice in event["choices"]:
+            texts[choice["index"]] += choice["text"]
+    assert texts == [c["text"] for c in out["choices"]]
+    assert events[-2]["usage"]["completion_tokens"] == 15 and events[-2]["choices"] == []
+
+
+def test_openai_completion_logprobs_shape(client):
+    out = client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 3, "logprobs": 2})
+    logprobs = out.json()["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 3
+    assert logprobs["text_offset"][0] == 0
+
+
+def test_models_lists_base_and_adapters(client):
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids[0] == MODEL_NAME and {"lo14", "di"} <= set(ids)
+
+
+def test_chat_without_a_template_is_a_clear_400(client):
+    response = client.post(
+        "/v1/chat/completions", json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert response.status_code == 400
+    assert "no chat template" in error_of(response)["message"]
+
+
+BAD_REQUESTS = [
+    ("/v1/generate", {"prompt": "hi", "adapter": "nope"}, 404, "adapter 'nope' not found"),
+    ("/v1/generate", {"prompt": "hi", "adapter": "lo14@7"}, 404, "no version 7"),
+    ("/v1/generate", {"prompt": "hi", "adapter": "../etc"}, 400, "invalid adapter name"),
+    ("/v1/generate", {"prompt": "hi", "adapter": "lo14@x"}, 400, "invalid adapter version"),
+    ("/v1/generate", {"prompt": "hi", "bogus": 1}, 400, "bogus: unsupported field"),
+    ("/v1/generate", {}, 400, "exactly one of prompt or input_ids"),
+    ("/v1/generate", {"prompt": "hi", "input_ids": [1]}, 400, "exactly one of prompt or input_ids"),
+    ("/v1/generate", {"input_ids": []}, 400, "input_ids must not be empty"),
+    ("/v1/generate", {"input_ids": [1, 100000]}, 400, "outside the vocabulary"),
+    ("/v1/generate", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("/v1/generate", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/generate", {"prompt": "hi", "top_k": -5}, 400, "top_k"),
+    ("/v1/generate", {"prompt": "hi", "max_new_tokens": 0}, 400, "max_new_tokens"),
+    ("/v1/generate", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    ("/v1/generate", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/generate", {"prompt": "hi", "stop": [""]}, 400, "stop"),
+    ("/v1/generate", {"prompt": "hi", "seed": -1}, 400, "seed"),
+    ("/v1/generate", {"prompt": "x" * 600}, 400, "context window is 512 tokens"),
+    ("/v1/generate", {"prompt": "hi", "max_new_tokens": 600}, 400, "context window is 512 tokens"),
+    ("/v1/generate", {"prompt": 5}, 400, "prompt"),
+    ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model 'nope' not found"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "n": 2}, 400, "only n=1"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "presence_penalty": 1}, 400, "presence_penalty"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "temperature": 3}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "frobnicate": True}, 400, "frobnicate: unsupported"),
+    ("/v1/completions", {"prompt": "hi"}, 400, "model"),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}], "tools": [{}]},
+        400,
+        "tools",
+    ),
+]
+
+
+@pytest.mark.parametrize("path, body, status, message", BAD_REQUESTS, ids=[f"{b}-{s}" for _, b, s, _ in BAD_REQUESTS])
+def test_bad_input_gets_a_clear_json_4xx(client, path, body, status, message):
+    response = client.post(path, json=body)
+    assert response.status_code == status, response.text
+    assert message in error_of(response)["message"]
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b'{"prompt": "\xff\xfe"}', "parsing the body"),  # invalid UTF-8 bytes
+        (b'{"prompt": "\\ud800"}', "not valid UTF-8"),  # a lone surrogate: valid JSON, not encodable text
+        (b'{"prompt": ', "JSON"),
+        (b"[1, 2]", ""),
+    ],
+)
+def test_malformed_bodies(client, raw, message):
+    response = client.post("/v1/generate", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert message in error_of(response)["message"]
+
+
+def test_no_bad_request_reached_the_engine(client):
+    """Rejected requests never became engine requests: nothing failed inside the engine."""
+    metrics = client.get("/metrics").text
+    assert 'status="error"' not in metrics
