@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import signal
 import sys
 import types
 import typing
@@ -89,6 +90,9 @@ def serve(args: argparse.Namespace) -> int:
         url = f"http://{settings.host}:{port}"
         _say(banner.format(url=url, model=app.state.reft.model_name, token=token))
 
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # uvicorn re-raises the signal after its graceful shutdown; a drained server exits 0
+        signal.signal(sig, lambda *_: None)
     DrainingServer(config, show_banner).run()
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,21 +39,19 @@ def running_app(model_path: Path, store: Path, **overrides):
         yield client
 
 
-def sse_events(lines) -> list:
-    """Decoded `data:` payloads of an SSE stream, ending with the string "[DONE]"."""
-    events = []
+def sse_events(lines) -> Iterator:
+    """Decoded `data:` payloads of an SSE stream as they arrive, ending with the string "[DONE]"."""
     for line in lines:
         if line.startswith("data: "):
             payload = line[len("data: ") :]
-            events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
+            yield payload if payload == "[DONE]" else json.loads(payload)
 
 
 def stream(client: TestClient, path: str, body: dict, **kwargs) -> list:
     with client.stream("POST", path, json=body, **kwargs) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
-        return sse_events(response.iter_lines())
+        return list(sse_events(response.iter_lines()))
 
 
 def upload(client: TestClient, name: str, data: bytes, headers=ADMIN, **form):

@@ -1,0 +1,226 @@
+"""End to end against real server processes on loopback: the official openai client, client
+disconnects, SIGTERM drain, two replicas sharing one store, and a publish killed with SIGKILL."""
+
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from server.adapters.format import AdapterFile
+from server.adapters.store import AdapterStore
+from tests.api_utils import ADMIN, ADMIN_TOKEN, sse_events
+from tests.engine_utils import random_adapter_file
+from tests.server_process import ServerProcess
+
+HIDDEN = 128  # the tiny Llama
+SERVE_ARGS = ("--kv-cache-memory", "32MiB", "--max-model-len", "512", "--admin-token", ADMIN_TOKEN)
+
+
+def adapter_bytes(seed: int) -> bytes:
+    return random_adapter_file("loreft", (0, 2), 4, "f2+l2", HIDDEN, seed=seed).to_bytes()
+
+
+def upload(url: str, name: str, data: bytes) -> dict:
+    response = httpx.post(f"{url}/v1/adapters/{name}", files={"file": ("a.safetensors", data)}, headers=ADMIN)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("shared-store")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, store, tmp_path_factory):
+    model = tiny_model_dir("llama")
+    process = ServerProcess(
+        tmp_path_factory.mktemp("logs") / "a.log", "--model", str(model), "--store", str(store), *SERVE_ARGS
+    )
+    upload(process.url, "steer", adapter_bytes(1))
+    yield process
+    process.stop()
+
+
+def test_openai_client_completions_chat_streaming_and_adapters(server, tiny_model_dir):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    base_name = tiny_model_dir("llama").name
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == base_name and "steer" in ids
+
+    def complete(model, **kw):
+        return client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0, **kw)
+
+    base, steered = complete(base_name), complete("steer")
+    native = httpx.post(
+        f"{server.url}/v1/generate", json={"prompt": "Once upon a time", "adapter": "steer", "max_new_tokens": 12}
+    ).json()
+    assert steered.choices[0].text == native["text"]
+    assert (
+        native["token_ids"]
+        != httpx.post(f"{server.url}/v1/generate", json={"prompt": "Once upon a time", "max_new_tokens": 12}).json()[
+            "token_ids"
+        ]
+    )
+    assert base.usage.completion_tokens <= 12
+    streamed = "".join(chunk.choices[0].text for chunk in complete("steer", stream=True))
+    assert streamed == steered.choices[0].text
+
+    messages = [{"role": "user", "content": "Hello there"}]
+    chat = client.chat.completions.create(model="steer", messages=messages, max_tokens=10, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason in ("stop", "length")
+    chunks = list(
+        client.chat.completions.create(
+            model="steer",
+            messages=messages,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+    with pytest.raises(openai.NotFoundError):
+        complete("no-such-adapter")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=base_name, prompt="x", max_tokens=5, n=3)
+
+
+def test_client_disconnect_cancels_the_request_and_frees_its_blocks(server):
+    body = {"prompt": "a long story", "max_new_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/generate", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        received = [line for line, _ in zip(lines, range(6), strict=False) if line.startswith("data: ")]
+        assert received
+    ready = wait_for(lambda: (r := httpx.get(f"{server.url}/ready").json())["requests_in_flight"] == 0 and r)
+    assert ready["kv_cache_usage"] == 0.0
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'reft_requests_total{adapter="base",status="abort"}' in metrics
+
+
+def test_two_servers_on_one_store_see_each_others_changes(server, tiny_model_dir, store, tmp_path):
+    other = ServerProcess(
+        tmp_path / "b.log",
+        "--model",
+        str(tiny_model_dir("llama")),
+        "--store",
+        str(store),
+        "--store-sync-interval",
+        "0.5",
+        *SERVE_ARGS,
+    )
+    try:
+
+        def generate_on_b(adapter):
+            return httpx.post(
+                f"{other.url}/v1/generate", json={"prompt": "shared", "adapter": adapter, "max_new_tokens": 4}
+            )
+
+        published = upload(server.url, "replicated", adapter_bytes(2))  # published on A
+        on_b = generate_on_b("replicated")  # B finds a name it has not seen yet at once
+        assert on_b.status_code == 200 and on_b.json()["adapter"] == {"name": "replicated", "version": 1}
+        assert published["version"] == 1
+
+        upload(server.url, "replicated", adapter_bytes(3))  # v2 on A: B serves it within its sync interval
+        wait_for(lambda: generate_on_b("replicated").json()["adapter"]["version"] == 2, timeout=5)
+        wait_for(lambda: "replicated" in [m["id"] for m in httpx.get(f"{other.url}/v1/models").json()["data"]])
+
+        assert httpx.delete(f"{server.url}/v1/adapters/replicated", headers=ADMIN).status_code == 200
+        wait_for(lambda: generate_on_b("replicated").status_code == 404, timeout=5)
+    finally:
+        other.stop()
+
+
+def test_sigterm_drains_running_requests_then_exits(tiny_model_dir, tmp_path):
+    process = ServerProcess(
+        tmp_path / "drain.log",
+        "--model",
+        str(tiny_model_dir("llama")),
+        "--store",
+        str(tmp_path / "s"),
+        "--shutdown-grace",
+        "60",
+        *SERVE_ARGS,
+    )
+    events = []
+    first = threading.Event()
+
+    def long_stream():
+        body = {"prompt": "drain me", "max_new_tokens": 250, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{process.url}/v1/generate", json=body, timeout=120) as response:
+            for event in sse_events(response.iter_lines()):
+                events.append(event)
+                first.set()
+
+    try:
+        runner = threading.Thread(target=long_stream)
+        runner.start()
+        assert first.wait(30)
+        process.signal(signal.SIGTERM)
+        assert process.wait(90) == 0
+        runner.join(10)
+        assert events[-1] == "[DONE]" and events[-2]["finish_reason"] == "length"
+        assert sum(len(e["token_ids"]) for e in events[:-1]) == 250
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{process.url}/health")
+        assert "stopped" in process.log()
+    finally:
+        process.stop()
+
+
+PUBLISH_LOOP = """
+import sys
+from server.adapters.store import AdapterStore
+store = AdapterStore(sys.argv[1])
+data = open(sys.argv[2], "rb").read()
+while True:
+    store.publish("hammered", data)
+"""
+
+
+def test_sigkill_mid_publish_leaves_a_store_a_restarted_server_loads(tiny_model_dir, tmp_path):
+    store_dir = tmp_path / "store"
+    payload = tmp_path / "adapter.safetensors"
+    payload.write_bytes(adapter_bytes(4))
+    rng = random.Random(0)
+    for _ in range(5):
+        writer = subprocess.Popen([sys.executable, "-c", PUBLISH_LOOP, str(store_dir), str(payload)])
+        time.sleep(rng.uniform(0.6, 1.5))
+        writer.kill()  # SIGKILL: no cleanup runs
+        writer.wait()
+    store = AdapterStore(store_dir)
+    versions = store.versions("hammered")
+    assert len(versions) > 5
+    assert store.current("hammered") in versions
+    for version in versions:
+        AdapterFile.from_bytes(store.read("hammered", version)[1])  # every visible version is complete
+
+    process = ServerProcess(
+        tmp_path / "restart.log", "--model", str(tiny_model_dir("llama")), "--store", str(store_dir), *SERVE_ARGS
+    )
+    try:
+        listing = httpx.get(f"{process.url}/v1/adapters", headers=ADMIN).json()
+        assert [a["name"] for a in listing] == ["hammered"] and listing[0]["versions"] == versions
+        out = httpx.post(
+            f"{process.url}/v1/generate", json={"prompt": "after the crash", "adapter": "hammered", "max_new_tokens": 4}
+        )
+        assert out.status_code == 200 and out.json()["adapter"]["version"] == store.current("hammered")
+    finally:
+        process.stop()
