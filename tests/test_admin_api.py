@@ -14,10 +14,10 @@ from safetensors.torch import save
 from server.adapters.format import AdapterFile
 from server.reft.adapter import Adapter
 from server.reft.reference import reference_generate
+from server.tiny_models import random_adapter_file
 from server.tokenization import encode_prompt
 from tests.api_utils import ADMIN, error_of, running_app, sse_events, tar_directory, upload
 from tests.conftest import FIXTURE, load_reference_model
-from tests.engine_utils import random_adapter_file
 
 HIDDEN, LAYERS = 192, 6  # the fixture model
 

@@ -9,7 +9,8 @@ from server.engine.sampler import Sampler, filter_logits
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.reft.adapter import Adapter
 from server.reft.interventions import Intervention
-from tests.engine_utils import load_engine_model, make_core, random_adapter, random_adapter_file, run_core, seq
+from server.tiny_models import random_adapter_file
+from tests.engine_utils import load_engine_model, make_core, random_adapter, run_core, seq
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import pytest
 
 from server.adapters.format import AdapterFile
 from server.adapters.store import AdapterStore
+from server.tiny_models import random_adapter_file
 from tests.api_utils import ADMIN, ADMIN_TOKEN, sse_events
-from tests.engine_utils import random_adapter_file
 from tests.server_process import ServerProcess
 
 HIDDEN = 128  # the tiny Llama

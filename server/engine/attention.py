@@ -51,12 +51,11 @@ class AttentionGroup:
         )
         self.query_pos = torch.tensor([[s.start + i for i in offsets] for s in spans], device=device)
         max_blocks = -(-context_len // block_size)
-        tables = torch.tensor(
+        # whole blocks are gathered (contiguous copies); padding points at block 0 and is masked out
+        self.block_ids = torch.tensor(
             [s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks])) for s in spans],
             device=device,
-        )
-        slots = tables[:, :, None] * block_size + torch.arange(block_size, device=device)
-        self.kv_slots = slots.flatten(1)[:, :context_len].flatten()
+        ).flatten()
         self.shape = (len(spans), query_len, context_len)
         # one sequence from position 0 needs only SDPA's built-in causal mask
         self.plain_causal = len(spans) == 1 and spans[0].start == 0
@@ -75,12 +74,14 @@ class AttentionGroup:
     def attend(
         self, queries: Tensor, keys: Tensor, values: Tensor, scaling: float | None, sliding_window: int | None
     ) -> Tensor:
-        """queries [T, H, D] of the step, keys/values [slots, KV, D] of one layer -> [n * q, H, D]."""
+        """queries [T, H, D] of the step, keys/values [blocks, block size, KV, D] of a layer -> [n * q, H, D]."""
         n, query_len, context_len = self.shape
-        heads, kv_heads = queries.shape[1], keys.shape[1]
+        heads, kv_heads = queries.shape[1], keys.shape[2]
         q = queries.index_select(0, self.gather_rows).view(n, query_len, heads, -1).transpose(1, 2)
-        k = keys.index_select(0, self.kv_slots).view(n, context_len, kv_heads, -1).transpose(1, 2)
-        v = values.index_select(0, self.kv_slots).view(n, context_len, kv_heads, -1).transpose(1, 2)
+        k = keys.index_select(0, self.block_ids).flatten(0, 2)  # [n * blocks * block size, KV, D]
+        v = values.index_select(0, self.block_ids).flatten(0, 2)
+        k = k.view(n, -1, kv_heads, k.shape[-1])[:, :context_len].transpose(1, 2)
+        v = v.view(n, -1, kv_heads, v.shape[-1])[:, :context_len].transpose(1, 2)
         window_bites = sliding_window is not None and context_len > sliding_window
         if self.plain_causal and not window_bites:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=heads != kv_heads)
@@ -130,7 +131,9 @@ def paged_attention(
     step.kv.write(layer, step.slot_mapping, keys, values)
     out = queries.new_empty((queries.shape[0] + 1, *queries.shape[1:]))
     for group in step.groups:
-        attended = group.attend(queries, step.kv.keys[layer], step.kv.values[layer], scaling, sliding_window)
+        attended = group.attend(
+            queries, step.kv.block_keys(layer), step.kv.block_values(layer), scaling, sliding_window
+        )
         out.index_copy_(0, group.scatter_rows, attended)
     return out[:-1].unsqueeze(0), None
 

@@ -86,6 +86,13 @@ class KVCache:
         self._free.extend(reversed(seq.block_table))
         seq.block_table = []
 
+    def block_keys(self, layer: int) -> torch.Tensor:
+        """A layer's keys as [num_blocks, block_size, kv_heads, head_dim] (a view)."""
+        return self.keys[layer].view(self.num_blocks, self.block_size, *self.keys.shape[2:])
+
+    def block_values(self, layer: int) -> torch.Tensor:
+        return self.values[layer].view(self.num_blocks, self.block_size, *self.values.shape[2:])
+
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store this step's keys/values [tokens, kv_heads, head_dim] at their slots."""
         self.keys[layer].index_copy_(0, slots, keys)

@@ -1,0 +1,117 @@
+"""Shared pieces of the benchmarks: a random-init model of a chosen size, workloads, adapters."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from server.engine.attention import ATTENTION_NAME
+from server.reft.adapter import Adapter
+from server.tiny_models import build_tiny_model, random_adapter_file
+
+PRESETS = {  # (hidden size, layers): "tiny" is the test model, "small" a 26M-parameter CPU workload, "1b" for GPUs
+    "tiny": {"hidden_size": 128, "num_layers": 4},
+    "small": {"hidden_size": 512, "num_layers": 8},
+    "1b": {"hidden_size": 2048, "num_layers": 16, "intermediate_size": 8192},
+}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=list(PRESETS), default="small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cache", type=Path, default=Path(".cache/bench-models"))
+
+
+def dtype_of(args) -> torch.dtype:
+    if args.dtype:
+        return getattr(torch, args.dtype)
+    return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+
+
+def model_dir(args) -> Path:
+    """A random-init Llama of the preset's size, built once into the cache."""
+    preset = dict(PRESETS[args.preset])
+    directory = args.cache / args.preset
+    if not (directory / "config.json").exists():
+        overrides = {"intermediate_size": preset.pop("intermediate_size")} if "intermediate_size" in preset else {}
+        build_tiny_model("llama", directory, max_positions=4096, **preset, **overrides)
+    return directory
+
+
+def load(args, attention: str = ATTENTION_NAME):
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir(args), dtype=dtype_of(args), attn_implementation=attention
+    )
+    return model.to(args.device).eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    adapter: int | None  # index into the adapter list, None = base model
+    arrival: float  # seconds after the start
+
+
+def workload(
+    count: int,
+    prompt_range: tuple[int, int],
+    output_range: tuple[int, int],
+    num_adapters: int,
+    rate: float | None = None,
+    base_share: float = 0.0,
+    seed: int = 0,
+) -> list[Request]:
+    """Uniform prompt/output lengths, adapters round-robin (a share on the base model), Poisson
+    arrivals at `rate` requests/s (None: all at once)."""
+    rng = random.Random(seed)
+    clock = 0.0
+    requests = []
+    for i in range(count):
+        if rate:
+            clock += rng.expovariate(rate)
+        prompt = [1] + [rng.randrange(3, 259) for _ in range(rng.randint(*prompt_range) - 1)]
+        adapter = None if num_adapters == 0 or rng.random() < base_share else i % num_adapters
+        requests.append(Request(prompt, rng.randint(*output_range), adapter, clock))
+    return requests
+
+
+def make_adapters(model, count: int, rank: int = 4, layers: tuple[int, ...] | None = None, positions: str = "f7+l7"):
+    hidden = model.config.hidden_size
+    num_layers = model.config.num_hidden_layers
+    layers = layers or tuple(range(0, num_layers, 2))
+    parameter = next(model.parameters())
+    return [
+        Adapter.from_file(
+            random_adapter_file("loreft", layers, rank, positions, hidden, seed=i, scale=0.05),
+            name=f"a{i}",
+            version=1,
+            dtype=parameter.dtype,
+            device=parameter.device,
+        )
+        for i in range(count)
+    ]
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cores = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()} CPU, {cores} threads"
+
+
+def stamp() -> str:
+    return time.strftime("%Y-%m-%d")
