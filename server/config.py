@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     max_upload_size: ByteSize = Field(ByteSize(256 * 2**20), description="Largest adapter upload accepted")
 
     # security
-    admin_token: SecretStr | None = Field(None, description="Bearer token for the admin API (/v1/adapters writes)")
+    admin_token: SecretStr | None = Field(None, description="Bearer token for the admin API (/v1/adapters)")
     admin_open: bool = Field(False, description="Open the admin API without a token (local use only)")
     api_key: SecretStr | None = Field(None, description="Bearer token required on generation routes when set")
 

@@ -210,3 +210,19 @@ def test_no_bad_request_reached_the_engine(client):
     """Rejected requests never became engine requests: nothing failed inside the engine."""
     metrics = client.get("/metrics").text
     assert 'status="error"' not in metrics
+
+
+def test_request_timeout_aborts_and_frees_the_request(tmp_path):
+    import time
+
+    with running_app(FIXTURE / "model", tmp_path, request_timeout=0.3) as client:
+        body = {"prompt": "slow", "max_new_tokens": 480, "ignore_eos": True}
+        response = client.post("/v1/generate", json=body)
+        assert response.status_code == 504 and "did not finish within 0.3 s" in error_of(response)["message"]
+        events = stream(client, "/v1/generate", {**body, "stream": True})
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 504
+        deadline = time.monotonic() + 5
+        while client.get("/ready").json()["requests_in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ready = client.get("/ready").json()
+        assert ready["requests_in_flight"] == 0 and ready["kv_cache_usage"] == 0.0

@@ -1,0 +1,120 @@
+"""The adapter registry: resolution, LRU residency under budgets, in-use protection, single loads."""
+
+import asyncio
+
+import pytest
+
+from server.adapters.format import ModelShape
+from server.adapters.registry import AdapterNotFound, AdapterRegistry, parse_ref
+from server.adapters.store import AdapterStore, InvalidName
+from server.metrics import Metrics
+from server.tiny_models import random_adapter_file
+
+SHAPE = ModelShape(num_layers=4, hidden_size=32)
+
+
+def data(seed: int, rank: int = 4) -> bytes:
+    return random_adapter_file("loreft", (1, 2), rank, "f1+l1", 32, seed=seed).to_bytes()
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = AdapterStore(tmp_path)
+    for i in range(4):
+        store.publish(f"a{i}", data(i))
+    return store
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_parse_ref():
+    assert parse_ref("name") == ("name", None)
+    assert parse_ref("name@12") == ("name", 12)
+    for bad in ("name@0", "name@x", "name@-1"):
+        with pytest.raises(ValueError):
+            parse_ref(bad)
+    with pytest.raises(InvalidName):
+        parse_ref("../x")
+
+
+def test_lru_eviction_by_count_spares_adapters_in_use(store):
+    async def body():
+        registry = AdapterRegistry(store, SHAPE, max_count=2, metrics=Metrics())
+        await registry.refresh()
+        held = await registry.acquire("a0")
+        for name in ("a1", "a2", "a3"):
+            (await registry.acquire(name)).release()
+        resident = {key[0] for key in registry._resident}
+        assert "a0" in resident, "an adapter in use is never evicted"
+        assert len(resident) == 2 and "a3" in resident
+        held.release()
+        (await registry.acquire("a1")).release()
+        assert {key[0] for key in registry._resident} == {"a3", "a1"}
+        assert registry.metrics.adapter_evictions._value.get() >= 2
+
+    run(body())
+
+
+def test_byte_budget(store):
+    async def body():
+        registry = AdapterRegistry(store, SHAPE, max_bytes=1)  # smaller than any adapter
+        lease = await registry.acquire("a0")
+        assert registry.is_resident("a0", 1), "over budget while in use: kept"
+        lease.release()
+        assert not registry._resident, "unused and over budget: evicted"
+
+    run(body())
+
+
+def test_concurrent_requests_load_once(store):
+    loads = []
+
+    async def body():
+        registry = AdapterRegistry(store, SHAPE)
+        original = registry._load
+        registry._load = lambda *key: loads.append(key) or original(*key)
+        leases = await asyncio.gather(*(registry.acquire("a2") for _ in range(10)))
+        assert len({id(lease.adapter) for lease in leases}) == 1
+        for lease in leases:
+            lease.release()
+
+    run(body())
+    assert loads == [("a2", 1)]
+
+
+def test_versions_and_hot_swap_and_delete(store):
+    async def body():
+        registry = AdapterRegistry(store, SHAPE)
+        await registry.refresh()
+        old = await registry.acquire("a1")
+        registry.published("a1", store.publish("a1", data(10)))
+        new = await registry.acquire("a1")
+        assert (old.adapter.version, new.adapter.version) == (1, 2)
+        assert (await registry.acquire("a1@1")).adapter is old.adapter
+        store.delete("a1")
+        registry.deleted("a1")
+        with pytest.raises(AdapterNotFound):
+            await registry.acquire("a1")
+        assert old.adapter.version == 1, "a running request keeps its adapter after a delete"
+        old.release()
+        new.release()
+        with pytest.raises(AdapterNotFound):
+            await registry.acquire("nope")
+
+    run(body())
+
+
+def test_sync_picks_up_other_processes_changes(store):
+    async def body():
+        registry = AdapterRegistry(store, SHAPE)
+        await registry.refresh()
+        other = AdapterStore(store.root)  # another process's view of the same directory
+        other.publish("fresh", data(20))
+        other.publish("a0", data(21))
+        other.delete("a3")
+        await registry.refresh()
+        assert registry.catalog["fresh"] == 1 and registry.catalog["a0"] == 2 and "a3" not in registry.catalog
+
+    run(body())
