@@ -31,6 +31,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def summary(generated: int, elapsed: float, ttft: list[float]) -> dict:
+    return {
+        "tokens_per_s": generated / elapsed,
+        "seconds": elapsed,
+        "tokens": generated,
+        "p90_ttft": percentile(ttft, 0.9),
+    }
+
+
 def run_engine(core: EngineCore, requests: list[Request], adapters, realtime: bool) -> dict:
     """Serve `requests`; with `realtime` each joins at its arrival time. Returns throughput and TTFTs."""
     pending = sorted(enumerate(requests), key=lambda item: item[1].arrival)
@@ -53,7 +62,12 @@ def run_engine(core: EngineCore, requests: list[Request], adapters, realtime: bo
                 first_token[output.request_id] = time.perf_counter() - start
     elapsed = time.perf_counter() - start
     ttft = [first_token[str(i)] - r.arrival for i, r in enumerate(requests)]
-    return {"tokens_per_s": generated / elapsed, "seconds": elapsed, "tokens": generated, "p90_ttft": percentile(ttft, 0.9)}
+    return {
+        "tokens_per_s": generated / elapsed,
+        "seconds": elapsed,
+        "tokens": generated,
+        "p90_ttft": percentile(ttft, 0.9),
+    }
 
 
 class _FirstToken:
@@ -105,7 +119,12 @@ def run_static(model, requests: list[Request], batch_size: int) -> dict:
         generated += sum(r.max_new_tokens for r in batch)  # tokens past a request's own limit are waste
         ttft += [streamer.at - start - r.arrival for r in batch]
     elapsed = time.perf_counter() - start
-    return {"tokens_per_s": generated / elapsed, "seconds": elapsed, "tokens": generated, "p90_ttft": percentile(ttft, 0.9)}
+    return {
+        "tokens_per_s": generated / elapsed,
+        "seconds": elapsed,
+        "tokens": generated,
+        "p90_ttft": percentile(ttft, 0.9),
+    }
 
 
 def main() -> None:
@@ -149,7 +168,9 @@ def main() -> None:
     }
     results["mixed_over_base"] = results["mixed_tokens_per_s"] / results["base_tokens_per_s"]
     print(f"machine: {results['machine']}  preset: {args.preset}  dtype: {results['dtype']}  date: {results['date']}")
-    print(f"[1] {args.requests} requests, all at once; base-only vs {args.adapters} distinct adapters (median of {args.rounds})")
+    print(
+        f"[1] {args.requests} requests, all at once; base-only vs {args.adapters} distinct adapters (median of {args.rounds})"
+    )
     print(f"    base-only   {results['base_tokens_per_s']:9.1f} tok/s   rounds {[round(x) for x in base]}")
     print(f"    mixed       {results['mixed_tokens_per_s']:9.1f} tok/s   rounds {[round(x) for x in mixed]}")
     print(f"    ratio mixed/base = {results['mixed_over_base']:.3f}   (target >= 0.97)")
@@ -171,7 +192,9 @@ def main() -> None:
             static_p90_ttft=static["p90_ttft"],
             engine_over_static=engine["tokens_per_s"] / static["tokens_per_s"],
         )
-        print(f"[2] {args.requests} requests, Poisson arrivals at {rate:.2f}/s; HF generate static batches of {args.static_batch}")
+        print(
+            f"[2] {args.requests} requests, Poisson arrivals at {rate:.2f}/s; HF generate static batches of {args.static_batch}"
+        )
         print(f"    engine      {engine['tokens_per_s']:9.1f} tok/s   p90 TTFT {engine['p90_ttft']:.3f} s")
         print(f"    HF static   {static['tokens_per_s']:9.1f} tok/s   p90 TTFT {static['p90_ttft']:.3f} s")
         print(f"    ratio engine/static = {results['engine_over_static']:.2f}   (target >= 1.3 at <= p90 TTFT)")

@@ -91,9 +91,9 @@ def create_app(settings: Settings, *, model_path: str | None = None, model=None,
         try:
             yield
         finally:
-            state.draining = True
+            state.begin_draining()
             await state.registry.stop()
-            await state.engine.stop(grace_seconds=settings.shutdown_grace)
+            await state.engine.stop(grace_seconds=state.grace_left())
             log.info("stopped")
 
     app = FastAPI(title="reft-server", version=version("reft-server"), description=DESCRIPTION, lifespan=lifespan)

@@ -12,6 +12,7 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
@@ -66,6 +67,8 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level, settings.log_json)
+    if settings.threads:  # before the demo build too: oversubscribed cores slow training down badly
+        torch.set_num_threads(settings.threads)
     model_path, banner = settings.model, REAL_MODEL_BANNER
     if model_path is None:
         from server.demo import DEMO_BANNER, DEMO_MODEL_NAME, prepare_demo
@@ -108,7 +111,7 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         state = getattr(self.config.app.state, "reft", None)
         if state is not None:
-            state.draining = True
+            state.begin_draining()
         super().handle_exit(sig, frame)
 
     async def startup(self, sockets=None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ByteSize, Field, SecretStr
+from pydantic import ByteSize, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DEMO_DIR = Path.home() / ".cache" / "reft-server" / "demo"
@@ -23,6 +23,11 @@ class Settings(BaseSettings):
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice)")
     demo_dir: Path = Field(DEFAULT_DEMO_DIR, description="Where the demo model is built and cached")
+
+    @field_validator("model", "served_model_name", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
 
     # network
     host: str = Field("127.0.0.1", description="Address to listen on")

@@ -140,7 +140,6 @@ def prepare_demo(demo_dir: Path, store_root: Path, log: Callable[[str], None] = 
         _build_model(model_dir)
         log(f"built the demo model in {time.perf_counter() - started:.1f} s")
     store = AdapterStore(store_root)
-    served = set(store.names())
     for voice in (v for v in VOICES if v != "plain"):
         cached = adapters_dir / f"{voice}.safetensors"
         if not cached.exists():
@@ -150,7 +149,7 @@ def prepare_demo(demo_dir: Path, store_root: Path, log: Callable[[str], None] = 
             adapter.save(tmp)
             tmp.replace(cached)
             log(f"trained demo adapter {voice!r} in {time.perf_counter() - started:.1f} s")
-        if voice not in served:
-            version = store.publish(voice, cached.read_bytes())
-            log(f"published demo adapter {voice}@{version} to {store_root}")
+        if voice not in store.names():  # replicas starting together on one store: one publishes
+            version = store.publish(voice, cached.read_bytes(), if_absent=True)
+            log(f"demo adapter {voice}@{version} is in {store_root}")
     return model_dir

@@ -184,6 +184,7 @@ def test_entrypoint_serves_the_demo_and_drains_on_sigterm(tmp_path):
                 pass
             time.sleep(0.5)
         assert (Path(env["REFT_STORE"]) / "pirate").is_dir(), "the demo adapters went elsewhere than REFT_STORE"
+        check_readme_tour(port)
         process.send_signal(signal.SIGTERM)
         returncode = process.wait(timeout=float(env["REFT_SHUTDOWN_GRACE"]) + 15)
         assert returncode == 0, log_path.read_text()
@@ -191,6 +192,39 @@ def test_entrypoint_serves_the_demo_and_drains_on_sigterm(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def readme_chat_curls() -> list[str]:
+    """The quick tour's curl commands for /v1/chat/completions, continuation lines joined."""
+    text = (ROOT / "README.md").read_text()
+    tour = text[text.index("## Quick tour") :]
+    block = tour[tour.index("```bash") + len("```bash") : tour.index("```", tour.index("```bash") + 7)]
+    commands, current = [], ""
+    for line in block.splitlines():
+        if line.strip().startswith("#") and not current:
+            continue
+        current += line.rstrip("\\").strip() + " "
+        if not line.endswith("\\"):
+            if "/v1/chat/completions" in current:
+                commands.append(current.strip())
+            current = ""
+    return commands
+
+
+def check_readme_tour(port: int) -> None:
+    """The README's curls against the demo: plain text for the base model, a pirate for `pirate`."""
+    from server.demo import VOICES
+
+    replies = []
+    for command in readme_chat_curls()[:2]:
+        words = shlex.split(command)  # the request the curl line sends, without needing curl itself
+        url = next(w for w in words if "/v1/" in w).replace("localhost:8000", f"127.0.0.1:{port}")
+        body = words[words.index("-d") + 1].encode()
+        request = urllib.request.Request(f"http://{url}", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            replies.append(json.loads(response.read())["choices"][0]["message"]["content"])
+    base, pirate = replies
+    assert base in VOICES["plain"] and pirate in VOICES["pirate"], replies
 
 
 # -- compose, Prometheus, Grafana ----------------------------------------------------------------------

@@ -161,13 +161,16 @@ class AdapterStore:
             raise NotFound(f"adapter {name!r} has no version {number}") from None
 
     # -- writing ---------------------------------------------------------------------------------
-    def publish(self, name: str, data: bytes) -> int:
-        """Store `data` as the next version of `name` and make it current; returns the version."""
+    def publish(self, name: str, data: bytes, if_absent: bool = False) -> int:
+        """Store `data` as the next version of `name` and make it current; returns the version.
+        With `if_absent`, a name that already exists is left alone and its current version returned."""
         check_name(name)
         tmp = self._tmp_path()
         _write_synced(tmp, data)
         try:
             with self._locked(name):
+                if if_absent and (self._dir(name) / "current").exists():
+                    return self.current(name)
                 versions_dir = self._dir(name) / "versions"
                 versions_dir.mkdir(parents=True, exist_ok=True)
                 version = max([*self.versions(name), self._tombstone(name)]) + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -26,7 +27,20 @@ class AppState:
     store: AdapterStore
     registry: AdapterRegistry
     metrics: Metrics
-    draining: bool = False
+    draining_since: float | None = None  # monotonic time of SIGTERM (or of the shutdown)
+
+    @property
+    def draining(self) -> bool:
+        return self.draining_since is not None
+
+    def begin_draining(self) -> None:
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+
+    def grace_left(self) -> float:
+        """What remains of the shutdown grace period: the HTTP drain and the engine drain share it."""
+        spent = time.monotonic() - self.draining_since if self.draining_since is not None else 0.0
+        return max(0.0, self.settings.shutdown_grace - spent)
 
     @property
     def max_model_len(self) -> int:
