@@ -43,9 +43,10 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (layout.num_layers, num_blocks * block_size, layout.num_kv_heads, layout.head_dim)
-        # zeros, not empty: padded gathers read unused slots, which must hold finite values
-        self.keys = torch.zeros(shape, dtype=layout.dtype, device=device)
-        self.values = torch.zeros(shape, dtype=layout.dtype, device=device)
+        # written zeros, not lazily mapped ones: padded gathers read unused slots, which must hold
+        # finite values, and touching every page now keeps page faults out of serving latency
+        self.keys = torch.empty(shape, dtype=layout.dtype, device=device).fill_(0)
+        self.values = torch.empty(shape, dtype=layout.dtype, device=device).fill_(0)
         self._free = list(range(num_blocks - 1, -1, -1))
 
     @classmethod
