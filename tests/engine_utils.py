@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -38,6 +40,12 @@ def run_core(core: EngineCore, requests: list[tuple[Sequence, int]], max_steps: 
         step += 1
         assert step < max_steps, "the engine did not finish"
     return tokens
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    """A random prompt of `length` tokens, BOS first, of the tiny byte-level vocabulary."""
+    rng = random.Random(seed)
+    return [1] + [rng.randrange(3, 259) for _ in range(length - 1)]
 
 
 def seq(request_id: str, prompt: list[int], adapter: Adapter | None = None, **sampling) -> Sequence:

@@ -10,17 +10,12 @@ from server.engine.engine import AsyncEngine, EngineOverloaded, EngineStopped, G
 from server.engine.sequence import FinishReason, SamplingParams
 from server.engine.stop_strings import StopStringMatcher
 from server.tiny_models import byte_level_tokenizer
-from tests.engine_utils import load_engine_model, make_core, run_core, seq
+from tests.engine_utils import load_engine_model, make_core, prompt, run_core, seq
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return load_engine_model(tiny_model_dir("llama"))
-
-
-def prompt(length: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [1] + [rng.randrange(3, 259) for _ in range(length - 1)]
 
 
 def run(coro):

@@ -1,7 +1,5 @@
 """Sampling, stop conditions, logprobs, local failures, fairness and block accounting of the core."""
 
-import random
-
 import pytest
 import torch
 
@@ -10,17 +8,12 @@ from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.reft.adapter import Adapter
 from server.reft.interventions import Intervention
 from server.tiny_models import random_adapter_file
-from tests.engine_utils import load_engine_model, make_core, random_adapter, run_core, seq
+from tests.engine_utils import load_engine_model, make_core, prompt, random_adapter, run_core, seq
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return load_engine_model(tiny_model_dir("llama"))
-
-
-def prompt(length: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [1] + [rng.randrange(3, 259) for _ in range(length - 1)]
 
 
 SAMPLED = [
