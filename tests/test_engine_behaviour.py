@@ -200,3 +200,17 @@ def test_adapter_dtype_follows_the_model(model):
     adapter = Adapter.from_file(adapter_file, name="bf", dtype=torch.bfloat16)
     params = adapter.layers[0][0].params
     assert params["rotation"].dtype == torch.float32 and params["weight"].dtype == torch.bfloat16
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model):
+    core = make_core(model)
+    real_sampler = core.sampler
+    core.sampler = lambda *args: (_ for _ in ()).throw(RuntimeError("boom"))
+    core.add(seq("a", prompt(12, 1)))
+    core.add(seq("b", prompt(30, 2)))
+    outputs = core.step()
+    assert {(o.request_id, o.finish_reason) for o in outputs} == {("a", FinishReason.ERROR), ("b", FinishReason.ERROR)}
+    assert all("boom" in o.error for o in outputs)
+    assert core.kv.num_free_blocks == core.kv.num_blocks and not core.has_work()
+    core.sampler = real_sampler
+    assert len(run_core(core, [(seq("c", prompt(12, 1)), 0)])["c"]) == 10

@@ -54,7 +54,8 @@ async def generate(body: GenerateRequest, request: Request, state: State):
     """Generate from a prompt with the base model or an adapter (`adapter`: name or name@version)."""
     field = "prompt" if body.prompt is not None else "input_ids"
     prompt_ids = tokenize(state, body.prompt if body.prompt is not None else body.input_ids, field)
-    running = await start(state, prompt_ids, body.sampling(body.max_new_tokens, body.logprobs), body.adapter, "adapter")
+    sampling = body.sampling(body.max_new_tokens, body.logprobs)
+    running = await start(state, prompt_ids, sampling, body.adapter, "adapter", "max_new_tokens")
     adapter = adapter_ref(running)
     timeout = state.settings.request_timeout
     if body.stream:

@@ -36,7 +36,7 @@ def check_supported(body: OpenAIFields) -> None:
 
 async def start_model(state: AppState, prompt_ids: list[int], body: OpenAIFields, sampling) -> Running:
     try:
-        return await start(state, prompt_ids, sampling, adapter_for_model(state, body.model), "model")
+        return await start(state, prompt_ids, sampling, adapter_for_model(state, body.model), "model", "max_tokens")
     except APIError as e:
         if e.status == 404:
             raise APIError(

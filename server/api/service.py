@@ -97,11 +97,16 @@ class Running:
 
 
 async def start(
-    state: AppState, prompt_ids: list[int], sampling: SamplingParams, adapter_ref: str | None, adapter_field: str
+    state: AppState,
+    prompt_ids: list[int],
+    sampling: SamplingParams,
+    adapter_ref: str | None,
+    adapter_field: str,
+    length_field: str,
 ) -> Running:
     if state.draining or not state.engine.accepting:
         raise APIError(503, "the server is shutting down or not ready")
-    check_length(state, prompt_ids, sampling.max_new_tokens, "max_tokens")
+    check_length(state, prompt_ids, sampling.max_new_tokens, length_field)
     lease = await acquire_adapter(state, adapter_ref, adapter_field) if adapter_ref else None
     try:
         stream = state.engine.submit(GenerationRequest(prompt_ids, sampling, lease.adapter if lease else None))

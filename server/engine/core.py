@@ -60,20 +60,35 @@ class EngineCore:
             self.kv = KVCache(layout, config.num_blocks, config.block_size, device)
         else:
             self.kv = KVCache.from_budget(layout, config.kv_cache_bytes, config.block_size, device)
-        window = getattr(model.config, "max_position_embeddings", None) or self.kv.capacity_tokens
-        self.max_model_len = min(config.max_model_len or window, window)
-        usable = self.kv.capacity_tokens - config.block_size  # one watermark block stays free on admission
-        if usable < self.max_model_len:
-            raise ValueError(
-                f"the KV cache holds {self.kv.capacity_tokens} tokens, less than max_model_len {self.max_model_len} "
-                "plus one block: raise the KV cache budget or lower max_model_len"
-            )
+        self.max_model_len = self._context_window(model, config)
         self.scheduler = Scheduler(self.kv, SchedulerConfig(config.max_num_seqs, config.max_batched_tokens))
         self.runner = ModelRunner(model, self.kv)
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None
+
+    def _context_window(self, model: nn.Module, config: EngineConfig) -> int:
+        """max_model_len: as configured, or the model's window capped by what the KV pool holds."""
+        window = getattr(model.config, "max_position_embeddings", None) or self.kv.capacity_tokens
+        usable = self.kv.capacity_tokens - config.block_size  # one watermark block stays free on admission
+        if config.max_model_len is None:
+            if usable < window:
+                log.warning(
+                    "the KV cache holds %d tokens: max_model_len capped at %d (model: %d)",
+                    usable + config.block_size,
+                    usable,
+                    window,
+                )
+            return min(window, usable)
+        if config.max_model_len > window:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context window {window}")
+        if usable < config.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {self.kv.capacity_tokens} tokens, less than max_model_len {config.max_model_len} "
+                "plus one block: raise the KV cache budget or lower max_model_len"
+            )
+        return config.max_model_len
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; raises ValueError if it can never fit the context window."""
@@ -99,18 +114,21 @@ class EngineCore:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
+        outputs: list[SeqOutput] = []
         try:
             result = self.runner.run(chunks)
+            self.scheduler.complete(chunks)
+            outputs += [self._finish(seq, FinishReason.ERROR, error) for seq, error in result.failures.items()]
+            rows = [i for i, chunk in enumerate(result.sampling) if not chunk.seq.finished]
+            if rows:
+                seqs = [result.sampling[i].seq for i in rows]
+                samples = self.sampler(result.logits[rows], seqs)
+                outputs += [self._append(seq, sample) for seq, sample in zip(seqs, samples, strict=True)]
         except Exception as e:  # the step as a whole failed: fail its requests, keep serving
             log.exception("engine step failed")
-            return [self._finish(c.seq, FinishReason.ERROR, f"{type(e).__name__}: {e}") for c in chunks]
-        self.scheduler.complete(chunks)
-        outputs = [self._finish(seq, FinishReason.ERROR, error) for seq, error in result.failures.items()]
-        rows = [i for i, chunk in enumerate(result.sampling) if not chunk.seq.finished]
-        if rows:
-            seqs = [result.sampling[i].seq for i in rows]
-            samples = self.sampler(result.logits[rows], seqs)
-            outputs.extend(self._append(seq, sample) for seq, sample in zip(seqs, samples, strict=True))
+            error = f"{type(e).__name__}: {e}"
+            outputs += [self._finish(c.seq, FinishReason.ERROR, error) for c in chunks if not c.seq.finished]
+            return outputs
         prefill = sum(c.length for c in chunks if c.length > 1)
         self.last_step = StepStats(sum(c.length for c in chunks), len(chunks), prefill, time.perf_counter() - started)
         return outputs
