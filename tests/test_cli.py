@@ -1,0 +1,60 @@
+"""The command line: adapter store management and the serve flags."""
+
+import json
+
+import pytest
+
+from server.cli import build_parser, main, settings_from_args
+from server.config import Settings
+from tests.conftest import FIXTURE
+
+
+def test_adapters_import_list_show_set_current_delete(tmp_path, capsys):
+    store = str(tmp_path / "store")
+    checkpoint = str(FIXTURE / "adapters" / "lo_l14_f3l3_unshared")
+    args = ["adapters", "--store", store, "import-pyreft", checkpoint, "--name", "lo", "--positions", "f3+l3"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["version"] == 1 and first["type"] == "loreft" and first["layers"] == [1, 4]
+    assert main([*args, "--share-weights"]) == 2  # the checkpoint has unshared weights
+    assert "share_weights=True needs 1" in capsys.readouterr().err
+    assert main(args) == 0
+    capsys.readouterr()
+
+    assert main(["adapters", "--store", store, "list"]) == 0
+    assert capsys.readouterr().out.split("\t")[:3] == ["lo", "v2", "2 version(s)"]
+    assert main(["adapters", "--store", store, "set-current", "lo", "1"]) == 0
+    capsys.readouterr()
+    assert main(["adapters", "--store", store, "show", "lo"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["current_version"] == 1 and [v["version"] for v in shown["versions"]] == [1, 2]
+    assert shown["versions"][0]["config"]["positions"] == "f3+l3"
+
+    assert main(["adapters", "--store", store, "delete", "lo"]) == 0
+    assert main(["adapters", "--store", store, "show", "lo"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["adapters", "--store", store, "set-current", "bad/name", "1"]) == 2
+
+
+def test_serve_has_a_flag_and_an_env_var_for_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = capsys.readouterr().out
+    for name in Settings.model_fields:
+        assert f"--{name.replace('_', '-')}" in help_text
+        assert f"REFT_{name.upper()}" in help_text.replace("\n", "").replace(" ", "")
+
+
+def test_flags_override_env_and_env_overrides_defaults(monkeypatch):
+    monkeypatch.setenv("REFT_PORT", "9001")
+    monkeypatch.setenv("REFT_MAX_NUM_SEQS", "7")
+    monkeypatch.setenv("REFT_MODEL", "")
+    args = build_parser().parse_args(["serve", "--port", "9002", "--kv-cache-memory", "1GiB", "--no-log-json"])
+    settings = settings_from_args(args)
+    assert (settings.port, settings.max_num_seqs, settings.model) == (9002, 7, None)
+    assert int(settings.kv_cache_memory) == 2**30 and settings.log_json is False
+
+
+def test_invalid_settings_exit_with_a_message(capsys):
+    assert main(["serve", "--port", "99999"]) == 2
+    assert "--port" in capsys.readouterr().err
