@@ -5,6 +5,8 @@ import struct
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.adapters.format import (
     AdapterConfig,
@@ -178,3 +180,23 @@ def test_metadata_is_readable_json_in_the_header():
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     assert json.loads(header["__metadata__"]["reft"])["type"] == "loreft"
+
+
+VALID_BYTES = make_adapter().to_bytes()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.binary(max_size=256)
+    | st.builds(
+        lambda cut, flips: bytes(b ^ 0xFF if i in flips else b for i, b in enumerate(VALID_BYTES[:cut])),
+        st.integers(0, len(VALID_BYTES)),
+        st.sets(st.integers(0, len(VALID_BYTES) - 1), max_size=8),
+    )
+)
+def test_any_bytes_give_an_adapter_or_an_adapter_error(data):
+    """Truncated, bit-flipped or random uploads never raise anything but AdapterError."""
+    try:
+        validate(AdapterFile.from_bytes(data), MODEL)
+    except AdapterError:
+        pass
