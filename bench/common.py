@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import time
@@ -106,11 +107,23 @@ def make_adapters(model, count: int, rank: int = 4, layers: tuple[int, ...] | No
     ]
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    cores = torch.get_num_threads()
-    return f"{platform.processor() or platform.machine()} CPU, {cores} threads"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu_model()}, {cpus} CPUs, torch {torch.__version__} on {torch.get_num_threads()} thread(s)"
 
 
 def stamp() -> str:

@@ -1,4 +1,4 @@
-"""Run `reft-server serve` as a real process on loopback for end-to-end tests."""
+"""Run `reft-server serve` as a real process on loopback (end-to-end tests and bench/compare.py)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,19 @@ BANNER = re.compile(r"on http://127\.0\.0\.1:(\d+)")
 
 
 class ServerProcess:
-    def __init__(self, log_path: Path, *args: str, env: dict | None = None):
+    def __init__(self, log_path: Path, *args: str, env: dict | None = None, startup_timeout: float = 120.0):
         self.log_path = log_path
         command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
         environment = {**os.environ, "REFT_THREADS": "1", "REFT_LOG_JSON": "false", **(env or {})}
         self._log = open(log_path, "w")  # noqa: SIM115  (closed in stop)
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=environment)
-        self.url = self._wait_until_ready()
+        try:
+            self.url = self._wait_until_ready(startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
 
-    def _wait_until_ready(self, timeout: float = 120.0) -> str:
+    def _wait_until_ready(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -55,3 +59,9 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,6 +1,7 @@
 """End to end against real server processes on loopback: the official openai client, client
 disconnects, SIGTERM drain, two replicas sharing one store, and a publish killed with SIGKILL."""
 
+import asyncio
 import random
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from bench.load import LoadSpec, run_load
 from server.adapters.format import AdapterFile
 from server.adapters.store import AdapterStore
 from server.tiny_models import random_adapter_file
@@ -114,6 +116,18 @@ def test_client_disconnect_cancels_the_request_and_frees_its_blocks(server):
     wait_for(lambda: httpx.get(f"{server.url}/ready").json()["kv_cache_usage"] == 0.0)
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'reft_requests_total{adapter="base",status="abort"}' in metrics
+
+
+def test_load_generator_counts_every_token_and_error(server):
+    mix = dict(prompt_len=(4, 40), output_len=(2, 12), adapters=("steer", "missing"), base_share=0.3, seed=3)
+    closed = asyncio.run(run_load(server.url, LoadSpec(requests=12, concurrency=4, **mix)))
+    poisson = asyncio.run(run_load(server.url, LoadSpec(requests=6, rate=20.0, **mix)))
+    for summary in (closed, poisson):
+        assert summary["completed"] + summary["errors"] == summary["requests"]
+        assert summary["error_kinds"] == {"HTTP 404": summary["errors"]} and summary["errors"] > 0
+        assert summary["completed"] > 0 and summary["ttft_s"]["p50"] > 0 and summary["e2e_s"]["p99"] > 0
+    with pytest.raises(ValueError, match="loopback"):
+        asyncio.run(run_load("http://example.com:8000", LoadSpec(requests=1)))
 
 
 def test_two_servers_on_one_store_see_each_others_changes(server, tiny_model_dir, store, tmp_path):
