@@ -14,7 +14,7 @@ from server.training.cli import add_train_arguments, parse_layers, run_train
 from server.training.data import load_examples, parse_examples
 from server.training.evaluate import greedy_completions, reproduced
 from server.training.modules import TrainableAdapter
-from server.training.trainer import train_adapter
+from server.training.trainer import _batch_loss, train_adapter
 from tests.conftest import load_reference_model
 
 torch.set_num_threads(2)
@@ -281,3 +281,22 @@ def test_the_engine_serves_what_the_trainer_evaluates(llama, examples, tiny_mode
     tokens = run_core(core, [(seq(str(i), p, served, max_new_tokens=24), i) for i, p in enumerate(prompts)])
     assert [tokens[str(i)] for i in range(len(prompts))] == evaluated
     assert evaluated == [list(e.completion_ids) for e in examples]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_loss_is_cross_entropy_on_completion_tokens_only(tiny_model_dir, family):
+    """The trainer projects only completion-predicting positions onto the vocabulary; the loss must
+    equal the plain cross-entropy over every completion token, taken from full logits."""
+    path = tiny_model_dir(family)
+    model, tokenizer = load_reference_model(path), AutoTokenizer.from_pretrained(path)
+    batch = parse_examples(jsonl({"prompt": p, "completion": c} for p, c in PAIRS), tokenizer)
+    with torch.no_grad():
+        loss = _batch_loss(model, {}, batch, [[] for _ in batch], torch.device("cpu"))
+        token_losses = []
+        for example in batch:
+            ids = torch.tensor([example.prompt_ids + example.completion_ids])
+            logits = model(input_ids=ids).logits[0, len(example.prompt_ids) - 1 : -1]
+            token_losses.append(
+                torch.nn.functional.cross_entropy(logits, ids[0, len(example.prompt_ids) :], reduction="none")
+            )
+    torch.testing.assert_close(loss, torch.cat(token_losses).mean(), rtol=1e-5, atol=1e-5)

@@ -203,9 +203,13 @@ def _batch_loss(
     device: torch.device,
 ) -> Tensor:
     input_ids, attention_mask, labels = _collate(batch, device)
+    # Project onto the vocabulary only where the next token is a completion token: prompts are
+    # usually most of a sequence, and full-vocabulary logits are the largest activation there is.
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE
     with apply_adapter(model, interventions, locations_for_prompts(positions, device=device)):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=predicts)
+    return F.cross_entropy(logits.logits.float(), labels[:, 1:][predicts[:, :-1]])
 
 
 def _collate(batch: list[Example], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
