@@ -8,11 +8,12 @@
 4. Scaling: prefill throughput as adapter rank and the number of intervened layers grow.
 5. A real server over HTTP: upload-to-first-token latency of a new adapter, throughput while
    adapters are being uploaded, and TTFT / inter-token latency vs offered load (bench/load.py).
+6. Prefix caching: requests sharing a system prompt, with mixed adapters, caching on vs off.
 
-Parts 1-4 run in-process (one EngineCore per configuration over one model, and a plain HF model for
+Parts 1-4 and 6 run in-process (one EngineCore per configuration over one model, and a plain HF model for
 the baselines). Every configuration runs once per round, round 0 is a discarded warm-up, medians
 are reported. Engine configurations compared with each other step in turn (see `lockstep`); their
-ratios ([1], [4]) are medians of per-round ratios, as is [5]'s upload ratio; the others are ratios
+ratios ([1], [4], [6]) are medians of per-round ratios, as is [5]'s upload ratio; the others are ratios
 of medians.
 
     python bench/compare.py            # the README's figures: about 12 minutes on 2 CPU cores
@@ -105,9 +106,12 @@ def assign(requests: list[Request], count: int, round_index: int) -> list[Reques
     return [replace(r, adapter=(round_index * n + i) % count if count else None) for i, r in enumerate(requests)]
 
 
-def new_core(args, model) -> EngineCore:
+def new_core(args, model, prefix_caching: bool = True) -> EngineCore:
     config = EngineConfig(
-        kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens
+        kv_cache_bytes=args.kv_cache_bytes,
+        max_num_seqs=args.max_num_seqs,
+        max_batched_tokens=args.max_batched_tokens,
+        prefix_caching=prefix_caching,
     )
     return EngineCore(model, config, eos_token_ids=set())
 
@@ -122,6 +126,8 @@ def lockstep(runs: dict[str, tuple[EngineCore, list[Request], list[Adapter]]]) -
     elapsed = dict.fromkeys(runs, 0.0)
     generated = dict.fromkeys(runs, 0)
     for name, (core, requests, adapters) in runs.items():
+        core.kv.reset_prefix_cache()  # the rounds replay the same prompts: each starts cold
+        core.kv.prefix_queries = core.kv.prefix_hits = 0
         started = time.perf_counter()
         for index, r in enumerate(requests):
             sampling = SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True)
@@ -137,11 +143,13 @@ def lockstep(runs: dict[str, tuple[EngineCore, list[Request], list[Adapter]]]) -
     results = {}
     for name, (_, requests, _) in runs.items():
         seconds = elapsed[name]
+        kv = runs[name][0].kv
         results[name] = {
             "tokens_per_s": generated[name] / seconds,
             "requests_per_s": len(requests) / seconds,
             "prompt_tokens_per_s": sum(len(r.prompt) for r in requests) / seconds,
             "seconds": seconds,
+            "prefix_hit_rate": kv.prefix_hits / kv.prefix_queries if kv.prefix_queries else 0.0,
         }
     return results
 
@@ -363,9 +371,42 @@ def scaling(args, model, requests) -> dict:
     return out
 
 
+def shared_prefix(args, model, adapters) -> dict:
+    """Part 6: every request starts with one system prompt, then its own message; 8 adapters and
+    some base-model requests. Prefix caching on vs off, engines in lockstep, each round cold."""
+    (system,) = workload(1, (args.system_len, args.system_len), (1, 1), 0, seed=3)
+    messages = workload(args.requests, (16, 48), args.output_len, 8, base_share=0.1, seed=4)
+    requests = [replace(r, prompt=system.prompt + r.prompt[1:]) for r in messages]
+    cores = {"caching on": new_core(args, model), "caching off": new_core(args, model, prefix_caching=False)}
+
+    def engines(r: int) -> dict[str, dict]:
+        return lockstep({name: (core, requests, adapters) for name, core in cores.items()})
+
+    print(
+        f"[6] {len(requests)} requests sharing a {args.system_len}-token system prompt + 16-48 tokens each, "
+        "8 adapters and 10% base, all at once; prefix caching on vs off (output tok/s)",
+        flush=True,
+    )
+    measured = rounds([engines], args.rounds, "tokens_per_s")
+    ratios = paired(measured, "caching on", "caching off", "tokens_per_s")
+    return {
+        "system_len": args.system_len,
+        "on_tokens_per_s": median(measured["caching on"], "tokens_per_s"),
+        "off_tokens_per_s": median(measured["caching off"], "tokens_per_s"),
+        "on_rounds": per_round(measured["caching on"], "tokens_per_s"),
+        "off_rounds": per_round(measured["caching off"], "tokens_per_s"),
+        "hit_rate": median(measured["caching on"], "prefix_hit_rate"),
+        "ratio": statistics.median(ratios),
+        "ratio_rounds": [round(x, 3) for x in ratios],
+    }
+
+
 # -- part 5: a real server -------------------------------------------------------------------------------
-async def hot_loads(url: str, auth: dict, payloads: list[bytes], prompt: list[int]) -> dict:
-    """Upload a new adapter, then request it at once: upload start -> first streamed token."""
+async def hot_loads(url: str, auth: dict, payloads: list[bytes], prompts: list[list[int]]) -> dict:
+    """Upload a new adapter, then request it at once: upload start -> first streamed token. Then the
+    TTFT of a second request for it, now resident, with another prompt of the same length (the first
+    prompt's prefix is cached by then)."""
+    cold_prompt, warm_prompt = prompts
     runs = []
     async with httpx.AsyncClient(timeout=60) as client:
         for i, payload in enumerate(payloads):
@@ -375,8 +416,8 @@ async def hot_loads(url: str, auth: dict, payloads: list[bytes], prompt: list[in
                 f"{url}/v1/adapters/{name}", headers=auth, files={"file": (f"{name}.safetensors", payload)}
             )
             response.raise_for_status()
-            cold = await send(client, url, Planned(i, prompt, 4, name, 0.0), origin)
-            warm = await send(client, url, Planned(i, prompt, 4, name, 0.0), time.perf_counter())
+            cold = await send(client, url, Planned(i, cold_prompt, 4, name, 0.0), origin)
+            warm = await send(client, url, Planned(i, warm_prompt, 4, name, 0.0), time.perf_counter())
             if cold.error or warm.error:
                 raise RuntimeError(f"hot-load request failed: {cold.error or warm.error}")
             runs.append(
@@ -428,7 +469,8 @@ async def with_uploads(url: str, spec: LoadSpec, auth: dict, names, payloads, ev
 async def server_part(args, url: str, auth: dict, names: list[str], payloads: dict[str, list[bytes]]) -> dict:
     mix = dict(adapters=tuple(names), zipf=args.zipf, base_share=args.base_share)
     lengths = dict(prompt_len=tuple(args.prompt_len), output_len=tuple(args.output_len))
-    prompt = plan(LoadSpec(requests=1, prompt_len=(64, 64)))[0].prompt
+    prompts = [planned.prompt for planned in plan(LoadSpec(requests=2, prompt_len=(64, 64)))]
+    prompt = prompts[0]
     async with httpx.AsyncClient(timeout=120) as client:  # every adapter resident: what follows measures uploads
         warm = [
             send(client, url, Planned(i, prompt, 1, name, 0.0), time.perf_counter()) for i, name in enumerate(names)
@@ -436,7 +478,7 @@ async def server_part(args, url: str, auth: dict, names: list[str], payloads: di
         if failed := [o.error for o in await asyncio.gather(*warm) if o.error]:
             raise RuntimeError(f"loading the adapters failed: {failed[0]}")
     print("[5] a real server over HTTP (bench/load.py), streaming /v1/generate", flush=True)
-    hot = await hot_loads(url, auth, payloads["hot"], prompt)
+    hot = await hot_loads(url, auth, payloads["hot"], prompts)
     print(
         f"    upload-to-first-token, rank 8, median of {len(hot['runs'])}: {hot['median_total_s'] * 1000:.0f} ms "
         f"(upload {hot['median_upload_s'] * 1000:.0f} ms + first token {hot['median_first_token_s'] * 1000:.0f} ms; "
@@ -453,12 +495,14 @@ async def server_part(args, url: str, auth: dict, names: list[str], payloads: di
     )
     results: dict[str, list[dict]] = {"without": [], "with": []}
     for index in range(args.rounds + 1):
+        # every run draws its own prompts, so none reuses another's prefixes from the server's cache
+        plain, uploading = replace(spec, seed=2 * index), replace(spec, seed=2 * index + 1)
         if index % 2:  # the order alternates (A B, B A, ...), so a slow drift of the machine's speed cancels
-            with_ = await with_uploads(url, spec, auth, names, payloads["versions"], args.upload_every)
-            without = await run_load(url, spec)
+            with_ = await with_uploads(url, uploading, auth, names, payloads["versions"], args.upload_every)
+            without = await run_load(url, plain)
         else:
-            without = await run_load(url, spec)
-            with_ = await with_uploads(url, spec, auth, names, payloads["versions"], args.upload_every)
+            without = await run_load(url, plain)
+            with_ = await with_uploads(url, uploading, auth, names, payloads["versions"], args.upload_every)
         print(
             f"    {'warm-up' if index == 0 else f'round {index}'}: without {without['output_tokens_per_s']:.0f}  "
             f"with {with_['output_tokens_per_s']:.0f} ({with_['uploads']} uploads)",
@@ -480,10 +524,10 @@ async def server_part(args, url: str, auth: dict, names: list[str], payloads: di
     uploads.update(ratio=statistics.median(ratios), ratio_rounds=[round(x, 3) for x in ratios])
     capacity = median(results["without"], "requests_per_s")
     curve = []
-    for fraction in args.load_fractions:
+    for point, fraction in enumerate(args.load_fractions):
         rate = fraction * capacity
         count = max(16, round(rate * args.load_seconds))
-        summary = await run_load(url, replace(spec, rate=rate, requests=count, seed=2))
+        summary = await run_load(url, replace(spec, rate=rate, requests=count, seed=100 + point))
         print(f"    Poisson {rate:5.2f}/s ({fraction:.0%} of {capacity:.2f}/s): {describe(summary)}", flush=True)
         curve.append({"fraction": fraction, "rate": rate, **summary})
     return {"hot_load": hot, "uploads": uploads, "capacity_requests_per_s": capacity, "latency_vs_load": curve}
@@ -551,6 +595,9 @@ def report(results: dict) -> None:
     for name, row in s["variants"].items():
         label, base_prefill = f"[4] {name} / base, prefill", s["base_prompt_tokens_per_s"]
         print(ratio_line(label, row["prompt_tokens_per_s"], base_prefill, "tok/s", row["ratio_rounds"]))
+    shared = results["prefix"]
+    label = f"[6] prefix caching on / off ({shared['hit_rate']:.0%} hit)"
+    print(ratio_line(label, shared["on_tokens_per_s"], shared["off_tokens_per_s"], "tok/s", shared["ratio_rounds"]))
     if "server" in results:
         hot, up = results["server"]["hot_load"], results["server"]["uploads"]
         print(
@@ -578,6 +625,7 @@ def main() -> None:
     parser.add_argument("--baseline-sample", type=int, default=8, help="requests per HF baseline round, at least")
     parser.add_argument("--ranks", type=int, nargs="+", default=(1, 4, 16, 64))
     parser.add_argument("--scaling-requests", type=int, default=32)
+    parser.add_argument("--system-len", type=int, default=256, help="system prompt tokens of part 6")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--server-adapters", type=int, default=64)
     parser.add_argument("--server-requests", type=int, default=48)
@@ -595,6 +643,7 @@ def main() -> None:
         args.prompt_len, args.output_len = (16, 64), (8, 32)
         args.server_requests, args.concurrency, args.hot_loads, args.load_seconds = 16, 8, 3, 4.0
         args.load_fractions = (0.5, 1.0)
+        args.system_len = 64
     out = args.out or Path(__file__).parent / "results" / ("compare-quick.json" if args.quick else "compare.json")
     started = time.perf_counter()
 
@@ -622,6 +671,7 @@ def main() -> None:
     capacity = results["adapters"]["ours_base"]["tokens_per_s"] / statistics.mean(args.output_len)
     results["poisson"] = poisson(args, core, hf, capacity)
     results["scaling"] = scaling(args, model, requests)
+    results["prefix"] = shared_prefix(args, model, adapters)
     hidden_size, num_layers = model.config.hidden_size, model.config.num_hidden_layers
     del core, model, hf, adapters
     if not args.skip_server:

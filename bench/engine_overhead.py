@@ -41,7 +41,9 @@ def summary(generated: int, elapsed: float, ttft: list[float]) -> dict:
 
 
 def run_engine(core: EngineCore, requests: list[Request], adapters, realtime: bool) -> dict:
-    """Serve `requests`; with `realtime` each joins at its arrival time. Returns throughput and TTFTs."""
+    """Serve `requests`; with `realtime` each joins at its arrival time. Returns throughput and TTFTs.
+    Every run starts with an empty prefix cache: the rounds replay the same prompts."""
+    core.kv.reset_prefix_cache()
     pending = sorted(enumerate(requests), key=lambda item: item[1].arrival)
     first_token: dict[str, float] = {}
     generated = 0

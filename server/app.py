@@ -57,6 +57,7 @@ def build_state(settings: Settings, model_path: str, model=None, tokenizer=None)
         max_num_seqs=settings.max_num_seqs,
         max_batched_tokens=settings.max_batched_tokens,
         max_model_len=settings.max_model_len,
+        prefix_caching=settings.prefix_caching,
     )
     core = EngineCore(model, engine_config, model_eos_ids(model, tokenizer))
     engine = AsyncEngine(core, tokenizer, max_queue=settings.max_queue, metrics=metrics)

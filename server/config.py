@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1, description="Requests in the running batch at most")
     max_batched_tokens: int = Field(512, ge=1, description="Tokens per engine step (prefill is chunked to fit)")
     max_model_len: int | None = Field(None, ge=2, description="Prompt + output tokens at most (default: the model's)")
+    prefix_caching: bool = Field(True, description="Reuse the KV cache of prompt prefixes already computed")
     max_queue: int = Field(256, ge=0, description="Requests waiting beyond the running batch; more get 429")
     request_timeout: float = Field(600.0, gt=0, description="Seconds before a request is aborted")
 

@@ -41,6 +41,10 @@ class Metrics:
         self.kv_usage = Gauge("reft_kv_cache_usage_ratio", "Share of KV cache blocks in use", registry=r)
         self.kv_blocks = Gauge("reft_kv_cache_blocks", "KV cache blocks in the pool", registry=r)
         self.preemptions = Counter("reft_preemptions", "Sequences preempted for KV memory", registry=r)
+        self.prefix_queries = Counter(
+            "reft_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_hits = Counter("reft_prefix_cache_hits", "Prompt tokens served from the prefix cache", registry=r)
         self.step_tokens = Histogram(
             "reft_step_batch_tokens", "Tokens per engine step", buckets=BATCH_BUCKETS, registry=r
         )

@@ -3,6 +3,7 @@ request, pyreft import end to end, and the JSON errors of bad input. Runs on the
 model so served tokens can be checked against pyreft's own outputs."""
 
 import json
+import re
 
 import pytest
 
@@ -46,10 +47,14 @@ def test_health_ready_and_metrics(client):
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
-    generate(client, prompt="warm up", max_new_tokens=2)
+    long_prompt = "a prompt long enough to fill a few KV cache blocks, sent twice"
+    generate(client, prompt=long_prompt, max_new_tokens=2)
+    generate(client, prompt=long_prompt, max_new_tokens=2)  # its full blocks come from the prefix cache
     text = client.get("/metrics").text
     for name in ("reft_requests_total", "reft_time_to_first_token_seconds_bucket", "reft_kv_cache_usage_ratio"):
         assert name in text
+    hits = re.search(r"^reft_prefix_cache_hits_total (\S+)$", text, re.MULTILINE)
+    assert hits and float(hits.group(1)) >= 48
     assert "x-request-id" in client.get("/health").headers
 
 

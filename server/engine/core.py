@@ -28,6 +28,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_batched_tokens: int = 512  # per step; prefills are chunked to fit
     max_model_len: int | None = None  # prompt + output; default: the model's context window
+    prefix_caching: bool = True  # reuse the K/V of identical (tokens, adapter edits) prefixes
 
 
 @dataclass
@@ -57,9 +58,11 @@ class EngineCore:
         device = next(model.parameters()).device
         layout = KVLayout.from_config(model.config, dtype)
         if config.num_blocks is not None:
-            self.kv = KVCache(layout, config.num_blocks, config.block_size, device)
+            self.kv = KVCache(layout, config.num_blocks, config.block_size, device, config.prefix_caching)
         else:
-            self.kv = KVCache.from_budget(layout, config.kv_cache_bytes, config.block_size, device)
+            self.kv = KVCache.from_budget(
+                layout, config.kv_cache_bytes, config.block_size, device, prefix_caching=config.prefix_caching
+            )
         self.max_model_len = self._context_window(model, config)
         self.scheduler = Scheduler(self.kv, SchedulerConfig(config.max_num_seqs, config.max_batched_tokens))
         self.runner = ModelRunner(model, self.kv)
@@ -117,8 +120,9 @@ class EngineCore:
         outputs: list[SeqOutput] = []
         try:
             result = self.runner.run(chunks)
-            self.scheduler.complete(chunks)
+            # failed first: their K/V lack an edit, so they must never enter the prefix cache
             outputs += [self._finish(seq, FinishReason.ERROR, error) for seq, error in result.failures.items()]
+            self.scheduler.complete([c for c in chunks if not c.seq.finished])
             rows = [i for i, chunk in enumerate(result.sampling) if not chunk.seq.finished]
             if rows:
                 seqs = [result.sampling[i].seq for i in rows]

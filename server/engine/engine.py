@@ -174,6 +174,7 @@ class AsyncEngine:
         self.last_heartbeat = 0.0
         self.steps = 0
         self._reported_preemptions = 0
+        self._reported_prefix_queries = self._reported_prefix_hits = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -293,6 +294,9 @@ class AsyncEngine:
         m.kv_blocks.set(core.kv.num_blocks)
         m.preemptions.inc(core.scheduler.num_preemptions - self._reported_preemptions)
         self._reported_preemptions = core.scheduler.num_preemptions
+        m.prefix_queries.inc(core.kv.prefix_queries - self._reported_prefix_queries)
+        m.prefix_hits.inc(core.kv.prefix_hits - self._reported_prefix_hits)
+        self._reported_prefix_queries, self._reported_prefix_hits = core.kv.prefix_queries, core.kv.prefix_hits
         if core.last_step is not None:
             m.step_tokens.observe(core.last_step.num_tokens)
             m.step_requests.observe(core.last_step.num_seqs)

@@ -1,18 +1,26 @@
-"""The engine's KV cache: a preallocated pool of fixed-size blocks and a block allocator.
+"""The engine's KV cache: a preallocated pool of fixed-size blocks, a block allocator and the
+prefix cache.
 
 Every layer's keys and values live in one tensor each, [num_blocks * block_size, kv_heads,
-head_dim] per layer, addressed by flat slot = block * block_size + offset. A sequence owns a block
+head_dim] per layer, addressed by flat slot = block * block_size + offset. A sequence has a block
 table (list of block ids); token position p lives in slot table[p // block_size] * block_size +
 p % block_size. Blocks return to the free list when a sequence finishes, is cancelled, fails or is
 preempted.
+
+Prefix caching: a full block, once computed, is indexed by its content key (prefix_keys.py). A new
+sequence whose leading blocks have known keys takes those blocks (reference counted, never written
+again: they are full) and skips their prefill. A block whose last user is gone stays indexed on the
+free list, least recently freed first, until the allocator hands it out for new content.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+from server.engine.prefix_keys import extend_block_keys
 from server.engine.sequence import Sequence
 
 
@@ -36,7 +44,14 @@ class KVLayout:
 
 
 class KVCache:
-    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        layout: KVLayout,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device | str = "cpu",
+        prefix_caching: bool = True,
+    ):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("the KV cache needs at least one block of at least one token")
         self.layout = layout
@@ -47,12 +62,18 @@ class KVCache:
         # finite values, and touching every page now keeps page faults out of serving latency
         self.keys = torch.empty(shape, dtype=layout.dtype, device=device).fill_(0)
         self.values = torch.empty(shape, dtype=layout.dtype, device=device).fill_(0)
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self.prefix_caching = prefix_caching
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
+        self._refs = [0] * num_blocks
+        self._block_of_key: dict[bytes, int] = {}
+        self._key_of_block: dict[int, bytes] = {}
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens whose K/V were reused
 
     @classmethod
-    def from_budget(cls, layout: KVLayout, budget_bytes: int, block_size: int, device="cpu") -> KVCache:
+    def from_budget(cls, layout: KVLayout, budget_bytes: int, block_size: int, device="cpu", **options) -> KVCache:
         num_blocks = budget_bytes // (layout.bytes_per_token() * block_size)
-        return cls(layout, num_blocks, block_size, device)
+        return cls(layout, num_blocks, block_size, device, **options)
 
     @property
     def num_free_blocks(self) -> int:
@@ -80,12 +101,66 @@ class KVCache:
         if needed > len(self._free):
             return False
         for _ in range(needed):
-            seq.block_table.append(self._free.pop())
+            block, _ = self._free.popitem(last=False)
+            if (key := self._key_of_block.pop(block, None)) is not None:
+                del self._block_of_key[key]  # its old content is overwritten now
+            self._refs[block] = 1
+            seq.block_table.append(block)
         return True
 
     def free(self, seq: Sequence) -> None:
-        self._free.extend(reversed(seq.block_table))
+        for block in reversed(seq.block_table):  # a prefix's tail is evicted before its head
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free[block] = None
         seq.block_table = []
+        seq.num_cached_blocks = 0
+
+    # -- prefix caching ------------------------------------------------------------------------------
+    def reuse_prefix(self, seq: Sequence) -> int:
+        """Give a sequence with nothing computed the cached blocks of its longest known prefix and
+        mark their tokens computed; returns the number of tokens reused. The last token is always
+        computed, since the step that computes it samples the next one."""
+        if not self.prefix_caching or seq.num_computed or seq.block_table:
+            return 0
+        keys = extend_block_keys(seq, self.block_size, (len(seq.token_ids) - 1) // self.block_size)
+        for key in keys:
+            block = self._block_of_key.get(key)
+            if block is None:
+                break
+            if self._refs[block] == 0:
+                del self._free[block]
+            self._refs[block] += 1
+            seq.block_table.append(block)
+        seq.num_cached_blocks = len(seq.block_table)
+        seq.num_computed = len(seq.block_table) * self.block_size
+        return seq.num_computed
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (benchmarks replaying one workload start each run cold)."""
+        self._block_of_key.clear()
+        self._key_of_block.clear()
+
+    def count_lookup(self, seq: Sequence) -> None:
+        """Count an admitted sequence's prompt in the hit-rate figures."""
+        if self.prefix_caching:
+            self.prefix_queries += seq.num_prompt
+            self.prefix_hits += min(seq.num_computed, seq.num_prompt)
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Index the blocks that the sequence's computed tokens have filled since the last call."""
+        if not self.prefix_caching:
+            return
+        full = seq.num_computed // self.block_size
+        if full <= seq.num_cached_blocks:
+            return
+        keys = extend_block_keys(seq, self.block_size, full)
+        for index in range(seq.num_cached_blocks, full):
+            block, key = seq.block_table[index], keys[index]
+            if key not in self._block_of_key:  # else another sequence computed the same block first
+                self._block_of_key[key] = block
+                self._key_of_block[block] = key
+        seq.num_cached_blocks = full
 
     def block_keys(self, layer: int) -> torch.Tensor:
         """A layer's keys as [num_blocks, block_size, kv_heads, head_dim] (a view)."""

@@ -3,9 +3,10 @@
 Every step, running sequences are visited oldest first: a decoding sequence takes one token, a
 prefilling one takes a chunk of its prompt from the budget left after the decodes still to come
 (chunked prefill never stalls decoding). Then waiting sequences are admitted first-come first-served
-while budget, sequence slots and KV blocks allow. When the pool is full, the newest running
-sequences are preempted (their blocks freed, recomputed later) so the oldest always progress: no
-request starves and none fails for lack of memory.
+while budget, sequence slots and KV blocks allow, each starting after the longest prefix the KV
+cache already holds (prefix caching). When the pool is full, the newest running sequences are
+preempted (their blocks freed, recomputed later) so the oldest always progress: no request starves
+and none fails for lack of memory.
 """
 
 from __future__ import annotations
@@ -118,10 +119,14 @@ class Scheduler:
         chunks = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            self.kv.reuse_prefix(seq)
             length = min(seq.num_uncomputed, budget)
             if self.kv.blocks_needed(seq, length) + self.config.watermark_blocks > self.kv.num_free_blocks:
+                self.kv.free(seq)  # hand back any reused blocks until it is admitted
+                seq.num_computed = 0
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
+            self.kv.count_lookup(seq)
             self.kv.allocate(seq, length)
             seq.status = SequenceStatus.RUNNING
             insort(self.running, seq, key=_by_arrival)  # a re-admitted preempted sequence keeps its rank
@@ -133,3 +138,4 @@ class Scheduler:
         """Record that the step computed these chunks' K/V."""
         for chunk in chunks:
             chunk.seq.num_computed = chunk.start + chunk.length
+            self.kv.cache_full_blocks(chunk.seq)

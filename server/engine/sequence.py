@@ -74,6 +74,8 @@ class Sequence:
     positions: list[list[int]] = field(init=False)  # edited prompt positions per intervention index
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    block_keys: list[bytes] = field(default_factory=list)  # content keys of full blocks (prefix caching)
+    num_cached_blocks: int = 0  # leading blocks of block_table that the prefix cache knows
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     error: str | None = None

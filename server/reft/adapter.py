@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import torch
 
 from server.adapters.format import AdapterConfig, AdapterFile
 from server.reft.interventions import INTERVENTION_TYPES, Intervention, activation, cast_params
 from server.reft.positions import PositionSpec, intervention_positions
+
+_serials = itertools.count()
 
 
 @dataclass(eq=False)
@@ -19,6 +22,8 @@ class Adapter:
     spec: PositionSpec
     layers: dict[int, list[Intervention]]  # layer -> interventions by index (#0, #1)
     nbytes: int
+    # unique per loaded object: KV computed with one adapter object is only ever reused for it
+    serial: int = field(init=False, default_factory=lambda: next(_serials))
 
     @property
     def key(self) -> str:
