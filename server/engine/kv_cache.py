@@ -117,12 +117,12 @@ class KVCache:
         seq.num_cached_blocks = 0
 
     # -- prefix caching ------------------------------------------------------------------------------
-    def reuse_prefix(self, seq: Sequence) -> int:
+    def reuse_prefix(self, seq: Sequence) -> None:
         """Give a sequence with nothing computed the cached blocks of its longest known prefix and
-        mark their tokens computed; returns the number of tokens reused. The last token is always
-        computed, since the step that computes it samples the next one."""
+        mark their tokens computed. The last token is always computed, since the step that computes
+        it samples the next one."""
         if not self.prefix_caching or seq.num_computed or seq.block_table:
-            return 0
+            return
         keys = extend_block_keys(seq, self.block_size, (len(seq.token_ids) - 1) // self.block_size)
         for key in keys:
             block = self._block_of_key.get(key)
@@ -134,7 +134,6 @@ class KVCache:
             seq.block_table.append(block)
         seq.num_cached_blocks = len(seq.block_table)
         seq.num_computed = len(seq.block_table) * self.block_size
-        return seq.num_computed
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (benchmarks replaying one workload start each run cold)."""

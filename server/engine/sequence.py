@@ -75,7 +75,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     block_keys: list[bytes] = field(default_factory=list)  # content keys of full blocks (prefix caching)
-    num_cached_blocks: int = 0  # leading blocks of block_table that the prefix cache knows
+    num_cached_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     error: str | None = None
