@@ -58,6 +58,7 @@ from server.adapters.store import AdapterStore  # noqa: E402
 from server.engine.core import EngineConfig, EngineCore  # noqa: E402
 from server.engine.sequence import SamplingParams, Sequence  # noqa: E402
 from server.reft.adapter import Adapter  # noqa: E402
+from server.reft.hf_cache import cache_argument, returned_cache  # noqa: E402
 from server.reft.hf_hooks import apply_adapter, locations_for_prompts  # noqa: E402
 from server.reft.reference import reference_generate  # noqa: E402
 from server.tiny_models import random_adapter_file  # noqa: E402
@@ -198,8 +199,8 @@ def hf_generate(model, batch: list[Request], adapter: Adapter | None) -> torch.T
     return model.generate(
         input_ids=torch.cat([input_ids, first], 1),
         attention_mask=torch.cat([attention_mask, torch.ones_like(first)], 1),
-        past_key_values=prompt.past_key_values,
         max_new_tokens=max_new_tokens - 1,
+        **{cache_argument(model): returned_cache(prompt)},
         **options,
     )
 

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 import torch
 
 from server.reft.adapter import Adapter
+from server.reft.hf_cache import cache_argument, returned_cache
 from server.reft.hf_hooks import apply_adapter, locations_for_prompts
 
 
@@ -32,13 +33,14 @@ def reference_generate(
         hooks = apply_adapter(model, adapter.layers, locations)
     with hooks:
         out = model(torch.tensor([prompt_ids], device=device), use_cache=True)
-    past, logits = out.past_key_values, out.logits[0, -1]
+    past, logits = returned_cache(out), out.logits[0, -1]
+    carry = cache_argument(model)
     tokens: list[int] = []
     while len(tokens) < max_new_tokens:
         token = int(logits.argmax())
         tokens.append(token)
         if token == eos_token_id:
             break
-        out = model(torch.tensor([[token]], device=device), past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[0, -1]
+        out = model(torch.tensor([[token]], device=device), use_cache=True, **{carry: past})
+        past, logits = returned_cache(out), out.logits[0, -1]
     return tokens
