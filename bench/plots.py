@@ -72,7 +72,7 @@ def adapters_plot(results: dict, path: Path) -> Path:
 
 
 def latency_plot(results: dict, path: Path) -> Path:
-    """TTFT (what the brief asks for) and, beside it, ITL: where the load goes once TTFT is protected."""
+    """TTFT and, beside it, inter-token latency: where the load shows once new prompts are admitted at once."""
     curve = results["server"]["latency_vs_load"]
     rates = [point["rate"] for point in curve]
     capacity = results["server"]["capacity_requests_per_s"]
