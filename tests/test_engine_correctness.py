@@ -55,6 +55,7 @@ def check_mixed_batch(model_dir, count, max_new_tokens=8, **core_config):
     assert core.kv.num_free_blocks == core.kv.num_blocks
     steered = 0
     for rid, prompt, adapter, _ in workload:
+        core.kv.reset_prefix_cache()  # alone means computed alone, not from the mixed run's blocks
         alone = run_core(core, [(seq(rid, prompt, adapter, max_new_tokens=max_new_tokens), 0)])[rid]
         reference = reference_generate(reference_model, prompt, adapter, max_new_tokens=max_new_tokens)
         assert mixed[rid] == alone == reference, (rid, len(prompt), adapter and adapter.name)
