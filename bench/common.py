@@ -90,6 +90,17 @@ def workload(
     return requests
 
 
+def left_padded(batch: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask of a batch, left-padded with id 0 as decoder-only generation needs."""
+    width = max(len(r.prompt) for r in batch)
+    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, r in enumerate(batch):
+        input_ids[row, width - len(r.prompt) :] = torch.tensor(r.prompt)
+        attention_mask[row, width - len(r.prompt) :] = 1
+    return input_ids, attention_mask
+
+
 def make_adapters(model, count: int, rank: int = 4, layers: tuple[int, ...] | None = None, positions: str = "f7+l7"):
     hidden = model.config.hidden_size
     num_layers = model.config.num_hidden_layers

@@ -45,6 +45,7 @@ from bench.common import (  # noqa: E402
     Request,
     add_model_arguments,
     dtype_of,
+    left_padded,
     load,
     machine,
     make_adapters,
@@ -156,16 +157,6 @@ def lockstep(runs: dict[str, tuple[EngineCore, list[Request], list[Adapter]]]) -
 
 
 # -- HF generate baselines -------------------------------------------------------------------------------
-def left_padded(batch: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r.prompt) for r in batch)
-    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for row, r in enumerate(batch):
-        input_ids[row, width - len(r.prompt) :] = torch.tensor(r.prompt)
-        attention_mask[row, width - len(r.prompt) :] = 1
-    return input_ids, attention_mask
-
-
 @torch.inference_mode()
 def hf_generate(model, batch: list[Request], adapter: Adapter | None) -> torch.Tensor:
     """Greedy HF `generate` on one left-padded batch, up to its longest request's output length.

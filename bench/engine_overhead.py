@@ -21,14 +21,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Request, add_model_arguments, load, machine, make_adapters, stamp, workload  # noqa: E402
+from bench.common import (  # noqa: E402
+    Request,
+    add_model_arguments,
+    left_padded,
+    load,
+    machine,
+    make_adapters,
+    stamp,
+    workload,
+)
+from bench.load import percentile  # noqa: E402
 from server.engine.core import EngineConfig, EngineCore  # noqa: E402
 from server.engine.sequence import SamplingParams, Sequence  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def summary(generated: int, elapsed: float, ttft: list[float]) -> dict:
@@ -63,13 +68,7 @@ def run_engine(core: EngineCore, requests: list[Request], adapters, realtime: bo
             if output.request_id not in first_token and output.new_tokens:
                 first_token[output.request_id] = time.perf_counter() - start
     elapsed = time.perf_counter() - start
-    ttft = [first_token[str(i)] - r.arrival for i, r in enumerate(requests)]
-    return {
-        "tokens_per_s": generated / elapsed,
-        "seconds": elapsed,
-        "tokens": generated,
-        "p90_ttft": percentile(ttft, 0.9),
-    }
+    return summary(generated, elapsed, [first_token[str(i)] - r.arrival for i, r in enumerate(requests)])
 
 
 class _FirstToken:
@@ -102,12 +101,7 @@ def run_static(model, requests: list[Request], batch_size: int) -> dict:
         wait = batch[-1].arrival - (time.perf_counter() - start)
         if wait > 0:
             time.sleep(wait)
-        width = max(len(r.prompt) for r in batch)
-        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, r in enumerate(batch):  # left padding, as decoder-only generation needs
-            input_ids[row, width - len(r.prompt) :] = torch.tensor(r.prompt)
-            attention_mask[row, width - len(r.prompt) :] = 1
+        input_ids, attention_mask = left_padded(batch)
         streamer = _FirstToken()
         model.generate(
             input_ids=input_ids.to(device),
@@ -120,13 +114,7 @@ def run_static(model, requests: list[Request], batch_size: int) -> dict:
         )
         generated += sum(r.max_new_tokens for r in batch)  # tokens past a request's own limit are waste
         ttft += [streamer.at - start - r.arrival for r in batch]
-    elapsed = time.perf_counter() - start
-    return {
-        "tokens_per_s": generated / elapsed,
-        "seconds": elapsed,
-        "tokens": generated,
-        "p90_ttft": percentile(ttft, 0.9),
-    }
+    return summary(generated, time.perf_counter() - start, ttft)
 
 
 def main() -> None:
@@ -176,14 +164,12 @@ def main() -> None:
     print(f"    ratio mixed/base = {results['mixed_over_base']:.3f}   (target >= 0.97)")
 
     if not args.skip_static:
-        from bench.common import load as load_plain
-
         # arrivals at the base engine's capacity: both systems stay busy, neither idles for long
         rate = args.rate or results["base_tokens_per_s"] / statistics.mean(args.output_len)
         arrivals = workload(args.requests, args.prompt_len, args.output_len, 0, rate=rate, seed=1)
         engine = run_engine(core, arrivals, adapters, realtime=True)
         del core
-        hf = load_plain(args, attention="sdpa")
+        hf = load(args, attention="sdpa")
         static = run_static(hf, arrivals, args.static_batch)
         results.update(
             rate=rate,

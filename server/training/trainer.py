@@ -208,8 +208,8 @@ def _batch_loss(
     predicts = torch.zeros_like(labels, dtype=torch.bool)
     predicts[:, :-1] = labels[:, 1:] != IGNORE
     with apply_adapter(model, interventions, locations_for_prompts(positions, device=device)):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=predicts)
-    return F.cross_entropy(logits.logits.float(), labels[:, 1:][predicts[:, :-1]])
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=predicts)
+    return F.cross_entropy(out.logits.float(), labels[:, 1:][predicts[:, :-1]])
 
 
 def _collate(batch: list[Example], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
