@@ -59,12 +59,7 @@ def test_different_seeds_differ_and_unseeded_sampling_runs(model):
 def test_filters_keep_what_they_should():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
     kept = lambda **kw: torch.isfinite(  # noqa: E731
-        filter_logits(
-            logits,
-            torch.tensor([kw.get("k", 0)]),
-            torch.tensor([kw.get("p", 1.0)]),
-            torch.tensor([kw.get("m", 0.0)]),
-        )
+        filter_logits(logits, [kw.get("k", 0)], [kw.get("p", 1.0)], [kw.get("m", 0.0)])
     )[0].tolist()
     assert kept(k=2) == [True, True, False, False, False]
     assert kept(p=0.5) == [True, False, False, False, False]  # p(top) = 0.64 already crosses 0.5

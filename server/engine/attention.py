@@ -38,7 +38,7 @@ class Span:
 class AttentionGroup:
     """Sequences attended together: queries padded to the longest, contexts to the longest."""
 
-    def __init__(self, spans: list[Span], block_size: int, num_rows: int, device: torch.device):
+    def __init__(self, spans: list[Span], block_size: int, pad_block: int, num_rows: int, device: torch.device):
         query_len = max(s.length for s in spans)
         context_len = max(s.start + s.length for s in spans)
         offsets = range(query_len)
@@ -51,9 +51,9 @@ class AttentionGroup:
         )
         self.query_pos = torch.tensor([[s.start + i for i in offsets] for s in spans], device=device)
         max_blocks = -(-context_len // block_size)
-        # whole blocks are gathered (contiguous copies); padding points at block 0 and is masked out
+        # whole blocks are gathered (contiguous copies); padding reads the always-zero pad block, masked out
         self.block_ids = torch.tensor(
-            [s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks])) for s in spans],
+            [s.block_table[:max_blocks] + [pad_block] * (max_blocks - len(s.block_table[:max_blocks])) for s in spans],
             device=device,
         ).flatten()
         self.shape = (len(spans), query_len, context_len)
@@ -105,7 +105,7 @@ class StepAttention:
         num_rows = slot_mapping.numel()
         decode = [s for s in spans if s.length == 1]
         prefill = [s for s in spans if s.length > 1]
-        groups = [AttentionGroup(g, kv.block_size, num_rows, device) for g in (decode, prefill) if g]
+        groups = [AttentionGroup(g, kv.block_size, kv.pad_block, num_rows, device) for g in (decode, prefill) if g]
         return cls(kv, slot_mapping, groups)
 
 

@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 from server.engine.kv_cache import KVCache, KVLayout
 from server.engine.model_runner import ModelRunner
@@ -126,8 +126,7 @@ class EngineCore:
             rows = [i for i, chunk in enumerate(result.sampling) if not chunk.seq.finished]
             if rows:
                 seqs = [result.sampling[i].seq for i in rows]
-                samples = self.sampler(result.logits[rows], seqs)
-                outputs += [self._append(seq, sample) for seq, sample in zip(seqs, samples, strict=True)]
+                outputs += self._sample(result.logits[rows], seqs)
         except Exception as e:  # the step as a whole failed: fail its requests, keep serving
             log.exception("engine step failed")
             error = f"{type(e).__name__}: {e}"
@@ -136,6 +135,22 @@ class EngineCore:
         prefill = sum(c.length for c in chunks if c.length > 1)
         self.last_step = StepStats(sum(c.length for c in chunks), len(chunks), prefill, time.perf_counter() - started)
         return outputs
+
+    def _sample(self, logits: Tensor, seqs: list[Sequence]) -> list[SeqOutput]:
+        """Sample every row at once; if that raises, row by row, so a fault fails only its own request."""
+        try:
+            samples = self.sampler(logits, seqs)
+        except Exception:
+            log.exception("batched sampling failed; sampling row by row")
+            return [self._sample_alone(logits[i : i + 1], seq) for i, seq in enumerate(seqs)]
+        return [self._append(seq, sample) for seq, sample in zip(seqs, samples, strict=True)]
+
+    def _sample_alone(self, logits: Tensor, seq: Sequence) -> SeqOutput:
+        try:
+            (sample,) = self.sampler(logits, [seq])
+        except Exception as e:
+            return self._finish(seq, FinishReason.ERROR, f"sampling failed: {type(e).__name__}: {e}")
+        return self._append(seq, sample)
 
     def _append(self, seq: Sequence, sample: Sample) -> SeqOutput:
         seq.token_ids.append(sample.token)

@@ -7,6 +7,12 @@ table (list of block ids); token position p lives in slot table[p // block_size]
 p % block_size. Blocks return to the free list when a sequence finishes, is cancelled, fails or is
 preempted.
 
+Attention must never see another sequence's data: a NaN there poisons the output even where it is
+masked (0 * NaN). So the pool has one more block than it hands out, `pad_block`, always zero, for
+attention paths that pad block tables; and a block is zeroed when it is handed out again
+(`zero_new_blocks`, once per step before the forward), so the unwritten tail of a sequence's last
+block holds zeros, not what its previous owner left there.
+
 Prefix caching: a full block, once computed, is indexed by its content key (prefix_keys.py). A new
 sequence whose leading blocks have known keys takes those blocks (reference counted, never written
 again: they are full) and skips their prefill. A block whose last user is gone stays indexed on the
@@ -57,11 +63,13 @@ class KVCache:
         self.layout = layout
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (layout.num_layers, num_blocks * block_size, layout.num_kv_heads, layout.head_dim)
-        # written zeros, not lazily mapped ones: padded gathers read unused slots, which must hold
-        # finite values, and touching every page now keeps page faults out of serving latency
+        self.pad_block = num_blocks
+        shape = (layout.num_layers, (num_blocks + 1) * block_size, layout.num_kv_heads, layout.head_dim)
+        # written zeros, not lazily mapped ones: touching every page now keeps page faults out of serving latency
         self.keys = torch.empty(shape, dtype=layout.dtype, device=device).fill_(0)
         self.values = torch.empty(shape, dtype=layout.dtype, device=device).fill_(0)
+        self._reused: list[int] = []  # blocks handed out again since the last zero_new_blocks()
+        self._ever_used = [False] * num_blocks
         self.prefix_caching = prefix_caching
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
         self._refs = [0] * num_blocks
@@ -72,7 +80,7 @@ class KVCache:
 
     @classmethod
     def from_budget(cls, layout: KVLayout, budget_bytes: int, block_size: int, device="cpu", **options) -> KVCache:
-        num_blocks = budget_bytes // (layout.bytes_per_token() * block_size)
+        num_blocks = budget_bytes // (layout.bytes_per_token() * block_size) - 1  # the pad block counts too
         return cls(layout, num_blocks, block_size, device, **options)
 
     @property
@@ -104,9 +112,21 @@ class KVCache:
             block, _ = self._free.popitem(last=False)
             if (key := self._key_of_block.pop(block, None)) is not None:
                 del self._block_of_key[key]  # its old content is overwritten now
+            if self._ever_used[block]:
+                self._reused.append(block)
+            self._ever_used[block] = True
             self._refs[block] = 1
             seq.block_table.append(block)
         return True
+
+    def zero_new_blocks(self) -> None:
+        """Clear the blocks handed out again since the last call, in every layer (one op per tensor)."""
+        if not self._reused:
+            return
+        blocks = torch.tensor(self._reused, device=self.keys.device)
+        self._reused = []
+        for pool in (self.keys, self.values):
+            pool.view(pool.shape[0], self.num_blocks + 1, -1).index_fill_(1, blocks, 0)
 
     def free(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):  # a prefix's tail is evicted before its head
@@ -162,11 +182,11 @@ class KVCache:
         seq.num_cached_blocks = full
 
     def block_keys(self, layer: int) -> torch.Tensor:
-        """A layer's keys as [num_blocks, block_size, kv_heads, head_dim] (a view)."""
-        return self.keys[layer].view(self.num_blocks, self.block_size, *self.keys.shape[2:])
+        """A layer's keys as [num_blocks + 1, block_size, kv_heads, head_dim] (a view; the last is pad_block)."""
+        return self.keys[layer].view(self.num_blocks + 1, self.block_size, *self.keys.shape[2:])
 
     def block_values(self, layer: int) -> torch.Tensor:
-        return self.values[layer].view(self.num_blocks, self.block_size, *self.values.shape[2:])
+        return self.values[layer].view(self.num_blocks + 1, self.block_size, *self.values.shape[2:])
 
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store this step's keys/values [tokens, kv_heads, head_dim] at their slots."""

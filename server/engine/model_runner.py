@@ -21,7 +21,7 @@ from server.reft.plan import Chunk, build_plan
 class StepResult:
     sampling: list[ScheduledChunk]  # chunks whose last row sampled, in the order of `logits` rows
     logits: Tensor | None  # [len(sampling), vocab]
-    failures: dict[Sequence, str] = field(default_factory=dict)  # sequences whose adapter failed
+    failures: dict[Sequence, str] = field(default_factory=dict)  # sequences whose adapter failed or blew up
 
 
 def slots_for(block_table: list[int], start: int, length: int, block_size: int) -> list[int]:
@@ -63,6 +63,7 @@ class ModelRunner:
         if plan is not None:
             kwargs[PLAN_KWARG] = plan
         keep = sample_rows or [len(token_ids) - 1]  # a step of partial prefills still needs one row
+        self.kv.zero_new_blocks()
         out = self.model(
             input_ids=torch.tensor([token_ids], device=self.device),
             position_ids=torch.tensor([positions], device=self.device),
@@ -71,4 +72,5 @@ class ModelRunner:
             **kwargs,
         )
         logits = out.logits[0] if sample_rows else None
-        return StepResult(sampling, logits, dict(plan.failures) if plan is not None else {})
+        failures = {**plan.non_finite_owners(), **plan.failures} if plan is not None else {}
+        return StepResult(sampling, logits, failures)

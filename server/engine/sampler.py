@@ -24,28 +24,45 @@ class Sample:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
-def apply_repetition_penalty(logits: Tensor, token_ids: list[int], penalty: float) -> None:
-    """HF/CTRL-style, in place on one row: seen tokens' positive logits shrink, negative ones grow."""
-    seen = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=logits.device)
-    values = logits.index_select(0, seen)
-    logits.index_copy_(0, seen, torch.where(values > 0, values / penalty, values * penalty))
+def apply_repetition_penalties(logits: Tensor, seqs: list[Sequence]) -> Tensor:
+    """HF/CTRL-style: each row's seen tokens get positive logits divided and negative ones multiplied by
+    its penalty. One gather and one scatter for all rows."""
+    rows, tokens, penalties = [], [], []
+    for row, seq in enumerate(seqs):
+        penalty = seq.sampling.repetition_penalty
+        if penalty != 1.0:
+            seen = sorted(set(seq.token_ids))
+            rows += [row] * len(seen)
+            tokens += seen
+            penalties += [penalty] * len(seen)
+    if not rows:
+        return logits
+    device = logits.device
+    index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
+    penalty = torch.tensor(penalties, device=device)
+    values = logits[index]
+    logits = logits.clone()
+    logits[index] = torch.where(values > 0, values / penalty, values * penalty)
+    return logits
 
 
-def filter_logits(logits: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
-    """Mask (to -inf) what top-k, top-p and min-p exclude; rows are [n, vocab], parameters [n]."""
-    vocab = logits.shape[-1]
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+def filter_logits(logits: Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> Tensor:
+    """Mask (to -inf) what top-k, top-p and min-p exclude; rows are [n, vocab], one value per row each.
+    The parameters come as host lists so that deciding what to compute needs no device sync."""
+    vocab, device = logits.shape[-1], logits.device
+    if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(vocab, device=logits.device)
-        k = torch.where(top_k > 0, top_k, vocab)
+        rank = torch.arange(vocab, device=device)
+        k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k], device=device)
         drop = rank[None, :] >= k[:, None]
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        drop |= mass_before > top_p[:, None]  # the token that crosses top_p stays
+        drop |= mass_before > torch.tensor(top_p, device=device)[:, None]  # the token that crosses top_p stays
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    if bool((min_p > 0).any()):
+    if any(m > 0 for m in min_p):
         probs = logits.softmax(dim=-1)
-        logits = logits.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+        floor = torch.tensor(min_p, device=device)[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
 
@@ -53,24 +70,18 @@ class Sampler:
     def __call__(self, logits: Tensor, seqs: list[Sequence]) -> list[Sample]:
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if any(s.sampling.logprobs is not None for s in seqs) else None
-        penalized = [i for i, s in enumerate(seqs) if s.sampling.repetition_penalty != 1.0]
-        if penalized:
-            logits = logits.clone()
-            for i in penalized:
-                apply_repetition_penalty(logits[i], seqs[i].token_ids, seqs[i].sampling.repetition_penalty)
+        logits = apply_repetition_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
         if sampled:
             tokens[sampled] = self._sample(logits[sampled], [seqs[i] for i in sampled])
-        token_list = tokens.tolist()
-        return [self._result(token_list[i], seq, raw_logprobs, i) for i, seq in enumerate(seqs)]
+        return self._to_host(tokens, raw_logprobs, seqs)
 
     def _sample(self, logits: Tensor, seqs: list[Sequence]) -> Tensor:
         device = logits.device
-        temperature = torch.tensor([s.sampling.temperature for s in seqs], device=device)
-        top_k = torch.tensor([s.sampling.top_k for s in seqs], device=device)
-        top_p = torch.tensor([s.sampling.top_p for s in seqs], device=device)
-        min_p = torch.tensor([s.sampling.min_p for s in seqs], device=device)
+        params = [s.sampling for s in seqs]
+        temperature = torch.tensor([p.temperature for p in params], device=device)
+        top_k, top_p, min_p = [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params]
         probs = filter_logits(logits / temperature[:, None], top_k, top_p, min_p).softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_()
         for i, seq in enumerate(seqs):
@@ -81,13 +92,22 @@ class Sampler:
         return (probs / noise).argmax(dim=-1)
 
     @staticmethod
-    def _result(token: int, seq: Sequence, raw_logprobs: Tensor | None, row: int) -> Sample:
-        wanted = seq.sampling.logprobs
-        if wanted is None or raw_logprobs is None:
-            return Sample(token)
-        row_logprobs = raw_logprobs[row]
-        top = []
-        if wanted > 0:
-            values, ids = row_logprobs.topk(wanted)
-            top = list(zip(ids.tolist(), values.tolist(), strict=True))
-        return Sample(token, float(row_logprobs[token]), top)
+    def _to_host(tokens: Tensor, raw_logprobs: Tensor | None, seqs: list[Sequence]) -> list[Sample]:
+        """One device-to-host copy for the whole step: the tokens, and with logprobs a table of
+        [token, its logprob, top values..., top ids...] per row (float64 holds the ids exactly)."""
+        if raw_logprobs is None:
+            return [Sample(token) for token in tokens.tolist()]
+        top = max(s.sampling.logprobs or 0 for s in seqs)
+        columns = [tokens[:, None].double(), raw_logprobs.gather(1, tokens[:, None]).double()]
+        if top:
+            values, ids = raw_logprobs.topk(top, dim=-1)
+            columns += [values.double(), ids.double()]
+        samples = []
+        for row, seq in zip(torch.cat(columns, dim=1).tolist(), seqs, strict=True):
+            token, wanted = int(row[0]), seq.sampling.logprobs
+            if wanted is None:
+                samples.append(Sample(token))
+                continue
+            values, ids = row[2 : 2 + wanted], row[2 + top : 2 + top + wanted]
+            samples.append(Sample(token, row[1], [(int(i), v) for i, v in zip(ids, values, strict=True)]))
+        return samples

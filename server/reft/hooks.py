@@ -2,7 +2,8 @@
 
 The engine passes the plan as a forward kwarg (PLAN_KWARG); transformers hands forward kwargs to
 each decoder layer, so the hook reads it from there and needs no shared state. Without a plan (decode
-steps, requests without adapters) a hook returns at once.
+steps, requests without adapters) a hook returns at once. The last layer's hook also records which
+rows are finite, so a request whose edit blew up its hidden states fails alone.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ PLAN_KWARG = "reft_plan"
 HANDLES_ATTRIBUTE = "_reft_plan_hook_handles"
 
 
-def _make_hook(layer: int):
+def _make_hook(layer: int, last: bool):
     def hook(module, args, kwargs, output):
         plan: InterventionPlan | None = kwargs.get(PLAN_KWARG)
-        if plan is None or layer not in plan.layers:
+        if plan is None:
             return
         hidden = output[0] if isinstance(output, tuple) else output
-        plan.apply(layer, hidden.view(-1, hidden.shape[-1]))
-        return
+        rows = hidden.view(-1, hidden.shape[-1])
+        plan.apply(layer, rows)
+        if last:
+            plan.check_finite(rows)
 
     return hook
 
@@ -33,9 +36,10 @@ def install_plan_hooks(model: nn.Module) -> list[RemovableHandle]:
     """Hook every decoder layer once; several engines over one model must not stack hooks."""
     installed = getattr(model, HANDLES_ATTRIBUTE, None)
     if installed is None:
+        blocks = decoder_layers(model)
         installed = [
-            block.register_forward_hook(_make_hook(layer), with_kwargs=True)
-            for layer, block in enumerate(decoder_layers(model))
+            block.register_forward_hook(_make_hook(layer, last=layer == len(blocks) - 1), with_kwargs=True)
+            for layer, block in enumerate(blocks)
         ]
         setattr(model, HANDLES_ATTRIBUTE, installed)
     return installed

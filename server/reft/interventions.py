@@ -1,6 +1,9 @@
 """The ReFT family as pure tensor functions, with pyreft's formulas and dtype behaviour.
 
 Every function maps hidden states `h` of shape [n, d] to edited states of the same shape and dtype.
+The same formulas serve many adapters at once: with `h` [S, M, d] and every parameter stacked along a
+leading S axis (1-D parameters as [S, 1, n], see `stack_params`), segment s is edited by adapter s.
+The trainer, the reference path and the engine all run these functions.
 Notation (pyreft's): R' is d x r with orthonormal columns (the paper's R^T), W and W2 are r x d,
 b is r. Projections through R' run in R's dtype (fp32) and the sum with `h` happens in the wider
 dtype before the cast back, exactly as pyreft does; linear maps run in `h`'s dtype.
@@ -15,7 +18,7 @@ Parameters of one intervention (names used in the adapter file):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,31 +37,40 @@ def activation(name: str) -> Activation:
     return ACT2FN[name]
 
 
+def linear(h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """h W^T + b for one weight [r, d] or a stack [S, r, d]; the stacked form rounds exactly as F.linear does."""
+    if weight.dim() == 2:
+        return F.linear(h, weight, bias)
+    if bias is None:
+        return h @ weight.mT
+    return torch.baddbmm(bias, h, weight.mT)
+
+
 def loreft(h: Tensor, p: Params, act: Activation) -> Tensor:
     """LoReFT: h + (act(W h + b) - h R') R'^T."""
     rotation = p["rotation"]
     rotated = h.to(rotation.dtype) @ rotation
-    source = act(F.linear(h, p["weight"], p["bias"]))
-    return (h + (source - rotated) @ rotation.T).to(h.dtype)
+    source = act(linear(h, p["weight"], p["bias"]))
+    return (h + (source - rotated) @ rotation.mT).to(h.dtype)
 
 
 def noreft(h: Tensor, p: Params, act: Activation) -> Tensor:
     """NoReFT: h + (act(W1 h + b1) - (W2 h + b2)) W2, no orthogonality."""
-    projected = F.linear(h, p["proj_weight"], p.get("proj_bias"))
-    source = act(F.linear(h, p["weight"], p["bias"]))
+    projected = linear(h, p["proj_weight"], p.get("proj_bias"))
+    source = act(linear(h, p["weight"], p["bias"]))
     return (h + (source - projected) @ p["proj_weight"]).to(h.dtype)
 
 
 def direft(h: Tensor, p: Params, act: Activation) -> Tensor:
     """DiReFT: h + act(W h + b) R'^T."""
     rotation = p["rotation"]
-    source = act(F.linear(h.to(p["weight"].dtype), p["weight"], p["bias"]))
-    return (h + source.to(rotation.dtype) @ rotation.T).to(h.dtype)
+    source = act(linear(h.to(p["weight"].dtype), p["weight"], p["bias"]))
+    return (h + source.to(rotation.dtype) @ rotation.mT).to(h.dtype)
 
 
 def nodireft(h: Tensor, p: Params, act: Activation) -> Tensor:
     """NoDiReFT: h + act(W1 h + b1) W2."""
-    source = act(F.linear(h, p["weight"], p["bias"]))
+    source = act(linear(h, p["weight"], p["bias"]))
     return (h + source @ p["proj_weight"]).to(h.dtype)
 
 
@@ -66,13 +78,23 @@ def consreft(h: Tensor, p: Params, act: Activation) -> Tensor:
     """ConsReFT: h + (b - h R') R'^T (no activation)."""
     rotation = p["rotation"]
     rotated = h.to(rotation.dtype) @ rotation
-    return (h + (p["bias"] - rotated) @ rotation.T).to(h.dtype)
+    return (h + (p["bias"] - rotated) @ rotation.mT).to(h.dtype)
 
 
 def lobireft(h: Tensor, p: Params, act: Activation) -> Tensor:
     """LobiReFT: h + b R'^T (a constant shift inside the subspace)."""
     rotation = p["rotation"]
-    return (h + p["bias"] @ rotation.T).to(h.dtype)
+    return (h + p["bias"] @ rotation.mT).to(h.dtype)
+
+
+def stack_params(params: Sequence[Params]) -> dict[str, Tensor]:
+    """Parameters of several interventions of one type stacked for the batched form of the formulas:
+    [S, ...] per name, 1-D parameters as [S, 1, n] so that they broadcast over each segment's rows."""
+    stacked = {}
+    for name, first in params[0].items():
+        tensor = torch.stack([p[name] for p in params])
+        stacked[name] = tensor.unsqueeze(1) if first.dim() == 1 else tensor
+    return stacked
 
 
 @dataclass(frozen=True)

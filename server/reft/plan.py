@@ -1,9 +1,16 @@
-"""Per-step intervention plan: which packed rows each adapter's interventions edit, per layer.
+"""Per-step intervention plan: every adapter edit of a step as one batched call per layer and type.
 
-A step packs many sequences into one row of T tokens. For every sequence with an adapter whose
-prefill chunk covers some of its edited prompt positions, the rows of those positions are grouped
-by (adapter, intervention index) across the step, so each group is one batched matmul per layer.
-Decode-only steps and requests without adapters produce no groups: the plain model runs.
+A step packs many sequences into one row of T tokens. The rows a sequence's prefill chunk must edit
+are collected per (adapter, intervention index): a *pair*. Per layer, the pairs whose interventions
+share a type, activation, rank and parameter names form one `EditBatch`: their rows are gathered
+into segments of equal length M ([S, M, d], padded; a long pair spans several segments), their
+parameters are stacked along S, and the type's formula runs once over all of them (the batched form
+in interventions.py, as Punica/S-LoRA do for LoRA). So a step with 64 adapters costs a handful of
+launches per layer, not 64 groups of them.
+
+A failing batch is retried segment by segment, so an exception fails only the requests whose
+segment raised. Rows whose hidden states are not finite after the last layer fail their request
+(`non_finite_owners`): a poisoned adapter never gets to sample, and its K/V never reach anyone else.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import torch
 from torch import Tensor
 
 from server.reft.adapter import Adapter
-from server.reft.interventions import Intervention
+from server.reft.interventions import Intervention, stack_params
 
 
 @dataclass(frozen=True)
@@ -31,50 +38,159 @@ class Chunk:
 
 
 @dataclass
-class PlanGroup:
-    intervention: Intervention
-    rows: Tensor
-    owners: list[Hashable]
+class _Pair:
+    """The rows of one step that one intervention index of one adapter edits."""
+
+    adapter: Adapter
+    index: int
+    rows: list[int] = field(default_factory=list)
+    owners: list[Hashable] = field(default_factory=list)
+
+    def batch_key(self, layer: int) -> tuple:
+        config = self.adapter.config
+        names = tuple(sorted(self.adapter.layers[layer][self.index].params))
+        return (config.type, config.activation, config.rank, names)
+
+
+@dataclass
+class EditBatch:
+    """Segments of rows edited together at one layer: segment s by `interventions[s]`."""
+
+    interventions: list[Intervention]
+    gather: Tensor  # [S, M] rows of the step (padding repeats a row of the segment)
+    valid: Tensor  # positions in the flattened [S * M] that are real rows
+    targets: Tensor  # the step rows those positions are written back to
+    owners: list[list[Hashable]]  # per segment
+
+    def apply(self, hidden: Tensor) -> None:
+        segments, length = self.gather.shape
+        x = hidden.index_select(0, self.gather.flatten()).view(segments, length, -1)
+        params = stack_params([iv.params for iv in self.interventions])
+        edited = self.interventions[0].kind.apply(x, params, self.interventions[0].act)
+        hidden.index_copy_(0, self.targets, edited.flatten(0, 1).index_select(0, self.valid))
+
+    def apply_one_by_one(self, hidden: Tensor, failures: dict[Hashable, str]) -> None:
+        """The slow path after the batch raised: each segment alone, so a fault stays with its owners."""
+        length = self.gather.shape[1]
+        for s, intervention in enumerate(self.interventions):
+            valid = self.valid[(self.valid >= s * length) & (self.valid < (s + 1) * length)]
+            rows = self.gather.flatten().index_select(0, valid)
+            try:
+                hidden.index_copy_(0, rows, intervention(hidden.index_select(0, rows)))
+            except Exception as e:  # one adapter's fault must not take down the step
+                for owner in self.owners[s]:
+                    failures.setdefault(owner, f"adapter {type(e).__name__}: {e}")
 
 
 @dataclass
 class InterventionPlan:
-    layers: dict[int, list[PlanGroup]]
+    layers: dict[int, list[EditBatch]]
+    owner_rows: list[tuple[Hashable, int, int]]  # (owner, first row, rows) of every edited chunk
     failures: dict[Hashable, str] = field(default_factory=dict)
+    finite_rows: Tensor | None = None  # [T] after the last layer
 
     def apply(self, layer: int, hidden: Tensor) -> None:
-        """Edit the rows of `hidden` [T, d] in place. A failing group fails its owners only."""
-        for group in self.layers.get(layer, ()):
+        """Edit the rows of `hidden` [T, d] in place."""
+        for batch in self.layers.get(layer, ()):
             try:
-                edited = group.intervention(hidden.index_select(0, group.rows))
-                hidden.index_copy_(0, group.rows, edited)
-            except Exception as e:  # one adapter's fault must not take down the step
-                for owner in group.owners:
-                    self.failures.setdefault(owner, f"adapter {type(e).__name__}: {e}")
+                batch.apply(hidden)
+            except Exception:
+                batch.apply_one_by_one(hidden, self.failures)
+
+    def check_finite(self, hidden: Tensor) -> None:
+        """Record which rows are finite after the model's last layer (no host sync here)."""
+        self.finite_rows = torch.isfinite(hidden).all(dim=-1)
+
+    def non_finite_owners(self) -> dict[Hashable, str]:
+        if self.finite_rows is None:
+            return {}
+        finite = self.finite_rows.tolist()
+        return {
+            owner: "the adapter's edit made the hidden states non-finite (NaN or infinity)"
+            for owner, row, length in self.owner_rows
+            if not all(finite[row : row + length])
+        }
 
 
-def build_plan(chunks: list[Chunk], device: torch.device | str) -> InterventionPlan | None:
-    rows: dict[tuple[int, int], list[int]] = {}  # (id of adapter, index) -> rows
-    owners: dict[tuple[int, int], list[Hashable]] = {}
-    adapters: dict[int, Adapter] = {}
+def _pairs(chunks: list[Chunk]) -> tuple[list[_Pair], list[tuple[Hashable, int, int]]]:
+    pairs: dict[tuple[int, int], _Pair] = {}
+    owner_rows = []
     for chunk in chunks:
         if chunk.adapter is None:
             continue
         end = chunk.start + chunk.length
+        edited = False
         for index, positions in enumerate(chunk.positions):
             hit = [chunk.row + p - chunk.start for p in positions if chunk.start <= p < end]
             if hit:
-                key = (id(chunk.adapter), index)
-                adapters[id(chunk.adapter)] = chunk.adapter
-                rows.setdefault(key, []).extend(hit)
-                owners.setdefault(key, []).append(chunk.owner)
-    if not rows:
+                pair = pairs.setdefault((id(chunk.adapter), index), _Pair(chunk.adapter, index))
+                pair.rows.extend(hit)
+                pair.owners.append(chunk.owner)
+                edited = True
+        if edited:
+            owner_rows.append((chunk.owner, chunk.row, chunk.length))
+    return list(pairs.values()), owner_rows
+
+
+def _segment_length(pairs: list[_Pair]) -> int:
+    """The median pair size: short pairs waste under half their segment, long ones span several."""
+    sizes = sorted(len(pair.rows) for pair in pairs)
+    return sizes[len(sizes) // 2]
+
+
+@dataclass(frozen=True)
+class _Segments:
+    """How a group of pairs is laid out as [S, M] rows; the same at every layer the group edits."""
+
+    pairs: list[_Pair]  # per segment
+    gather: Tensor
+    valid: Tensor
+    targets: Tensor
+
+
+def _segments(pairs: list[_Pair], device) -> _Segments:
+    length = _segment_length(pairs)
+    segment_pairs, gather, valid, targets = [], [], [], []
+    for pair in pairs:
+        for begin in range(0, len(pair.rows), length):
+            rows = pair.rows[begin : begin + length]
+            base = len(gather) * length
+            segment_pairs.append(pair)
+            valid.extend(range(base, base + len(rows)))
+            targets.extend(rows)
+            gather.append(rows + [rows[0]] * (length - len(rows)))
+
+    def tensor(values) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return _Segments(segment_pairs, tensor(gather), tensor(valid), tensor(targets))
+
+
+def _batch(layer: int, segments: _Segments) -> EditBatch:
+    return EditBatch(
+        [pair.adapter.layers[layer][pair.index] for pair in segments.pairs],
+        segments.gather,
+        segments.valid,
+        segments.targets,
+        [pair.owners for pair in segments.pairs],
+    )
+
+
+def build_plan(chunks: list[Chunk], device: torch.device | str) -> InterventionPlan | None:
+    pairs, owner_rows = _pairs(chunks)
+    if not pairs:
         return None
-    layers: dict[int, list[PlanGroup]] = {}
-    for (adapter_id, index), row_list in rows.items():
-        row_tensor = torch.tensor(row_list, dtype=torch.long, device=device)
-        for layer, interventions in adapters[adapter_id].layers.items():
-            layers.setdefault(layer, []).append(
-                PlanGroup(interventions[index], row_tensor, owners[(adapter_id, index)])
-            )
-    return InterventionPlan(layers)
+    by_layer: dict[int, dict[tuple, list[_Pair]]] = {}
+    for pair in pairs:
+        for layer in pair.adapter.layers:
+            by_layer.setdefault(layer, {}).setdefault(pair.batch_key(layer), []).append(pair)
+    layouts: dict[tuple[int, ...], _Segments] = {}  # adapters usually share layers: lay out each group once
+    layers = {}
+    for layer, groups in by_layer.items():
+        layers[layer] = []
+        for group in groups.values():
+            ids = tuple(id(pair) for pair in group)
+            if ids not in layouts:
+                layouts[ids] = _segments(group, device)
+            layers[layer].append(_batch(layer, layouts[ids]))
+    return InterventionPlan(layers, owner_rows)
