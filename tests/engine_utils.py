@@ -27,8 +27,11 @@ def random_adapter(name: str, *args, version: int = 1, **kwargs) -> Adapter:
     return Adapter.from_file(random_adapter_file(*args, **kwargs), name=name, version=version)
 
 
-def run_core(core: EngineCore, requests: list[tuple[Sequence, int]], max_steps: int = 100_000) -> dict[str, list[int]]:
-    """Drive the core; each (sequence, arrival step) joins at that step. Returns generated ids."""
+def run_core(
+    core: EngineCore, requests: list[tuple[Sequence, int]], max_steps: int = 100_000, finished: dict | None = None
+) -> dict[str, list[int]]:
+    """Drive the core; each (sequence, arrival step) joins at that step. Returns generated ids; `finished`
+    collects each request's (finish reason, error)."""
     pending = sorted(requests, key=lambda r: r[1])
     tokens: dict[str, list[int]] = {}
     step = 0
@@ -37,6 +40,8 @@ def run_core(core: EngineCore, requests: list[tuple[Sequence, int]], max_steps: 
             core.add(pending.pop(0)[0])
         for output in core.step():
             tokens.setdefault(output.request_id, []).extend(output.new_tokens)
+            if output.finish_reason is not None and finished is not None:
+                finished[output.request_id] = (output.finish_reason, output.error)
         step += 1
         assert step < max_steps, "the engine did not finish"
     return tokens

@@ -210,3 +210,74 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model):
     assert core.kv.num_free_blocks == core.kv.num_blocks and not core.has_work()
     core.sampler = real_sampler
     assert len(run_core(core, [(seq("c", prompt(12, 1)), 0)])["c"]) == 10
+
+
+def test_a_poisoned_adapter_fails_alone_and_leaves_no_trace_in_the_kv_cache(model, tiny_model_dir):
+    """An adapter whose finite weights blow the hidden states up (all 3e38) fails only its request;
+    the requests beside it, and those that later get its freed blocks, are unchanged."""
+    from server.reft.reference import reference_generate
+    from tests.conftest import load_reference_model
+
+    hidden = model.config.hidden_size
+    good = random_adapter("good", "loreft", (1,), 4, "f2+l2", hidden, seed=1)
+    poisoned = random_adapter("poisoned", "loreft", (1, 2), 4, "f2+l2", hidden, seed=2)
+    for layer in (1, 2):
+        old = poisoned.layers[layer][0]
+        poisoned.layers[layer][0] = Intervention(
+            old.kind, old.act, dict(old.params, weight=torch.full((4, hidden), 3e38))
+        )
+    core = make_core(
+        model, num_blocks=12, block_size=8, max_model_len=80
+    )  # few blocks: later requests reuse the poisoned ones
+    reference_model = load_reference_model(tiny_model_dir("llama"))
+    prompts = {f"p{i}": prompt(5 + 9 * i, 50 + i) for i in range(8)}
+    first = [seq("poisoned", prompts["p3"], poisoned), seq("good", prompts["p1"], good), seq("base", prompts["p2"])]
+    finished = {}
+    tokens = run_core(core, [(s, 0) for s in first], finished=finished)
+    assert finished["poisoned"][0] is FinishReason.ERROR and "non-finite" in finished["poisoned"][1]
+    assert tokens["good"] == reference_generate(reference_model, prompts["p1"], good, max_new_tokens=10)
+    assert tokens["base"] == reference_generate(reference_model, prompts["p2"], None, max_new_tokens=10)
+    later = run_core(core, [(seq(f"later{i}", prompts[f"p{i}"]), i % 3) for i in range(8)])
+    for i in range(8):
+        assert later[f"later{i}"] == reference_generate(reference_model, prompts[f"p{i}"], None, max_new_tokens=10)
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
+def test_attention_never_reads_what_a_block_held_before(model, tiny_model_dir):
+    """Every slot a request may be handed holds NaN left by earlier owners: outputs are unchanged."""
+    from server.reft.reference import reference_generate
+    from tests.conftest import load_reference_model
+
+    core = make_core(model, num_blocks=40, block_size=8, max_model_len=200)
+    usable = core.kv.num_blocks * core.kv.block_size  # the pad block stays as it is
+    core.kv.keys[:, :usable] = float("nan")
+    core.kv.values[:, :usable] = float("nan")
+    prompts = [prompt(3 + 11 * i, 70 + i) for i in range(6)]
+    tokens = run_core(core, [(seq(f"r{i}", p), i % 2) for i, p in enumerate(prompts)])
+    reference_model = load_reference_model(tiny_model_dir("llama"))
+    for i, p in enumerate(prompts):
+        assert tokens[f"r{i}"] == reference_generate(reference_model, p, None, max_new_tokens=10)
+
+
+def test_a_sampling_fault_fails_only_its_own_row(model, tiny_model_dir):
+    from server.reft.reference import reference_generate
+    from tests.conftest import load_reference_model
+
+    core = make_core(model)
+    real_sampler = core.sampler
+
+    def sampler_that_chokes_on_one_request(logits, seqs):  # stands in for any per-row fault in a batched op
+        if any(s.request_id == "bad" for s in seqs):
+            raise RuntimeError("boom")
+        return real_sampler(logits, seqs)
+
+    core.sampler = sampler_that_chokes_on_one_request
+    prompts = [prompt(11, 1), prompt(17, 2), prompt(23, 3)]
+    finished = {}
+    tokens = run_core(
+        core, [(seq("ok1", prompts[0]), 0), (seq("bad", prompts[1]), 0), (seq("ok2", prompts[2]), 0)], finished=finished
+    )
+    assert finished["bad"][0] is FinishReason.ERROR and "boom" in finished["bad"][1]
+    reference_model = load_reference_model(tiny_model_dir("llama"))
+    assert tokens["ok1"] == reference_generate(reference_model, prompts[0], None, max_new_tokens=10)
+    assert tokens["ok2"] == reference_generate(reference_model, prompts[2], None, max_new_tokens=10)

@@ -9,9 +9,9 @@ preempted.
 
 Attention must never see another sequence's data: a NaN there poisons the output even where it is
 masked (0 * NaN). So the pool has one more block than it hands out, `pad_block`, always zero, for
-attention paths that pad block tables; and a block is zeroed when it is handed out again
-(`zero_new_blocks`, once per step before the forward), so the unwritten tail of a sequence's last
-block holds zeros, not what its previous owner left there.
+attention paths that pad block tables; and a block is zeroed when it is handed out (`zero_new_blocks`,
+one op per step before the forward), so the unwritten tail of a sequence's last block holds zeros,
+not what its previous owner left there.
 
 Prefix caching: a full block, once computed, is indexed by its content key (prefix_keys.py). A new
 sequence whose leading blocks have known keys takes those blocks (reference counted, never written
@@ -68,8 +68,7 @@ class KVCache:
         # written zeros, not lazily mapped ones: touching every page now keeps page faults out of serving latency
         self.keys = torch.empty(shape, dtype=layout.dtype, device=device).fill_(0)
         self.values = torch.empty(shape, dtype=layout.dtype, device=device).fill_(0)
-        self._reused: list[int] = []  # blocks handed out again since the last zero_new_blocks()
-        self._ever_used = [False] * num_blocks
+        self._handed_out: list[int] = []  # blocks allocated since the last zero_new_blocks()
         self.prefix_caching = prefix_caching
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
         self._refs = [0] * num_blocks
@@ -112,19 +111,17 @@ class KVCache:
             block, _ = self._free.popitem(last=False)
             if (key := self._key_of_block.pop(block, None)) is not None:
                 del self._block_of_key[key]  # its old content is overwritten now
-            if self._ever_used[block]:
-                self._reused.append(block)
-            self._ever_used[block] = True
+            self._handed_out.append(block)
             self._refs[block] = 1
             seq.block_table.append(block)
         return True
 
     def zero_new_blocks(self) -> None:
-        """Clear the blocks handed out again since the last call, in every layer (one op per tensor)."""
-        if not self._reused:
+        """Clear the blocks handed out since the last call, in every layer (one op per tensor)."""
+        if not self._handed_out:
             return
-        blocks = torch.tensor(self._reused, device=self.keys.device)
-        self._reused = []
+        blocks = torch.tensor(self._handed_out, device=self.keys.device)
+        self._handed_out = []
         for pool in (self.keys, self.values):
             pool.view(pool.shape[0], self.num_blocks + 1, -1).index_fill_(1, blocks, 0)
 

@@ -47,9 +47,11 @@ class _Pair:
     owners: list[Hashable] = field(default_factory=list)
 
     def batch_key(self, layer: int) -> tuple:
+        """Pairs with equal keys run as one batch. The index leads: without shared weights and with a
+        one-sided spec, #0 and #1 edit the same rows, and #1 must see what #0 made of them."""
         config = self.adapter.config
         names = tuple(sorted(self.adapter.layers[layer][self.index].params))
-        return (config.type, config.activation, config.rank, names)
+        return (self.index, config.type, config.activation, config.rank, names)
 
 
 @dataclass
@@ -64,6 +66,9 @@ class EditBatch:
 
     def apply(self, hidden: Tensor) -> None:
         segments, length = self.gather.shape
+        if segments == 1:  # one adapter: the plain form, which rounds exactly as the reference path does
+            hidden.index_copy_(0, self.targets, self.interventions[0](hidden.index_select(0, self.targets)))
+            return
         x = hidden.index_select(0, self.gather.flatten()).view(segments, length, -1)
         params = stack_params([iv.params for iv in self.interventions])
         edited = self.interventions[0].kind.apply(x, params, self.interventions[0].act)
@@ -188,7 +193,7 @@ def build_plan(chunks: list[Chunk], device: torch.device | str) -> InterventionP
     layers = {}
     for layer, groups in by_layer.items():
         layers[layer] = []
-        for group in groups.values():
+        for _, group in sorted(groups.items(), key=lambda item: item[0][0]):  # every #0 before any #1
             ids = tuple(id(pair) for pair in group)
             if ids not in layouts:
                 layouts[ids] = _segments(group, device)
