@@ -74,6 +74,20 @@ def test_no_sharing_across_adapters_versions_or_the_base_model(models, adapter):
         assert served(core, name, tokens, which) == (expected(models, tokens, which), 48)
 
 
+def test_an_adapter_evicted_and_reloaded_reuses_its_cached_prefixes(models, adapter):
+    """The chain is keyed by the adapter's content: a new object with the same weights (a reload after
+    LRU eviction) hits; the same name and version with other weights does not."""
+    hidden = models[0].config.hidden_size
+    reloaded = random_adapter("chat", "loreft", (0, 2), 4, "f3+l3", hidden, seed=5)
+    impostor = random_adapter("chat", "loreft", (0, 2), 4, "f3+l3", hidden, seed=9)
+    assert reloaded is not adapter and reloaded.digest == adapter.digest != impostor.digest
+    core = make_core(models[0], block_size=BLOCK)
+    tokens = prompt(40, 8)
+    first = served(core, "first", tokens, adapter)
+    assert served(core, "reloaded", tokens, reloaded) == (first[0], 32)
+    assert served(core, "impostor", tokens, impostor) == (expected(models, tokens, impostor), 0)
+
+
 def test_an_identical_prompt_recomputes_only_its_last_token(models, adapter):
     core = make_core(models[0], block_size=BLOCK)
     tokens = prompt(32, 4)  # block aligned: the last block is recomputed for its last token's logits

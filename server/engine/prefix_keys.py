@@ -3,11 +3,11 @@
 A block's keys and values depend on every token up to its end and on every edit an adapter made at
 those positions: an edited position changes its own hidden states and, through attention, all later
 ones. So block i's key chains block i-1's key with block i's token ids and the positions inside it
-that each intervention edits, and the chain starts from the adapter's identity (the loaded object's
-serial: a reloaded adapter or a new version starts a new chain). Two sequences share a block only
-when their whole prefixes up to it were computed identically: an edited prefix is never shared
-with an unedited one, nor with a prefix of the same tokens edited at other positions (a longer
-prompt moves its last-l positions). BLAKE2b keeps collisions out of the question.
+that each intervention edits, and the chain starts from the adapter's identity (its content digest: a
+reloaded adapter continues its chain, a new version with new weights starts another). Two sequences
+share a block only when their whole prefixes up to it were computed identically: an edited prefix is
+never shared with an unedited one, nor with a prefix of the same tokens edited at other positions (a
+longer prompt moves its last-l positions). BLAKE2b keeps collisions out of the question.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from server.engine.sequence import Sequence
 def chain_root(seq: Sequence) -> bytes:
     if seq.adapter is None:
         return b"base"
-    return f"adapter {seq.adapter.serial}".encode()
+    return f"adapter {seq.adapter.digest}".encode()
 
 
 def block_key(parent: bytes, tokens: list[int], edits: list[list[int]]) -> bytes:

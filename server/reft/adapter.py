@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass
 
 import torch
 
@@ -11,7 +11,15 @@ from server.adapters.format import AdapterConfig, AdapterFile
 from server.reft.interventions import INTERVENTION_TYPES, Intervention, activation, cast_params
 from server.reft.positions import PositionSpec, intervention_positions
 
-_serials = itertools.count()
+
+def content_digest(adapter: AdapterFile) -> str:
+    """A digest of what the adapter computes: its config and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.blake2b(adapter.config.to_json().encode(), digest_size=16)
+    for name in sorted(adapter.tensors):
+        tensor = adapter.tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}".encode())
+        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass(eq=False)
@@ -22,8 +30,9 @@ class Adapter:
     spec: PositionSpec
     layers: dict[int, list[Intervention]]  # layer -> interventions by index (#0, #1)
     nbytes: int
-    # unique per loaded object: KV computed with one adapter object is only ever reused for it
-    serial: int = field(init=False, default_factory=lambda: next(_serials))
+    # what it computes, by content: the prefix cache shares K/V only between equal digests, so a
+    # reloaded adapter reuses its cached prefixes and a new version never does
+    digest: str
 
     @property
     def key(self) -> str:
@@ -55,4 +64,4 @@ class Adapter:
             for layer in config.layers
         }
         nbytes = sum(t.numel() * t.element_size() for ivs in layers.values() for iv in ivs for t in iv.params.values())
-        return cls(name, version, config, config.position_spec, layers, nbytes)
+        return cls(name, version, config, config.position_spec, layers, nbytes, content_digest(adapter))
