@@ -53,7 +53,8 @@ def build_state(settings: Settings, model_path: str, model=None, tokenizer=None)
     metrics = Metrics()
     engine_config = EngineConfig(
         block_size=settings.block_size,
-        kv_cache_bytes=int(settings.kv_cache_memory),
+        kv_cache_bytes=None if settings.kv_cache_memory == "auto" else int(settings.kv_cache_memory),
+        gpu_memory_utilization=settings.gpu_memory_utilization,
         max_num_seqs=settings.max_num_seqs,
         max_batched_tokens=settings.max_batched_tokens,
         max_model_len=settings.max_model_len,

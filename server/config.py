@@ -34,7 +34,14 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on")
 
     # engine
-    kv_cache_memory: ByteSize = Field(ByteSize(512 * 2**20), description="KV cache budget, e.g. 512MiB or 20GiB")
+    kv_cache_memory: ByteSize | Literal["auto"] = Field(
+        "auto",
+        description="KV cache budget, e.g. 512MiB or 20GiB; auto = on a GPU what gpu_memory_utilization leaves after "
+        "the weights and a warm-up step, on a CPU 512MiB",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of the GPU's memory the server may use (with kv_cache_memory auto)"
+    )
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block")
     max_num_seqs: int = Field(64, ge=1, description="Requests in the running batch at most")
     max_batched_tokens: int = Field(512, ge=1, description="Tokens per engine step (prefill is chunked to fit)")

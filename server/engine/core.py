@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from server.engine.kv_cache import KVCache, KVLayout
-from server.engine.model_runner import ModelRunner
+from server.engine.memory import auto_kv_budget
+from server.engine.model_runner import ModelRunner, StepResult
 from server.engine.sampler import Sample, Sampler
-from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.sequence import FinishReason, Sequence, SequenceStatus
+from server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from server.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16
-    kv_cache_bytes: int = 512 * 2**20  # the KV pool's memory budget
+    kv_cache_bytes: int | None = None  # the KV pool's memory budget; None = sized from the device (memory.py)
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory the server may use, with kv_cache_bytes None
     num_blocks: int | None = None  # overrides kv_cache_bytes when set
     max_num_seqs: int = 64
     max_batched_tokens: int = 512  # per step; prefills are chunked to fit
@@ -60,8 +62,12 @@ class EngineCore:
         if config.num_blocks is not None:
             self.kv = KVCache(layout, config.num_blocks, config.block_size, device, config.prefix_caching)
         else:
+            budget = config.kv_cache_bytes
+            if budget is None:
+                warm_up = lambda: self._warm_up_step(model, layout, config)  # noqa: E731
+                budget = auto_kv_budget(model, warm_up, config.gpu_memory_utilization)
             self.kv = KVCache.from_budget(
-                layout, config.kv_cache_bytes, config.block_size, device, prefix_caching=config.prefix_caching
+                layout, budget, config.block_size, device, prefix_caching=config.prefix_caching
             )
         self.max_model_len = self._context_window(model, config)
         self.scheduler = Scheduler(self.kv, SchedulerConfig(config.max_num_seqs, config.max_batched_tokens))
@@ -70,6 +76,17 @@ class EngineCore:
         self.eos_token_ids = eos_token_ids
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None
+
+    @staticmethod
+    def _warm_up_step(model: nn.Module, layout: KVLayout, config: EngineConfig) -> StepResult:
+        """One prefill of the largest step the scheduler can make, in a pool of its own."""
+        window = getattr(model.config, "max_position_embeddings", None) or config.max_batched_tokens
+        tokens = min(config.max_batched_tokens, window)
+        device = next(model.parameters()).device
+        kv = KVCache(layout, -(-tokens // config.block_size), config.block_size, device, prefix_caching=False)
+        seq = Sequence("warm-up", [0] * tokens, SamplingParams(max_new_tokens=1))
+        kv.allocate(seq, tokens)
+        return ModelRunner(model, kv).run([ScheduledChunk(seq, 0, tokens)])
 
     def _context_window(self, model: nn.Module, config: EngineConfig) -> int:
         """max_model_len: as configured, or the model's window capped by what the KV pool holds."""
