@@ -182,9 +182,17 @@ def adapters_command(args: argparse.Namespace) -> int:
 
 def add_adapters_parser(subparsers) -> None:
     parser = subparsers.add_parser("adapters", help="manage an adapter store directory")
-    parser.add_argument("--store", default="adapters_store", type=Path, help="store directory (default adapters_store)")
+    store_help = "store directory (default adapters_store)"
+    parser.add_argument("--store", default=Path("adapters_store"), type=Path, help=store_help)
+    # users type --store after the action too; SUPPRESS keeps the action's parser from resetting the value
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--store", default=argparse.SUPPRESS, type=Path, help=store_help)
     actions = parser.add_subparsers(dest="action", required=True)
-    imp = actions.add_parser("import-pyreft", help="import a pyreft/pyvene checkpoint directory")
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        return actions.add_parser(name, help=help_text, parents=[after])
+
+    imp = action("import-pyreft", "import a pyreft/pyvene checkpoint directory")
     imp.add_argument("directory", type=Path)
     imp.add_argument("--name", required=True)
     imp.add_argument("--positions", required=True, help="positions it was trained with, e.g. f7+l7")
@@ -194,12 +202,12 @@ def add_adapters_parser(subparsers) -> None:
     imp.add_argument("--layers", default=None, help="e.g. 8;16 (only without config.json)")
     imp.add_argument("--rank", type=int, default=None, help="(only without config.json)")
     imp.add_argument("--base-model", default=None, help="recorded in the adapter's metadata")
-    actions.add_parser("list", help="list adapters")
-    show = actions.add_parser("show", help="show one adapter's versions")
+    action("list", "list adapters")
+    show = action("show", "show one adapter's versions")
     show.add_argument("name")
-    delete = actions.add_parser("delete", help="delete an adapter")
+    delete = action("delete", "delete an adapter")
     delete.add_argument("name")
-    current = actions.add_parser("set-current", help="serve another version (roll back)")
+    current = action("set-current", "serve another version (roll back)")
     current.add_argument("name")
     current.add_argument("version", type=int)
     parser.set_defaults(handler=adapters_command)
