@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from server.adapters.format import AdapterError, AdapterFile, ModelShape, validate
-from server.adapters.store import AdapterStore, NotFound, check_name
+from server.adapters.store import MAX_VERSION, AdapterStore, NotFound, check_name
 from server.metrics import Metrics
 from server.reft.adapter import Adapter
 
@@ -41,8 +41,8 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     check_name(name)
     if not version:
         return name, None
-    if not version.isdigit() or int(version) < 1:
-        raise ValueError(f"invalid adapter version in {ref!r}: use name@<positive integer>")
+    if not (version.isascii() and version.isdigit() and len(version) <= len(str(MAX_VERSION))) or int(version) < 1:
+        raise ValueError(f"invalid adapter version in {ref[:100]!r}: use name@<integer from 1 to {MAX_VERSION}>")
     return name, int(version)
 
 

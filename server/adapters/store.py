@@ -25,8 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: "$" would accept "abc\n"
 VERSION_SUFFIX = ".safetensors"
+MAX_VERSION = 10**9 - 1  # file names hold 6+ digits; a bound keeps absurd numbers away from the filesystem
 STALE_TMP_SECONDS = 3600
 
 
@@ -44,7 +45,7 @@ class NotFound(StoreError, KeyError):
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise InvalidName(
             f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -99,6 +100,8 @@ class AdapterStore:
         return self.root / check_name(name)
 
     def _version_path(self, name: str, version: int) -> Path:
+        if not 1 <= version <= MAX_VERSION:
+            raise NotFound(f"adapter {name!r} has no version {version}")
         return self._dir(name) / "versions" / f"{version:06d}{VERSION_SUFFIX}"
 
     @contextlib.contextmanager
@@ -114,10 +117,16 @@ class AdapterStore:
         return self.root / ".tmp" / f"{uuid.uuid4().hex}.part"
 
     def _clean_stale_tmp(self) -> None:
+        """Remove what crashed writers left: partial files and the trash directories of deletes
+        interrupted between their rename and their rmtree. Best effort: never stops a startup."""
         cutoff = time.time() - STALE_TMP_SECONDS
         for path in (self.root / ".tmp").iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < cutoff:
+            with contextlib.suppress(OSError):
+                if path.lstat().st_mtime >= cutoff:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
                     path.unlink()
 
     # -- reading ---------------------------------------------------------------------------------
@@ -125,7 +134,7 @@ class AdapterStore:
         """Served names: directories with a readable `current` pointer."""
         found = []
         for entry in self.root.iterdir():
-            if not entry.name.startswith(".") and NAME_PATTERN.match(entry.name) and (entry / "current").exists():
+            if not entry.name.startswith(".") and NAME_PATTERN.fullmatch(entry.name) and (entry / "current").exists():
                 found.append(entry.name)
         return sorted(found)
 
