@@ -16,6 +16,7 @@ import torch
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
+from server.adapters.precondition_args import add_precondition_arguments
 from server.config import Settings
 from server.training.cli import add_train_arguments, run_train
 
@@ -128,10 +129,12 @@ def _say(message: str) -> None:
 # -- adapters ----------------------------------------------------------------------------------------
 def adapters_command(args: argparse.Namespace) -> int:
     from server.adapters.format import AdapterError, read_config
+    from server.adapters.precondition_args import PRECONDITION_EXIT_CODE, precondition_from_args
     from server.adapters.pyreft import import_pyreft
-    from server.adapters.store import AdapterStore, InvalidName, NotFound
+    from server.adapters.store import AdapterStore, InvalidName, NotFound, PreconditionFailed
 
     store = AdapterStore(args.store)
+    condition = precondition_from_args(args) if hasattr(args, "if_version") else None
     try:
         if args.action == "import-pyreft":
             layers = [int(x) for x in args.layers.replace(";", ",").split(",")] if args.layers else None
@@ -145,7 +148,7 @@ def adapters_command(args: argparse.Namespace) -> int:
                 rank=args.rank,
                 base_model=args.base_model or "",
             )
-            version = store.publish(args.name, adapter.to_bytes())
+            version = store.publish(args.name, adapter.to_bytes(), precondition=condition)
             print(json.dumps({"name": args.name, "version": version, **json.loads(adapter.config.to_json())}))
         elif args.action == "list":
             for name in store.names():
@@ -169,11 +172,14 @@ def adapters_command(args: argparse.Namespace) -> int:
                 )
             print(json.dumps({"name": info.name, "current_version": info.current, "versions": versions}, indent=2))
         elif args.action == "delete":
-            store.delete(args.name)
+            store.delete(args.name, condition)
             print(f"deleted {args.name}")
         elif args.action == "set-current":
-            store.set_current(args.name, args.version)
+            store.set_current(args.name, args.version, condition)
             print(f"{args.name} now serves version {args.version}")
+    except PreconditionFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return PRECONDITION_EXIT_CODE
     except (AdapterError, InvalidName, NotFound) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -202,14 +208,17 @@ def add_adapters_parser(subparsers) -> None:
     imp.add_argument("--layers", default=None, help="e.g. 8;16 (only without config.json)")
     imp.add_argument("--rank", type=int, default=None, help="(only without config.json)")
     imp.add_argument("--base-model", default=None, help="recorded in the adapter's metadata")
+    add_precondition_arguments(imp, creates=True)
     action("list", "list adapters")
     show = action("show", "show one adapter's versions")
     show.add_argument("name")
     delete = action("delete", "delete an adapter")
     delete.add_argument("name")
+    add_precondition_arguments(delete, creates=False)
     current = action("set-current", "serve another version (roll back)")
     current.add_argument("name")
     current.add_argument("version", type=int)
+    add_precondition_arguments(current, creates=False)
     parser.set_defaults(handler=adapters_command)
 
 

@@ -5,7 +5,15 @@ import time
 
 import pytest
 
-from server.adapters.store import MAX_VERSION, STALE_TMP_SECONDS, AdapterStore, InvalidName, NotFound
+from server.adapters.store import (
+    MAX_VERSION,
+    STALE_TMP_SECONDS,
+    AdapterStore,
+    InvalidName,
+    NotFound,
+    Precondition,
+    PreconditionFailed,
+)
 from server.tiny_models import random_adapter_file
 
 
@@ -47,3 +55,60 @@ def test_stale_leftovers_of_crashed_writers_and_deletes_are_removed_at_start(tmp
         os.utime(path, (old, old))
     AdapterStore(tmp_path)  # a replica starting on this store
     assert sorted(p.name for p in tmp.iterdir()) == ["fresh.part"]
+
+
+RMW_WRITER = """
+import os, sys, time
+from server.adapters.store import AdapterStore, Precondition, PreconditionFailed
+store, data = AdapterStore(sys.argv[1]), open(sys.argv[2], "rb").read()
+while not os.path.exists(sys.argv[4]):  # start together, so that the writers really contend
+    time.sleep(0.01)
+for _ in range(int(sys.argv[3])):
+    seen = store.current("shared")
+    try:
+        print("won", seen, store.publish("shared", data, precondition=Precondition(version=seen)), flush=True)
+    except PreconditionFailed as e:
+        print("lost", seen, e.current, flush=True)
+"""
+
+
+def test_read_modify_write_across_processes_never_overwrites_silently(tmp_path):
+    import subprocess
+    import sys
+
+    store = AdapterStore(tmp_path / "store")
+    store.publish("shared", data(0))
+    payload = tmp_path / "a.safetensors"
+    payload.write_bytes(data(1))
+    go = tmp_path / "go"
+    command = [sys.executable, "-c", RMW_WRITER, str(store.root), str(payload), "15", str(go)]
+    writers = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    go.touch()
+    lines = [line.split() for writer in writers for line in writer.communicate(timeout=120)[0].splitlines()]
+    won = [(int(seen), int(made)) for kind, seen, made in lines if kind == "won"]
+    lost = [(int(seen), int(now)) for kind, seen, now in lines if kind == "lost"]
+    assert len(won) + len(lost) == 60 and won and lost
+    assert all(made == seen + 1 for seen, made in won), "a winner built on exactly the version it read"
+    assert sorted(seen for seen, _ in won) == list(range(1, len(won) + 1)), "each version was replaced exactly once"
+    assert all(now > seen for seen, now in lost), "a loser's version had moved on"
+    assert store.versions("shared") == list(range(1, len(won) + 2))
+
+
+def test_preconditions_on_roll_back_and_delete(tmp_path):
+    store = AdapterStore(tmp_path)
+    with pytest.raises(PreconditionFailed, match="absent"):
+        store.publish("x", data(0), precondition=Precondition(version=1))
+    with pytest.raises(PreconditionFailed, match="absent"):
+        store.publish("x", data(0), precondition=Precondition(exists=True))
+    assert store.publish("x", data(0), precondition=Precondition(exists=False)) == 1
+    with pytest.raises(PreconditionFailed, match="at version 1"):
+        store.publish("x", data(1), precondition=Precondition(exists=False))
+    assert store.publish("x", data(1), precondition=Precondition(version=1)) == 2
+    with pytest.raises(PreconditionFailed):
+        store.set_current("x", 1, Precondition(version=1))
+    store.set_current("x", 1, Precondition(version=2))
+    with pytest.raises(PreconditionFailed) as failed:
+        store.delete("x", Precondition(version=2))
+    assert failed.value.current == 1 and store.current("x") == 1
+    store.delete("x", Precondition(version=1))
+    assert store.names() == [] and store.versions("x") == []
