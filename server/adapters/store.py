@@ -197,6 +197,14 @@ class AdapterStore:
                 versions.append(VersionInfo(number, stat.st_size, stat.st_mtime, path))
         return NameInfo(name, current, tuple(versions))
 
+    def version_info(self, name: str, version: int) -> VersionInfo:
+        path = self._version_path(name, version)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise NotFound(f"adapter {name!r} has no version {version}") from None
+        return VersionInfo(version, stat.st_size, stat.st_mtime, path)
+
     def read(self, name: str, version: int | None = None) -> tuple[int, bytes]:
         """(version, bytes) of `version`, or of the current one."""
         number = self.current(name) if version is None else version

@@ -1,7 +1,9 @@
 """The admin API under /v1/adapters: upload, import from pyreft, list, show, roll back, delete.
 
 Every route needs the admin bearer token. Uploads are validated against the served model before
-anything is written; a rejected upload leaves the store exactly as it was.
+anything is written (shapes, and the base-model fingerprint when the adapter records one); a
+rejected upload leaves the store exactly as it was. Writes take If-Match / If-None-Match
+(server/api/preconditions.py).
 """
 
 from __future__ import annotations
@@ -13,17 +15,26 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Header, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Response, UploadFile
 from safetensors.torch import load as load_safetensors
 
 from server.adapters.archive import ArchiveError, unpack_checkpoint
+from server.adapters.fingerprint import fingerprint_status
 from server.adapters.format import AdapterError, AdapterFile, ModelShape, config_from_dict, read_config, validate
 from server.adapters.pyreft import import_pyreft
+from server.adapters.registry import VersionFacts
 from server.adapters.store import InvalidName, NameInfo, NotFound, Precondition, PreconditionFailed, check_name
 from server.api.deps import AppState, State, require_admin
 from server.api.errors import APIError
 from server.api.preconditions import PRECONDITION_RESPONSES, etag, failed, precondition
-from server.api.schemas import AdapterDetail, AdapterSummary, PublishResponse, SetCurrentRequest, VersionSummary
+from server.api.schemas import (
+    AdapterDetail,
+    AdapterSummary,
+    PublishResponse,
+    ResidentAdapter,
+    SetCurrentRequest,
+    VersionSummary,
+)
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters (admin)"], dependencies=[Depends(require_admin)])
 IfMatch = Annotated[
@@ -66,6 +77,10 @@ def _version_summary(state: AppState, name: str, info) -> VersionSummary:
             "positions": config.positions,
             "share_weights": config.share_weights,
             "loaded": state.registry.is_resident(name, info.version),
+            "base_model": config.base_model,
+            "base_model_fingerprint": config.base_model_fingerprint,
+            "fingerprint_status": fingerprint_status(config.base_model_fingerprint, state.registry.fingerprint),
+            "provenance": config.provenance,
         }
     )
 
@@ -83,6 +98,7 @@ def _detail(state: AppState, info: NameInfo) -> AdapterDetail:
         rank=current.rank if current else None,
         positions=current.positions if current else None,
         loaded=bool(current and current.loaded),
+        fingerprint_status=current.fingerprint_status if current else None,
         details=versions,
     )
 
@@ -100,11 +116,16 @@ async def _publish(
     if not adapter.config.base_model:
         adapter.config = dataclasses.replace(adapter.config, base_model=state.model_name)
     payload = adapter.to_bytes()
+
+    def publish() -> tuple[int, float]:
+        version = state.store.publish(name, payload, precondition=condition)
+        return version, state.store.version_info(name, version).created
+
     try:
-        version = await asyncio.to_thread(state.store.publish, name, payload, precondition=condition)
+        version, created = await asyncio.to_thread(publish)
     except PreconditionFailed as e:
         raise failed(e, condition) from None
-    state.registry.published(name, version)
+    state.registry.published(name, version, VersionFacts(created, adapter.config.base_model_fingerprint))
     response.headers["ETag"] = etag(version)
     config = adapter.config
     return PublishResponse(
@@ -112,9 +133,24 @@ async def _publish(
     )
 
 
-@router.get("", response_model=list[AdapterSummary])
-async def list_adapters(state: State):
-    """Every adapter: versions, current version, size, type, layers, rank, loaded or not."""
+def _check_base_model(state: AppState, adapter: AdapterFile, allow_foreign: bool) -> None:
+    """A 422 naming both fingerprints for an adapter trained on another checkpoint, unless allowed."""
+    foreign = None if allow_foreign else state.registry.foreign_error(adapter.config.base_model_fingerprint)
+    if foreign:
+        raise APIError(422, f"adapter rejected: {foreign}", param="base_model_fingerprint")
+
+
+@router.get("", response_model=list[AdapterSummary] | list[ResidentAdapter])
+async def list_adapters(
+    state: State,
+    resident: Annotated[
+        bool, Query(description="List what this replica holds in memory: versions, bytes, loads, last use")
+    ] = False,
+):
+    """Every adapter: versions, current version, size, type, layers, rank, loaded or not, fingerprint
+    status. With `resident=true`, the adapter versions resident in this replica instead."""
+    if resident:
+        return [ResidentAdapter(**dataclasses.asdict(r)) for r in state.registry.resident_report()]
     names = await asyncio.to_thread(state.store.names)
     details = []
     for name in names:
@@ -141,6 +177,9 @@ async def upload_adapter(
     state: State,
     response: Response,
     metadata: Annotated[str | None, Form(description="Adapter config as JSON, when the file's header has none")] = None,
+    allow_foreign: Annotated[
+        bool, Form(description="Accept an adapter trained on another base model (fingerprint differs)")
+    ] = False,
     if_match: IfMatch = None,
     if_none_match: IfNoneMatch = None,
 ):
@@ -167,6 +206,7 @@ async def upload_adapter(
         validate(adapter, ModelShape.of(state.model))
     except AdapterError as e:
         raise _rejected(e) from None
+    _check_base_model(state, adapter, allow_foreign)
     return await _publish(state, name, adapter, response, condition)
 
 
