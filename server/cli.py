@@ -128,7 +128,8 @@ def _say(message: str) -> None:
 
 # -- adapters ----------------------------------------------------------------------------------------
 def adapters_command(args: argparse.Namespace) -> int:
-    from server.adapters.format import AdapterError, read_config
+    from server.adapters.diff import diff_adapters
+    from server.adapters.format import AdapterError, AdapterFile, read_config
     from server.adapters.precondition_args import PRECONDITION_EXIT_CODE, precondition_from_args
     from server.adapters.pyreft import import_pyreft
     from server.adapters.store import AdapterStore, InvalidName, NotFound, PreconditionFailed
@@ -148,6 +149,8 @@ def adapters_command(args: argparse.Namespace) -> int:
                 rank=args.rank,
                 base_model=args.base_model or "",
             )
+            if args.model is not None:
+                adapter = _with_base_model(adapter, args.model)
             version = store.publish(args.name, adapter.to_bytes(), precondition=condition)
             print(json.dumps({"name": args.name, "version": version, **json.loads(adapter.config.to_json())}))
         elif args.action == "list":
@@ -171,6 +174,11 @@ def adapters_command(args: argparse.Namespace) -> int:
                     }
                 )
             print(json.dumps({"name": info.name, "current_version": info.current, "versions": versions}, indent=2))
+        elif args.action == "diff":
+            (first, a), (second, b) = _version_ref(args.first), _version_ref(args.second)
+            old = AdapterFile.from_bytes(store.read(first, a)[1], ignore_unknown=True)
+            new = AdapterFile.from_bytes(store.read(second, b)[1], ignore_unknown=True)
+            print(json.dumps({"first": args.first, "second": args.second, **diff_adapters(old, new)}, indent=2))
         elif args.action == "delete":
             store.delete(args.name, condition)
             print(f"deleted {args.name}")
@@ -180,10 +188,37 @@ def adapters_command(args: argparse.Namespace) -> int:
     except PreconditionFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return PRECONDITION_EXIT_CODE
-    except (AdapterError, InvalidName, NotFound) as e:
+    except (AdapterError, InvalidName, NotFound, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _version_ref(ref: str) -> tuple[str, int]:
+    from server.adapters.registry import parse_ref
+
+    name, version = parse_ref(ref)
+    if version is None:
+        raise ValueError(f"{ref!r}: give a version, as in {ref}@1")
+    return name, version
+
+
+def _with_base_model(adapter, model_path: Path):
+    """The adapter checked against the model it was trained on, with that model's fingerprint."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from server.adapters.fingerprint import model_fingerprint
+    from server.adapters.format import ModelShape, validate
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)  # bf16: half the memory, same hash
+    validate(adapter, ModelShape.of(model))
+    config = dataclasses.replace(adapter.config, base_model_fingerprint=model_fingerprint(model))
+    if not config.base_model:
+        config = dataclasses.replace(config, base_model=str(model_path))
+    adapter.config = config
+    return adapter
 
 
 def add_adapters_parser(subparsers) -> None:
@@ -208,10 +243,19 @@ def add_adapters_parser(subparsers) -> None:
     imp.add_argument("--layers", default=None, help="e.g. 8;16 (only without config.json)")
     imp.add_argument("--rank", type=int, default=None, help="(only without config.json)")
     imp.add_argument("--base-model", default=None, help="recorded in the adapter's metadata")
+    imp.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="the base model directory it was trained on: checks the shapes and records its fingerprint",
+    )
     add_precondition_arguments(imp, creates=True)
     action("list", "list adapters")
     show = action("show", "show one adapter's versions")
     show.add_argument("name")
+    diff = action("diff", "compare two versions: config, provenance, relative parameter change")
+    diff.add_argument("first", help="NAME@VERSION")
+    diff.add_argument("second", help="NAME@VERSION")
     delete = action("delete", "delete an adapter")
     delete.add_argument("name")
     add_precondition_arguments(delete, creates=False)

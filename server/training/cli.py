@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from server.adapters.precondition_args import (
 from server.adapters.store import AdapterStore, Precondition, PreconditionFailed
 from server.reft.interventions import INTERVENTION_TYPES
 from server.training.data import load_examples
+from server.training.provenance import file_sha256, training_provenance
 from server.training.trainer import Progress, TrainResult, train_adapter
 
 
@@ -95,6 +97,7 @@ def _train(args: argparse.Namespace) -> tuple[TrainResult, str]:
 
     _check_precondition_early(args)  # hours of training must not end in a refused publish that was foreseeable
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data_sha256 = file_sha256(args.data)  # before parsing: the bytes trained on, even if the file changes later
     examples = load_examples(args.data, tokenizer)  # bad data fails before the model loads
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
     bar = ProgressBar(sys.stderr)
@@ -116,6 +119,8 @@ def _train(args: argparse.Namespace) -> tuple[TrainResult, str]:
         base_model=str(args.model),
     )
     bar.close()
+    provenance = training_provenance(args, result, len(examples), data_sha256)
+    result.adapter.config = dataclasses.replace(result.adapter.config, provenance=provenance)
     return result, _write(result, args)
 
 
