@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -119,7 +120,10 @@ async def _publish(
 
     def publish() -> tuple[int, float]:
         version = state.store.publish(name, payload, precondition=condition)
-        return version, state.store.version_info(name, version).created
+        try:
+            return version, state.store.version_info(name, version).created
+        except NotFound:  # another writer deleted the name at once: nothing to describe
+            return version, time.time()
 
     try:
         version, created = await asyncio.to_thread(publish)
