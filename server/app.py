@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI
 
+from server.adapters.fingerprint import model_fingerprint
 from server.adapters.format import ModelShape
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
@@ -73,6 +74,11 @@ def build_state(settings: Settings, model_path: str, model=None, tokenizer=None)
         max_count=settings.max_resident_adapters,
         sync_interval=settings.store_sync_interval,
         metrics=metrics,
+        fingerprint=model_fingerprint(model),
+        allow_foreign=settings.allow_foreign_adapters,
+    )
+    metrics.watch_residents(
+        lambda: [(r.name, r.version) for r in registry.resident_report()], settings.max_resident_adapters
     )
     return AppState(settings, served_name(settings, model_path), model, tokenizer, engine, store, registry, metrics)
 

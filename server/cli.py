@@ -16,6 +16,7 @@ import torch
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
+from server.adapters.precondition_args import add_precondition_arguments
 from server.config import Settings
 from server.training.cli import add_train_arguments, run_train
 
@@ -127,11 +128,14 @@ def _say(message: str) -> None:
 
 # -- adapters ----------------------------------------------------------------------------------------
 def adapters_command(args: argparse.Namespace) -> int:
-    from server.adapters.format import AdapterError, read_config
+    from server.adapters.diff import diff_adapters
+    from server.adapters.format import AdapterError, AdapterFile, read_config
+    from server.adapters.precondition_args import PRECONDITION_EXIT_CODE, precondition_from_args
     from server.adapters.pyreft import import_pyreft
-    from server.adapters.store import AdapterStore, InvalidName, NotFound
+    from server.adapters.store import AdapterStore, InvalidName, NotFound, PreconditionFailed
 
     store = AdapterStore(args.store)
+    condition = precondition_from_args(args) if hasattr(args, "if_version") else None
     try:
         if args.action == "import-pyreft":
             layers = [int(x) for x in args.layers.replace(";", ",").split(",")] if args.layers else None
@@ -145,7 +149,9 @@ def adapters_command(args: argparse.Namespace) -> int:
                 rank=args.rank,
                 base_model=args.base_model or "",
             )
-            version = store.publish(args.name, adapter.to_bytes())
+            if args.model is not None:
+                adapter = _with_base_model(adapter, args.model)
+            version = store.publish(args.name, adapter.to_bytes(), precondition=condition)
             print(json.dumps({"name": args.name, "version": version, **json.loads(adapter.config.to_json())}))
         elif args.action == "list":
             for name in store.names():
@@ -168,23 +174,66 @@ def adapters_command(args: argparse.Namespace) -> int:
                     }
                 )
             print(json.dumps({"name": info.name, "current_version": info.current, "versions": versions}, indent=2))
+        elif args.action == "diff":
+            (first, a), (second, b) = _version_ref(args.first), _version_ref(args.second)
+            old = AdapterFile.from_bytes(store.read(first, a)[1], ignore_unknown=True)
+            new = AdapterFile.from_bytes(store.read(second, b)[1], ignore_unknown=True)
+            print(json.dumps({"first": args.first, "second": args.second, **diff_adapters(old, new)}, indent=2))
         elif args.action == "delete":
-            store.delete(args.name)
+            store.delete(args.name, condition)
             print(f"deleted {args.name}")
         elif args.action == "set-current":
-            store.set_current(args.name, args.version)
+            store.set_current(args.name, args.version, condition)
             print(f"{args.name} now serves version {args.version}")
-    except (AdapterError, InvalidName, NotFound) as e:
+    except PreconditionFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return PRECONDITION_EXIT_CODE
+    except (AdapterError, InvalidName, NotFound, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
+def _version_ref(ref: str) -> tuple[str, int]:
+    from server.adapters.registry import parse_ref
+
+    name, version = parse_ref(ref)
+    if version is None:
+        raise ValueError(f"{ref!r}: give a version, as in {ref}@1")
+    return name, version
+
+
+def _with_base_model(adapter, model_path: Path):
+    """The adapter checked against the model it was trained on, with that model's fingerprint."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from server.adapters.fingerprint import model_fingerprint
+    from server.adapters.format import ModelShape, validate
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)  # bf16: half the memory, same hash
+    validate(adapter, ModelShape.of(model))
+    config = dataclasses.replace(adapter.config, base_model_fingerprint=model_fingerprint(model))
+    if not config.base_model:
+        config = dataclasses.replace(config, base_model=str(model_path))
+    adapter.config = config
+    return adapter
+
+
 def add_adapters_parser(subparsers) -> None:
     parser = subparsers.add_parser("adapters", help="manage an adapter store directory")
-    parser.add_argument("--store", default="adapters_store", type=Path, help="store directory (default adapters_store)")
+    store_help = "store directory (default adapters_store)"
+    parser.add_argument("--store", default=Path("adapters_store"), type=Path, help=store_help)
+    # users type --store after the action too; SUPPRESS keeps the action's parser from resetting the value
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--store", default=argparse.SUPPRESS, type=Path, help=store_help)
     actions = parser.add_subparsers(dest="action", required=True)
-    imp = actions.add_parser("import-pyreft", help="import a pyreft/pyvene checkpoint directory")
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        return actions.add_parser(name, help=help_text, parents=[after])
+
+    imp = action("import-pyreft", "import a pyreft/pyvene checkpoint directory")
     imp.add_argument("directory", type=Path)
     imp.add_argument("--name", required=True)
     imp.add_argument("--positions", required=True, help="positions it was trained with, e.g. f7+l7")
@@ -194,14 +243,26 @@ def add_adapters_parser(subparsers) -> None:
     imp.add_argument("--layers", default=None, help="e.g. 8;16 (only without config.json)")
     imp.add_argument("--rank", type=int, default=None, help="(only without config.json)")
     imp.add_argument("--base-model", default=None, help="recorded in the adapter's metadata")
-    actions.add_parser("list", help="list adapters")
-    show = actions.add_parser("show", help="show one adapter's versions")
+    imp.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="the base model directory it was trained on: checks the shapes and records its fingerprint",
+    )
+    add_precondition_arguments(imp, creates=True)
+    action("list", "list adapters")
+    show = action("show", "show one adapter's versions")
     show.add_argument("name")
-    delete = actions.add_parser("delete", help="delete an adapter")
+    diff = action("diff", "compare two versions: config, provenance, relative parameter change")
+    diff.add_argument("first", help="NAME@VERSION")
+    diff.add_argument("second", help="NAME@VERSION")
+    delete = action("delete", "delete an adapter")
     delete.add_argument("name")
-    current = actions.add_parser("set-current", help="serve another version (roll back)")
+    add_precondition_arguments(delete, creates=False)
+    current = action("set-current", "serve another version (roll back)")
     current.add_argument("name")
     current.add_argument("version", type=int)
+    add_precondition_arguments(current, creates=False)
     parser.set_defaults(handler=adapters_command)
 
 

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     adapter_memory: ByteSize = Field(ByteSize(2**30), description="Budget of resident adapters")
     max_resident_adapters: int = Field(1024, ge=1, description="Resident adapters at most")
     max_upload_size: ByteSize = Field(ByteSize(256 * 2**20), description="Largest adapter upload accepted")
+    allow_foreign_adapters: bool = Field(
+        False, description="Accept and serve adapters whose base-model fingerprint is another model's"
+    )
 
     # security
     admin_token: SecretStr | None = Field(None, description="Bearer token for the admin API (/v1/adapters)")

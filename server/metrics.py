@@ -7,7 +7,11 @@ histograms are unlabelled to keep cardinality bounded with thousands of adapters
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 disable_created_metrics()  # no *_created series: they double the output and no dashboard uses them
 
@@ -57,6 +61,12 @@ class Metrics:
         self.adapters_stored = Gauge("reft_adapters_stored", "Adapters in the store", registry=r)
         self.adapters_resident = Gauge("reft_adapters_resident", "Adapters loaded on the model's device", registry=r)
         self.adapter_resident_bytes = Gauge("reft_adapters_resident_bytes", "Bytes of resident adapters", registry=r)
+        self.adapters_foreign = Gauge(
+            "reft_adapters_foreign", "Stored adapters trained on another base model (fingerprint differs)", registry=r
+        )
+        self.adapters_unverified = Gauge(
+            "reft_adapters_unverified", "Stored adapters without a base-model fingerprint", registry=r
+        )
         self.adapter_load_seconds = Histogram(
             "reft_adapter_load_seconds", "Adapter load latency", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -64,5 +74,26 @@ class Metrics:
         self.adapter_cache_misses = Counter("reft_adapter_cache_misses", "Adapter lookups that loaded", registry=r)
         self.adapter_evictions = Counter("reft_adapter_evictions", "Adapters evicted from memory", registry=r)
 
+    def watch_residents(self, residents: Callable[[], list[tuple[str, int]]], max_series: int) -> None:
+        """Export `residents()` (name, version), most recently used first, as an info gauge of at
+        most `max_series` series: bounded cardinality however many adapters the store holds."""
+        self.registry.register(_ResidentInfo(residents, max_series))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ResidentInfo(Collector):
+    def __init__(self, residents: Callable[[], list[tuple[str, int]]], max_series: int):
+        self.residents = residents
+        self.max_series = max_series
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "reft_adapter_resident_info",
+            "1 per resident adapter version (the most recently used, at most --max-resident-adapters)",
+            labels=["adapter", "version"],
+        )
+        for name, version in self.residents()[: self.max_series]:
+            family.add_metric([name, str(version)], 1)
+        yield family

@@ -120,6 +120,16 @@ def test_upload_hot_swap_roll_back_delete(client, reference):
     assert again.json()["version"] == 3, "version numbers never repeat, so name@version stays unambiguous"
 
 
+def test_absurd_version_numbers_get_4xx_not_500(client):
+    upload(client, "pirate", adapter_bytes(3))
+    huge = "9" * 300
+    generated = client.post("/v1/generate", json={"prompt": "arr", "adapter": f"pirate@{huge}", "max_new_tokens": 1})
+    assert generated.status_code == 400 and "invalid adapter version" in error_of(generated)["message"]
+    rolled = client.put("/v1/adapters/pirate/current", json={"version": int(huge)}, headers=ADMIN)
+    assert rolled.status_code == 404 and "has no version" in error_of(rolled)["message"]
+    assert client.get("/v1/adapters/pirate", headers=ADMIN).json()["current_version"] == 1
+
+
 def test_listing_shows_versions_size_type_layers_rank_loaded(client):
     upload(client, "listed", adapter_bytes(5, kind="noreft", layers=(3,), rank=2))
     client.post("/v1/generate", json={"prompt": "load it", "adapter": "listed", "max_new_tokens": 1})

@@ -36,6 +36,36 @@ def test_adapters_import_list_show_set_current_delete(tmp_path, capsys):
     assert main(["adapters", "--store", store, "set-current", "bad/name", "1"]) == 2
 
 
+def test_store_flag_goes_before_or_after_the_action(tmp_path, capsys):
+    checkpoint = str(FIXTURE / "adapters" / "lo_l2_f1l1")
+    after = ["adapters", "import-pyreft", checkpoint, "--name", "lo", "--positions", "f1+l1", "--share-weights"]
+    assert main([*after, "--store", str(tmp_path / "after")]) == 0
+    assert main(["adapters", "--store", str(tmp_path / "before"), *after[1:]]) == 0
+    capsys.readouterr()
+    assert main(["adapters", "list", "--store", str(tmp_path / "after")]) == 0
+    assert capsys.readouterr().out.startswith("lo\tv1")
+    assert main(["adapters", "show", "lo", "--store", str(tmp_path / "before")]) == 0
+
+
+def test_conditional_writes_from_the_command_line(tmp_path, capsys):
+    store = ["--store", str(tmp_path / "store")]
+    imp = ["adapters", "import-pyreft", str(FIXTURE / "adapters" / "lo_l2_f1l1"), "--name", "lo"]
+    imp += ["--positions", "f1+l1", "--share-weights", *store]
+    assert main([*imp, "--if-absent"]) == 0
+    assert main([*imp, "--if-absent"]) == 3
+    assert "precondition failed: adapter 'lo' is at version 1" in capsys.readouterr().err
+    assert main([*imp, "--if-version", "2"]) == 3
+    assert main([*imp, "--if-version", "1"]) == 0
+    with pytest.raises(SystemExit):
+        main([*imp, "--if-version", "1", "--if-absent"])
+    assert main(["adapters", "set-current", "lo", "1", "--if-version", "1", *store]) == 3
+    assert main(["adapters", "set-current", "lo", "1", "--if-version", "2", *store]) == 0
+    assert main(["adapters", "delete", "lo", "--if-version", "2", *store]) == 3
+    assert main(["adapters", "delete", "lo", "--if-version", "1", *store]) == 0
+    capsys.readouterr()
+    assert main(["adapters", "list", *store]) == 0 and capsys.readouterr().out == ""
+
+
 def test_serve_has_a_flag_and_an_env_var_for_every_setting(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])

@@ -32,7 +32,7 @@ def run(coro):
 def test_parse_ref():
     assert parse_ref("name") == ("name", None)
     assert parse_ref("name@12") == ("name", 12)
-    for bad in ("name@0", "name@x", "name@-1"):
+    for bad in ("name@0", "name@x", "name@-1", "name@" + "9" * 300, "name@1000000000", "name@²"):
         with pytest.raises(ValueError):
             parse_ref(bad)
     with pytest.raises(InvalidName):

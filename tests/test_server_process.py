@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -159,6 +160,46 @@ def test_two_servers_on_one_store_see_each_others_changes(server, tiny_model_dir
 
         assert httpx.delete(f"{server.url}/v1/adapters/replicated", headers=ADMIN).status_code == 200
         wait_for(lambda: generate_on_b("replicated").status_code == 404, timeout=5)
+    finally:
+        other.stop()
+
+
+def test_two_servers_on_one_store_compare_and_swap(server, tiny_model_dir, store, tmp_path):
+    other = ServerProcess(
+        tmp_path / "cas.log", "--model", str(tiny_model_dir("llama")), "--store", str(store), *SERVE_ARGS
+    )
+    try:
+        urls = [server.url, other.url]
+        created = httpx.post(
+            f"{server.url}/v1/adapters/cas-shared",
+            files={"file": ("a.safetensors", adapter_bytes(5))},
+            headers={**ADMIN, "If-None-Match": "*"},
+        )
+        assert created.status_code == 201
+
+        def writer(index: int) -> list[tuple[int, int, int]]:
+            outcomes = []
+            for round_ in range(3):
+                url = urls[(index + round_) % 2]  # each writer alternates replicas
+                seen = httpx.get(f"{url}/v1/adapters/cas-shared", headers=ADMIN).headers["etag"]
+                response = httpx.post(
+                    f"{url}/v1/adapters/cas-shared",
+                    files={"file": ("a.safetensors", adapter_bytes(6))},
+                    headers={**ADMIN, "If-Match": seen},
+                    timeout=30,
+                )
+                outcomes.append((response.status_code, int(seen.strip('"')), int(response.headers["etag"].strip('"'))))
+            return outcomes
+
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = [o for result in pool.map(writer, range(4)) for o in result]
+        won = [(seen, made) for status, seen, made in outcomes if status == 201]
+        assert all(status in (201, 412) for status, _, _ in outcomes)
+        assert all(made == seen + 1 for seen, made in won)
+        assert sorted(seen for seen, _ in won) == list(range(1, len(won) + 1)), "no version replaced twice"
+        assert AdapterStore(store).versions("cas-shared") == list(range(1, len(won) + 2))
+        stale = httpx.delete(f"{other.url}/v1/adapters/cas-shared", headers={**ADMIN, "If-Match": '"1"'})
+        assert stale.status_code == 412 and stale.headers["etag"] == f'"{len(won) + 1}"'
     finally:
         other.stop()
 

@@ -53,6 +53,8 @@ class AdapterConfig:
     base_model: str = ""
     dtype: str = "float32"
     format_version: int = FORMAT_VERSION
+    base_model_fingerprint: str = ""  # server/adapters/fingerprint.py; "" = unverified
+    provenance: dict = field(default_factory=dict, compare=False)  # how it was made: data, arguments, losses
 
     @property
     def position_spec(self) -> PositionSpec:
@@ -63,19 +65,22 @@ class AdapterConfig:
         return interventions_per_layer(self.share_weights)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        # Empty additions stay out, so replicas older than them still read such adapters.
+        fields = {k: v for k, v in asdict(self).items() if v or k not in _OMITTED_WHEN_EMPTY}
+        return json.dumps(fields, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> AdapterConfig:
+    def from_json(cls, text: str, ignore_unknown: bool = False) -> AdapterConfig:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise AdapterError("metadata", f"not valid JSON ({e})") from None
         if not isinstance(raw, dict):
             raise AdapterError("metadata", "must be a JSON object")
-        return config_from_dict(raw)
+        return config_from_dict(raw, ignore_unknown)
 
 
+_OMITTED_WHEN_EMPTY = ("base_model_fingerprint", "provenance")
 _REQUIRED = ("type", "rank", "hidden_size", "layers", "positions")
 _FIELD_TYPES = {
     "type": str,
@@ -87,17 +92,23 @@ _FIELD_TYPES = {
     "base_model": str,
     "dtype": str,
     "format_version": int,
+    "base_model_fingerprint": str,
+    "provenance": dict,
 }
 
 
-def config_from_dict(raw: dict) -> AdapterConfig:
-    """Build and check an AdapterConfig from untrusted JSON-like data."""
+def config_from_dict(raw: dict, ignore_unknown: bool = False) -> AdapterConfig:
+    """Build and check an AdapterConfig from untrusted JSON-like data.
+
+    Uploads reject unknown fields (a typo must not pass silently); stored adapters are read with
+    `ignore_unknown`, so a replica still serves what a newer replica wrote (rolling upgrades)."""
     for name in _REQUIRED:
         if name not in raw:
             raise AdapterError(name, "missing")
     unknown = set(raw) - set(_FIELD_TYPES) - {"layers"}
-    if unknown:
+    if unknown and not ignore_unknown:
         raise AdapterError(sorted(unknown)[0], "unknown field")
+    raw = {key: value for key, value in raw.items() if key not in unknown}
     for name, kind in _FIELD_TYPES.items():
         value = raw.get(name)
         if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
@@ -178,11 +189,12 @@ class AdapterFile:
         Path(path).write_bytes(self.to_bytes())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> AdapterFile:
+    def from_bytes(cls, data: bytes, ignore_unknown: bool = False) -> AdapterFile:
+        """`ignore_unknown` for stored adapters, which newer code may have written (config_from_dict)."""
         metadata = _read_metadata(data)
         if METADATA_KEY not in metadata:
             raise AdapterError("metadata", f"the safetensors header has no {METADATA_KEY!r} metadata")
-        config = AdapterConfig.from_json(metadata[METADATA_KEY])
+        config = AdapterConfig.from_json(metadata[METADATA_KEY], ignore_unknown)
         try:
             tensors = load_safetensors(data)
         except Exception as e:  # the library raises several types for malformed files
@@ -195,7 +207,8 @@ class AdapterFile:
 
 
 def read_config(path: str | Path) -> AdapterConfig:
-    """The config of a stored adapter, from its header alone (no tensors read)."""
+    """The config of a stored adapter, from its header alone (no tensors read); fields this code
+    does not know (written by a newer version) are ignored."""
     with open(path, "rb") as f:
         prefix = f.read(8)
         header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
@@ -203,7 +216,7 @@ def read_config(path: str | Path) -> AdapterConfig:
     metadata = _read_metadata(data)
     if METADATA_KEY not in metadata:
         raise AdapterError("metadata", f"the safetensors header has no {METADATA_KEY!r} metadata")
-    return AdapterConfig.from_json(metadata[METADATA_KEY])
+    return AdapterConfig.from_json(metadata[METADATA_KEY], ignore_unknown=True)
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

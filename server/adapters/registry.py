@@ -6,7 +6,12 @@ count; only adapters no request holds are evicted. A request holds a Lease for i
 new version published meanwhile (hot swap) or a delete never changes what a running request uses.
 
 The catalog (name -> current version) follows the store: local admin changes update it at once,
-and a periodic sync picks up what other processes sharing the store published or deleted.
+and a periodic sync picks up what other processes sharing the store published or deleted. Each
+cataloged version's facts (creation time, base-model fingerprint) are read once from its header:
+versions are immutable, so the cache never goes stale.
+
+An adapter whose base-model fingerprint differs from the served model's was trained on another
+checkpoint: it is refused at load unless `allow_foreign` (deliberate cross-checkpoint use).
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from server.adapters.format import AdapterError, AdapterFile, ModelShape, validate
-from server.adapters.store import AdapterStore, NotFound, check_name
+from server.adapters.fingerprint import FOREIGN, UNVERIFIED, fingerprint_status
+from server.adapters.format import AdapterError, AdapterFile, ModelShape, read_config, validate
+from server.adapters.store import MAX_VERSION, AdapterStore, NotFound, check_name
 from server.metrics import Metrics
 from server.reft.adapter import Adapter
 
@@ -41,9 +47,27 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     check_name(name)
     if not version:
         return name, None
-    if not version.isdigit() or int(version) < 1:
-        raise ValueError(f"invalid adapter version in {ref!r}: use name@<positive integer>")
+    if not (version.isascii() and version.isdigit() and len(version) <= len(str(MAX_VERSION))) or int(version) < 1:
+        raise ValueError(f"invalid adapter version in {ref[:100]!r}: use name@<integer from 1 to {MAX_VERSION}>")
     return name, int(version)
+
+
+@dataclass(frozen=True)
+class VersionFacts:
+    """What the catalog knows of one stored version without loading it."""
+
+    created: float  # unix time of the publish
+    fingerprint: str  # of the base model it was trained on; "" = not recorded
+
+
+@dataclass(frozen=True)
+class ResidentReport:
+    name: str
+    version: int
+    bytes: int
+    loads: int  # times loaded from the store since this process started (reloads after eviction count)
+    last_used: float  # unix time
+    in_use: int  # requests holding it now
 
 
 @dataclass(eq=False)
@@ -51,6 +75,7 @@ class Resident:
     adapter: Adapter
     refs: int = 0
     retired: bool = False  # its name was deleted: drop it once nobody uses it
+    last_used: float = 0.0  # unix time of the last acquire
 
 
 class Lease:
@@ -83,6 +108,8 @@ class AdapterRegistry:
         max_count: int = 1024,
         sync_interval: float = 2.0,
         metrics: Metrics | None = None,
+        fingerprint: str = "",
+        allow_foreign: bool = False,
     ):
         self.store = store
         self.model = model
@@ -92,7 +119,11 @@ class AdapterRegistry:
         self.max_count = max_count
         self.sync_interval = sync_interval
         self.metrics = metrics
+        self.fingerprint = fingerprint  # the served model's
+        self.allow_foreign = allow_foreign
         self.catalog: dict[str, int] = {}
+        self.facts: dict[tuple[str, int], VersionFacts] = {}
+        self._loads: Counter[tuple[str, int]] = Counter()
         self._resident: OrderedDict[tuple[str, int], Resident] = OrderedDict()
         self._loading: dict[tuple[str, int], asyncio.Future[Resident]] = {}
         self._sync_task: asyncio.Task | None = None
@@ -100,20 +131,51 @@ class AdapterRegistry:
     # -- catalog ---------------------------------------------------------------------------------
     async def refresh(self) -> None:
         """Re-read every name's current version from the store (other processes' changes)."""
-        catalog = await asyncio.to_thread(self._scan)
+        catalog, facts = await asyncio.to_thread(self._scan)
         for name in set(self.catalog) - set(catalog):
             self._retire(name)
-        self.catalog = catalog
+        self.catalog, self.facts = catalog, facts
         self._report()
 
-    def _scan(self) -> dict[str, int]:
-        catalog = {}
+    def _scan(self) -> tuple[dict[str, int], dict[tuple[str, int], VersionFacts]]:
+        catalog, facts = {}, {}
         for name in self.store.names():
             try:
                 catalog[name] = self.store.current(name)
+                facts[name, catalog[name]] = self.version_facts(name, catalog[name])
             except NotFound:
-                continue  # deleted while we looked
-        return catalog
+                catalog.pop(name, None)  # deleted while we looked
+        return catalog, facts
+
+    def version_facts(self, name: str, version: int) -> VersionFacts:
+        """Cached; reads the version's header the first time (blocking: call it off the event loop)."""
+        known = self.facts.get((name, version))
+        if known is not None:
+            return known
+        info = self.store.version_info(name, version)
+        try:
+            fingerprint = read_config(info.path).base_model_fingerprint
+        except (AdapterError, OSError):
+            fingerprint = ""  # unreadable: its load will say why
+        return VersionFacts(info.created, fingerprint)
+
+    def served_versions(self) -> list[tuple[str, int, VersionFacts]]:
+        """(name, current version, its facts) for every cataloged name, sorted (blocking: reads headers)."""
+        served = []
+        for name, version in sorted(dict(self.catalog).items()):
+            try:
+                served.append((name, version, self.version_facts(name, version)))
+            except NotFound:
+                continue  # deleted since the last sync
+        return served
+
+    def fingerprint_counts(self) -> Counter[str]:
+        """How many cataloged adapters are verified, unverified or foreign (their current versions)."""
+        return Counter(
+            fingerprint_status(facts.fingerprint, self.fingerprint)
+            for (name, version), facts in self.facts.items()
+            if self.catalog.get(name) == version
+        )
 
     async def start(self) -> None:
         await self.refresh()
@@ -131,9 +193,11 @@ class AdapterRegistry:
             except Exception:  # a flaky volume must not stop the loop
                 log.exception("adapter store sync failed")
 
-    def published(self, name: str, version: int) -> None:
+    def published(self, name: str, version: int, facts: VersionFacts | None = None) -> None:
         """A local publish or roll back: serve `version` for `name` from now on."""
         self.catalog[name] = version
+        if facts is not None:
+            self.facts[name, version] = facts
         self._report()
 
     def deleted(self, name: str) -> None:
@@ -169,6 +233,7 @@ class AdapterRegistry:
         else:
             resident = await self._load_once(key)
         resident.refs += 1
+        resident.last_used = time.time()
         self._evict()
         return Lease(self, resident)
 
@@ -186,6 +251,7 @@ class AdapterRegistry:
                 self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
             resident = Resident(adapter)
             self._resident[key] = resident
+            self._loads[key] += 1
             self._report()
             future.set_result(resident)
             return resident
@@ -202,10 +268,13 @@ class AdapterRegistry:
         except NotFound as e:
             raise AdapterNotFound(str(e)) from None
         try:
-            adapter_file = AdapterFile.from_bytes(data)
+            adapter_file = AdapterFile.from_bytes(data, ignore_unknown=True)
             validate(adapter_file, self.model)
         except AdapterError as e:
             raise AdapterIncompatible(f"adapter {name}@{version} cannot be served: {e}") from None
+        foreign = self.foreign_error(adapter_file.config.base_model_fingerprint)
+        if foreign:
+            raise AdapterIncompatible(f"adapter {name}@{version} cannot be served: {foreign}")
         return Adapter.from_file(adapter_file, name=name, version=version, dtype=self.dtype, device=self.device)
 
     # -- residency -------------------------------------------------------------------------------
@@ -235,11 +304,31 @@ class AdapterRegistry:
     def resident_bytes(self) -> int:
         return sum(r.adapter.nbytes for r in self._resident.values())
 
+    def foreign_error(self, adapter_fingerprint: str) -> str | None:
+        """Why an adapter with this fingerprint must not be served here, or None if it may be."""
+        if self.allow_foreign or fingerprint_status(adapter_fingerprint, self.fingerprint) != FOREIGN:
+            return None
+        return (
+            f"it was trained on another base model: its base_model_fingerprint {adapter_fingerprint} differs from "
+            f"the served model's {self.fingerprint} (allow_foreign_adapters serves it anyway)"
+        )
+
     def is_resident(self, name: str, version: int) -> bool:
         return (name, version) in self._resident
 
+    def resident_report(self) -> list[ResidentReport]:
+        """Every resident adapter version, most recently used first."""
+        reports = [
+            ResidentReport(name, version, r.adapter.nbytes, self._loads[name, version], r.last_used, r.refs)
+            for (name, version), r in self._resident.items()
+        ]
+        return sorted(reports, key=lambda report: report.last_used, reverse=True)
+
     def _report(self) -> None:
         if self.metrics:
+            counts = self.fingerprint_counts()
+            self.metrics.adapters_foreign.set(counts[FOREIGN])
+            self.metrics.adapters_unverified.set(counts[UNVERIFIED])
             self.metrics.adapters_stored.set(len(self.catalog))
             self.metrics.adapters_resident.set(len(self._resident))
             self.metrics.adapter_resident_bytes.set(self.resident_bytes)

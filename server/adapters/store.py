@@ -10,6 +10,10 @@ Publishing writes the bytes to .tmp, fsyncs, hard-links them to the next free ve
 link either fully exists or not), then flips `current` with an atomic rename. A crash at any moment
 leaves the old or the new version served, never a partial file. Versions are never renumbered, so
 `name@version` means the same bytes forever, across deletes and processes.
+
+Every write takes an optional `Precondition` (compare-and-swap): it is checked under the name's
+flock, so it holds across processes sharing the store. An object store would express the same
+checks as conditional writes (If-None-Match to create a version, If-Match on the pointer).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: "$" would accept "abc\n"
 VERSION_SUFFIX = ".safetensors"
+MAX_VERSION = 10**9 - 1  # file names hold 6+ digits; a bound keeps absurd numbers away from the filesystem
 STALE_TMP_SECONDS = 3600
 
 
@@ -43,8 +48,34 @@ class NotFound(StoreError, KeyError):
         return self.args[0] if self.args else "not found"
 
 
+class PreconditionFailed(StoreError):
+    """The name's current version is not what the writer expected; nothing was changed."""
+
+    def __init__(self, name: str, expected: str, current: int | None):
+        state = f"at version {current}" if current is not None else "absent"
+        super().__init__(f"precondition failed: adapter {name!r} is {state}, expected {expected}")
+        self.current = current
+
+
+@dataclass(frozen=True)
+class Precondition:
+    """What a writer expects of a name before its write: current version `version` (If-Match: "N"),
+    or that the name exists (`exists=True`, If-Match: *) or does not (`exists=False`, If-None-Match: *)."""
+
+    version: int | None = None
+    exists: bool | None = None
+
+    def check(self, name: str, current: int | None) -> None:
+        if self.version is not None and current != self.version:
+            raise PreconditionFailed(name, f"version {self.version}", current)
+        if self.exists is True and current is None:
+            raise PreconditionFailed(name, "an existing adapter", current)
+        if self.exists is False and current is not None:
+            raise PreconditionFailed(name, "no adapter of that name", current)
+
+
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise InvalidName(
             f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -99,6 +130,8 @@ class AdapterStore:
         return self.root / check_name(name)
 
     def _version_path(self, name: str, version: int) -> Path:
+        if not 1 <= version <= MAX_VERSION:
+            raise NotFound(f"adapter {name!r} has no version {version}")
         return self._dir(name) / "versions" / f"{version:06d}{VERSION_SUFFIX}"
 
     @contextlib.contextmanager
@@ -114,10 +147,16 @@ class AdapterStore:
         return self.root / ".tmp" / f"{uuid.uuid4().hex}.part"
 
     def _clean_stale_tmp(self) -> None:
+        """Remove what crashed writers left: partial files and the trash directories of deletes
+        interrupted between their rename and their rmtree. Best effort: never stops a startup."""
         cutoff = time.time() - STALE_TMP_SECONDS
         for path in (self.root / ".tmp").iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < cutoff:
+            with contextlib.suppress(OSError):
+                if path.lstat().st_mtime >= cutoff:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
                     path.unlink()
 
     # -- reading ---------------------------------------------------------------------------------
@@ -125,15 +164,21 @@ class AdapterStore:
         """Served names: directories with a readable `current` pointer."""
         found = []
         for entry in self.root.iterdir():
-            if not entry.name.startswith(".") and NAME_PATTERN.match(entry.name) and (entry / "current").exists():
+            if not entry.name.startswith(".") and NAME_PATTERN.fullmatch(entry.name) and (entry / "current").exists():
                 found.append(entry.name)
         return sorted(found)
 
     def current(self, name: str) -> int:
+        current = self.current_or_none(name)
+        if current is None:
+            raise NotFound(f"adapter {name!r} not found")
+        return current
+
+    def current_or_none(self, name: str) -> int | None:
         try:
             return int((self._dir(name) / "current").read_text().strip())
         except (FileNotFoundError, NotADirectoryError):
-            raise NotFound(f"adapter {name!r} not found") from None
+            return None
 
     def versions(self, name: str) -> list[int]:
         try:
@@ -152,6 +197,14 @@ class AdapterStore:
                 versions.append(VersionInfo(number, stat.st_size, stat.st_mtime, path))
         return NameInfo(name, current, tuple(versions))
 
+    def version_info(self, name: str, version: int) -> VersionInfo:
+        path = self._version_path(name, version)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise NotFound(f"adapter {name!r} has no version {version}") from None
+        return VersionInfo(version, stat.st_size, stat.st_mtime, path)
+
     def read(self, name: str, version: int | None = None) -> tuple[int, bytes]:
         """(version, bytes) of `version`, or of the current one."""
         number = self.current(name) if version is None else version
@@ -161,16 +214,20 @@ class AdapterStore:
             raise NotFound(f"adapter {name!r} has no version {number}") from None
 
     # -- writing ---------------------------------------------------------------------------------
-    def publish(self, name: str, data: bytes, if_absent: bool = False) -> int:
+    def publish(self, name: str, data: bytes, if_absent: bool = False, precondition: Precondition | None = None) -> int:
         """Store `data` as the next version of `name` and make it current; returns the version.
-        With `if_absent`, a name that already exists is left alone and its current version returned."""
+        With `if_absent`, a name that already exists is left alone and its current version returned.
+        A `precondition` that does not hold raises PreconditionFailed and writes nothing."""
         check_name(name)
         tmp = self._tmp_path()
         _write_synced(tmp, data)
         try:
             with self._locked(name):
-                if if_absent and (self._dir(name) / "current").exists():
-                    return self.current(name)
+                current = self.current_or_none(name)
+                if if_absent and current is not None:
+                    return current
+                if precondition is not None:
+                    precondition.check(name, current)
                 versions_dir = self._dir(name) / "versions"
                 versions_dir.mkdir(parents=True, exist_ok=True)
                 version = max([*self.versions(name), self._tombstone(name)]) + 1
@@ -181,19 +238,25 @@ class AdapterStore:
             tmp.unlink(missing_ok=True)
         return version
 
-    def set_current(self, name: str, version: int) -> None:
+    def set_current(self, name: str, version: int, precondition: Precondition | None = None) -> None:
         """Serve an existing version (roll back or forward)."""
         with self._locked(name):
-            self.current(name)  # the name must exist
+            current = self.current_or_none(name)
+            if precondition is not None:
+                precondition.check(name, current)
+            if current is None:
+                raise NotFound(f"adapter {name!r} not found")
             if not self._version_path(name, version).exists():
                 raise NotFound(f"adapter {name!r} has no version {version}")
             self._set_pointer(name, version)
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, precondition: Precondition | None = None) -> None:
         """Take the name out of service and remove its files. Requests already running keep their
         adapter (it is in memory); numbering continues after the deleted versions if reused."""
         with self._locked(name):
             directory = self._dir(name)
+            if precondition is not None:
+                precondition.check(name, self.current_or_none(name))
             if not directory.exists():
                 raise NotFound(f"adapter {name!r} not found")
             last = max([*self.versions(name), self._tombstone(name)])

@@ -1,7 +1,9 @@
 """The admin API under /v1/adapters: upload, import from pyreft, list, show, roll back, delete.
 
 Every route needs the admin bearer token. Uploads are validated against the served model before
-anything is written; a rejected upload leaves the store exactly as it was.
+anything is written (shapes, and the base-model fingerprint when the adapter records one); a
+rejected upload leaves the store exactly as it was. Writes take If-Match / If-None-Match
+(server/api/preconditions.py).
 """
 
 from __future__ import annotations
@@ -10,21 +12,36 @@ import asyncio
 import dataclasses
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Response, UploadFile
 from safetensors.torch import load as load_safetensors
 
 from server.adapters.archive import ArchiveError, unpack_checkpoint
+from server.adapters.fingerprint import fingerprint_status
 from server.adapters.format import AdapterError, AdapterFile, ModelShape, config_from_dict, read_config, validate
 from server.adapters.pyreft import import_pyreft
-from server.adapters.store import InvalidName, NameInfo, NotFound, check_name
+from server.adapters.registry import VersionFacts
+from server.adapters.store import InvalidName, NameInfo, NotFound, Precondition, PreconditionFailed, check_name
 from server.api.deps import AppState, State, require_admin
 from server.api.errors import APIError
-from server.api.schemas import AdapterDetail, AdapterSummary, PublishResponse, SetCurrentRequest, VersionSummary
+from server.api.preconditions import PRECONDITION_RESPONSES, etag, failed, precondition
+from server.api.schemas import (
+    AdapterDetail,
+    AdapterSummary,
+    PublishResponse,
+    ResidentAdapter,
+    SetCurrentRequest,
+    VersionSummary,
+)
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters (admin)"], dependencies=[Depends(require_admin)])
+IfMatch = Annotated[
+    str | None, Header(description='Change only if the current version is this ETag (e.g. "3"), or * if it exists')
+]
+IfNoneMatch = Annotated[str | None, Header(description="* = publish only if the name does not exist yet")]
 
 
 def _name(name: str) -> str:
@@ -61,6 +78,10 @@ def _version_summary(state: AppState, name: str, info) -> VersionSummary:
             "positions": config.positions,
             "share_weights": config.share_weights,
             "loaded": state.registry.is_resident(name, info.version),
+            "base_model": config.base_model,
+            "base_model_fingerprint": config.base_model_fingerprint,
+            "fingerprint_status": fingerprint_status(config.base_model_fingerprint, state.registry.fingerprint),
+            "provenance": config.provenance,
         }
     )
 
@@ -78,6 +99,7 @@ def _detail(state: AppState, info: NameInfo) -> AdapterDetail:
         rank=current.rank if current else None,
         positions=current.positions if current else None,
         loaded=bool(current and current.loaded),
+        fingerprint_status=current.fingerprint_status if current else None,
         details=versions,
     )
 
@@ -89,21 +111,50 @@ async def _info(state: AppState, name: str) -> NameInfo:
         raise APIError(404, str(e), param="name") from None
 
 
-async def _publish(state: AppState, name: str, adapter: AdapterFile) -> PublishResponse:
+async def _publish(
+    state: AppState, name: str, adapter: AdapterFile, response: Response, condition: Precondition | None
+) -> PublishResponse:
     if not adapter.config.base_model:
         adapter.config = dataclasses.replace(adapter.config, base_model=state.model_name)
     payload = adapter.to_bytes()
-    version = await asyncio.to_thread(state.store.publish, name, payload)
-    state.registry.published(name, version)
+
+    def publish() -> tuple[int, float]:
+        version = state.store.publish(name, payload, precondition=condition)
+        try:
+            return version, state.store.version_info(name, version).created
+        except NotFound:  # another writer deleted the name at once: nothing to describe
+            return version, time.time()
+
+    try:
+        version, created = await asyncio.to_thread(publish)
+    except PreconditionFailed as e:
+        raise failed(e, condition) from None
+    state.registry.published(name, version, VersionFacts(created, adapter.config.base_model_fingerprint))
+    response.headers["ETag"] = etag(version)
     config = adapter.config
     return PublishResponse(
         name=name, version=version, size=len(payload), type=config.type, layers=list(config.layers), rank=config.rank
     )
 
 
-@router.get("", response_model=list[AdapterSummary])
-async def list_adapters(state: State):
-    """Every adapter: versions, current version, size, type, layers, rank, loaded or not."""
+def _check_base_model(state: AppState, adapter: AdapterFile, allow_foreign: bool) -> None:
+    """A 422 naming both fingerprints for an adapter trained on another checkpoint, unless allowed."""
+    foreign = None if allow_foreign else state.registry.foreign_error(adapter.config.base_model_fingerprint)
+    if foreign:
+        raise APIError(422, f"adapter rejected: {foreign}", param="base_model_fingerprint")
+
+
+@router.get("", response_model=list[AdapterSummary] | list[ResidentAdapter])
+async def list_adapters(
+    state: State,
+    resident: Annotated[
+        bool, Query(description="List what this replica holds in memory: versions, bytes, loads, last use")
+    ] = False,
+):
+    """Every adapter: versions, current version, size, type, layers, rank, loaded or not, fingerprint
+    status. With `resident=true`, the adapter versions resident in this replica instead."""
+    if resident:
+        return [ResidentAdapter(**dataclasses.asdict(r)) for r in state.registry.resident_report()]
     names = await asyncio.to_thread(state.store.names)
     details = []
     for name in names:
@@ -116,20 +167,30 @@ async def list_adapters(state: State):
 
 
 @router.get("/{name}", response_model=AdapterDetail)
-async def show_adapter(name: str, state: State):
-    """One adapter with every version's details."""
-    return _detail(state, await _info(state, _name(name)))
+async def show_adapter(name: str, state: State, response: Response):
+    """One adapter with every version's details; the ETag header is the current version."""
+    info = await _info(state, _name(name))
+    response.headers["ETag"] = etag(info.current)
+    return _detail(state, info)
 
 
-@router.post("/{name}", response_model=PublishResponse, status_code=201)
+@router.post("/{name}", response_model=PublishResponse, status_code=201, responses=PRECONDITION_RESPONSES)
 async def upload_adapter(
     name: str,
     file: Annotated[UploadFile, File(description="The adapter .safetensors file")],
     state: State,
+    response: Response,
     metadata: Annotated[str | None, Form(description="Adapter config as JSON, when the file's header has none")] = None,
+    allow_foreign: Annotated[
+        bool, Form(description="Accept an adapter trained on another base model (fingerprint differs)")
+    ] = False,
+    if_match: IfMatch = None,
+    if_none_match: IfNoneMatch = None,
 ):
-    """Publish a new version of `name` (created if new) and make it current: hot swap."""
+    """Publish a new version of `name` (created if new) and make it current: hot swap.
+    With If-Match / If-None-Match, only if the current version is still the one the client read."""
     name = _name(name)
+    condition = precondition(if_match, if_none_match)
     data = await _read_upload(file, state.settings.max_upload_size, "file")
     try:
         if metadata is not None:
@@ -149,23 +210,28 @@ async def upload_adapter(
         validate(adapter, ModelShape.of(state.model))
     except AdapterError as e:
         raise _rejected(e) from None
-    return await _publish(state, name, adapter)
+    _check_base_model(state, adapter, allow_foreign)
+    return await _publish(state, name, adapter, response, condition)
 
 
-@router.post("/{name}/pyreft", response_model=PublishResponse, status_code=201)
+@router.post("/{name}/pyreft", response_model=PublishResponse, status_code=201, responses=PRECONDITION_RESPONSES)
 async def import_pyreft_adapter(
     name: str,
     archive: Annotated[UploadFile, File(description="A .tar(.gz) or .zip of the pyreft checkpoint directory")],
     positions: Annotated[str, Form(description="Positions it was trained with, e.g. f7+l7")],
     share_weights: Annotated[bool, Form(description="Whether prefix and suffix shared one intervention")],
     state: State,
+    response: Response,
     activation: Annotated[str, Form(description="Activation of the learned source")] = "linear",
     intervention_type: Annotated[str | None, Form(description="Needed only without config.json")] = None,
     layers: Annotated[str | None, Form(description="Comma-separated, needed only without config.json")] = None,
     rank: Annotated[int | None, Form(description="Needed only without config.json")] = None,
+    if_match: IfMatch = None,
+    if_none_match: IfNoneMatch = None,
 ):
     """Import a pyreft/pyvene checkpoint (weights_only loading) as a new version of `name`."""
     name = _name(name)
+    condition = precondition(if_match, if_none_match)
     data = await _read_upload(archive, state.settings.max_upload_size, "archive")
     try:
         layer_list = [int(x) for x in layers.replace(";", ",").split(",") if x.strip()] if layers else None
@@ -193,28 +259,37 @@ async def import_pyreft_adapter(
         raise APIError(422, f"archive rejected: {e}", param="archive") from None
     except AdapterError as e:
         raise _rejected(e) from None
-    return await _publish(state, name, adapter)
+    return await _publish(state, name, adapter, response, condition)
 
 
-@router.put("/{name}/current", response_model=AdapterDetail)
-async def set_current_version(name: str, body: SetCurrentRequest, state: State):
+@router.put("/{name}/current", response_model=AdapterDetail, responses=PRECONDITION_RESPONSES)
+async def set_current_version(
+    name: str, body: SetCurrentRequest, state: State, response: Response, if_match: IfMatch = None
+):
     """Serve another existing version (roll back or forward); running requests keep theirs."""
     name = _name(name)
+    condition = precondition(if_match)
     try:
-        await asyncio.to_thread(state.store.set_current, name, body.version)
+        await asyncio.to_thread(state.store.set_current, name, body.version, condition)
     except NotFound as e:
         raise APIError(404, str(e), param="version") from None
+    except PreconditionFailed as e:
+        raise failed(e, condition) from None
     state.registry.published(name, body.version)
+    response.headers["ETag"] = etag(body.version)
     return _detail(state, await _info(state, name))
 
 
-@router.delete("/{name}")
-async def delete_adapter(name: str, state: State):
+@router.delete("/{name}", responses=PRECONDITION_RESPONSES)
+async def delete_adapter(name: str, state: State, if_match: IfMatch = None):
     """Take `name` out of service and delete its files; running requests finish unharmed."""
     name = _name(name)
+    condition = precondition(if_match)
     try:
-        await asyncio.to_thread(state.store.delete, name)
+        await asyncio.to_thread(state.store.delete, name, condition)
     except NotFound as e:
         raise APIError(404, str(e), param="name") from None
+    except PreconditionFailed as e:
+        raise failed(e, condition) from None
     state.registry.deleted(name)
     return {"name": name, "deleted": True}

@@ -17,6 +17,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     409: "conflict_error",
+    412: "precondition_failed_error",
     413: "request_too_large",
     422: "invalid_request_error",
     429: "rate_limit_error",

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.adapters.fingerprint import FINGERPRINT_STATUSES
 from server.api.deps import State
 
 router = APIRouter(tags=["operations"])
@@ -37,8 +38,15 @@ async def ready(state: State):
         "problems": problems,
         "requests_in_flight": engine.num_in_flight,
         "kv_cache_usage": round(engine.core.kv.usage(), 4),
+        "adapters": _adapter_counts(state),
     }
     return JSONResponse(body, status_code=200 if not problems else 503)
+
+
+def _adapter_counts(state: State) -> dict:
+    """Stored adapters by base-model fingerprint: foreign ones are refused at load (unless allowed)."""
+    counts = state.registry.fingerprint_counts()
+    return {"stored": len(state.registry.catalog), **{status: counts[status] for status in FINGERPRINT_STATUSES}}
 
 
 @router.get("/metrics")

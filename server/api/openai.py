@@ -225,12 +225,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 
 @router.get("/v1/models")
 async def models(state: State):
-    """The base model and every adapter in the store, each usable as `model`."""
-    created = int(time.time())
-    entry = {"object": "model", "created": created, "owned_by": "reft-server"}
-    data = [{**entry, "id": state.model_name, "root": state.model_name, "parent": None}]
-    data += [
-        {**entry, "id": name, "root": state.model_name, "parent": state.model_name}
-        for name in sorted(state.registry.catalog)
-    ]
+    """The base model and every adapter in the store, each usable as `model`: an adapter's `version` is
+    the one it serves and `created` that version's publish time."""
+    entry = {"object": "model", "owned_by": "reft-server"}
+    data = [{**entry, "id": state.model_name, "created": int(time.time()), "root": state.model_name, "parent": None}]
+    for name, version, facts in await asyncio.to_thread(state.registry.served_versions):
+        adapter = {"id": name, "created": int(facts.created), "version": version}
+        data.append({**entry, **adapter, "root": state.model_name, "parent": state.model_name})
     return {"object": "list", "data": data}

@@ -212,6 +212,10 @@ class VersionSummary(BaseModel):
     positions: str | None = None
     share_weights: bool | None = None
     loaded: bool = False
+    base_model: str | None = None
+    base_model_fingerprint: str | None = None
+    fingerprint_status: Literal["verified", "unverified", "foreign"] | None = None
+    provenance: dict | None = Field(None, description="How it was made: data, training arguments, losses, time")
 
 
 class AdapterSummary(BaseModel):
@@ -224,6 +228,16 @@ class AdapterSummary(BaseModel):
     rank: int | None
     positions: str | None
     loaded: bool
+    fingerprint_status: Literal["verified", "unverified", "foreign"] | None = None
+
+
+class ResidentAdapter(BaseModel):
+    name: str
+    version: int
+    bytes: int
+    loads: int = Field(description="Times loaded from the store by this replica (reloads after eviction count)")
+    last_used: float = Field(description="Unix time of the last request that used it")
+    in_use: int = Field(description="Requests holding it now")
 
 
 class AdapterDetail(AdapterSummary):

@@ -7,15 +7,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 from typing import TextIO
 
 from server.adapters.format import DTYPES, ModelShape
-from server.adapters.store import AdapterStore
+from server.adapters.precondition_args import (
+    PRECONDITION_EXIT_CODE,
+    add_precondition_arguments,
+    precondition_from_args,
+)
+from server.adapters.store import AdapterStore, Precondition, PreconditionFailed
 from server.reft.interventions import INTERVENTION_TYPES
 from server.training.data import load_examples
+from server.training.provenance import file_sha256, training_provenance
 from server.training.trainer import Progress, TrainResult, train_adapter
 
 
@@ -51,11 +58,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     destination = parser.add_mutually_exclusive_group(required=True)
     destination.add_argument("--out", type=Path, help="write the adapter to this .safetensors file")
     destination.add_argument("--store", type=Path, help="publish the adapter as a new version in this adapter store")
+    add_precondition_arguments(parser, creates=True)
 
 
 def run_train(args: argparse.Namespace) -> int:
     try:
         result, destination = _train(args)
+    except PreconditionFailed as e:
+        print(f"reft-server train: error: {e}", file=sys.stderr)
+        return PRECONDITION_EXIT_CODE
     except (ValueError, OSError) as e:
         print(f"reft-server train: error: {e}", file=sys.stderr)
         return 1
@@ -76,15 +87,17 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
     return layers  # the trainer checks them against the model
 
 
-def publish_to_store(store_dir: Path, name: str, data: bytes) -> int:
+def publish_to_store(store_dir: Path, name: str, data: bytes, precondition: Precondition | None = None) -> int:
     """Publish as the next version of `name`; returns the version number."""
-    return AdapterStore(store_dir).publish(name, data)
+    return AdapterStore(store_dir).publish(name, data, precondition=precondition)
 
 
 def _train(args: argparse.Namespace) -> tuple[TrainResult, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import, only when training
 
+    _check_precondition_early(args)  # hours of training must not end in a refused publish that was foreseeable
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data_sha256 = file_sha256(args.data)  # before parsing: the bytes trained on, even if the file changes later
     examples = load_examples(args.data, tokenizer)  # bad data fails before the model loads
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
     bar = ProgressBar(sys.stderr)
@@ -106,7 +119,15 @@ def _train(args: argparse.Namespace) -> tuple[TrainResult, str]:
         base_model=str(args.model),
     )
     bar.close()
+    provenance = training_provenance(args, result, len(examples), data_sha256)
+    result.adapter.config = dataclasses.replace(result.adapter.config, provenance=provenance)
     return result, _write(result, args)
+
+
+def _check_precondition_early(args: argparse.Namespace) -> None:
+    condition = precondition_from_args(args)
+    if args.store is not None and condition is not None:
+        condition.check(args.name, AdapterStore(args.store).current_or_none(args.name))
 
 
 def _write(result: TrainResult, args: argparse.Namespace) -> str:
@@ -114,7 +135,7 @@ def _write(result: TrainResult, args: argparse.Namespace) -> str:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         result.adapter.save(args.out)
         return str(args.out)
-    version = publish_to_store(args.store, args.name, result.adapter.to_bytes())
+    version = publish_to_store(args.store, args.name, result.adapter.to_bytes(), precondition_from_args(args))
     return f"{args.store} as {args.name}@{version}"
 
 

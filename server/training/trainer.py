@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from server.adapters.fingerprint import model_fingerprint
 from server.adapters.format import AdapterConfig, AdapterFile, ModelShape, config_from_dict, validate
 from server.reft.hf_hooks import apply_adapter, locations_for_prompts
 from server.reft.interventions import INTERVENTION_TYPES, Intervention
@@ -69,6 +70,7 @@ def adapter_config(
     spec = parse_positions(positions)
     shape = ModelShape.of(model)
     raw = dict(
+        base_model_fingerprint=model_fingerprint(model),
         type=intervention_type,
         rank=rank,
         hidden_size=shape.hidden_size,
