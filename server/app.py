@@ -51,7 +51,12 @@ def build_state(settings: Settings, model_path: str, model=None, tokenizer=None)
     if model is None:
         device = resolve_device(settings.device)
         model, tokenizer = load_model(model_path, device, resolve_dtype(settings.dtype, device))
-    metrics = Metrics()
+    model_name = served_name(settings, model_path)
+    metrics = Metrics(
+        max_lora=settings.max_resident_adapters,
+        model_name=model_name,
+        vllm_compatible=settings.vllm_compatible_metrics,
+    )
     engine_config = EngineConfig(
         block_size=settings.block_size,
         kv_cache_bytes=None if settings.kv_cache_memory == "auto" else int(settings.kv_cache_memory),
@@ -80,7 +85,7 @@ def build_state(settings: Settings, model_path: str, model=None, tokenizer=None)
     metrics.watch_residents(
         lambda: [(r.name, r.version) for r in registry.resident_report()], settings.max_resident_adapters
     )
-    return AppState(settings, served_name(settings, model_path), model, tokenizer, engine, store, registry, metrics)
+    return AppState(settings, model_name, model, tokenizer, engine, store, registry, metrics)
 
 
 def create_app(settings: Settings, *, model_path: str | None = None, model=None, tokenizer=None) -> FastAPI:

@@ -71,3 +71,6 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(30.0, ge=0, description="Seconds to drain running requests on SIGTERM")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
     log_json: bool = Field(True, description="Structured JSON logs (false = plain text)")
+    vllm_compatible_metrics: bool = Field(
+        True, description="Also export the load metrics under vLLM's names (vllm:num_requests_waiting, ...)"
+    )

@@ -3,15 +3,22 @@
 Each app owns its own CollectorRegistry, so several apps (tests, several servers in one process)
 never collide. Counters carry an `adapter` label (the adapter name, "base" without one); latency
 histograms are unlabelled to keep cardinality bounded with thousands of adapters.
+
+The load figures an endpoint picker routes on (queue, running batch, KV cache usage, the adapters of
+running and waiting requests) are set together once per engine step by `observe_load` and
+`observe_adapters`, under the native names and, when enabled, under vLLM's (`server.vllm_metrics`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from server.adapter_requests_info import AdapterRequestsInfo
+from server.vllm_metrics import VllmCompatibleMetrics
 
 disable_created_metrics()  # no *_created series: they double the output and no dashboard uses them
 
@@ -22,7 +29,9 @@ BASE_LABEL = "base"
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, max_lora: int = 0, model_name: str = "", vllm_compatible: bool = False) -> None:
+        """`max_lora`: the resident-adapter bound reported to endpoint pickers; `model_name`: the served
+        model name, a label of the vLLM-named gauges; `vllm_compatible`: export those too."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -44,6 +53,10 @@ class Metrics:
         self.running = Gauge("reft_running_requests", "Requests in the running batch", registry=r)
         self.kv_usage = Gauge("reft_kv_cache_usage_ratio", "Share of KV cache blocks in use", registry=r)
         self.kv_blocks = Gauge("reft_kv_cache_blocks", "KV cache blocks in the pool", registry=r)
+        self.kv_block_size = Gauge("reft_kv_cache_block_size", "Tokens per KV cache block", registry=r)
+        self.adapter_requests = AdapterRequestsInfo(
+            "reft_adapter_requests_info", "Adapters of running and waiting requests", max_lora, r
+        )
         self.preemptions = Counter("reft_preemptions", "Sequences preempted for KV memory", registry=r)
         self.prefix_queries = Counter(
             "reft_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
@@ -73,11 +86,30 @@ class Metrics:
         self.adapter_cache_hits = Counter("reft_adapter_cache_hits", "Adapter lookups served resident", registry=r)
         self.adapter_cache_misses = Counter("reft_adapter_cache_misses", "Adapter lookups that loaded", registry=r)
         self.adapter_evictions = Counter("reft_adapter_evictions", "Adapters evicted from memory", registry=r)
+        self.vllm = VllmCompatibleMetrics(r, model_name, max_lora) if vllm_compatible else None
 
     def watch_residents(self, residents: Callable[[], list[tuple[str, int]]], max_series: int) -> None:
         """Export `residents()` (name, version), most recently used first, as an info gauge of at
         most `max_series` series: bounded cardinality however many adapters the store holds."""
         self.registry.register(_ResidentInfo(residents, max_series))
+
+    def observe_load(self, *, waiting: int, running: int, kv_usage: float, kv_blocks: int, block_size: int) -> None:
+        self.queue_length.set(waiting)
+        self.running.set(running)
+        self.kv_usage.set(kv_usage)
+        self.kv_blocks.set(kv_blocks)
+        self.kv_block_size.set(block_size)
+        if self.vllm:
+            self.vllm.waiting.set(waiting)
+            self.vllm.running.set(running)
+            self.vllm.kv_usage.set(kv_usage)
+            self.vllm.observe_kv_cache_shape(block_size, kv_blocks)
+
+    def observe_adapters(self, running: Sequence[str], waiting: Sequence[str]) -> None:
+        """Names of the adapters of the running and of the waiting requests, each name once."""
+        self.adapter_requests.update(running, waiting)
+        if self.vllm:
+            self.vllm.adapters.update(running, waiting)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

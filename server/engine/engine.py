@@ -261,7 +261,9 @@ class AsyncEngine:
                     log.exception("unexpected engine error")
                 self.steps += 1
                 self._observe_step()
-            elif not outputs:
+            elif outputs:  # the last requests were cancelled or refused: the load gauges must say so
+                self._observe_load()
+            else:
                 self._wakeup.wait(IDLE_WAIT_SECONDS)
             self.last_heartbeat = time.monotonic()
             if outputs:
@@ -284,14 +286,24 @@ class AsyncEngine:
                 if aborted is not None:
                     outputs.append(aborted)
 
-    def _observe_step(self) -> None:
+    def _observe_load(self) -> None:
         if self.metrics is None:
             return
         core, m = self.core, self.metrics
-        m.queue_length.set(len(core.scheduler.waiting))
-        m.running.set(len(core.scheduler.running))
-        m.kv_usage.set(core.kv.usage())
-        m.kv_blocks.set(core.kv.num_blocks)
+        m.observe_load(
+            waiting=len(core.scheduler.waiting),
+            running=len(core.scheduler.running),
+            kv_usage=core.kv.usage(),
+            kv_blocks=core.kv.num_blocks,
+            block_size=core.kv.block_size,
+        )
+        m.observe_adapters(_adapter_names(core.scheduler.running), _adapter_names(core.scheduler.waiting))
+
+    def _observe_step(self) -> None:
+        if self.metrics is None:
+            return
+        self._observe_load()
+        core, m = self.core, self.metrics
         m.preemptions.inc(core.scheduler.num_preemptions - self._reported_preemptions)
         self._reported_preemptions = core.scheduler.num_preemptions
         m.prefix_queries.inc(core.kv.prefix_queries - self._reported_prefix_queries)
@@ -301,3 +313,8 @@ class AsyncEngine:
             m.step_tokens.observe(core.last_step.num_tokens)
             m.step_requests.observe(core.last_step.num_seqs)
             m.step_seconds.observe(core.last_step.seconds)
+
+
+def _adapter_names(sequences) -> list[str]:
+    """Each adapter name once, sorted so that the same set always reads the same; base requests have none."""
+    return sorted({seq.adapter.name for seq in sequences if seq.adapter is not None})
