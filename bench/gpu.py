@@ -50,6 +50,7 @@ FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "pyref
 SIZES = {
     "preset": ("1b", "tiny"),
     "device": ("cuda" if torch.cuda.is_available() else "cpu", "cpu"),
+    "threads": (None, 1),  # one CPU thread: tiny models gain nothing from more, and a busy CI host stalls them
     "requests": (256, 6),
     "prompt_len": ((128, 512), (8, 24)),
     "output_len": (128, 6),
@@ -76,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--preset", choices=list(PRESETS))
     add("--device")
     add("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
-    add("--threads", type=int, default=None, help="CPU threads for torch")
+    add("--threads", type=int, help="CPU threads for torch (default: torch's; 1 with --smoke)")
     add("--requests", type=int, help="requests, all arriving at once")
     add("--prompt-len", type=int, nargs=2, metavar=("MIN", "MAX"), help="prompt tokens, uniform (random ids)")
     add("--output-len", type=int, help="output tokens of every request (EOS ignored)")

@@ -22,7 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpu") / "gpu.json"
-    assert gpu.main(["--smoke", "--json", str(path)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert gpu.main(["--smoke", "--json", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --smoke runs on one thread; the tests after it keep theirs
     return json.loads(path.read_text())
 
 
