@@ -7,6 +7,7 @@ whatever the kernels. The bandwidth is the one measured in the same run (device_
 
 from __future__ import annotations
 
+import gc
 import random
 import statistics
 from dataclasses import replace
@@ -40,6 +41,7 @@ def weight_bytes_read(model, batch: int) -> int:
 def decode_step(model, batch: int, context: int, steps: int, engine_config: EngineConfig, seed: int = 0) -> dict:
     """Median time of `steps` engine steps that decode `batch` sequences with ~`context` tokens each,
     after every prompt is prefilled and two untimed decode steps."""
+    gc.collect()  # the last batch size's KV pool must be gone before this one allocates its own
     core = EngineCore(model, replace(engine_config, max_num_seqs=batch), eos_token_ids=set())
     rng = random.Random(seed)
     vocab = model.config.vocab_size

@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--json", type=Path, default=None, help="write the results here (rewritten after every part)")
     add("--preset", choices=list(PRESETS))
     add("--device")
-    add("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    add("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on GPU, float32 on CPU")
     add("--threads", type=int, help="CPU threads for torch (default: torch's; 1 with --smoke)")
     add("--requests", type=int, help="requests, all arriving at once")
     add("--prompt-len", type=int, nargs=2, metavar=("MIN", "MAX"), help="prompt tokens, uniform (random ids)")
@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown or not args.parts:
-        parser.error(f"unknown parts {', '.join(unknown)}; known: {', '.join(PARTS)}")
+        parser.error(f"unknown parts {', '.join(unknown) or '(none given)'}; known: {', '.join(PARTS)}")
     on_gpu = torch.device(args.device).type == "cuda"
     args.dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if on_gpu else torch.float32
     return args

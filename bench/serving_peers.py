@@ -6,6 +6,7 @@ Each function returns output tokens, seconds and tokens/s; only a request's own 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
 import logging
 
@@ -27,6 +28,7 @@ def throughput(tokens: int, seconds: float) -> dict:
 def run_engine(model, requests: list[Request], adapters, config: EngineConfig) -> dict:
     """One EngineCore, built for this run (so no prompt finds another run's prefixes cached), serving
     every request at once, EOS ignored."""
+    gc.collect()  # the last run's KV pool (16 GiB on a GPU) must be gone before this one allocates its own
     core = EngineCore(model, config, eos_token_ids=set())
     for index, request in enumerate(requests):
         adapter = adapters[request.adapter] if request.adapter is not None else None
