@@ -11,8 +11,9 @@ Parts (--parts, default all, in this order):
              reference path in the same dtype
 
 The model is a random-init Llama built straight on the device (`--preset 1b`: Llama-3.2-1B's shape).
-A GPU session gets a few minutes of device time, so the defaults finish in about five minutes on an H100;
-`--smoke` runs every part on the CPU on the tiny preset in seconds, which keeps this script working in CI.
+A GPU session gets a few minutes of device time: the defaults are sized for under six minutes on an H100
+(an estimate, not yet measured). `--smoke` runs every part on the CPU on the tiny preset in seconds, which
+keeps this script working in CI.
 
     python bench/gpu.py --json gpu.json                 # on a GPU machine (bench/gpu.sh runs it)
     python bench/gpu.py --smoke --parts engine,parity   # on any machine

@@ -11,7 +11,9 @@
 # safetensors, tokenizers where missing). The server reads its version from the package's metadata,
 # so step 3 installs the package itself (no dependencies, no network) where it is not installed.
 #
-#   OUT=/tmp/gpu bench/gpu.sh                     # the defaults: about 5 minutes on an H100
+#   bench/gpu.sh                                  # as the device tool's command ($OUT is set there);
+#                                                 # the defaults should take under 6 minutes on an H100
+#   OUT=/tmp/gpu bench/gpu.sh                     # elsewhere
 #   OUT=/tmp/gpu bench/gpu.sh --parts decode      # any bench/gpu.py flags
 #   OUT=/tmp/gpu bench/gpu.sh --smoke             # seconds, on any machine
 set -uo pipefail
