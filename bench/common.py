@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -15,12 +16,33 @@ import transformers
 
 from server.engine.attention import ATTENTION_NAME
 from server.reft.adapter import Adapter
-from server.tiny_models import build_tiny_model, random_adapter_file
+from server.tiny_models import VOCAB_SIZE, build_tiny_model, byte_level_tokenizer, random_adapter_file, tiny_config
 
-PRESETS = {  # (hidden size, layers): "tiny" is the test model, "small" a 26M-parameter CPU workload, "1b" for GPUs
+MAX_POSITIONS = 4096
+SHAPE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+PRESETS = {  # tiny_config fields: "tiny" is the test model, "small" a 26M-parameter CPU workload, "1b" for GPUs
     "tiny": {"hidden_size": 128, "num_layers": 4},
     "small": {"hidden_size": 512, "num_layers": 8},
-    "1b": {"hidden_size": 2048, "num_layers": 16, "intermediate_size": 8192},
+    "1b": {  # Llama-3.2-1B's shape: 1.24B parameters, the 128k-token embedding tied to the output layer
+        "hidden_size": 2048,
+        "num_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "intermediate_size": 8192,
+        "vocab_size": 128_256,
+        "tie_word_embeddings": True,
+    },
 }
 
 
@@ -40,11 +62,35 @@ def dtype_of(args) -> torch.dtype:
 
 def model_dir(args) -> Path:
     """A random-init Llama of the preset's size, built once into the cache."""
-    preset = dict(PRESETS[args.preset])
     directory = args.cache / args.preset
-    if not (directory / "config.json").exists():
-        overrides = {"intermediate_size": preset.pop("intermediate_size")} if "intermediate_size" in preset else {}
-        build_tiny_model("llama", directory, max_positions=4096, **preset, **overrides)
+    if not (directory / "config.json").exists() or not _built_from_preset(directory, args.preset):
+        build_tiny_model("llama", directory, max_positions=MAX_POSITIONS, **PRESETS[args.preset])
+    return directory
+
+
+def _built_from_preset(directory: Path, preset: str) -> bool:
+    """Whether a cached model still has its preset's shape (presets change; the cache outlives them)."""
+    built = tiny_config("llama", max_positions=MAX_POSITIONS, **PRESETS[preset]).to_dict()
+    cached = json.loads((directory / "config.json").read_text())
+    return all(cached.get(key) == built[key] for key in SHAPE_FIELDS)
+
+
+def build_on_device(preset: str, device: str, dtype: torch.dtype, attention: str = ATTENTION_NAME, seed: int = 0):
+    """A random-init model of the preset made straight on `device` in `dtype`, never written to disk: a 1B
+    model is built in seconds this way, where building it on the CPU and loading it back takes minutes.
+    The same seed on the same device gives the same weights."""
+    transformers.utils.logging.set_verbosity_error()
+    config = tiny_config("llama", max_positions=MAX_POSITIONS, **PRESETS[preset])
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    return model.eval().requires_grad_(False)
+
+
+def save_preset_model(preset: str, directory: Path, device: str, dtype: torch.dtype) -> Path:
+    """The preset and the byte-level tokenizer written for a server process, the model built on `device`."""
+    build_on_device(preset, device, dtype, attention="sdpa").save_pretrained(directory)
+    byte_level_tokenizer().save_pretrained(directory)
     return directory
 
 
@@ -75,16 +121,17 @@ def workload(
     rate: float | None = None,
     base_share: float = 0.0,
     seed: int = 0,
+    vocab_size: int = VOCAB_SIZE,
 ) -> list[Request]:
-    """Uniform prompt/output lengths, adapters round-robin (a share on the base model), Poisson
-    arrivals at `rate` requests/s (None: all at once)."""
+    """Uniform prompt/output lengths, random token ids below `vocab_size`, adapters round-robin (a share on
+    the base model), Poisson arrivals at `rate` requests/s (None: all at once)."""
     rng = random.Random(seed)
     clock = 0.0
     requests = []
     for i in range(count):
         if rate:
             clock += rng.expovariate(rate)
-        prompt = [1] + [rng.randrange(3, 259) for _ in range(rng.randint(*prompt_range) - 1)]
+        prompt = [1] + [rng.randrange(3, vocab_size) for _ in range(rng.randint(*prompt_range) - 1)]
         adapter = None if num_adapters == 0 or rng.random() < base_share else i % num_adapters
         requests.append(Request(prompt, rng.randint(*output_range), adapter, clock))
     return requests

@@ -1,0 +1,88 @@
+"""How far the engine's decode step is from the memory floor at several batch sizes.
+
+A decode step must read every weight once (the input embedding only at the batch's rows) and every
+running sequence's cached K/V; at the device's bandwidth that is a lower bound on the step's time,
+whatever the kernels. The bandwidth is the one measured in the same run (device_timing.copy_bandwidth).
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import statistics
+from dataclasses import replace
+
+from bench.device_timing import timed
+from server.engine.core import EngineConfig, EngineCore
+from server.engine.sequence import SamplingParams, Sequence
+
+PREFILL_SLACK = 64  # tokens the first sequences may decode while the last ones are still prefilling
+
+
+def kv_bytes_per_token(config, element_size: int) -> int:
+    """Keys and values of one token over all layers."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * element_size
+
+
+def weight_bytes_read(model, batch: int) -> int:
+    """Bytes of weights one decode step of `batch` rows reads: all of them, except that an untied input
+    embedding is only gathered at the batch's rows."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() == embedding.data_ptr():
+        return total
+    row_bytes = embedding.shape[1] * embedding.element_size()
+    return total - embedding.numel() * embedding.element_size() + batch * row_bytes
+
+
+def decode_step(model, batch: int, context: int, steps: int, engine_config: EngineConfig, seed: int = 0) -> dict:
+    """Median time of `steps` engine steps that decode `batch` sequences with ~`context` tokens each,
+    after every prompt is prefilled and two untimed decode steps."""
+    gc.collect()  # the last batch size's KV pool must be gone before this one allocates its own
+    core = EngineCore(model, replace(engine_config, max_num_seqs=batch), eos_token_ids=set())
+    rng = random.Random(seed)
+    vocab = model.config.vocab_size
+    sequences = [
+        Sequence(
+            f"s{i}",
+            [1] + [rng.randrange(3, vocab) for _ in range(context - 1)],
+            SamplingParams(max_new_tokens=steps + PREFILL_SLACK, ignore_eos=True),
+        )
+        for i in range(batch)
+    ]
+    for sequence in sequences:
+        core.add(sequence)
+    while not _full_decode_step(core, batch):
+        if not core.has_work():
+            raise RuntimeError(f"the sequences finished before all {batch} were decoding together")
+        core.step()
+    for _ in range(2):
+        core.step()
+    device = next(model.parameters()).device
+    times, contexts = [], []
+    for _ in range(steps):
+        contexts.append(statistics.mean(len(s.token_ids) for s in sequences))
+        with timed(device) as elapsed:
+            core.step()
+        if not _full_decode_step(core, batch):
+            raise RuntimeError(f"a timed step was not a decode step of {batch} sequences: {core.last_step}")
+        times.append(elapsed.seconds)
+    return {"seqs": batch, "step_ms": 1000 * statistics.median(times), "mean_context": statistics.mean(contexts)}
+
+
+def _full_decode_step(core: EngineCore, batch: int) -> bool:
+    last = core.last_step
+    return last is not None and last.num_prefill_tokens == 0 and last.num_seqs == batch
+
+
+def with_floor(model, measured: dict, gb_per_s: float) -> dict:
+    """The measured step next to its memory floor at `gb_per_s`."""
+    parameter = next(model.parameters())
+    kv_read = measured["seqs"] * measured["mean_context"] * kv_bytes_per_token(model.config, parameter.element_size())
+    floor_bytes = weight_bytes_read(model, measured["seqs"]) + kv_read
+    floor_ms = 1000 * floor_bytes / (gb_per_s * 1e9)
+    over = measured["step_ms"] / floor_ms
+    return {**measured, "floor_bytes": int(floor_bytes), "floor_ms": floor_ms, "over_floor": over}

@@ -1,0 +1,82 @@
+"""The shared pyreft fixture (real pyreft checkpoints of all six types and pyreft's own greedy outputs,
+tests/fixtures/pyreft_reference) through the engine on one device, every case in one mixed batch.
+
+Counts, per dtype, how many requests reproduce pyreft's tokens exactly (with and without their adapter),
+and how many agree with the slow reference path (server.reft.reference) run in the same dtype on the
+same device. In bfloat16 pyreft's fp32 tokens may drift after a near tie; the engine should still agree
+with the reference computed in bfloat16.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from server.adapters.format import ModelShape
+from server.adapters.pyreft import import_pyreft
+from server.engine.attention import ATTENTION_NAME
+from server.engine.core import EngineConfig, EngineCore
+from server.engine.sequence import SamplingParams, Sequence
+from server.reft.adapter import Adapter
+from server.reft.reference import reference_generate
+
+
+def load_fixture_adapter(fixture: Path, name: str, shape: ModelShape, dtype: torch.dtype, device) -> Adapter:
+    """A pyreft checkpoint of the fixture, imported with the positions and weight sharing it was trained with."""
+    directory = fixture / "adapters" / name
+    recorded = json.loads((directory / "positions.json").read_text())
+    sides = (recorded["first"] and f"f{recorded['first']}", recorded["last"] and f"l{recorded['last']}")
+    adapter_file = import_pyreft(
+        directory, positions="+".join(s for s in sides if s), share_weights=recorded["share_weights"], model=shape
+    )
+    return Adapter.from_file(adapter_file, name=name, version=1, dtype=dtype, device=device)
+
+
+def engine_tokens(model, prompts: dict[str, tuple[list[int], Adapter | None]], max_new_tokens: int) -> dict:
+    """Greedy tokens of every request, all added before the first step (the default KV budget holds the
+    fixture's requests many times over, so they all run together)."""
+    core = EngineCore(model, EngineConfig(max_num_seqs=len(prompts), max_batched_tokens=1024), eos_token_ids=set())
+    for request_id, (prompt, adapter) in prompts.items():
+        core.add(Sequence(request_id, list(prompt), SamplingParams(max_new_tokens=max_new_tokens), adapter))
+    tokens: dict[str, list[int]] = {request_id: [] for request_id in prompts}
+    while core.has_work():
+        for output in core.step():
+            if output.error:
+                raise RuntimeError(f"request {output.request_id} failed: {output.error}")
+            tokens[output.request_id] += output.new_tokens
+    return tokens
+
+
+def fixture_parity(fixture: Path, device, dtype: torch.dtype, max_cases: int | None = None) -> dict:
+    expected = json.loads((fixture / "expected.json").read_text())
+    cases, max_new_tokens = expected["cases"][:max_cases], expected["max_new_tokens"]
+    engine_model = _load(fixture, dtype, ATTENTION_NAME, device)
+    shape = ModelShape(engine_model.config.num_hidden_layers, engine_model.config.hidden_size)
+    names = {case["adapter"] for case in cases}
+    adapters = {name: load_fixture_adapter(fixture, name, shape, dtype, device) for name in names}
+    prompts = {}
+    for index, case in enumerate(cases):
+        prompts[f"adapter{index}"] = (case["prompt_ids"], adapters[case["adapter"]])
+        prompts[f"base{index}"] = (case["prompt_ids"], None)
+    served = engine_tokens(engine_model, prompts, max_new_tokens)
+    del engine_model
+    reference_model = _load(fixture, dtype, "sdpa", device)
+    reference = {
+        request_id: reference_generate(reference_model, prompt, adapter, max_new_tokens=max_new_tokens)
+        for request_id, (prompt, adapter) in prompts.items()
+    }
+    counts = {"cases": len(cases)}
+    for kind, pyreft_key in (("adapter", "adapter_tokens"), ("base", "base_tokens")):
+        pairs = [(f"{kind}{index}", case[pyreft_key]) for index, case in enumerate(cases)]
+        counts[f"{kind}_engine_vs_pyreft"] = sum(served[i] == pyreft for i, pyreft in pairs)
+        counts[f"{kind}_reference_vs_pyreft"] = sum(reference[i] == pyreft for i, pyreft in pairs)
+        counts[f"{kind}_engine_vs_reference"] = sum(served[i] == reference[i] for i, _ in pairs)
+    return counts
+
+
+def _load(fixture: Path, dtype: torch.dtype, attention: str, device):
+    model = AutoModelForCausalLM.from_pretrained(fixture / "model", dtype=dtype, attn_implementation=attention)
+    return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,283 @@
+"""Every GPU figure in one run on one device, printed and written to JSON (--json).
+
+Parts (--parts, default all, in this order):
+  engine     the engine on N requests arriving at once, base model only and with K distinct LoReFT adapters
+  decode     the engine's decode step at several batch sizes next to its memory floor, at the bandwidth of a
+             large device-to-device copy measured in the same run
+  hf-static  HF `generate` on the same requests, static left-padded batches
+  hf-cb      transformers' `generate_batch` (continuous batching) on the same requests, held to the engine's
+             limits; its first call (start-up and warm-up included) is reported apart
+  parity     the pyreft fixture through the engine in float32 and bfloat16, against pyreft's tokens and the
+             reference path in the same dtype
+
+The model is a random-init Llama built straight on the device (`--preset 1b`: Llama-3.2-1B's shape).
+A GPU session gets a few minutes of device time: the defaults are sized for under six minutes on an H100
+(an estimate, not yet measured). `--smoke` runs every part on the CPU on the tiny preset in seconds, which
+keeps this script working in CI.
+
+    python bench/gpu.py --json gpu.json                 # on a GPU machine (bench/gpu.sh runs it)
+    python bench/gpu.py --smoke --parts engine,parity   # on any machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import PRESETS, build_on_device, machine, make_adapters, stamp, workload  # noqa: E402
+from bench.decode_floor import decode_step, kv_bytes_per_token, with_floor  # noqa: E402
+from bench.device_timing import GIB, copy_bandwidth, peak_memory_gib, release_memory  # noqa: E402
+from bench.fixture_parity import fixture_parity  # noqa: E402
+from bench.serving_peers import continuous_batching_config, run_continuous, run_engine, run_static  # noqa: E402
+from server.engine.attention import ATTENTION_NAME  # noqa: E402
+from server.engine.core import EngineConfig  # noqa: E402
+from server.tiny_models import VOCAB_SIZE  # noqa: E402
+
+PARTS = ("engine", "decode", "hf-static", "hf-cb", "parity")
+FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "pyreft_reference"
+
+# flag -> (GPU default, --smoke default); a flag given on the command line wins over both
+SIZES = {
+    "preset": ("1b", "tiny"),
+    "device": ("cuda" if torch.cuda.is_available() else "cpu", "cpu"),
+    "threads": (None, 1),  # one CPU thread: tiny models gain nothing from more, and a busy CI host stalls them
+    "requests": (256, 6),
+    "prompt_len": ((128, 512), (8, 24)),
+    "output_len": (128, 6),
+    "max_num_seqs": (128, 4),
+    "max_batched_tokens": (4096, 48),
+    "kv_cache_gib": (16.0, 0.0625),
+    "adapters": (64, 4),
+    "adapter_layers": (8, 2),
+    "static_batch": (64, 4),
+    "decode_seqs": ((1, 16, 64, 128, 256), (1, 4)),
+    "decode_context": (256, 16),
+    "decode_steps": (20, 2),
+    "copy_gib": (1.0, 1 / 32),
+    "parity_cases": (None, 2),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--smoke", action="store_true", help="CPU, tiny preset, a few requests: every part in seconds")
+    add("--parts", default=",".join(PARTS), help=f"comma-separated, from {','.join(PARTS)}")
+    add("--json", type=Path, default=None, help="write the results here (rewritten after every part)")
+    add("--preset", choices=list(PRESETS))
+    add("--device")
+    add("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on GPU, float32 on CPU")
+    add("--threads", type=int, help="CPU threads for torch (default: torch's; 1 with --smoke)")
+    add("--requests", type=int, help="requests, all arriving at once")
+    add("--prompt-len", type=int, nargs=2, metavar=("MIN", "MAX"), help="prompt tokens, uniform (random ids)")
+    add("--output-len", type=int, help="output tokens of every request (EOS ignored)")
+    add("--max-num-seqs", type=int, help="running sequences at most (engine and generate_batch)")
+    add("--max-batched-tokens", type=int, help="tokens per step at most (engine and generate_batch)")
+    add("--kv-cache-gib", type=float, help="KV cache memory (engine and generate_batch)")
+    add("--adapters", type=int, help="distinct LoReFT adapters in the engine's adapter run")
+    add("--adapter-rank", type=int, default=4)
+    add("--adapter-layers", type=int, help="intervened layers, evenly spread")
+    add("--adapter-positions", default="f7+l7")
+    add("--static-batch", type=int, help="HF generate batch size")
+    add("--decode-seqs", type=lambda text: tuple(int(n) for n in text.split(",")), help="batch sizes, e.g. 1,16")
+    add("--decode-context", type=int, help="prompt tokens of the decoding sequences")
+    add("--decode-steps", type=int, help="timed decode steps per batch size (the median is reported)")
+    add("--copy-gib", type=float, help="size of the bandwidth copy")
+    add("--parity-cases", type=int, help="first N fixture cases (default all)")
+    add("--fixture", type=Path, default=FIXTURE)
+    args = parser.parse_args(argv)
+    for name, (full, smoke) in SIZES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else full)
+    args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown or not args.parts:
+        parser.error(f"unknown parts {', '.join(unknown) or '(none given)'}; known: {', '.join(PARTS)}")
+    on_gpu = torch.device(args.device).type == "cuda"
+    args.dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if on_gpu else torch.float32
+    return args
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+class DeviceModel:
+    """The benchmark model, at most one copy on the device: with the engine's paged attention or with
+    sdpa for the transformers baselines. Switching frees the old one first; builds are timed."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.attention: str | None = None
+        self.model = None
+        self.builds: list[dict] = []
+
+    def get(self, attention: str):
+        if attention != self.attention:
+            self.model = None
+            release_memory(self.args.device)
+            started = time.perf_counter()
+            self.model = build_on_device(self.args.preset, self.args.device, self.args.dtype, attention)
+            self.attention = attention
+            self.builds.append({"attention": attention, "seconds": time.perf_counter() - started})
+        return self.model
+
+
+class Benchmark:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.models = DeviceModel(args)
+        vocab = PRESETS[args.preset].get("vocab_size", VOCAB_SIZE)
+        output = (args.output_len, args.output_len)
+        self.requests = workload(args.requests, tuple(args.prompt_len), output, 0, vocab_size=vocab)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            kv_cache_bytes=int(self.args.kv_cache_gib * GIB),
+            max_num_seqs=self.args.max_num_seqs,
+            max_batched_tokens=self.args.max_batched_tokens,
+        )
+
+    def engine(self) -> dict:
+        args = self.args
+        model = self.models.get(ATTENTION_NAME)
+        num_layers = model.config.num_hidden_layers
+        count = min(args.adapter_layers, num_layers)
+        layers = tuple(range(0, num_layers, num_layers // count))[:count]
+        adapters = make_adapters(model, args.adapters, args.adapter_rank, layers, args.adapter_positions)
+        mixed = [replace(r, adapter=i % args.adapters) for i, r in enumerate(self.requests)]
+        warm_up = run_engine(model, mixed[: max(1, len(mixed) // 8)], adapters, self.engine_config())
+        base = run_engine(model, self.requests, adapters, self.engine_config())
+        with_adapters = run_engine(model, mixed, adapters, self.engine_config())
+        say(f"  warm-up ({warm_up['tokens']} tokens) {warm_up['seconds']:.2f} s")
+        say(f"  base only            {base['tokens_per_s']:10.1f} tok/s  {base['seconds']:7.2f} s")
+        adapters_line = f"{with_adapters['tokens_per_s']:10.1f} tok/s  {with_adapters['seconds']:7.2f} s"
+        say(f"  {args.adapters:3d} adapters         {adapters_line}")
+        ratio = with_adapters["tokens_per_s"] / base["tokens_per_s"]
+        say(f"  adapters / base = {ratio:.3f}")
+        return {
+            "adapter_layers": list(layers),
+            "warm_up": warm_up,
+            "base": base,
+            "adapters": with_adapters,
+            "adapters_over_base": ratio,
+        }
+
+    def decode(self) -> dict:
+        args = self.args
+        bandwidth = copy_bandwidth(args.device, int(args.copy_gib * GIB))
+        say(f"  copy bandwidth {bandwidth['gb_per_s']:.0f} GB/s (read + written, {args.copy_gib:g} GiB copies)")
+        model = self.models.get(ATTENTION_NAME)
+        steps = []
+        for batch in args.decode_seqs:
+            measured = decode_step(model, batch, args.decode_context, args.decode_steps, self.engine_config())
+            steps.append(with_floor(model, measured, bandwidth["gb_per_s"]))
+            step = steps[-1]
+            say(
+                f"  {batch:4d} seqs (context ~{step['mean_context']:.0f}): {step['step_ms']:8.2f} ms; "
+                f"memory floor {step['floor_ms']:7.3f} ms ({step['over_floor']:.1f}x)"
+            )
+        element = next(model.parameters()).element_size()
+        return {"bandwidth": bandwidth, "kv_bytes_per_token": kv_bytes_per_token(model.config, element), "steps": steps}
+
+    def hf_static(self) -> dict:
+        result = run_static(self.models.get("sdpa"), self.requests, self.args.static_batch)
+        say(f"  batches of {self.args.static_batch}: {result['tokens_per_s']:10.1f} tok/s  {result['seconds']:7.2f} s")
+        return {"batch_size": self.args.static_batch, **result}
+
+    def hf_cb(self) -> dict:
+        args = self.args
+        model = self.models.get("sdpa")
+        kv_bytes = kv_bytes_per_token(model.config, next(model.parameters()).element_size())
+        config, applied = continuous_batching_config(
+            args.max_num_seqs, args.max_batched_tokens, int(args.kv_cache_gib * GIB), kv_bytes
+        )
+        result = run_continuous(model, self.requests, config)
+        first = result["first_call"]
+        say(f"  first call {first['tokens_per_s']:10.1f} tok/s  {first['seconds']:7.2f} s (start-up included)")
+        say(f"  second     {result['tokens_per_s']:10.1f} tok/s  {result['seconds']:7.2f} s")
+        return {"settings": applied, **result}
+
+    def parity(self) -> dict:
+        results = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            counts = fixture_parity(self.args.fixture, self.args.device, dtype, self.args.parity_cases)
+            results[str(dtype).removeprefix("torch.")] = counts
+            n = counts["cases"]
+            say(
+                f"  {dtype}: vs pyreft adapter {counts['adapter_engine_vs_pyreft']}/{n} "
+                f"base {counts['base_engine_vs_pyreft']}/{n}; vs the reference in {dtype} "
+                f"adapter {counts['adapter_engine_vs_reference']}/{n} base {counts['base_engine_vs_reference']}/{n}"
+            )
+        return results
+
+
+def environment(args: argparse.Namespace) -> dict:
+    cuda = torch.device(args.device).type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(args.device) if cuda else machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": stamp(),
+    }
+
+
+def settings(args: argparse.Namespace) -> dict:
+    values = {name: getattr(args, name) for name in SIZES}
+    return {**values, "dtype": str(args.dtype).removeprefix("torch."), "adapter_rank": args.adapter_rank}
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    started = time.perf_counter()
+    results = {"environment": environment(args), "settings": settings(args), "parts": {}}
+    say(f"{results['environment']['device']}: torch {torch.__version__}, transformers {transformers.__version__}")
+    benchmark = Benchmark(args)
+    for part in [p for p in PARTS if p in args.parts]:
+        say(f"[{part}]")
+        release_memory(args.device)
+        part_started = time.perf_counter()
+        try:
+            result = getattr(benchmark, part.replace("-", "_"))()
+        except Exception:  # one failing part must not cost the others their device time
+            traceback.print_exc()
+            result = {"error": traceback.format_exc(limit=-8)}
+        result["wall_s"] = time.perf_counter() - part_started
+        result["peak_memory_gib"] = peak_memory_gib(args.device)
+        say(f"  ({result['wall_s']:.1f} s)")
+        results["parts"][part] = result
+        results["model_builds"] = benchmark.models.builds
+        results["wall_s"] = time.perf_counter() - started
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2))
+    say(f"total {results['wall_s']:.1f} s")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    results = run(parse_args(argv))
+    failed = [name for name, part in results["parts"].items() if "error" in part]
+    if failed:
+        say(f"failed parts: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

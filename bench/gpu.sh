@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One GPU session's measurements in one command, everything written under $OUT:
+#   1. nvidia-smi (nvidia-smi.txt) and the CUDA tests (gpu-tests.log), skipped where there is no GPU;
+#   2. bench/gpu.py (gpu.log, gpu.json), given every argument except --server;
+#   3. with --server only: `reft-server serve` on the 1b preset with 64 stored adapters, loaded by
+#      bench/load.py with 128 concurrent clients (server.log, load.json, metrics.txt).
+# Steps 1-2 need torch and transformers only. Step 3 also needs the HTTP stack, which GPU machines
+# without network access lack: carry these as py3.12 wheels and install them first: fastapi,
+# starlette, pydantic, pydantic-core, pydantic-settings, python-dotenv, annotated-types,
+# typing-inspection, uvicorn, python-multipart, opentelemetry-api (and httpx, prometheus-client,
+# safetensors, tokenizers where missing). The server reads its version from the package's metadata,
+# so step 3 installs the package itself (no dependencies, no network) where it is not installed.
+#
+#   bench/gpu.sh                                  # as the device tool's command ($OUT is set there);
+#                                                 # the defaults should take under 6 minutes on an H100
+#   OUT=/tmp/gpu bench/gpu.sh                     # elsewhere
+#   OUT=/tmp/gpu bench/gpu.sh --parts decode      # any bench/gpu.py flags
+#   OUT=/tmp/gpu bench/gpu.sh --smoke             # seconds, on any machine
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder the results go to}"
+mkdir -p "$OUT"
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+GPU_TESTS=(tests/test_bench_gpu.py)  # test files with CUDA tests; they must import without the HTTP stack
+
+server=0
+bench_args=()
+for arg in "$@"; do
+  if [ "$arg" = --server ]; then server=1; else bench_args+=("$arg"); fi
+done
+failed=0
+
+if nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1; then
+  "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda "${GPU_TESTS[@]}" 2>&1 | tee "$OUT/gpu-tests.log" || failed=1
+else
+  rm -f "$OUT/nvidia-smi.txt"
+  echo "no NVIDIA GPU here: the GPU tests are skipped"
+fi
+
+"$PYTHON" bench/gpu.py --json "$OUT/gpu.json" "${bench_args[@]}" 2>&1 | tee "$OUT/gpu.log" || failed=1
+
+serve_and_load() {
+  local model=${TMPDIR:-/tmp}/reft-gpu-model store=${TMPDIR:-/tmp}/reft-gpu-store port=8431 adapters
+  "$PYTHON" -c 'import fastapi, uvicorn, pydantic_settings, multipart' || {
+    echo "--server needs the HTTP stack's wheels (see the top of bench/gpu.sh)"
+    return 1
+  }
+  "$PYTHON" -c 'import importlib.metadata as m; m.version("reft-server")' 2>/dev/null ||
+    "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . || return 1
+  "$PYTHON" - "$model" "$store" <<'PY' || return 1
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.common import save_preset_model
+from server.adapters.store import AdapterStore
+from server.tiny_models import random_adapter_file
+
+model, store = Path(sys.argv[1]), AdapterStore(sys.argv[2])
+save_preset_model("1b", model, "cuda", torch.bfloat16)
+layers = tuple(range(0, 16, 2))
+for i in range(64):
+    adapter = random_adapter_file("loreft", layers, 4, "f7+l7", 2048, seed=i, scale=0.05)
+    store.publish(f"a{i}", adapter.to_bytes())
+PY
+  "$PYTHON" -c 'import sys; from server.cli import main; sys.exit(main())' serve --model "$model" --device cuda \
+    --dtype bfloat16 --kv-cache-memory 16GiB --max-num-seqs 128 --max-batched-tokens 4096 --store "$store" \
+    --admin-open --port "$port" --log-level warning >"$OUT/server.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 120); do
+    "$PYTHON" -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$port/ready').status_code != 200)" \
+      2>/dev/null && break
+    kill -0 "$pid" 2>/dev/null || { echo "the server exited (see server.log)"; return 1; }
+    sleep 1
+  done
+  adapters=$("$PYTHON" -c "print(','.join(f'a{i}' for i in range(64)))")
+  "$PYTHON" bench/load.py --url "http://127.0.0.1:$port" --requests 512 --concurrency 128 --prompt-len 128 512 \
+    --output-len 128 128 --adapters "$adapters" --zipf 1.1 --base-share 0.1 --deadline 90 --out "$OUT/load.json"
+  local status=$?
+  "$PYTHON" -c "import httpx; print(httpx.get('http://127.0.0.1:$port/metrics').text)" >"$OUT/metrics.txt"
+  kill "$pid"
+  wait "$pid"
+  return $status
+}
+
+if [ "$server" = 1 ]; then
+  serve_and_load || failed=1
+fi
+exit "$failed"

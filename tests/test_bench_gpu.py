@@ -1,0 +1,101 @@
+"""bench/gpu.py and bench/gpu.sh keep working without a GPU: their smoke mode runs every part on the CPU.
+
+A GPU session has a few minutes of device time and no second try, so a broken benchmark must show
+up here first. The CUDA test is the one bench/gpu.sh runs on the device before the full benchmark.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import gpu
+from bench.common import build_on_device
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpu") / "gpu.json"
+    threads = torch.get_num_threads()
+    try:
+        assert gpu.main(["--smoke", "--json", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --smoke runs on one thread; the tests after it keep theirs
+    return json.loads(path.read_text())
+
+
+def test_smoke_run_reports_every_part(smoke_results):
+    assert list(smoke_results["parts"]) == list(gpu.PARTS)
+    for name, part in smoke_results["parts"].items():
+        assert "error" not in part, name
+        assert part["wall_s"] > 0
+    settings = smoke_results["settings"]
+    assert settings["preset"] == "tiny" and settings["device"] == "cpu"
+    assert smoke_results["environment"]["torch"] == torch.__version__
+
+
+def test_smoke_throughputs_count_every_requested_token(smoke_results):
+    parts, settings = smoke_results["parts"], smoke_results["settings"]
+    wanted = settings["requests"] * settings["output_len"]
+    runs = [parts["engine"]["base"], parts["engine"]["adapters"], parts["hf-static"], parts["hf-cb"]]
+    runs.append(parts["hf-cb"]["first_call"])
+    for run in runs:
+        assert run["tokens"] == wanted and run["tokens_per_s"] > 0
+    assert parts["hf-cb"]["settings"]["max_requests_per_batch"] == settings["max_num_seqs"]
+
+
+def test_smoke_decode_steps_sit_above_their_memory_floor(smoke_results):
+    decode = smoke_results["parts"]["decode"]
+    assert decode["bandwidth"]["gb_per_s"] > 0
+    assert [step["seqs"] for step in decode["steps"]] == list(smoke_results["settings"]["decode_seqs"])
+    for step in decode["steps"]:
+        assert step["mean_context"] >= smoke_results["settings"]["decode_context"]
+        assert 0 < step["floor_ms"] < step["step_ms"]
+
+
+def test_smoke_parity_is_exact_in_float32(smoke_results):
+    parity = smoke_results["parts"]["parity"]
+    exact = parity["float32"]
+    assert exact["cases"] == 2
+    for key in ("engine_vs_pyreft", "reference_vs_pyreft", "engine_vs_reference"):
+        assert exact[f"adapter_{key}"] == exact[f"base_{key}"] == 2, key
+    assert set(parity["bfloat16"]) == set(exact)
+
+
+def test_the_1b_preset_has_llama_3_2_1b_shape():
+    model = build_on_device("1b", "meta", torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 1_235_814_400  # Llama-3.2-1B's count
+    config = model.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (32, 8, 64)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_unknown_parts_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        gpu.parse_args(["--parts", "engine,warp-drive"])
+    assert "unknown parts warp-drive" in capsys.readouterr().err
+
+
+def test_gpu_sh_writes_everything_under_out(tmp_path):
+    environment = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    command = ["bash", str(ROOT / "bench" / "gpu.sh"), "--smoke", "--parts", "hf-static", "--requests", "2"]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert list(results["parts"]) == ["hf-static"] and "error" not in results["parts"]["hf-static"]
+    assert "[hf-static]" in (tmp_path / "gpu.log").read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_smoke_run_on_cuda(tmp_path):
+    path = tmp_path / "gpu.json"
+    assert gpu.main(["--smoke", "--device", "cuda", "--json", str(path)]) == 0
+    results = json.loads(path.read_text())
+    assert results["settings"]["dtype"] == "bfloat16"
+    assert all(part["peak_memory_gib"] > 0 for part in results["parts"].values())
