@@ -112,7 +112,7 @@ def config_from_dict(raw: dict) -> AdapterConfig:
         raise AdapterError(sorted(unknown)[0], "unknown field")
     for name, kind in _FIELD_TYPES.items():
         value = raw.get(name)
-        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+        if name in raw and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
             raise AdapterError(name, f"must be {kind.__name__}, got {type(value).__name__}")
     layers = raw["layers"]
     if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
