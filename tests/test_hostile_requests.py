@@ -304,3 +304,15 @@ def test_admin_routes_still_need_the_token_with_or_without_a_body(url):
     assert httpx.get(f"{url}/v1/adapters").status_code == 401
     assert httpx.get(f"{url}/v1/adapters", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).status_code == 200
     assert httpx.delete(f"{url}/v1/adapters/x", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+def test_the_adapter_magnitude_bound_is_a_setting_the_registry_applies_too(tmp_path):
+    adapter = random_adapter_file("loreft", (1,), 4, "f1+l1", HIDDEN, seed=5)
+    adapter.tensors["layers.1.0.weight"] = torch.full((4, HIDDEN), 50.0)
+    settings = app_settings(tmp_path, max_model_len=64, adapter_max_abs=10.0)
+    with TestClient(create_app(settings, model_path=str(FIXTURE / "model"))) as client:
+        response = client.post("/v1/adapters/big", files={"file": ("a", adapter.to_bytes())}, headers=ADMIN)
+        assert response.status_code == 422 and "adapter_max_abs" in error_of(response)["message"]
+        client.app.state.reft.store.publish("big", adapter.to_bytes())  # another replica, or an older server
+        response = client.post("/v1/generate", json={"prompt": "hi", "adapter": "big", "max_new_tokens": 2})
+        assert response.status_code == 422 and "adapter_max_abs" in error_of(response)["message"]

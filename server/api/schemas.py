@@ -29,6 +29,7 @@ Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKENS)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
 FreeObject = Annotated[dict, Field(max_length=MAX_OBJECT_KEYS)]
+LogitBias = Annotated[dict[Name, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=MAX_OBJECT_KEYS)]
 
 
 class StrictModel(BaseModel):
@@ -44,16 +45,11 @@ class SamplingFields(StrictModel):
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stop: StopString | list[StopString] | None = Field(None, description="Stop strings (not in the output)")
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        None, description="Stop strings (not in the output)"
+    )
     stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def _few_stops(cls, value):
-        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        return value
 
     def sampling(self, max_new_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -133,7 +129,7 @@ class OpenAIFields(SamplingFields):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: Annotated[dict[Name, float], Field(max_length=MAX_OBJECT_KEYS)] | None = None
+    logit_bias: LogitBias | None = None
     user: Name | None = None
 
     def unsupported(self) -> str | None:
