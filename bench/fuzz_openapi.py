@@ -50,7 +50,8 @@ def run_schemathesis(url: str, token: str, args: argparse.Namespace, report_dir:
         "--no-color",
         "--report", "ndjson", "--report-dir", str(report_dir),
     ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True)
+    # schemathesis keeps a cache in its working directory: a temporary one, not the repository
+    return subprocess.run(command, capture_output=True, text=True, cwd=report_dir.parent)
 
 
 def count_cases(output: str) -> tuple[int, int]:
