@@ -17,10 +17,12 @@ from server.adapters.format import ModelShape
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.api import admin, generate, health, openai
+from server.api.admin import ADMIN_PREFIX
+from server.api.admin_gate import AdminGate
+from server.api.body_limit import MULTIPART_OVERHEAD, BodyLimit
 from server.api.deps import AppState
 from server.api.errors import install_error_handlers
 from server.api.request_context import RequestContext
-from server.api.upload_limit import UploadLimit
 from server.config import Settings
 from server.engine.core import EngineConfig, EngineCore, model_eos_ids
 from server.engine.engine import AsyncEngine
@@ -72,7 +74,7 @@ def build_state(settings: Settings, model_path: str, model=None, tokenizer=None)
     parameter = next(model.parameters())
     registry = AdapterRegistry(
         store,
-        ModelShape.of(model),
+        ModelShape.of(model, max_abs=settings.adapter_max_abs),
         dtype=parameter.dtype,
         device=parameter.device,
         max_bytes=int(settings.adapter_memory),
@@ -111,7 +113,12 @@ def create_app(settings: Settings, *, model_path: str | None = None, model=None,
 
     app = FastAPI(title="reft-server", version=version("reft-server"), description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(UploadLimit, limit_bytes=int(settings.max_upload_size), path_prefix="/v1/adapters")
+    # outermost last: the request id first, then the admin token, then the body's size
+    upload_limit = int(settings.max_upload_size) + MULTIPART_OVERHEAD
+    app.add_middleware(
+        BodyLimit, default_limit=int(settings.max_request_body), limits_by_prefix={ADMIN_PREFIX: upload_limit}
+    )
+    app.add_middleware(AdminGate, settings=settings, path_prefix=ADMIN_PREFIX)
     app.add_middleware(RequestContext)
     for module in (generate, openai, admin, health):
         app.include_router(module.router)

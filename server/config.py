@@ -50,6 +50,17 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=0, description="Requests waiting beyond the running batch; more get 429")
     request_timeout: float = Field(600.0, gt=0, description="Seconds before a request is aborted")
 
+    # request limits
+    max_request_body: ByteSize = Field(
+        ByteSize(4 * 2**20), description="Largest request body on every route but adapter uploads"
+    )
+    max_prompt_chars: int | None = Field(
+        None, ge=1, description="Prompt characters at most, checked before tokenizing (default: 16 per context token)"
+    )
+    max_prompts: int = Field(
+        16, ge=1, description="Prompts in one /v1/completions request at most (never more than the queue holds)"
+    )
+
     # adapters
     store: Path = Field(Path("adapters_store"), description="Adapter store directory (may be shared by replicas)")
     store_sync_interval: float = Field(
@@ -60,6 +71,9 @@ class Settings(BaseSettings):
     max_upload_size: ByteSize = Field(ByteSize(256 * 2**20), description="Largest adapter upload accepted")
     allow_foreign_adapters: bool = Field(
         False, description="Accept and serve adapters whose base-model fingerprint is another model's"
+    )
+    adapter_max_abs: float = Field(
+        1e4, gt=0, allow_inf_nan=False, description="Largest magnitude of any adapter parameter accepted"
     )
 
     # security

@@ -1,14 +1,18 @@
-"""Helpers for HTTP tests: in-process apps, SSE parsing, adapter uploads, tar archives of checkpoints."""
+"""Helpers for HTTP tests: in-process apps (through TestClient, or served by uvicorn on loopback in a
+thread), SSE parsing, adapter uploads, tar archives of checkpoints."""
 
 from __future__ import annotations
 
 import io
 import json
 import tarfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi.testclient import TestClient
 
 from server.app import create_app
@@ -37,6 +41,26 @@ def running_app(model_path: Path, store: Path, **overrides):
     app = create_app(app_settings(store, **overrides), model_path=str(model_path))
     with TestClient(app) as client:
         yield client
+
+
+@contextmanager
+def serving_on_loopback(model_path: Path, store: Path, **overrides) -> Iterator[str]:
+    """The app served by a real uvicorn on 127.0.0.1 in a thread (real sockets, real body streaming,
+    concurrent connections) without a process's start-up cost; yields its base URL."""
+    app = create_app(app_settings(store, **overrides), model_path=str(model_path))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
 
 
 def sse_events(lines) -> Iterator:

@@ -5,8 +5,9 @@ Tensors are named `layers.<layer>.<index>.<param>`: `<index>` numbers the interv
 parameter name of the intervention type (see server/reft/interventions.py). The safetensors header's
 `__metadata__` holds one key, "reft", whose value is the JSON of `AdapterConfig`.
 
-`validate()` checks a file against itself and, given one, against the base model; every problem is
-an `AdapterError` that names the offending field.
+`validate()` checks a file against itself and, given one, against the base model and a bound on
+parameter magnitudes (finite but huge values would overflow the edited hidden states and poison
+every request batched with them); every problem is an `AdapterError` that names the offending field.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ FORMAT_VERSION = 1
 METADATA_KEY = "reft"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_HEADER_BYTES = 100_000_000
+MAX_DIMENSION = 1 << 20  # hidden size, rank: far beyond any model, far inside what tensors can index
+MAX_LAYER = 1 << 16
+DEFAULT_MAX_ABS = 1e4
 ORTHONORMAL_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
@@ -71,13 +75,21 @@ class AdapterConfig:
 
     @classmethod
     def from_json(cls, text: str, ignore_unknown: bool = False) -> AdapterConfig:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise AdapterError("metadata", f"not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise AdapterError("metadata", "must be a JSON object")
-        return config_from_dict(raw, ignore_unknown)
+        return config_from_dict(parse_json_object(text, "metadata"), ignore_unknown)
+
+
+def parse_json_object(text, field: str) -> dict:
+    """A JSON object from untrusted text; whatever is wrong with it (not text, malformed, nested too
+    deep for the parser, integers too long to convert) is an AdapterError naming `field`."""
+    if not isinstance(text, str | bytes):
+        raise AdapterError(field, f"must be a JSON string, got {type(text).__name__}")
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, over-long integers, deep nesting
+        raise AdapterError(field, f"not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(field, "must be a JSON object")
+    return raw
 
 
 _OMITTED_WHEN_EMPTY = ("base_model_fingerprint", "provenance")
@@ -111,7 +123,7 @@ def config_from_dict(raw: dict, ignore_unknown: bool = False) -> AdapterConfig:
     raw = {key: value for key, value in raw.items() if key not in unknown}
     for name, kind in _FIELD_TYPES.items():
         value = raw.get(name)
-        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+        if name in raw and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
             raise AdapterError(name, f"must be {kind.__name__}, got {type(value).__name__}")
     layers = raw["layers"]
     if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
@@ -126,10 +138,12 @@ def _check_config(config: AdapterConfig) -> None:
         raise AdapterError("format_version", f"unsupported version {config.format_version}")
     if config.type not in INTERVENTION_TYPES:
         raise AdapterError("type", f"unknown intervention type {config.type!r}; known: {', '.join(INTERVENTION_TYPES)}")
-    if config.rank < 1:
-        raise AdapterError("rank", f"must be >= 1, got {config.rank}")
-    if config.hidden_size < 1:
-        raise AdapterError("hidden_size", f"must be >= 1, got {config.hidden_size}")
+    for name in ("rank", "hidden_size"):
+        value = getattr(config, name)
+        if value < 1:
+            raise AdapterError(name, f"must be >= 1, got {value}")
+        if value > MAX_DIMENSION:
+            raise AdapterError(name, f"must be <= {MAX_DIMENSION}, got {value}")
     if config.rank > config.hidden_size:
         raise AdapterError("rank", f"{config.rank} exceeds hidden_size {config.hidden_size}")
     if not config.layers:
@@ -138,6 +152,8 @@ def _check_config(config: AdapterConfig) -> None:
         raise AdapterError("layers", f"duplicate layer in {list(config.layers)}")
     if min(config.layers) < 0:
         raise AdapterError("layers", f"negative layer index in {list(config.layers)}")
+    if max(config.layers) > MAX_LAYER:
+        raise AdapterError("layers", f"layer index over {MAX_LAYER} in {list(config.layers)}")
     try:
         parse_positions(config.positions)
     except ValueError as e:
@@ -156,14 +172,16 @@ def tensor_name(layer: int, index: int, param: str) -> str:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What an adapter is validated against."""
+    """What an adapter is validated against: the served model's shape and the largest parameter
+    magnitude the server accepts (the adapter_max_abs setting)."""
 
     num_layers: int
     hidden_size: int
+    max_abs: float = DEFAULT_MAX_ABS
 
     @classmethod
-    def of(cls, model) -> ModelShape:
-        return cls(num_layers=len(decoder_layers(model)), hidden_size=model.config.hidden_size)
+    def of(cls, model, max_abs: float = DEFAULT_MAX_ABS) -> ModelShape:
+        return cls(num_layers=len(decoder_layers(model)), hidden_size=model.config.hidden_size, max_abs=max_abs)
 
 
 @dataclass
@@ -227,14 +245,15 @@ def _read_metadata(data: bytes) -> dict[str, str]:
         raise AdapterError("file", "not a safetensors file (bad header length)")
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # malformed JSON or UTF-8, over-long integers, deep nesting
         raise AdapterError("file", "not a safetensors file (header is not JSON)") from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     return metadata if isinstance(metadata, dict) else {}
 
 
 def validate(adapter: AdapterFile, model: ModelShape | None = None) -> None:
-    """Raise AdapterError naming the first problem; None means the adapter can be served."""
+    """Raise AdapterError naming the first problem; None means the adapter can be served.
+    Without a model, magnitudes are checked against the default bound."""
     config = adapter.config
     _check_config(config)
     if model is not None:
@@ -249,10 +268,10 @@ def validate(adapter: AdapterFile, model: ModelShape | None = None) -> None:
                 f"layer {out_of_range[0]} out of range: "
                 f"the model has {model.num_layers} layers (0..{model.num_layers - 1})",
             )
-    _check_tensors(adapter)
+    _check_tensors(adapter, model.max_abs if model is not None else DEFAULT_MAX_ABS)
 
 
-def _check_tensors(adapter: AdapterFile) -> None:
+def _check_tensors(adapter: AdapterFile, max_abs: float) -> None:
     config = adapter.config
     kind = INTERVENTION_TYPES[config.type]
     dims = {"d": config.hidden_size, "r": config.rank}
@@ -273,10 +292,18 @@ def _check_tensors(adapter: AdapterFile) -> None:
                         f"tensors.{name}",
                         f"shape {list(tensor.shape)} does not match {list(shape)} ({'x'.join(spec.shape)})",
                     )
-                if not tensor.is_floating_point():
-                    raise AdapterError(f"tensors.{name}", f"must be a floating-point tensor, got {tensor.dtype}")
+                if tensor.dtype not in DTYPES.values():
+                    raise AdapterError(
+                        f"tensors.{name}", f"must be a floating-point tensor of {', '.join(DTYPES)}; got {tensor.dtype}"
+                    )
                 if not torch.isfinite(tensor).all():
                     raise AdapterError(f"tensors.{name}", "contains NaN or infinite values")
+                largest = tensor.abs().max().item() if tensor.numel() else 0.0
+                if largest > max_abs:
+                    raise AdapterError(
+                        f"tensors.{name}",
+                        f"holds a value of magnitude {largest:.3g}, beyond the limit of {max_abs:g} (adapter_max_abs)",
+                    )
                 if spec.name == "rotation":
                     _check_orthonormal(name, tensor)
     unexpected = sorted(set(adapter.tensors) - expected)

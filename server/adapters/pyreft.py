@@ -55,8 +55,18 @@ def orthogonal_from_householder(original: torch.Tensor, base: torch.Tensor) -> t
     """R' of `torch.nn.utils.parametrizations.orthogonal` (Householder map with a base) from its state.
 
     R' = base @ (householder_product(A, tau) * sign), A = original's strict lower triangle and sign
-    the integer part of original's diagonal, as torch does; NOT `original` itself.
+    the integer part of original's diagonal, as torch does; NOT `original` itself. `original` is
+    [n, k] or [k, n] with n >= k and `base` is [n, n]; anything else is an AdapterError.
     """
+    if original.dim() != 2 or base.dim() != 2 or not original.is_floating_point() or not base.is_floating_point():
+        raise AdapterError("rotation", "the orthogonal parametrization's state must be 2-D floating-point tensors")
+    n = max(original.shape)
+    if min(original.shape) < 1 or tuple(base.shape) != (n, n):
+        raise AdapterError(
+            "rotation",
+            f"parametrization shapes do not fit: original {list(original.shape)}, base {list(base.shape)} "
+            f"(expected [{n}, {n}])",
+        )
     x = original.double()
     transposed = x.shape[0] < x.shape[1]
     if transposed:
@@ -201,6 +211,8 @@ def import_pyreft(
             tensors[tensor_name(info.layer, info.index, name)] = t.contiguous()
             dtypes.add(t.dtype)
     first_rotation_or_weight = next(t for name, t in tensors.items() if name.endswith(("rotation", "proj_weight")))
+    if first_rotation_or_weight.dim() != 2 or min(first_rotation_or_weight.shape) < 1:
+        raise AdapterError("rotation", f"must be a 2-D matrix, got shape {list(first_rotation_or_weight.shape)}")
     hidden_size = max(first_rotation_or_weight.shape)
     found_rank = min(first_rotation_or_weight.shape)
     if rank is not None and rank != found_rank:

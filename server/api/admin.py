@@ -10,25 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Header, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 from safetensors.torch import load as load_safetensors
 
 from server.adapters.archive import ArchiveError, unpack_checkpoint
 from server.adapters.fingerprint import fingerprint_status
-from server.adapters.format import AdapterError, AdapterFile, ModelShape, config_from_dict, read_config, validate
+from server.adapters.format import (
+    MAX_DIMENSION,
+    AdapterError,
+    AdapterFile,
+    ModelShape,
+    config_from_dict,
+    parse_json_object,
+    read_config,
+    validate,
+)
 from server.adapters.pyreft import import_pyreft
 from server.adapters.registry import VersionFacts
 from server.adapters.store import InvalidName, NameInfo, NotFound, Precondition, PreconditionFailed, check_name
-from server.api.deps import AppState, State, require_admin
+from server.api.deps import AppState, State
 from server.api.errors import APIError
 from server.api.preconditions import PRECONDITION_RESPONSES, etag, failed, precondition
 from server.api.schemas import (
+    MAX_NAME_CHARS,
     AdapterDetail,
     AdapterSummary,
     PublishResponse,
@@ -37,7 +46,10 @@ from server.api.schemas import (
     VersionSummary,
 )
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters (admin)"], dependencies=[Depends(require_admin)])
+ADMIN_PREFIX = "/v1/adapters"
+# The admin token is checked by server/api/admin_gate.py before the body is read, for every route here.
+router = APIRouter(prefix=ADMIN_PREFIX, tags=["adapters (admin)"])
+MAX_FORM_CHARS = 64 * 1024  # the metadata form field (an adapter config is a few hundred bytes)
 IfMatch = Annotated[
     str | None, Header(description='Change only if the current version is this ETag (e.g. "3"), or * if it exists')
 ]
@@ -53,6 +65,10 @@ def _name(name: str) -> str:
 
 def _rejected(error: AdapterError) -> APIError:
     return APIError(422, f"adapter rejected: {error}", param=error.field)
+
+
+def _model_shape(state: AppState) -> ModelShape:
+    return ModelShape.of(state.model, max_abs=state.settings.adapter_max_abs)
 
 
 async def _read_upload(upload: UploadFile, limit: int, field: str) -> bytes:
@@ -116,7 +132,7 @@ async def _publish(
 ) -> PublishResponse:
     if not adapter.config.base_model:
         adapter.config = dataclasses.replace(adapter.config, base_model=state.model_name)
-    payload = adapter.to_bytes()
+    payload = await asyncio.to_thread(adapter.to_bytes)
 
     def publish() -> tuple[int, float]:
         version = state.store.publish(name, payload, precondition=condition)
@@ -180,7 +196,10 @@ async def upload_adapter(
     file: Annotated[UploadFile, File(description="The adapter .safetensors file")],
     state: State,
     response: Response,
-    metadata: Annotated[str | None, Form(description="Adapter config as JSON, when the file's header has none")] = None,
+    metadata: Annotated[
+        str | None,
+        Form(max_length=MAX_FORM_CHARS, description="Adapter config as JSON, when the file's header has none"),
+    ] = None,
     allow_foreign: Annotated[
         bool, Form(description="Accept an adapter trained on another base model (fingerprint differs)")
     ] = False,
@@ -192,40 +211,53 @@ async def upload_adapter(
     name = _name(name)
     condition = precondition(if_match, if_none_match)
     data = await _read_upload(file, state.settings.max_upload_size, "file")
-    try:
-        if metadata is not None:
-            try:
-                raw = json.loads(metadata)
-            except json.JSONDecodeError as e:
-                raise APIError(400, f"metadata: not valid JSON ({e})", param="metadata") from None
-            if not isinstance(raw, dict):
-                raise APIError(400, "metadata: must be a JSON object", param="metadata")
-            try:
-                tensors = load_safetensors(data)
-            except Exception as e:  # malformed safetensors raise several types
-                raise AdapterError("file", f"not a valid safetensors file ({e})") from None
-            adapter = AdapterFile(config_from_dict(raw), tensors)
-        else:
-            adapter = AdapterFile.from_bytes(data)
-        validate(adapter, ModelShape.of(state.model))
+    config = None
+    if metadata is not None:
+        try:
+            config = config_from_dict(parse_json_object(metadata, "metadata"))
+        except AdapterError as e:
+            raise APIError(400, str(e), param="metadata") from None
+    shape = _model_shape(state)
+    try:  # parsing and validating a 200 MB upload takes a while: off the event loop
+        adapter = await asyncio.to_thread(_parse_and_validate, data, config, shape)
     except AdapterError as e:
         raise _rejected(e) from None
     _check_base_model(state, adapter, allow_foreign)
     return await _publish(state, name, adapter, response, condition)
 
 
+def _parse_and_validate(data: bytes, config, shape: ModelShape) -> AdapterFile:
+    """The upload as an AdapterFile; `config` replaces the header's when given as a form field."""
+    if config is None:
+        adapter = AdapterFile.from_bytes(data)
+    else:
+        try:
+            tensors = load_safetensors(data)
+        except Exception as e:  # malformed safetensors raise several types
+            raise AdapterError("file", f"not a valid safetensors file ({e})") from None
+        adapter = AdapterFile(config, tensors)
+    validate(adapter, shape)
+    return adapter
+
+
 @router.post("/{name}/pyreft", response_model=PublishResponse, status_code=201, responses=PRECONDITION_RESPONSES)
 async def import_pyreft_adapter(
     name: str,
     archive: Annotated[UploadFile, File(description="A .tar(.gz) or .zip of the pyreft checkpoint directory")],
-    positions: Annotated[str, Form(description="Positions it was trained with, e.g. f7+l7")],
+    positions: Annotated[str, Form(max_length=MAX_NAME_CHARS, description="Positions it was trained with, e.g. f7+l7")],
     share_weights: Annotated[bool, Form(description="Whether prefix and suffix shared one intervention")],
     state: State,
     response: Response,
-    activation: Annotated[str, Form(description="Activation of the learned source")] = "linear",
-    intervention_type: Annotated[str | None, Form(description="Needed only without config.json")] = None,
-    layers: Annotated[str | None, Form(description="Comma-separated, needed only without config.json")] = None,
-    rank: Annotated[int | None, Form(description="Needed only without config.json")] = None,
+    activation: Annotated[
+        str, Form(max_length=MAX_NAME_CHARS, description="Activation of the learned source")
+    ] = "linear",
+    intervention_type: Annotated[
+        str | None, Form(max_length=MAX_NAME_CHARS, description="Needed only without config.json")
+    ] = None,
+    layers: Annotated[
+        str | None, Form(max_length=MAX_NAME_CHARS, description="Comma-separated, needed only without config.json")
+    ] = None,
+    rank: Annotated[int | None, Form(ge=1, le=MAX_DIMENSION, description="Needed only without config.json")] = None,
     if_match: IfMatch = None,
     if_none_match: IfNoneMatch = None,
 ):
@@ -238,9 +270,11 @@ async def import_pyreft_adapter(
     except ValueError:
         raise APIError(400, "layers: use comma-separated integers", param="layers") from None
 
+    shape = _model_shape(state)
+
     def unpack_and_import() -> AdapterFile:
         with tempfile.TemporaryDirectory(prefix="reft-import-") as tmp:
-            directory = unpack_checkpoint(data, Path(tmp) / "checkpoint")
+            directory = unpack_checkpoint(data, Path(tmp) / "checkpoint", max_bytes=state.settings.max_upload_size)
             return import_pyreft(
                 directory,
                 positions=positions,
@@ -250,7 +284,7 @@ async def import_pyreft_adapter(
                 layers=layer_list,
                 rank=rank,
                 base_model=state.model_name,
-                model=ModelShape.of(state.model),
+                model=shape,
             )
 
     try:

@@ -16,6 +16,8 @@ from server.config import Settings
 from server.engine.engine import AsyncEngine
 from server.metrics import Metrics
 
+CHARS_PER_CONTEXT_TOKEN = 16
+
 
 @dataclass
 class AppState:
@@ -46,6 +48,17 @@ class AppState:
     def max_model_len(self) -> int:
         return self.engine.core.max_model_len
 
+    @property
+    def max_prompt_chars(self) -> int:
+        """Prompt characters accepted before tokenizing: the setting, or 16 per context token
+        (real tokenizers average 3 to 5 characters a token; the margin only refuses absurd prompts)."""
+        return self.settings.max_prompt_chars or CHARS_PER_CONTEXT_TOKEN * self.max_model_len
+
+    @property
+    def max_prompts(self) -> int:
+        """Prompts one /v1/completions call may submit: never more than the engine can hold at once."""
+        return min(self.settings.max_prompts, self.engine.max_in_flight)
+
 
 def get_state(request: Request) -> AppState:
     return request.app.state.reft
@@ -54,8 +67,8 @@ def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+def _bearer(authorization: str) -> str | None:
+    scheme, _, token = authorization.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
@@ -66,22 +79,24 @@ def _matches(given: str | None, expected: str) -> bool:
 def require_api_key(request: Request, state: State) -> None:
     """Generation routes: a bearer token when REFT_API_KEY is set."""
     key = state.settings.api_key
-    if key is not None and not _matches(_bearer(request), key.get_secret_value()):
+    if key is not None and not _matches(_bearer(request.headers.get("authorization", "")), key.get_secret_value()):
         raise APIError(
             401, "missing or invalid API key (Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"}
         )
 
 
-def require_admin(request: Request, state: State) -> None:
-    """Admin routes: the admin bearer token; closed without one unless explicitly opened."""
-    token = state.settings.admin_token
+def admin_refusal(settings: Settings, authorization: str) -> APIError | None:
+    """Why a request with this Authorization header may not use the admin API; None when it may.
+    The admin API is closed without a token unless explicitly opened."""
+    token = settings.admin_token
     if token is None:
-        if state.settings.admin_open:
-            return
-        raise APIError(403, "the admin API is disabled: set REFT_ADMIN_TOKEN (or --admin-open for local use)")
-    if not _matches(_bearer(request), token.get_secret_value()):
-        raise APIError(
+        if settings.admin_open:
+            return None
+        return APIError(403, "the admin API is disabled: set REFT_ADMIN_TOKEN (or --admin-open for local use)")
+    if not _matches(_bearer(authorization), token.get_secret_value()):
+        return APIError(
             401,
             "missing or invalid admin token (Authorization: Bearer <token>)",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    return None

@@ -1,15 +1,12 @@
-"""One JSON error shape for every route (OpenAI's): {"error": {"message", "type", "param", "code"}}."""
+"""One JSON error shape for every route (OpenAI's): {"error": {"message", "type", "param", "code"}}.
+Errors nothing here handles become a 500 in server/api/request_context.py, where the request id is known."""
 
 from __future__ import annotations
-
-import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger(__name__)
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -51,6 +48,8 @@ def _describe(error: dict) -> tuple[str, str | None]:
     message = error.get("msg", "invalid value")
     if error.get("type") == "extra_forbidden":
         message = "unsupported field"
+    elif error.get("type") == "string_unicode":
+        message = "not valid UTF-8 (lone surrogate)"
     elif error.get("type") == "json_invalid":
         message = f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
     return (f"{param}: {message}" if param else message), param
@@ -72,8 +71,3 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error")
-        return error_response(500, "internal server error")

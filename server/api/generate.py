@@ -53,7 +53,7 @@ def failure(output: RequestOutput) -> APIError | None:
 async def generate(body: GenerateRequest, request: Request, state: State):
     """Generate from a prompt with the base model or an adapter (`adapter`: name or name@version)."""
     field = "prompt" if body.prompt is not None else "input_ids"
-    prompt_ids = tokenize(state, body.prompt if body.prompt is not None else body.input_ids, field)
+    prompt_ids = await tokenize(state, body.prompt if body.prompt is not None else body.input_ids, field)
     sampling = body.sampling(body.max_new_tokens, body.logprobs)
     running = await start(state, prompt_ids, sampling, body.adapter, "adapter", "max_new_tokens")
     adapter = adapter_ref(running)

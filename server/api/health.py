@@ -1,4 +1,8 @@
-"""Operations routes: liveness, readiness and Prometheus metrics."""
+"""Operations routes: liveness, readiness and Prometheus metrics.
+
+Liveness (/health) fails only when restarting the process would help: the engine thread has died,
+or it has work and has not stepped for STALE_ENGINE_SECONDS. Readiness (/ready) also fails while
+loading or draining, when the process is healthy but should get no traffic."""
 
 from __future__ import annotations
 
@@ -10,14 +14,28 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.adapters.fingerprint import FINGERPRINT_STATUSES
 from server.api.deps import State
+from server.api.errors import error_response
+from server.engine.engine import AsyncEngine
 
 router = APIRouter(tags=["operations"])
 STALE_ENGINE_SECONDS = 60.0  # a step longer than this means the engine is stuck
 
 
+def engine_stuck(engine: AsyncEngine, draining: bool) -> str | None:
+    """Why the engine cannot make progress, or None. A stopped engine is expected while draining."""
+    if not engine.alive and not draining:
+        return "the engine thread has stopped"
+    if engine.core.has_work() and time.monotonic() - engine.last_heartbeat > STALE_ENGINE_SECONDS:
+        return f"the engine has work but has not stepped for over {STALE_ENGINE_SECONDS:g} s"
+    return None
+
+
 @router.get("/health")
-async def health():
-    """The process is alive."""
+async def health(state: State):
+    """The process is alive and its engine makes progress (503 when it does not: restart it)."""
+    problem = engine_stuck(state.engine, state.draining)
+    if problem is not None:
+        return error_response(503, f"unhealthy: {problem}")
     return {"status": "ok"}
 
 

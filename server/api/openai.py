@@ -144,7 +144,12 @@ async def openai_events(
 async def completions(body: CompletionRequest, request: Request, state: State):
     """OpenAI text completions; `model` = the base model id or an adapter name."""
     check_supported(body)
-    prompts = [tokenize(state, prompt) for prompt in body.prompts()]
+    texts = body.prompts()
+    if len(texts) > state.max_prompts:
+        raise APIError(
+            400, f"prompt: {len(texts)} prompts in one request; the limit is {state.max_prompts}", param="prompt"
+        )
+    prompts = [await tokenize(state, prompt) for prompt in texts]
     sampling = body.sampling(body.max_tokens, body.logprobs)
     runs = []
     try:
@@ -192,7 +197,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     """OpenAI chat completions with the tokenizer's chat template; `model` picks the adapter."""
     check_supported(body)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt_ids = tokenize_chat(state, messages)
+    prompt_ids = await tokenize_chat(state, messages)
     max_new_tokens = body.max_new_tokens(default=max(1, state.max_model_len - len(prompt_ids)))
     sampling = body.sampling(max_new_tokens, body.logprob_count())
     running = await start_model(state, prompt_ids, body, sampling)

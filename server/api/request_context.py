@@ -1,5 +1,9 @@
-"""ASGI middleware: a request id for every HTTP request (X-Request-ID, echoed back) and one
-structured access-log line when the response ends."""
+"""ASGI middleware: a request id for every HTTP request (X-Request-ID, echoed back), one structured
+access-log line when the response ends, and the last-resort 500 for errors nothing else handled.
+
+The 500 is answered here, inside the request id's scope, so its log line carries the id; the error
+is logged once and not re-raised, so the server (uvicorn) does not log its traceback a second time.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ import logging
 import time
 import uuid
 
+from server.api.errors import error_response
 from server.logging_setup import request_id
 
 log = logging.getLogger("reft.access")
+error_log = logging.getLogger("reft.errors")
 QUIET_PATHS = ("/health", "/ready", "/metrics")
 
 
@@ -25,16 +31,21 @@ class RequestContext:
         token = request_id.set(rid)
         started = time.perf_counter()
         status = 500
+        response_started = False
 
         async def send_with_id(message):
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, response_started = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            error_log.exception("unhandled error")
+            if not response_started:
+                await error_response(500, "internal server error")(scope, receive, send_with_id)
         finally:
             if scope["path"] not in QUIET_PATHS or status >= 400:
                 fields = {

@@ -1,5 +1,7 @@
 """Request and response bodies. Requests forbid unknown fields: a misspelled or unsupported
-parameter is a 400 that names it, never silently ignored."""
+parameter is a 400 that names it, never silently ignored. Every request field is bounded (numbers,
+string lengths, list and object sizes), so no value can overflow torch or exhaust memory; the
+prompt's length is bounded again by the configured limits in the routes."""
 
 from __future__ import annotations
 
@@ -7,11 +9,27 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.engine.sequence import MAX_LOGPROBS, SamplingParams
+from server.engine.sequence import MAX_LOGPROBS, MAX_NEW_TOKENS, MAX_SEED, MAX_TOKEN_ID, MAX_TOP_K, SamplingParams
 
 MAX_STOP_STRINGS = 16
+MAX_NAME_CHARS = 256  # model ids, adapter refs, user ids
+MAX_TEXT_CHARS = 1 << 24  # a hard cap on any text; the configured max_prompt_chars is far lower
+MAX_PROMPT_TOKENS = 1 << 20  # token-id prompts; the context window is far lower
+MAX_PROMPT_LIST = 1024  # /v1/completions prompt lists; the configured max_prompts is far lower
+MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 256
+MAX_CHOICES = 128  # n and best_of (only 1 is supported; larger values get a clear 400)
+MAX_OBJECT_KEYS = 256  # free-form objects accepted only to be refused (logit_bias, tools, ...)
+MAX_VERSION = (1 << 31) - 1
+
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKENS)]
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
+FreeObject = Annotated[dict, Field(max_length=MAX_OBJECT_KEYS)]
+LogitBias = Annotated[dict[Name, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=MAX_OBJECT_KEYS)]
 
 
 class StrictModel(BaseModel):
@@ -23,20 +41,15 @@ class SamplingFields(StrictModel):
 
     temperature: float = Field(0.0, ge=0, le=100, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1, description="0 or -1 = off")
+    top_k: int = Field(0, ge=-1, le=MAX_TOP_K, description="0 or -1 = off")
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: StopString | list[StopString] | None = Field(None, description="Stop strings (not in the output)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        None, description="Stop strings (not in the output)"
+    )
     stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def _few_stops(cls, value):
-        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        return value
 
     def sampling(self, max_new_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -57,10 +70,10 @@ class SamplingFields(StrictModel):
 
 # -- native API -------------------------------------------------------------------------------------
 class GenerateRequest(SamplingFields):
-    prompt: str | None = Field(None, description="Text prompt (BOS is added as the model expects)")
-    input_ids: list[TokenId] | None = Field(None, description="Token ids, used as given (instead of prompt)")
-    adapter: str | None = Field(None, description="Adapter name or name@version; unset = the base model")
-    max_new_tokens: int = Field(64, ge=1)
+    prompt: Text | None = Field(None, description="Text prompt (BOS is added as the model expects)")
+    input_ids: TokenIds | None = Field(None, description="Token ids, used as given (instead of prompt)")
+    adapter: Name | None = Field(None, description="Adapter name or name@version; unset = the base model")
+    max_new_tokens: MaxTokens = 64
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Return logprobs with the top n")
     stream: bool = Field(False, description="Server-sent events, one per token batch")
 
@@ -109,15 +122,15 @@ class StreamOptions(StrictModel):
 class OpenAIFields(SamplingFields):
     """Fields both OpenAI routes share. Accepted but unsupported values are refused in `check()`."""
 
-    model: str
+    model: Name
     temperature: float = Field(1.0, ge=0, le=2)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: LogitBias | None = None
+    user: Name | None = None
 
     def unsupported(self) -> str | None:
         if self.n != 1:
@@ -129,16 +142,21 @@ class OpenAIFields(SamplingFields):
         return None
 
 
-Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
+Prompt = (
+    Text
+    | Annotated[list[Text], Field(max_length=MAX_PROMPT_LIST)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(max_length=MAX_PROMPT_LIST)]
+)
 
 
 class CompletionRequest(OpenAIFields):
     prompt: Prompt
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: MaxTokens = 16
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    suffix: Name | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
 
     def unsupported(self) -> str | None:
         if self.echo:
@@ -148,6 +166,13 @@ class CompletionRequest(OpenAIFields):
         if self.best_of not in (None, 1):
             return "best_of: only 1 is supported"
         return super().unsupported()
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, value):
+        if not value:
+            raise ValueError("the prompt is empty")
+        return value
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per choice: a string or a list of token ids."""
@@ -161,27 +186,27 @@ class CompletionRequest(OpenAIFields):
 
 class TextPart(StrictModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)]
+    name: Name | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(OpenAIFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    response_format: dict | None = None
+    tools: Annotated[list[FreeObject], Field(max_length=MAX_OBJECT_KEYS)] | None = None
+    tool_choice: Name | FreeObject | None = None
+    response_format: FreeObject | None = None
 
     def unsupported(self) -> str | None:
         if self.tools or self.tool_choice not in (None, "none"):
@@ -199,7 +224,7 @@ class ChatCompletionRequest(OpenAIFields):
 
 # -- admin API --------------------------------------------------------------------------------------
 class SetCurrentRequest(StrictModel):
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
 
 
 class VersionSummary(BaseModel):

@@ -1,6 +1,8 @@
 """The generation path shared by the native and OpenAI routes: validate, resolve the adapter,
 submit to the engine, and consume the stream under a timeout that also watches for disconnects.
-Every failure before the engine becomes a 4xx/503 APIError; nothing invalid reaches the engine."""
+Every failure before the engine becomes a 4xx/503 APIError; nothing invalid reaches the engine.
+Prompts are bounded in characters before tokenizing, and tokenizing runs off the event loop, so a
+huge prompt neither stalls other requests nor costs more than a length check."""
 
 from __future__ import annotations
 
@@ -31,10 +33,20 @@ def check_text(value: str, field: str) -> str:
     return value
 
 
-def tokenize(state: AppState, prompt: str | list[int], field: str = "prompt") -> list[int]:
+def check_prompt_chars(state: AppState, chars: int, field: str) -> None:
+    limit = state.max_prompt_chars
+    if chars > limit:
+        raise APIError(
+            400, f"{field}: the prompt has {chars} characters; the limit is {limit} (max_prompt_chars)", param=field
+        )
+
+
+async def tokenize(state: AppState, prompt: str | list[int], field: str = "prompt") -> list[int]:
     if isinstance(prompt, str):
-        ids = encode_prompt(state.tokenizer, check_text(prompt, field))
+        check_prompt_chars(state, len(prompt), field)
+        ids = await asyncio.to_thread(encode_prompt, state.tokenizer, check_text(prompt, field))
     else:
+        check_length(state, prompt, 0, field)
         vocab = state.model.config.vocab_size
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
@@ -45,11 +57,12 @@ def tokenize(state: AppState, prompt: str | list[int], field: str = "prompt") ->
     return ids
 
 
-def tokenize_chat(state: AppState, messages: list[dict]) -> list[int]:
+async def tokenize_chat(state: AppState, messages: list[dict]) -> list[int]:
+    check_prompt_chars(state, sum(len(m["content"]) for m in messages), "messages")
     for i, message in enumerate(messages):
         check_text(message["content"], f"messages.{i}.content")
     try:
-        return encode_chat(state.tokenizer, messages)
+        return await asyncio.to_thread(encode_chat, state.tokenizer, messages)
     except ChatTemplateMissing as e:
         raise APIError(400, str(e), param="messages") from None
     except Exception as e:  # a template may raise anything on messages it does not accept

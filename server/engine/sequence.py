@@ -12,6 +12,11 @@ import torch
 from server.reft.adapter import Adapter
 
 MAX_LOGPROBS = 20
+# Bounds well inside int64 (torch's index and seed type) and beyond any real vocabulary or context.
+MAX_TOP_K = 1 << 20
+MAX_NEW_TOKENS = 1 << 20
+MAX_TOKEN_ID = (1 << 31) - 1
+MAX_SEED = (1 << 63) - 1
 
 
 class FinishReason(enum.StrEnum):
@@ -42,9 +47,11 @@ class SamplingParams:
     def check(self) -> None:
         """Raise ValueError naming the first out-of-range parameter."""
         checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (1 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"max_new_tokens must be in [1, {MAX_NEW_TOKENS}]"),
             (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (0 <= self.top_k <= MAX_TOP_K, f"top_k must be in [0, {MAX_TOP_K}] (0 disables it)"),
+            (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}]"),
+            (all(0 <= t <= MAX_TOKEN_ID for t in self.stop_token_ids), "stop_token_ids must be valid token ids"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
