@@ -28,6 +28,7 @@ from server.engine.core import EngineConfig, EngineCore, model_eos_ids
 from server.engine.engine import AsyncEngine
 from server.metrics import Metrics
 from server.model_loader import load_model, resolve_device, resolve_dtype
+from server.plugins import load_plugins
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def create_app(settings: Settings, *, model_path: str | None = None, model=None,
     path = model_path or settings.model
     if path is None:
         raise ValueError("no model given: pass --model (the CLI builds the demo model when none is given)")
+    load_plugins(settings.plugins)  # before the registry reads any adapter of a type a plugin brings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

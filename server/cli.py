@@ -18,6 +18,7 @@ from pydantic import SecretStr, ValidationError
 
 from server.adapters.precondition_args import add_precondition_arguments
 from server.config import Settings
+from server.plugins import PluginError
 from server.training.cli import add_train_arguments, run_train
 
 ENV_PREFIX = "REFT_"
@@ -293,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         for error in e.errors():
             print(f"error: --{'-'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
+        return 2
+    except PluginError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import ByteSize, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from server.plugins import split_plugins
 
 DEFAULT_DEMO_DIR = Path.home() / ".cache" / "reft-server" / "demo"
 
@@ -23,6 +25,15 @@ class Settings(BaseSettings):
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice)")
     demo_dir: Path = Field(DEFAULT_DEMO_DIR, description="Where the demo model is built and cached")
+    plugins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Python modules to import at start-up, comma-separated (e.g. ones registering intervention types)",
+    )
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return split_plugins(value)
 
     @field_validator("model", "served_model_name", mode="before")
     @classmethod

@@ -100,7 +100,7 @@ def random_adapter_file(
         for index in range(config.interventions_per_layer):
             for spec in INTERVENTION_TYPES[kind].params:
                 shape = [{"d": hidden_size, "r": rank}[axis] for axis in spec.shape]
-                if spec.name == "rotation":
+                if spec.orthonormal:
                     tensor = torch.linalg.qr(torch.randn(*shape, generator=g))[0].contiguous()
                 else:
                     tensor = torch.randn(*shape, generator=g) * scale

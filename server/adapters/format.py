@@ -304,7 +304,7 @@ def _check_tensors(adapter: AdapterFile, max_abs: float) -> None:
                         f"tensors.{name}",
                         f"holds a value of magnitude {largest:.3g}, beyond the limit of {max_abs:g} (adapter_max_abs)",
                     )
-                if spec.name == "rotation":
+                if spec.orthonormal:
                     _check_orthonormal(name, tensor)
     unexpected = sorted(set(adapter.tensors) - expected)
     if unexpected:

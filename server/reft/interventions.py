@@ -18,12 +18,13 @@ Parameters of one intervention (names used in the adapter file):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
 Params = Mapping[str, Tensor]
@@ -97,47 +98,95 @@ def stack_params(params: Sequence[Params]) -> dict[str, Tensor]:
     return stacked
 
 
+Init = Callable[[Tensor, Mapping[str, int]], Tensor]  # fills a fresh parameter in place, given {"d", "r"}
+
+
+def orthogonal_init(tensor: Tensor, dims: Mapping[str, int]) -> Tensor:
+    return nn.init.orthogonal_(tensor)
+
+
+def linear_weight_init(tensor: Tensor, dims: Mapping[str, int]) -> Tensor:
+    """nn.Linear's default for its weight (pyreft's learned sources and projections are nn.Linear)."""
+    return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+def linear_bias_init(tensor: Tensor, dims: Mapping[str, int]) -> Tensor:
+    """nn.Linear's default for the bias of a d -> r layer."""
+    bound = 1 / math.sqrt(dims["d"])
+    return nn.init.uniform_(tensor, -bound, bound)
+
+
+def unit_uniform_init(tensor: Tensor, dims: Mapping[str, int]) -> Tensor:
+    return nn.init.uniform_(tensor)
+
+
 @dataclass(frozen=True)
 class ParamSpec:
+    """One parameter of an intervention type: everything the server needs to know about it."""
+
     name: str
     shape: tuple[str, ...]  # in terms of "d" (hidden size) and "r" (rank)
+    init: Init  # how training initializes it
     fp32: bool = False  # kept in fp32 whatever the model dtype (pyreft keeps these in fp32)
-    optional: bool = False
+    optional: bool = False  # may be absent from an adapter file
+    orthonormal: bool = False  # a d x r matrix with orthonormal columns: validated, trained on the manifold
 
 
 @dataclass(frozen=True)
 class InterventionType:
+    """A row of the type table. `apply(h, params, act)` must accept one intervention's parameters with
+    h [n, d] and, for batched serving, parameters stacked along a leading segment axis with h [S, M, d]
+    (1-D parameters then come as [S, 1, n]; `linear` covers W h + b in both forms). Parameters are
+    created for training in the order of `params`."""
+
     name: str
-    pyreft_class: str
     apply: Callable[[Tensor, Params, Activation], Tensor]
     params: tuple[ParamSpec, ...]
+    pyreft_class: str | None = None  # the class name in pyreft checkpoints, for import
 
     def param(self, name: str) -> ParamSpec | None:
         return next((s for s in self.params if s.name == name), None)
 
 
-_ROTATION = ParamSpec("rotation", ("d", "r"), fp32=True)
-_WEIGHT = ParamSpec("weight", ("r", "d"))
-_BIAS = ParamSpec("bias", ("r",))
-_SOURCE_VECTOR = ParamSpec("bias", ("r",), fp32=True)
-_PROJ_WEIGHT = ParamSpec("proj_weight", ("r", "d"))
+_ROTATION = ParamSpec("rotation", ("d", "r"), orthogonal_init, fp32=True, orthonormal=True)
+_WEIGHT = ParamSpec("weight", ("r", "d"), linear_weight_init)
+_BIAS = ParamSpec("bias", ("r",), linear_bias_init)
+_SOURCE_VECTOR = ParamSpec("bias", ("r",), unit_uniform_init, fp32=True)
+_PROJ_WEIGHT = ParamSpec("proj_weight", ("r", "d"), linear_weight_init)
+_PROJ_BIAS = ParamSpec("proj_bias", ("r",), linear_bias_init, optional=True)
 
-INTERVENTION_TYPES: dict[str, InterventionType] = {
-    t.name: t
-    for t in (
-        InterventionType("loreft", "LoreftIntervention", loreft, (_ROTATION, _WEIGHT, _BIAS)),
-        InterventionType(
-            "noreft",
-            "NoreftIntervention",
-            noreft,
-            (_PROJ_WEIGHT, ParamSpec("proj_bias", ("r",), optional=True), _WEIGHT, _BIAS),
-        ),
-        InterventionType("direft", "DireftIntervention", direft, (_ROTATION, _WEIGHT, _BIAS)),
-        InterventionType("nodireft", "NodireftIntervention", nodireft, (_PROJ_WEIGHT, _WEIGHT, _BIAS)),
-        InterventionType("consreft", "ConsreftIntervention", consreft, (_ROTATION, _SOURCE_VECTOR)),
-        InterventionType("lobireft", "LobireftIntervention", lobireft, (_ROTATION, _SOURCE_VECTOR)),
-    )
-}
+INTERVENTION_TYPES: dict[str, InterventionType] = {}
+
+
+def register_intervention_type(kind: InterventionType) -> InterventionType:
+    """Add a type to the table: the documented way for a plugin module (`--plugin`) to bring a new
+    intervention. Training, validation, random adapters and batched serving then take it as they
+    take the built-in ones. Registering the same object twice is harmless; another type under a
+    taken name is refused."""
+    known = INTERVENTION_TYPES.get(kind.name)
+    if known is not None and known is not kind:
+        raise ValueError(f"intervention type {kind.name!r} is already registered")
+    names = [spec.name for spec in kind.params]
+    if len(set(names)) != len(names):
+        raise ValueError(f"intervention type {kind.name!r} names a parameter twice: {names}")
+    for spec in kind.params:
+        if not spec.shape or set(spec.shape) - {"d", "r"}:
+            raise ValueError(f"{kind.name}.{spec.name}: shape axes must be 'd' or 'r', got {spec.shape}")
+        if spec.orthonormal and spec.shape != ("d", "r"):
+            raise ValueError(f"{kind.name}.{spec.name}: an orthonormal parameter is d x r")
+    INTERVENTION_TYPES[kind.name] = kind
+    return kind
+
+
+for _builtin in (
+    InterventionType("loreft", loreft, (_ROTATION, _WEIGHT, _BIAS), "LoreftIntervention"),
+    InterventionType("noreft", noreft, (_WEIGHT, _BIAS, _PROJ_WEIGHT, _PROJ_BIAS), "NoreftIntervention"),
+    InterventionType("direft", direft, (_ROTATION, _WEIGHT, _BIAS), "DireftIntervention"),
+    InterventionType("nodireft", nodireft, (_WEIGHT, _BIAS, _PROJ_WEIGHT), "NodireftIntervention"),
+    InterventionType("consreft", consreft, (_ROTATION, _SOURCE_VECTOR), "ConsreftIntervention"),
+    InterventionType("lobireft", lobireft, (_ROTATION, _SOURCE_VECTOR), "LobireftIntervention"),
+):
+    register_intervention_type(_builtin)
 
 
 def intervention_type(name: str) -> InterventionType:

@@ -20,7 +20,8 @@ from server.adapters.precondition_args import (
     precondition_from_args,
 )
 from server.adapters.store import AdapterStore, Precondition, PreconditionFailed
-from server.reft.interventions import INTERVENTION_TYPES
+from server.plugins import PluginError, load_plugins, split_plugins
+from server.reft.interventions import INTERVENTION_TYPES, intervention_type
 from server.training.data import load_examples
 from server.training.provenance import file_sha256, training_provenance
 from server.training.trainer import Progress, TrainResult, train_adapter
@@ -42,7 +43,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="one intervention per layer for both sides (implied for one-sided positions)",
     )
-    parser.add_argument("--type", dest="intervention_type", choices=list(INTERVENTION_TYPES), default="loreft")
+    parser.add_argument(
+        "--type",
+        dest="intervention_type",
+        default="loreft",
+        help=f"intervention type: {', '.join(INTERVENTION_TYPES)}, or one a --plugins module registers",
+    )
+    parser.add_argument(
+        "--plugins", type=split_plugins, default=[], help="modules to import first, comma-separated (new types)"
+    )
     parser.add_argument("--activation", default="linear", help="activation of the learned source (default linear)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument(
@@ -67,7 +76,7 @@ def run_train(args: argparse.Namespace) -> int:
     except PreconditionFailed as e:
         print(f"reft-server train: error: {e}", file=sys.stderr)
         return PRECONDITION_EXIT_CODE
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, PluginError) as e:
         print(f"reft-server train: error: {e}", file=sys.stderr)
         return 1
     print(_summary(args, result, destination))
@@ -95,6 +104,8 @@ def publish_to_store(store_dir: Path, name: str, data: bytes, precondition: Prec
 def _train(args: argparse.Namespace) -> tuple[TrainResult, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import, only when training
 
+    load_plugins(args.plugins)
+    intervention_type(args.intervention_type)  # an unknown type fails before anything loads
     _check_precondition_early(args)  # hours of training must not end in a refused publish that was foreseeable
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data_sha256 = file_sha256(args.data)  # before parsing: the bytes trained on, even if the file changes later

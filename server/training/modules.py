@@ -1,11 +1,10 @@
-"""Trainable interventions: one adapter's parameters as torch modules, initialized as pyreft does.
+"""Trainable interventions: one adapter's parameters as torch modules, made from the type table.
 
-The rotation R' (d x r) lives under `torch.nn.utils.parametrizations.orthogonal`, so every access
-to `.weight` recomputes an orthonormal matrix from the raw parameters. For d > r torch uses
-Householder reflections and takes each column's sign from `.int()` of the raw diagonal: weight
-decay would shrink that diagonal below 1 and zero the column, so `parameter_groups` never decays
-the rotation. Learned sources and projections are `nn.Linear` layers (pyreft's `learned_source`
-and `proj_layer`); ConsReFT / LobiReFT learn a plain source vector.
+Every parameter comes from its `ParamSpec` (shape, initialization; the built-in types initialize as
+pyreft does). An orthonormal one (R', d x r) lives under `torch.nn.utils.parametrizations.orthogonal`,
+so every access to it recomputes an orthonormal matrix from the raw parameters. For d > r torch uses
+Householder reflections and takes each column's sign from `.int()` of the raw diagonal: weight decay
+would shrink that diagonal below 1 and zero the column, so `parameter_groups` never decays them.
 """
 
 from __future__ import annotations
@@ -18,39 +17,34 @@ from server.adapters.format import tensor_name
 from server.reft.interventions import Activation, Intervention, InterventionType, cast_params
 
 
-class _LowRankRotation(nn.Module):
-    """Holds R' as `weight`, d x r; only ever used through the orthogonal parametrization."""
+class _OrthonormalHolder(nn.Module):
+    """Holds one d x r matrix as `weight`; only ever used through the orthogonal parametrization."""
 
-    def __init__(self, hidden_size: int, rank: int):
+    def __init__(self, initial: Tensor):
         super().__init__()
-        self.weight = nn.Parameter(nn.init.orthogonal_(torch.empty(hidden_size, rank)))
+        self.weight = nn.Parameter(initial)
 
 
 class TrainableIntervention(nn.Module):
     def __init__(self, kind: InterventionType, hidden_size: int, rank: int):
         super().__init__()
         self.kind = kind
-        names = {spec.name for spec in kind.params}
-        self.rotation = orthogonal(_LowRankRotation(hidden_size, rank)) if "rotation" in names else None
-        self.source = nn.Linear(hidden_size, rank) if "weight" in names else None
-        self.source_vector = nn.Parameter(torch.rand(rank)) if "bias" in names and self.source is None else None
-        has_proj_bias = kind.param("proj_bias") is not None
-        self.projection = nn.Linear(hidden_size, rank, bias=has_proj_bias) if "proj_weight" in names else None
+        dims = {"d": hidden_size, "r": rank}
+        self.orthonormal = nn.ModuleDict()
+        self.free = nn.ParameterDict()
+        for spec in kind.params:  # in the table's order: the random initialization depends on it
+            initial = spec.init(torch.empty(*(dims[axis] for axis in spec.shape)), dims)
+            if spec.orthonormal:
+                self.orthonormal[spec.name] = orthogonal(_OrthonormalHolder(initial))
+            else:
+                self.free[spec.name] = nn.Parameter(initial)
 
     def params(self) -> dict[str, Tensor]:
-        """The live parameters under the adapter format's names (the rotation freshly recomputed)."""
-        params = {}
-        if self.rotation is not None:
-            params["rotation"] = self.rotation.weight
-        if self.source is not None:
-            params.update(weight=self.source.weight, bias=self.source.bias)
-        if self.source_vector is not None:
-            params["bias"] = self.source_vector
-        if self.projection is not None:
-            params["proj_weight"] = self.projection.weight
-            if self.projection.bias is not None:
-                params["proj_bias"] = self.projection.bias
-        return params
+        """The live parameters under the adapter format's names (orthonormal ones freshly recomputed)."""
+        return {
+            spec.name: self.orthonormal[spec.name].weight if spec.orthonormal else self.free[spec.name]
+            for spec in self.kind.params
+        }
 
 
 class TrainableAdapter(nn.Module):
@@ -74,13 +68,11 @@ class TrainableAdapter(nn.Module):
         }
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer groups: the rotations never decay (see the module docstring), the rest may."""
-        rotation = [
-            p for ivs in self.blocks.values() for iv in ivs if iv.rotation is not None for p in iv.rotation.parameters()
-        ]
-        rotation_ids = {id(p) for p in rotation}
-        others = [p for p in self.parameters() if id(p) not in rotation_ids]
-        groups = [{"params": rotation, "weight_decay": 0.0}, {"params": others, "weight_decay": weight_decay}]
+        """Optimizer groups: orthonormal parameters never decay (see the module docstring), the rest may."""
+        orthonormal = [p for ivs in self.blocks.values() for iv in ivs for p in iv.orthonormal.parameters()]
+        orthonormal_ids = {id(p) for p in orthonormal}
+        others = [p for p in self.parameters() if id(p) not in orthonormal_ids]
+        groups = [{"params": orthonormal, "weight_decay": 0.0}, {"params": others, "weight_decay": weight_decay}]
         return [group for group in groups if group["params"]]
 
     @torch.no_grad()
