@@ -36,8 +36,9 @@ def mostly_capitals(text: str) -> bool:
 
 
 def french(text: str) -> bool:
-    """At least two French stop-words: English prose of a line or two has none."""
-    return sum(word in FRENCH_STOP_WORDS for word in WORD.findall(text.lower())) >= 2
+    """At least two different French stop-words ("les, les, les" is not French): English prose of a
+    line or two has none."""
+    return len(FRENCH_STOP_WORDS.intersection(WORD.findall(text.lower()))) >= 2
 
 
 MARKS = {"emoji": mostly_emoji, "pirate": pirate, "shouty": mostly_capitals, "french": french}
