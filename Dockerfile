@@ -13,8 +13,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 # Dependencies first, with only the package's __init__, so editing the sources reuses this layer.
-# `make setup` is the README's install (torch from TORCH_INDEX, then `pip install -e .`): CI's
-# `make test` runs the same target. The editable install points at /app/server, which the final
+# `make setup` is the README's install (torch from TORCH_INDEX, `pip install -e .`, and the SmolLM2
+# demo model's wheel, so the image serves the demo offline): CI's `make test` runs the same target. The editable install points at /app/server, which the final
 # stage fills at the same path.
 COPY Makefile pyproject.toml README.md ./
 COPY server/__init__.py server/
@@ -45,9 +45,10 @@ VOLUME ["/data"]
 EXPOSE 8000
 USER 10001:10001
 # Liveness only: the server listens once the model is loaded, so the start period covers the first
-# demo build or a model download. Readiness (/ready) is for load balancers.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+# demo build (converting SmolLM2 and training its adapters: minutes) or a model download, as the
+# Kubernetes startup probe's 10 minutes do. Readiness (/ready) is for load balancers.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('REFT_PORT', '8000'), timeout=4)"]
-# Without REFT_MODEL (or --model) it serves the offline demo. Arguments after the image name are
+# Without REFT_MODEL (or --model) it serves the offline SmolLM2 demo (REFT_DEMO=tiny: the toy one). Arguments after the image name are
 # `serve` flags, e.g. docker run reft-server:cpu --model /models/my-llama
 ENTRYPOINT ["reft-server", "serve"]

