@@ -129,12 +129,17 @@ def _say(message: str) -> None:
 # -- adapters ----------------------------------------------------------------------------------------
 def adapters_command(args: argparse.Namespace) -> int:
     from server.adapters.diff import diff_adapters
-    from server.adapters.format import AdapterError, AdapterFile, read_config
+    from server.adapters.format import AdapterError, AdapterFile
     from server.adapters.precondition_args import PRECONDITION_EXIT_CODE, precondition_from_args
     from server.adapters.pyreft import import_pyreft
-    from server.adapters.store import AdapterStore, InvalidName, NotFound, PreconditionFailed
+    from server.adapters.store import NotFound, PreconditionFailed, StoreError
+    from server.adapters.stores import open_store
 
-    store = AdapterStore(args.store)
+    try:
+        store = open_store(args.store)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     condition = precondition_from_args(args) if hasattr(args, "if_version") else None
     try:
         if args.action == "import-pyreft":
@@ -156,7 +161,7 @@ def adapters_command(args: argparse.Namespace) -> int:
         elif args.action == "list":
             for name in store.names():
                 info = store.info(name)
-                config = read_config(info.version(info.current).path)
+                config = store.read_config(name, info.current)
                 print(
                     f"{name}\tv{info.current}\t{len(info.versions)} version(s)\t{config.type}\trank {config.rank}"
                     f"\tlayers {list(config.layers)}\t{config.positions}"
@@ -170,7 +175,7 @@ def adapters_command(args: argparse.Namespace) -> int:
                         "version": v.version,
                         "size": v.size,
                         "created": v.created,
-                        "config": json.loads(read_config(v.path).to_json()),
+                        "config": json.loads(store.read_config(info.name, v.version).to_json()),
                     }
                 )
             print(json.dumps({"name": info.name, "current_version": info.current, "versions": versions}, indent=2))
@@ -188,7 +193,7 @@ def adapters_command(args: argparse.Namespace) -> int:
     except PreconditionFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return PRECONDITION_EXIT_CODE
-    except (AdapterError, InvalidName, NotFound, ValueError, OSError) as e:
+    except (AdapterError, StoreError, NotFound, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -223,11 +228,11 @@ def _with_base_model(adapter, model_path: Path):
 
 def add_adapters_parser(subparsers) -> None:
     parser = subparsers.add_parser("adapters", help="manage an adapter store directory")
-    store_help = "store directory (default adapters_store)"
-    parser.add_argument("--store", default=Path("adapters_store"), type=Path, help=store_help)
+    store_help = "store directory or s3://bucket/prefix (default adapters_store)"
+    parser.add_argument("--store", default="adapters_store", help=store_help)
     # users type --store after the action too; SUPPRESS keeps the action's parser from resetting the value
     after = argparse.ArgumentParser(add_help=False)
-    after.add_argument("--store", default=argparse.SUPPRESS, type=Path, help=store_help)
+    after.add_argument("--store", default=argparse.SUPPRESS, help=store_help)
     actions = parser.add_subparsers(dest="action", required=True)
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:

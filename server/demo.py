@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.adapters.format import AdapterFile
-from server.adapters.store import AdapterStore
+from server.adapters.stores import open_store
 from server.tiny_models import build_tiny_model
 from server.tokenization import encode_chat
 from server.training.data import parse_examples
@@ -128,7 +128,7 @@ def _train_voice(model_dir: Path, voice: str) -> AdapterFile:
     return train_adapter(model, examples, layers=layers, base_model=DEMO_MODEL_NAME, **ADAPTER_TRAINING).adapter
 
 
-def prepare_demo(demo_dir: Path, store_root: Path, log: Callable[[str], None] = print) -> Path:
+def prepare_demo(demo_dir: Path, store_root: str | Path, log: Callable[[str], None] = print) -> Path:
     """The demo model's directory, built if needed; the store gets any missing demo adapter."""
     demo_dir = Path(demo_dir)
     model_dir = demo_dir / f"model-v{DEMO_VERSION}"
@@ -139,7 +139,7 @@ def prepare_demo(demo_dir: Path, store_root: Path, log: Callable[[str], None] = 
         log(f"building the demo model in {model_dir} (once) ...")
         _build_model(model_dir)
         log(f"built the demo model in {time.perf_counter() - started:.1f} s")
-    store = AdapterStore(store_root)
+    store = open_store(store_root)
     for voice in (v for v in VOICES if v != "plain"):
         cached = adapters_dir / f"{voice}.safetensors"
         if not cached.exists():

@@ -20,7 +20,7 @@ from safetensors.torch import load as load_safetensors
 
 from server.adapters.archive import ArchiveError, unpack_checkpoint
 from server.adapters.fingerprint import fingerprint_status
-from server.adapters.format import AdapterError, AdapterFile, ModelShape, config_from_dict, read_config, validate
+from server.adapters.format import AdapterError, AdapterFile, ModelShape, config_from_dict, validate
 from server.adapters.pyreft import import_pyreft
 from server.adapters.registry import VersionFacts
 from server.adapters.store import InvalidName, NameInfo, NotFound, Precondition, PreconditionFailed, check_name
@@ -66,7 +66,7 @@ async def _read_upload(upload: UploadFile, limit: int, field: str) -> bytes:
 def _version_summary(state: AppState, name: str, info) -> VersionSummary:
     summary = VersionSummary(version=info.version, size=info.size, created=info.created)
     try:
-        config = read_config(info.path)
+        config = state.store.read_config(name, info.version)
     except (AdapterError, OSError):
         return summary
     return summary.model_copy(
