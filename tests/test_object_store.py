@@ -95,3 +95,46 @@ def test_a_publisher_killed_mid_upload_leaves_old_or_new_never_partial(s3_server
         assert store.read("big", version)[1] == payload
     ObjectStore(url, orphan_age=0)  # a replica starting later sweeps what the killed publisher left
     assert version_objects(s3_server, url) == len(store.versions("big"))
+
+
+def test_two_server_processes_share_one_bucket(s3_server, tiny_model_dir, tmp_path):
+    """Publish, roll back, compare-and-swap and delete on one replica; the other follows within its sync interval."""
+    import httpx
+
+    from tests.api_utils import ADMIN, ADMIN_TOKEN
+    from tests.server_process import ServerProcess
+
+    url = s3_server.fresh_url()
+    args = ("--model", str(tiny_model_dir("llama")), "--store", url, "--store-sync-interval", "0.3")
+    args += ("--kv-cache-memory", "32MiB", "--max-model-len", "256", "--admin-token", ADMIN_TOKEN)
+    adapter = random_adapter_file("loreft", (0, 2), 4, "f2+l2", 128, seed=3).to_bytes()
+    with ServerProcess(tmp_path / "a.log", *args) as a, ServerProcess(tmp_path / "b.log", *args) as b:
+
+        def served_on_b():
+            request = {"prompt": "hi", "adapter": "shared", "max_new_tokens": 2}
+            response = httpx.post(f"{b.url}/v1/generate", json=request)
+            return response.json()["adapter"]["version"] if response.status_code == 200 else response.status_code
+
+        def post(replica, headers):
+            files = {"file": ("a.safetensors", adapter)}
+            return httpx.post(f"{replica.url}/v1/adapters/shared", files=files, headers={**ADMIN, **headers})
+
+        assert post(a, {"If-None-Match": "*"}).status_code == 201
+        assert post(b, {"If-None-Match": "*"}).status_code == 412, "B sees A's name in the bucket at once"
+        assert post(b, {"If-Match": '"1"'}).status_code == 201
+        stale = post(a, {"If-Match": '"1"'})
+        assert stale.status_code == 412 and stale.headers["etag"] == '"2"'
+        assert served_on_b() == 2
+        rolled = httpx.put(f"{a.url}/v1/adapters/shared/current", json={"version": 1}, headers=ADMIN)
+        assert rolled.status_code == 200, rolled.text
+        wait_until(lambda: served_on_b() == 1)
+        assert httpx.delete(f"{a.url}/v1/adapters/shared", headers=ADMIN).status_code == 200
+        wait_until(lambda: served_on_b() == 404)
+        assert post(b, {}).json()["version"] == 3, "numbers are not reused after a delete"
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the other replica did not follow in time"
+        time.sleep(0.1)
