@@ -130,6 +130,7 @@ def _say(message: str) -> None:
 def adapters_command(args: argparse.Namespace) -> int:
     from server.adapters.diff import diff_adapters
     from server.adapters.format import AdapterError, AdapterFile
+    from server.adapters.hub import HubError
     from server.adapters.precondition_args import PRECONDITION_EXIT_CODE, precondition_from_args
     from server.adapters.pyreft import import_pyreft
     from server.adapters.store import NotFound, PreconditionFailed, StoreError
@@ -143,7 +144,7 @@ def adapters_command(args: argparse.Namespace) -> int:
     condition = precondition_from_args(args) if hasattr(args, "if_version") else None
     try:
         if args.action == "import-pyreft":
-            layers = [int(x) for x in args.layers.replace(";", ",").split(",")] if args.layers else None
+            layers = _layer_list(args.layers)
             adapter = import_pyreft(
                 args.directory,
                 positions=args.positions,
@@ -156,6 +157,10 @@ def adapters_command(args: argparse.Namespace) -> int:
             )
             if args.model is not None:
                 adapter = _with_base_model(adapter, args.model)
+            version = store.publish(args.name, adapter.to_bytes(), precondition=condition)
+            print(json.dumps({"name": args.name, "version": version, **json.loads(adapter.config.to_json())}))
+        elif args.action == "pull":
+            adapter = _pull(args)
             version = store.publish(args.name, adapter.to_bytes(), precondition=condition)
             print(json.dumps({"name": args.name, "version": version, **json.loads(adapter.config.to_json())}))
         elif args.action == "list":
@@ -193,10 +198,29 @@ def adapters_command(args: argparse.Namespace) -> int:
     except PreconditionFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return PRECONDITION_EXIT_CODE
-    except (AdapterError, StoreError, NotFound, ValueError, OSError) as e:
+    except (AdapterError, HubError, StoreError, NotFound, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _pull(args: argparse.Namespace):
+    from server.adapters.hub import HubRef, PyreftOptions, pull
+
+    options = PyreftOptions(
+        positions=args.positions,
+        share_weights=args.share_weights,
+        activation=args.activation,
+        intervention_type=args.type,
+        layers=_layer_list(args.layers),
+        rank=args.rank,
+    )
+    adapter = pull(HubRef.parse(args.repo), options, base_model=args.base_model or "")
+    return _with_base_model(adapter, args.model) if args.model is not None else adapter
+
+
+def _layer_list(text: str | None) -> list[int] | None:
+    return [int(x) for x in text.replace(";", ",").split(",")] if text else None
 
 
 def _version_ref(ref: str) -> tuple[str, int]:
@@ -240,21 +264,10 @@ def add_adapters_parser(subparsers) -> None:
 
     imp = action("import-pyreft", "import a pyreft/pyvene checkpoint directory")
     imp.add_argument("directory", type=Path)
-    imp.add_argument("--name", required=True)
-    imp.add_argument("--positions", required=True, help="positions it was trained with, e.g. f7+l7")
-    imp.add_argument("--share-weights", action="store_true", help="prefix and suffix share one intervention")
-    imp.add_argument("--activation", default="linear")
-    imp.add_argument("--type", default=None, help="intervention type (only without config.json)")
-    imp.add_argument("--layers", default=None, help="e.g. 8;16 (only without config.json)")
-    imp.add_argument("--rank", type=int, default=None, help="(only without config.json)")
-    imp.add_argument("--base-model", default=None, help="recorded in the adapter's metadata")
-    imp.add_argument(
-        "--model",
-        type=Path,
-        default=None,
-        help="the base model directory it was trained on: checks the shapes and records its fingerprint",
-    )
-    add_precondition_arguments(imp, creates=True)
+    _add_import_arguments(imp, positions_required=True)
+    pull = action("pull", "import from the Hugging Face Hub: a pyreft checkpoint or a .safetensors adapter")
+    pull.add_argument("repo", help="REPO_ID or REPO_ID@REVISION (token from HF_TOKEN)")
+    _add_import_arguments(pull, positions_required=False)
     action("list", "list adapters")
     show = action("show", "show one adapter's versions")
     show.add_argument("name")
@@ -269,6 +282,27 @@ def add_adapters_parser(subparsers) -> None:
     current.add_argument("version", type=int)
     add_precondition_arguments(current, creates=False)
     parser.set_defaults(handler=adapters_command)
+
+
+def _add_import_arguments(parser: argparse.ArgumentParser, positions_required: bool) -> None:
+    parser.add_argument("--name", required=True)
+    where = "" if positions_required else " (pyreft checkpoints only)"
+    parser.add_argument(
+        "--positions", required=positions_required, help=f"positions it was trained with, e.g. f7+l7{where}"
+    )
+    parser.add_argument("--share-weights", action="store_true", help="prefix and suffix share one intervention")
+    parser.add_argument("--activation", default="linear")
+    parser.add_argument("--type", default=None, help="intervention type (only without config.json)")
+    parser.add_argument("--layers", default=None, help="e.g. 8;16 (only without config.json)")
+    parser.add_argument("--rank", type=int, default=None, help="(only without config.json)")
+    parser.add_argument("--base-model", default=None, help="recorded in the adapter's metadata")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="the base model directory it was trained on: checks the shapes and records its fingerprint",
+    )
+    add_precondition_arguments(parser, creates=True)
 
 
 # -- entry point -------------------------------------------------------------------------------------
