@@ -49,10 +49,8 @@ def pull(*args: str) -> int:
 
 def test_cli_pulls_a_pyreft_checkpoint_and_records_repo_and_commit(hub, store_location, capsys):
     commit = hub("someone/lo-reft", pyreft_files())
-    assert (
-        pull("someone/lo-reft", "--name", "lo", "--positions", "f1+l1", "--share-weights", "--store", store_location)
-        == 0
-    )
+    pyreft_args = ("--positions", "f1+l1", "--share-weights")
+    assert pull("someone/lo-reft", "--name", "lo", *pyreft_args, "--store", store_location) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["version"] == 1 and printed["positions"] == "f1+l1"
     config = open_store(store_location).read_config("lo", 1)

@@ -73,9 +73,7 @@ def pull(ref: HubRef, options: PyreftOptions, base_model: str = "", model: Model
     if any(directory.glob("intkey_*.bin")):
         if options.positions is None:
             raise AdapterError("positions", f"{ref.repo_id} is a pyreft checkpoint: give the positions it used")
-        adapter = import_pyreft(
-            directory, **dataclasses.asdict(options), base_model=base_model, model=model
-        )
+        adapter = import_pyreft(directory, **dataclasses.asdict(options), base_model=base_model, model=model)
     else:
         adapter = AdapterFile.load(_single_safetensors(directory, ref.repo_id))
         if model is not None:
