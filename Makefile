@@ -20,7 +20,7 @@ $(VENV)/.runtime-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e ".[s3]"  # the image serves s3:// stores too
 	touch $@
 
 $(VENV)/.test-installed: $(VENV)/.runtime-installed
