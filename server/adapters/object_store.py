@@ -95,7 +95,7 @@ class ObjectStore:
         self.bucket, self.prefix = parse_url(url)
         endpoint = endpoint_url or os.environ.get(ENDPOINT_VARIABLE) or None
         self.client = boto3.client("s3", endpoint_url=endpoint)  # credentials: the standard AWS chain
-        self._pointers: dict[str, _Pointer] = {}  # by ETag: a listing re-reads only pointers that changed
+        self._pointers: dict[str, _Pointer] = {}  # last read, by name: a listing re-reads only those that changed
         self._cache_lock = threading.Lock()
         self._probe_conditional_writes()
         self._remove_orphans(orphan_age)
@@ -124,15 +124,13 @@ class ObjectStore:
             response = self._call("get_object", Key=self._pointer_key(name))
         except FileNotFoundError:
             return _Pointer(etag=None)
-        return self._parsed(response["ETag"], response["Body"].read())
-
-    def _parsed(self, etag: str, body: bytes) -> _Pointer:
+        etag = response["ETag"]
         try:
-            pointer = _Pointer.parse(etag, body)
-        except (ValueError, KeyError, TypeError):
-            raise ObjectStoreError(f"object store {self.url}: unreadable pointer object (ETag {etag})") from None
+            pointer = _Pointer.parse(etag, response["Body"].read())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ObjectStoreError(f"object store {self.url}: unreadable pointer of {name!r} (ETag {etag})") from None
         with self._cache_lock:
-            self._pointers[etag] = pointer
+            self._pointers[name] = pointer
         return pointer
 
     def _swap(self, name: str, old: _Pointer, new: _Pointer) -> bool:
@@ -196,8 +194,8 @@ class ObjectStore:
         served = []
         for name, etag in self._listed_pointers().items():
             with self._cache_lock:
-                pointer = self._pointers.get(etag)
-            if pointer is None:
+                pointer = self._pointers.get(name)
+            if pointer is None or pointer.etag != etag:
                 pointer = self._read_pointer(name)
             if pointer.current is not None:
                 served.append(name)
