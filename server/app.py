@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from server.adapters.fingerprint import model_fingerprint
 from server.adapters.format import ModelShape
 from server.adapters.registry import AdapterRegistry
-from server.adapters.store import AdapterStore
+from server.adapters.stores import open_store
 from server.api import admin, generate, health, openai
 from server.api.admin import ADMIN_PREFIX
 from server.api.admin_gate import AdminGate
@@ -71,7 +71,7 @@ def build_state(settings: Settings, model_path: str, model=None, tokenizer=None)
     )
     core = EngineCore(model, engine_config, model_eos_ids(model, tokenizer))
     engine = AsyncEngine(core, tokenizer, max_queue=settings.max_queue, metrics=metrics)
-    store = AdapterStore(settings.store)
+    store = open_store(settings.store)
     parameter = next(model.parameters())
     registry = AdapterRegistry(
         store,

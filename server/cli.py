@@ -149,16 +149,22 @@ def _say(message: str) -> None:
 # -- adapters ----------------------------------------------------------------------------------------
 def adapters_command(args: argparse.Namespace) -> int:
     from server.adapters.diff import diff_adapters
-    from server.adapters.format import AdapterError, AdapterFile, read_config
+    from server.adapters.format import AdapterError, AdapterFile
+    from server.adapters.hub import HubError
     from server.adapters.precondition_args import PRECONDITION_EXIT_CODE, precondition_from_args
     from server.adapters.pyreft import import_pyreft
-    from server.adapters.store import AdapterStore, InvalidName, NotFound, PreconditionFailed
+    from server.adapters.store import NotFound, PreconditionFailed, StoreError
+    from server.adapters.stores import open_store
 
-    store = AdapterStore(args.store)
+    try:
+        store = open_store(args.store)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     condition = precondition_from_args(args) if hasattr(args, "if_version") else None
     try:
         if args.action == "import-pyreft":
-            layers = [int(x) for x in args.layers.replace(";", ",").split(",")] if args.layers else None
+            layers = _layer_list(args.layers)
             adapter = import_pyreft(
                 args.directory,
                 positions=args.positions,
@@ -173,10 +179,14 @@ def adapters_command(args: argparse.Namespace) -> int:
                 adapter = _with_base_model(adapter, args.model)
             version = store.publish(args.name, adapter.to_bytes(), precondition=condition)
             print(json.dumps({"name": args.name, "version": version, **json.loads(adapter.config.to_json())}))
+        elif args.action == "pull":
+            adapter = _pull(args)
+            version = store.publish(args.name, adapter.to_bytes(), precondition=condition)
+            print(json.dumps({"name": args.name, "version": version, **json.loads(adapter.config.to_json())}))
         elif args.action == "list":
             for name in store.names():
                 info = store.info(name)
-                config = read_config(info.version(info.current).path)
+                config = store.read_config(name, info.current)
                 print(
                     f"{name}\tv{info.current}\t{len(info.versions)} version(s)\t{config.type}\trank {config.rank}"
                     f"\tlayers {list(config.layers)}\t{config.positions}"
@@ -190,7 +200,7 @@ def adapters_command(args: argparse.Namespace) -> int:
                         "version": v.version,
                         "size": v.size,
                         "created": v.created,
-                        "config": json.loads(read_config(v.path).to_json()),
+                        "config": json.loads(store.read_config(info.name, v.version).to_json()),
                     }
                 )
             print(json.dumps({"name": info.name, "current_version": info.current, "versions": versions}, indent=2))
@@ -208,10 +218,29 @@ def adapters_command(args: argparse.Namespace) -> int:
     except PreconditionFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return PRECONDITION_EXIT_CODE
-    except (AdapterError, InvalidName, NotFound, ValueError, OSError) as e:
+    except (AdapterError, HubError, StoreError, NotFound, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _pull(args: argparse.Namespace):
+    from server.adapters.hub import HubRef, PyreftOptions, pull
+
+    options = PyreftOptions(
+        positions=args.positions,
+        share_weights=args.share_weights,
+        activation=args.activation,
+        intervention_type=args.type,
+        layers=_layer_list(args.layers),
+        rank=args.rank,
+    )
+    adapter = pull(HubRef.parse(args.repo), options, base_model=args.base_model or "")
+    return _with_base_model(adapter, args.model) if args.model is not None else adapter
+
+
+def _layer_list(text: str | None) -> list[int] | None:
+    return [int(x) for x in text.replace(";", ",").split(",")] if text else None
 
 
 def _version_ref(ref: str) -> tuple[str, int]:
@@ -243,11 +272,11 @@ def _with_base_model(adapter, model_path: Path):
 
 def add_adapters_parser(subparsers) -> None:
     parser = subparsers.add_parser("adapters", help="manage an adapter store directory")
-    store_help = "store directory (default adapters_store)"
-    parser.add_argument("--store", default=Path("adapters_store"), type=Path, help=store_help)
+    store_help = "store directory or s3://bucket/prefix (default adapters_store)"
+    parser.add_argument("--store", default="adapters_store", help=store_help)
     # users type --store after the action too; SUPPRESS keeps the action's parser from resetting the value
     after = argparse.ArgumentParser(add_help=False)
-    after.add_argument("--store", default=argparse.SUPPRESS, type=Path, help=store_help)
+    after.add_argument("--store", default=argparse.SUPPRESS, help=store_help)
     actions = parser.add_subparsers(dest="action", required=True)
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -255,21 +284,10 @@ def add_adapters_parser(subparsers) -> None:
 
     imp = action("import-pyreft", "import a pyreft/pyvene checkpoint directory")
     imp.add_argument("directory", type=Path)
-    imp.add_argument("--name", required=True)
-    imp.add_argument("--positions", required=True, help="positions it was trained with, e.g. f7+l7")
-    imp.add_argument("--share-weights", action="store_true", help="prefix and suffix share one intervention")
-    imp.add_argument("--activation", default="linear")
-    imp.add_argument("--type", default=None, help="intervention type (only without config.json)")
-    imp.add_argument("--layers", default=None, help="e.g. 8;16 (only without config.json)")
-    imp.add_argument("--rank", type=int, default=None, help="(only without config.json)")
-    imp.add_argument("--base-model", default=None, help="recorded in the adapter's metadata")
-    imp.add_argument(
-        "--model",
-        type=Path,
-        default=None,
-        help="the base model directory it was trained on: checks the shapes and records its fingerprint",
-    )
-    add_precondition_arguments(imp, creates=True)
+    _add_import_arguments(imp, positions_required=True)
+    pull = action("pull", "import from the Hugging Face Hub: a pyreft checkpoint or a .safetensors adapter")
+    pull.add_argument("repo", help="REPO_ID or REPO_ID@REVISION (token from HF_TOKEN)")
+    _add_import_arguments(pull, positions_required=False)
     action("list", "list adapters")
     show = action("show", "show one adapter's versions")
     show.add_argument("name")
@@ -284,6 +302,27 @@ def add_adapters_parser(subparsers) -> None:
     current.add_argument("version", type=int)
     add_precondition_arguments(current, creates=False)
     parser.set_defaults(handler=adapters_command)
+
+
+def _add_import_arguments(parser: argparse.ArgumentParser, positions_required: bool) -> None:
+    parser.add_argument("--name", required=True)
+    where = "" if positions_required else " (pyreft checkpoints only)"
+    parser.add_argument(
+        "--positions", required=positions_required, help=f"positions it was trained with, e.g. f7+l7{where}"
+    )
+    parser.add_argument("--share-weights", action="store_true", help="prefix and suffix share one intervention")
+    parser.add_argument("--activation", default="linear")
+    parser.add_argument("--type", default=None, help="intervention type (only without config.json)")
+    parser.add_argument("--layers", default=None, help="e.g. 8;16 (only without config.json)")
+    parser.add_argument("--rank", type=int, default=None, help="(only without config.json)")
+    parser.add_argument("--base-model", default=None, help="recorded in the adapter's metadata")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="the base model directory it was trained on: checks the shapes and records its fingerprint",
+    )
+    add_precondition_arguments(parser, creates=True)
 
 
 # -- entry point -------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -76,7 +77,16 @@ class Settings(BaseSettings):
     )
 
     # adapters
-    store: Path = Field(Path("adapters_store"), description="Adapter store directory (may be shared by replicas)")
+    store: str = Field(
+        "adapters_store",
+        description="Adapter store: a directory (may be shared by replicas) or s3://bucket/prefix",
+    )
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _path_as_text(cls, value):
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
     store_sync_interval: float = Field(
         2.0, gt=0, description="Seconds between looks at the store for other replicas' changes"
     )

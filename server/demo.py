@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.adapters.format import read_config
 from server.adapters.store import AdapterStore
+from server.adapters.stores import open_store
 from server.demo_smollm2 import SMOLLM2_ADAPTERS, SMOLLM2_BANNER, SMOLLM2_DEMO_VERSION, train_style
 from server.demo_toy import TOY_ADAPTERS, TOY_BANNER, TOY_MODEL_NAME, TOY_VERSION, build_toy_model, train_toy_voice
 from server.smollm2 import SMOLLM2_MODEL_NAME, convert_smollm2
@@ -76,7 +76,7 @@ def prepare_demo(key: str, demo_dir: Path, store_root: Path, log: Log = print) -
     missing = [name for name in demo.adapters if not (adapters_dir / f"{name}.safetensors").exists()]
     if missing:
         prepared.trained = _train_missing(prepared, adapters_dir, missing, log)
-    _publish(demo, adapters_dir, AdapterStore(store_root), log)
+    _publish(demo, adapters_dir, open_store(store_root), log)
     return prepared
 
 
@@ -105,9 +105,8 @@ def _publish(demo: Demo, adapters_dir: Path, store: AdapterStore, log: Log) -> N
             version = store.publish(name, cached.read_bytes())
         else:
             continue
-        log(f"demo adapter {name}@{version} is in {store.root}")
+        log(f"demo adapter {name}@{version} is in the store")
 
 
 def _trained_for(store: AdapterStore, name: str) -> str:
-    info = store.info(name)
-    return read_config(info.version(info.current).path).base_model
+    return store.read_config(name, store.current(name)).base_model

@@ -50,3 +50,25 @@ def smollm2_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2_demo")
     demo_dir, store_dir = root / "demo", root / "store"
     return prepare_demo("smollm2", demo_dir, store_dir, log=lambda _: None), demo_dir, store_dir
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One S3-compatible server for the session; credentials and endpoint in the environment, so
+    that stores opened here and in child processes find it."""
+    from tests.s3_server import S3Server
+
+    server = S3Server()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in server.environment().items():
+            patch.setenv(key, value)
+        yield server
+    server.stop()
+
+
+@pytest.fixture(params=["directory", "s3"])
+def store_location(request, tmp_path):
+    """A fresh, empty store location of each backend: a directory, then an s3:// prefix."""
+    if request.param == "directory":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_server").fresh_url()

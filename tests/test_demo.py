@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from server import smollm2
-from server.adapters.format import AdapterFile, read_config
+from server.adapters.format import AdapterFile
 from server.adapters.store import AdapterStore
 from server.cli import demo_admin_access, main
 from server.config import Settings
@@ -64,7 +64,7 @@ def test_cached_adapters_replace_only_those_trained_for_another_model(tmp_path):
     prepared = prepare_demo("tiny", tmp_path / "demo", tmp_path / "store", log=lambda _: None)
     assert prepared.trained == {} and prepared.model_dir == cache / "model"
     assert store.versions(pirate) == [1, 2]
-    assert read_config(store.info(pirate).version(2).path).base_model == demo.model_name
+    assert store.read_config(pirate, 2).base_model == demo.model_name
     assert store.versions(shouty) == [1]
     assert all(store.versions(name) == [1] for name in demo.adapters[2:])
     prepare_demo("tiny", tmp_path / "demo", tmp_path / "store", log=lambda _: None)

@@ -34,7 +34,7 @@ from server.config import Settings
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-K8S_OVERLAYS = [K8S, K8S / "gpu"]
+K8S_OVERLAYS = [K8S, K8S / "gpu", K8S / "object-store"]
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_GPU = DEPLOY / "docker-compose.gpu.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "reft-server.json"
@@ -271,6 +271,27 @@ def test_compose_references_existing_files():
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
 
 
+def test_compose_s3_profile_runs_two_replicas_on_one_minio_bucket():
+    services = load_yaml(COMPOSE)["services"]
+    image = server_service(load_yaml(COMPOSE))[1]["image"]
+    replicas = {name: s for name, s in services.items() if "s3://" in str(s.get("environment", {}))}
+    assert len(replicas) == 2 and all(s["image"] == image and "s3" in s["profiles"] for s in replicas.values())
+    stores = {s["environment"]["REFT_STORE"] for s in replicas.values()}
+    (store,) = stores
+    bucket = store.removeprefix("s3://").split("/")[0]
+    assert f"local/{bucket}" in services["minio-bucket"]["entrypoint"], "the init job creates the bucket"
+    minio = services["minio"]["environment"]
+    for replica in replicas.values():
+        env = replica["environment"]
+        assert env["REFT_S3_ENDPOINT_URL"] == "http://minio:9000"
+        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+            minio["MINIO_ROOT_USER"],
+            minio["MINIO_ROOT_PASSWORD"],
+        )
+        assert replica["depends_on"]["minio-bucket"]["condition"] == "service_completed_successfully"
+    assert len({s["ports"][0].split(":")[0] for s in replicas.values()}) == 2
+
+
 def test_prometheus_scrapes_the_server():
     compose = load_yaml(COMPOSE)
     server_name, _ = server_service(compose)
@@ -343,17 +364,22 @@ def test_dashboard_queries_only_exported_metrics(tmp_path, tiny_model_dir):
 
 # -- Kubernetes ----------------------------------------------------------------------------------------
 def apply_json_patch(document: dict, operations: list[dict]) -> None:
-    """RFC 6902 add/replace, the operations the overlays use."""
+    """RFC 6902 add/replace/remove, the operations the overlays use."""
     for operation in operations:
         *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in operation["path"].split("/")[1:]]
         node = document
         for part in parents:
             node = node[int(part)] if isinstance(node, list) else node[part]
-        if operation["op"] == "replace":
-            assert last in node, f"replace of missing {operation['path']}"
+        if isinstance(node, list):
+            last = len(node) if last == "-" else int(last)
+            assert 0 <= last <= len(node) - (operation["op"] != "add"), f"no index {operation['path']}"
+        if operation["op"] == "remove":
+            del node[last]
+        elif operation["op"] == "add" and isinstance(node, list):
+            node.insert(last, operation["value"])
         else:
-            assert operation["op"] == "add", operation
-        node[last] = operation["value"]
+            assert operation["op"] == "add" or last in node, f"{operation['op']} of missing {operation['path']}"
+            node[last] = operation["value"]
 
 
 def pod_containers(resource: dict) -> list[dict]:
@@ -368,7 +394,7 @@ def listed_files(directory: Path) -> set[Path]:
 
 def render(directory: Path) -> list[dict]:
     """kustomize build, for the features used here: resources, labels (metadata only), images, and
-    JSON 6902 patches with a kind/name target."""
+    patches with a kind/name target: JSON 6902, or a strategic-merge `$patch: delete` of the target."""
     kustomization = load_yaml(directory / "kustomization.yaml")
     known = {"apiVersion", "kind", "resources", "labels", "images", "patches"}
     assert set(kustomization) <= known, f"unsupported kustomize fields: {set(kustomization) - known}"
@@ -391,7 +417,13 @@ def render(directory: Path) -> list[dict]:
     for patch in kustomization.get("patches", []):
         target = patch["target"]
         (resource,) = [r for r in resources if r["kind"] == target["kind"] and r["metadata"]["name"] == target["name"]]
-        apply_json_patch(resource, load_yaml(directory / patch["path"]))
+        operations = load_yaml(directory / patch["path"])
+        if isinstance(operations, dict):
+            assert operations.pop("$patch") == "delete", "only deletions are emulated among strategic merges"
+            assert operations["metadata"] == {"name": target["name"]} and operations["kind"] == target["kind"]
+            resources.remove(resource)
+        else:
+            apply_json_patch(resource, operations)
     return resources
 
 
@@ -434,8 +466,10 @@ def probe_port(container: dict, probe: dict):
 
 @pytest.mark.parametrize("directory", K8S_OVERLAYS, ids=lambda d: d.name)
 def test_manifests_fit_together(directory):
-    k = by_kind(render(directory))
-    deployment, config, secret = k["Deployment"], k["ConfigMap"], k["Secret"]
+    resources = render(directory)
+    secrets = {r["metadata"]["name"]: r for r in resources if r["kind"] == "Secret"}
+    k = by_kind([r for r in resources if r["kind"] != "Secret"])
+    deployment, config = k["Deployment"], k["ConfigMap"]
     pod = deployment["spec"]["template"]
     labels = pod["metadata"]["labels"]
     selectors = [
@@ -466,16 +500,24 @@ def test_manifests_fit_together(directory):
     assert str(pod["spec"]["securityContext"]["runAsUser"]) == final_stage("USER")[0].split(":")[0]
 
     # references resolve: settings, token, shared store
-    assert [s["configMapRef"]["name"] for s in container["envFrom"]] == [config["metadata"]["name"]]
+    config_refs = [s["configMapRef"]["name"] for s in container["envFrom"] if "configMapRef" in s]
+    assert config_refs == [config["metadata"]["name"]]
     (token,) = [e for e in container["env"] if e["name"] == "REFT_ADMIN_TOKEN"]
     ref = token["valueFrom"]["secretKeyRef"]
-    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    assert ref["key"] in secrets[ref["name"]]["stringData"]
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-    (store,) = [m for m in container["volumeMounts"] if "persistentVolumeClaim" in volumes[m["name"]]]
-    assert store["mountPath"] == env["REFT_STORE"]
-    pvc = k["PersistentVolumeClaim"]
-    assert volumes[store["name"]]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "every replica mounts the store"
+    assert {m["name"] for m in container["volumeMounts"]} <= set(volumes)
+    if env["REFT_STORE"].startswith("s3://"):
+        assert "PersistentVolumeClaim" not in k and not any("persistentVolumeClaim" in v for v in volumes.values())
+        assert pod["spec"]["serviceAccountName"] == k["ServiceAccount"]["metadata"]["name"]
+        (keys,) = [s["secretRef"] for s in container["envFrom"] if "secretRef" in s]
+        assert keys["optional"] and keys["name"] in secrets, "static keys are optional: IRSA needs none"
+    else:
+        (store,) = [m for m in container["volumeMounts"] if "persistentVolumeClaim" in volumes[m["name"]]]
+        assert store["mountPath"] == env["REFT_STORE"]
+        pvc = k["PersistentVolumeClaim"]
+        assert volumes[store["name"]]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "every replica mounts the store"
 
     # SIGKILL only after the preStop pause and the drain
     pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])

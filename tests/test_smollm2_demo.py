@@ -30,8 +30,8 @@ ENGINE = dict(num_blocks=640, block_size=16, max_batched_tokens=256, max_num_seq
 
 
 def stored_adapter_file(store_dir, name: str) -> AdapterFile:
-    info = AdapterStore(store_dir).info(name)
-    return AdapterFile.load(info.version(info.current).path)
+    _, data = AdapterStore(store_dir).read(name)
+    return AdapterFile.from_bytes(data)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The adapter store on its own: names, version bounds, crash leftovers."""
+"""The adapter store on its own: names, version bounds, crash leftovers; each test on both backends
+(a directory and an S3-compatible object store) unless it is about one of them."""
 
 import os
 import time
@@ -14,6 +15,7 @@ from server.adapters.store import (
     Precondition,
     PreconditionFailed,
 )
+from server.adapters.stores import open_store
 from server.tiny_models import random_adapter_file
 
 
@@ -21,16 +23,16 @@ def data(seed: int) -> bytes:
     return random_adapter_file("loreft", (1,), 2, "f1+l1", 16, seed=seed).to_bytes()
 
 
-def test_names_are_matched_whole(tmp_path):
-    store = AdapterStore(tmp_path)
+def test_names_are_matched_whole(store_location):
+    store = open_store(store_location)
     for bad in ("abc\n", "abc\n\n", "\nabc", "a b", "../x", "", "x" * 65):
         with pytest.raises(InvalidName):
             store.publish(bad, data(0))
     assert store.names() == []
 
 
-def test_absurd_version_numbers_are_not_found_not_os_errors(tmp_path):
-    store = AdapterStore(tmp_path)
+def test_absurd_version_numbers_are_not_found_not_os_errors(store_location):
+    store = open_store(store_location)
     store.publish("pirate", data(0))
     for version in (int("9" * 300), MAX_VERSION + 1, 0, -1):
         with pytest.raises(NotFound):
@@ -59,8 +61,9 @@ def test_stale_leftovers_of_crashed_writers_and_deletes_are_removed_at_start(tmp
 
 RMW_WRITER = """
 import os, sys, time
-from server.adapters.store import AdapterStore, Precondition, PreconditionFailed
-store, data = AdapterStore(sys.argv[1]), open(sys.argv[2], "rb").read()
+from server.adapters.store import Precondition, PreconditionFailed
+from server.adapters.stores import open_store
+store, data = open_store(sys.argv[1]), open(sys.argv[2], "rb").read()
 while not os.path.exists(sys.argv[4]):  # start together, so that the writers really contend
     time.sleep(0.01)
 for _ in range(int(sys.argv[3])):
@@ -72,16 +75,16 @@ for _ in range(int(sys.argv[3])):
 """
 
 
-def test_read_modify_write_across_processes_never_overwrites_silently(tmp_path):
+def test_read_modify_write_across_processes_never_overwrites_silently(store_location, tmp_path):
     import subprocess
     import sys
 
-    store = AdapterStore(tmp_path / "store")
+    store = open_store(store_location)
     store.publish("shared", data(0))
     payload = tmp_path / "a.safetensors"
     payload.write_bytes(data(1))
     go = tmp_path / "go"
-    command = [sys.executable, "-c", RMW_WRITER, str(store.root), str(payload), "15", str(go)]
+    command = [sys.executable, "-c", RMW_WRITER, store_location, str(payload), "15", str(go)]
     writers = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(4)]
     go.touch()
     lines = [line.split() for writer in writers for line in writer.communicate(timeout=120)[0].splitlines()]
@@ -94,8 +97,8 @@ def test_read_modify_write_across_processes_never_overwrites_silently(tmp_path):
     assert store.versions("shared") == list(range(1, len(won) + 2))
 
 
-def test_preconditions_on_roll_back_and_delete(tmp_path):
-    store = AdapterStore(tmp_path)
+def test_preconditions_on_roll_back_and_delete(store_location):
+    store = open_store(store_location)
     with pytest.raises(PreconditionFailed, match="absent"):
         store.publish("x", data(0), precondition=Precondition(version=1))
     with pytest.raises(PreconditionFailed, match="absent"):

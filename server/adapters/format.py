@@ -231,6 +231,11 @@ def read_config(path: str | Path) -> AdapterConfig:
         prefix = f.read(8)
         header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
         data = prefix + f.read(min(header_len, MAX_HEADER_BYTES))
+    return config_from_header(data)
+
+
+def config_from_header(data: bytes) -> AdapterConfig:
+    """The config in a safetensors header: its 8-byte length and the JSON after it (tensors may follow)."""
     metadata = _read_metadata(data)
     if METADATA_KEY not in metadata:
         raise AdapterError("metadata", f"the safetensors header has no {METADATA_KEY!r} metadata")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from server.adapters.fingerprint import FOREIGN, UNVERIFIED, fingerprint_status
-from server.adapters.format import AdapterError, AdapterFile, ModelShape, read_config, validate
+from server.adapters.format import AdapterError, AdapterFile, ModelShape, validate
 from server.adapters.store import MAX_VERSION, AdapterStore, NotFound, check_name
 from server.metrics import Metrics
 from server.reft.adapter import Adapter
@@ -154,7 +154,7 @@ class AdapterRegistry:
             return known
         info = self.store.version_info(name, version)
         try:
-            fingerprint = read_config(info.path).base_model_fingerprint
+            fingerprint = self.store.read_config(name, version).base_model_fingerprint
         except (AdapterError, OSError):
             fingerprint = ""  # unreadable: its load will say why
         return VersionFacts(info.created, fingerprint)

@@ -13,7 +13,8 @@ leaves the old or the new version served, never a partial file. Versions are nev
 
 Every write takes an optional `Precondition` (compare-and-swap): it is checked under the name's
 flock, so it holds across processes sharing the store. An object store would express the same
-checks as conditional writes (If-None-Match to create a version, If-Match on the pointer).
+checks as conditional writes (If-None-Match to create a version, If-Match on the pointer):
+server/adapters/object_store.py does, with the same API; server/adapters/stores.py picks one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.adapters.format import AdapterConfig
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: "$" would accept "abc\n"
 VERSION_SUFFIX = ".safetensors"
@@ -87,7 +92,6 @@ class VersionInfo:
     version: int
     size: int
     created: float  # unix time
-    path: Path
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,7 @@ class AdapterStore:
             path = self._version_path(name, number)
             with contextlib.suppress(FileNotFoundError):
                 stat = path.stat()
-                versions.append(VersionInfo(number, stat.st_size, stat.st_mtime, path))
+                versions.append(VersionInfo(number, stat.st_size, stat.st_mtime))
         return NameInfo(name, current, tuple(versions))
 
     def version_info(self, name: str, version: int) -> VersionInfo:
@@ -203,7 +207,16 @@ class AdapterStore:
             stat = path.stat()
         except FileNotFoundError:
             raise NotFound(f"adapter {name!r} has no version {version}") from None
-        return VersionInfo(version, stat.st_size, stat.st_mtime, path)
+        return VersionInfo(version, stat.st_size, stat.st_mtime)
+
+    def read_config(self, name: str, version: int) -> AdapterConfig:
+        """The version's config, from its header alone."""
+        from server.adapters.format import read_config  # imports torch: not for every store user
+
+        try:
+            return read_config(self._version_path(name, version))
+        except FileNotFoundError:
+            raise NotFound(f"adapter {name!r} has no version {version}") from None
 
     def read(self, name: str, version: int | None = None) -> tuple[int, bytes]:
         """(version, bytes) of `version`, or of the current one."""

@@ -1,4 +1,4 @@
-"""The admin API under /v1/adapters: upload, import from pyreft, list, show, roll back, delete.
+"""The admin API under /v1/adapters: upload, import from pyreft or the Hub, list, show, roll back, delete.
 
 Every route needs the admin bearer token. Uploads are validated against the served model before
 anything is written (shapes, and the base-model fingerprint when the adapter records one); a
@@ -27,9 +27,9 @@ from server.adapters.format import (
     ModelShape,
     config_from_dict,
     parse_json_object,
-    read_config,
     validate,
 )
+from server.adapters.hub import HubError, HubRef, InvalidHubRef, PyreftOptions, pull
 from server.adapters.pyreft import import_pyreft
 from server.adapters.registry import VersionFacts
 from server.adapters.store import InvalidName, NameInfo, NotFound, Precondition, PreconditionFailed, check_name
@@ -83,7 +83,7 @@ async def _read_upload(upload: UploadFile, limit: int, field: str) -> bytes:
 def _version_summary(state: AppState, name: str, info) -> VersionSummary:
     summary = VersionSummary(version=info.version, size=info.size, created=info.created)
     try:
-        config = read_config(info.path)
+        config = state.store.read_config(name, info.version)
     except (AdapterError, OSError):
         return summary
     return summary.model_copy(
@@ -293,6 +293,47 @@ async def import_pyreft_adapter(
         raise APIError(422, f"archive rejected: {e}", param="archive") from None
     except AdapterError as e:
         raise _rejected(e) from None
+    return await _publish(state, name, adapter, response, condition)
+
+
+@router.post("/{name}/hub", response_model=PublishResponse, status_code=201, responses=PRECONDITION_RESPONSES)
+async def pull_from_hub(
+    name: str,
+    repo: Annotated[str, Form(description="Hugging Face Hub repo id, optionally @revision (branch, tag, commit)")],
+    state: State,
+    response: Response,
+    positions: Annotated[str | None, Form(description="Positions it was trained with (pyreft checkpoints)")] = None,
+    share_weights: Annotated[bool, Form(description="Prefix and suffix share one intervention (pyreft)")] = False,
+    activation: Annotated[str, Form(description="Activation of the learned source (pyreft)")] = "linear",
+    intervention_type: Annotated[str | None, Form(description="Needed only without config.json")] = None,
+    layers: Annotated[str | None, Form(description="Comma-separated, needed only without config.json")] = None,
+    rank: Annotated[int | None, Form(description="Needed only without config.json")] = None,
+    allow_foreign: Annotated[
+        bool, Form(description="Accept an adapter trained on another base model (fingerprint differs)")
+    ] = False,
+    if_match: IfMatch = None,
+    if_none_match: IfNoneMatch = None,
+):
+    """Import a pyreft checkpoint or a .safetensors adapter from the Hub (the server's HF_TOKEN) as a
+    new version of `name`; the repo and its resolved commit are recorded in the provenance."""
+    name = _name(name)
+    condition = precondition(if_match, if_none_match)
+    try:
+        layer_list = [int(x) for x in layers.replace(";", ",").split(",") if x.strip()] if layers else None
+    except ValueError:
+        raise APIError(400, "layers: use comma-separated integers", param="layers") from None
+    options = PyreftOptions(positions, share_weights, activation, intervention_type, layer_list, rank)
+    try:
+        ref = HubRef.parse(repo)
+    except InvalidHubRef as e:
+        raise APIError(400, str(e), param="repo") from None
+    try:
+        adapter = await asyncio.to_thread(pull, ref, options, state.model_name, ModelShape.of(state.model))
+    except HubError as e:
+        raise APIError(404, str(e), param="repo") from None
+    except AdapterError as e:
+        raise _rejected(e) from None
+    _check_base_model(state, adapter, allow_foreign)
     return await _publish(state, name, adapter, response, condition)
 
 

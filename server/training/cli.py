@@ -19,7 +19,8 @@ from server.adapters.precondition_args import (
     add_precondition_arguments,
     precondition_from_args,
 )
-from server.adapters.store import AdapterStore, Precondition, PreconditionFailed
+from server.adapters.store import Precondition, PreconditionFailed
+from server.adapters.stores import open_store
 from server.plugins import PluginError, load_plugins, split_plugins
 from server.reft.interventions import INTERVENTION_TYPES, intervention_type
 from server.training.data import load_examples
@@ -66,7 +67,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help='torch device, e.g. "cpu" or "cuda"')
     destination = parser.add_mutually_exclusive_group(required=True)
     destination.add_argument("--out", type=Path, help="write the adapter to this .safetensors file")
-    destination.add_argument("--store", type=Path, help="publish the adapter as a new version in this adapter store")
+    destination.add_argument(
+        "--store", help="publish the adapter as a new version in this adapter store (directory or s3://bucket/prefix)"
+    )
     add_precondition_arguments(parser, creates=True)
 
 
@@ -96,9 +99,9 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
     return layers  # the trainer checks them against the model
 
 
-def publish_to_store(store_dir: Path, name: str, data: bytes, precondition: Precondition | None = None) -> int:
+def publish_to_store(store: str, name: str, data: bytes, precondition: Precondition | None = None) -> int:
     """Publish as the next version of `name`; returns the version number."""
-    return AdapterStore(store_dir).publish(name, data, precondition=precondition)
+    return open_store(store).publish(name, data, precondition=precondition)
 
 
 def _train(args: argparse.Namespace) -> tuple[TrainResult, str]:
@@ -138,7 +141,7 @@ def _train(args: argparse.Namespace) -> tuple[TrainResult, str]:
 def _check_precondition_early(args: argparse.Namespace) -> None:
     condition = precondition_from_args(args)
     if args.store is not None and condition is not None:
-        condition.check(args.name, AdapterStore(args.store).current_or_none(args.name))
+        condition.check(args.name, open_store(args.store).current_or_none(args.name))
 
 
 def _write(result: TrainResult, args: argparse.Namespace) -> str:

@@ -1,0 +1,91 @@
+"""Adapters pulled from the Hugging Face Hub: a pyreft checkpoint pushed with pyreft's
+`save(..., save_to_hf_hub=True)` (intkey_*.bin files, positions and weight sharing given by the
+caller as for import-pyreft), or a repo holding one of this server's .safetensors adapters.
+
+Downloads go through huggingface_hub (its cache, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE). The repo
+id, the revision asked for and the commit it resolved to are recorded in the adapter's provenance,
+so `name@version` can be traced back to the exact files it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.adapters.format import AdapterError, AdapterFile, ModelShape, validate
+from server.adapters.pyreft import import_pyreft
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
+WANTED_FILES = ["intkey_*.bin", "config.json", "*.safetensors"]
+
+
+class HubError(Exception):
+    """The repo or revision could not be fetched (missing, private without a token, offline)."""
+
+
+class InvalidHubRef(HubError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class HubRef:
+    repo_id: str
+    revision: str | None
+
+    @classmethod
+    def parse(cls, text: str) -> HubRef:
+        """REPO_ID or REPO_ID@REVISION (a branch, tag or commit)."""
+        repo_id, _, revision = text.partition("@")
+        if not REPO_ID.fullmatch(repo_id) or ".." in repo_id or (text.count("@") and not revision):
+            raise InvalidHubRef(f"invalid Hub reference {text!r}: use owner/name or owner/name@revision")
+        return cls(repo_id, revision or None)
+
+
+@dataclass(frozen=True)
+class PyreftOptions:
+    """What pyreft does not record and the caller must say (see server/adapters/pyreft.py)."""
+
+    positions: str | None = None
+    share_weights: bool = False
+    activation: str = "linear"
+    intervention_type: str | None = None
+    layers: list[int] | None = None
+    rank: int | None = None
+
+
+def download(ref: HubRef) -> tuple[Path, str]:
+    """(local snapshot directory, resolved commit) of the adapter files of `ref`."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=WANTED_FILES))
+    except (OSError, ValueError) as e:  # its HTTP, offline, not-cached and invalid-id errors are these
+        where = f"{ref.repo_id}@{ref.revision}" if ref.revision else ref.repo_id
+        raise HubError(f"cannot fetch {where} from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
+    return path, path.name  # snapshots are stored under their commit hash
+
+
+def pull(ref: HubRef, options: PyreftOptions, base_model: str = "", model: ModelShape | None = None) -> AdapterFile:
+    """The adapter at `ref`, validated against `model` when given, with its Hub provenance."""
+    directory, commit = download(ref)
+    if any(directory.glob("intkey_*.bin")):
+        if options.positions is None:
+            raise AdapterError("positions", f"{ref.repo_id} is a pyreft checkpoint: give the positions it used")
+        adapter = import_pyreft(directory, **dataclasses.asdict(options), base_model=base_model, model=model)
+    else:
+        adapter = AdapterFile.load(_single_safetensors(directory, ref.repo_id))
+        if model is not None:
+            validate(adapter, model)
+    source = {"hub": {"repo_id": ref.repo_id, "revision": ref.revision or "main", "commit": commit}}
+    adapter.config = dataclasses.replace(adapter.config, provenance={**adapter.config.provenance, **source})
+    return adapter
+
+
+def _single_safetensors(directory: Path, repo_id: str) -> Path:
+    found = sorted(directory.glob("*.safetensors"))
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)}"
+        raise AdapterError("repo", f"{repo_id} has {what} .safetensors files and no pyreft checkpoint: expected one")
+    return found[0]

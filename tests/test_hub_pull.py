@@ -1,0 +1,99 @@
+"""Adapters pulled from the Hugging Face Hub, offline: each test lays out a Hub cache itself (the
+layout huggingface_hub reads: models--owner--name/refs/<branch> -> commit, snapshots/<commit>/files)
+and turns huggingface_hub's offline mode on, so snapshot_download resolves revisions from it."""
+
+import hashlib
+import json
+
+import huggingface_hub.constants
+import pytest
+from huggingface_hub.file_download import repo_folder_name
+
+from server.adapters.stores import open_store
+from server.cli import main
+from server.tiny_models import random_adapter_file
+from tests.api_utils import ADMIN, running_app
+from tests.conftest import FIXTURE
+
+PYREFT_CHECKPOINT = FIXTURE / "adapters" / "lo_l2_f1l1"  # shared weights, positions f1+l1, hidden 192
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """hub(repo_id, {file name: bytes}, branch) -> the commit the branch now points to."""
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def publish(repo_id: str, files: dict[str, bytes], branch: str = "main") -> str:
+        commit = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
+        repo = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for name, data in files.items():
+            (snapshot / name).write_bytes(data)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / branch).write_text(commit)
+        return commit
+
+    return publish
+
+
+def pyreft_files() -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in PYREFT_CHECKPOINT.iterdir() if path.is_file()}
+
+
+def pull(*args: str) -> int:
+    return main(["adapters", "pull", *args])
+
+
+def test_cli_pulls_a_pyreft_checkpoint_and_records_repo_and_commit(hub, store_location, capsys):
+    commit = hub("someone/lo-reft", pyreft_files())
+    pyreft_args = ("--positions", "f1+l1", "--share-weights")
+    assert pull("someone/lo-reft", "--name", "lo", *pyreft_args, "--store", store_location) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["version"] == 1 and printed["positions"] == "f1+l1"
+    config = open_store(store_location).read_config("lo", 1)
+    assert config.provenance["hub"] == {"repo_id": "someone/lo-reft", "revision": "main", "commit": commit}
+
+
+def test_cli_pulls_a_safetensors_adapter_at_a_branch_or_commit(hub, tmp_path, capsys):
+    adapter = random_adapter_file("loreft", (1,), 2, "f1+l1", 16, seed=4)
+    old = hub("someone/ours", {"adapter.safetensors": adapter.to_bytes()}, branch="v1")
+    store = str(tmp_path / "store")
+    assert pull("someone/ours@v1", "--name", "ours", "--store", store) == 0
+    assert pull(f"someone/ours@{old}", "--name", "ours", "--store", store) == 0
+    stored = open_store(store)
+    assert stored.versions("ours") == [1, 2] and stored.read("ours", 1)[1] != b""
+    assert stored.read_config("ours", 2).provenance["hub"]["revision"] == old
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nobody/missing"], "cannot fetch nobody/missing"),
+        (["someone/lo-reft"], "give the positions"),
+        (["bad repo id"], "invalid Hub reference"),
+        (["someone/lo-reft@"], "invalid Hub reference"),
+    ],
+)
+def test_cli_pull_errors_are_clear(hub, tmp_path, capsys, args, message):
+    hub("someone/lo-reft", pyreft_files())
+    assert pull(*args, "--name", "x", "--store", str(tmp_path / "store")) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_admin_api_pulls_from_the_hub(hub, tmp_path):
+    commit = hub("someone/lo-reft", pyreft_files())
+    form = {"repo": "someone/lo-reft@main", "positions": "f1+l1", "share_weights": "true"}
+    with running_app(FIXTURE / "model", tmp_path / "store") as client:
+        created = client.post("/v1/adapters/lo/hub", data=form, headers=ADMIN)
+        assert created.status_code == 201, created.text
+        shown = client.get("/v1/adapters/lo", headers=ADMIN).json()
+        assert shown["details"][0]["provenance"]["hub"]["commit"] == commit
+        missing = client.post("/v1/adapters/lo/hub", data={**form, "repo": "nobody/missing"}, headers=ADMIN)
+        assert missing.status_code == 404 and "cannot fetch" in missing.json()["error"]["message"]
+        invalid = client.post("/v1/adapters/lo/hub", data={**form, "repo": "a b"}, headers=ADMIN)
+        assert invalid.status_code == 400
+        unpositioned = client.post("/v1/adapters/lo/hub", data={"repo": "someone/lo-reft"}, headers=ADMIN)
+        assert unpositioned.status_code == 422 and "positions" in unpositioned.json()["error"]["message"]
