@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import signal
 import sys
@@ -62,13 +63,22 @@ REAL_MODEL_BANNER = "reft-server serving {model} on {url}  (OpenAPI docs: {url}/
 
 
 def serve(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
     from server.app import create_app
+    from server.distributed.launch import join_torchrun_group, rank_device, spawn_group
+    from server.distributed.runner import follow
     from server.logging_setup import setup_logging
+    from server.model_loader import check_tensor_parallel
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level, settings.log_json)
     if settings.threads:  # before the demo build too: oversubscribed cores slow training down badly
         torch.set_num_threads(settings.threads)
+    group = join_torchrun_group(settings)
+    if group is not None and group.rank > 0:  # a follower: rank 0 sends it the model and every step
+        follow(group, settings, rank_device(settings, int(os.environ.get("LOCAL_RANK", group.rank))))
+        return 0
     model_path, banner = settings.model, REAL_MODEL_BANNER
     if model_path is None:
         from server.demo import DEMO_BANNER, DEMO_MODEL_NAME, prepare_demo
@@ -80,7 +90,10 @@ def serve(args: argparse.Namespace) -> int:
             # the demo tour uploads adapters: a fresh token, printed once, rather than an open admin API
             settings = settings.model_copy(update={"admin_token": SecretStr(secrets.token_urlsafe(16))})
     token = settings.admin_token.get_secret_value() if settings.admin_token else "<REFT_ADMIN_TOKEN>"
-    app = create_app(settings, model_path=model_path)
+    if settings.tensor_parallel > 1 and group is None:
+        check_tensor_parallel(AutoConfig.from_pretrained(model_path), settings.tensor_parallel)  # before spawning
+        group = spawn_group(settings)
+    app = create_app(settings, model_path=model_path, group=group)
     config = uvicorn.Config(
         app,
         host=settings.host,

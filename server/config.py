@@ -22,6 +22,9 @@ class Settings(BaseSettings):
         "auto", description="Model dtype; auto = bfloat16 on GPU, float32 on CPU"
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice)")
+    tensor_parallel: int = Field(
+        1, ge=1, description="GPUs (processes) one model is sharded over; >1 spawns the other ranks unless torchrun did"
+    )
     demo_dir: Path = Field(DEFAULT_DEMO_DIR, description="Where the demo model is built and cached")
 
     @field_validator("model", "served_model_name", mode="before")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -53,10 +54,17 @@ class StepStats:
 
 
 class EngineCore:
-    def __init__(self, model: nn.Module, config: EngineConfig, eos_token_ids: set[int]):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: EngineConfig,
+        eos_token_ids: set[int],
+        make_runner: Callable[[nn.Module, KVCache], ModelRunner] = ModelRunner,
+    ):
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
-        layout = KVLayout.from_config(model.config, dtype)
+        # a tensor-parallel rank caches only its own KV heads
+        layout = KVLayout.from_config(model.config, dtype).sharded(getattr(model, "tp_size", None) or 1)
         if config.num_blocks is not None:
             self.kv = KVCache(layout, config.num_blocks, config.block_size, device, config.prefix_caching)
         else:
@@ -65,7 +73,7 @@ class EngineCore:
             )
         self.max_model_len = self._context_window(model, config)
         self.scheduler = Scheduler(self.kv, SchedulerConfig(config.max_num_seqs, config.max_batched_tokens))
-        self.runner = ModelRunner(model, self.kv)
+        self.runner = make_runner(model, self.kv)
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
         self.sequences: dict[str, Sequence] = {}

@@ -262,6 +262,7 @@ class AsyncEngine:
                 self.steps += 1
                 self._observe_step()
             elif not outputs:
+                self.core.runner.idle()
                 self._wakeup.wait(IDLE_WAIT_SECONDS)
             self.last_heartbeat = time.monotonic()
             if outputs:
