@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import signal
 import sys
@@ -66,8 +65,7 @@ def serve(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from server.app import create_app
-    from server.distributed.launch import join_torchrun_group, rank_device, spawn_group
-    from server.distributed.runner import follow
+    from server.distributed.launch import follow_under_torchrun, join_torchrun_group, spawn_group
     from server.logging_setup import setup_logging
     from server.model_loader import check_tensor_parallel
 
@@ -77,7 +75,7 @@ def serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(settings.threads)
     group = join_torchrun_group(settings)
     if group is not None and group.rank > 0:  # a follower: rank 0 sends it the model and every step
-        follow(group, settings, rank_device(settings, int(os.environ.get("LOCAL_RANK", group.rank))))
+        follow_under_torchrun(group, settings)
         return 0
     model_path, banner = settings.model, REAL_MODEL_BANNER
     if model_path is None:

@@ -83,5 +83,5 @@ class TensorParallelGroup:
         for process in self.followers:
             process.join(FOLLOWER_EXIT_SECONDS)
             if process.exitcode is None:
-                process.terminate()
+                process.kill()
         dist.destroy_process_group()

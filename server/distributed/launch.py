@@ -55,6 +55,16 @@ def join_torchrun_group(settings: Settings) -> TensorParallelGroup | None:
     return TensorParallelGroup.join(_backend(device))
 
 
+def follow_under_torchrun(group: TensorParallelGroup, settings: Settings) -> None:
+    """A follower torchrun started. torchrun passes SIGTERM to every rank; a follower ignores it, so
+    rank 0 drains its requests and then stops the followers (torchrun kills what is left after its own
+    timeout)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    follow(group, settings, rank_device(settings, int(os.environ.get("LOCAL_RANK", group.rank))))
+    dist.destroy_process_group()
+
+
 def spawn_group(settings: Settings) -> TensorParallelGroup:
     """Start ranks 1..N-1 of a group on this host and join it as rank 0."""
     size = settings.tensor_parallel
