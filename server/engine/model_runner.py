@@ -74,7 +74,7 @@ class ModelRunner:
             batch.token_ids.extend(seq.token_ids[chunk.start : chunk.start + chunk.length])
             batch.positions.extend(range(chunk.start, chunk.start + chunk.length))
             batch.slots.extend(slots_for(seq.block_table, chunk.start, chunk.length, self.kv.block_size))
-            batch.spans.append(Span(row, chunk.length, chunk.start, list(seq.block_table)))
+            batch.spans.append(Span(row, chunk.length, chunk.start, seq.block_table))
             if seq.adapter is not None and chunk.start < seq.num_prompt:
                 batch.edits.append(Chunk(seq, seq.adapter, seq.positions, row, chunk.start, chunk.length))
             if chunk.completes:
@@ -87,12 +87,12 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> tuple[Tensor, InterventionPlan | None]:
         """Run the model once: logits [len(batch.keep), vocab] and the step's intervention plan."""
+        self.kv.zero_blocks(batch.new_blocks)  # first: pack took them off the allocator, so nothing may skip this
         slot_mapping = torch.tensor(batch.slots, dtype=torch.long, device=self.device)
         kwargs = {STEP_KWARG: StepAttention.build(self.kv, batch.spans, slot_mapping)}
         plan = build_plan(batch.edits, self.device)
         if plan is not None:
             kwargs[PLAN_KWARG] = plan
-        self.kv.zero_blocks(batch.new_blocks)
         out = self.model(
             input_ids=torch.tensor([batch.token_ids], device=self.device),
             position_ids=torch.tensor([batch.positions], device=self.device),
