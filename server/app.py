@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -24,8 +25,13 @@ from server.api.deps import AppState
 from server.api.errors import install_error_handlers
 from server.api.request_context import RequestContext
 from server.config import Settings
+from server.distributed.adapter_mirror import AdapterSender
+from server.distributed.group import TensorParallelGroup
+from server.distributed.launch import rank_device
+from server.distributed.runner import TensorParallelDriver
 from server.engine.core import EngineConfig, EngineCore, model_eos_ids
 from server.engine.engine import AsyncEngine
+from server.engine.model_runner import ModelRunner
 from server.metrics import Metrics
 from server.model_loader import load_model, resolve_device, resolve_dtype
 from server.plugins import load_plugins
@@ -47,13 +53,23 @@ def served_name(settings: Settings, model_path: str) -> str:
     return Path(model_path).name if Path(model_path).exists() else model_path
 
 
-def build_state(settings: Settings, model_path: str, model=None, tokenizer=None) -> AppState:
-    """Everything the routes need; loads the model unless one is given (tests pass theirs)."""
+def build_state(
+    settings: Settings, model_path: str, model=None, tokenizer=None, group: TensorParallelGroup | None = None
+) -> AppState:
+    """Everything the routes need; loads the model unless one is given (tests pass theirs). With a
+    tensor-parallel group, this process is its rank 0 and the followers load their shards meanwhile."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    make_runner = ModelRunner
+    if group is not None:
+        group.send(model_path)
+        sender = AdapterSender(int(settings.adapter_memory), settings.max_resident_adapters)
+        make_runner = partial(TensorParallelDriver, group=group, adapters=sender)
     if model is None:
-        device = resolve_device(settings.device)
-        model, tokenizer = load_model(model_path, device, resolve_dtype(settings.dtype, device))
+        device = rank_device(settings, 0) if group is not None else resolve_device(settings.device)
+        model, tokenizer = load_model(
+            model_path, device, resolve_dtype(settings.dtype, device), tensor_parallel=settings.tensor_parallel
+        )
     model_name = served_name(settings, model_path)
     metrics = Metrics(
         max_lora=settings.max_resident_adapters,
@@ -69,7 +85,7 @@ def build_state(settings: Settings, model_path: str, model=None, tokenizer=None)
         max_model_len=settings.max_model_len,
         prefix_caching=settings.prefix_caching,
     )
-    core = EngineCore(model, engine_config, model_eos_ids(model, tokenizer))
+    core = EngineCore(model, engine_config, model_eos_ids(model, tokenizer), make_runner)
     engine = AsyncEngine(core, tokenizer, max_queue=settings.max_queue, metrics=metrics)
     store = open_store(settings.store)
     parameter = next(model.parameters())
@@ -91,8 +107,16 @@ def build_state(settings: Settings, model_path: str, model=None, tokenizer=None)
     return AppState(settings, model_name, model, tokenizer, engine, store, registry, metrics)
 
 
-def create_app(settings: Settings, *, model_path: str | None = None, model=None, tokenizer=None) -> FastAPI:
-    """The app for `settings`. `model_path` defaults to settings.model; tests may pass a loaded model."""
+def create_app(
+    settings: Settings,
+    *,
+    model_path: str | None = None,
+    model=None,
+    tokenizer=None,
+    group: TensorParallelGroup | None = None,
+) -> FastAPI:
+    """The app for `settings`. `model_path` defaults to settings.model; tests may pass a loaded model.
+    `group`: the tensor-parallel group this process leads as rank 0; stopped with the app."""
     path = model_path or settings.model
     if path is None:
         raise ValueError("no model given: pass --model (the CLI builds the demo model when none is given)")
@@ -100,7 +124,7 @@ def create_app(settings: Settings, *, model_path: str | None = None, model=None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = await asyncio.to_thread(build_state, settings, path, model, tokenizer)
+        state = await asyncio.to_thread(build_state, settings, path, model, tokenizer, group)
         app.state.reft = state
         state.engine.start()
         await state.registry.start()
@@ -111,6 +135,8 @@ def create_app(settings: Settings, *, model_path: str | None = None, model=None,
             state.begin_draining()
             await state.registry.stop()
             await state.engine.stop(grace_seconds=state.grace_left())
+            if group is not None:
+                await asyncio.to_thread(group.stop)
             log.info("stopped")
 
     app = FastAPI(title="reft-server", version=version("reft-server"), description=DESCRIPTION, lifespan=lifespan)

@@ -68,13 +68,21 @@ DEMO_FOOTER = """
 
 
 def serve(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
     from server.app import create_app
+    from server.distributed.launch import follow_under_torchrun, join_torchrun_group, spawn_group
     from server.logging_setup import setup_logging
+    from server.model_loader import check_tensor_parallel
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level, settings.log_json)
     if settings.threads:  # before the demo build too: oversubscribed cores slow training down badly
         torch.set_num_threads(settings.threads)
+    group = join_torchrun_group(settings)
+    if group is not None and group.rank > 0:  # a follower: rank 0 sends it the model and every step
+        follow_under_torchrun(group, settings)
+        return 0
     model_path, banner, admin = settings.model, REAL_MODEL_BANNER, ""
     if model_path is None:
         from server.demo import prepare_demo
@@ -90,7 +98,10 @@ def serve(args: argparse.Namespace) -> int:
             update={"served_model_name": settings.served_model_name or prepared.demo.model_name}
         )
         settings, admin = demo_admin_access(settings)
-    app = create_app(settings, model_path=model_path)
+    if settings.tensor_parallel > 1 and group is None:
+        check_tensor_parallel(AutoConfig.from_pretrained(model_path), settings.tensor_parallel)  # before spawning
+        group = spawn_group(settings)
+    app = create_app(settings, model_path=model_path, group=group)
     config = uvicorn.Config(
         app,
         host=settings.host,

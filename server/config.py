@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value):
         return split_plugins(value)
 
+    tensor_parallel: int = Field(
+        1, ge=1, description="GPUs (processes) one model is sharded over; >1 spawns the other ranks unless torchrun did"
+    )
+
     @field_validator("model", "served_model_name", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):

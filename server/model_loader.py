@@ -1,9 +1,10 @@
-"""Load the frozen base model for the engine: device and dtype choice, our attention, eval mode."""
+"""Load the frozen base model for the engine: device and dtype choice, our attention, eval mode,
+and, across a tensor-parallel group, transformers' own tensor-parallel plan for the model."""
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DistributedConfig
 
 from server.adapters.format import DTYPES
 from server.engine.attention import ATTENTION_NAME
@@ -23,9 +24,27 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(path: str, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer) with the engine's paged attention; weights frozen."""
+def check_tensor_parallel(config, size: int) -> None:
+    """Refuse a degree that transformers' plan cannot shard into whole attention and KV heads per rank."""
+    if not getattr(config, "base_model_tp_plan", None):
+        raise ValueError(f"transformers has no tensor-parallel plan for {config.model_type} models: serve it with 1")
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % size or kv_heads % size:
+        raise ValueError(
+            f"tensor parallel degree {size} must divide the model's {heads} attention heads and {kv_heads} KV "
+            f"heads, so that every rank owns whole KV heads; use a degree that divides {kv_heads} and add replicas"
+        )
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype, tensor_parallel: int = 1):
+    """(model, tokenizer) with the engine's paged attention; weights frozen. With `tensor_parallel` > 1,
+    every rank of the (already joined) process group calls this and holds its own shard."""
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME)
+    options = {}
+    if tensor_parallel > 1:
+        check_tensor_parallel(AutoConfig.from_pretrained(path), tensor_parallel)
+        options["distributed_config"] = DistributedConfig(tp_size=tensor_parallel)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME, **options)
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from server.engine.attention import ATTENTION_NAME
 from server.engine.core import EngineConfig, EngineCore
+from server.engine.model_runner import ModelRunner
 from server.engine.sequence import SamplingParams, Sequence
 from server.reft.adapter import Adapter
 from server.tiny_models import random_adapter_file
@@ -18,9 +19,9 @@ def load_engine_model(path, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME).eval()
 
 
-def make_core(model, eos=frozenset(), **config) -> EngineCore:
+def make_core(model, eos=frozenset(), make_runner=ModelRunner, **config) -> EngineCore:
     defaults = dict(num_blocks=256, block_size=8, max_batched_tokens=64, max_num_seqs=16, max_model_len=512)
-    return EngineCore(model, EngineConfig(**{**defaults, **config}), set(eos))
+    return EngineCore(model, EngineConfig(**{**defaults, **config}), set(eos), make_runner)
 
 
 def random_adapter(name: str, *args, version: int = 1, **kwargs) -> Adapter:

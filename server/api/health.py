@@ -50,6 +50,8 @@ async def ready(state: State):
         problems.append("engine not running")
     elif time.monotonic() - engine.last_heartbeat > STALE_ENGINE_SECONDS:
         problems.append("engine has not stepped for over a minute")
+    if (runner_problem := engine.core.runner.problem()) is not None:
+        problems.append(runner_problem)
     body = {
         "status": "ready" if not problems else "not ready",
         "model": state.model_name,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -55,15 +56,24 @@ class StepStats:
 
 
 class EngineCore:
-    def __init__(self, model: nn.Module, config: EngineConfig, eos_token_ids: set[int]):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: EngineConfig,
+        eos_token_ids: set[int],
+        make_runner: Callable[[nn.Module, KVCache], ModelRunner] = ModelRunner,
+    ):
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
-        layout = KVLayout.from_config(model.config, dtype)
+        tensor_parallel = getattr(model, "tp_size", None) or 1
+        layout = KVLayout.from_config(model.config, dtype).sharded(tensor_parallel)  # a rank caches its KV heads
         if config.num_blocks is not None:
             self.kv = KVCache(layout, config.num_blocks, config.block_size, device, config.prefix_caching)
         else:
             budget = config.kv_cache_bytes
             if budget is None:
+                if tensor_parallel > 1 and device.type == "cuda":  # the warm-up step would need the whole group
+                    raise ValueError("with tensor parallelism, size the KV cache explicitly (--kv-cache-memory)")
                 warm_up = lambda: self._warm_up_step(model, layout, config)  # noqa: E731
                 budget = auto_kv_budget(model, warm_up, config.gpu_memory_utilization)
             self.kv = KVCache.from_budget(
@@ -71,7 +81,7 @@ class EngineCore:
             )
         self.max_model_len = self._context_window(model, config)
         self.scheduler = Scheduler(self.kv, SchedulerConfig(config.max_num_seqs, config.max_batched_tokens))
-        self.runner = ModelRunner(model, self.kv)
+        self.runner = make_runner(model, self.kv)
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
         self.sequences: dict[str, Sequence] = {}

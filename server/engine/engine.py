@@ -264,6 +264,7 @@ class AsyncEngine:
             elif outputs:  # the last requests were cancelled or refused: the load gauges must say so
                 self._observe_load()
             else:
+                self.core.runner.idle()
                 self._wakeup.wait(IDLE_WAIT_SECONDS)
             self.last_heartbeat = time.monotonic()
             if outputs:

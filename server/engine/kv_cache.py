@@ -9,9 +9,10 @@ preempted.
 
 Attention must never see another sequence's data: a NaN there poisons the output even where it is
 masked (0 * NaN). So the pool has one more block than it hands out, `pad_block`, always zero, for
-attention paths that pad block tables; and a block is zeroed when it is handed out (`zero_new_blocks`,
-one op per step before the forward), so the unwritten tail of a sequence's last block holds zeros,
-not what its previous owner left there.
+attention paths that pad block tables; and a block is zeroed when it is handed out (the model
+runner clears a step's new blocks, one op per step before the forward, on every rank of a
+tensor-parallel group), so the unwritten tail of a sequence's last block holds zeros, not what its
+previous owner left there.
 
 Prefix caching: a full block, once computed, is indexed by its content key (prefix_keys.py). A new
 sequence whose leading blocks have known keys takes those blocks (reference counted, never written
@@ -22,7 +23,7 @@ free list, least recently freed first, until the allocator hands it out for new 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,6 +44,12 @@ class KVLayout:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(config.num_hidden_layers, kv_heads, head_dim, dtype)
+
+    def sharded(self, tensor_parallel: int) -> KVLayout:
+        """The layout one rank of a tensor-parallel group caches: its own share of the KV heads."""
+        if self.num_kv_heads % tensor_parallel:
+            raise ValueError(f"{self.num_kv_heads} KV heads cannot be split evenly over {tensor_parallel} ranks")
+        return replace(self, num_kv_heads=self.num_kv_heads // tensor_parallel)
 
     def bytes_per_token(self) -> int:
         element = torch.empty((), dtype=self.dtype).element_size()
@@ -68,7 +75,7 @@ class KVCache:
         # written zeros, not lazily mapped ones: touching every page now keeps page faults out of serving latency
         self.keys = torch.empty(shape, dtype=layout.dtype, device=device).fill_(0)
         self.values = torch.empty(shape, dtype=layout.dtype, device=device).fill_(0)
-        self._handed_out: list[int] = []  # blocks allocated since the last zero_new_blocks()
+        self._handed_out: list[int] = []  # blocks allocated since the last take_new_blocks()
         self.prefix_caching = prefix_caching
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
         self._refs = [0] * num_blocks
@@ -116,12 +123,16 @@ class KVCache:
             seq.block_table.append(block)
         return True
 
-    def zero_new_blocks(self) -> None:
-        """Clear the blocks handed out since the last call, in every layer (one op per tensor)."""
-        if not self._handed_out:
+    def take_new_blocks(self) -> list[int]:
+        """The blocks handed out since the last call: the next forward must clear them first."""
+        blocks, self._handed_out = self._handed_out, []
+        return blocks
+
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Clear blocks in every layer (one op per tensor)."""
+        if not blocks:
             return
-        blocks = torch.tensor(self._handed_out, device=self.keys.device)
-        self._handed_out = []
+        blocks = torch.tensor(blocks, device=self.keys.device)
         for pool in (self.keys, self.values):
             pool.view(pool.shape[0], self.num_blocks + 1, -1).index_fill_(1, blocks, 0)
 

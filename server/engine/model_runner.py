@@ -1,5 +1,8 @@
 """Runs one engine step: packs the scheduled chunks into one row, runs the frozen model once with
 the step's attention metadata and intervention plan, and returns the logits of the rows that sample.
+
+Packing (`pack`, the scheduler's view) and the forward pass (`forward`, plain data in) are apart so
+that every rank of a tensor-parallel group runs the same `forward` on what rank 0 packed.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from server.engine.kv_cache import KVCache
 from server.engine.scheduler import ScheduledChunk
 from server.engine.sequence import Sequence
 from server.reft.hooks import PLAN_KWARG, install_plan_hooks
-from server.reft.plan import Chunk, build_plan
+from server.reft.plan import Chunk, InterventionPlan, build_plan
 
 
 @dataclass
@@ -28,6 +31,19 @@ def slots_for(block_table: list[int], start: int, length: int, block_size: int) 
     return [block_table[p // block_size] * block_size + p % block_size for p in range(start, start + length)]
 
 
+@dataclass
+class StepBatch:
+    """One forward pass's inputs as plain data, so rank 0 of a tensor-parallel group can send them."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    spans: list[Span]
+    edits: list[Chunk]  # prefill chunks of requests with adapters
+    keep: list[int]  # rows whose logits are computed
+    new_blocks: list[int]  # KV blocks handed out since the last step: cleared before the forward
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, kv: KVCache):
         self.model = model
@@ -35,42 +51,53 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self._hooks = install_plan_hooks(model)
 
-    @torch.inference_mode()
+    def idle(self) -> None:
+        """Called by the engine thread when it has nothing to run (a tensor-parallel driver pings its group)."""
+
+    def problem(self) -> str | None:
+        """Why this runner cannot serve, for the readiness probe; a single process has no peers to lose."""
+        return None
+
     def run(self, chunks: list[ScheduledChunk]) -> StepResult:
+        batch, sampling = self.pack(chunks)
+        logits, plan = self.forward(batch)
+        failures = {**plan.non_finite_owners(), **plan.failures} if plan is not None else {}
+        return StepResult(sampling, logits if sampling else None, failures)
+
+    def pack(self, chunks: list[ScheduledChunk]) -> tuple[StepBatch, list[ScheduledChunk]]:
+        """Lay the chunks out as one row; also returns the chunks that sample, in logits order."""
         chunks = sorted(chunks, key=lambda c: c.length > 1)  # decodes first; the sort is stable
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        spans: list[Span] = []
-        plan_chunks: list[Chunk] = []
-        sample_rows: list[int] = []
+        batch = StepBatch([], [], [], [], [], [], self.kv.take_new_blocks())
         sampling: list[ScheduledChunk] = []
         for chunk in chunks:
-            seq, row = chunk.seq, len(token_ids)
-            token_ids.extend(seq.token_ids[chunk.start : chunk.start + chunk.length])
-            positions.extend(range(chunk.start, chunk.start + chunk.length))
-            slots.extend(slots_for(seq.block_table, chunk.start, chunk.length, self.kv.block_size))
-            spans.append(Span(row, chunk.length, chunk.start, seq.block_table))
+            seq, row = chunk.seq, len(batch.token_ids)
+            batch.token_ids.extend(seq.token_ids[chunk.start : chunk.start + chunk.length])
+            batch.positions.extend(range(chunk.start, chunk.start + chunk.length))
+            batch.slots.extend(slots_for(seq.block_table, chunk.start, chunk.length, self.kv.block_size))
+            batch.spans.append(Span(row, chunk.length, chunk.start, seq.block_table))
             if seq.adapter is not None and chunk.start < seq.num_prompt:
-                plan_chunks.append(Chunk(seq, seq.adapter, seq.positions, row, chunk.start, chunk.length))
+                batch.edits.append(Chunk(seq, seq.adapter, seq.positions, row, chunk.start, chunk.length))
             if chunk.completes:
-                sample_rows.append(row + chunk.length - 1)
+                batch.keep.append(row + chunk.length - 1)
                 sampling.append(chunk)
+        if not batch.keep:
+            batch.keep.append(len(batch.token_ids) - 1)  # a step of partial prefills still needs one row
+        return batch, sampling
 
-        slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
-        kwargs = {STEP_KWARG: StepAttention.build(self.kv, spans, slot_mapping)}
-        plan = build_plan(plan_chunks, self.device)
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> tuple[Tensor, InterventionPlan | None]:
+        """Run the model once: logits [len(batch.keep), vocab] and the step's intervention plan."""
+        self.kv.zero_blocks(batch.new_blocks)  # first: pack took them off the allocator, so nothing may skip this
+        slot_mapping = torch.tensor(batch.slots, dtype=torch.long, device=self.device)
+        kwargs = {STEP_KWARG: StepAttention.build(self.kv, batch.spans, slot_mapping)}
+        plan = build_plan(batch.edits, self.device)
         if plan is not None:
             kwargs[PLAN_KWARG] = plan
-        keep = sample_rows or [len(token_ids) - 1]  # a step of partial prefills still needs one row
-        self.kv.zero_new_blocks()
         out = self.model(
-            input_ids=torch.tensor([token_ids], device=self.device),
-            position_ids=torch.tensor([positions], device=self.device),
-            logits_to_keep=torch.tensor(keep, device=self.device),
+            input_ids=torch.tensor([batch.token_ids], device=self.device),
+            position_ids=torch.tensor([batch.positions], device=self.device),
+            logits_to_keep=torch.tensor(batch.keep, device=self.device),
             use_cache=False,
             **kwargs,
         )
-        logits = out.logits[0] if sample_rows else None
-        failures = {**plan.non_finite_owners(), **plan.failures} if plan is not None else {}
-        return StepResult(sampling, logits, failures)
+        return out.logits[0], plan
