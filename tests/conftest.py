@@ -41,6 +41,11 @@ def pyreft_fixture():
     return model, tokenizer, expected
 
 
+# Building it (conversion and four adapters trained) takes minutes on 2 cores: the first test that
+# asks for it gets this much time instead of pytest's default for one test.
+SMOLLM2_DEMO_TIMEOUT = 1500
+
+
 @pytest.fixture(scope="session")
 def smollm2_demo(tmp_path_factory):
     """The SmolLM2 demo built once per session, as `reft-server serve` builds it at first start:

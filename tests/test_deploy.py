@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
 from server.config import Settings
+from tests.conftest import SMOLLM2_DEMO_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -156,6 +157,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.timeout(SMOLLM2_DEMO_TIMEOUT)
 def test_entrypoint_serves_the_demo_and_drains_on_sigterm(tmp_path, smollm2_demo):
     """The image's ENTRYPOINT with its ENV, outside a container: only the volume's paths (absent
     here), the port (maybe taken) and the demo cache differ: the session's demo build stands in for

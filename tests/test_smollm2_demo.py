@@ -20,10 +20,11 @@ from server.smollm2 import SMOLLM2_MODEL_NAME
 from server.tokenization import encode_chat
 from server.training.evaluate import greedy_completions, reproduced
 from tests.api_utils import running_app
-from tests.conftest import load_reference_model
+from tests.conftest import SMOLLM2_DEMO_TIMEOUT, load_reference_model
 from tests.engine_utils import load_engine_model, make_core, run_core, seq
 from tests.style_marks import MARKS
 
+pytestmark = pytest.mark.timeout(SMOLLM2_DEMO_TIMEOUT)
 MAX_NEW_TOKENS = 24
 MODELS = (None, *STYLES)  # None: the base model
 ENGINE = dict(num_blocks=640, block_size=16, max_batched_tokens=256, max_num_seqs=64, max_model_len=256)
