@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DistributedConfig
 
+from server.adapters.fingerprint import model_fingerprint
 from server.adapters.format import DTYPES
 from server.engine.attention import ATTENTION_NAME
 
@@ -47,4 +48,6 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype, tensor_paral
         options["distributed_config"] = DistributedConfig(tp_size=tensor_parallel)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME, **options)
     model.to(device).eval().requires_grad_(False)
+    if tensor_parallel > 1:
+        model_fingerprint(model)  # on every rank: sampling sharded weights gathers them from the group
     return model, tokenizer

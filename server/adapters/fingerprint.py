@@ -16,10 +16,12 @@ import json
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from server.reft.layers import decoder_layers
 
 PREFIX = "rfp1-"  # the algorithm's version: a new scheme gets a new prefix
+CACHE_ATTRIBUTE = "_reft_fingerprint"
 CONFIG_FIELDS = (
     "model_type",
     "hidden_size",
@@ -39,10 +41,16 @@ VERIFIED, UNVERIFIED, FOREIGN = FINGERPRINT_STATUSES = ("verified", "unverified"
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    digest = hashlib.sha256(json.dumps(_architecture(model.config), sort_keys=True).encode())
-    for tensor in _sampled_tensors(model):
-        digest.update(_quantised_sample(tensor).numpy().tobytes())
-    return PREFIX + digest.hexdigest()[:24]
+    """The fingerprint, computed once per loaded model. On a tensor-parallel shard sampling a weight
+    gathers it from the whole group, so every rank must make the first call (the model loader does)."""
+    cached = getattr(model, CACHE_ATTRIBUTE, None)
+    if cached is None:
+        digest = hashlib.sha256(json.dumps(_architecture(model.config), sort_keys=True).encode())
+        for tensor in _sampled_tensors(model):
+            digest.update(_quantised_sample(tensor).numpy().tobytes())
+        cached = PREFIX + digest.hexdigest()[:24]
+        setattr(model, CACHE_ATTRIBUTE, cached)
+    return cached
 
 
 def fingerprint_status(adapter_fingerprint: str, served_fingerprint: str) -> str:
@@ -67,6 +75,8 @@ def _sampled_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 
 def _quantised_sample(tensor: torch.Tensor) -> torch.Tensor:
+    if isinstance(tensor, DTensor):  # a tensor-parallel shard: the whole weight, as one process holds it
+        tensor = tensor.full_tensor()
     flat = tensor.detach().reshape(-1)
     step = max(1, flat.numel() // SAMPLES_PER_TENSOR)
     sample = flat[::step][:SAMPLES_PER_TENSOR].to("cpu", torch.bfloat16).float()
