@@ -37,6 +37,7 @@ from server.adapters.store import (
     StoreError,
     VersionInfo,
     check_name,
+    served_version,
 )
 
 if TYPE_CHECKING:
@@ -202,10 +203,7 @@ class ObjectStore:
         return sorted(served)
 
     def current(self, name: str) -> int:
-        current = self.current_or_none(name)
-        if current is None:
-            raise NotFound(f"adapter {name!r} not found")
-        return current
+        return served_version(name, self.current_or_none(name))
 
     def current_or_none(self, name: str) -> int | None:
         return self._read_pointer(name).current
@@ -285,14 +283,18 @@ class ObjectStore:
             if uploaded:
                 self._call("delete_object", Key=key)
 
+    def _pointer_to_change(self, name: str, precondition: Precondition | None) -> _Pointer:
+        """The pointer of a served name, read for a roll-back or a delete, its precondition checked."""
+        pointer = self._read_pointer(name)
+        if precondition is not None:
+            precondition.check(name, pointer.current)
+        served_version(name, pointer.current)
+        return pointer
+
     def set_current(self, name: str, version: int, precondition: Precondition | None = None) -> None:
         """Serve an existing version (roll back or forward)."""
         while True:
-            pointer = self._read_pointer(name)
-            if precondition is not None:
-                precondition.check(name, pointer.current)
-            if pointer.current is None:
-                raise NotFound(f"adapter {name!r} not found")
+            pointer = self._pointer_to_change(name, precondition)
             self._entry(pointer, name, version)
             if self._swap(name, pointer, _Pointer(None, version, pointer.last, pointer.versions)):
                 return
@@ -301,11 +303,7 @@ class ObjectStore:
         """Take the name out of service, then remove its objects. Requests already running keep their
         adapter (it is in memory); numbering continues after the deleted versions if reused."""
         while True:
-            pointer = self._read_pointer(name)
-            if precondition is not None:
-                precondition.check(name, pointer.current)
-            if pointer.current is None:
-                raise NotFound(f"adapter {name!r} not found")
+            pointer = self._pointer_to_change(name, precondition)
             if self._swap(name, pointer, _Pointer(None, None, pointer.last, {})):
                 break
         for entry in pointer.versions.values():  # a crash here leaves orphans, removed at a later startup

@@ -79,6 +79,13 @@ class Precondition:
             raise PreconditionFailed(name, "no adapter of that name", current)
 
 
+def served_version(name: str, current: int | None) -> int:
+    """The version a name serves; NotFound when it serves none (never published, or deleted)."""
+    if current is None:
+        raise NotFound(f"adapter {name!r} not found")
+    return current
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise InvalidName(
@@ -173,10 +180,7 @@ class AdapterStore:
         return sorted(found)
 
     def current(self, name: str) -> int:
-        current = self.current_or_none(name)
-        if current is None:
-            raise NotFound(f"adapter {name!r} not found")
-        return current
+        return served_version(name, self.current_or_none(name))
 
     def current_or_none(self, name: str) -> int | None:
         try:
