@@ -16,6 +16,7 @@ from tests.api_utils import ADMIN, running_app
 from tests.conftest import FIXTURE
 
 PYREFT_CHECKPOINT = FIXTURE / "adapters" / "lo_l2_f1l1"  # shared weights, positions f1+l1, hidden 192
+HIDDEN = 192  # the fixture model's hidden size
 
 
 @pytest.fixture
@@ -97,3 +98,12 @@ def test_admin_api_pulls_from_the_hub(hub, tmp_path):
         assert invalid.status_code == 400
         unpositioned = client.post("/v1/adapters/lo/hub", data={"repo": "someone/lo-reft"}, headers=ADMIN)
         assert unpositioned.status_code == 422 and "positions" in unpositioned.json()["error"]["message"]
+
+
+def test_admin_api_hub_pulls_obey_the_adapter_magnitude_bound(hub, tmp_path):
+    huge = random_adapter_file("loreft", (1,), 2, "f1+l1", HIDDEN, seed=5)
+    huge.tensors["layers.1.0.weight"].fill_(100.0)  # within the default bound, beyond the operator's
+    hub("someone/huge", {"adapter.safetensors": huge.to_bytes()})
+    with running_app(FIXTURE / "model", tmp_path / "store", adapter_max_abs=10) as client:
+        refused = client.post("/v1/adapters/huge/hub", data={"repo": "someone/huge"}, headers=ADMIN)
+    assert refused.status_code == 422 and "adapter_max_abs" in refused.json()["error"]["message"]

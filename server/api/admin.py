@@ -54,6 +54,15 @@ IfMatch = Annotated[
     str | None, Header(description='Change only if the current version is this ETag (e.g. "3"), or * if it exists')
 ]
 IfNoneMatch = Annotated[str | None, Header(description="* = publish only if the name does not exist yet")]
+# what a pyreft checkpoint does not record, as the two routes that import one take it
+Activation = Annotated[str, Form(max_length=MAX_NAME_CHARS, description="Activation of the learned source")]
+InterventionTypeField = Annotated[
+    str | None, Form(max_length=MAX_NAME_CHARS, description="Needed only without config.json")
+]
+Layers = Annotated[
+    str | None, Form(max_length=MAX_NAME_CHARS, description="Comma-separated, needed only without config.json")
+]
+Rank = Annotated[int | None, Form(ge=1, le=MAX_DIMENSION, description="Needed only without config.json")]
 
 
 def _name(name: str) -> str:
@@ -65,6 +74,14 @@ def _name(name: str) -> str:
 
 def _rejected(error: AdapterError) -> APIError:
     return APIError(422, f"adapter rejected: {error}", param=error.field)
+
+
+def _layer_list(layers: str | None) -> list[int] | None:
+    """The `layers` form field ("8,16" or "8;16"), given only for checkpoints without config.json."""
+    try:
+        return [int(x) for x in layers.replace(";", ",").split(",") if x.strip()] if layers else None
+    except ValueError:
+        raise APIError(400, "layers: use comma-separated integers", param="layers") from None
 
 
 def _model_shape(state: AppState) -> ModelShape:
@@ -248,16 +265,10 @@ async def import_pyreft_adapter(
     share_weights: Annotated[bool, Form(description="Whether prefix and suffix shared one intervention")],
     state: State,
     response: Response,
-    activation: Annotated[
-        str, Form(max_length=MAX_NAME_CHARS, description="Activation of the learned source")
-    ] = "linear",
-    intervention_type: Annotated[
-        str | None, Form(max_length=MAX_NAME_CHARS, description="Needed only without config.json")
-    ] = None,
-    layers: Annotated[
-        str | None, Form(max_length=MAX_NAME_CHARS, description="Comma-separated, needed only without config.json")
-    ] = None,
-    rank: Annotated[int | None, Form(ge=1, le=MAX_DIMENSION, description="Needed only without config.json")] = None,
+    activation: Activation = "linear",
+    intervention_type: InterventionTypeField = None,
+    layers: Layers = None,
+    rank: Rank = None,
     if_match: IfMatch = None,
     if_none_match: IfNoneMatch = None,
 ):
@@ -265,10 +276,7 @@ async def import_pyreft_adapter(
     name = _name(name)
     condition = precondition(if_match, if_none_match)
     data = await _read_upload(archive, state.settings.max_upload_size, "archive")
-    try:
-        layer_list = [int(x) for x in layers.replace(";", ",").split(",") if x.strip()] if layers else None
-    except ValueError:
-        raise APIError(400, "layers: use comma-separated integers", param="layers") from None
+    layer_list = _layer_list(layers)
 
     shape = _model_shape(state)
 
@@ -299,15 +307,20 @@ async def import_pyreft_adapter(
 @router.post("/{name}/hub", response_model=PublishResponse, status_code=201, responses=PRECONDITION_RESPONSES)
 async def pull_from_hub(
     name: str,
-    repo: Annotated[str, Form(description="Hugging Face Hub repo id, optionally @revision (branch, tag, commit)")],
+    repo: Annotated[
+        str,
+        Form(max_length=MAX_NAME_CHARS, description="Hub repo id, optionally @revision (a branch, tag or commit)"),
+    ],
     state: State,
     response: Response,
-    positions: Annotated[str | None, Form(description="Positions it was trained with (pyreft checkpoints)")] = None,
+    positions: Annotated[
+        str | None, Form(max_length=MAX_NAME_CHARS, description="Positions it was trained with (pyreft checkpoints)")
+    ] = None,
     share_weights: Annotated[bool, Form(description="Prefix and suffix share one intervention (pyreft)")] = False,
-    activation: Annotated[str, Form(description="Activation of the learned source (pyreft)")] = "linear",
-    intervention_type: Annotated[str | None, Form(description="Needed only without config.json")] = None,
-    layers: Annotated[str | None, Form(description="Comma-separated, needed only without config.json")] = None,
-    rank: Annotated[int | None, Form(description="Needed only without config.json")] = None,
+    activation: Activation = "linear",
+    intervention_type: InterventionTypeField = None,
+    layers: Layers = None,
+    rank: Rank = None,
     allow_foreign: Annotated[
         bool, Form(description="Accept an adapter trained on another base model (fingerprint differs)")
     ] = False,
@@ -318,17 +331,14 @@ async def pull_from_hub(
     new version of `name`; the repo and its resolved commit are recorded in the provenance."""
     name = _name(name)
     condition = precondition(if_match, if_none_match)
-    try:
-        layer_list = [int(x) for x in layers.replace(";", ",").split(",") if x.strip()] if layers else None
-    except ValueError:
-        raise APIError(400, "layers: use comma-separated integers", param="layers") from None
+    layer_list = _layer_list(layers)
     options = PyreftOptions(positions, share_weights, activation, intervention_type, layer_list, rank)
     try:
         ref = HubRef.parse(repo)
     except InvalidHubRef as e:
         raise APIError(400, str(e), param="repo") from None
     try:
-        adapter = await asyncio.to_thread(pull, ref, options, state.model_name, ModelShape.of(state.model))
+        adapter = await asyncio.to_thread(pull, ref, options, state.model_name, _model_shape(state))
     except HubError as e:
         raise APIError(404, str(e), param="repo") from None
     except AdapterError as e:
