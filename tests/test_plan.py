@@ -4,6 +4,8 @@ Rows land in matmuls of other shapes than alone, so the last bit may differ (as 
 of another size); a wrong intervention or a missed row differs by O(1). Token-exactness of whole
 generations is the engine tests' job."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ D = 32
 def adapter(name, kind, layers, rank, positions, share=True, act="linear", seed=0, dtype=torch.float32):
     file = random_adapter_file(kind, layers, rank, positions, D, share_weights=share, seed=seed)
     if act != "linear":
-        file.config = type(file.config)(**{**file.config.__dict__, "activation": act})
+        file.config = dataclasses.replace(file.config, activation=act)
     return Adapter.from_file(file, name=name, dtype=dtype)
 
 
