@@ -56,12 +56,15 @@ from bench.common import (  # noqa: E402
 from bench.engine_overhead import run_engine, run_static  # noqa: E402
 from bench.load import LoadSpec, Planned, describe, plan, run_load, send  # noqa: E402
 from server.adapters.store import AdapterStore  # noqa: E402
-from server.engine.core import EngineConfig, EngineCore  # noqa: E402
-from server.engine.sequence import SamplingParams, Sequence  # noqa: E402
+from server.engine.config import EngineConfig  # noqa: E402
+from server.engine.core import EngineCore  # noqa: E402
+from server.engine.sampling_params import SamplingParams  # noqa: E402
+from server.engine.sequence import Sequence  # noqa: E402
 from server.reft.adapter import Adapter  # noqa: E402
+from server.reft.batch_edit import batch_edit_kwargs  # noqa: E402
 from server.reft.hf_cache import cache_argument, returned_cache  # noqa: E402
-from server.reft.hf_hooks import apply_adapter, locations_for_prompts  # noqa: E402
 from server.reft.reference import reference_generate  # noqa: E402
+from server.reft.request_edit import request_edit  # noqa: E402
 from server.tiny_models import random_adapter_file  # noqa: E402
 from tests.server_process import ServerProcess  # noqa: E402
 
@@ -133,7 +136,8 @@ def lockstep(runs: dict[str, tuple[EngineCore, list[Request], list[Adapter]]]) -
         started = time.perf_counter()
         for index, r in enumerate(requests):
             sampling = SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True)
-            core.add(Sequence(str(index), r.prompt, sampling, adapters[r.adapter] if r.adapter is not None else None))
+            adapter = adapters[r.adapter] if r.adapter is not None else None
+            core.add(Sequence(str(index), r.prompt, sampling, request_edit(adapter, len(r.prompt))))
         elapsed[name] += time.perf_counter() - started
     while any(core.has_work() for core, _, _ in runs.values()):
         for name, (core, _, _) in runs.items():
@@ -161,9 +165,9 @@ def lockstep(runs: dict[str, tuple[EngineCore, list[Request], list[Adapter]]]) -
 def hf_generate(model, batch: list[Request], adapter: Adapter | None) -> torch.Tensor:
     """Greedy HF `generate` on one left-padded batch, up to its longest request's output length.
 
-    With an adapter, pyreft's semantics (intervene on the prompt only): the prompt forward runs with
-    the adapter's forward hooks (the reference's hooks) at its positions shifted by each row's padding,
-    which builds the KV cache; `generate` then decodes from that cache with no hooks installed.
+    With an adapter, pyreft's semantics (intervene on the prompt only): the prompt forward edits
+    the adapter's positions shifted by each row's padding (as the reference does), which builds the KV
+    cache; `generate` then decodes from that cache unedited.
     """
     device = next(model.parameters()).device
     input_ids, attention_mask = (t.to(device) for t in left_padded(batch))
@@ -178,14 +182,14 @@ def hf_generate(model, batch: list[Request], adapter: Adapter | None) -> torch.T
         [[p + width - len(r.prompt) for p in positions] for positions in adapter.positions(len(r.prompt))]
         for r in batch
     ]
-    with apply_adapter(model, adapter.layers, locations_for_prompts(shifted, device=device)):
-        prompt = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
-            use_cache=True,
-            logits_to_keep=1,
-        )
+    prompt = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+        **batch_edit_kwargs(model, adapter.layers, shifted, width),
+    )
     first = prompt.logits[:, -1].argmax(-1, keepdim=True)
     return model.generate(
         input_ids=torch.cat([input_ids, first], 1),

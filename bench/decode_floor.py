@@ -13,8 +13,10 @@ import statistics
 from dataclasses import replace
 
 from bench.device_timing import timed
-from server.engine.core import EngineConfig, EngineCore
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.config import EngineConfig
+from server.engine.core import EngineCore
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import Sequence
 
 PREFILL_SLACK = 64  # tokens the first sequences may decode while the last ones are still prefilling
 

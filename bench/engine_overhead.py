@@ -32,8 +32,11 @@ from bench.common import (  # noqa: E402
     workload,
 )
 from bench.load import percentile  # noqa: E402
-from server.engine.core import EngineConfig, EngineCore  # noqa: E402
-from server.engine.sequence import SamplingParams, Sequence  # noqa: E402
+from server.engine.config import EngineConfig  # noqa: E402
+from server.engine.core import EngineCore  # noqa: E402
+from server.engine.sampling_params import SamplingParams  # noqa: E402
+from server.engine.sequence import Sequence  # noqa: E402
+from server.reft.request_edit import request_edit  # noqa: E402
 
 
 def summary(generated: int, elapsed: float, ttft: list[float]) -> dict:
@@ -59,7 +62,7 @@ def run_engine(core: EngineCore, requests: list[Request], adapters, realtime: bo
             index, request = pending.pop(0)
             sampling = SamplingParams(max_new_tokens=request.max_new_tokens, ignore_eos=True)
             adapter = adapters[request.adapter] if request.adapter is not None else None
-            core.add(Sequence(str(index), request.prompt, sampling, adapter))
+            core.add(Sequence(str(index), request.prompt, sampling, request_edit(adapter, len(request.prompt))))
         if not core.has_work():
             time.sleep(max(0.0, pending[0][1].arrival - now))
             continue

@@ -18,10 +18,13 @@ from transformers import AutoModelForCausalLM
 from server.adapters.format import ModelShape
 from server.adapters.pyreft import import_pyreft
 from server.engine.attention import ATTENTION_NAME
-from server.engine.core import EngineConfig, EngineCore
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.config import EngineConfig
+from server.engine.core import EngineCore
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import Sequence
 from server.reft.adapter import Adapter
 from server.reft.reference import reference_generate
+from server.reft.request_edit import request_edit
 
 
 def load_fixture_adapter(fixture: Path, name: str, shape: ModelShape, dtype: torch.dtype, device) -> Adapter:
@@ -40,7 +43,8 @@ def engine_tokens(model, prompts: dict[str, tuple[list[int], Adapter | None]], m
     fixture's requests many times over, so they all run together)."""
     core = EngineCore(model, EngineConfig(max_num_seqs=len(prompts), max_batched_tokens=1024), eos_token_ids=set())
     for request_id, (prompt, adapter) in prompts.items():
-        core.add(Sequence(request_id, list(prompt), SamplingParams(max_new_tokens=max_new_tokens), adapter))
+        sampling = SamplingParams(max_new_tokens=max_new_tokens)
+        core.add(Sequence(request_id, list(prompt), sampling, request_edit(adapter, len(prompt))))
     tokens: dict[str, list[int]] = {request_id: [] for request_id in prompts}
     while core.has_work():
         for output in core.step():

@@ -41,7 +41,7 @@ from bench.device_timing import GIB, copy_bandwidth, peak_memory_gib, release_me
 from bench.fixture_parity import fixture_parity  # noqa: E402
 from bench.serving_peers import continuous_batching_config, run_continuous, run_engine, run_static  # noqa: E402
 from server.engine.attention import ATTENTION_NAME  # noqa: E402
-from server.engine.core import EngineConfig  # noqa: E402
+from server.engine.config import EngineConfig  # noqa: E402
 from server.tiny_models import VOCAB_SIZE  # noqa: E402
 
 PARTS = ("engine", "decode", "hf-static", "hf-cb", "parity")

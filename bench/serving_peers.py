@@ -15,8 +15,11 @@ from transformers import GenerationConfig
 
 from bench.common import Request, left_padded
 from bench.device_timing import timed
-from server.engine.core import EngineConfig, EngineCore
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.config import EngineConfig
+from server.engine.core import EngineCore
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import Sequence
+from server.reft.request_edit import request_edit
 
 CB_LOGGER = "ContinuousBatchingLogger"  # transformers' continuous batching logs here, not under transformers.*
 
@@ -33,7 +36,7 @@ def run_engine(model, requests: list[Request], adapters, config: EngineConfig) -
     for index, request in enumerate(requests):
         adapter = adapters[request.adapter] if request.adapter is not None else None
         sampling = SamplingParams(max_new_tokens=request.max_new_tokens, ignore_eos=True)
-        core.add(Sequence(f"r{index}", list(request.prompt), sampling, adapter))
+        core.add(Sequence(f"r{index}", list(request.prompt), sampling, request_edit(adapter, len(request.prompt))))
     generated = 0
     device = next(model.parameters()).device
     with timed(device) as elapsed:

@@ -29,7 +29,8 @@ from server.config import Settings  # noqa: E402
 from server.distributed.adapter_mirror import AdapterSender  # noqa: E402
 from server.distributed.launch import spawn_group  # noqa: E402
 from server.distributed.runner import TensorParallelDriver  # noqa: E402
-from server.engine.core import EngineConfig, EngineCore  # noqa: E402
+from server.engine.config import EngineConfig  # noqa: E402
+from server.engine.core import EngineCore  # noqa: E402
 from server.model_loader import load_model  # noqa: E402
 
 

@@ -29,8 +29,8 @@ from server.distributed.adapter_mirror import AdapterSender
 from server.distributed.group import TensorParallelGroup
 from server.distributed.launch import rank_device
 from server.distributed.runner import TensorParallelDriver
-from server.engine.core import EngineConfig, EngineCore, model_eos_ids
-from server.engine.engine import AsyncEngine
+from server.engine.async_engine import AsyncEngine
+from server.engine.core import EngineCore, model_eos_ids
 from server.engine.model_runner import ModelRunner
 from server.metrics import Metrics
 from server.model_loader import load_model, resolve_device, resolve_dtype
@@ -76,16 +76,7 @@ def build_state(
         model_name=model_name,
         vllm_compatible=settings.vllm_compatible_metrics,
     )
-    engine_config = EngineConfig(
-        block_size=settings.block_size,
-        kv_cache_bytes=None if settings.kv_cache_memory == "auto" else int(settings.kv_cache_memory),
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        max_num_seqs=settings.max_num_seqs,
-        max_batched_tokens=settings.max_batched_tokens,
-        max_model_len=settings.max_model_len,
-        prefix_caching=settings.prefix_caching,
-    )
-    core = EngineCore(model, engine_config, model_eos_ids(model, tokenizer), make_runner)
+    core = EngineCore(model, settings.engine_config(), model_eos_ids(model, tokenizer), make_runner)
     engine = AsyncEngine(core, tokenizer, max_queue=settings.max_queue, metrics=metrics)
     store = open_store(settings.store)
     parameter = next(model.parameters())

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import ByteSize, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.engine.config import EngineConfig
 from server.plugins import split_plugins
 
 DEFAULT_DEMO_DIR = Path.home() / ".cache" / "reft-server" / "demo"
@@ -116,3 +117,15 @@ class Settings(BaseSettings):
     vllm_compatible_metrics: bool = Field(
         True, description="Also export the load metrics under vLLM's names (vllm:num_requests_waiting, ...)"
     )
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's part of these settings."""
+        return EngineConfig(
+            block_size=self.block_size,
+            kv_cache_bytes=None if self.kv_cache_memory == "auto" else int(self.kv_cache_memory),
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_num_seqs=self.max_num_seqs,
+            max_batched_tokens=self.max_batched_tokens,
+            max_model_len=self.max_model_len,
+            prefix_caching=self.prefix_caching,
+        )

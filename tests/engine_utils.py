@@ -8,10 +8,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from server.engine.attention import ATTENTION_NAME
-from server.engine.core import EngineConfig, EngineCore
+from server.engine.config import EngineConfig
+from server.engine.core import EngineCore
 from server.engine.model_runner import ModelRunner
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import Sequence
 from server.reft.adapter import Adapter
+from server.reft.request_edit import request_edit
 from server.tiny_models import random_adapter_file
 
 
@@ -55,4 +58,5 @@ def prompt(length: int, seed: int) -> list[int]:
 
 
 def seq(request_id: str, prompt: list[int], adapter: Adapter | None = None, **sampling) -> Sequence:
-    return Sequence(request_id, list(prompt), SamplingParams(**{"max_new_tokens": 10, **sampling}), adapter)
+    edit = request_edit(adapter, len(prompt))
+    return Sequence(request_id, list(prompt), SamplingParams(**{"max_new_tokens": 10, **sampling}), edit)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from server.engine.sampler import Sampler, filter_logits
-from server.engine.sequence import FinishReason, SamplingParams, Sequence
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import FinishReason, Sequence
 from server.reft.adapter import Adapter
 from server.reft.interventions import Intervention
 from server.tiny_models import random_adapter_file
@@ -39,7 +40,7 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_mixed_batch(model):
     mixed = run_core(core, requests)
     for request, _ in requests:
         if request.request_id.startswith("s"):
-            fresh = Sequence(request.request_id, request.prompt_ids, request.sampling, request.adapter)
+            fresh = Sequence(request.request_id, request.prompt_ids, request.sampling, request.edit)
             core.kv.reset_prefix_cache()  # computed alone, not from the mixed run's blocks
             alone = run_core(core, [(fresh, 0)])
             assert mixed[request.request_id] == alone[request.request_id]

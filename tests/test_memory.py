@@ -3,7 +3,8 @@ that measures the activation peak on a GPU (run here on the CPU, where it must w
 
 import pytest
 
-from server.engine.core import EngineConfig, EngineCore
+from server.engine.config import EngineConfig
+from server.engine.core import EngineCore
 from server.engine.kv_cache import KVLayout
 from server.engine.memory import CPU_DEFAULT_BYTES, budget_from_measurements
 from tests.engine_utils import load_engine_model

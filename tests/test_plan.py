@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from server.reft.adapter import Adapter
-from server.reft.plan import Chunk, build_plan
+from server.reft.plan import build_plan
+from server.reft.request_edit import request_edit
 from server.tiny_models import random_adapter_file
 
 D = 32
@@ -24,11 +25,13 @@ def adapter(name, kind, layers, rank, positions, share=True, act="linear", seed=
 
 
 def chunks_for(requests):
-    """(adapter, prompt length, chunk start, chunk length) -> packed chunks, one after another."""
+    """(adapter, prompt length, chunk start, chunk length) -> the edited rows of chunks packed one
+    after another (chunks that edit nothing have none), and the number of rows."""
     chunks, row = [], 0
     for i, (a, prompt_len, start, length) in enumerate(requests):
-        positions = a.positions(prompt_len) if a is not None else []
-        chunks.append(Chunk(f"r{i}", a, positions, row, start, length))
+        edit = request_edit(a, prompt_len)
+        if edit is not None and (edited := edit.rows(f"r{i}", row, start, length)) is not None:
+            chunks.append(edited)
         row += length
     return chunks, row
 
@@ -37,10 +40,9 @@ def edited_alone(hidden, chunks, layer):
     """What each chunk's own interventions do to its rows, one intervention at a time."""
     out = hidden.clone()
     for chunk in chunks:
-        if chunk.adapter is None or layer not in chunk.adapter.layers:
+        if layer not in chunk.adapter.layers:
             continue
-        for index, positions in enumerate(chunk.positions):
-            rows = [chunk.row + p - chunk.start for p in positions if chunk.start <= p < chunk.start + chunk.length]
+        for index, rows in enumerate(chunk.rows):
             if rows:
                 index_tensor = torch.tensor(rows)
                 out[index_tensor] = chunk.adapter.layers[layer][index](out[index_tensor])
@@ -99,4 +101,4 @@ def test_non_finite_rows_are_reported_against_their_owner_only():
     hidden = torch.randn(rows, D)
     hidden[13, 5] = float("inf")
     plan.check_finite(hidden)
-    assert list(plan.non_finite_owners()) == ["r1"]
+    assert list(plan.failed_owners()) == ["r1"]

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, SetCurrentRequest
-from server.engine.sequence import SamplingParams
+from server.engine.sampling_params import SamplingParams
 
 REQUESTS = [GenerateRequest, CompletionRequest, ChatCompletionRequest, SetCurrentRequest]
 INT64_MAX = 2**63 - 1

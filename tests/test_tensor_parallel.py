@@ -20,7 +20,7 @@ from server.engine.kv_cache import KVLayout
 from server.engine.model_runner import StepBatch
 from server.model_loader import check_tensor_parallel
 from server.reft.adapter import Adapter
-from server.reft.plan import Chunk
+from server.reft.request_edit import RequestEdit
 from server.reft.reference import reference_generate
 from server.tiny_models import random_adapter_file, tiny_config
 from tests.api_utils import ADMIN, ADMIN_TOKEN
@@ -141,7 +141,7 @@ def test_torchrun_world_size_must_match_the_flag(monkeypatch):
 
 
 def edit_batch(adapters: list[Adapter]) -> StepBatch:
-    edits = [Chunk(f"seq{i}", adapter, adapter.positions(4), 4 * i, 0, 4) for i, adapter in enumerate(adapters)]
+    edits = [RequestEdit.for_prompt(a, 4).rows(f"seq{i}", 4 * i, 0, 4) for i, a in enumerate(adapters)]
     rows = 4 * len(adapters)
     return StepBatch(list(range(rows)), list(range(rows)), list(range(rows)), [], edits, [rows - 1], [])
 

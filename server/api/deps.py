@@ -13,7 +13,7 @@ from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.api.errors import APIError
 from server.config import Settings
-from server.engine.engine import AsyncEngine
+from server.engine.async_engine import AsyncEngine
 from server.metrics import Metrics
 
 CHARS_PER_CONTEXT_TOKEN = 16
@@ -46,7 +46,7 @@ class AppState:
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.core.max_model_len
+        return self.engine.max_model_len
 
     @property
     def max_prompt_chars(self) -> int:

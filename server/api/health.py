@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from server.adapters.fingerprint import FINGERPRINT_STATUSES
 from server.api.deps import State
 from server.api.errors import error_response
-from server.engine.engine import AsyncEngine
+from server.engine.async_engine import AsyncEngine
 
 router = APIRouter(tags=["operations"])
 STALE_ENGINE_SECONDS = 60.0  # a step longer than this means the engine is stuck
@@ -25,7 +25,7 @@ def engine_stuck(engine: AsyncEngine, draining: bool) -> str | None:
     """Why the engine cannot make progress, or None. A stopped engine is expected while draining."""
     if not engine.alive and not draining:
         return "the engine thread has stopped"
-    if engine.core.has_work() and time.monotonic() - engine.last_heartbeat > STALE_ENGINE_SECONDS:
+    if engine.busy and time.monotonic() - engine.last_heartbeat > STALE_ENGINE_SECONDS:
         return f"the engine has work but has not stepped for over {STALE_ENGINE_SECONDS:g} s"
     return None
 
@@ -50,14 +50,14 @@ async def ready(state: State):
         problems.append("engine not running")
     elif time.monotonic() - engine.last_heartbeat > STALE_ENGINE_SECONDS:
         problems.append("engine has not stepped for over a minute")
-    if (runner_problem := engine.core.runner.problem()) is not None:
-        problems.append(runner_problem)
+    if (engine_problem := engine.problem()) is not None:
+        problems.append(engine_problem)
     body = {
         "status": "ready" if not problems else "not ready",
         "model": state.model_name,
         "problems": problems,
         "requests_in_flight": engine.num_in_flight,
-        "kv_cache_usage": round(engine.core.kv.usage(), 4),
+        "kv_cache_usage": round(engine.load().kv_usage, 4),
         "adapters": _adapter_counts(state),
     }
     return JSONResponse(body, status_code=200 if not problems else 503)

@@ -18,7 +18,7 @@ from server.api.deps import AppState, State, require_api_key
 from server.api.errors import APIError, error_body
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
 from server.api.service import Running, collect, start, stream_outputs, tokenize, tokenize_chat
-from server.engine.engine import RequestOutput
+from server.engine.async_engine import RequestOutput
 from server.engine.sampler import Sample
 from server.engine.sequence import FinishReason
 

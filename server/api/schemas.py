@@ -9,7 +9,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.engine.sequence import MAX_LOGPROBS, MAX_NEW_TOKENS, MAX_SEED, MAX_TOKEN_ID, MAX_TOP_K, SamplingParams
+from server.engine.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_NEW_TOKENS,
+    MAX_SEED,
+    MAX_TOKEN_ID,
+    MAX_TOP_K,
+    SamplingParams,
+)
 
 MAX_STOP_STRINGS = 16
 MAX_NAME_CHARS = 256  # model ids, adapter refs, user ids

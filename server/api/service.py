@@ -16,8 +16,8 @@ from server.adapters.registry import AdapterIncompatible, AdapterNotFound, Lease
 from server.adapters.store import InvalidName
 from server.api.deps import AppState
 from server.api.errors import APIError
-from server.engine.engine import EngineOverloaded, EngineStopped, GenerationRequest, RequestOutput, RequestStream
-from server.engine.sequence import SamplingParams
+from server.engine.async_engine import EngineOverloaded, EngineStopped, GenerationRequest, RequestOutput, RequestStream
+from server.engine.sampling_params import SamplingParams
 from server.metrics import BASE_LABEL
 from server.tokenization import ChatTemplateMissing, encode_chat, encode_prompt
 

@@ -12,26 +12,16 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from server.engine.config import EngineConfig
 from server.engine.kv_cache import KVCache, KVLayout
 from server.engine.memory import auto_kv_budget
 from server.engine.model_runner import ModelRunner, StepResult
 from server.engine.sampler import Sample, Sampler
-from server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
-from server.engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import ScheduledChunk, Scheduler
+from server.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    block_size: int = 16
-    kv_cache_bytes: int | None = None  # the KV pool's memory budget; None = sized from the device (memory.py)
-    gpu_memory_utilization: float = 0.9  # share of the GPU's memory the server may use, with kv_cache_bytes None
-    num_blocks: int | None = None  # overrides kv_cache_bytes when set
-    max_num_seqs: int = 64
-    max_batched_tokens: int = 512  # per step; prefills are chunked to fit
-    max_model_len: int | None = None  # prompt + output; default: the model's context window
-    prefix_caching: bool = True  # reuse the K/V of identical (tokens, adapter edits) prefixes
 
 
 @dataclass
@@ -45,6 +35,22 @@ class SeqOutput:
     error: str | None = None
     num_prompt: int = 0
     num_generated: int = 0
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """The core's counters for gauges and probes: totals since start where named so."""
+
+    waiting: int
+    running: int
+    kv_usage: float  # share of the KV pool's blocks in use
+    kv_blocks: int
+    block_size: int
+    running_adapters: list[str]  # each adapter name once, sorted; base requests have none
+    waiting_adapters: list[str]
+    preemptions: int  # total
+    prefix_queries: int  # total blocks looked up in the prefix cache
+    prefix_hits: int  # total
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ class EngineCore:
                 layout, budget, config.block_size, device, prefix_caching=config.prefix_caching
             )
         self.max_model_len = self._context_window(model, config)
-        self.scheduler = Scheduler(self.kv, SchedulerConfig(config.max_num_seqs, config.max_batched_tokens))
+        self.scheduler = Scheduler(self.kv, config)
         self.runner = make_runner(model, self.kv)
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
@@ -133,6 +139,33 @@ class EngineCore:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.scheduler.config.max_num_seqs
+
+    def idle(self) -> None:
+        """The engine thread has nothing to run (a tensor-parallel driver pings its group)."""
+        self.runner.idle()
+
+    def problem(self) -> str | None:
+        """Why the core cannot serve (a lost tensor-parallel peer), for the readiness probe."""
+        return self.runner.problem()
+
+    def load(self) -> EngineLoad:
+        scheduler, kv = self.scheduler, self.kv
+        return EngineLoad(
+            waiting=len(scheduler.waiting),
+            running=len(scheduler.running),
+            kv_usage=kv.usage(),
+            kv_blocks=kv.num_blocks,
+            block_size=kv.block_size,
+            running_adapters=_adapter_names(scheduler.running),
+            waiting_adapters=_adapter_names(scheduler.waiting),
+            preemptions=scheduler.num_preemptions,
+            prefix_queries=kv.prefix_queries,
+            prefix_hits=kv.prefix_hits,
+        )
 
     def abort(self, request_id: str) -> SeqOutput | None:
         seq = self.sequences.get(request_id)
@@ -207,6 +240,11 @@ class EngineCore:
     @staticmethod
     def _output(seq: Sequence, new_tokens: list[int] | None = None, samples: list[Sample] | None = None) -> SeqOutput:
         return SeqOutput(seq.request_id, new_tokens or [], samples or [], None, None, seq.num_prompt, seq.num_generated)
+
+
+def _adapter_names(sequences) -> list[str]:
+    """Each adapter name once, sorted so that the same set always reads the same."""
+    return sorted({seq.edit.name for seq in sequences if seq.edit is not None})
 
 
 def model_eos_ids(model: nn.Module, tokenizer) -> set[int]:

@@ -1,5 +1,7 @@
 """Runs one engine step: packs the scheduled chunks into one row, runs the frozen model once with
-the step's attention metadata and intervention plan, and returns the logits of the rows that sample.
+the step's attention metadata and ReFT's plan for the step, and returns the logits of the rows that
+sample. Which rows a request's chunk edits is its ReFT edit's business (`seq.edit.rows`); the runner
+only collects them and hands them to ReFT's planner.
 
 Packing (`pack`, the scheduler's view) and the forward pass (`forward`, plain data in) are apart so
 that every rank of a tensor-parallel group runs the same `forward` on what rank 0 packed.
@@ -16,8 +18,8 @@ from server.engine.attention import STEP_KWARG, Span, StepAttention
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import ScheduledChunk
 from server.engine.sequence import Sequence
-from server.reft.hooks import PLAN_KWARG, install_plan_hooks
-from server.reft.plan import Chunk, InterventionPlan, build_plan
+from server.reft.hooks import install_plan_hooks, plan_kwargs
+from server.reft.plan import EditedRows, InterventionPlan, build_plan
 
 
 @dataclass
@@ -39,7 +41,7 @@ class StepBatch:
     positions: list[int]
     slots: list[int]
     spans: list[Span]
-    edits: list[Chunk]  # prefill chunks of requests with adapters
+    edits: list[EditedRows]  # the rows each request's edit touches in this step
     keep: list[int]  # rows whose logits are computed
     new_blocks: list[int]  # KV blocks handed out since the last step: cleared before the forward
 
@@ -61,7 +63,7 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk]) -> StepResult:
         batch, sampling = self.pack(chunks)
         logits, plan = self.forward(batch)
-        failures = {**plan.non_finite_owners(), **plan.failures} if plan is not None else {}
+        failures = plan.failed_owners() if plan is not None else {}
         return StepResult(sampling, logits if sampling else None, failures)
 
     def pack(self, chunks: list[ScheduledChunk]) -> tuple[StepBatch, list[ScheduledChunk]]:
@@ -75,8 +77,8 @@ class ModelRunner:
             batch.positions.extend(range(chunk.start, chunk.start + chunk.length))
             batch.slots.extend(slots_for(seq.block_table, chunk.start, chunk.length, self.kv.block_size))
             batch.spans.append(Span(row, chunk.length, chunk.start, seq.block_table))
-            if seq.adapter is not None and chunk.start < seq.num_prompt:
-                batch.edits.append(Chunk(seq, seq.adapter, seq.positions, row, chunk.start, chunk.length))
+            if seq.edit is not None and (edited := seq.edit.rows(seq, row, chunk.start, chunk.length)):
+                batch.edits.append(edited)
             if chunk.completes:
                 batch.keep.append(row + chunk.length - 1)
                 sampling.append(chunk)
@@ -89,15 +91,14 @@ class ModelRunner:
         """Run the model once: logits [len(batch.keep), vocab] and the step's intervention plan."""
         self.kv.zero_blocks(batch.new_blocks)  # first: pack took them off the allocator, so nothing may skip this
         slot_mapping = torch.tensor(batch.slots, dtype=torch.long, device=self.device)
-        kwargs = {STEP_KWARG: StepAttention.build(self.kv, batch.spans, slot_mapping)}
+        attention = StepAttention.build(self.kv, batch.spans, slot_mapping)
         plan = build_plan(batch.edits, self.device)
-        if plan is not None:
-            kwargs[PLAN_KWARG] = plan
         out = self.model(
             input_ids=torch.tensor([batch.token_ids], device=self.device),
             position_ids=torch.tensor([batch.positions], device=self.device),
             logits_to_keep=torch.tensor(batch.keep, device=self.device),
             use_cache=False,
-            **kwargs,
+            **{STEP_KWARG: attention},
+            **plan_kwargs(plan),
         )
         return out.logits[0], plan

@@ -15,6 +15,7 @@ from bisect import insort
 from collections import deque
 from dataclasses import dataclass
 
+from server.engine.config import EngineConfig
 from server.engine.kv_cache import KVCache
 from server.engine.sequence import Sequence, SequenceStatus
 
@@ -35,15 +36,8 @@ class ScheduledChunk:
         return self.start + self.length == len(self.seq.token_ids)
 
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_batched_tokens: int = 512
-    watermark_blocks: int = 1  # free blocks kept in reserve when admitting, so decodes rarely preempt
-
-
 class Scheduler:
-    def __init__(self, kv: KVCache, config: SchedulerConfig):
+    def __init__(self, kv: KVCache, config: EngineConfig):
         if config.max_batched_tokens < config.max_num_seqs:
             raise ValueError("max_batched_tokens must be >= max_num_seqs (every running sequence decodes each step)")
         self.kv = kv

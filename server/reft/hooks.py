@@ -43,3 +43,8 @@ def install_plan_hooks(model: nn.Module) -> list[RemovableHandle]:
         ]
         setattr(model, HANDLES_ATTRIBUTE, installed)
     return installed
+
+
+def plan_kwargs(plan: InterventionPlan | None) -> dict:
+    """The forward kwargs that hand `plan` to the hooks: none without a plan."""
+    return {PLAN_KWARG: plan} if plan is not None else {}

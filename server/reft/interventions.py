@@ -18,6 +18,7 @@ Parameters of one intervention (names used in the adapter file):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,8 +32,10 @@ Params = Mapping[str, Tensor]
 Activation = Callable[[Tensor], Tensor]
 
 
+@functools.cache
 def activation(name: str) -> Activation:
-    """pyreft's activation lookup: transformers' ACT2FN, "linear" (the default) is the identity."""
+    """pyreft's activation lookup: transformers' ACT2FN, "linear" (the default) is the identity. One
+    object per name (ACT2FN makes a new module each time): the step plan batches equal activations."""
     if name not in ACT2FN:
         raise ValueError(f"unknown activation {name!r}; known: {', '.join(sorted(ACT2FN))}")
     return ACT2FN[name]

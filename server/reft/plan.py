@@ -1,39 +1,46 @@
 """Per-step intervention plan: every adapter edit of a step as one batched call per layer and type.
 
-A step packs many sequences into one row of T tokens. The rows a sequence's prefill chunk must edit
-are collected per (adapter, intervention index): a *pair*. Per layer, the pairs whose interventions
-share a type, activation, rank and parameter names form one `EditBatch`: their rows are gathered
-into segments of equal length M ([S, M, d], padded; a long pair spans several segments), their
-parameters are stacked along S, and the type's formula runs once over all of them (the batched form
-in interventions.py, as Punica/S-LoRA do for LoRA). So a step with 64 adapters costs a handful of
-launches per layer, not 64 groups of them.
+A step packs many sequences into one row of T tokens. The rows each request's chunk must edit (its
+`EditedRows`, made by request_edit.py) are collected per (adapter, intervention index): a *pair*.
+Per layer, the pairs whose interventions share a type, activation and parameter shapes form one
+`EditBatch`: their rows are gathered into segments of equal length M ([S, M, d], padded; a long pair
+spans several segments), their parameters are stacked along S, and the type's formula runs once over
+all of them (the batched form in interventions.py, as Punica/S-LoRA do for LoRA). So a step with 64
+adapters costs a handful of launches per layer, not 64 groups of them. The trainer, the reference
+and the baselines run the same plan over a padded batch's rows (batch_edit.py).
 
 A failing batch is retried segment by segment, so an exception fails only the requests whose
 segment raised. Rows whose hidden states are not finite after the last layer fail their request
-(`non_finite_owners`): a poisoned adapter never gets to sample, and its K/V never reach anyone else.
+(`failed_owners`): a poisoned adapter never gets to sample, and its K/V never reach anyone else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from server.reft.adapter import Adapter
 from server.reft.interventions import Intervention, stack_params
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """Rows [row, row + length) of the step hold tokens [start, start + length) of one sequence."""
+class EditSource(Protocol):
+    """What edits a group of rows: an adapter, or a trainer's live interventions."""
 
-    owner: Hashable  # the sequence; failures are reported against it
-    adapter: Adapter | None
-    positions: list[list[int]]  # edited prompt positions per intervention index
-    row: int
-    start: int
+    layers: Mapping[int, Sequence[Intervention]]  # layer -> interventions by index (#0, #1)
+
+
+@dataclass(frozen=True)
+class EditedRows:
+    """The rows of one step that one request's chunk edits: rows[k] are edited by intervention #k of
+    every layer of `adapter`. The chunk itself is rows [first_row, first_row + length)."""
+
+    owner: Hashable  # the request; failures are reported against it
+    adapter: EditSource | None  # None only on the wire to a tensor-parallel follower
+    rows: tuple[tuple[int, ...], ...]
+    first_row: int
     length: int
 
 
@@ -41,17 +48,18 @@ class Chunk:
 class _Pair:
     """The rows of one step that one intervention index of one adapter edits."""
 
-    adapter: Adapter
+    adapter: EditSource
     index: int
     rows: list[int] = field(default_factory=list)
     owners: list[Hashable] = field(default_factory=list)
 
     def batch_key(self, layer: int) -> tuple:
-        """Pairs with equal keys run as one batch. The index leads: without shared weights and with a
-        one-sided spec, #0 and #1 edit the same rows, and #1 must see what #0 made of them."""
-        config = self.adapter.config
-        names = tuple(sorted(self.adapter.layers[layer][self.index].params))
-        return (self.index, config.type, config.activation, config.rank, names)
+        """Pairs with equal keys run as one batch: same type, activation and parameter shapes. The index
+        leads: without shared weights and with a one-sided spec, #0 and #1 edit the same rows, and #1
+        must see what #0 made of them."""
+        intervention = self.adapter.layers[layer][self.index]
+        params = tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(intervention.params.items()))
+        return (self.index, intervention.kind.name, intervention.act, params)
 
 
 @dataclass
@@ -106,34 +114,28 @@ class InterventionPlan:
         """Record which rows are finite after the model's last layer (no host sync here)."""
         self.finite_rows = torch.isfinite(hidden).all(dim=-1)
 
-    def non_finite_owners(self) -> dict[Hashable, str]:
-        if self.finite_rows is None:
-            return {}
-        finite = self.finite_rows.tolist()
-        return {
+    def failed_owners(self) -> dict[Hashable, str]:
+        """Owners whose edit raised, or left non-finite hidden states after the last layer, with why."""
+        finite = self.finite_rows.tolist() if self.finite_rows is not None else None
+        non_finite = {
             owner: "the adapter's edit made the hidden states non-finite (NaN or infinity)"
             for owner, row, length in self.owner_rows
-            if not all(finite[row : row + length])
+            if finite is not None and not all(finite[row : row + length])
         }
+        return {**non_finite, **self.failures}
 
 
-def _pairs(chunks: list[Chunk]) -> tuple[list[_Pair], list[tuple[Hashable, int, int]]]:
+def _pairs(pieces: list[EditedRows]) -> tuple[list[_Pair], list[tuple[Hashable, int, int]]]:
     pairs: dict[tuple[int, int], _Pair] = {}
     owner_rows = []
-    for chunk in chunks:
-        if chunk.adapter is None:
-            continue
-        end = chunk.start + chunk.length
-        edited = False
-        for index, positions in enumerate(chunk.positions):
-            hit = [chunk.row + p - chunk.start for p in positions if chunk.start <= p < end]
-            if hit:
-                pair = pairs.setdefault((id(chunk.adapter), index), _Pair(chunk.adapter, index))
-                pair.rows.extend(hit)
-                pair.owners.append(chunk.owner)
-                edited = True
-        if edited:
-            owner_rows.append((chunk.owner, chunk.row, chunk.length))
+    for piece in pieces:
+        for index, rows in enumerate(piece.rows):
+            if rows:
+                pair = pairs.setdefault((id(piece.adapter), index), _Pair(piece.adapter, index))
+                pair.rows.extend(rows)
+                pair.owners.append(piece.owner)
+        if any(piece.rows):
+            owner_rows.append((piece.owner, piece.first_row, piece.length))
     return list(pairs.values()), owner_rows
 
 
@@ -181,8 +183,9 @@ def _batch(layer: int, segments: _Segments) -> EditBatch:
     )
 
 
-def build_plan(chunks: list[Chunk], device: torch.device | str) -> InterventionPlan | None:
-    pairs, owner_rows = _pairs(chunks)
+def build_plan(pieces: list[EditedRows], device: torch.device | str) -> InterventionPlan | None:
+    """One step's plan: every piece's rows edited, batched per layer and type; None if nothing is edited."""
+    pairs, owner_rows = _pairs(pieces)
     if not pairs:
         return None
     by_layer: dict[int, dict[tuple, list[_Pair]]] = {}

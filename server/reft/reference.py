@@ -7,13 +7,11 @@ the unmodified model. This is exactly pyreft's generation semantics, with nothin
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 
 from server.reft.adapter import Adapter
+from server.reft.batch_edit import batch_edit_kwargs
 from server.reft.hf_cache import cache_argument, returned_cache
-from server.reft.hf_hooks import apply_adapter, locations_for_prompts
 
 
 @torch.no_grad()
@@ -27,12 +25,10 @@ def reference_generate(
 ) -> list[int]:
     """Greedy tokens after `prompt_ids` (BOS included, as served), at most `max_new_tokens`."""
     device = next(model.parameters()).device
-    hooks = nullcontext()
+    edit = {}
     if adapter is not None:
-        locations = locations_for_prompts([adapter.positions(len(prompt_ids))], device=device)
-        hooks = apply_adapter(model, adapter.layers, locations)
-    with hooks:
-        out = model(torch.tensor([prompt_ids], device=device), use_cache=True)
+        edit = batch_edit_kwargs(model, adapter.layers, [adapter.positions(len(prompt_ids))], len(prompt_ids))
+    out = model(torch.tensor([prompt_ids], device=device), use_cache=True, **edit)
     past, logits = returned_cache(out), out.logits[0, -1]
     carry = cache_argument(model)
     tokens: list[int] = []

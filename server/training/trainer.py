@@ -2,7 +2,7 @@
 
 Batches are right-padded prompt + completion sequences. The adapter edits each prompt at the
 positions the server edits at inference (`intervention_positions` for that prompt's length),
-through the same hooks the reference generator uses (`server.reft.hf_hooks.apply_adapter`). The
+through the same plan and hooks the engine and the reference use (`server.reft.batch_edit`). The
 loss is cross-entropy on completion tokens only. AdamW with a linear decay to zero (the defaults
 of the HF Trainer that pyreft trains with); the rotation is never weight-decayed.
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from server.adapters.fingerprint import model_fingerprint
 from server.adapters.format import AdapterConfig, AdapterFile, ModelShape, config_from_dict, validate
-from server.reft.hf_hooks import apply_adapter, locations_for_prompts
+from server.reft.batch_edit import batch_edit_kwargs
 from server.reft.interventions import INTERVENTION_TYPES, Intervention
 from server.reft.interventions import activation as activation_function
 from server.reft.positions import intervention_positions, parse_positions
@@ -209,8 +209,8 @@ def _batch_loss(
     # usually most of a sequence, and full-vocabulary logits are the largest activation there is.
     predicts = torch.zeros_like(labels, dtype=torch.bool)
     predicts[:, :-1] = labels[:, 1:] != IGNORE
-    with apply_adapter(model, interventions, locations_for_prompts(positions, device=device)):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=predicts)
+    edit = batch_edit_kwargs(model, interventions, positions, input_ids.shape[1])
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=predicts, **edit)
     return F.cross_entropy(out.logits.float(), labels[:, 1:][predicts[:, :-1]])
 
 

@@ -1,4 +1,4 @@
-"""The async facade the HTTP layer uses: `submit()` a request, iterate its stream of incremental
+"""The async front end the HTTP layer uses: `submit()` a request, iterate its stream of incremental
 outputs, `cancel()` it. The engine core steps in a thread of its own, so the event loop never waits
 on the model; outputs come back once per step through `call_soon_threadsafe`.
 
@@ -14,16 +14,18 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from server.engine.core import EngineCore, SeqOutput
+from server.engine.core import EngineCore, EngineLoad, SeqOutput
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.sampler import Sample
-from server.engine.sequence import FinishReason, SamplingParams, Sequence
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import FinishReason, Sequence
 from server.engine.stop_strings import StopStringMatcher
 from server.metrics import BASE_LABEL, Metrics
 from server.reft.adapter import Adapter
+from server.reft.request_edit import request_edit
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_SECONDS = 0.5
@@ -62,21 +64,39 @@ class RequestOutput:
 
 class RequestStream:
     """Async iterator over one request's outputs. Cancel it (or leave its `async for` early and call
-    `cancel()`) to free its KV blocks at the next step."""
+    `cancel()`) to free its KV blocks at the next step.
 
-    def __init__(self, engine: AsyncEngine, request: GenerationRequest):
-        self.engine = engine
+    The engine feeds it with `put`; it calls back `abort(request_id)` when a stop string ends the
+    request early or the consumer cancels, and `on_finished(stream, reason)` once, at its end."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        tokenizer,
+        *,
+        abort: Callable[[str], None],
+        on_finished: Callable[[RequestStream, FinishReason], None],
+        metrics: Metrics | None = None,
+    ):
         self.request = request
         self.request_id = request.request_id
+        self.label = request.adapter.name if request.adapter is not None else BASE_LABEL  # for metrics
+        self._abort = abort
+        self._on_finished = on_finished
+        self._metrics = metrics
         self._queue: asyncio.Queue[SeqOutput] = asyncio.Queue()
-        self._detokenizer = IncrementalDetokenizer(engine.tokenizer, request.prompt_ids)
+        self._detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_ids)
         self._stops = StopStringMatcher(request.sampling.stop)
-        self._generated = 0
-        self.finished = False
-        self._accounted = False  # removed from the engine's in-flight set and counted in metrics
+        self.num_generated = 0
+        self.finished = False  # the consumer has seen the last output
+        self._ended = False  # on_finished was called
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
+
+    def put(self, output: SeqOutput) -> None:
+        """On the event loop: one step's output for this request."""
+        self._queue.put_nowait(output)
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self
@@ -91,17 +111,17 @@ class RequestStream:
 
     def _process(self, raw: SeqOutput) -> RequestOutput:
         self._record_timing(len(raw.new_tokens))
-        self._generated = raw.num_generated or self._generated
+        self.num_generated = raw.num_generated or self.num_generated
         text = self._stops.feed(self._detokenizer.push(raw.new_tokens))
         reason = raw.finish_reason
         if self._stops.stopped and reason is None:
             reason = FinishReason.STOP
-            self.engine.cancel(self.request_id)
+            self._abort(self.request_id)
         if reason is not None:
             if not self._stops.stopped:
                 text += self._stops.feed(self._detokenizer.flush()) + self._stops.finish()
             self.finished = True
-            self.engine._finished(self, reason)
+            self._end(reason)
         return RequestOutput(
             self.request_id,
             text,
@@ -111,14 +131,14 @@ class RequestStream:
             finish_reason=reason,
             error=raw.error,
             prompt_tokens=len(self.request.prompt_ids),
-            completion_tokens=self._generated,
+            completion_tokens=self.num_generated,
         )
 
     def _record_timing(self, new_tokens: int) -> None:
         if not new_tokens:
             return
         now = time.monotonic()
-        metrics = self.engine.metrics
+        metrics = self._metrics
         if self.first_token_at is None:
             self.first_token_at = now
             if metrics:
@@ -129,11 +149,16 @@ class RequestStream:
 
     def cancel(self) -> None:
         """The consumer gives up: abort in the engine and end this stream with an ABORT output."""
-        if self.finished or self._accounted:
+        if self.finished or self._ended:
             return
-        self.engine.cancel(self.request_id)
-        self.engine._finished(self, FinishReason.ABORT)
-        self._queue.put_nowait(SeqOutput(self.request_id, finish_reason=FinishReason.ABORT))
+        self._abort(self.request_id)
+        self._end(FinishReason.ABORT)
+        self.put(SeqOutput(self.request_id, finish_reason=FinishReason.ABORT))
+
+    def _end(self, reason: FinishReason) -> None:
+        if not self._ended:
+            self._ended = True
+            self._on_finished(self, reason)
 
     async def collect(self) -> RequestOutput:
         """Run to completion; one RequestOutput holding the whole text, tokens and logprobs."""
@@ -163,7 +188,7 @@ class AsyncEngine:
         self.core = core
         self.tokenizer = tokenizer
         self.metrics = metrics
-        self.max_in_flight = core.scheduler.config.max_num_seqs + max_queue
+        self.max_in_flight = core.max_num_seqs + max_queue
         self._streams: dict[str, RequestStream] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -173,8 +198,7 @@ class AsyncEngine:
         self._accepting = False
         self.last_heartbeat = 0.0
         self.steps = 0
-        self._reported_preemptions = 0
-        self._reported_prefix_queries = self._reported_prefix_hits = 0
+        self._reported = core.load()  # counters already turned into metrics
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -211,6 +235,23 @@ class AsyncEngine:
     def num_in_flight(self) -> int:
         return len(self._streams)
 
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    @property
+    def busy(self) -> bool:
+        """Whether the core has requests to step (a heartbeat older than a step then means it is stuck)."""
+        return self.core.has_work()
+
+    def problem(self) -> str | None:
+        return self.core.problem()
+
+    def load(self) -> EngineLoad:
+        """The core's counters, read from the event loop: a step may be changing them, which is fine
+        for gauges and probes."""
+        return self.core.load()
+
     # -- requests --------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; raises EngineOverloaded when the bounded queue is full."""
@@ -219,9 +260,12 @@ class AsyncEngine:
         if len(self._streams) >= self.max_in_flight:
             raise EngineOverloaded(f"{len(self._streams)} requests in flight; the limit is {self.max_in_flight}")
         request.sampling.check()
-        stream = RequestStream(self, request)
+        stream = RequestStream(
+            request, self.tokenizer, abort=self.cancel, on_finished=self._stream_finished, metrics=self.metrics
+        )
         self._streams[request.request_id] = stream
-        seq = Sequence(request.request_id, list(request.prompt_ids), request.sampling, request.adapter)
+        edit = request_edit(request.adapter, len(request.prompt_ids))
+        seq = Sequence(request.request_id, list(request.prompt_ids), request.sampling, edit)
         self._inbox.put(("add", seq))
         self._wakeup.set()
         return stream
@@ -230,16 +274,12 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
         self._wakeup.set()
 
-    def _finished(self, stream: RequestStream, reason: FinishReason) -> None:
-        if stream._accounted:
-            return
-        stream._accounted = True
+    def _stream_finished(self, stream: RequestStream, reason: FinishReason) -> None:
         self._streams.pop(stream.request_id, None)
         if self.metrics:
-            adapter = stream.request.adapter.name if stream.request.adapter else BASE_LABEL
-            self.metrics.requests.labels(adapter, reason.value).inc()
-            self.metrics.prompt_tokens.labels(adapter).inc(len(stream.request.prompt_ids))
-            self.metrics.generation_tokens.labels(adapter).inc(stream._generated)
+            self.metrics.requests.labels(stream.label, reason.value).inc()
+            self.metrics.prompt_tokens.labels(stream.label).inc(len(stream.request.prompt_ids))
+            self.metrics.generation_tokens.labels(stream.label).inc(stream.num_generated)
             self.metrics.e2e.observe(time.monotonic() - stream.submitted_at)
 
     def _deliver(self, outputs: list[SeqOutput]) -> None:
@@ -247,7 +287,7 @@ class AsyncEngine:
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
-                stream._queue.put_nowait(output)
+                stream.put(output)
 
     # -- the engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -264,7 +304,7 @@ class AsyncEngine:
             elif outputs:  # the last requests were cancelled or refused: the load gauges must say so
                 self._observe_load()
             else:
-                self.core.runner.idle()
+                self.core.idle()
                 self._wakeup.wait(IDLE_WAIT_SECONDS)
             self.last_heartbeat = time.monotonic()
             if outputs:
@@ -287,35 +327,30 @@ class AsyncEngine:
                 if aborted is not None:
                     outputs.append(aborted)
 
-    def _observe_load(self) -> None:
+    def _observe_load(self) -> EngineLoad | None:
         if self.metrics is None:
-            return
-        core, m = self.core, self.metrics
-        m.observe_load(
-            waiting=len(core.scheduler.waiting),
-            running=len(core.scheduler.running),
-            kv_usage=core.kv.usage(),
-            kv_blocks=core.kv.num_blocks,
-            block_size=core.kv.block_size,
+            return None
+        load = self.core.load()
+        self.metrics.observe_load(
+            waiting=load.waiting,
+            running=load.running,
+            kv_usage=load.kv_usage,
+            kv_blocks=load.kv_blocks,
+            block_size=load.block_size,
         )
-        m.observe_adapters(_adapter_names(core.scheduler.running), _adapter_names(core.scheduler.waiting))
+        self.metrics.observe_adapters(load.running_adapters, load.waiting_adapters)
+        return load
 
     def _observe_step(self) -> None:
-        if self.metrics is None:
+        load = self._observe_load()
+        if load is None:
             return
-        self._observe_load()
-        core, m = self.core, self.metrics
-        m.preemptions.inc(core.scheduler.num_preemptions - self._reported_preemptions)
-        self._reported_preemptions = core.scheduler.num_preemptions
-        m.prefix_queries.inc(core.kv.prefix_queries - self._reported_prefix_queries)
-        m.prefix_hits.inc(core.kv.prefix_hits - self._reported_prefix_hits)
-        self._reported_prefix_queries, self._reported_prefix_hits = core.kv.prefix_queries, core.kv.prefix_hits
-        if core.last_step is not None:
-            m.step_tokens.observe(core.last_step.num_tokens)
-            m.step_requests.observe(core.last_step.num_seqs)
-            m.step_seconds.observe(core.last_step.seconds)
-
-
-def _adapter_names(sequences) -> list[str]:
-    """Each adapter name once, sorted so that the same set always reads the same; base requests have none."""
-    return sorted({seq.adapter.name for seq in sequences if seq.adapter is not None})
+        m, reported = self.metrics, self._reported
+        m.preemptions.inc(load.preemptions - reported.preemptions)
+        m.prefix_queries.inc(load.prefix_queries - reported.prefix_queries)
+        m.prefix_hits.inc(load.prefix_hits - reported.prefix_hits)
+        self._reported = load
+        if self.core.last_step is not None:
+            m.step_tokens.observe(self.core.last_step.num_tokens)
+            m.step_requests.observe(self.core.last_step.num_seqs)
+            m.step_seconds.observe(self.core.last_step.seconds)

@@ -1,0 +1,19 @@
+"""The engine's settings, in one place: the KV pool, the batch limits, prefix caching. The server's
+Settings make one (`Settings.engine_config`); the scheduler and the core read it as it is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_bytes: int | None = None  # the KV pool's memory budget; None = sized from the device (memory.py)
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory the server may use, with kv_cache_bytes None
+    num_blocks: int | None = None  # overrides kv_cache_bytes when set
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 512  # per step; prefills are chunked to fit
+    max_model_len: int | None = None  # prompt + output; default: the model's context window
+    prefix_caching: bool = True  # reuse the K/V of identical (tokens, adapter edits) prefixes
+    watermark_blocks: int = 1  # free blocks kept in reserve when admitting, so decodes rarely preempt

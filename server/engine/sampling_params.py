@@ -1,0 +1,50 @@
+"""What a request asks of sampling, with the bounds every front end checks against."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MAX_LOGPROBS = 20
+# Bounds well inside int64 (torch's index and seed type) and beyond any real vocabulary or context.
+MAX_TOP_K = 1 << 20
+MAX_NEW_TOKENS = 1 << 20
+MAX_TOKEN_ID = (1 << 31) - 1
+MAX_SEED = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings: matched on text by the front end
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; n >= 0 = chosen token's logprob plus the top n
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def check(self) -> None:
+        """Raise ValueError naming the first out-of-range parameter."""
+        checks = [
+            (1 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"max_new_tokens must be in [1, {MAX_NEW_TOKENS}]"),
+            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
+            (0 <= self.top_k <= MAX_TOP_K, f"top_k must be in [0, {MAX_TOP_K}] (0 disables it)"),
+            (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}]"),
+            (all(0 <= t <= MAX_TOKEN_ID for t in self.stop_token_ids), "stop_token_ids must be valid token ids"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]"),
+            (all(s for s in self.stop), "stop strings must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
