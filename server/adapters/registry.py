@@ -92,7 +92,7 @@ class Lease:
 
     def release(self) -> None:
         if self._resident is not None:
-            self._registry._release(self._resident)
+            self._registry.release_hold(self._resident)
             self._resident = None
 
 
@@ -278,7 +278,9 @@ class AdapterRegistry:
         return Adapter.from_file(adapter_file, name=name, version=version, dtype=self.dtype, device=self.device)
 
     # -- residency -------------------------------------------------------------------------------
-    def _release(self, resident: Resident) -> None:
+    def release_hold(self, resident: Resident) -> None:
+        """A lease ends (Lease.release calls this): drop the hold, then the adapter too if its name was
+        deleted meanwhile, or whatever the budget no longer fits."""
         resident.refs -= 1
         key = (resident.adapter.name, resident.adapter.version)
         if resident.refs == 0 and resident.retired and self._resident.get(key) is resident:
