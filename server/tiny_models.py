@@ -99,7 +99,7 @@ def random_adapter_file(
     for layer in layers:
         for index in range(config.interventions_per_layer):
             for spec in INTERVENTION_TYPES[kind].params:
-                shape = [{"d": hidden_size, "r": rank}[axis] for axis in spec.shape]
+                shape = spec.sizes({"d": hidden_size, "r": rank})
                 if spec.orthonormal:
                     tensor = torch.linalg.qr(torch.randn(*shape, generator=g))[0].contiguous()
                 else:

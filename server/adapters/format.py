@@ -291,7 +291,7 @@ def _check_tensors(adapter: AdapterFile, max_abs: float) -> None:
                         continue
                     raise AdapterError(f"tensors.{name}", "missing")
                 expected.add(name)
-                shape = tuple(dims[axis] for axis in spec.shape)
+                shape = spec.sizes(dims)
                 if tuple(tensor.shape) != shape:
                     raise AdapterError(
                         f"tensors.{name}",
