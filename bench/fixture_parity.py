@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from server.adapters.format import ModelShape
+from server.adapters.model_shape import ModelShape
 from server.adapters.pyreft import import_pyreft
 from server.engine.attention import ATTENTION_NAME
 from server.engine.core import EngineConfig, EngineCore

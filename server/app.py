@@ -14,7 +14,7 @@ import torch
 from fastapi import FastAPI
 
 from server.adapters.fingerprint import model_fingerprint
-from server.adapters.format import ModelShape
+from server.adapters.model_shape import ModelShape
 from server.adapters.registry import AdapterRegistry
 from server.adapters.stores import open_store
 from server.api import admin, generate, health, openai

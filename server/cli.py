@@ -160,7 +160,8 @@ def _say(message: str) -> None:
 # -- adapters ----------------------------------------------------------------------------------------
 def adapters_command(args: argparse.Namespace) -> int:
     from server.adapters.diff import diff_adapters
-    from server.adapters.format import AdapterError, AdapterFile
+    from server.adapters.errors import AdapterError
+    from server.adapters.format import AdapterFile
     from server.adapters.hub import HubError
     from server.adapters.precondition_args import PRECONDITION_EXIT_CODE, precondition_from_args
     from server.adapters.pyreft import import_pyreft
@@ -270,7 +271,8 @@ def _with_base_model(adapter, model_path: Path):
     from transformers import AutoModelForCausalLM
 
     from server.adapters.fingerprint import model_fingerprint
-    from server.adapters.format import ModelShape, validate
+    from server.adapters.model_shape import ModelShape
+    from server.adapters.validation import validate
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)  # bf16: half the memory, same hash
     validate(adapter, ModelShape.of(model))

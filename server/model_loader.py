@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DistributedConfig
 
+from server.adapters.dtypes import DTYPES
 from server.adapters.fingerprint import model_fingerprint
-from server.adapters.format import DTYPES
 from server.engine.attention import ATTENTION_NAME
 
 

@@ -13,7 +13,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from server.adapters.format import AdapterConfig, AdapterFile, tensor_name, validate
+from server.adapters.format import AdapterFile, tensor_name
+from server.adapters.validation import validate
+from server.reft.config import AdapterConfig
 from server.reft.interventions import INTERVENTION_TYPES
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"

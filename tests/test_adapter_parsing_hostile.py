@@ -16,8 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.adapters.archive import MAX_MEMBERS, ArchiveError, unpack_checkpoint
-from server.adapters.format import AdapterError, AdapterFile, ModelShape, config_from_dict, validate
+from server.adapters.config_json import config_from_dict
+from server.adapters.errors import AdapterError
+from server.adapters.format import AdapterFile
+from server.adapters.model_shape import ModelShape
 from server.adapters.pyreft import import_pyreft, orthogonal_from_householder
+from server.adapters.validation import validate
 from server.tiny_models import random_adapter_file
 from tests.conftest import FIXTURE
 

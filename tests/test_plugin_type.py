@@ -11,9 +11,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from server.adapters.format import AdapterError, validate
+from server.adapters.errors import AdapterError
 from server.adapters.pyreft import import_pyreft
 from server.adapters.store import AdapterStore
+from server.adapters.validation import validate
 from server.reft.adapter import Adapter
 from server.reft.interventions import INTERVENTION_TYPES
 from server.reft.reference import reference_generate

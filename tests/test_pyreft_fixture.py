@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from server.adapters.format import ModelShape
+from server.adapters.model_shape import ModelShape
 from server.adapters.pyreft import import_pyreft
 from server.reft.adapter import Adapter
 from server.reft.reference import reference_generate

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from server.adapters.format import ModelShape
+from server.adapters.model_shape import ModelShape
 from server.adapters.registry import AdapterNotFound, AdapterRegistry, parse_ref
 from server.adapters.store import AdapterStore, InvalidName
 from server.metrics import Metrics

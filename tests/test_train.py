@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from server.adapters.format import AdapterFile, ModelShape, tensor_name, validate
+from server.adapters.format import AdapterFile, tensor_name
+from server.adapters.model_shape import ModelShape
+from server.adapters.validation import validate
 from server.reft.interventions import INTERVENTION_TYPES
 from server.tokenization import encode_chat, encode_prompt
 from server.training.cli import add_train_arguments, parse_layers, run_train

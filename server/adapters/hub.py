@@ -14,8 +14,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.adapters.format import AdapterError, AdapterFile, ModelShape, validate
+from server.adapters.errors import AdapterError
+from server.adapters.format import AdapterFile
+from server.adapters.model_shape import ModelShape
 from server.adapters.pyreft import import_pyreft
+from server.adapters.validation import validate
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
 WANTED_FILES = ["intkey_*.bin", "config.json", "*.safetensors"]

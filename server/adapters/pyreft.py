@@ -19,7 +19,12 @@ from pathlib import Path
 
 import torch
 
-from server.adapters.format import DTYPES, AdapterConfig, AdapterError, AdapterFile, ModelShape, tensor_name, validate
+from server.adapters.dtypes import DTYPES
+from server.adapters.errors import AdapterError
+from server.adapters.format import AdapterFile, tensor_name
+from server.adapters.model_shape import ModelShape
+from server.adapters.validation import validate
+from server.reft.config import AdapterConfig
 from server.reft.interventions import INTERVENTION_TYPES, InterventionType, ParamSpec
 from server.reft.positions import interventions_per_layer
 

@@ -24,9 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from server.adapters.errors import AdapterError
 from server.adapters.fingerprint import FOREIGN, UNVERIFIED, fingerprint_status
-from server.adapters.format import AdapterError, AdapterFile, ModelShape, validate
+from server.adapters.format import AdapterFile
+from server.adapters.model_shape import ModelShape
 from server.adapters.store import MAX_VERSION, AdapterStore, NotFound, check_name
+from server.adapters.validation import validate
 from server.metrics import Metrics
 from server.reft.adapter import Adapter
 

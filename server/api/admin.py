@@ -19,20 +19,16 @@ from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 from safetensors.torch import load as load_safetensors
 
 from server.adapters.archive import ArchiveError, unpack_checkpoint
+from server.adapters.config_json import MAX_DIMENSION, config_from_dict, parse_json_object
+from server.adapters.errors import AdapterError
 from server.adapters.fingerprint import fingerprint_status
-from server.adapters.format import (
-    MAX_DIMENSION,
-    AdapterError,
-    AdapterFile,
-    ModelShape,
-    config_from_dict,
-    parse_json_object,
-    validate,
-)
+from server.adapters.format import AdapterFile
 from server.adapters.hub import HubError, HubRef, InvalidHubRef, PyreftOptions, pull
+from server.adapters.model_shape import ModelShape
 from server.adapters.pyreft import import_pyreft
 from server.adapters.registry import VersionFacts
 from server.adapters.store import InvalidName, NameInfo, NotFound, Precondition, PreconditionFailed, check_name
+from server.adapters.validation import validate
 from server.api.deps import AppState, State
 from server.api.errors import APIError
 from server.api.preconditions import PRECONDITION_RESPONSES, etag, failed, precondition

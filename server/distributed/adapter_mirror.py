@@ -21,9 +21,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from server.adapters.format import AdapterConfig, AdapterFile, tensor_name
+from server.adapters.format import AdapterFile, tensor_name
 from server.engine.model_runner import StepBatch
 from server.reft.adapter import Adapter
+from server.reft.config import AdapterConfig
 
 
 @dataclass

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from server.adapters.format import AdapterConfig, AdapterFile
+from server.adapters.format import AdapterFile
+from server.reft.config import AdapterConfig
 from server.reft.interventions import INTERVENTION_TYPES, Intervention, activation, cast_params
 from server.reft.positions import PositionSpec, intervention_positions
 

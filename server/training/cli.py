@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from server.adapters.format import DTYPES, ModelShape
+from server.adapters.dtypes import DTYPES
+from server.adapters.model_shape import ModelShape
 from server.adapters.precondition_args import (
     PRECONDITION_EXIT_CODE,
     add_precondition_arguments,
