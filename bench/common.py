@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from server.adapters.materialize import materialize
 from server.engine.attention import ATTENTION_NAME
-from server.reft.adapter import Adapter
 from server.tiny_models import VOCAB_SIZE, build_tiny_model, byte_level_tokenizer, random_adapter_file, tiny_config
 
 MAX_POSITIONS = 4096
@@ -154,7 +154,7 @@ def make_adapters(model, count: int, rank: int = 4, layers: tuple[int, ...] | No
     layers = layers or tuple(range(0, num_layers, 2))
     parameter = next(model.parameters())
     return [
-        Adapter.from_file(
+        materialize(
             random_adapter_file("loreft", layers, rank, positions, hidden, seed=i, scale=0.05),
             name=f"a{i}",
             version=1,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from server.adapters.materialize import materialize
 from server.adapters.model_shape import ModelShape
 from server.adapters.pyreft import import_pyreft
 from server.engine.attention import ATTENTION_NAME
@@ -32,7 +33,7 @@ def load_fixture_adapter(fixture: Path, name: str, shape: ModelShape, dtype: tor
     adapter_file = import_pyreft(
         directory, positions="+".join(s for s in sides if s), share_weights=recorded["share_weights"], model=shape
     )
-    return Adapter.from_file(adapter_file, name=name, version=1, dtype=dtype, device=device)
+    return materialize(adapter_file, name=name, version=1, dtype=dtype, device=device)
 
 
 def engine_tokens(model, prompts: dict[str, tuple[list[int], Adapter | None]], max_new_tokens: int) -> dict:

@@ -7,6 +7,7 @@ import random
 import torch
 from transformers import AutoModelForCausalLM
 
+from server.adapters.materialize import materialize
 from server.engine.attention import ATTENTION_NAME
 from server.engine.core import EngineConfig, EngineCore
 from server.engine.model_runner import ModelRunner
@@ -25,7 +26,7 @@ def make_core(model, eos=frozenset(), make_runner=ModelRunner, **config) -> Engi
 
 
 def random_adapter(name: str, *args, version: int = 1, **kwargs) -> Adapter:
-    return Adapter.from_file(random_adapter_file(*args, **kwargs), name=name, version=version)
+    return materialize(random_adapter_file(*args, **kwargs), name=name, version=version)
 
 
 def run_core(

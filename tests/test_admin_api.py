@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save
 
 from server.adapters.format import AdapterFile
-from server.reft.adapter import Adapter
+from server.adapters.materialize import materialize
 from server.reft.reference import reference_generate
 from server.tiny_models import random_adapter_file
 from server.tokenization import encode_prompt
@@ -41,7 +41,7 @@ def reference():
     tokenizer = AutoTokenizer.from_pretrained(FIXTURE / "model")
 
     def generate(prompt: str, data: bytes | None, max_new_tokens: int) -> list[int]:
-        adapter = Adapter.from_file(AdapterFile.from_bytes(data), name="ref") if data else None
+        adapter = materialize(AdapterFile.from_bytes(data), name="ref") if data else None
         return reference_generate(model, encode_prompt(tokenizer, prompt), adapter, max_new_tokens=max_new_tokens)
 
     return generate

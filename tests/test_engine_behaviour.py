@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from server.adapters.materialize import materialize
 from server.engine.sampler import Sampler, filter_logits
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
-from server.reft.adapter import Adapter
 from server.reft.interventions import Intervention
 from server.tiny_models import random_adapter_file
 from tests.engine_utils import load_engine_model, make_core, prompt, random_adapter, run_core, seq
@@ -193,7 +193,7 @@ def test_adapter_with_no_positions_on_a_one_token_prompt_equals_base(model):
 
 def test_adapter_dtype_follows_the_model(model):
     adapter_file = random_adapter_file("loreft", (0,), 4, "f1", model.config.hidden_size)
-    adapter = Adapter.from_file(adapter_file, name="bf", dtype=torch.bfloat16)
+    adapter = materialize(adapter_file, name="bf", dtype=torch.bfloat16)
     params = adapter.layers[0][0].params
     assert params["rotation"].dtype == torch.float32 and params["weight"].dtype == torch.bfloat16
 

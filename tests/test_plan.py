@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from server.reft.adapter import Adapter
+from server.adapters.materialize import materialize
 from server.reft.plan import Chunk, build_plan
 from server.tiny_models import random_adapter_file
 
@@ -20,7 +20,7 @@ def adapter(name, kind, layers, rank, positions, share=True, act="linear", seed=
     file = random_adapter_file(kind, layers, rank, positions, D, share_weights=share, seed=seed)
     if act != "linear":
         file.config = dataclasses.replace(file.config, activation=act)
-    return Adapter.from_file(file, name=name, dtype=dtype)
+    return materialize(file, name=name, dtype=dtype)
 
 
 def chunks_for(requests):

@@ -12,10 +12,10 @@ import torch
 from transformers import AutoTokenizer
 
 from server.adapters.errors import AdapterError
+from server.adapters.materialize import materialize
 from server.adapters.pyreft import import_pyreft
 from server.adapters.store import AdapterStore
 from server.adapters.validation import validate
-from server.reft.adapter import Adapter
 from server.reft.interventions import INTERVENTION_TYPES
 from server.reft.reference import reference_generate
 from server.tiny_models import random_adapter_file
@@ -114,8 +114,8 @@ def test_served_by_a_plugin_server_in_a_mixed_batch_token_for_token(trained, tin
     requests += [("plain", prompt(12 + 5 * i, 400 + i)) for i in range(2)]
     requests += [(None, prompt(15 + 3 * i, 500 + i)) for i in range(2)]
     adapters = {
-        "gated": Adapter.from_file(adapter_file, name="gated"),
-        "plain": Adapter.from_file(plain_file, name="plain"),
+        "gated": materialize(adapter_file, name="gated"),
+        "plain": materialize(plain_file, name="plain"),
         None: None,
     }
     with ServerProcess(tmp_path / "server.log", *args) as server:

@@ -269,7 +269,7 @@ def test_cli_publishes_to_the_store(tiny_model_dir, pairs_file, tmp_path, capsys
 @pytest.mark.parametrize("kind", ["loreft", "noreft"])
 def test_the_engine_serves_what_the_trainer_evaluates(llama, examples, tiny_model_dir, kind):
     """End to end: a trained adapter, loaded by the engine, gives the trainer's own evaluation tokens."""
-    from server.reft.adapter import Adapter
+    from server.adapters.materialize import materialize
     from tests.engine_utils import load_engine_model, make_core, run_core, seq
 
     model, tokenizer = llama
@@ -278,7 +278,7 @@ def test_the_engine_serves_what_the_trainer_evaluates(llama, examples, tiny_mode
     evaluated = greedy_completions(
         model, result.adapter, prompts, max_new_tokens=24, eos_token_id=tokenizer.eos_token_id
     )
-    served = Adapter.from_file(AdapterFile.from_bytes(result.adapter.to_bytes()), name=kind)
+    served = materialize(AdapterFile.from_bytes(result.adapter.to_bytes()), name=kind)
     core = make_core(load_engine_model(tiny_model_dir("llama")), eos={tokenizer.eos_token_id})
     tokens = run_core(core, [(seq(str(i), p, served, max_new_tokens=24), i) for i, p in enumerate(prompts)])
     assert [tokens[str(i)] for i in range(len(prompts))] == evaluated

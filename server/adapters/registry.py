@@ -27,6 +27,7 @@ import torch
 from server.adapters.errors import AdapterError
 from server.adapters.fingerprint import FOREIGN, UNVERIFIED, fingerprint_status
 from server.adapters.format import AdapterFile
+from server.adapters.materialize import materialize
 from server.adapters.model_shape import ModelShape
 from server.adapters.store import MAX_VERSION, AdapterStore, NotFound, check_name
 from server.adapters.validation import validate
@@ -278,7 +279,7 @@ class AdapterRegistry:
         foreign = self.foreign_error(adapter_file.config.base_model_fingerprint)
         if foreign:
             raise AdapterIncompatible(f"adapter {name}@{version} cannot be served: {foreign}")
-        return Adapter.from_file(adapter_file, name=name, version=version, dtype=self.dtype, device=self.device)
+        return materialize(adapter_file, name=name, version=version, dtype=self.dtype, device=self.device)
 
     # -- residency -------------------------------------------------------------------------------
     def release_hold(self, resident: Resident) -> None:
