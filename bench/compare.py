@@ -55,6 +55,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.engine_overhead import run_engine, run_static  # noqa: E402
 from bench.load import LoadSpec, Planned, describe, plan, run_load, send  # noqa: E402
+from server.adapters.random_adapters import random_adapter_file  # noqa: E402
 from server.adapters.store import AdapterStore  # noqa: E402
 from server.engine.core import EngineConfig, EngineCore  # noqa: E402
 from server.engine.sequence import SamplingParams, Sequence  # noqa: E402
@@ -62,7 +63,6 @@ from server.reft.adapter import Adapter  # noqa: E402
 from server.reft.hf_cache import cache_argument, returned_cache  # noqa: E402
 from server.reft.hf_hooks import apply_adapter, locations_for_prompts  # noqa: E402
 from server.reft.reference import reference_generate  # noqa: E402
-from server.tiny_models import random_adapter_file  # noqa: E402
 from tests.server_process import ServerProcess  # noqa: E402
 
 TARGETS = {"overhead_64": 0.97, "grouped_64": 5.0, "continuous": 1.3}

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from server.adapters.materialize import materialize
 from server.adapters.model_shape import ModelShape
@@ -21,6 +20,7 @@ from server.adapters.pyreft import import_pyreft
 from server.engine.attention import ATTENTION_NAME
 from server.engine.core import EngineConfig, EngineCore
 from server.engine.sequence import SamplingParams, Sequence
+from server.models.loader import load_causal_lm
 from server.reft.adapter import Adapter
 from server.reft.reference import reference_generate
 
@@ -79,5 +79,5 @@ def fixture_parity(fixture: Path, device, dtype: torch.dtype, max_cases: int | N
 
 
 def _load(fixture: Path, dtype: torch.dtype, attention: str, device):
-    model = AutoModelForCausalLM.from_pretrained(fixture / "model", dtype=dtype, attn_implementation=attention)
+    model = load_causal_lm(fixture / "model", dtype, attention)
     return model.to(device).eval().requires_grad_(False)

@@ -33,7 +33,7 @@ from server.engine.core import EngineConfig, EngineCore, model_eos_ids
 from server.engine.engine import AsyncEngine
 from server.engine.model_runner import ModelRunner
 from server.metrics import Metrics
-from server.model_loader import load_model, resolve_device, resolve_dtype
+from server.models.loader import load_model, resolve_device, resolve_dtype
 from server.plugins import load_plugins
 
 log = logging.getLogger(__name__)

@@ -73,7 +73,7 @@ def serve(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.distributed.launch import follow_under_torchrun, join_torchrun_group, spawn_group
     from server.logging_setup import setup_logging
-    from server.model_loader import check_tensor_parallel
+    from server.models.loader import check_tensor_parallel
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level, settings.log_json)

@@ -5,19 +5,18 @@ from __future__ import annotations
 import random
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from server.adapters.materialize import materialize
-from server.engine.attention import ATTENTION_NAME
+from server.adapters.random_adapters import random_adapter_file
 from server.engine.core import EngineConfig, EngineCore
 from server.engine.model_runner import ModelRunner
 from server.engine.sequence import SamplingParams, Sequence
+from server.models.loader import load_causal_lm
 from server.reft.adapter import Adapter
-from server.tiny_models import random_adapter_file
 
 
 def load_engine_model(path, dtype=torch.float32):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME).eval()
+    return load_causal_lm(path, dtype)
 
 
 def make_core(model, eos=frozenset(), make_runner=ModelRunner, **config) -> EngineCore:

@@ -9,8 +9,8 @@ from safetensors.torch import save
 
 from server.adapters import config_json
 from server.adapters.format import AdapterFile
+from server.adapters.random_adapters import random_adapter_file
 from server.reft.config import AdapterConfig
-from server.tiny_models import random_adapter_file
 from tests.api_utils import ADMIN, error_of, running_app, upload
 
 HIDDEN = 128  # the tiny Llama

@@ -21,8 +21,8 @@ from server.adapters.errors import AdapterError
 from server.adapters.format import AdapterFile
 from server.adapters.model_shape import ModelShape
 from server.adapters.pyreft import import_pyreft, orthogonal_from_householder
+from server.adapters.random_adapters import random_adapter_file
 from server.adapters.validation import validate
-from server.tiny_models import random_adapter_file
 from tests.conftest import FIXTURE
 
 MODEL = ModelShape(num_layers=4, hidden_size=16)

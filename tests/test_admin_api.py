@@ -13,8 +13,8 @@ from safetensors.torch import save
 
 from server.adapters.format import AdapterFile
 from server.adapters.materialize import materialize
+from server.adapters.random_adapters import random_adapter_file
 from server.reft.reference import reference_generate
-from server.tiny_models import random_adapter_file
 from server.tokenization import encode_prompt
 from tests.api_utils import ADMIN, error_of, running_app, sse_events, tar_directory, upload
 from tests.conftest import FIXTURE, load_reference_model

@@ -9,7 +9,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.engine import AsyncEngine, EngineOverloaded, EngineStopped, GenerationRequest
 from server.engine.sequence import FinishReason, SamplingParams
 from server.engine.stop_strings import StopStringMatcher
-from server.tiny_models import byte_level_tokenizer
+from server.models.tiny import byte_level_tokenizer
 from tests.engine_utils import load_engine_model, make_core, prompt, run_core, seq
 
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from server.adapters.materialize import materialize
+from server.adapters.random_adapters import random_adapter_file
 from server.engine.sampler import Sampler, filter_logits
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.reft.interventions import Intervention
-from server.tiny_models import random_adapter_file
 from tests.engine_utils import load_engine_model, make_core, prompt, random_adapter, run_core, seq
 
 

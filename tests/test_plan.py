@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from server.adapters.materialize import materialize
+from server.adapters.random_adapters import random_adapter_file
 from server.reft.plan import Chunk, build_plan
-from server.tiny_models import random_adapter_file
 
 D = 32
 

@@ -14,11 +14,11 @@ from transformers import AutoTokenizer
 from server.adapters.errors import AdapterError
 from server.adapters.materialize import materialize
 from server.adapters.pyreft import import_pyreft
+from server.adapters.random_adapters import random_adapter_file
 from server.adapters.store import AdapterStore
 from server.adapters.validation import validate
 from server.reft.interventions import INTERVENTION_TYPES
 from server.reft.reference import reference_generate
-from server.tiny_models import random_adapter_file
 from server.training.data import parse_examples
 from server.training.trainer import train_adapter
 from tests import gated_reft_plugin

@@ -14,16 +14,17 @@ import torch
 
 from server.adapters.format import AdapterFile
 from server.adapters.materialize import materialize
+from server.adapters.random_adapters import random_adapter_file
 from server.config import Settings
 from server.distributed.adapter_mirror import AdapterReceiver, AdapterSender
 from server.distributed.launch import join_torchrun_group
 from server.engine.kv_cache import KVLayout
 from server.engine.model_runner import StepBatch
-from server.model_loader import check_tensor_parallel
+from server.models.loader import check_tensor_parallel
+from server.models.tiny import tiny_config
 from server.reft.adapter import Adapter
 from server.reft.plan import Chunk
 from server.reft.reference import reference_generate
-from server.tiny_models import random_adapter_file, tiny_config
 from tests.api_utils import ADMIN, ADMIN_TOKEN
 from tests.conftest import load_reference_model
 from tests.engine_utils import load_engine_model, make_core, prompt, random_adapter, run_core, seq

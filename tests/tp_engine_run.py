@@ -17,7 +17,7 @@ from server.config import Settings
 from server.distributed.adapter_mirror import AdapterSender
 from server.distributed.launch import spawn_group
 from server.distributed.runner import TensorParallelDriver
-from server.model_loader import load_model
+from server.models.loader import load_model
 from tests.engine_utils import make_core, run_core, seq
 
 CORE_CONFIG = dict(max_batched_tokens=32, max_num_seqs=6)
