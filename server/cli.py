@@ -163,6 +163,7 @@ def adapters_command(args: argparse.Namespace) -> int:
     from server.adapters.errors import AdapterError
     from server.adapters.format import AdapterFile
     from server.adapters.hub import HubError
+    from server.adapters.options import AdapterOptions
     from server.adapters.precondition_args import PRECONDITION_EXIT_CODE, precondition_from_args
     from server.adapters.pyreft import import_pyreft
     from server.adapters.store import NotFound, PreconditionFailed, StoreError
@@ -176,17 +177,8 @@ def adapters_command(args: argparse.Namespace) -> int:
     condition = precondition_from_args(args) if hasattr(args, "if_version") else None
     try:
         if args.action == "import-pyreft":
-            layers = _layer_list(args.layers)
-            adapter = import_pyreft(
-                args.directory,
-                positions=args.positions,
-                share_weights=args.share_weights,
-                activation=args.activation,
-                intervention_type=args.type,
-                layers=layers,
-                rank=args.rank,
-                base_model=args.base_model or "",
-            )
+            options = AdapterOptions.from_args(args)
+            adapter = import_pyreft(args.directory, **options.fields(), base_model=args.base_model or "")
             if args.model is not None:
                 adapter = _with_base_model(adapter, args.model)
             version = store.publish(args.name, adapter.to_bytes(), precondition=condition)
@@ -237,22 +229,11 @@ def adapters_command(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace):
-    from server.adapters.hub import HubRef, PyreftOptions, pull
+    from server.adapters.hub import HubRef, pull
+    from server.adapters.options import AdapterOptions
 
-    options = PyreftOptions(
-        positions=args.positions,
-        share_weights=args.share_weights,
-        activation=args.activation,
-        intervention_type=args.type,
-        layers=_layer_list(args.layers),
-        rank=args.rank,
-    )
-    adapter = pull(HubRef.parse(args.repo), options, base_model=args.base_model or "")
+    adapter = pull(HubRef.parse(args.repo), AdapterOptions.from_args(args), base_model=args.base_model or "")
     return _with_base_model(adapter, args.model) if args.model is not None else adapter
-
-
-def _layer_list(text: str | None) -> list[int] | None:
-    return [int(x) for x in text.replace(";", ",").split(",")] if text else None
 
 
 def _version_ref(ref: str) -> tuple[str, int]:
@@ -325,7 +306,9 @@ def _add_import_arguments(parser: argparse.ArgumentParser, positions_required: b
     )
     parser.add_argument("--share-weights", action="store_true", help="prefix and suffix share one intervention")
     parser.add_argument("--activation", default="linear")
-    parser.add_argument("--type", default=None, help="intervention type (only without config.json)")
+    parser.add_argument(
+        "--type", dest="intervention_type", default=None, help="intervention type (only without config.json)"
+    )
     parser.add_argument("--layers", default=None, help="e.g. 8;16 (only without config.json)")
     parser.add_argument("--rank", type=int, default=None, help="(only without config.json)")
     parser.add_argument("--base-model", default=None, help="recorded in the adapter's metadata")

@@ -281,6 +281,8 @@ def test_pyreft_import_with_wrong_arguments(client):
         ({"positions": "f3+l3", "share_weights": "true"}, "share_weights=True needs 1"),
         ({"positions": "middle", "share_weights": "false"}, "invalid positions"),
         ({"share_weights": "false"}, "positions"),
+        ({"positions": "f3+l3", "share_weights": "false", "layers": "1,four"}, "invalid layers '1,four'"),
+        ({"positions": "f3+l3", "share_weights": "false", "layers": "all"}, "checkpoint has layers [1, 4], not [0, 1"),
     ]:
         response = client.post(
             "/v1/adapters/args/pyreft", files={"archive": ("a.tgz", archive)}, data=data, headers=ADMIN

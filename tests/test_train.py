@@ -9,10 +9,11 @@ from transformers import AutoTokenizer
 
 from server.adapters.format import AdapterFile, tensor_name
 from server.adapters.model_shape import ModelShape
+from server.adapters.options import parse_layers
 from server.adapters.validation import validate
 from server.reft.interventions import INTERVENTION_TYPES
 from server.tokenization import encode_chat, encode_prompt
-from server.training.cli import add_train_arguments, parse_layers, run_train
+from server.training.cli import add_train_arguments, run_train
 from server.training.data import load_examples, parse_examples
 from server.training.evaluate import greedy_completions, reproduced
 from server.training.modules import TrainableAdapter
@@ -211,11 +212,16 @@ def test_bad_data_names_the_line(llama, lines, message):
         parse_examples(lines, tokenizer, source="data.jsonl")
 
 
-def test_parse_layers():
-    assert parse_layers("8;16", 24) == parse_layers("8,16", 24) == [8, 16]
-    assert parse_layers("all", 3) == [0, 1, 2]
-    with pytest.raises(ValueError, match="invalid --layers"):
+def test_parse_layers_one_reading_for_the_cli_the_admin_api_and_training():
+    assert parse_layers("8;16", 24) == parse_layers("8,16", 24) == parse_layers("8,,16,", None) == (8, 16)
+    assert parse_layers("all", 3) == (0, 1, 2)
+    assert parse_layers(None) is None and parse_layers(" ") is None
+    with pytest.raises(ValueError, match="invalid layers 'eight'"):
         parse_layers("eight", 24)
+    with pytest.raises(ValueError, match='"all" needs the model'):
+        parse_layers("all")
+    with pytest.raises(ValueError, match="names no layer"):
+        parse_layers(",;", 24)
 
 
 def run_cli(model_dir, data, *argv) -> int:
