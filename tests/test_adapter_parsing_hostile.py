@@ -99,7 +99,8 @@ def zip_of(members) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, content, _ in members:
-            archive.writestr(name, content)
+            if name.split("\x00")[0]:  # zipfile cuts a name at NUL and cannot write an empty one
+                archive.writestr(name, content)
     return buffer.getvalue()
 
 
