@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 import transformers
 
+from server.adapters.materialize import materialize
+from server.adapters.random_adapters import random_adapter_file
 from server.engine.attention import ATTENTION_NAME
-from server.reft.adapter import Adapter
-from server.tiny_models import VOCAB_SIZE, build_tiny_model, byte_level_tokenizer, random_adapter_file, tiny_config
+from server.models.loader import load_causal_lm
+from server.models.tiny import VOCAB_SIZE, build_tiny_model, byte_level_tokenizer, tiny_config
 
 MAX_POSITIONS = 4096
 SHAPE_FIELDS = (
@@ -83,7 +85,7 @@ def build_on_device(preset: str, device: str, dtype: torch.dtype, attention: str
     config = tiny_config("llama", max_positions=MAX_POSITIONS, **PRESETS[preset])
     torch.manual_seed(seed)
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+        model = load_causal_lm(config, dtype, attention)
     return model.eval().requires_grad_(False)
 
 
@@ -99,9 +101,7 @@ def load(args, attention: str = ATTENTION_NAME):
     transformers.utils.logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir(args), dtype=dtype_of(args), attn_implementation=attention
-    )
+    model = load_causal_lm(model_dir(args), dtype_of(args), attention)
     return model.to(args.device).eval().requires_grad_(False)
 
 
@@ -154,7 +154,7 @@ def make_adapters(model, count: int, rank: int = 4, layers: tuple[int, ...] | No
     layers = layers or tuple(range(0, num_layers, 2))
     parameter = next(model.parameters())
     return [
-        Adapter.from_file(
+        materialize(
             random_adapter_file("loreft", layers, rank, positions, hidden, seed=i, scale=0.05),
             name=f"a{i}",
             version=1,

@@ -55,6 +55,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.engine_overhead import run_engine, run_static  # noqa: E402
 from bench.load import LoadSpec, Planned, describe, plan, run_load, send  # noqa: E402
+from server.adapters.random_adapters import random_adapter_file  # noqa: E402
 from server.adapters.store import AdapterStore  # noqa: E402
 from server.engine.config import EngineConfig  # noqa: E402
 from server.engine.core import EngineCore  # noqa: E402
@@ -65,7 +66,6 @@ from server.reft.batch_edit import batch_edit_kwargs  # noqa: E402
 from server.reft.hf_cache import cache_argument, returned_cache  # noqa: E402
 from server.reft.reference import reference_generate  # noqa: E402
 from server.reft.request_edit import request_edit  # noqa: E402
-from server.tiny_models import random_adapter_file  # noqa: E402
 from tests.server_process import ServerProcess  # noqa: E402
 
 TARGETS = {"overhead_64": 0.97, "grouped_64": 5.0, "continuous": 1.3}

@@ -13,15 +13,16 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from server.adapters.format import ModelShape
+from server.adapters.materialize import materialize
+from server.adapters.model_shape import ModelShape
 from server.adapters.pyreft import import_pyreft
 from server.engine.attention import ATTENTION_NAME
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
+from server.models.loader import load_causal_lm
 from server.reft.adapter import Adapter
 from server.reft.reference import reference_generate
 from server.reft.request_edit import request_edit
@@ -35,7 +36,7 @@ def load_fixture_adapter(fixture: Path, name: str, shape: ModelShape, dtype: tor
     adapter_file = import_pyreft(
         directory, positions="+".join(s for s in sides if s), share_weights=recorded["share_weights"], model=shape
     )
-    return Adapter.from_file(adapter_file, name=name, version=1, dtype=dtype, device=device)
+    return materialize(adapter_file, name=name, version=1, dtype=dtype, device=device)
 
 
 def engine_tokens(model, prompts: dict[str, tuple[list[int], Adapter | None]], max_new_tokens: int) -> dict:
@@ -82,5 +83,5 @@ def fixture_parity(fixture: Path, device, dtype: torch.dtype, max_cases: int | N
 
 
 def _load(fixture: Path, dtype: torch.dtype, attention: str, device):
-    model = AutoModelForCausalLM.from_pretrained(fixture / "model", dtype=dtype, attn_implementation=attention)
+    model = load_causal_lm(fixture / "model", dtype, attention)
     return model.to(device).eval().requires_grad_(False)

@@ -42,7 +42,7 @@ from bench.fixture_parity import fixture_parity  # noqa: E402
 from bench.serving_peers import continuous_batching_config, run_continuous, run_engine, run_static  # noqa: E402
 from server.engine.attention import ATTENTION_NAME  # noqa: E402
 from server.engine.config import EngineConfig  # noqa: E402
-from server.tiny_models import VOCAB_SIZE  # noqa: E402
+from server.models.tiny import VOCAB_SIZE  # noqa: E402
 
 PARTS = ("engine", "decode", "hf-static", "hf-cb", "parity")
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "pyreft_reference"

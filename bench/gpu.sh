@@ -56,7 +56,7 @@ import torch
 
 from bench.common import save_preset_model
 from server.adapters.store import AdapterStore
-from server.tiny_models import random_adapter_file
+from server.adapters.random_adapters import random_adapter_file
 
 model, store = Path(sys.argv[1]), AdapterStore(sys.argv[2])
 save_preset_model("1b", model, "cuda", torch.bfloat16)

@@ -31,7 +31,7 @@ from server.distributed.launch import spawn_group  # noqa: E402
 from server.distributed.runner import TensorParallelDriver  # noqa: E402
 from server.engine.config import EngineConfig  # noqa: E402
 from server.engine.core import EngineCore  # noqa: E402
-from server.model_loader import load_model  # noqa: E402
+from server.models.loader import load_model  # noqa: E402
 
 
 def rounds(core: EngineCore, requests, adapters, count: int) -> list[float]:

@@ -14,7 +14,7 @@ import torch
 from fastapi import FastAPI
 
 from server.adapters.fingerprint import model_fingerprint
-from server.adapters.format import ModelShape
+from server.adapters.model_shape import ModelShape
 from server.adapters.registry import AdapterRegistry
 from server.adapters.stores import open_store
 from server.api import admin, generate, health, openai
@@ -33,7 +33,7 @@ from server.engine.async_engine import AsyncEngine
 from server.engine.core import EngineCore, model_eos_ids
 from server.engine.model_runner import ModelRunner
 from server.metrics import Metrics
-from server.model_loader import load_model, resolve_device, resolve_dtype
+from server.models.loader import load_model, resolve_device, resolve_dtype
 from server.plugins import load_plugins
 
 log = logging.getLogger(__name__)

@@ -73,7 +73,7 @@ def serve(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.distributed.launch import follow_under_torchrun, join_torchrun_group, spawn_group
     from server.logging_setup import setup_logging
-    from server.model_loader import check_tensor_parallel
+    from server.models.loader import check_tensor_parallel
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level, settings.log_json)
@@ -160,8 +160,10 @@ def _say(message: str) -> None:
 # -- adapters ----------------------------------------------------------------------------------------
 def adapters_command(args: argparse.Namespace) -> int:
     from server.adapters.diff import diff_adapters
-    from server.adapters.format import AdapterError, AdapterFile
+    from server.adapters.errors import AdapterError
+    from server.adapters.format import AdapterFile
     from server.adapters.hub import HubError
+    from server.adapters.options import AdapterOptions
     from server.adapters.precondition_args import PRECONDITION_EXIT_CODE, precondition_from_args
     from server.adapters.pyreft import import_pyreft
     from server.adapters.store import NotFound, PreconditionFailed, StoreError
@@ -175,17 +177,8 @@ def adapters_command(args: argparse.Namespace) -> int:
     condition = precondition_from_args(args) if hasattr(args, "if_version") else None
     try:
         if args.action == "import-pyreft":
-            layers = _layer_list(args.layers)
-            adapter = import_pyreft(
-                args.directory,
-                positions=args.positions,
-                share_weights=args.share_weights,
-                activation=args.activation,
-                intervention_type=args.type,
-                layers=layers,
-                rank=args.rank,
-                base_model=args.base_model or "",
-            )
+            options = AdapterOptions.from_args(args)
+            adapter = import_pyreft(args.directory, **options.fields(), base_model=args.base_model or "")
             if args.model is not None:
                 adapter = _with_base_model(adapter, args.model)
             version = store.publish(args.name, adapter.to_bytes(), precondition=condition)
@@ -236,22 +229,11 @@ def adapters_command(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace):
-    from server.adapters.hub import HubRef, PyreftOptions, pull
+    from server.adapters.hub import HubRef, pull
+    from server.adapters.options import AdapterOptions
 
-    options = PyreftOptions(
-        positions=args.positions,
-        share_weights=args.share_weights,
-        activation=args.activation,
-        intervention_type=args.type,
-        layers=_layer_list(args.layers),
-        rank=args.rank,
-    )
-    adapter = pull(HubRef.parse(args.repo), options, base_model=args.base_model or "")
+    adapter = pull(HubRef.parse(args.repo), AdapterOptions.from_args(args), base_model=args.base_model or "")
     return _with_base_model(adapter, args.model) if args.model is not None else adapter
-
-
-def _layer_list(text: str | None) -> list[int] | None:
-    return [int(x) for x in text.replace(";", ",").split(",")] if text else None
 
 
 def _version_ref(ref: str) -> tuple[str, int]:
@@ -270,7 +252,8 @@ def _with_base_model(adapter, model_path: Path):
     from transformers import AutoModelForCausalLM
 
     from server.adapters.fingerprint import model_fingerprint
-    from server.adapters.format import ModelShape, validate
+    from server.adapters.model_shape import ModelShape
+    from server.adapters.validation import validate
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)  # bf16: half the memory, same hash
     validate(adapter, ModelShape.of(model))
@@ -323,7 +306,9 @@ def _add_import_arguments(parser: argparse.ArgumentParser, positions_required: b
     )
     parser.add_argument("--share-weights", action="store_true", help="prefix and suffix share one intervention")
     parser.add_argument("--activation", default="linear")
-    parser.add_argument("--type", default=None, help="intervention type (only without config.json)")
+    parser.add_argument(
+        "--type", dest="intervention_type", default=None, help="intervention type (only without config.json)"
+    )
     parser.add_argument("--layers", default=None, help="e.g. 8;16 (only without config.json)")
     parser.add_argument("--rank", type=int, default=None, help="(only without config.json)")
     parser.add_argument("--base-model", default=None, help="recorded in the adapter's metadata")

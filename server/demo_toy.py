@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.tiny_models import build_tiny_model
+from server.models.tiny import build_tiny_model
 from server.tokenization import encode_chat
 from server.training.data import parse_examples
 from server.training.trainer import TrainResult, train_adapter

@@ -4,9 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from server.tiny_models import build_tiny_model
+from server.models.loader import load_causal_lm
+from server.models.tiny import build_tiny_model
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -30,7 +31,7 @@ def tiny_model_dir(tmp_path_factory):
 
 def load_reference_model(path):
     """A plain transformers model (sdpa attention) for the reference generator."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return load_causal_lm(path, torch.float32, attention="sdpa")
 
 
 @pytest.fixture(scope="session")

@@ -5,21 +5,21 @@ from __future__ import annotations
 import random
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from server.engine.attention import ATTENTION_NAME
+from server.adapters.materialize import materialize
+from server.adapters.random_adapters import random_adapter_file
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.model_runner import ModelRunner
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
+from server.models.loader import load_causal_lm
 from server.reft.adapter import Adapter
 from server.reft.request_edit import request_edit
-from server.tiny_models import random_adapter_file
 
 
 def load_engine_model(path, dtype=torch.float32):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME).eval()
+    return load_causal_lm(path, dtype)
 
 
 def make_core(model, eos=frozenset(), make_runner=ModelRunner, **config) -> EngineCore:
@@ -28,7 +28,7 @@ def make_core(model, eos=frozenset(), make_runner=ModelRunner, **config) -> Engi
 
 
 def random_adapter(name: str, *args, version: int = 1, **kwargs) -> Adapter:
-    return Adapter.from_file(random_adapter_file(*args, **kwargs), name=name, version=version)
+    return materialize(random_adapter_file(*args, **kwargs), name=name, version=version)
 
 
 def run_core(

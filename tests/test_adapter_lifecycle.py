@@ -7,8 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from safetensors.torch import save
 
-from server.adapters import format as format_module
-from server.tiny_models import random_adapter_file
+from server.adapters import config_json
+from server.adapters.format import AdapterFile
+from server.adapters.random_adapters import random_adapter_file
+from server.reft.config import AdapterConfig
 from tests.api_utils import ADMIN, error_of, running_app, upload
 
 HIDDEN = 128  # the tiny Llama
@@ -175,11 +177,11 @@ def test_a_reader_knowing_only_the_old_keys_reads_what_this_version_writes(clien
     served = client.app.state.reft.registry.fingerprint
     provenance = {"dataset": {"sha256": "ab" * 32, "examples": 3}, "final_loss": 0.5}
     client.app.state.reft.store.publish("new-format", with_fingerprint(5, served, provenance=provenance))
-    today = {k: v for k, v in format_module._FIELD_TYPES.items() if k not in ("base_model_fingerprint", "provenance")}
-    monkeypatch.setattr(format_module, "_FIELD_TYPES", today)
-    monkeypatch.setattr(format_module.AdapterConfig, "__init__", old_config_init(format_module.AdapterConfig.__init__))
+    today = {k: v for k, v in config_json._FIELD_TYPES.items() if k not in ("base_model_fingerprint", "provenance")}
+    monkeypatch.setattr(config_json, "_FIELD_TYPES", today)
+    monkeypatch.setattr(AdapterConfig, "__init__", old_config_init(AdapterConfig.__init__))
     version, data = client.app.state.reft.store.read("new-format")
-    config = format_module.AdapterFile.from_bytes(data, ignore_unknown=True).config
+    config = AdapterFile.from_bytes(data, ignore_unknown=True).config
     assert config.base_model_fingerprint == "" and config.provenance == {} and config.rank == 4
 
 

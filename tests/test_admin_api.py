@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save
 
 from server.adapters.format import AdapterFile
-from server.reft.adapter import Adapter
+from server.adapters.materialize import materialize
+from server.adapters.random_adapters import random_adapter_file
 from server.reft.reference import reference_generate
-from server.tiny_models import random_adapter_file
 from server.tokenization import encode_prompt
 from tests.api_utils import ADMIN, error_of, running_app, sse_events, tar_directory, upload
 from tests.conftest import FIXTURE, load_reference_model
@@ -41,7 +41,7 @@ def reference():
     tokenizer = AutoTokenizer.from_pretrained(FIXTURE / "model")
 
     def generate(prompt: str, data: bytes | None, max_new_tokens: int) -> list[int]:
-        adapter = Adapter.from_file(AdapterFile.from_bytes(data), name="ref") if data else None
+        adapter = materialize(AdapterFile.from_bytes(data), name="ref") if data else None
         return reference_generate(model, encode_prompt(tokenizer, prompt), adapter, max_new_tokens=max_new_tokens)
 
     return generate
@@ -281,6 +281,8 @@ def test_pyreft_import_with_wrong_arguments(client):
         ({"positions": "f3+l3", "share_weights": "true"}, "share_weights=True needs 1"),
         ({"positions": "middle", "share_weights": "false"}, "invalid positions"),
         ({"share_weights": "false"}, "positions"),
+        ({"positions": "f3+l3", "share_weights": "false", "layers": "1,four"}, "invalid layers '1,four'"),
+        ({"positions": "f3+l3", "share_weights": "false", "layers": "all"}, "checkpoint has layers [1, 4], not [0, 1"),
     ]:
         response = client.post(
             "/v1/adapters/args/pyreft", files={"archive": ("a.tgz", archive)}, data=data, headers=ADMIN

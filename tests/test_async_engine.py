@@ -10,7 +10,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason
 from server.engine.stop_strings import StopStringMatcher
-from server.tiny_models import byte_level_tokenizer
+from server.models.tiny import byte_level_tokenizer
 from tests.engine_utils import load_engine_model, make_core, prompt, run_core, seq
 
 

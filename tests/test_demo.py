@@ -9,11 +9,11 @@ import pytest
 
 from server import smollm2
 from server.adapters.format import AdapterFile
+from server.adapters.random_adapters import random_adapter_file
 from server.adapters.store import AdapterStore
 from server.cli import demo_admin_access, main
 from server.config import Settings
 from server.demo import DEMOS, prepare_demo
-from server.tiny_models import random_adapter_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

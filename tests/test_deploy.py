@@ -146,7 +146,7 @@ def test_dockerignore_keeps_what_the_build_copies():
     for source in (s for group in sources for s in group):
         assert (ROOT / source).exists(), source
         assert not dockerignored(source, patterns), f"{source} is copied but .dockerignore excludes it"
-    assert not dockerignored("server/engine/engine.py", patterns)
+    assert not dockerignored("server/engine/async_engine.py", patterns)
     unwanted = [".venv/bin/python", ".git/HEAD", "tests/fixtures/a", "adapters_store/a", "server/__pycache__/a.pyc"]
     assert all(dockerignored(path, patterns) for path in unwanted)
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from server.adapters.materialize import materialize
+from server.adapters.random_adapters import random_adapter_file
 from server.engine.sampler import Sampler, filter_logits
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason, Sequence
-from server.reft.adapter import Adapter
 from server.reft.interventions import Intervention
-from server.tiny_models import random_adapter_file
 from tests.engine_utils import load_engine_model, make_core, prompt, random_adapter, run_core, seq
 
 
@@ -194,7 +194,7 @@ def test_adapter_with_no_positions_on_a_one_token_prompt_equals_base(model):
 
 def test_adapter_dtype_follows_the_model(model):
     adapter_file = random_adapter_file("loreft", (0,), 4, "f1", model.config.hidden_size)
-    adapter = Adapter.from_file(adapter_file, name="bf", dtype=torch.bfloat16)
+    adapter = materialize(adapter_file, name="bf", dtype=torch.bfloat16)
     params = adapter.layers[0][0].params
     assert params["rotation"].dtype == torch.float32 and params["weight"].dtype == torch.bfloat16
 

@@ -75,7 +75,7 @@ def test_other_families_mixed_batch(tiny_model_dir, family):
 
 
 def test_mistral_sliding_window_mixed_batch(tmp_path):
-    from server.tiny_models import build_tiny_model
+    from server.models.tiny import build_tiny_model
 
     model_dir = build_tiny_model("mistral", tmp_path / "mistral", sliding_window=24)
     check_mixed_batch(model_dir, count=16, max_new_tokens=12, max_batched_tokens=40)

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from server.adapters.fingerprint import FOREIGN, UNVERIFIED, VERIFIED, fingerprint_status, model_fingerprint
-from server.tiny_models import build_tiny_model
+from server.models.tiny import build_tiny_model
 
 
 def fingerprint_of(path, dtype=torch.float32) -> str:

@@ -8,15 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.adapters.format import (
-    AdapterConfig,
-    AdapterError,
-    AdapterFile,
-    ModelShape,
-    config_from_dict,
-    tensor_name,
-    validate,
-)
+from server.adapters.config_json import config_from_dict
+from server.adapters.errors import AdapterError
+from server.adapters.format import AdapterFile, tensor_name
+from server.adapters.model_shape import ModelShape
+from server.adapters.validation import validate
+from server.reft.config import AdapterConfig
 from server.reft.interventions import INTERVENTION_TYPES
 
 MODEL = ModelShape(num_layers=4, hidden_size=16)

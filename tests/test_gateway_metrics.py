@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.adapters.random_adapters import random_adapter_file
 from server.cli import build_parser, settings_from_args
 from server.config import Settings
 from server.metrics import Metrics
-from server.tiny_models import random_adapter_file
 from tests.api_utils import running_app, upload
 
 MAX_RESIDENT_ADAPTERS = 6

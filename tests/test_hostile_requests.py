@@ -17,10 +17,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from server.adapters.random_adapters import random_adapter_file
 from server.api import health
 from server.app import create_app
 from server.logging_setup import JSONFormatter
-from server.tiny_models import random_adapter_file
 from tests.api_utils import ADMIN, ADMIN_TOKEN, app_settings, error_of, serving_on_loopback
 from tests.conftest import FIXTURE
 

@@ -9,9 +9,9 @@ import huggingface_hub.constants
 import pytest
 from huggingface_hub.file_download import repo_folder_name
 
+from server.adapters.random_adapters import random_adapter_file
 from server.adapters.stores import open_store
 from server.cli import main
-from server.tiny_models import random_adapter_file
 from tests.api_utils import ADMIN, running_app
 from tests.conftest import FIXTURE
 

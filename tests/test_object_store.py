@@ -10,9 +10,9 @@ import time
 import pytest
 
 from server.adapters.object_store import ConditionalWritesUnsupported, ObjectStore
+from server.adapters.random_adapters import random_adapter_file
 from server.adapters.store import NotFound, StoreError
 from server.adapters.stores import open_store
-from server.tiny_models import random_adapter_file
 
 
 def data(seed: int) -> bytes:

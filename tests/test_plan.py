@@ -9,10 +9,10 @@ import dataclasses
 import pytest
 import torch
 
-from server.reft.adapter import Adapter
+from server.adapters.materialize import materialize
+from server.adapters.random_adapters import random_adapter_file
 from server.reft.plan import build_plan
 from server.reft.request_edit import request_edit
-from server.tiny_models import random_adapter_file
 
 D = 32
 
@@ -21,7 +21,7 @@ def adapter(name, kind, layers, rank, positions, share=True, act="linear", seed=
     file = random_adapter_file(kind, layers, rank, positions, D, share_weights=share, seed=seed)
     if act != "linear":
         file.config = dataclasses.replace(file.config, activation=act)
-    return Adapter.from_file(file, name=name, dtype=dtype)
+    return materialize(file, name=name, dtype=dtype)
 
 
 def chunks_for(requests):

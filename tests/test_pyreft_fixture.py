@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from server.adapters.format import ModelShape
+from server.adapters.materialize import materialize
+from server.adapters.model_shape import ModelShape
 from server.adapters.pyreft import import_pyreft
 from server.reft.adapter import Adapter
 from server.reft.reference import reference_generate
@@ -28,7 +29,7 @@ def import_fixture_adapter(name: str) -> Adapter:
     )
     assert list(adapter_file.config.layers) == recorded["layers"]
     assert adapter_file.config.rank == recorded["rank"]
-    return Adapter.from_file(adapter_file, name=name)
+    return materialize(adapter_file, name=name)
 
 
 def sorted_key_positions(adapter: Adapter, name: str, prompt_len: int) -> list[list[int]]:

@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from server.adapters.format import AdapterError, ModelShape
+from server.adapters.errors import AdapterError
+from server.adapters.model_shape import ModelShape
 from server.adapters.pyreft import import_pyreft, orthogonal_from_householder
 from tests.conftest import FIXTURE
 

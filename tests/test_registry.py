@@ -4,11 +4,11 @@ import asyncio
 
 import pytest
 
-from server.adapters.format import ModelShape
+from server.adapters.model_shape import ModelShape
+from server.adapters.random_adapters import random_adapter_file
 from server.adapters.registry import AdapterNotFound, AdapterRegistry, parse_ref
 from server.adapters.store import AdapterStore, InvalidName
 from server.metrics import Metrics
-from server.tiny_models import random_adapter_file
 
 SHAPE = ModelShape(num_layers=4, hidden_size=32)
 

@@ -16,8 +16,8 @@ import pytest
 
 from bench.load import LoadSpec, run_load
 from server.adapters.format import AdapterFile
+from server.adapters.random_adapters import random_adapter_file
 from server.adapters.store import AdapterStore
-from server.tiny_models import random_adapter_file
 from tests.api_utils import ADMIN, ADMIN_TOKEN, sse_events
 from tests.server_process import ServerProcess
 

@@ -11,10 +11,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from server.adapters.format import AdapterFile
+from server.adapters.materialize import materialize
 from server.adapters.store import AdapterStore
 from server.demo_smollm2 import style_examples
 from server.demo_styles import ANSWERS, HELD_OUT_QUESTIONS, STYLES
-from server.reft.adapter import Adapter
 from server.reft.reference import reference_generate
 from server.smollm2 import SMOLLM2_MODEL_NAME
 from server.tokenization import encode_chat
@@ -39,7 +39,7 @@ def stored_adapter_file(store_dir, name: str) -> AdapterFile:
 def demo(smollm2_demo):
     """(prepared demo, store directory, tokenizer, {style: Adapter as served from the store})."""
     prepared, _, store_dir = smollm2_demo
-    adapters = {name: Adapter.from_file(stored_adapter_file(store_dir, name), name=name) for name in STYLES}
+    adapters = {name: materialize(stored_adapter_file(store_dir, name), name=name) for name in STYLES}
     return prepared, store_dir, AutoTokenizer.from_pretrained(prepared.model_dir), adapters
 
 

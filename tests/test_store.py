@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from server.adapters.random_adapters import random_adapter_file
 from server.adapters.store import (
     MAX_VERSION,
     STALE_TMP_SECONDS,
@@ -16,7 +17,6 @@ from server.adapters.store import (
     PreconditionFailed,
 )
 from server.adapters.stores import open_store
-from server.tiny_models import random_adapter_file
 
 
 def data(seed: int) -> bytes:

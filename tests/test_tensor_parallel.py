@@ -13,16 +13,18 @@ import pytest
 import torch
 
 from server.adapters.format import AdapterFile
+from server.adapters.materialize import materialize
+from server.adapters.random_adapters import random_adapter_file
 from server.config import Settings
 from server.distributed.adapter_mirror import AdapterReceiver, AdapterSender
 from server.distributed.launch import join_torchrun_group
 from server.engine.kv_cache import KVLayout
 from server.engine.model_runner import StepBatch
-from server.model_loader import check_tensor_parallel
+from server.models.loader import check_tensor_parallel
+from server.models.tiny import tiny_config
 from server.reft.adapter import Adapter
-from server.reft.request_edit import RequestEdit
 from server.reft.reference import reference_generate
-from server.tiny_models import random_adapter_file, tiny_config
+from server.reft.request_edit import RequestEdit
 from tests.api_utils import ADMIN, ADMIN_TOKEN
 from tests.conftest import load_reference_model
 from tests.engine_utils import load_engine_model, make_core, prompt, random_adapter, run_core, seq
@@ -72,7 +74,7 @@ def test_two_ranks_give_the_tokens_of_one_process_and_the_reference(tiny_model_d
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["kv_heads_per_rank"] == 1  # 2 KV heads over 2 ranks
 
-    adapters = {p: Adapter.from_file(AdapterFile.load(p), name=Path(p).stem, version=1) for p in paths}
+    adapters = {p: materialize(AdapterFile.load(p), name=Path(p).stem, version=1) for p in paths}
     core = make_core(load_engine_model(model_dir), **CORE_CONFIG)
     requests = [(seq(i["id"], i["prompt"], adapters.get(i["adapter"]), max_new_tokens=8), i["arrival"]) for i in items]
     one_process = run_core(core, requests)
@@ -100,7 +102,7 @@ def test_a_dead_rank_fails_readiness_and_requests(tiny_model_dir, tmp_path):
         reply = httpx.post(f"{server.url}/v1/generate", json=body, timeout=60)
         assert reply.status_code == 200, reply.text
         expected = reference_generate(
-            load_reference_model(model_dir), ids, Adapter.from_file(adapter, name="steer"), max_new_tokens=6
+            load_reference_model(model_dir), ids, materialize(adapter, name="steer"), max_new_tokens=6
         )
         assert reply.json()["token_ids"] == expected
 

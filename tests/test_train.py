@@ -7,10 +7,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from server.adapters.format import AdapterFile, ModelShape, tensor_name, validate
+from server.adapters.format import AdapterFile, tensor_name
+from server.adapters.model_shape import ModelShape
+from server.adapters.options import parse_layers
+from server.adapters.validation import validate
 from server.reft.interventions import INTERVENTION_TYPES
 from server.tokenization import encode_chat, encode_prompt
-from server.training.cli import add_train_arguments, parse_layers, run_train
+from server.training.cli import add_train_arguments, run_train
 from server.training.data import load_examples, parse_examples
 from server.training.evaluate import greedy_completions, reproduced
 from server.training.modules import TrainableAdapter
@@ -209,11 +212,16 @@ def test_bad_data_names_the_line(llama, lines, message):
         parse_examples(lines, tokenizer, source="data.jsonl")
 
 
-def test_parse_layers():
-    assert parse_layers("8;16", 24) == parse_layers("8,16", 24) == [8, 16]
-    assert parse_layers("all", 3) == [0, 1, 2]
-    with pytest.raises(ValueError, match="invalid --layers"):
+def test_parse_layers_one_reading_for_the_cli_the_admin_api_and_training():
+    assert parse_layers("8;16", 24) == parse_layers("8,16", 24) == parse_layers("8,,16,", None) == (8, 16)
+    assert parse_layers("all", 3) == (0, 1, 2)
+    assert parse_layers(None) is None and parse_layers(" ") is None
+    with pytest.raises(ValueError, match="invalid layers 'eight'"):
         parse_layers("eight", 24)
+    with pytest.raises(ValueError, match='"all" needs the model'):
+        parse_layers("all")
+    with pytest.raises(ValueError, match="names no layer"):
+        parse_layers(",;", 24)
 
 
 def run_cli(model_dir, data, *argv) -> int:
@@ -267,7 +275,7 @@ def test_cli_publishes_to_the_store(tiny_model_dir, pairs_file, tmp_path, capsys
 @pytest.mark.parametrize("kind", ["loreft", "noreft"])
 def test_the_engine_serves_what_the_trainer_evaluates(llama, examples, tiny_model_dir, kind):
     """End to end: a trained adapter, loaded by the engine, gives the trainer's own evaluation tokens."""
-    from server.reft.adapter import Adapter
+    from server.adapters.materialize import materialize
     from tests.engine_utils import load_engine_model, make_core, run_core, seq
 
     model, tokenizer = llama
@@ -276,7 +284,7 @@ def test_the_engine_serves_what_the_trainer_evaluates(llama, examples, tiny_mode
     evaluated = greedy_completions(
         model, result.adapter, prompts, max_new_tokens=24, eos_token_id=tokenizer.eos_token_id
     )
-    served = Adapter.from_file(AdapterFile.from_bytes(result.adapter.to_bytes()), name=kind)
+    served = materialize(AdapterFile.from_bytes(result.adapter.to_bytes()), name=kind)
     core = make_core(load_engine_model(tiny_model_dir("llama")), eos={tokenizer.eos_token_id})
     tokens = run_core(core, [(seq(str(i), p, served, max_new_tokens=24), i) for i, p in enumerate(prompts)])
     assert [tokens[str(i)] for i in range(len(prompts))] == evaluated

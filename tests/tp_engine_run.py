@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from server.adapters.format import AdapterFile
+from server.adapters.materialize import materialize
 from server.config import Settings
 from server.distributed.adapter_mirror import AdapterSender
 from server.distributed.launch import spawn_group
 from server.distributed.runner import TensorParallelDriver
-from server.model_loader import load_model
-from server.reft.adapter import Adapter
+from server.models.loader import load_model
 from tests.engine_utils import make_core, run_core, seq
 
 CORE_CONFIG = dict(max_batched_tokens=32, max_num_seqs=6)
@@ -36,7 +36,7 @@ def main(model_dir: str, workload_path: str, max_adapters: str) -> None:
         adapter = None
         if item["adapter"] is not None:
             path = item["adapter"]
-            adapters.setdefault(path, Adapter.from_file(AdapterFile.load(path), name=Path(path).stem, version=1))
+            adapters.setdefault(path, materialize(AdapterFile.load(path), name=Path(path).stem, version=1))
             adapter = adapters[path]
         requests.append((seq(item["id"], item["prompt"], adapter, max_new_tokens=8), item["arrival"]))
     tokens = run_core(core, requests)

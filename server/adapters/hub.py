@@ -14,8 +14,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.adapters.format import AdapterError, AdapterFile, ModelShape, validate
+from server.adapters.errors import AdapterError
+from server.adapters.format import AdapterFile
+from server.adapters.model_shape import ModelShape
+from server.adapters.options import AdapterOptions
 from server.adapters.pyreft import import_pyreft
+from server.adapters.validation import validate
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
 WANTED_FILES = ["intkey_*.bin", "config.json", "*.safetensors"]
@@ -43,18 +47,6 @@ class HubRef:
         return cls(repo_id, revision or None)
 
 
-@dataclass(frozen=True)
-class PyreftOptions:
-    """What pyreft does not record and the caller must say (see server/adapters/pyreft.py)."""
-
-    positions: str | None = None
-    share_weights: bool = False
-    activation: str = "linear"
-    intervention_type: str | None = None
-    layers: list[int] | None = None
-    rank: int | None = None
-
-
 def download(ref: HubRef) -> tuple[Path, str]:
     """(local snapshot directory, resolved commit) of the adapter files of `ref`."""
     from huggingface_hub import snapshot_download
@@ -67,13 +59,13 @@ def download(ref: HubRef) -> tuple[Path, str]:
     return path, path.name  # snapshots are stored under their commit hash
 
 
-def pull(ref: HubRef, options: PyreftOptions, base_model: str = "", model: ModelShape | None = None) -> AdapterFile:
+def pull(ref: HubRef, options: AdapterOptions, base_model: str = "", model: ModelShape | None = None) -> AdapterFile:
     """The adapter at `ref`, validated against `model` when given, with its Hub provenance."""
     directory, commit = download(ref)
     if any(directory.glob("intkey_*.bin")):
         if options.positions is None:
             raise AdapterError("positions", f"{ref.repo_id} is a pyreft checkpoint: give the positions it used")
-        adapter = import_pyreft(directory, **dataclasses.asdict(options), base_model=base_model, model=model)
+        adapter = import_pyreft(directory, **options.fields(), base_model=base_model, model=model)
     else:
         adapter = AdapterFile.load(_single_safetensors(directory, ref.repo_id))
         if model is not None:

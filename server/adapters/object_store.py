@@ -41,7 +41,7 @@ from server.adapters.store import (
 )
 
 if TYPE_CHECKING:
-    from server.adapters.format import AdapterConfig
+    from server.reft.config import AdapterConfig
 
 ENDPOINT_VARIABLE = "REFT_S3_ENDPOINT_URL"  # boto3 itself also reads AWS_ENDPOINT_URL(_S3)
 LOST_RACE_STATUSES = (409, 412)  # 409: S3's ConditionalRequestConflict between concurrent conditional writes

@@ -19,8 +19,14 @@ from pathlib import Path
 
 import torch
 
-from server.adapters.format import DTYPES, AdapterConfig, AdapterError, AdapterFile, ModelShape, tensor_name, validate
-from server.reft.interventions import INTERVENTION_TYPES
+from server.adapters.dtypes import DTYPES
+from server.adapters.errors import AdapterError
+from server.adapters.format import AdapterFile, tensor_name
+from server.adapters.model_shape import ModelShape
+from server.adapters.validation import validate
+from server.reft.config import AdapterConfig
+from server.reft.interventions import INTERVENTION_TYPES, InterventionType, ParamSpec
+from server.reft.positions import interventions_per_layer
 
 _KEY = re.compile(r"^layer[._](\d+)[._]comp[._](.+?)[._]unit[._](.+?)[._]nunit[._](\d+)#(\d+)$")
 _PYREFT_CLASS = re.compile(r"(\w+)'?>?$")
@@ -79,36 +85,51 @@ def orthogonal_from_householder(original: torch.Tensor, base: torch.Tensor) -> t
     return (q.T if transposed else q).to(original.dtype)
 
 
-def _convert_state(state: dict[str, torch.Tensor], kind: str, where: str) -> dict[str, torch.Tensor]:
-    """Map one pyreft intervention state dict to the server's parameter names."""
-    params: dict[str, torch.Tensor] = {}
-    if "rotate_layer" in state:
-        params["rotation"] = state["rotate_layer"]
-    elif "rotate_layer.parametrizations.weight.original" in state:
-        original = state["rotate_layer.parametrizations.weight.original"]
-        base = state.get("rotate_layer.parametrizations.weight.0.base")
-        if base is None:
-            raise AdapterError(where, "has the orthogonal parametrization's 'original' but not its 'base'")
-        params["rotation"] = orthogonal_from_householder(original, base)
-    renames = {
-        "weight": "weight",
-        "bias": "bias",
-        "learned_source.weight": "weight",
-        "learned_source.bias": "bias",
-        "learned_source": "bias",  # ConsReFT / LobiReFT: a learned vector
-        "proj_layer.weight": "proj_weight",
-        "proj_layer.bias": "proj_bias",
-    }
-    for old, new in renames.items():
-        if old in state:
-            params[new] = state[old]
-    kind_params = {spec.name for spec in INTERVENTION_TYPES[kind].params}
-    if "proj_bias" in params and kind == "nodireft":
-        del params["proj_bias"]  # NoDiReFT stores a projection bias it never uses
-    missing = [spec.name for spec in INTERVENTION_TYPES[kind].params if not spec.optional and spec.name not in params]
+def _convert_state(state: dict[str, torch.Tensor], kind: InterventionType, where: str) -> dict[str, torch.Tensor]:
+    """One pyreft intervention state dict under the server's parameter names, as the type table maps them;
+    keys the type does not declare (NoDiReFT's unused projection bias, pyvene's sizes) are left out."""
+    params = {}
+    for spec in kind.params:
+        tensor = _pyreft_param(state, spec, where)
+        if tensor is not None:
+            params[spec.name] = tensor
+    missing = [spec.name for spec in kind.params if not spec.optional and spec.name not in params]
     if missing:
-        raise AdapterError(where, f"missing {', '.join(missing)} for a {kind} intervention (keys: {sorted(state)})")
-    return {name: t for name, t in params.items() if name in kind_params}
+        raise AdapterError(
+            where, f"missing {', '.join(missing)} for a {kind.name} intervention (keys: {sorted(state)})"
+        )
+    return params
+
+
+def _pyreft_param(state: dict[str, torch.Tensor], spec: ParamSpec, where: str) -> torch.Tensor | None:
+    for key in spec.pyreft_names:
+        if key in state:
+            return state[key]
+        original = state.get(f"{key}.parametrizations.weight.original")
+        if spec.orthonormal and original is not None:
+            base = state.get(f"{key}.parametrizations.weight.0.base")
+            if base is None:
+                raise AdapterError(where, "has the orthogonal parametrization's 'original' but not its 'base'")
+            return orthogonal_from_householder(original, base)
+    return None
+
+
+def _dims(kind: InterventionType, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Hidden size and rank read off the parameters' shapes as the type table names their axes."""
+    dims: dict[str, int] = {}
+    for spec in kind.params:
+        tensor = tensors.get(spec.name)
+        if tensor is None:
+            continue
+        if tensor.dim() != len(spec.shape):
+            raise AdapterError(
+                spec.name, f"must be a {len(spec.shape)}-D tensor ({'x'.join(spec.shape)}), got {list(tensor.shape)}"
+            )
+        for axis, size in zip(spec.shape, tensor.shape, strict=True):
+            dims.setdefault(axis, size)
+    if set(dims) != {"d", "r"}:
+        raise AdapterError("type", f"no {kind.name} parameter shows both the hidden size and the rank")
+    return dims
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -179,13 +200,13 @@ def import_pyreft(
             )
         if intervention_type is not None and intervention_type != types[0]:
             raise AdapterError("type", f"checkpoint holds {types[0]} interventions, not {intervention_type}")
-        kind = types[0]
+        type_name = types[0]
     else:
         if intervention_type is None:
             raise AdapterError("type", "a checkpoint without config.json needs the intervention type")
         if intervention_type not in INTERVENTION_TYPES:
             raise AdapterError("type", f"unknown intervention type {intervention_type!r}")
-        keys, kind = sorted(files), intervention_type
+        keys, type_name = sorted(files), intervention_type
 
     parsed = {key: _parse_key(key) for key in keys}
     for key, info in parsed.items():
@@ -194,7 +215,7 @@ def import_pyreft(
     found_layers = sorted({info.layer for info in parsed.values()})
     if layers is not None and sorted(layers) != found_layers:
         raise AdapterError("layers", f"checkpoint has layers {found_layers}, not {sorted(layers)}")
-    per_layer = 1 if share_weights else 2
+    per_layer = interventions_per_layer(share_weights)
     for layer in found_layers:
         indices = sorted(info.index for info in parsed.values() if info.layer == layer)
         if indices != list(range(per_layer)):
@@ -203,27 +224,28 @@ def import_pyreft(
                 f"layer {layer} has {len(indices)} intervention(s) but share_weights={share_weights} needs {per_layer}",
             )
 
+    kind = INTERVENTION_TYPES[type_name]
+    if not kind.importable_from_pyreft:
+        raise AdapterError("type", f"the {type_name} type does not say where pyreft keeps its parameters")
     tensors: dict[str, torch.Tensor] = {}
     dtypes = set()
+    dims: dict[str, int] = {}
     for key, info in parsed.items():
         params = _convert_state(_load_state(files[key]), kind, f"intkey_{key}.bin")
+        dims = dims or _dims(kind, params)
         for name, t in params.items():
             tensors[tensor_name(info.layer, info.index, name)] = t.contiguous()
             dtypes.add(t.dtype)
-    first_rotation_or_weight = next(t for name, t in tensors.items() if name.endswith(("rotation", "proj_weight")))
-    if first_rotation_or_weight.dim() != 2 or min(first_rotation_or_weight.shape) < 1:
-        raise AdapterError("rotation", f"must be a 2-D matrix, got shape {list(first_rotation_or_weight.shape)}")
-    hidden_size = max(first_rotation_or_weight.shape)
-    found_rank = min(first_rotation_or_weight.shape)
+    found_rank = dims["r"]
     if rank is not None and rank != found_rank:
         raise AdapterError("rank", f"checkpoint has rank {found_rank}, not {rank}")
     if recorded is not None and set(recorded[2]) != {found_rank}:
         raise AdapterError("rank", f"config.json records ranks {sorted(set(recorded[2]))}, tensors have {found_rank}")
     dtype = next((name for name, d in DTYPES.items() if d in dtypes and d != torch.float32), "float32")
     config = AdapterConfig(
-        type=kind,
+        type=type_name,
         rank=found_rank,
-        hidden_size=hidden_size,
+        hidden_size=dims["d"],
         layers=tuple(found_layers),
         positions=positions,
         share_weights=share_weights,

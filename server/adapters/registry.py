@@ -24,9 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
+from server.adapters.errors import AdapterError
 from server.adapters.fingerprint import FOREIGN, UNVERIFIED, fingerprint_status
-from server.adapters.format import AdapterError, AdapterFile, ModelShape, validate
+from server.adapters.format import AdapterFile
+from server.adapters.materialize import materialize
+from server.adapters.model_shape import ModelShape
 from server.adapters.store import MAX_VERSION, AdapterStore, NotFound, check_name
+from server.adapters.validation import validate
 from server.metrics import Metrics
 from server.reft.adapter import Adapter
 
@@ -92,7 +96,7 @@ class Lease:
 
     def release(self) -> None:
         if self._resident is not None:
-            self._registry._release(self._resident)
+            self._registry.release_hold(self._resident)
             self._resident = None
 
 
@@ -275,10 +279,12 @@ class AdapterRegistry:
         foreign = self.foreign_error(adapter_file.config.base_model_fingerprint)
         if foreign:
             raise AdapterIncompatible(f"adapter {name}@{version} cannot be served: {foreign}")
-        return Adapter.from_file(adapter_file, name=name, version=version, dtype=self.dtype, device=self.device)
+        return materialize(adapter_file, name=name, version=version, dtype=self.dtype, device=self.device)
 
     # -- residency -------------------------------------------------------------------------------
-    def _release(self, resident: Resident) -> None:
+    def release_hold(self, resident: Resident) -> None:
+        """A lease ends (Lease.release calls this): drop the hold, then the adapter too if its name was
+        deleted meanwhile, or whatever the budget no longer fits."""
         resident.refs -= 1
         key = (resident.adapter.name, resident.adapter.version)
         if resident.refs == 0 and resident.retired and self._resident.get(key) is resident:

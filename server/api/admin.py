@@ -19,20 +19,17 @@ from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 from safetensors.torch import load as load_safetensors
 
 from server.adapters.archive import ArchiveError, unpack_checkpoint
+from server.adapters.config_json import MAX_DIMENSION, config_from_dict, parse_json_object
+from server.adapters.errors import AdapterError
 from server.adapters.fingerprint import fingerprint_status
-from server.adapters.format import (
-    MAX_DIMENSION,
-    AdapterError,
-    AdapterFile,
-    ModelShape,
-    config_from_dict,
-    parse_json_object,
-    validate,
-)
-from server.adapters.hub import HubError, HubRef, InvalidHubRef, PyreftOptions, pull
+from server.adapters.format import AdapterFile
+from server.adapters.hub import HubError, HubRef, InvalidHubRef, pull
+from server.adapters.model_shape import ModelShape
+from server.adapters.options import AdapterOptions, parse_layers
 from server.adapters.pyreft import import_pyreft
 from server.adapters.registry import VersionFacts
 from server.adapters.store import InvalidName, NameInfo, NotFound, Precondition, PreconditionFailed, check_name
+from server.adapters.validation import validate
 from server.api.deps import AppState, State
 from server.api.errors import APIError
 from server.api.preconditions import PRECONDITION_RESPONSES, etag, failed, precondition
@@ -60,7 +57,8 @@ InterventionTypeField = Annotated[
     str | None, Form(max_length=MAX_NAME_CHARS, description="Needed only without config.json")
 ]
 Layers = Annotated[
-    str | None, Form(max_length=MAX_NAME_CHARS, description="Comma-separated, needed only without config.json")
+    str | None,
+    Form(max_length=MAX_NAME_CHARS, description='Comma-separated or "all", needed only without config.json'),
 ]
 Rank = Annotated[int | None, Form(ge=1, le=MAX_DIMENSION, description="Needed only without config.json")]
 
@@ -76,12 +74,22 @@ def _rejected(error: AdapterError) -> APIError:
     return APIError(422, f"adapter rejected: {error}", param=error.field)
 
 
-def _layer_list(layers: str | None) -> list[int] | None:
-    """The `layers` form field ("8,16" or "8;16"), given only for checkpoints without config.json."""
+def _adapter_options(
+    shape: ModelShape,
+    positions: str | None,
+    share_weights: bool,
+    activation: str,
+    intervention_type: str | None,
+    layers: str | None,
+    rank: int | None,
+) -> AdapterOptions:
+    """The form fields of a pyreft or Hub import; `layers` ("8,16", "8;16" or "all" of the served model)
+    is given only for checkpoints without config.json."""
     try:
-        return [int(x) for x in layers.replace(";", ",").split(",") if x.strip()] if layers else None
-    except ValueError:
-        raise APIError(400, "layers: use comma-separated integers", param="layers") from None
+        layer_list = parse_layers(layers, shape.num_layers)
+    except ValueError as e:
+        raise APIError(400, str(e), param="layers") from None
+    return AdapterOptions(positions, share_weights, activation, intervention_type, layer_list, rank)
 
 
 def _model_shape(state: AppState) -> ModelShape:
@@ -276,24 +284,13 @@ async def import_pyreft_adapter(
     name = _name(name)
     condition = precondition(if_match, if_none_match)
     data = await _read_upload(archive, state.settings.max_upload_size, "archive")
-    layer_list = _layer_list(layers)
-
     shape = _model_shape(state)
+    options = _adapter_options(shape, positions, share_weights, activation, intervention_type, layers, rank)
 
     def unpack_and_import() -> AdapterFile:
         with tempfile.TemporaryDirectory(prefix="reft-import-") as tmp:
             directory = unpack_checkpoint(data, Path(tmp) / "checkpoint", max_bytes=state.settings.max_upload_size)
-            return import_pyreft(
-                directory,
-                positions=positions,
-                share_weights=share_weights,
-                activation=activation,
-                intervention_type=intervention_type,
-                layers=layer_list,
-                rank=rank,
-                base_model=state.model_name,
-                model=shape,
-            )
+            return import_pyreft(directory, **options.fields(), base_model=state.model_name, model=shape)
 
     try:
         adapter = await asyncio.to_thread(unpack_and_import)
@@ -331,14 +328,14 @@ async def pull_from_hub(
     new version of `name`; the repo and its resolved commit are recorded in the provenance."""
     name = _name(name)
     condition = precondition(if_match, if_none_match)
-    layer_list = _layer_list(layers)
-    options = PyreftOptions(positions, share_weights, activation, intervention_type, layer_list, rank)
+    shape = _model_shape(state)
+    options = _adapter_options(shape, positions, share_weights, activation, intervention_type, layers, rank)
     try:
         ref = HubRef.parse(repo)
     except InvalidHubRef as e:
         raise APIError(400, str(e), param="repo") from None
     try:
-        adapter = await asyncio.to_thread(pull, ref, options, state.model_name, _model_shape(state))
+        adapter = await asyncio.to_thread(pull, ref, options, state.model_name, shape)
     except HubError as e:
         raise APIError(404, str(e), param="repo") from None
     except AdapterError as e:

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from server.adapters.format import AdapterConfig, AdapterFile, tensor_name
+from server.adapters.format import AdapterFile, tensor_name
+from server.adapters.materialize import materialize
 from server.engine.model_runner import StepBatch
 from server.reft.adapter import Adapter
+from server.reft.config import AdapterConfig
 
 
 @dataclass
@@ -44,7 +46,7 @@ class AdapterPayload:
         return cls(adapter.name, adapter.version, adapter.config, tensors)
 
     def materialize(self, dtype: torch.dtype, device: torch.device) -> Adapter:
-        return Adapter.from_file(
+        return materialize(
             AdapterFile(self.config, self.tensors), name=self.name, version=self.version, dtype=dtype, device=device
         )
 

@@ -22,7 +22,7 @@ from server.config import Settings
 from server.distributed.group import TensorParallelGroup
 from server.distributed.runner import follow
 from server.logging_setup import setup_logging
-from server.model_loader import resolve_device
+from server.models.loader import resolve_device
 
 
 def rank_device(settings: Settings, local_rank: int) -> torch.device:

@@ -22,7 +22,7 @@ from server.distributed.adapter_mirror import AdapterReceiver, AdapterSender
 from server.distributed.group import PING, STOP, GroupBroken, TensorParallelGroup
 from server.engine.kv_cache import KVCache, KVLayout
 from server.engine.model_runner import ModelRunner, StepBatch
-from server.model_loader import load_model, resolve_dtype
+from server.models.loader import load_model, resolve_dtype
 from server.reft.plan import InterventionPlan
 
 log = logging.getLogger(__name__)

@@ -138,4 +138,7 @@ def paged_attention(
     return out[:-1].unsqueeze(0), None
 
 
-AttentionInterface.register(ATTENTION_NAME, paged_attention)
+def register_paged_attention() -> None:
+    """Make `ATTENTION_NAME` known to transformers, before a model is loaded with it; safe to call
+    any number of times (it maps the name to the same function again)."""
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)

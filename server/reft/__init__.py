@@ -1,6 +1,7 @@
-"""ReFT itself, with nothing of the server: interventions and their type table
-(`interventions.py`), which positions an adapter edits (`positions.py`), an adapter ready to apply
-(`adapter.py`), and how edits reach a model's hidden states.
+"""ReFT itself, with nothing else of the server package (it imports nothing outside server.reft):
+the intervention types, their formulas and the type table (`interventions.py`), what an adapter
+computes (`config.py`, `positions.py`), an adapter ready to apply (`adapter.py`), and how edits
+reach a model's hidden states.
 
 The engine meets ReFT at one seam: `request_edit.py` builds one `RequestEdit` per request at submit
 (its edited positions, its prefix-cache identity, the rows a chunk edits), and `plan.py` turns a

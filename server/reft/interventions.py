@@ -8,12 +8,18 @@ Notation (pyreft's): R' is d x r with orthonormal columns (the paper's R^T), W a
 b is r. Projections through R' run in R's dtype (fp32) and the sum with `h` happens in the wider
 dtype before the cast back, exactly as pyreft does; linear maps run in `h`'s dtype.
 
-Parameters of one intervention (names used in the adapter file):
-  rotation     R'  [d, r]  fp32, orthonormal columns
-  weight       W   [r, d]  learned source weight
-  bias         b   [r]     learned source bias (ConsReFT/LobiReFT: the learned source vector)
-  proj_weight  W2  [r, d]  NoReFT / NoDiReFT projection
-  proj_bias    b2  [r]     NoReFT projection bias (optional)
+Parameters of the built-in types (names used in the adapter file; pyreft's state-dict keys):
+  rotation     R'  [d, r]  fp32, orthonormal columns                rotate_layer
+  weight       W   [r, d]  learned source weight                    learned_source.weight
+  bias         b   [r]     learned source bias (ConsReFT/LobiReFT:  learned_source.bias
+                           the learned source vector)               (learned_source)
+  proj_weight  W2  [r, d]  NoReFT / NoDiReFT projection             proj_layer.weight
+  proj_bias    b2  [r]     NoReFT projection bias (optional)        proj_layer.bias
+
+The table (`INTERVENTION_TYPES`) is the one place that knows a type: its formula, its parameters'
+names, shapes, initialization, dtype, which are orthonormal and where pyreft keeps them. Training,
+validation, pyreft import, random adapters and serving all read it, so a plugin type declared with
+`register_intervention_type` needs nothing else.
 """
 
 from __future__ import annotations
@@ -101,25 +107,26 @@ def stack_params(params: Sequence[Params]) -> dict[str, Tensor]:
     return stacked
 
 
-Init = Callable[[Tensor, Mapping[str, int]], Tensor]  # fills a fresh parameter in place, given {"d", "r"}
+Dims = Mapping[str, int]  # the sizes of the shape axes: {"d": hidden size, "r": rank}
+Init = Callable[[Tensor, Dims], Tensor]  # fills a fresh parameter in place
 
 
-def orthogonal_init(tensor: Tensor, dims: Mapping[str, int]) -> Tensor:
+def orthogonal_init(tensor: Tensor, dims: Dims) -> Tensor:
     return nn.init.orthogonal_(tensor)
 
 
-def linear_weight_init(tensor: Tensor, dims: Mapping[str, int]) -> Tensor:
+def linear_weight_init(tensor: Tensor, dims: Dims) -> Tensor:
     """nn.Linear's default for its weight (pyreft's learned sources and projections are nn.Linear)."""
     return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
 
 
-def linear_bias_init(tensor: Tensor, dims: Mapping[str, int]) -> Tensor:
+def linear_bias_init(tensor: Tensor, dims: Dims) -> Tensor:
     """nn.Linear's default for the bias of a d -> r layer."""
     bound = 1 / math.sqrt(dims["d"])
     return nn.init.uniform_(tensor, -bound, bound)
 
 
-def unit_uniform_init(tensor: Tensor, dims: Mapping[str, int]) -> Tensor:
+def unit_uniform_init(tensor: Tensor, dims: Dims) -> Tensor:
     return nn.init.uniform_(tensor)
 
 
@@ -133,6 +140,17 @@ class ParamSpec:
     fp32: bool = False  # kept in fp32 whatever the model dtype (pyreft keeps these in fp32)
     optional: bool = False  # may be absent from an adapter file
     orthonormal: bool = False  # a d x r matrix with orthonormal columns: validated, trained on the manifold
+    # keys that may hold it in a pyreft intervention's state dict, the first present wins; an orthonormal
+    # one may also be saved as torch's orthogonal parametrization of the key ("<key>.parametrizations...")
+    pyreft_names: tuple[str, ...] = ()
+
+    def sizes(self, dims: Dims) -> tuple[int, ...]:
+        """Its shape in numbers, for a hidden size and rank."""
+        return tuple(dims[axis] for axis in self.shape)
+
+    def fresh(self, dims: Dims) -> Tensor:
+        """A new fp32 tensor initialized as training starts it."""
+        return self.init(torch.empty(self.sizes(dims)), dims)
 
 
 @dataclass(frozen=True)
@@ -150,13 +168,23 @@ class InterventionType:
     def param(self, name: str) -> ParamSpec | None:
         return next((s for s in self.params if s.name == name), None)
 
+    @property
+    def importable_from_pyreft(self) -> bool:
+        """Whether every parameter an adapter needs says where pyreft keeps it."""
+        return all(spec.pyreft_names for spec in self.params if not spec.optional)
 
-_ROTATION = ParamSpec("rotation", ("d", "r"), orthogonal_init, fp32=True, orthonormal=True)
-_WEIGHT = ParamSpec("weight", ("r", "d"), linear_weight_init)
-_BIAS = ParamSpec("bias", ("r",), linear_bias_init)
-_SOURCE_VECTOR = ParamSpec("bias", ("r",), unit_uniform_init, fp32=True)
-_PROJ_WEIGHT = ParamSpec("proj_weight", ("r", "d"), linear_weight_init)
-_PROJ_BIAS = ParamSpec("proj_bias", ("r",), linear_bias_init, optional=True)
+
+# pyreft's LoReFT writes its learned source as plain "weight" / "bias" keys, the other types as learned_source.*
+_ROTATION = ParamSpec(
+    "rotation", ("d", "r"), orthogonal_init, fp32=True, orthonormal=True, pyreft_names=("rotate_layer",)
+)
+_WEIGHT = ParamSpec("weight", ("r", "d"), linear_weight_init, pyreft_names=("learned_source.weight", "weight"))
+_BIAS = ParamSpec("bias", ("r",), linear_bias_init, pyreft_names=("learned_source.bias", "bias"))
+_SOURCE_VECTOR = ParamSpec(
+    "bias", ("r",), unit_uniform_init, fp32=True, pyreft_names=("learned_source", "learned_source.bias", "bias")
+)
+_PROJ_WEIGHT = ParamSpec("proj_weight", ("r", "d"), linear_weight_init, pyreft_names=("proj_layer.weight",))
+_PROJ_BIAS = ParamSpec("proj_bias", ("r",), linear_bias_init, optional=True, pyreft_names=("proj_layer.bias",))
 
 INTERVENTION_TYPES: dict[str, InterventionType] = {}
 

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from server.adapters.format import DTYPES, ModelShape
+from server.adapters.dtypes import DTYPES
+from server.adapters.model_shape import ModelShape
+from server.adapters.options import LAYERS_HELP, AdapterOptions
 from server.adapters.precondition_args import (
     PRECONDITION_EXIT_CODE,
     add_precondition_arguments,
@@ -34,7 +36,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", required=True, type=Path, help='JSONL: {"prompt", "completion"} or {"messages"} lines'
     )
     parser.add_argument("--name", required=True, help="adapter name")
-    parser.add_argument("--layers", required=True, help='layers to intervene on: "8;16", "8,16" or "all"')
+    parser.add_argument("--layers", required=True, help=f"layers to intervene on: {LAYERS_HELP}")
     parser.add_argument("--rank", type=int, default=4, help="low-rank dimension r (default 4)")
     parser.add_argument(
         "--positions", default="f1+l1", help='prompt positions: "f1+l1", "f5", "l3", "0,1,-1" (default f1+l1)'
@@ -86,19 +88,6 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_layers(text: str, num_layers: int) -> list[int]:
-    """ "8;16", "8,16" or "all" (every one of the model's `num_layers`) -> layer indices."""
-    if text.strip().lower() == "all":
-        return list(range(num_layers))
-    try:
-        layers = [int(part) for part in text.replace(";", ",").split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f'invalid --layers {text!r}: use "8;16", "8,16" or "all"') from None
-    if not layers:
-        raise ValueError("--layers names no layer")
-    return layers  # the trainer checks them against the model
-
-
 def publish_to_store(store: str, name: str, data: bytes, precondition: Precondition | None = None) -> int:
     """Publish as the next version of `name`; returns the version number."""
     return open_store(store).publish(name, data, precondition=precondition)
@@ -115,15 +104,13 @@ def _train(args: argparse.Namespace) -> tuple[TrainResult, str]:
     examples = load_examples(args.data, tokenizer)  # bad data fails before the model loads
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
     bar = ProgressBar(sys.stderr)
+    options = AdapterOptions.from_args(args, ModelShape.of(model).num_layers)
+    if options.layers is None:
+        raise ValueError(f"--layers names no layer: use {LAYERS_HELP}")
     result = train_adapter(
         model,
         examples,
-        layers=parse_layers(args.layers, ModelShape.of(model).num_layers),
-        intervention_type=args.intervention_type,
-        rank=args.rank,
-        positions=args.positions,
-        share_weights=args.share_weights,
-        activation=args.activation,
+        **options.fields(),
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,

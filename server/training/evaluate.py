@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from server.adapters.format import AdapterFile
-from server.reft.adapter import Adapter
+from server.adapters.materialize import materialize
 from server.reft.reference import reference_generate
 from server.training.data import Example
 
@@ -24,7 +24,7 @@ def greedy_completions(
     parameter = next(model.parameters())
     served = None
     if adapter is not None:
-        served = Adapter.from_file(adapter, name="evaluation", dtype=parameter.dtype, device=parameter.device)
+        served = materialize(adapter, name="evaluation", dtype=parameter.dtype, device=parameter.device)
     return [
         reference_generate(model, list(prompt), served, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
         for prompt in prompts

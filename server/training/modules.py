@@ -33,7 +33,7 @@ class TrainableIntervention(nn.Module):
         self.orthonormal = nn.ModuleDict()
         self.free = nn.ParameterDict()
         for spec in kind.params:  # in the table's order: the random initialization depends on it
-            initial = spec.init(torch.empty(*(dims[axis] for axis in spec.shape)), dims)
+            initial = spec.fresh(dims)
             if spec.orthonormal:
                 self.orthonormal[spec.name] = orthogonal(_OrthonormalHolder(initial))
             else:

@@ -22,9 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from server.adapters.config_json import config_from_dict
 from server.adapters.fingerprint import model_fingerprint
-from server.adapters.format import AdapterConfig, AdapterFile, ModelShape, config_from_dict, validate
+from server.adapters.format import AdapterFile
+from server.adapters.model_shape import ModelShape
+from server.adapters.validation import validate
 from server.reft.batch_edit import batch_edit_kwargs
+from server.reft.config import AdapterConfig
 from server.reft.interventions import INTERVENTION_TYPES, Intervention
 from server.reft.interventions import activation as activation_function
 from server.reft.positions import intervention_positions, parse_positions

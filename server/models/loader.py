@@ -1,14 +1,20 @@
 """Load the frozen base model for the engine: device and dtype choice, our attention, eval mode,
-and, across a tensor-parallel group, transformers' own tensor-parallel plan for the model."""
+and, across a tensor-parallel group, transformers' own tensor-parallel plan for the model.
+
+`load_causal_lm` is the one place a model gets its attention implementation: the engine's paged
+attention (registered with transformers here, explicitly) or another, such as "sdpa" for references.
+"""
 
 from __future__ import annotations
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DistributedConfig
+from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DistributedConfig, PretrainedConfig
+
+from server.adapters.dtypes import DTYPES
 from server.adapters.fingerprint import model_fingerprint
-from server.adapters.format import DTYPES
-from server.engine.attention import ATTENTION_NAME
+from server.engine.attention import ATTENTION_NAME, register_paged_attention
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,8 +52,21 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype, tensor_paral
     if tensor_parallel > 1:
         check_tensor_parallel(AutoConfig.from_pretrained(path), tensor_parallel)
         options["distributed_config"] = DistributedConfig(tp_size=tensor_parallel)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION_NAME, **options)
-    model.to(device).eval().requires_grad_(False)
+    model = load_causal_lm(path, dtype, **options)
+    model.to(device).requires_grad_(False)
     if tensor_parallel > 1:
         model_fingerprint(model)  # on every rank: sampling sharded weights gathers them from the group
     return model, tokenizer
+
+
+def load_causal_lm(
+    source: str | Path | PretrainedConfig, dtype: torch.dtype, attention: str = ATTENTION_NAME, **options
+):
+    """A causal LM in eval mode whose attention is `attention` (default: the engine's paged attention),
+    from a checkpoint directory or hub id, or random-init from a config; `options` go to transformers."""
+    register_paged_attention()
+    if isinstance(source, PretrainedConfig):
+        model = AutoModelForCausalLM.from_config(source, dtype=dtype, attn_implementation=attention, **options)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention, **options)
+    return model.eval()

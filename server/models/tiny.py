@@ -1,6 +1,6 @@
-"""Small random-init causal LMs with a byte-level tokenizer, and random adapters, built offline.
+"""Small random-init causal LMs with a byte-level tokenizer, built offline.
 
-The tests run on these, and the offline demo serves one. Nothing is downloaded: the tokenizer is
+The tests and benchmarks run on these, and the offline toy demo serves one. Nothing is downloaded: the tokenizer is
 made with the `tokenizers` library (ids 0/1/2 = pad/bos/eos, then the 256 byte symbols), the model
 from a config, and both are written with `save_pretrained` so they load back with the Auto classes.
 """
@@ -12,9 +12,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-
-from server.adapters.format import AdapterConfig, AdapterFile, tensor_name, validate
-from server.reft.interventions import INTERVENTION_TYPES
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
@@ -80,31 +77,3 @@ def build_tiny_model(family: str, directory: str | Path, *, seed: int = 0, **con
     model.save_pretrained(directory)
     byte_level_tokenizer().save_pretrained(directory)
     return directory
-
-
-def random_adapter_file(
-    kind: str,
-    layers: tuple[int, ...],
-    rank: int,
-    positions: str,
-    hidden_size: int,
-    share_weights: bool = True,
-    seed: int = 0,
-    scale: float = 1.0,
-) -> AdapterFile:
-    """A random adapter of `kind`, strong enough to change greedy outputs of a tiny model."""
-    g = torch.Generator().manual_seed(seed)
-    config = AdapterConfig(kind, rank, hidden_size, tuple(layers), positions, share_weights)
-    tensors = {}
-    for layer in layers:
-        for index in range(config.interventions_per_layer):
-            for spec in INTERVENTION_TYPES[kind].params:
-                shape = [{"d": hidden_size, "r": rank}[axis] for axis in spec.shape]
-                if spec.orthonormal:
-                    tensor = torch.linalg.qr(torch.randn(*shape, generator=g))[0].contiguous()
-                else:
-                    tensor = torch.randn(*shape, generator=g) * scale
-                tensors[tensor_name(layer, index, spec.name)] = tensor
-    adapter = AdapterFile(config, tensors)
-    validate(adapter)
-    return adapter
