@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
     Request,
+    adapter_shape,
     add_model_arguments,
     dtype_of,
     left_padded,
@@ -525,9 +526,9 @@ async def server_part(args, url: str, auth: dict, names: list[str], payloads: di
     return {"hot_load": hot, "uploads": uploads, "capacity_requests_per_s": capacity, "latency_vs_load": curve}
 
 
-def run_server_part(args, hidden_size: int, layers: tuple[int, ...]) -> dict:
+def run_server_part(args, hidden_size: int, layers: tuple[int, ...], positions: str) -> dict:
     def payload(rank: int, seed: int) -> bytes:
-        return random_adapter_file("loreft", layers, rank, "f7+l7", hidden_size, seed=seed, scale=0.05).to_bytes()
+        return random_adapter_file("loreft", layers, rank, positions, hidden_size, seed=seed, scale=0.05).to_bytes()
 
     names = [f"a{i}" for i in range(args.server_adapters)]
     payloads = {
@@ -641,7 +642,8 @@ def main() -> None:
 
     model = load(args)
     hf = load(args, attention="sdpa")
-    adapters = make_adapters(model, max(args.adapters))
+    layers, rank, positions = adapter_shape(args, model)
+    adapters = make_adapters(model, max(args.adapters), rank=rank, layers=layers, positions=positions)
     check_baseline(hf, adapters[0])
     requests = workload(args.requests, args.prompt_len, args.output_len, 0)
     results = {
@@ -664,10 +666,10 @@ def main() -> None:
     results["poisson"] = poisson(args, core, hf, capacity)
     results["scaling"] = scaling(args, model, requests)
     results["prefix"] = shared_prefix(args, model, adapters)
-    hidden_size, num_layers = model.config.hidden_size, model.config.num_hidden_layers
+    hidden_size = model.config.hidden_size
     del core, model, hf, adapters
     if not args.skip_server:
-        results["server"] = run_server_part(args, hidden_size, tuple(range(0, num_layers, 2)))
+        results["server"] = run_server_part(args, hidden_size, layers, positions)
     results["seconds"] = time.perf_counter() - started
     report(results)
     out.parent.mkdir(parents=True, exist_ok=True)
