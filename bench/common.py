@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: a random-init model of a chosen size, workloads, adapters."""
+"""Shared pieces of the benchmarks: a model (random-init of a chosen size, or the demo's real SmolLM2),
+workloads, adapters."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import transformers
 
 from server.adapters.materialize import materialize
 from server.adapters.random_adapters import random_adapter_file
+from server.demo_smollm2 import STYLE_TRAINING
 from server.engine.attention import ATTENTION_NAME
 from server.models.loader import load_causal_lm
 from server.models.tiny import VOCAB_SIZE, build_tiny_model, byte_level_tokenizer, tiny_config
+from server.smollm2 import convert_smollm2
 
 MAX_POSITIONS = 4096
 SHAPE_FIELDS = (
@@ -48,8 +51,17 @@ PRESETS = {  # tiny_config fields: "tiny" is the test model, "small" a 26M-param
 }
 
 
+# Real models by preset name: a builder writing the model directory, and the shape (layers, rank, positions)
+# of the adapters served on it. "smollm2" is the default demo's SmolLM2-135M-Instruct, converted from the
+# installed wheel as the demo converts it; its adapters have the demo recipe's shape.
+REAL_MODELS = {"smollm2": convert_smollm2}
+REAL_ADAPTER_SHAPES = {
+    "smollm2": (tuple(STYLE_TRAINING["layers"]), STYLE_TRAINING["rank"], STYLE_TRAINING["positions"]),
+}
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=list(PRESETS), default="small")
+    parser.add_argument("--preset", choices=[*PRESETS, *REAL_MODELS], default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--threads", type=int, default=None)
@@ -63,8 +75,13 @@ def dtype_of(args) -> torch.dtype:
 
 
 def model_dir(args) -> Path:
-    """A random-init Llama of the preset's size, built once into the cache."""
+    """The preset's model directory, built once into the cache: a random-init Llama of the preset's
+    size, or a real model converted by its builder."""
     directory = args.cache / args.preset
+    if args.preset in REAL_MODELS:
+        if not (directory / "config.json").exists():
+            REAL_MODELS[args.preset](directory)
+        return directory
     if not (directory / "config.json").exists() or not _built_from_preset(directory, args.preset):
         build_tiny_model("llama", directory, max_positions=MAX_POSITIONS, **PRESETS[args.preset])
     return directory
@@ -146,6 +163,14 @@ def left_padded(batch: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids[row, width - len(r.prompt) :] = torch.tensor(r.prompt)
         attention_mask[row, width - len(r.prompt) :] = 1
     return input_ids, attention_mask
+
+
+def adapter_shape(args, model) -> tuple[tuple[int, ...], int, str]:
+    """(layers, rank, positions) of the adapters a benchmark serves: a real model's own (its demo
+    adapters'), else every other layer, rank 4, f7+l7."""
+    if args.preset in REAL_ADAPTER_SHAPES:
+        return REAL_ADAPTER_SHAPES[args.preset]
+    return tuple(range(0, model.config.num_hidden_layers, 2)), 4, "f7+l7"
 
 
 def make_adapters(model, count: int, rank: int = 4, layers: tuple[int, ...] | None = None, positions: str = "f7+l7"):

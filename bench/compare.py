@@ -18,6 +18,8 @@ of medians.
 
     python bench/compare.py            # the README's figures: about 12 minutes on 2 CPU cores
     python bench/compare.py --quick    # smoke run: about 1 minute
+    python bench/compare.py --preset smollm2 --quick --adapters 1 8 64 --skip-scaling --skip-prefix
+        # [1], [2], [3] and [5] on the demo's real SmolLM2-135M-Instruct (adapters of its demo recipe's shape)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
     Request,
+    adapter_shape,
     add_model_arguments,
     dtype_of,
     left_padded,
@@ -529,9 +532,9 @@ async def server_part(args, url: str, auth: dict, names: list[str], payloads: di
     return {"hot_load": hot, "uploads": uploads, "capacity_requests_per_s": capacity, "latency_vs_load": curve}
 
 
-def run_server_part(args, hidden_size: int, layers: tuple[int, ...]) -> dict:
+def run_server_part(args, hidden_size: int, layers: tuple[int, ...], positions: str) -> dict:
     def payload(rank: int, seed: int) -> bytes:
-        return random_adapter_file("loreft", layers, rank, "f7+l7", hidden_size, seed=seed, scale=0.05).to_bytes()
+        return random_adapter_file("loreft", layers, rank, positions, hidden_size, seed=seed, scale=0.05).to_bytes()
 
     names = [f"a{i}" for i in range(args.server_adapters)]
     payloads = {
@@ -573,7 +576,7 @@ def ratio_line(
 
 def report(results: dict) -> None:
     """Every ratio once more, in one block: the README's table."""
-    a, p, s = results["adapters"], results["poisson"], results["scaling"]
+    a, p = results["adapters"], results["poisson"]
     base = a["ours_base"]["tokens_per_s"]
     print("\nsummary: all measured in this run; ratios with rounds are medians of per-round ratios")
     for k, row in a["per_k"].items():
@@ -588,12 +591,15 @@ def report(results: dict) -> None:
         label, target = f"[3] ours K={k} / HF grouped by adapter", TARGETS["grouped_64"] if k == "64" else None
         print(ratio_line(label, row["ours_tokens_per_s"], row["grouped_tokens_per_s"], "tok/s", target=target))
     print(ratio_line("[3] ours base-only / HF static, at once", base, a["hf_static"]["tokens_per_s"], "tok/s"))
-    for name, row in s["variants"].items():
-        label, base_prefill = f"[4] {name} / base, prefill", s["base_prompt_tokens_per_s"]
-        print(ratio_line(label, row["prompt_tokens_per_s"], base_prefill, "tok/s", row["ratio_rounds"]))
-    shared = results["prefix"]
-    label = f"[6] prefix caching on / off ({shared['hit_rate']:.0%} hit)"
-    print(ratio_line(label, shared["on_tokens_per_s"], shared["off_tokens_per_s"], "tok/s", shared["ratio_rounds"]))
+    if "scaling" in results:
+        s = results["scaling"]
+        for name, row in s["variants"].items():
+            label, base_prefill = f"[4] {name} / base, prefill", s["base_prompt_tokens_per_s"]
+            print(ratio_line(label, row["prompt_tokens_per_s"], base_prefill, "tok/s", row["ratio_rounds"]))
+    if "prefix" in results:
+        shared = results["prefix"]
+        label = f"[6] prefix caching on / off ({shared['hit_rate']:.0%} hit)"
+        print(ratio_line(label, shared["on_tokens_per_s"], shared["off_tokens_per_s"], "tok/s", shared["ratio_rounds"]))
     if "server" in results:
         hot, up = results["server"]["hot_load"], results["server"]["uploads"]
         print(
@@ -622,7 +628,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=(1, 4, 16, 64))
     parser.add_argument("--scaling-requests", type=int, default=32)
     parser.add_argument("--system-len", type=int, default=256, help="system prompt tokens of part 6")
-    parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument("--skip-scaling", action="store_true", help="leave out [4]")
+    parser.add_argument("--skip-prefix", action="store_true", help="leave out [6]")
+    parser.add_argument("--skip-server", action="store_true", help="leave out [5]")
     parser.add_argument("--server-adapters", type=int, default=64)
     parser.add_argument("--server-requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -645,7 +653,8 @@ def main() -> None:
 
     model = load(args)
     hf = load(args, attention="sdpa")
-    adapters = make_adapters(model, max(args.adapters))
+    layers, rank, positions = adapter_shape(args, model)
+    adapters = make_adapters(model, max(args.adapters), rank=rank, layers=layers, positions=positions)
     check_baseline(hf, adapters[0])
     requests = workload(args.requests, args.prompt_len, args.output_len, 0)
     results = {
@@ -666,12 +675,14 @@ def main() -> None:
     results["adapters"], core = adapters_and_baselines(args, model, hf, requests, adapters)
     capacity = results["adapters"]["ours_base"]["tokens_per_s"] / statistics.mean(args.output_len)
     results["poisson"] = poisson(args, core, hf, capacity)
-    results["scaling"] = scaling(args, model, requests)
-    results["prefix"] = shared_prefix(args, model, adapters)
-    hidden_size, num_layers = model.config.hidden_size, model.config.num_hidden_layers
+    if not args.skip_scaling:
+        results["scaling"] = scaling(args, model, requests)
+    if not args.skip_prefix:
+        results["prefix"] = shared_prefix(args, model, adapters)
+    hidden_size = model.config.hidden_size
     del core, model, hf, adapters
     if not args.skip_server:
-        results["server"] = run_server_part(args, hidden_size, tuple(range(0, num_layers, 2)))
+        results["server"] = run_server_part(args, hidden_size, layers, positions)
     results["seconds"] = time.perf_counter() - started
     report(results)
     out.parent.mkdir(parents=True, exist_ok=True)

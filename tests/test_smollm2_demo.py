@@ -14,7 +14,7 @@ from server.adapters.format import AdapterFile
 from server.adapters.materialize import materialize
 from server.adapters.store import AdapterStore
 from server.demo_smollm2 import style_examples
-from server.demo_styles import ANSWERS, HELD_OUT_QUESTIONS, STYLES
+from server.demo_styles import ANSWERS, HELD_OUT_QUESTIONS, STYLES, style_answers
 from server.reft.reference import reference_generate
 from server.smollm2 import SMOLLM2_MODEL_NAME
 from server.tokenization import encode_chat
@@ -77,12 +77,13 @@ def test_held_out_questions_are_not_trained_on():
     assert len(trained) == len(ANSWERS) and not trained & {q.lower() for q in HELD_OUT_QUESTIONS}
 
 
-# The French adapter answers in French words but often repeats one ("Les, les, les, ..."): 6 of 12
-# held-out answers carry two different stop-words. A stronger recipe should fix it; then drop this.
-WEAK_FRENCH = pytest.mark.xfail(strict=True, reason="the demo recipe's French carries on 6/12 held-out questions")
+@pytest.mark.parametrize("style", STYLES)
+def test_every_training_answer_carries_its_style(style):
+    unmarked = [answer for _, answer in style_answers(style) if not MARKS[style](answer)]
+    assert not unmarked
 
 
-@pytest.mark.parametrize("style", [pytest.param(s, marks=WEAK_FRENCH) if s == "french" else s for s in STYLES])
+@pytest.mark.parametrize("style", STYLES)
 def test_each_adapter_carries_its_style_to_held_out_questions(demo, held_out_mixed, style):
     tokenizer = demo[2]
     _, replies = held_out_mixed
