@@ -688,8 +688,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out} ({results['seconds'] / 60:.1f} min)")
-    from bench.plots import write_plots  # here: matplotlib is the optional `bench` extra, needed only now
-
+    try:
+        from bench.plots import write_plots  # here: matplotlib is the optional `bench` extra, needed only now
+    except ModuleNotFoundError as e:
+        print(f"no plots: {e} (pip install -e '.[bench]')")
+        return
     for path in write_plots(results, out):
         print(f"wrote {path}")
 
