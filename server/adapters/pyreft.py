@@ -6,7 +6,9 @@ written by `ReftModel.save`) a pyvene `config.json`. Keys look like
 `layer.15.comp.block_output.unit.pos.nunit.1#0` (older); `#i` numbers repeated (layer, component)
 pairs: without shared weights #0 is the first-positions and #1 the last-positions intervention.
 
-pyreft does not record positions, weight sharing or the activation: the caller supplies them.
+pyreft does not record positions, weight sharing or the activation: the caller supplies them. Which
+state-dict key holds which parameter, and the hidden size and rank read off their shapes, come from
+the type table (`ParamSpec.pyreft_names`, `ParamSpec.shape`), so a plugin type imports as a built-in.
 Pickles are only ever read with `torch.load(weights_only=True)`, which refuses code.
 """
 
@@ -128,7 +130,7 @@ def _dims(kind: InterventionType, tensors: dict[str, torch.Tensor]) -> dict[str,
         for axis, size in zip(spec.shape, tensor.shape, strict=True):
             dims.setdefault(axis, size)
     if set(dims) != {"d", "r"}:
-        raise AdapterError("type", f"no {kind.name} parameter shows both the hidden size and the rank")
+        raise AdapterError("type", f"the {kind.name} parameters do not show both the hidden size and the rank")
     return dims
 
 
