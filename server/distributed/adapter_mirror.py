@@ -45,7 +45,7 @@ class AdapterPayload:
         }
         return cls(adapter.name, adapter.version, adapter.config, tensors)
 
-    def materialize(self, dtype: torch.dtype, device: torch.device) -> Adapter:
+    def to_adapter(self, dtype: torch.dtype, device: torch.device) -> Adapter:
         return materialize(
             AdapterFile(self.config, self.tensors), name=self.name, version=self.version, dtype=dtype, device=device
         )
@@ -104,7 +104,7 @@ class AdapterReceiver:
     def batch(self, message: StepMessage) -> StepBatch:
         """Take in the message's adapter changes and return its batch with every edit's adapter."""
         for digest, payload in message.new_adapters.items():
-            self.adapters[digest] = payload.materialize(self.dtype, self.device)
+            self.adapters[digest] = payload.to_adapter(self.dtype, self.device)
         edits = [
             replace(chunk, owner=index, adapter=self.adapters[digest])
             for index, (chunk, digest) in enumerate(zip(message.batch.edits, message.edit_adapters, strict=True))
