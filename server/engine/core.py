@@ -172,6 +172,8 @@ class EngineCore:
         return self._finish(seq, FinishReason.ABORT) if seq is not None else None
 
     def step(self) -> list[SeqOutput]:
+        """One iteration: schedule chunks, run the model once over them (with ReFT's plan for their
+        edits), fail the requests whose edit failed, advance the rest, sample the rows that sample."""
         started = time.perf_counter()
         self.last_step = None
         chunks = self.scheduler.schedule()
