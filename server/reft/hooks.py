@@ -1,7 +1,8 @@
 """Forward hooks on every decoder layer that apply the step's intervention plan in place.
 
-The engine passes the plan as a forward kwarg (PLAN_KWARG); transformers hands forward kwargs to
-each decoder layer, so the hook reads it from there and needs no shared state. Without a plan (decode
+The plan travels as a forward kwarg (`plan_kwargs`: from the engine's model runner, and from
+batch_edit.py for the trainer and the reference); transformers hands forward kwargs to each decoder
+layer, so the hook reads it from there and needs no shared state. Without a plan (decode
 steps, requests without adapters) a hook returns at once. The last layer's hook also records which
 rows are finite, so a request whose edit blew up its hidden states fails alone.
 """
