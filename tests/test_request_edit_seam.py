@@ -1,0 +1,61 @@
+"""The engine serves whatever a RequestEdit says to edit, with no change of its own: here an edit rule
+that also edits generated (decode) positions, which no adapter spec can express today. Scheduler,
+KV cache, prefix cache and model runner are untouched by it, and the tokens equal a slow reference
+that recomputes the whole sequence with the edit at every step."""
+
+import pytest
+import torch
+
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import Sequence
+from server.reft.batch_edit import batch_edit_kwargs
+from server.reft.request_edit import RequestEdit
+from tests.conftest import load_reference_model
+from tests.engine_utils import load_engine_model, make_core, prompt, random_adapter, run_core
+
+NEW_TOKENS = 10
+
+
+def with_decode_positions(edit: RequestEdit, decode_positions: tuple[int, ...]) -> RequestEdit:
+    positions = tuple(tuple(sorted({*index, *decode_positions})) for index in edit.positions)
+    return RequestEdit(edit.adapter, positions, max(edit.end, max(decode_positions) + 1))
+
+
+@torch.no_grad()
+def recomputed_generate(model, prompt_ids: list[int], edit: RequestEdit) -> list[int]:
+    """Greedy tokens, each from a full forward of the sequence so far with every edited position
+    that exists yet edited: no cache, nothing shared with the engine but the step plan's formulas."""
+    tokens = list(prompt_ids)
+    while len(tokens) < len(prompt_ids) + NEW_TOKENS:
+        positions = [[[p for p in index if p < len(tokens)] for index in edit.positions]]
+        kwargs = batch_edit_kwargs(model, edit.adapter.layers, positions, len(tokens))
+        logits = model(torch.tensor([tokens]), use_cache=False, **kwargs).logits[0, -1]
+        tokens.append(int(logits.argmax()))
+    return tokens[len(prompt_ids) :]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir):
+    directory = tiny_model_dir("llama")
+    return load_engine_model(directory), load_reference_model(directory)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_an_edit_rule_on_decode_positions_is_served_without_engine_changes(models, prefix_caching):
+    engine_model, reference_model = models
+    hidden = engine_model.config.hidden_size
+    adapter = random_adapter("steer", "loreft", (0, 2), 4, "f1+l1", hidden, True, seed=3)
+    core = make_core(engine_model, prefix_caching=prefix_caching, max_batched_tokens=16)
+    requests, expected = [], {}
+    for i, length in enumerate((5, 11, 23)):
+        ids = prompt(length, i)
+        edit = with_decode_positions(RequestEdit.for_prompt(adapter, length), (length + 1, length + 4))
+        sampling = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        requests.append((Sequence(f"r{i}", ids, sampling, edit), i))
+        expected[f"r{i}"] = recomputed_generate(reference_model, ids, edit)
+    plain = RequestEdit.for_prompt(adapter, 11)
+    requests.append((Sequence("plain", prompt(11, 1), sampling, plain), 0))
+    generated = run_core(core, requests)
+    assert {rid: generated[rid] for rid in expected} == expected
+    # the same prompt and adapter with prompt-only edits shares no decode edits: its tokens differ
+    assert generated["plain"] != generated["r1"]
