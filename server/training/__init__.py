@@ -1,1 +1,8 @@
-"""Adapter training: fit ReFT adapters on the served model with plain transformers and torch."""
+"""Adapter training: fit ReFT adapters on the served model with plain transformers and torch.
+
+`trainer.py` fits one adapter (`train_adapter`) through the same step plan the engine serves with
+(`server.reft.batch_edit`), so what is trained is exactly what is served; `modules.py` holds the
+trainable parameters, made from the intervention type table; `data.py` reads examples,
+`evaluate.py` checks an adapter against the trainer's own evaluation, `provenance.py` records how it
+was made, `cli.py` is `reft-server train`.
+"""
