@@ -89,7 +89,8 @@ class FlexStep:
         return self._masks[sliding_window]
 
     def _visited_blocks(self, sliding_window: int | None) -> tuple[Tensor, Tensor]:
-        """Per query tile, how many pool blocks its rows may see and which, each once: [1, 1, tiles], [1, 1, tiles, pool]."""
+        """Per query tile, how many pool blocks its rows may see and which, each once: [1, 1, tiles] and
+        [1, 1, tiles, pool blocks]."""
         tiles: list[dict[int, None]] = [{} for _ in range(-(-self.num_rows // QUERY_TILE))]
         for span in self.spans:
             end = span.row + span.length
