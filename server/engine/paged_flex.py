@@ -110,12 +110,12 @@ class FlexStep:
 
     def _mask_mod(self, sliding_window: int | None):
         row_seq, row_pos, tables, logical = self.row_seq, self.row_pos, self.tables, self.logical
-        block_size, last_column = self.block_size, self.tables.shape[1] - 1
+        block_size = self.block_size  # fixed for the engine's life; a step-varying int would recompile the kernel
 
         def own_slot_in_view(batch, head, q_idx, kv_idx):
             block = kv_idx // block_size
             index = logical[block]
-            owned = (index >= 0) & (tables[row_seq[q_idx], index.clamp(0, last_column)] == block)
+            owned = (index >= 0) & (tables[row_seq[q_idx], index.clamp(0, tables.shape[1] - 1)] == block)
             key_pos = index * block_size + kv_idx % block_size
             allowed = owned & (key_pos <= row_pos[q_idx])
             if sliding_window is not None:
