@@ -4,6 +4,9 @@ Parts (--parts, default all, in this order):
   engine     the engine on N requests arriving at once, base model only and with K distinct LoReFT adapters
   decode     the engine's decode step at several batch sizes next to its memory floor, at the bandwidth of a
              large device-to-device copy measured in the same run
+  engine-flex, decode-flex
+             the same two with the engine's FlexAttention backend (attention_backend "flex") instead of
+             "sdpa", so one run compares them
   hf-static  HF `generate` on the same requests, static left-padded batches
   hf-cb      transformers' `generate_batch` (continuous batching) on the same requests, held to the engine's
              limits; its first call (start-up and warm-up included) is reported apart
@@ -44,7 +47,7 @@ from server.engine.attention import ATTENTION_NAME  # noqa: E402
 from server.engine.config import EngineConfig  # noqa: E402
 from server.models.tiny import VOCAB_SIZE  # noqa: E402
 
-PARTS = ("engine", "decode", "hf-static", "hf-cb", "parity")
+PARTS = ("engine", "decode", "engine-flex", "decode-flex", "hf-static", "hf-cb", "parity")
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "pyreft_reference"
 
 # flag -> (GPU default, --smoke default); a flag given on the command line wins over both
@@ -142,24 +145,32 @@ class Benchmark:
         output = (args.output_len, args.output_len)
         self.requests = workload(args.requests, tuple(args.prompt_len), output, 0, vocab_size=vocab)
 
-    def engine_config(self) -> EngineConfig:
+    def engine_config(self, attention_backend: str = "sdpa") -> EngineConfig:
         return EngineConfig(
             kv_cache_bytes=int(self.args.kv_cache_gib * GIB),
             max_num_seqs=self.args.max_num_seqs,
             max_batched_tokens=self.args.max_batched_tokens,
+            attention_backend=attention_backend,
         )
 
-    def engine(self) -> dict:
+    def engine_flex(self) -> dict:
+        return self.engine("flex")
+
+    def decode_flex(self) -> dict:
+        return self.decode("flex")
+
+    def engine(self, attention_backend: str = "sdpa") -> dict:
         args = self.args
+        config = self.engine_config(attention_backend)
         model = self.models.get(ATTENTION_NAME)
         num_layers = model.config.num_hidden_layers
         count = min(args.adapter_layers, num_layers)
         layers = tuple(range(0, num_layers, num_layers // count))[:count]
         adapters = make_adapters(model, args.adapters, args.adapter_rank, layers, args.adapter_positions)
         mixed = [replace(r, adapter=i % args.adapters) for i, r in enumerate(self.requests)]
-        warm_up = run_engine(model, mixed[: max(1, len(mixed) // 8)], adapters, self.engine_config())
-        base = run_engine(model, self.requests, adapters, self.engine_config())
-        with_adapters = run_engine(model, mixed, adapters, self.engine_config())
+        warm_up = run_engine(model, mixed[: max(1, len(mixed) // 8)], adapters, config)  # flex: compiles here
+        base = run_engine(model, self.requests, adapters, config)
+        with_adapters = run_engine(model, mixed, adapters, config)
         say(f"  warm-up ({warm_up['tokens']} tokens) {warm_up['seconds']:.2f} s")
         say(f"  base only            {base['tokens_per_s']:10.1f} tok/s  {base['seconds']:7.2f} s")
         adapters_line = f"{with_adapters['tokens_per_s']:10.1f} tok/s  {with_adapters['seconds']:7.2f} s"
@@ -167,6 +178,7 @@ class Benchmark:
         ratio = with_adapters["tokens_per_s"] / base["tokens_per_s"]
         say(f"  adapters / base = {ratio:.3f}")
         return {
+            "attention_backend": attention_backend,
             "adapter_layers": list(layers),
             "warm_up": warm_up,
             "base": base,
@@ -174,14 +186,15 @@ class Benchmark:
             "adapters_over_base": ratio,
         }
 
-    def decode(self) -> dict:
+    def decode(self, attention_backend: str = "sdpa") -> dict:
         args = self.args
+        config = self.engine_config(attention_backend)
         bandwidth = copy_bandwidth(args.device, int(args.copy_gib * GIB))
         say(f"  copy bandwidth {bandwidth['gb_per_s']:.0f} GB/s (read + written, {args.copy_gib:g} GiB copies)")
         model = self.models.get(ATTENTION_NAME)
         steps = []
         for batch in args.decode_seqs:
-            measured = decode_step(model, batch, args.decode_context, args.decode_steps, self.engine_config())
+            measured = decode_step(model, batch, args.decode_context, args.decode_steps, config)
             steps.append(with_floor(model, measured, bandwidth["gb_per_s"]))
             step = steps[-1]
             say(
@@ -189,7 +202,13 @@ class Benchmark:
                 f"memory floor {step['floor_ms']:7.3f} ms ({step['over_floor']:.1f}x)"
             )
         element = next(model.parameters()).element_size()
-        return {"bandwidth": bandwidth, "kv_bytes_per_token": kv_bytes_per_token(model.config, element), "steps": steps}
+        kv_bytes = kv_bytes_per_token(model.config, element)
+        return {
+            "attention_backend": attention_backend,
+            "bandwidth": bandwidth,
+            "kv_bytes_per_token": kv_bytes,
+            "steps": steps,
+        }
 
     def hf_static(self) -> dict:
         result = run_static(self.models.get("sdpa"), self.requests, self.args.static_batch)

@@ -43,15 +43,17 @@ def test_smoke_run_reports_every_part(smoke_results):
 def test_smoke_throughputs_count_every_requested_token(smoke_results):
     parts, settings = smoke_results["parts"], smoke_results["settings"]
     wanted = settings["requests"] * settings["output_len"]
-    runs = [parts["engine"]["base"], parts["engine"]["adapters"], parts["hf-static"], parts["hf-cb"]]
-    runs.append(parts["hf-cb"]["first_call"])
+    runs = [parts["hf-static"], parts["hf-cb"], parts["hf-cb"]["first_call"]]
+    runs += [parts[engine][run] for engine in ("engine", "engine-flex") for run in ("base", "adapters")]
     for run in runs:
         assert run["tokens"] == wanted and run["tokens_per_s"] > 0
     assert parts["hf-cb"]["settings"]["max_requests_per_batch"] == settings["max_num_seqs"]
 
 
-def test_smoke_decode_steps_sit_above_their_memory_floor(smoke_results):
-    decode = smoke_results["parts"]["decode"]
+@pytest.mark.parametrize("part, backend", [("decode", "sdpa"), ("decode-flex", "flex")])
+def test_smoke_decode_steps_sit_above_their_memory_floor(smoke_results, part, backend):
+    decode = smoke_results["parts"][part]
+    assert decode["attention_backend"] == backend
     assert decode["bandwidth"]["gb_per_s"] > 0
     assert [step["seqs"] for step in decode["steps"]] == list(smoke_results["settings"]["decode_seqs"])
     for step in decode["steps"]:

@@ -38,8 +38,15 @@ class KVGeometry:
 
 
 class TensorParallelDriver(ModelRunner):
-    def __init__(self, model: nn.Module, kv: KVCache, group: TensorParallelGroup, adapters: AdapterSender):
-        super().__init__(model, kv)
+    def __init__(
+        self,
+        model: nn.Module,
+        kv: KVCache,
+        attention_backend: str,
+        group: TensorParallelGroup,
+        adapters: AdapterSender,
+    ):
+        super().__init__(model, kv, attention_backend)
         self.group = group
         self.adapters = adapters
         group.send(KVGeometry(kv.num_blocks, kv.block_size))
@@ -69,7 +76,7 @@ def follow(group: TensorParallelGroup, settings: Settings, device: torch.device)
     parameter = next(model.parameters())
     layout = KVLayout.from_config(model.config, parameter.dtype).sharded(group.size)
     kv = KVCache(layout, geometry.num_blocks, geometry.block_size, parameter.device, prefix_caching=False)
-    runner = ModelRunner(model, kv)
+    runner = ModelRunner(model, kv, settings.attention_backend)
     adapters = AdapterReceiver(parameter.dtype, parameter.device)
     while (message := group.receive()) != STOP:
         if message == PING:

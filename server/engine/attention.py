@@ -3,11 +3,16 @@
 The engine packs every scheduled sequence of a step into one row [1, T]. Models loaded with
 `attn_implementation=ATTENTION_NAME` call `paged_attention` per layer with that step's queries,
 keys and values; it writes the new keys/values into the pool and attends each sequence over its own
-cached context. Sequences are batched in (at most) two padded groups: one-token queries (decode)
-and longer chunks (prefill), each one SDPA call with a boolean mask built once per step.
+cached context, with one of two backends (the engine's `attention_backend`):
 
-GPU seam: `AttentionGroup.attend` is the only place that reads the pool; a varlen / paged kernel
-(flash-attn varlen, FlexAttention with a block mask) replaces it without touching the engine.
+- "sdpa" (the default, and the reference the other is tested against): sequences are batched in (at
+  most) two padded groups, one-token queries (decode) and longer chunks (prefill), each one SDPA call
+  over whole blocks gathered from the pool, with a boolean mask built once per step.
+- "flex" (paged_flex.py): FlexAttention reads the pool in place through a block mask built once per
+  step; compiled on CUDA, eager on CPU.
+
+Either backend is a step reader with `attend(layer, queries, scaling, sliding_window)`; the pool write
+stays here, the same for both.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from torch import Tensor
 from transformers import AttentionInterface
 
 from server.engine.kv_cache import KVCache
+from server.engine.paged_flex import FlexStep, flex_kernel
 
 ATTENTION_NAME = "reft_paged"
 STEP_KWARG = "reft_attention"
+ATTENTION_BACKENDS = ("sdpa", "flex")
 
 
 @dataclass(frozen=True)
@@ -91,22 +98,51 @@ class AttentionGroup:
         return out.transpose(1, 2).reshape(n * query_len, heads, -1)
 
 
+class SdpaStep:
+    """One step's gathered SDPA groups over a KV pool; `attend` runs one layer."""
+
+    def __init__(self, kv: KVCache, spans: list[Span], num_rows: int, device: torch.device):
+        decode = [s for s in spans if s.length == 1]
+        prefill = [s for s in spans if s.length > 1]
+        self.kv = kv
+        self.num_rows = num_rows
+        self.groups = [AttentionGroup(g, kv.block_size, kv.pad_block, num_rows, device) for g in (decode, prefill) if g]
+
+    def attend(self, layer: int, queries: Tensor, scaling: float | None, sliding_window: int | None) -> Tensor:
+        out = queries.new_empty((self.num_rows + 1, *queries.shape[1:]))  # + the spare row padded queries land in
+        keys, values = self.kv.block_keys(layer), self.kv.block_values(layer)
+        for group in self.groups:
+            out.index_copy_(0, group.scatter_rows, group.attend(queries, keys, values, scaling, sliding_window))
+        return out[:-1]
+
+
+class FlexStepOverPool:
+    """FlexStep reading one KV pool's layers."""
+
+    def __init__(self, kv: KVCache, spans: list[Span], device: torch.device):
+        self.kv = kv
+        self.flex = FlexStep(spans, kv.block_size, kv.num_blocks + 1, device, flex_kernel(device.type))
+
+    def attend(self, layer: int, queries: Tensor, scaling: float | None, sliding_window: int | None) -> Tensor:
+        return self.flex.attend(queries, self.kv.keys[layer], self.kv.values[layer], scaling, sliding_window)
+
+
 @dataclass
 class StepAttention:
     """What every layer's attention needs for one step; built once per step by the model runner."""
 
     kv: KVCache
     slot_mapping: Tensor  # [T] slot of each new token
-    groups: list[AttentionGroup]
+    reader: SdpaStep | FlexStepOverPool
 
     @classmethod
-    def build(cls, kv: KVCache, spans: list[Span], slot_mapping: Tensor) -> StepAttention:
+    def build(cls, kv: KVCache, spans: list[Span], slot_mapping: Tensor, backend: str = "sdpa") -> StepAttention:
         device = slot_mapping.device
-        num_rows = slot_mapping.numel()
-        decode = [s for s in spans if s.length == 1]
-        prefill = [s for s in spans if s.length > 1]
-        groups = [AttentionGroup(g, kv.block_size, kv.pad_block, num_rows, device) for g in (decode, prefill) if g]
-        return cls(kv, slot_mapping, groups)
+        if backend == "sdpa":
+            return cls(kv, slot_mapping, SdpaStep(kv, spans, slot_mapping.numel(), device))
+        if backend == "flex":
+            return cls(kv, slot_mapping, FlexStepOverPool(kv, spans, device))
+        raise ValueError(f"unknown attention backend {backend!r}; one of {', '.join(ATTENTION_BACKENDS)}")
 
 
 def paged_attention(
@@ -129,13 +165,7 @@ def paged_attention(
     layer = module.layer_idx
     queries, keys, values = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, D]
     step.kv.write(layer, step.slot_mapping, keys, values)
-    out = queries.new_empty((queries.shape[0] + 1, *queries.shape[1:]))
-    for group in step.groups:
-        attended = group.attend(
-            queries, step.kv.block_keys(layer), step.kv.block_values(layer), scaling, sliding_window
-        )
-        out.index_copy_(0, group.scatter_rows, attended)
-    return out[:-1].unsqueeze(0), None
+    return step.reader.attend(layer, queries, scaling, sliding_window).unsqueeze(0), None
 
 
 def register_paged_attention() -> None:

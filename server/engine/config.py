@@ -1,9 +1,12 @@
-"""The engine's settings, in one place: the KV pool, the batch limits, prefix caching. The server's
-Settings make one (`Settings.engine_config`); the scheduler and the core read it as it is."""
+"""The engine's settings, in one place: the KV pool, the batch limits, prefix caching, the attention
+backend. The server's Settings make one (`Settings.engine_config`); the scheduler and the core read it
+as it is."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from server.engine.attention import ATTENTION_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -17,3 +20,10 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output; default: the model's context window
     prefix_caching: bool = True  # reuse the K/V of identical (tokens, adapter edits) prefixes
     watermark_blocks: int = 1  # free blocks kept in reserve when admitting, so decodes rarely preempt
+    attention_backend: str = "sdpa"  # how attention reads the KV pool: "sdpa" (gathered) or "flex" (in place)
+
+    def __post_init__(self):
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, not {self.attention_backend!r}"
+            )

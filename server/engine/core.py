@@ -67,7 +67,7 @@ class EngineCore:
         model: nn.Module,
         config: EngineConfig,
         eos_token_ids: set[int],
-        make_runner: Callable[[nn.Module, KVCache], ModelRunner] = ModelRunner,
+        make_runner: Callable[..., ModelRunner] = ModelRunner,  # (model, kv, attention_backend)
     ):
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
@@ -87,7 +87,7 @@ class EngineCore:
             )
         self.max_model_len = self._context_window(model, config)
         self.scheduler = Scheduler(self.kv, config)
-        self.runner = make_runner(model, self.kv)
+        self.runner = make_runner(model, self.kv, config.attention_backend)
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
         self.sequences: dict[str, Sequence] = {}

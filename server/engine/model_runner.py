@@ -47,9 +47,10 @@ class StepBatch:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, kv: KVCache):
+    def __init__(self, model: nn.Module, kv: KVCache, attention_backend: str = "sdpa"):
         self.model = model
         self.kv = kv
+        self.attention_backend = attention_backend
         self.device = next(model.parameters()).device
         self._hooks = install_plan_hooks(model)
 
@@ -91,7 +92,7 @@ class ModelRunner:
         """Run the model once: logits [len(batch.keep), vocab] and the step's intervention plan."""
         self.kv.zero_blocks(batch.new_blocks)  # first: pack took them off the allocator, so nothing may skip this
         slot_mapping = torch.tensor(batch.slots, dtype=torch.long, device=self.device)
-        attention = StepAttention.build(self.kv, batch.spans, slot_mapping)
+        attention = StepAttention.build(self.kv, batch.spans, slot_mapping, self.attention_backend)
         plan = build_plan(batch.edits, self.device)
         out = self.model(
             input_ids=torch.tensor([batch.token_ids], device=self.device),
