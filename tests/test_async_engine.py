@@ -1,4 +1,4 @@
-"""The async facade: streams, detokenization, stop strings, cancellation and overload."""
+"""The async front end: streams, detokenization, stop strings, cancellation and overload."""
 
 import asyncio
 import random
