@@ -1,6 +1,6 @@
 """The synchronous engine: owns the scheduler, KV cache, model runner and sampler; `step()` runs one
-iteration and reports what each sequence produced. Not thread-safe: the async front end (async_engine.py) drives it from
-its own thread.
+iteration and reports what each sequence produced. Not thread-safe: the async front end
+(async_engine.py) drives it from its own thread.
 """
 
 from __future__ import annotations
