@@ -43,24 +43,22 @@ class RequestEdit:
         reloaded adapter reuses its cached prefixes and a new version never does."""
         return f"adapter {self.adapter.digest}".encode()
 
+    def _offsets(self, start: int, end: int) -> list[list[int]]:
+        """Per intervention index, the edited positions inside [start, end), counted from `start`."""
+        return [[p - start for p in positions if start <= p < end] for positions in self.positions]
+
     def block_signature(self, start: int, end: int) -> bytes:
         """The edits inside token positions [start, end), as bytes for the block's cache key."""
         if start >= self.end:
             return b""
-        parts = []
-        for index, positions in enumerate(self.positions):
-            offsets = [p - start for p in positions if start <= p < end]
-            parts.append(struct.pack(f"<2q{len(offsets)}q", index, len(offsets), *offsets))
-        return b"".join(parts)
+        offsets = self._offsets(start, end)
+        return b"".join(struct.pack(f"<2q{len(o)}q", index, len(o), *o) for index, o in enumerate(offsets))
 
     def rows(self, owner: Hashable, first_row: int, start: int, length: int) -> EditedRows | None:
         """The step rows to edit when tokens [start, start + length) sit at rows [first_row, ...)."""
         if start >= self.end:
             return None
-        end = start + length
-        rows = tuple(
-            tuple(first_row + p - start for p in positions if start <= p < end) for positions in self.positions
-        )
+        rows = tuple(tuple(first_row + o for o in offsets) for offsets in self._offsets(start, start + length))
         return EditedRows(owner, self.adapter, rows, first_row, length) if any(rows) else None
 
 
