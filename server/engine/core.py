@@ -95,14 +95,15 @@ class EngineCore:
 
     @staticmethod
     def _warm_up_step(model: nn.Module, layout: KVLayout, config: EngineConfig) -> StepResult:
-        """One prefill of the largest step the scheduler can make, in a pool of its own."""
+        """One prefill of the largest step the scheduler can make, in a pool of its own, with the attention
+        backend that will serve: its peak memory is what the KV budget must leave room for."""
         window = getattr(model.config, "max_position_embeddings", None) or config.max_batched_tokens
         tokens = min(config.max_batched_tokens, window)
         device = next(model.parameters()).device
         kv = KVCache(layout, -(-tokens // config.block_size), config.block_size, device, prefix_caching=False)
         seq = Sequence("warm-up", [0] * tokens, SamplingParams(max_new_tokens=1))
         kv.allocate(seq, tokens)
-        return ModelRunner(model, kv).run([ScheduledChunk(seq, 0, tokens)])
+        return ModelRunner(model, kv, config.attention_backend).run([ScheduledChunk(seq, 0, tokens)])
 
     def _context_window(self, model: nn.Module, config: EngineConfig) -> int:
         """max_model_len: as configured, or the model's window capped by what the KV pool holds."""
