@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface
 
+from server.engine.config import ATTENTION_BACKENDS
 from server.engine.kv_cache import KVCache
 from server.engine.paged_flex import FlexStep, flex_kernel
 
 ATTENTION_NAME = "reft_paged"
 STEP_KWARG = "reft_attention"
-ATTENTION_BACKENDS = ("sdpa", "flex")
 
 
 @dataclass(frozen=True)

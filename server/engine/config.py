@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.engine.attention import ATTENTION_BACKENDS
+ATTENTION_BACKENDS = ("sdpa", "flex")  # see attention.py
 
 
 @dataclass(frozen=True)
