@@ -4,7 +4,8 @@ tests/fixtures/pyreft_reference) through the engine on one device, every case in
 Counts, per dtype, how many requests reproduce pyreft's tokens exactly (with and without their adapter),
 and how many agree with the slow reference path (server.reft.reference) run in the same dtype on the
 same device. In bfloat16 pyreft's fp32 tokens may drift after a near tie; the engine should still agree
-with the reference computed in bfloat16.
+with the reference computed in bfloat16. Where the device's default attention backend is not sdpa (on
+CUDA: paged, with CUDA graphs), the engine also runs with sdpa, and the counts say how often each matches.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from server.adapters.materialize import materialize
 from server.adapters.model_shape import ModelShape
 from server.adapters.pyreft import import_pyreft
 from server.engine.attention import ATTENTION_NAME
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, resolve_attention_backend
 from server.engine.core import EngineCore
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
@@ -39,10 +40,13 @@ def load_fixture_adapter(fixture: Path, name: str, shape: ModelShape, dtype: tor
     return materialize(adapter_file, name=name, version=1, dtype=dtype, device=device)
 
 
-def engine_tokens(model, prompts: dict[str, tuple[list[int], Adapter | None]], max_new_tokens: int) -> dict:
+def engine_tokens(
+    model, prompts: dict[str, tuple[list[int], Adapter | None]], max_new_tokens: int, attention_backend: str = "auto"
+) -> dict:
     """Greedy tokens of every request, all added before the first step (the default KV budget holds the
     fixture's requests many times over, so they all run together)."""
-    core = EngineCore(model, EngineConfig(max_num_seqs=len(prompts), max_batched_tokens=1024), eos_token_ids=set())
+    config = EngineConfig(max_num_seqs=len(prompts), max_batched_tokens=1024, attention_backend=attention_backend)
+    core = EngineCore(model, config, eos_token_ids=set())
     for request_id, (prompt, adapter) in prompts.items():
         sampling = SamplingParams(max_new_tokens=max_new_tokens)
         core.add(Sequence(request_id, list(prompt), sampling, request_edit(adapter, len(prompt))))
@@ -67,6 +71,10 @@ def fixture_parity(fixture: Path, device, dtype: torch.dtype, max_cases: int | N
         prompts[f"adapter{index}"] = (case["prompt_ids"], adapters[case["adapter"]])
         prompts[f"base{index}"] = (case["prompt_ids"], None)
     served = engine_tokens(engine_model, prompts, max_new_tokens)
+    # where the device's default backend is not sdpa (CUDA), sdpa's tokens are the bar it must meet
+    gathered = None
+    if resolve_attention_backend("auto", torch.device(device).type) != "sdpa":
+        gathered = engine_tokens(engine_model, prompts, max_new_tokens, "sdpa")
     del engine_model
     reference_model = _load(fixture, dtype, "sdpa", device)
     reference = {
@@ -79,6 +87,9 @@ def fixture_parity(fixture: Path, device, dtype: torch.dtype, max_cases: int | N
         counts[f"{kind}_engine_vs_pyreft"] = sum(served[i] == pyreft for i, pyreft in pairs)
         counts[f"{kind}_reference_vs_pyreft"] = sum(reference[i] == pyreft for i, pyreft in pairs)
         counts[f"{kind}_engine_vs_reference"] = sum(served[i] == reference[i] for i, _ in pairs)
+        if gathered is not None:
+            counts[f"{kind}_sdpa_engine_vs_pyreft"] = sum(gathered[i] == pyreft for i, pyreft in pairs)
+            counts[f"{kind}_engine_vs_sdpa_engine"] = sum(served[i] == gathered[i] for i, _ in pairs)
     return counts
 
 

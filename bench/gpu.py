@@ -1,12 +1,13 @@
 """Every GPU figure in one run on one device, printed and written to JSON (--json).
 
 Parts (--parts, default all, in this order):
-  engine     the engine on N requests arriving at once, base model only and with K distinct LoReFT adapters
+  engine     the engine on N requests arriving at once, base model only and with K distinct LoReFT adapters,
+             with the server's defaults (on CUDA: paged attention, decode steps replayed from CUDA graphs)
   decode     the engine's decode step at several batch sizes next to its memory floor, at the bandwidth of a
              large device-to-device copy measured in the same run
-  engine-flex, decode-flex
-             the same two with the engine's FlexAttention backend (attention_backend "flex") instead of
-             "sdpa", so one run compares them
+  engine-eager, decode-eager, engine-sdpa, decode-sdpa, engine-flex, decode-flex
+             the same two without CUDA graphs (eager), with the gathered sdpa attention (the old path and the
+             reference), and with FlexAttention, so one run compares them
   hf-static  HF `generate` on the same requests, static left-padded batches
   hf-cb      transformers' `generate_batch` (continuous batching) on the same requests, held to the engine's
              limits; its first call (start-up and warm-up included) is reported apart
@@ -44,10 +45,13 @@ from bench.device_timing import GIB, copy_bandwidth, peak_memory_gib, release_me
 from bench.fixture_parity import fixture_parity  # noqa: E402
 from bench.serving_peers import continuous_batching_config, run_continuous, run_engine, run_static  # noqa: E402
 from server.engine.attention import ATTENTION_NAME  # noqa: E402
-from server.engine.config import EngineConfig  # noqa: E402
+from server.engine.config import EngineConfig, resolve_attention_backend  # noqa: E402
 from server.models.tiny import VOCAB_SIZE  # noqa: E402
 
-PARTS = ("engine", "decode", "engine-flex", "decode-flex", "hf-static", "hf-cb", "parity")
+# engine variants: part suffix -> (attention_backend, cuda_graphs)
+VARIANTS = {"": ("auto", True), "eager": ("auto", False), "sdpa": ("sdpa", False), "flex": ("flex", False)}
+ENGINE_PARTS = tuple(f"{kind}-{suffix}".rstrip("-") for suffix in VARIANTS for kind in ("engine", "decode"))
+PARTS = (*ENGINE_PARTS, "hf-static", "hf-cb", "parity")
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "pyreft_reference"
 
 # flag -> (GPU default, --smoke default); a flag given on the command line wins over both
@@ -145,23 +149,25 @@ class Benchmark:
         output = (args.output_len, args.output_len)
         self.requests = workload(args.requests, tuple(args.prompt_len), output, 0, vocab_size=vocab)
 
-    def engine_config(self, attention_backend: str = "sdpa") -> EngineConfig:
+    def engine_config(self, variant: str = "") -> EngineConfig:
+        attention_backend, cuda_graphs = VARIANTS[variant]
         return EngineConfig(
             kv_cache_bytes=int(self.args.kv_cache_gib * GIB),
             max_num_seqs=self.args.max_num_seqs,
             max_batched_tokens=self.args.max_batched_tokens,
             attention_backend=attention_backend,
+            cuda_graphs=cuda_graphs,
         )
 
-    def engine_flex(self) -> dict:
-        return self.engine("flex")
+    def run_part(self, part: str) -> dict:
+        kind, _, variant = part.partition("-")
+        if part in ENGINE_PARTS:
+            return getattr(self, kind)(variant)
+        return getattr(self, part.replace("-", "_"))()
 
-    def decode_flex(self) -> dict:
-        return self.decode("flex")
-
-    def engine(self, attention_backend: str = "sdpa") -> dict:
+    def engine(self, variant: str = "") -> dict:
         args = self.args
-        config = self.engine_config(attention_backend)
+        config = self.engine_config(variant)
         model = self.models.get(ATTENTION_NAME)
         num_layers = model.config.num_hidden_layers
         count = min(args.adapter_layers, num_layers)
@@ -178,7 +184,8 @@ class Benchmark:
         ratio = with_adapters["tokens_per_s"] / base["tokens_per_s"]
         say(f"  adapters / base = {ratio:.3f}")
         return {
-            "attention_backend": attention_backend,
+            "attention_backend": resolve_attention_backend(config.attention_backend, torch.device(args.device).type),
+            "cuda_graphs": config.cuda_graphs,
             "adapter_layers": list(layers),
             "warm_up": warm_up,
             "base": base,
@@ -186,9 +193,9 @@ class Benchmark:
             "adapters_over_base": ratio,
         }
 
-    def decode(self, attention_backend: str = "sdpa") -> dict:
+    def decode(self, variant: str = "") -> dict:
         args = self.args
-        config = self.engine_config(attention_backend)
+        config = self.engine_config(variant)
         bandwidth = copy_bandwidth(args.device, int(args.copy_gib * GIB))
         say(f"  copy bandwidth {bandwidth['gb_per_s']:.0f} GB/s (read + written, {args.copy_gib:g} GiB copies)")
         model = self.models.get(ATTENTION_NAME)
@@ -204,7 +211,8 @@ class Benchmark:
         element = next(model.parameters()).element_size()
         kv_bytes = kv_bytes_per_token(model.config, element)
         return {
-            "attention_backend": attention_backend,
+            "attention_backend": resolve_attention_backend(config.attention_backend, torch.device(args.device).type),
+            "cuda_graphs": config.cuda_graphs,
             "bandwidth": bandwidth,
             "kv_bytes_per_token": kv_bytes,
             "steps": steps,
@@ -239,6 +247,12 @@ class Benchmark:
                 f"base {counts['base_engine_vs_pyreft']}/{n}; vs the reference in {dtype} "
                 f"adapter {counts['adapter_engine_vs_reference']}/{n} base {counts['base_engine_vs_reference']}/{n}"
             )
+            if "adapter_sdpa_engine_vs_pyreft" in counts:
+                say(
+                    f"  {dtype}, engine with sdpa: vs pyreft adapter {counts['adapter_sdpa_engine_vs_pyreft']}/{n} "
+                    f"base {counts['base_sdpa_engine_vs_pyreft']}/{n}; default vs sdpa adapter "
+                    f"{counts['adapter_engine_vs_sdpa_engine']}/{n} base {counts['base_engine_vs_sdpa_engine']}/{n}"
+                )
         return results
 
 
@@ -273,7 +287,7 @@ def run(args: argparse.Namespace) -> dict:
         release_memory(args.device)
         part_started = time.perf_counter()
         try:
-            result = getattr(benchmark, part.replace("-", "_"))()
+            result = benchmark.run_part(part)
         except Exception:  # one failing part must not cost the others their device time
             traceback.print_exc()
             result = {"error": traceback.format_exc(limit=-8)}

@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-GPU_TESTS=(tests/test_bench_gpu.py)  # test files with CUDA tests; they must import without the HTTP stack
+GPU_TESTS=(tests/test_gpu_engine.py tests/test_bench_gpu.py::test_smoke_run_on_cuda)  # skipped without CUDA
 
 server=0
 bench_args=()
@@ -32,7 +32,7 @@ done
 failed=0
 
 if nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1; then
-  "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda "${GPU_TESTS[@]}" 2>&1 | tee "$OUT/gpu-tests.log" || failed=1
+  "$PYTHON" -m pytest -q -p no:cacheprovider "${GPU_TESTS[@]}" 2>&1 | tee "$OUT/gpu-tests.log" || failed=1
 else
   rm -f "$OUT/nvidia-smi.txt"
   echo "no NVIDIA GPU here: the GPU tests are skipped"

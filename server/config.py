@@ -67,8 +67,13 @@ class Settings(BaseSettings):
     max_batched_tokens: int = Field(512, ge=1, description="Tokens per engine step (prefill is chunked to fit)")
     max_model_len: int | None = Field(None, ge=2, description="Prompt + output tokens at most (default: the model's)")
     prefix_caching: bool = Field(True, description="Reuse the KV cache of prompt prefixes already computed")
-    attention_backend: Literal["sdpa", "flex"] = Field(
-        "sdpa", description="Attention over the KV cache: sdpa (gathered blocks) or flex (FlexAttention, in place)"
+    attention_backend: Literal["auto", "sdpa", "paged", "flex"] = Field(
+        "auto",
+        description="Attention over the KV cache: sdpa (gathered blocks), paged (decode reads the cache in place "
+        "with a Triton kernel on CUDA), flex (FlexAttention, in place); auto = paged on a GPU, sdpa on a CPU",
+    )
+    cuda_graphs: bool = Field(
+        True, description="Replay decode-only steps from CUDA graphs (paged attention on a GPU; captured at start)"
     )
     max_queue: int = Field(256, ge=0, description="Requests waiting beyond the running batch; more get 429")
     request_timeout: float = Field(600.0, gt=0, description="Seconds before a request is aborted")
@@ -132,4 +137,5 @@ class Settings(BaseSettings):
             max_model_len=self.max_model_len,
             prefix_caching=self.prefix_caching,
             attention_backend=self.attention_backend,
+            cuda_graphs=self.cuda_graphs,
         )

@@ -44,16 +44,22 @@ def test_smoke_throughputs_count_every_requested_token(smoke_results):
     parts, settings = smoke_results["parts"], smoke_results["settings"]
     wanted = settings["requests"] * settings["output_len"]
     runs = [parts["hf-static"], parts["hf-cb"], parts["hf-cb"]["first_call"]]
-    runs += [parts[engine][run] for engine in ("engine", "engine-flex") for run in ("base", "adapters")]
+    engines = [name for name in gpu.ENGINE_PARTS if name.startswith("engine")]
+    assert len(engines) == len(gpu.VARIANTS)
+    runs += [parts[engine][run] for engine in engines for run in ("base", "adapters")]
     for run in runs:
         assert run["tokens"] == wanted and run["tokens_per_s"] > 0
     assert parts["hf-cb"]["settings"]["max_requests_per_batch"] == settings["max_num_seqs"]
 
 
-@pytest.mark.parametrize("part, backend", [("decode", "sdpa"), ("decode-flex", "flex")])
-def test_smoke_decode_steps_sit_above_their_memory_floor(smoke_results, part, backend):
+DECODE_PARTS = [("decode", "sdpa", True), ("decode-eager", "sdpa", False), ("decode-sdpa", "sdpa", False)]
+DECODE_PARTS += [("decode-flex", "flex", False)]  # on the CPU, auto is sdpa
+
+
+@pytest.mark.parametrize("part, backend, graphs", DECODE_PARTS)
+def test_smoke_decode_steps_sit_above_their_memory_floor(smoke_results, part, backend, graphs):
     decode = smoke_results["parts"][part]
-    assert decode["attention_backend"] == backend
+    assert (decode["attention_backend"], decode["cuda_graphs"]) == (backend, graphs)
     assert decode["bandwidth"]["gb_per_s"] > 0
     assert [step["seqs"] for step in decode["steps"]] == list(smoke_results["settings"]["decode_seqs"])
     for step in decode["steps"]:

@@ -45,8 +45,9 @@ class TensorParallelDriver(ModelRunner):
         attention_backend: str,
         group: TensorParallelGroup,
         adapters: AdapterSender,
+        **graphs,
     ):
-        super().__init__(model, kv, attention_backend)
+        super().__init__(model, kv, attention_backend, **graphs)
         self.group = group
         self.adapters = adapters
         group.send(KVGeometry(kv.num_blocks, kv.block_size))

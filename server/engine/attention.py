@@ -1,18 +1,21 @@
 """Attention over the engine's paged KV cache, plugged into transformers' AttentionInterface.
 
-The engine packs every scheduled sequence of a step into one row [1, T]. Models loaded with
-`attn_implementation=ATTENTION_NAME` call `paged_attention` per layer with that step's queries,
+The engine packs every scheduled sequence of a step into one row [1, T], decodes first. Models loaded
+with `attn_implementation=ATTENTION_NAME` call `paged_attention` per layer with that step's queries,
 keys and values; it writes the new keys/values into the pool and attends each sequence over its own
-cached context, with one of two backends (the engine's `attention_backend`):
+cached context, with one of three backends (the engine's `attention_backend`; "auto" is paged on CUDA,
+sdpa elsewhere):
 
-- "sdpa" (the default, and the reference the other is tested against): sequences are batched in (at
-  most) two padded groups, one-token queries (decode) and longer chunks (prefill), each one SDPA call
-  over whole blocks gathered from the pool, with a boolean mask built once per step.
+- "sdpa" (the CPU default, and the reference the others are tested against): sequences are batched in
+  (at most) two padded groups, one-token queries (decode) and longer chunks (prefill), each one SDPA
+  call over whole blocks gathered from the pool, with a boolean mask built once per step.
+- "paged": decode rows read the pool in place (paged_decode.py: a Triton kernel on CUDA), prefill chunks
+  go through sdpa's gathered group. Its decode-only steps can be replayed from CUDA graphs.
 - "flex" (paged_flex.py): FlexAttention reads the pool in place through a block mask built once per
   step; compiled on CUDA, eager on CPU.
 
-Either backend is a step reader with `attend(layer, queries, scaling, sliding_window)`; the pool write
-stays here, the same for both.
+Each backend is a step reader with `attend(layer, queries, scaling, sliding_window)`; the pool write
+stays here, the same for all.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from transformers import AttentionInterface
 
 from server.engine.config import ATTENTION_BACKENDS
 from server.engine.kv_cache import KVCache
+from server.engine.paged_decode import DecodeKernel, decode_kernel
 from server.engine.paged_flex import FlexStep, flex_kernel
 
 ATTENTION_NAME = "reft_paged"
@@ -98,18 +102,53 @@ class AttentionGroup:
         return out.transpose(1, 2).reshape(n * query_len, heads, -1)
 
 
-class SdpaStep:
-    """One step's gathered SDPA groups over a KV pool; `attend` runs one layer."""
+class PagedDecodeRows:
+    """Decode rows, the first `len(context)` rows of a step, attended in place by a paged decode kernel."""
 
-    def __init__(self, kv: KVCache, spans: list[Span], num_rows: int, device: torch.device):
+    def __init__(self, kv: KVCache, tables: Tensor, context: Tensor, kernel: DecodeKernel):
+        self.kv = kv
+        self.tables = tables  # [rows, width] block ids
+        self.context = context  # [rows] tokens each row attends over, its own included
+        self.kernel = kernel
+
+    @classmethod
+    def from_spans(cls, kv: KVCache, spans: list[Span], device: torch.device) -> PagedDecodeRows:
+        if [s.row for s in spans] != list(range(len(spans))) or any(s.length != 1 for s in spans):
+            raise ValueError("paged decode rows must be one-token spans at the start of the step")
+        width = max(len(s.block_table) for s in spans)
+        tables = [s.block_table + [kv.pad_block] * (width - len(s.block_table)) for s in spans]
+        context = [s.start + 1 for s in spans]
+        kernel = decode_kernel(device.type)
+        return cls(kv, torch.tensor(tables, device=device), torch.tensor(context, device=device), kernel)
+
+    def attend(
+        self, layer: int, queries: Tensor, scaling: float | None, sliding_window: int | None, out: Tensor | None = None
+    ) -> Tensor:
+        """queries [T, H, D] of the step -> attention of its first rows, written into `out` if given."""
+        rows = queries[: self.context.shape[0]]
+        scale = scaling if scaling is not None else rows.shape[-1] ** -0.5
+        out = torch.empty_like(rows) if out is None else out
+        keys, values, block_size = self.kv.keys[layer], self.kv.values[layer], self.kv.block_size
+        return self.kernel(out, rows, keys, values, self.tables, self.context, block_size, scale, sliding_window)
+
+
+class SdpaStep:
+    """One step's gathered SDPA groups over a KV pool; `attend` runs one layer. With `paged_decode`, the
+    decode rows read the pool in place instead (the paged backend)."""
+
+    def __init__(self, kv: KVCache, spans: list[Span], num_rows: int, device: torch.device, paged_decode: bool = False):
         decode = [s for s in spans if s.length == 1]
         prefill = [s for s in spans if s.length > 1]
         self.kv = kv
         self.num_rows = num_rows
-        self.groups = [AttentionGroup(g, kv.block_size, kv.pad_block, num_rows, device) for g in (decode, prefill) if g]
+        self.decode = PagedDecodeRows.from_spans(kv, decode, device) if paged_decode and decode else None
+        grouped = (prefill,) if self.decode is not None else (decode, prefill)
+        self.groups = [AttentionGroup(g, kv.block_size, kv.pad_block, num_rows, device) for g in grouped if g]
 
     def attend(self, layer: int, queries: Tensor, scaling: float | None, sliding_window: int | None) -> Tensor:
         out = queries.new_empty((self.num_rows + 1, *queries.shape[1:]))  # + the spare row padded queries land in
+        if self.decode is not None:
+            self.decode.attend(layer, queries, scaling, sliding_window, out[: self.decode.context.shape[0]])
         keys, values = self.kv.block_keys(layer), self.kv.block_values(layer)
         for group in self.groups:
             out.index_copy_(0, group.scatter_rows, group.attend(queries, keys, values, scaling, sliding_window))
@@ -133,13 +172,14 @@ class StepAttention:
 
     kv: KVCache
     slot_mapping: Tensor  # [T] slot of each new token
-    reader: SdpaStep | FlexStepOverPool
+    reader: SdpaStep | FlexStepOverPool | PagedDecodeRows
 
     @classmethod
     def build(cls, kv: KVCache, spans: list[Span], slot_mapping: Tensor, backend: str = "sdpa") -> StepAttention:
+        """`backend` as resolved for the device: sdpa, paged or flex."""
         device = slot_mapping.device
-        if backend == "sdpa":
-            return cls(kv, slot_mapping, SdpaStep(kv, spans, slot_mapping.numel(), device))
+        if backend in ("sdpa", "paged"):
+            return cls(kv, slot_mapping, SdpaStep(kv, spans, slot_mapping.numel(), device, backend == "paged"))
         if backend == "flex":
             return cls(kv, slot_mapping, FlexStepOverPool(kv, spans, device))
         raise ValueError(f"unknown attention backend {backend!r}; one of {', '.join(ATTENTION_BACKENDS)}")

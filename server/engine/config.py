@@ -1,12 +1,18 @@
 """The engine's settings, in one place: the KV pool, the batch limits, prefix caching, the attention
-backend. The server's Settings make one (`Settings.engine_config`); the scheduler and the core read it
+backend, CUDA graphs. The server's Settings make one (`Settings.engine_config`); the scheduler and the core read it
 as it is."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-ATTENTION_BACKENDS = ("sdpa", "flex")  # see attention.py
+ATTENTION_BACKENDS = ("auto", "sdpa", "paged", "flex")  # see attention.py; auto: paged on CUDA, else sdpa
+
+
+def resolve_attention_backend(name: str, device_type: str) -> str:
+    if name == "auto":
+        return "paged" if device_type == "cuda" else "sdpa"
+    return name
 
 
 @dataclass(frozen=True)
@@ -20,7 +26,8 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output; default: the model's context window
     prefix_caching: bool = True  # reuse the K/V of identical (tokens, adapter edits) prefixes
     watermark_blocks: int = 1  # free blocks kept in reserve when admitting, so decodes rarely preempt
-    attention_backend: str = "sdpa"  # how attention reads the KV pool: "sdpa" (gathered) or "flex" (in place)
+    attention_backend: str = "auto"  # how attention reads the KV pool (attention.py)
+    cuda_graphs: bool = True  # replay decode-only steps of the paged backend from CUDA graphs (cuda_graphs.py)
 
     def __post_init__(self):
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -67,7 +67,7 @@ class EngineCore:
         model: nn.Module,
         config: EngineConfig,
         eos_token_ids: set[int],
-        make_runner: Callable[..., ModelRunner] = ModelRunner,  # (model, kv, attention_backend)
+        make_runner: Callable[..., ModelRunner] = ModelRunner,  # (model, kv, attention_backend, **graphs)
     ):
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
@@ -87,7 +87,14 @@ class EngineCore:
             )
         self.max_model_len = self._context_window(model, config)
         self.scheduler = Scheduler(self.kv, config)
-        self.runner = make_runner(model, self.kv, config.attention_backend)
+        self.runner = make_runner(
+            model,
+            self.kv,
+            config.attention_backend,
+            cuda_graphs=config.cuda_graphs and tensor_parallel == 1,  # a group's ranks would have to replay in step
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+        )
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
         self.sequences: dict[str, Sequence] = {}

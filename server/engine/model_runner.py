@@ -9,17 +9,22 @@ that every rank of a tensor-parallel group runs the same `forward` on what rank 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from server.engine.attention import STEP_KWARG, Span, StepAttention
+from server.engine.config import resolve_attention_backend
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import ScheduledChunk
 from server.engine.sequence import Sequence
 from server.reft.hooks import install_plan_hooks, plan_kwargs
 from server.reft.plan import EditedRows, InterventionPlan, build_plan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,12 +52,34 @@ class StepBatch:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, kv: KVCache, attention_backend: str = "sdpa"):
+    def __init__(
+        self,
+        model: nn.Module,
+        kv: KVCache,
+        attention_backend: str = "sdpa",
+        cuda_graphs: bool = False,
+        max_num_seqs: int = 1,
+        max_model_len: int = 1,
+    ):
+        """`cuda_graphs` (paged backend only): replay decode-only steps of up to `max_num_seqs` sequences of
+        up to `max_model_len` tokens from graphs captured now (cuda_graphs.py)."""
         self.model = model
         self.kv = kv
-        self.attention_backend = attention_backend
         self.device = next(model.parameters()).device
+        self.attention_backend = resolve_attention_backend(attention_backend, self.device.type)
         self._hooks = install_plan_hooks(model)
+        self.graphs = None
+        if cuda_graphs and self.attention_backend == "paged":
+            self.graphs = self._capture(DecodeGraphs(model, kv, max_num_seqs, max_model_len))
+
+    @staticmethod
+    def _capture(graphs: DecodeGraphs) -> DecodeGraphs | None:
+        try:
+            graphs.capture_all()
+        except Exception:  # a model whose forward cannot be captured still serves, eagerly
+            log.exception("CUDA graph capture failed: decode steps run eagerly")
+            return None
+        return graphs
 
     def idle(self) -> None:
         """Called by the engine thread when it has nothing to run (a tensor-parallel driver pings its group)."""
@@ -91,6 +118,8 @@ class ModelRunner:
     def forward(self, batch: StepBatch) -> tuple[Tensor, InterventionPlan | None]:
         """Run the model once: logits [len(batch.keep), vocab] and the step's intervention plan."""
         self.kv.zero_blocks(batch.new_blocks)  # first: pack took them off the allocator, so nothing may skip this
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.run(batch), None
         slot_mapping = torch.tensor(batch.slots, dtype=torch.long, device=self.device)
         attention = StepAttention.build(self.kv, batch.spans, slot_mapping, self.attention_backend)
         plan = build_plan(batch.edits, self.device)

@@ -1,7 +1,9 @@
-"""The flex attention backend (FlexAttention over the KV pool in place) against the sdpa backend, its
-reference: the same greedy tokens and logits to ~1e-5 on mixed batches with adapters, chunked prefill,
-prefix-cache hits, preemption, GQA, MHA and a sliding window; a block mask that lists every block a
-query tile needs and none twice; no read of a slot that the step's sequences do not own."""
+"""The attention backends that read the KV pool in place against the sdpa backend, their reference: the
+same greedy tokens and logits to ~1e-5 on mixed batches with adapters, chunked prefill, prefix-cache
+hits, preemption, GQA, MHA and a sliding window. They are flex (FlexAttention) and paged (the paged
+decode kernel's torch twin on CPU), the latter with and without its CUDA-graph path, which on CPU runs
+the same padded persistent buffers uncaptured. For flex also: a block mask that lists every block a
+query tile needs and none twice, and no read of a slot that the step's sequences do not own."""
 
 import random
 from functools import partial
@@ -11,7 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from server.config import Settings
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, resolve_attention_backend
 from server.engine.model_runner import ModelRunner
 from server.engine.paged_flex import QUERY_TILE, FlexStep, flex_kernel
 from tests.engine_utils import load_engine_model, make_core, prompt, random_adapter, run_core, seq
@@ -27,7 +29,7 @@ class LogitsKeepingRunner(ModelRunner):
 
     def run(self, chunks):
         result = super().run(chunks)
-        self.kept.append(result.logits)
+        self.kept.append(None if result.logits is None else result.logits.clone())  # graphs reuse their buffer
         return result
 
 
@@ -38,13 +40,28 @@ def run_backend(model, backend, requests, **config):
     return core, tokens, logits
 
 
-def assert_backends_agree(model, requests, **config):
-    """Returns the flex run's core, for checks of what the workload exercised."""
+BACKENDS = {  # name -> (attention_backend, engine config)
+    "flex": ("flex", {}),
+    "paged": ("paged", {"cuda_graphs": False}),
+    "paged-graphs": ("paged", {"cuda_graphs": True}),
+}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request):
+    return BACKENDS[request.param]
+
+
+def assert_backends_agree(model, backend, requests, **config):
+    """Returns the run's core under test, for checks of what the workload exercised."""
+    name, options = backend
     _, sdpa_tokens, sdpa_logits = run_backend(model, "sdpa", requests, **config)
-    core, flex_tokens, flex_logits = run_backend(model, "flex", requests, **config)
-    assert flex_tokens == sdpa_tokens
-    assert len(flex_logits) == len(sdpa_logits)
-    for reference, logits in zip(sdpa_logits, flex_logits, strict=True):
+    core, tokens, logits_seen = run_backend(model, name, requests, **config, **options)
+    if options.get("cuda_graphs"):
+        assert core.runner.graphs.steps_run > 0  # on CPU the graphs' padded buffers run uncaptured
+    assert tokens == sdpa_tokens
+    assert len(logits_seen) == len(sdpa_logits)
+    for reference, logits in zip(sdpa_logits, logits_seen, strict=True):
         assert (reference is None) == (logits is None)
         if logits is not None:
             torch.testing.assert_close(logits, reference, atol=2e-5, rtol=1e-5)
@@ -61,11 +78,11 @@ def llama(tiny_model_dir):
     return load_engine_model(tiny_model_dir("llama"))  # 4 heads over 2 KV heads: GQA
 
 
-def test_mixed_batch_with_adapters_and_chunked_prefill(llama):
-    assert_backends_agree(llama, mixed_requests(llama, 14), max_batched_tokens=32, max_num_seqs=8)
+def test_mixed_batch_with_adapters_and_chunked_prefill(llama, backend):
+    assert_backends_agree(llama, backend, mixed_requests(llama, 14), max_batched_tokens=32, max_num_seqs=8)
 
 
-def test_prefix_cache_hits_and_preemption(llama):
+def test_prefix_cache_hits_and_preemption(llama, backend):
     rng = random.Random(3)
     adapter = random_adapter("lo", "loreft", (1, 2), 4, "f2+l2", llama.config.hidden_size, True, seed=5)
     prefixes = [prompt(length, 20 + length) for length in (17, 33)]
@@ -73,21 +90,21 @@ def test_prefix_cache_hits_and_preemption(llama):
         (f"r{i}", rng.choice(prefixes) + prompt(rng.randint(1, 12), i)[1:], adapter if i % 2 else None, i, 12)
         for i in range(10)
     ]
-    core = assert_backends_agree(llama, requests, num_blocks=20, max_batched_tokens=24, max_model_len=64)
+    core = assert_backends_agree(llama, backend, requests, num_blocks=20, max_batched_tokens=24, max_model_len=64)
     assert core.kv.prefix_hits > 0 and core.scheduler.num_preemptions > 0
 
 
-def test_multi_head_attention_gpt2(tiny_model_dir):
+def test_multi_head_attention_gpt2(tiny_model_dir, backend):
     model = load_engine_model(tiny_model_dir("gpt2"))
-    assert_backends_agree(model, mixed_requests(model, 8), max_batched_tokens=40)
+    assert_backends_agree(model, backend, mixed_requests(model, 8), max_batched_tokens=40)
 
 
-def test_sliding_window(tmp_path):
+def test_sliding_window(tmp_path, backend):
     from server.models.tiny import build_tiny_model
 
     model = load_engine_model(build_tiny_model("mistral", tmp_path / "mistral", sliding_window=12))
     requests = [(f"r{i}", prompt(length, i), None, i, 10) for i, length in enumerate((3, 20, 41, 9, 60))]
-    assert_backends_agree(model, requests, max_batched_tokens=16)
+    assert_backends_agree(model, backend, requests, max_batched_tokens=16)
 
 
 def random_step(rng, block_size, num_pool_blocks, spans_wanted):
@@ -158,10 +175,11 @@ def test_compiled_kernel_reads_only_the_steps_own_blocks():
 
 
 def test_the_setting_picks_the_backend_and_refuses_others(monkeypatch):
-    assert Settings().engine_config().attention_backend == "sdpa"
+    assert Settings().engine_config().attention_backend == "auto"
+    assert resolve_attention_backend("auto", "cpu") == "sdpa" and resolve_attention_backend("auto", "cuda") == "paged"
     monkeypatch.setenv("REFT_ATTENTION_BACKEND", "flex")
     assert Settings().engine_config().attention_backend == "flex"
     with pytest.raises(ValidationError, match="sdpa"):
-        Settings(attention_backend="paged")
-    with pytest.raises(ValueError, match="attention_backend must be one of sdpa, flex"):
-        EngineConfig(attention_backend="paged")
+        Settings(attention_backend="warp")
+    with pytest.raises(ValueError, match="attention_backend must be one of auto, sdpa, paged, flex"):
+        EngineConfig(attention_backend="warp")

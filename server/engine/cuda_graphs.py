@@ -1,0 +1,125 @@
+"""Decode-only steps of the paged backend, replayed from CUDA graphs.
+
+ReFT edits touch prompt positions only, so a step that only decodes runs the plain model, and with the
+paged decode kernel its work depends on nothing but its number of rows. Such a step is captured once
+per batch-size bucket (1, 2, 4, 8, then every multiple of 8 up to max_num_seqs) and replayed: one graph
+launch instead of hundreds of kernel launches and the Python of every layer.
+
+Inputs live in persistent buffers, one column per row: token id, position, slot, context length and the
+block table. The step fills a pinned host buffer and copies it to the device buffer the graphs read,
+one host-to-device copy per step. Rows past the step's batch (its bucket is rounded up) decode token 0
+at position 0 into the first slot of the pool's pad block and read only that; the graph zeroes the slot
+again after the forward, so the pad block stays all zeros for the sdpa path. Every bucket's logits land
+in one shared buffer, valid until the next step.
+
+Off CUDA nothing is captured: the same padded buffers run eagerly, which is what the tests check.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from server.engine.attention import STEP_KWARG, PagedDecodeRows, StepAttention
+from server.engine.kv_cache import KVCache
+from server.engine.paged_decode import decode_kernel
+
+TOKEN, POSITION, SLOT, CONTEXT = range(4)  # rows of the metadata buffers; the block table follows
+TABLE = 4
+
+
+def bucket_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [size for size in (1, 2, 4) if size < max_num_seqs]
+    return sizes + list(range(8, max_num_seqs, 8)) + [max_num_seqs]
+
+
+class DecodeGraphs:
+    def __init__(self, model: nn.Module, kv: KVCache, max_num_seqs: int, max_model_len: int):
+        self.model = model
+        self.kv = kv
+        self.device = next(model.parameters()).device
+        self.sizes = bucket_sizes(max_num_seqs)
+        self.width = -(-max_model_len // kv.block_size)  # block table entries a sequence can have
+        self.pad_slot = kv.pad_block * kv.block_size
+        shape = (TABLE + self.width, max_num_seqs)
+        self.capture = self.device.type == "cuda"
+        self.host = torch.zeros(shape, dtype=torch.long, pin_memory=self.capture)
+        self.meta = torch.zeros(shape, dtype=torch.long, device=self.device)
+        self.logits: Tensor | None = None  # [max_num_seqs, vocab] once the first step ran
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.steps_run = 0
+        self._pool = None
+
+    def fits(self, batch) -> bool:
+        """Whether a step (model_runner's StepBatch) decodes only, edits nothing, samples every row and is
+        small enough to replay."""
+        spans = batch.spans
+        return (
+            not batch.edits
+            and len(spans) <= self.sizes[-1]
+            and len(batch.keep) == len(spans)
+            and all(s.length == 1 and len(s.block_table) <= self.width for s in spans)
+        )
+
+    def run(self, batch) -> Tensor:
+        """Logits [rows, vocab] of a step that `fits` (a view: read it before the next step)."""
+        rows = len(batch.spans)
+        size = next(s for s in self.sizes if s >= rows)
+        width = max(len(s.block_table) for s in batch.spans)
+        self._fill(size, width, batch.token_ids, batch.positions, batch.slots, batch.spans)
+        self.steps_run += 1
+        if not self.capture:
+            self._forward(size)
+        else:
+            if size not in self.graphs:
+                self.graphs[size] = self._capture(size)
+            self.graphs[size].replay()
+        return self.logits[:rows]
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every bucket now, largest first, so serving never pauses to capture."""
+        if self.capture:
+            for size in reversed(self.sizes):
+                self._fill(size, 1, [], [], [], [])
+                self.graphs[size] = self._capture(size)
+
+    def _fill(self, size: int, width: int, token_ids, positions, slots, spans) -> None:
+        padding = size - len(spans)
+        host = self.host
+        host[TOKEN, :size] = torch.tensor(token_ids + [0] * padding)
+        host[POSITION, :size] = torch.tensor(positions + [0] * padding)
+        host[SLOT, :size] = torch.tensor(slots + [self.pad_slot] * padding)
+        host[CONTEXT, :size] = torch.tensor([s.start + 1 for s in spans] + [1] * padding)
+        tables = [s.block_table + [self.kv.pad_block] * (width - len(s.block_table)) for s in spans]
+        tables += [[self.kv.pad_block] * width] * padding
+        host[TABLE : TABLE + width, :size] = torch.tensor(tables).T
+        self.meta[: TABLE + width].copy_(host[: TABLE + width], non_blocking=True)
+
+    def _forward(self, size: int) -> None:
+        meta = self.meta[:, :size]
+        reader = PagedDecodeRows(self.kv, meta[TABLE:].T, meta[CONTEXT], decode_kernel(self.device.type))
+        attention = StepAttention(self.kv, meta[SLOT], reader)
+        out = self.model(
+            input_ids=meta[TOKEN][None], position_ids=meta[POSITION][None], use_cache=False, **{STEP_KWARG: attention}
+        )
+        logits = out.logits[0]
+        if self.logits is None:
+            self.logits = logits.new_empty((self.sizes[-1], logits.shape[-1]))
+        self.logits[:size].copy_(logits)
+        self.kv.keys[:, self.pad_slot].zero_()  # the padding rows wrote there
+        self.kv.values[:, self.pad_slot].zero_()
+
+    def _capture(self, size: int) -> torch.cuda.CUDAGraph:
+        # warm up on a side stream first (Triton compiles, cuBLAS picks its kernels), as CUDA graphs require
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._forward(size)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            self._forward(size)
+        return graph

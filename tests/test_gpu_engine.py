@@ -1,0 +1,74 @@
+"""The GPU engine on a CUDA device (skipped elsewhere; bench/gpu.sh runs these first on a GPU machine).
+
+In float32 the paged backend, eager and replayed from CUDA graphs, gives the sdpa backend's greedy
+tokens on a mixed workload with adapters, chunked prefill and a pool too small for everyone at once;
+every bucket's graph is captured and the replays serve the decode steps; the Triton kernel matches its
+torch twin.
+"""
+
+import random
+
+import pytest
+import torch
+
+from server.adapters.materialize import materialize
+from server.adapters.random_adapters import random_adapter_file
+from server.engine.paged_decode import paged_decode_reference
+from tests.engine_utils import load_engine_model, make_core, run_core, seq
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def cuda_llama(tiny_model_dir):
+    return load_engine_model(tiny_model_dir("llama")).cuda()
+
+
+def workload(model, count=24):
+    rng = random.Random(0)
+    hidden = model.config.hidden_size
+    adapters = [
+        materialize(random_adapter_file("loreft", (1, 2), 4, "f3+l3", hidden, seed=i), name=f"a{i}", device="cuda")
+        for i in range(3)
+    ]
+    requests = []
+    for i in range(count):
+        prompt = [1] + [rng.randrange(3, 259) for _ in range(rng.randint(1, 90))]
+        adapter = (adapters + [None])[i % 4]
+        requests.append((seq(f"r{i}", prompt, adapter, max_new_tokens=rng.randint(4, 24)), rng.randint(0, 12)))
+    return requests
+
+
+def run(model, **config):
+    core = make_core(model, **{"num_blocks": 96, "max_batched_tokens": 96, "max_num_seqs": 12, **config})
+    return core, run_core(core, workload(model))
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_paged_backend_gives_sdpa_tokens(cuda_llama, cuda_graphs):
+    _, expected = run(cuda_llama, attention_backend="sdpa")
+    core, tokens = run(cuda_llama, attention_backend="auto", cuda_graphs=cuda_graphs)
+    assert core.runner.attention_backend == "paged"
+    assert tokens == expected
+    graphs = core.runner.graphs
+    if cuda_graphs:
+        assert sorted(graphs.graphs) == graphs.sizes and graphs.steps_run > 0
+    else:
+        assert graphs is None
+
+
+def test_triton_kernel_matches_its_twin_on_cuda():
+    from server.engine.paged_decode_triton import paged_decode_triton
+
+    torch.manual_seed(0)
+    for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)):
+        keys = torch.randn(40 * 16, 8, 64, device="cuda").to(dtype)
+        values = torch.randn_like(keys)
+        context = torch.tensor([1, 16, 17, 300, 640], device="cuda")
+        tables = torch.stack([torch.randperm(40, device="cuda") for _ in range(5)])
+        queries = torch.randn(5, 32, 64, device="cuda").to(dtype)
+        for window in (None, 100):
+            args = (queries, keys, values, tables, context, 16, 0.125, window)
+            kernel = paged_decode_triton(torch.empty_like(queries), *args)
+            twin = paged_decode_reference(torch.empty_like(queries), *args)
+            torch.testing.assert_close(kernel.float(), twin.float(), atol=atol, rtol=0)
