@@ -12,9 +12,12 @@ import random
 import statistics
 from dataclasses import replace
 
+import torch
+
 from bench.device_timing import timed
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
+from server.engine.paged_decode import decode_kernel
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
 
@@ -64,7 +67,16 @@ def decode_step(model, batch: int, context: int, steps: int, engine_config: Engi
     for _ in range(2):
         core.step()
     device = next(model.parameters()).device
-    times, contexts = [], []
+    times, forward_times, contexts = [], [], []
+    forward = core.runner.forward
+
+    def timed_forward(step_batch):
+        with timed(device) as elapsed:
+            result = forward(step_batch)
+        forward_times.append(elapsed.seconds)
+        return result
+
+    core.runner.forward = timed_forward
     for _ in range(steps):
         contexts.append(statistics.mean(len(s.token_ids) for s in sequences))
         with timed(device) as elapsed:
@@ -72,7 +84,33 @@ def decode_step(model, batch: int, context: int, steps: int, engine_config: Engi
         if not _full_decode_step(core, batch):
             raise RuntimeError(f"a timed step was not a decode step of {batch} sequences: {core.last_step}")
         times.append(elapsed.seconds)
-    return {"seqs": batch, "step_ms": 1000 * statistics.median(times), "mean_context": statistics.mean(contexts)}
+    return {
+        "seqs": batch,
+        "step_ms": 1000 * statistics.median(times),
+        "forward_ms": 1000 * statistics.median(forward_times),  # the model alone, synchronized
+        "attention_ms": attention_ms(core, sequences, steps),
+        "mean_context": statistics.mean(contexts),
+    }
+
+
+def attention_ms(core: EngineCore, sequences: list[Sequence], repeats: int) -> float:
+    """Median time of the paged decode kernel over every layer of the engine's pool, for the sequences
+    as they stand (one query each, random): the attention share of a decode step."""
+    kv, device = core.kv, core.kv.keys.device
+    width = max(len(s.block_table) for s in sequences)
+    tables = torch.tensor([s.block_table + [kv.pad_block] * (width - len(s.block_table)) for s in sequences])
+    context = torch.tensor([len(s.token_ids) - 1 for s in sequences])  # their cached positions
+    heads = core.runner.model.config.num_attention_heads
+    queries = torch.randn(len(sequences), heads, kv.layout.head_dim, device=device, dtype=kv.layout.dtype)
+    kernel, out = decode_kernel(device.type), torch.empty_like(queries)
+    args = (tables.to(device), context.to(device), kv.block_size, kv.layout.head_dim**-0.5)
+    times = []
+    for _ in range(repeats):
+        with timed(device) as elapsed:
+            for layer in range(kv.layout.num_layers):
+                kernel(out, queries, kv.keys[layer], kv.values[layer], *args)
+        times.append(elapsed.seconds)
+    return 1000 * statistics.median(times)
 
 
 def _full_decode_step(core: EngineCore, batch: int) -> bool:

@@ -65,6 +65,7 @@ def test_smoke_decode_steps_sit_above_their_memory_floor(smoke_results, part, ba
     for step in decode["steps"]:
         assert step["mean_context"] >= smoke_results["settings"]["decode_context"]
         assert 0 < step["floor_ms"] < step["step_ms"]
+        assert 0 < step["forward_ms"] < step["step_ms"] and step["attention_ms"] > 0
 
 
 def test_smoke_parity_is_exact_in_float32(smoke_results):

@@ -196,7 +196,8 @@ class EngineCore:
             rows = [i for i, chunk in enumerate(result.sampling) if not chunk.seq.finished]
             if rows:
                 seqs = [result.sampling[i].seq for i in rows]
-                outputs += self._sample(result.logits[rows], seqs)
+                logits = result.logits if len(rows) == len(result.sampling) else result.logits[rows]
+                outputs += self._sample(logits, seqs)
         except Exception as e:  # the step as a whole failed: fail its requests, keep serving
             log.exception("engine step failed")
             error = f"{type(e).__name__}: {e}"

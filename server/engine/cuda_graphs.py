@@ -85,16 +85,14 @@ class DecodeGraphs:
                 self.graphs[size] = self._capture(size)
 
     def _fill(self, size: int, width: int, token_ids, positions, slots, spans) -> None:
-        padding = size - len(spans)
-        host = self.host
-        host[TOKEN, :size] = torch.tensor(token_ids + [0] * padding)
-        host[POSITION, :size] = torch.tensor(positions + [0] * padding)
-        host[SLOT, :size] = torch.tensor(slots + [self.pad_slot] * padding)
-        host[CONTEXT, :size] = torch.tensor([s.start + 1 for s in spans] + [1] * padding)
-        tables = [s.block_table + [self.kv.pad_block] * (width - len(s.block_table)) for s in spans]
-        tables += [[self.kv.pad_block] * width] * padding
-        host[TABLE : TABLE + width, :size] = torch.tensor(tables).T
-        self.meta[: TABLE + width].copy_(host[: TABLE + width], non_blocking=True)
+        padding, pad_block = size - len(spans), self.kv.pad_block
+        columns = [  # one per row: token, position, slot, context, then the block table
+            [token, position, slot, span.start + 1, *span.block_table, *[pad_block] * (width - len(span.block_table))]
+            for token, position, slot, span in zip(token_ids, positions, slots, spans, strict=True)
+        ]
+        columns += [[0, 0, self.pad_slot, 1, *[pad_block] * width]] * padding
+        self.host[: TABLE + width, :size] = torch.tensor(columns).T
+        self.meta[: TABLE + width].copy_(self.host[: TABLE + width], non_blocking=True)
 
     def _forward(self, size: int) -> None:
         meta = self.meta[:, :size]

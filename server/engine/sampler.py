@@ -66,8 +66,15 @@ def filter_logits(logits: Tensor, top_k: list[int], top_p: list[float], min_p: l
     return logits
 
 
+def _plain_greedy(seq: Sequence) -> bool:
+    sampling = seq.sampling
+    return sampling.greedy and sampling.repetition_penalty == 1.0 and sampling.logprobs is None
+
+
 class Sampler:
     def __call__(self, logits: Tensor, seqs: list[Sequence]) -> list[Sample]:
+        if all(_plain_greedy(s) for s in seqs):  # the common case needs no float32 copy of the logits
+            return self._to_host(logits.argmax(dim=-1), None, seqs)
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if any(s.sampling.logprobs is not None for s in seqs) else None
         logits = apply_repetition_penalties(logits, seqs)
