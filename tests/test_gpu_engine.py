@@ -3,7 +3,7 @@
 In float32 the paged backend, eager and replayed from CUDA graphs, gives the sdpa backend's greedy
 tokens on a mixed workload with adapters, chunked prefill and a pool too small for everyone at once;
 every bucket's graph is captured and the replays serve the decode steps; the Triton kernel matches its
-torch twin.
+torch twin; masked GQA prefill stays on SDPA's fused kernels.
 """
 
 import random
@@ -72,3 +72,24 @@ def test_triton_kernel_matches_its_twin_on_cuda():
             kernel = paged_decode_triton(torch.empty_like(queries), *args)
             twin = paged_decode_reference(torch.empty_like(queries), *args)
             torch.testing.assert_close(kernel.float(), twin.float(), atol=atol, rtol=0)
+
+
+def test_masked_gqa_prefill_keeps_to_fused_kernels():
+    """Prefill chunks past position 0 need a mask; with GQA on CUDA that would push SDPA onto its math
+    kernel (scores materialised): the sdpa groups must run with math disallowed, and agree with it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from server.engine.attention import SdpaStep, Span
+    from server.engine.kv_cache import KVCache, KVLayout
+
+    torch.manual_seed(0)
+    kv = KVCache(KVLayout(1, 2, 64, torch.bfloat16), 16, 16, "cuda")
+    kv.keys.normal_(), kv.values.normal_()
+    spans = [Span(0, 40, 20, [3, 4, 5, 6]), Span(40, 24, 8, [7, 8])]  # chunks after cached tokens
+    step = SdpaStep(kv, spans, 64, torch.device("cuda"))
+    queries = torch.randn(64, 8, 64, device="cuda", dtype=torch.bfloat16)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        fused = step.attend(0, queries, None, None)
+    with sdpa_kernel([SDPBackend.MATH]):
+        math = step.attend(0, queries, None, None)
+    torch.testing.assert_close(fused.float(), math.float(), atol=2e-2, rtol=0)

@@ -94,11 +94,15 @@ class AttentionGroup:
         k = k.view(n, -1, kv_heads, k.shape[-1])[:, :context_len].transpose(1, 2)
         v = v.view(n, -1, kv_heads, v.shape[-1])[:, :context_len].transpose(1, 2)
         window_bites = sliding_window is not None and context_len > sliding_window
+        gqa = heads != kv_heads
         if self.plain_causal and not window_bites:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=heads != kv_heads)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
         else:
             mask = self.mask(sliding_window if window_bites else None)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=heads != kv_heads)
+            if gqa and q.is_cuda:  # CUDA's fused kernels take a mask or GQA, not both: math would materialise scores
+                k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+                gqa = False
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(n * query_len, heads, -1)
 
 
