@@ -3,7 +3,8 @@ its seam.
 
 `async_engine.py` is the front end the HTTP layer uses (submit, stream, cancel; detokenizing and
 stop strings on the event loop); `core.py` steps in its own thread: `Scheduler` picks the chunks,
-`ModelRunner` runs the model once over them, `Sampler` picks the tokens. A request's ReFT edit
+`ModelRunner` runs the model once over them (decode-only steps on a GPU as a CUDA graph replay,
+`cuda_graphs.py`), `Sampler` picks the tokens. A request's ReFT edit
 (`server.reft.request_edit.RequestEdit`) rides on its `Sequence` unopened: the runner asks it which
 rows a chunk edits and hands them to ReFT's step plan, the prefix cache asks it for its identity.
 """
