@@ -43,21 +43,21 @@ def weight_bytes_read(model, batch: int) -> int:
     return total - embedding.numel() * embedding.element_size() + batch * row_bytes
 
 
-def decode_step(model, batch: int, context: int, steps: int, engine_config: EngineConfig, seed: int = 0) -> dict:
-    """Median time of `steps` engine steps that decode `batch` sequences with ~`context` tokens each,
-    after every prompt is prefilled and two untimed decode steps."""
+def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
+    return [1] + [rng.randrange(3, vocab) for _ in range(length - 1)]
+
+
+def decoding_core(
+    model, batch: int, context: int, steps: int, engine_config: EngineConfig, seed: int = 0
+) -> tuple[EngineCore, list[Sequence]]:
+    """An engine whose `batch` sequences of `context` prompt tokens all decode together, with room for
+    `steps` more decode steps; two untimed ones are taken already."""
     gc.collect()  # the last batch size's KV pool must be gone before this one allocates its own
     core = EngineCore(model, replace(engine_config, max_num_seqs=batch), eos_token_ids=set())
     rng = random.Random(seed)
+    sampling = SamplingParams(max_new_tokens=steps + PREFILL_SLACK, ignore_eos=True)
     vocab = model.config.vocab_size
-    sequences = [
-        Sequence(
-            f"s{i}",
-            [1] + [rng.randrange(3, vocab) for _ in range(context - 1)],
-            SamplingParams(max_new_tokens=steps + PREFILL_SLACK, ignore_eos=True),
-        )
-        for i in range(batch)
-    ]
+    sequences = [Sequence(f"s{i}", random_prompt(rng, context, vocab), sampling) for i in range(batch)]
     for sequence in sequences:
         core.add(sequence)
     while not _full_decode_step(core, batch):
@@ -66,6 +66,13 @@ def decode_step(model, batch: int, context: int, steps: int, engine_config: Engi
         core.step()
     for _ in range(2):
         core.step()
+    return core, sequences
+
+
+def decode_step(model, batch: int, context: int, steps: int, engine_config: EngineConfig, seed: int = 0) -> dict:
+    """Median time of `steps` engine steps that decode `batch` sequences with ~`context` tokens each,
+    after every prompt is prefilled and two untimed decode steps."""
+    core, sequences = decoding_core(model, batch, context, steps, engine_config, seed)
     device = next(model.parameters()).device
     times, forward_times, contexts = [], [], []
     forward = core.runner.forward

@@ -8,6 +8,8 @@ Parts (--parts, default all, in this order):
   engine-eager, decode-eager, engine-sdpa, decode-sdpa, engine-flex, decode-flex
              the same two without CUDA graphs (eager), with the gathered sdpa attention (the old path and the
              reference), and with FlexAttention, so one run compares them
+  profile    torch.profiler over decode steps of the largest decode batch and over one step that also
+             prefills: the top operators by device time and by host time
   hf-static  HF `generate` on the same requests, static left-padded batches
   hf-cb      transformers' `generate_batch` (continuous batching) on the same requests, held to the engine's
              limits; its first call (start-up and warm-up included) is reported apart
@@ -44,6 +46,7 @@ from bench.decode_floor import decode_step, kv_bytes_per_token, with_floor  # no
 from bench.device_timing import GIB, copy_bandwidth, peak_memory_gib, release_memory  # noqa: E402
 from bench.fixture_parity import fixture_parity  # noqa: E402
 from bench.serving_peers import continuous_batching_config, run_continuous, run_engine, run_static  # noqa: E402
+from bench.step_profile import profile_steps  # noqa: E402
 from server.engine.attention import ATTENTION_NAME  # noqa: E402
 from server.engine.config import EngineConfig, resolve_attention_backend  # noqa: E402
 from server.models.tiny import VOCAB_SIZE  # noqa: E402
@@ -51,7 +54,7 @@ from server.models.tiny import VOCAB_SIZE  # noqa: E402
 # engine variants: part suffix -> (attention_backend, cuda_graphs)
 VARIANTS = {"": ("auto", True), "eager": ("auto", False), "sdpa": ("sdpa", False), "flex": ("flex", False)}
 ENGINE_PARTS = tuple(f"{kind}-{suffix}".rstrip("-") for suffix in VARIANTS for kind in ("engine", "decode"))
-PARTS = (*ENGINE_PARTS, "hf-static", "hf-cb", "parity")
+PARTS = (*ENGINE_PARTS, "profile", "hf-static", "hf-cb", "parity")
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "pyreft_reference"
 
 # flag -> (GPU default, --smoke default); a flag given on the command line wins over both
@@ -219,6 +222,18 @@ class Benchmark:
             "kv_bytes_per_token": kv_bytes,
             "steps": steps,
         }
+
+    def profile(self) -> dict:
+        args = self.args
+        batch = max(args.decode_seqs)
+        result = profile_steps(self.models.get(ATTENTION_NAME), batch, args.decode_context, 5, self.engine_config())
+        for phase in ("decode", "mixed"):
+            for side in ("device", "host"):
+                if result[phase][side]:
+                    say(f"  {phase} step ({batch} sequences{' + prefill' if phase == 'mixed' else ''}), {side} time:")
+                for op in result[phase][side]:
+                    say(f"    {op['ms']:8.3f} ms  {op['calls']:7.1f} calls  {op['name']}")
+        return {"seqs": batch, **result}
 
     def hf_static(self) -> dict:
         model = self.models.get("sdpa")

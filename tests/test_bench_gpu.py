@@ -108,3 +108,11 @@ def test_smoke_run_on_cuda(tmp_path):
     results = json.loads(path.read_text())
     assert results["settings"]["dtype"] == "bfloat16"
     assert all(part["peak_memory_gib"] > 0 for part in results["parts"].values())
+
+
+def test_smoke_profile_names_where_host_time_goes(smoke_results):
+    profiled = smoke_results["parts"]["profile"]
+    assert profiled["seqs"] == max(smoke_results["settings"]["decode_seqs"])
+    for phase in ("decode", "mixed"):
+        assert profiled[phase]["device"] == []  # the CPU has no device timeline
+        assert any(op["name"] == "aten::mm" and op["ms"] > 0 for op in profiled[phase]["host"])
