@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -69,6 +70,7 @@ SIZES = {
     "max_batched_tokens": (4096, 48),
     "kv_cache_gib": (16.0, 0.0625),
     "adapters": (64, 4),
+    "engine_rounds": (3, 1),
     "adapter_layers": (8, 2),
     "static_batch": (64, 4),
     "decode_seqs": ((1, 16, 64, 128, 256), (1, 4)),
@@ -96,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-batched-tokens", type=int, help="tokens per step at most (engine and generate_batch)")
     add("--kv-cache-gib", type=float, help="KV cache memory (engine and generate_batch)")
     add("--adapters", type=int, help="distinct LoReFT adapters in the engine's adapter run")
+    add("--engine-rounds", type=int, help="rounds of base and adapter runs, alternating; medians reported")
     add("--adapter-rank", type=int, default=4)
     add("--adapter-layers", type=int, help="intervened layers, evenly spread")
     add("--adapter-positions", default="f7+l7")
@@ -121,6 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def say(text: str) -> None:
     print(text, flush=True)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput (the upper one of an even count)."""
+    return sorted(runs, key=lambda run: run["tokens_per_s"])[len(runs) // 2]
 
 
 class DeviceModel:
@@ -179,14 +187,23 @@ class Benchmark:
         mixed = [replace(r, adapter=i % args.adapters) for i, r in enumerate(self.requests)]
         # untimed, the same workload first: each new step shape costs once (kernel choices, flex compiles)
         warm_up = run_engine(model, self.requests, adapters, config)
-        base = run_engine(model, self.requests, adapters, config)
-        with_adapters = run_engine(model, mixed, adapters, config)
         say(f"  warm-up (the base run, untimed) {warm_up['tokens_per_s']:10.1f} tok/s")
-        say(f"  base only            {base['tokens_per_s']:10.1f} tok/s  {base['seconds']:7.2f} s")
-        adapters_line = f"{with_adapters['tokens_per_s']:10.1f} tok/s  {with_adapters['seconds']:7.2f} s"
-        say(f"  {args.adapters:3d} adapters         {adapters_line}")
-        ratio = with_adapters["tokens_per_s"] / base["tokens_per_s"]
-        say(f"  adapters / base = {ratio:.3f}")
+        rounds = []
+        for index in range(args.engine_rounds):  # alternating which goes first, so drift hits both alike
+            runs = {"base": self.requests, "adapters": mixed}
+            order = list(runs) if index % 2 == 0 else list(reversed(runs))
+            measured = {name: run_engine(model, runs[name], adapters, config) for name in order}
+            measured["ratio"] = measured["adapters"]["tokens_per_s"] / measured["base"]["tokens_per_s"]
+            rounds.append(measured)
+            say(
+                f"  round {index + 1}: base {measured['base']['tokens_per_s']:10.1f} tok/s, {args.adapters} adapters "
+                f"{measured['adapters']['tokens_per_s']:10.1f} tok/s, ratio {measured['ratio']:.3f}"
+            )
+        base = median_run([r["base"] for r in rounds])
+        with_adapters = median_run([r["adapters"] for r in rounds])
+        ratio = statistics.median(r["ratio"] for r in rounds)
+        say(f"  medians: base {base['tokens_per_s']:.1f} tok/s, adapters {with_adapters['tokens_per_s']:.1f} tok/s")
+        say(f"  adapters / base = {ratio:.3f} (median of {len(rounds)} rounds)")
         return {
             "attention_backend": resolve_attention_backend(config.attention_backend, torch.device(args.device).type),
             "cuda_graphs": config.cuda_graphs,
@@ -195,6 +212,7 @@ class Benchmark:
             "base": base,
             "adapters": with_adapters,
             "adapters_over_base": ratio,
+            "rounds": rounds,
         }
 
     def decode(self, variant: str = "") -> dict:

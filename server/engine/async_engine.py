@@ -4,10 +4,6 @@ on the model; outputs come back once per step through `call_soon_threadsafe`.
 
 Detokenization and stop strings live here, on the event loop side, as in vLLM's front end: the
 model thread only handles token ids, and a stop string cancels its request in the core.
-
-Both threads share the GIL, and the engine thread gives it up at every torch call. Python makes a thread
-that wants it back wait up to a whole switch interval (5 ms by default) while the other runs Python, and
-a step makes dozens of such calls; `start` shortens the interval to ENGINE_SWITCH_INTERVAL.
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import sys
 import threading
 import time
 import uuid
@@ -33,8 +28,6 @@ from server.reft.adapter import Adapter
 from server.reft.request_edit import request_edit
 
 log = logging.getLogger(__name__)
-
-ENGINE_SWITCH_INTERVAL = 0.0005  # seconds; see the module docstring
 IDLE_WAIT_SECONDS = 0.5
 
 
@@ -210,7 +203,6 @@ class AsyncEngine:
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        sys.setswitchinterval(min(sys.getswitchinterval(), ENGINE_SWITCH_INTERVAL))
         self._thread = threading.Thread(target=self._run, name="reft-engine", daemon=True)
         self._accepting = True
         self.last_heartbeat = time.monotonic()

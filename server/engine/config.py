@@ -1,6 +1,6 @@
 """The engine's settings, in one place: the KV pool, the batch limits, prefix caching, the attention
-backend, CUDA graphs. The server's Settings make one (`Settings.engine_config`); the scheduler and the core read it
-as it is."""
+backend, CUDA graphs. The server's Settings make one (`Settings.engine_config`); the scheduler and the
+core read it as it is."""
 
 from __future__ import annotations
 
