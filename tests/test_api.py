@@ -58,6 +58,16 @@ def test_health_ready_and_metrics(client):
     assert "x-request-id" in client.get("/health").headers
 
 
+def test_an_engine_that_cannot_serve_refuses_requests_with_503(client, monkeypatch):
+    runner = client.app.state.reft.engine.core.runner
+    monkeypatch.setattr(runner, "problem", lambda: "tensor-parallel rank 1 exited")
+    refused = client.post("/v1/generate", json={"prompt": "hello", "max_new_tokens": 2})
+    assert refused.status_code == 503 and "rank 1 exited" in error_of(refused)["message"]
+    assert client.get("/ready").status_code == 503
+    monkeypatch.undo()
+    generate(client, prompt="hello", max_new_tokens=2)
+
+
 @pytest.mark.parametrize("adapter, name", [("lo_l14_f3l3_unshared", "lo14"), ("di_l13_f1l2_unshared", "di")])
 def test_served_tokens_equal_pyreft_for_uploaded_adapters(client, adapter, name):
     for case in cases(adapter):

@@ -1,11 +1,13 @@
 """Adapters pulled from the Hugging Face Hub, offline: each test lays out a Hub cache itself (the
 layout huggingface_hub reads: models--owner--name/refs/<branch> -> commit, snapshots/<commit>/files)
-and turns huggingface_hub's offline mode on, so snapshot_download resolves revisions from it."""
+and turns huggingface_hub's offline mode on, so snapshot_download resolves revisions from it. The
+admin API's status says why a fetch failed: missing, gated, a refused id, or the Hub unreachable."""
 
 import hashlib
 import json
 
 import huggingface_hub.constants
+import huggingface_hub.errors
 import pytest
 from huggingface_hub.file_download import repo_folder_name
 
@@ -107,3 +109,32 @@ def test_admin_api_hub_pulls_obey_the_adapter_magnitude_bound(hub, tmp_path):
     with running_app(FIXTURE / "model", tmp_path / "store", adapter_max_abs=10) as client:
         refused = client.post("/v1/adapters/huge/hub", data={"repo": "someone/huge"}, headers=ADMIN)
     assert refused.status_code == 422 and "adapter_max_abs" in refused.json()["error"]["message"]
+
+
+def hub_http_error(kind, status: int):
+    import httpx
+
+    response = httpx.Response(status, request=httpx.Request("GET", "https://huggingface.co/api/models/o/n"))
+    return kind(f"{status} from the Hub", response=response)
+
+
+@pytest.mark.parametrize(
+    "raised, status",
+    [
+        (lambda: hub_http_error(huggingface_hub.errors.RepositoryNotFoundError, 404), 404),
+        (lambda: hub_http_error(huggingface_hub.errors.RevisionNotFoundError, 404), 404),
+        (lambda: hub_http_error(huggingface_hub.errors.GatedRepoError, 403), 403),
+        (lambda: hub_http_error(huggingface_hub.errors.HfHubHTTPError, 503), 502),
+        (lambda: huggingface_hub.errors.LocalEntryNotFoundError("offline and not cached"), 404),
+        (lambda: ConnectionError("network unreachable"), 502),
+        (lambda: ValueError("Repo id must be in the form 'repo_name' or 'namespace/repo_name'"), 400),
+    ],
+)
+def test_admin_api_says_why_a_hub_fetch_failed(tmp_path, monkeypatch, raised, status):
+    def fail(*args, **kwargs):
+        raise raised()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with running_app(FIXTURE / "model", tmp_path / "store") as client:
+        answer = client.post("/v1/adapters/lo/hub", data={"repo": "owner/name", "positions": "f1+l1"}, headers=ADMIN)
+    assert answer.status_code == status and "cannot fetch owner/name" in answer.json()["error"]["message"]

@@ -20,8 +20,6 @@ from server.training.modules import TrainableAdapter
 from server.training.trainer import _batch_loss, train_adapter
 from tests.conftest import load_reference_model
 
-torch.set_num_threads(2)
-
 PAIRS = [
     ("The capital of France is", "Paris."),
     ("2 + 2 =", "4"),

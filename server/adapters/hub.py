@@ -26,11 +26,29 @@ WANTED_FILES = ["intkey_*.bin", "config.json", "*.safetensors"]
 
 
 class HubError(Exception):
-    """The repo or revision could not be fetched (missing, private without a token, offline)."""
+    """The repo or revision could not be fetched; `status` is the HTTP status that says why: 404 missing
+    (or, offline, not in the local cache), 403 gated or private, 400 an id the Hub refuses, 502 the Hub
+    unreachable or failing."""
+
+    def __init__(self, message: str, status: int = 502):
+        super().__init__(message)
+        self.status = status
 
 
 class InvalidHubRef(HubError, ValueError):
-    pass
+    def __init__(self, message: str):
+        super().__init__(message, 400)
+
+
+def _status(error: Exception) -> int:
+    from huggingface_hub import errors
+
+    if isinstance(error, errors.GatedRepoError):
+        return 403
+    missing = (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.EntryNotFoundError)
+    if isinstance(error, missing):  # LocalEntryNotFoundError (offline, not cached) is an EntryNotFoundError
+        return 404
+    return 400 if isinstance(error, ValueError) else 502
 
 
 @dataclass(frozen=True)
@@ -55,7 +73,8 @@ def download(ref: HubRef) -> tuple[Path, str]:
         path = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=WANTED_FILES))
     except (OSError, ValueError) as e:  # its HTTP, offline, not-cached and invalid-id errors are these
         where = f"{ref.repo_id}@{ref.revision}" if ref.revision else ref.repo_id
-        raise HubError(f"cannot fetch {where} from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
+        message = f"cannot fetch {where} from the Hugging Face Hub: {str(e).splitlines()[0]}"
+        raise HubError(message, _status(e)) from None
     return path, path.name  # snapshots are stored under their commit hash
 
 

@@ -301,7 +301,19 @@ async def import_pyreft_adapter(
     return await _publish(state, name, adapter, response, condition)
 
 
-@router.post("/{name}/hub", response_model=PublishResponse, status_code=201, responses=PRECONDITION_RESPONSES)
+HUB_RESPONSES = {
+    403: {"description": "The repo is gated or private to the server's HF_TOKEN"},
+    404: {"description": "The repo, revision or adapter files are missing (offline: not in the local cache)"},
+    502: {"description": "The Hugging Face Hub could not be reached, or failed"},
+}
+
+
+@router.post(
+    "/{name}/hub",
+    response_model=PublishResponse,
+    status_code=201,
+    responses={**PRECONDITION_RESPONSES, **HUB_RESPONSES},
+)
 async def pull_from_hub(
     name: str,
     repo: Annotated[
@@ -337,7 +349,7 @@ async def pull_from_hub(
     try:
         adapter = await asyncio.to_thread(pull, ref, options, state.model_name, shape)
     except HubError as e:
-        raise APIError(404, str(e), param="repo") from None
+        raise APIError(e.status, str(e), param="repo") from None
     except AdapterError as e:
         raise _rejected(e) from None
     _check_base_model(state, adapter, allow_foreign)

@@ -119,6 +119,8 @@ async def start(
 ) -> Running:
     if state.draining or not state.engine.accepting:
         raise APIError(503, "the server is shutting down or not ready")
+    if (problem := state.engine.problem()) is not None:  # e.g. a tensor-parallel rank is gone
+        raise APIError(503, f"the engine cannot serve: {problem}")
     check_length(state, prompt_ids, sampling.max_new_tokens, length_field)
     lease = await acquire_adapter(state, adapter_ref, adapter_field) if adapter_ref else None
     try:
