@@ -5,12 +5,12 @@ paged decode kernel its work depends on nothing but its number of rows. Such a s
 per batch-size bucket (1, 2, 4, 8, then every multiple of 8 up to max_num_seqs) and replayed: one graph
 launch instead of hundreds of kernel launches and the Python of every layer.
 
-Inputs live in persistent buffers, one column per row: token id, position, slot, context length and the
-block table. The step fills a pinned host buffer and copies it to the device buffer the graphs read,
-one host-to-device copy per step. Rows past the step's batch (its bucket is rounded up) decode token 0
-at position 0 into the first slot of the pool's pad block and read only that; the graph zeroes the slot
-again after the forward, so the pad block stays all zeros for the sdpa path. Every bucket's logits land
-in one shared buffer, valid until the next step.
+Inputs live in persistent buffers with one column per sequence of the batch: its token id, position,
+slot, context length and block table. The step fills a pinned host buffer and copies it to the device
+buffer the graphs read, one host-to-device copy per step. Padding sequences (the bucket rounds the
+batch up) decode token 0 at position 0 into the first slot of the pool's pad block and read only that;
+the graph zeroes the slot again after the forward, so the pad block stays all zeros for the sdpa path.
+Every bucket's logits land in one shared buffer, valid until the next step.
 
 Off CUDA nothing is captured: the same padded buffers run eagerly, which is what the tests check.
 """
@@ -29,8 +29,7 @@ from server.engine.paged_decode import decode_kernel
 
 log = logging.getLogger(__name__)
 
-TOKEN, POSITION, SLOT, CONTEXT = range(4)  # rows of the metadata buffers; the block table follows
-TABLE = 4
+TOKEN, POSITION, SLOT, CONTEXT, TABLE = range(5)  # rows of the metadata buffers; the block table's start here
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:
