@@ -17,9 +17,10 @@ Parts (--parts, default all, in this order):
              reference path in the same dtype
 
 The model is a random-init Llama built straight on the device (`--preset 1b`: Llama-3.2-1B's shape).
-A GPU session gets a few minutes of device time: the defaults are sized for under six minutes on an H100
-(an estimate, not yet measured). `--smoke` runs every part on the CPU on the tiny preset in seconds, which
-keeps this script working in CI.
+A GPU session gets a few minutes of device time: on an H200, engine + decode + hf-static + parity took
+under two minutes (2026-11-26); every part, with flex's compiles and generate_batch, takes longer, so pick
+parts with --parts. `--smoke` runs every part on the CPU on the tiny preset in seconds, which keeps this
+script working in CI.
 
     python bench/gpu.py --json gpu.json                 # on a GPU machine (bench/gpu.sh runs it)
     python bench/gpu.py --smoke --parts engine,parity   # on any machine

@@ -12,7 +12,7 @@
 # so step 3 installs the package itself (no dependencies, no network) where it is not installed.
 #
 #   bench/gpu.sh                                  # as the device tool's command ($OUT is set there);
-#                                                 # the defaults should take under 6 minutes on an H100
+#                                                 # engine,decode,hf-static,parity + --server: ~4 min, H200
 #   OUT=/tmp/gpu bench/gpu.sh                     # elsewhere
 #   OUT=/tmp/gpu bench/gpu.sh --parts decode      # any bench/gpu.py flags
 #   OUT=/tmp/gpu bench/gpu.sh --smoke             # seconds, on any machine
