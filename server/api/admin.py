@@ -23,7 +23,7 @@ from server.adapters.config_json import MAX_DIMENSION, config_from_dict, parse_j
 from server.adapters.errors import AdapterError
 from server.adapters.fingerprint import fingerprint_status
 from server.adapters.format import AdapterFile
-from server.adapters.hub import HubError, HubRef, InvalidHubRef, pull
+from server.adapters.hub import HubError, HubRef, pull
 from server.adapters.model_shape import ModelShape
 from server.adapters.options import AdapterOptions, parse_layers
 from server.adapters.pyreft import import_pyreft
@@ -343,12 +343,8 @@ async def pull_from_hub(
     shape = _model_shape(state)
     options = _adapter_options(shape, positions, share_weights, activation, intervention_type, layers, rank)
     try:
-        ref = HubRef.parse(repo)
-    except InvalidHubRef as e:
-        raise APIError(400, str(e), param="repo") from None
-    try:
-        adapter = await asyncio.to_thread(pull, ref, options, state.model_name, shape)
-    except HubError as e:
+        adapter = await asyncio.to_thread(pull, HubRef.parse(repo), options, state.model_name, shape)
+    except HubError as e:  # an invalid reference is one too (400)
         raise APIError(e.status, str(e), param="repo") from None
     except AdapterError as e:
         raise _rejected(e) from None
