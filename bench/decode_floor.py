@@ -17,6 +17,7 @@ import torch
 from bench.device_timing import timed
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
+from server.engine.kv_cache import padded_block_tables
 from server.engine.paged_decode import decode_kernel
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
@@ -105,7 +106,7 @@ def attention_ms(core: EngineCore, sequences: list[Sequence], repeats: int) -> f
     as they stand (one query each, random): the attention share of a decode step."""
     kv, device = core.kv, core.kv.keys.device
     width = max(len(s.block_table) for s in sequences)
-    tables = torch.tensor([s.block_table + [kv.pad_block] * (width - len(s.block_table)) for s in sequences])
+    tables = torch.tensor(padded_block_tables([s.block_table for s in sequences], width, kv.pad_block))
     context = torch.tensor([len(s.token_ids) - 1 for s in sequences])  # their cached positions
     heads = core.runner.model.config.num_attention_heads
     queries = torch.randn(len(sequences), heads, kv.layout.head_dim, device=device, dtype=kv.layout.dtype)

@@ -28,7 +28,7 @@ from torch import Tensor
 from transformers import AttentionInterface
 
 from server.engine.config import ATTENTION_BACKENDS
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import KVCache, padded_block_tables
 from server.engine.paged_decode import DecodeKernel, decode_kernel
 from server.engine.paged_flex import FlexStep, flex_kernel
 
@@ -64,7 +64,7 @@ class AttentionGroup:
         max_blocks = -(-context_len // block_size)
         # whole blocks are gathered (contiguous copies); padding reads the always-zero pad block, masked out
         self.block_ids = torch.tensor(
-            [s.block_table[:max_blocks] + [pad_block] * (max_blocks - len(s.block_table[:max_blocks])) for s in spans],
+            padded_block_tables([s.block_table for s in spans], max_blocks, pad_block),
             device=device,
         ).flatten()
         self.shape = (len(spans), query_len, context_len)
@@ -120,7 +120,7 @@ class PagedDecodeRows:
         if [s.row for s in spans] != list(range(len(spans))) or any(s.length != 1 for s in spans):
             raise ValueError("paged decode rows must be one-token spans at the start of the step")
         width = max(len(s.block_table) for s in spans)
-        tables = [s.block_table + [kv.pad_block] * (width - len(s.block_table)) for s in spans]
+        tables = padded_block_tables([s.block_table for s in spans], width, kv.pad_block)
         context = [s.start + 1 for s in spans]
         kernel = decode_kernel(device.type)
         return cls(kv, torch.tensor(tables, device=device), torch.tensor(context, device=device), kernel)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from server.engine.attention import STEP_KWARG, PagedDecodeRows, StepAttention
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import KVCache, padded_block_tables
 from server.engine.paged_decode import decode_kernel
 
 log = logging.getLogger(__name__)
@@ -97,12 +97,11 @@ class DecodeGraphs:
         log.info("decode steps captured as CUDA graphs", extra={"fields": cost})
 
     def _fill(self, size: int, width: int, token_ids, positions, slots, spans) -> None:
-        padding, pad_block = size - len(spans), self.kv.pad_block
-        columns = [  # one per row: token, position, slot, context, then the block table
-            [token, position, slot, span.start + 1, *span.block_table, *[pad_block] * (width - len(span.block_table))]
-            for token, position, slot, span in zip(token_ids, positions, slots, spans, strict=True)
-        ]
-        columns += [[0, 0, self.pad_slot, 1, *[pad_block] * width]] * padding
+        padding = size - len(spans)
+        tables = padded_block_tables([s.block_table for s in spans] + [[]] * padding, width, self.kv.pad_block)
+        fields = [[t, p, slot, s.start + 1] for t, p, slot, s in zip(token_ids, positions, slots, spans, strict=True)]
+        fields += [[0, 0, self.pad_slot, 1]] * padding  # token 0 at position 0 into the pad slot, reading only it
+        columns = [row + table for row, table in zip(fields, tables, strict=True)]  # one per sequence
         self.host[: TABLE + width, :size] = torch.tensor(columns).T
         self.meta[: TABLE + width].copy_(self.host[: TABLE + width], non_blocking=True)
 

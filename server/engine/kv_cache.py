@@ -31,6 +31,11 @@ from server.engine.prefix_keys import extend_block_keys
 from server.engine.sequence import Sequence
 
 
+def padded_block_tables(tables: list[list[int]], width: int, pad: int) -> list[list[int]]:
+    """Block tables cut or padded with `pad` to `width` entries each, to stack into one tensor."""
+    return [(table + [pad] * width)[:width] for table in tables]
+
+
 @dataclass(frozen=True)
 class KVLayout:
     num_layers: int

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from server.engine.kv_cache import padded_block_tables
+
 QUERY_TILE = 128  # rows per BlockMask tile: flex's own default sparse block size
 
 FlexKernel = Callable[..., Tensor]
@@ -66,7 +68,7 @@ class FlexStep:
             row_seq[span.row : span.row + span.length] = [index] * span.length
             row_pos[span.row : span.row + span.length] = range(span.start, span.start + span.length)
         width = max(len(s.block_table) for s in spans)
-        tables = [s.block_table + [-1] * (width - len(s.block_table)) for s in spans]
+        tables = padded_block_tables([s.block_table for s in spans], width, -1)
         self.row_seq = torch.tensor(row_seq, device=device)
         self.row_pos = torch.tensor(row_pos, device=device)
         self.tables = torch.tensor(tables, device=device)
