@@ -3,12 +3,16 @@
 #   1. nvidia-smi (nvidia-smi.txt) and the CUDA tests (gpu-tests.log), skipped where there is no GPU;
 #   2. bench/gpu.py (gpu.log, gpu.json), given every argument except --server;
 #   3. with --server only: `reft-server serve` on the 1b preset with 64 stored adapters, loaded by
-#      bench/load.py with 128 concurrent clients (server.log, load.json, metrics.txt).
+#      bench/load.py with 128 concurrent clients after an untimed warm-up load, once with the engine
+#      core in a process of its own and once in a thread (server-KIND.log, load-KIND.json,
+#      metrics-KIND.txt for KIND = process, thread).
 # Steps 1-2 need torch and transformers only. Step 3 also needs the HTTP stack, which GPU machines
 # without network access lack: carry these as py3.12 wheels and install them first: fastapi,
 # starlette, pydantic, pydantic-core, pydantic-settings, python-dotenv, annotated-types,
-# typing-inspection, uvicorn, python-multipart, opentelemetry-api (and httpx, prometheus-client,
-# safetensors, tokenizers where missing). The server reads its version from the package's metadata,
+# typing-inspection, uvicorn, python-multipart, opentelemetry-api, and uvloop and httptools, which
+# uvicorn[standard] (the package's dependency, as in the Docker image) brings: without them uvicorn
+# falls back to asyncio's own loop and a pure-Python HTTP parser, and the figures understate a real
+# deployment (and httpx, prometheus-client, safetensors, tokenizers where missing). The server reads its version from the package's metadata,
 # so step 3 installs the package itself (no dependencies, no network) where it is not installed.
 #
 #   bench/gpu.sh                                  # as the device tool's command ($OUT is set there);
@@ -42,11 +46,13 @@ fi
 "$PYTHON" bench/gpu.py --json "$OUT/gpu.json" "${bench_args[@]}" 2>&1 | tee "$OUT/gpu.log" || failed=1
 
 serve_and_load() {
-  local model=${TMPDIR:-/tmp}/reft-gpu-model store=${TMPDIR:-/tmp}/reft-gpu-store port=8431 adapters
+  local model=${TMPDIR:-/tmp}/reft-gpu-model store=${TMPDIR:-/tmp}/reft-gpu-store
   "$PYTHON" -c 'import fastapi, uvicorn, pydantic_settings, multipart' || {
     echo "--server needs the HTTP stack's wheels (see the top of bench/gpu.sh)"
     return 1
   }
+  "$PYTHON" -c 'import uvloop, httptools' 2>/dev/null ||
+    echo "warning: no uvloop/httptools here: uvicorn runs on asyncio's loop and h11 (see the top of bench/gpu.sh)"
   "$PYTHON" -c 'import importlib.metadata as m; m.version("reft-server")' 2>/dev/null ||
     "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . || return 1
   "$PYTHON" - "$model" "$store" <<'PY' || return 1
@@ -66,21 +72,33 @@ for i in range(64):
     adapter = random_adapter_file("loreft", layers, 4, "f7+l7", 2048, seed=i, scale=0.05)
     store.publish(f"a{i}", adapter.to_bytes())
 PY
+  local kind status=0
+  for kind in process thread; do
+    load_one "$model" "$store" "$kind" || status=1
+  done
+  return $status
+}
+
+# one server with the engine core in a `process` or a `thread`: an untimed warm-up load, then the measured one
+load_one() {
+  local model=$1 store=$2 kind=$3 port=8431 adapters
   "$PYTHON" -c 'import sys; from server.cli import main; sys.exit(main())' serve --model "$model" --device cuda \
     --dtype bfloat16 --kv-cache-memory 16GiB --max-num-seqs 128 --max-batched-tokens 4096 --store "$store" \
-    --admin-open --port "$port" --log-level warning >"$OUT/server.log" 2>&1 &
+    --engine-core "$kind" --admin-open --port "$port" --log-level warning >"$OUT/server-$kind.log" 2>&1 &
   local pid=$!
   for _ in $(seq 120); do
     "$PYTHON" -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$port/ready').status_code != 200)" \
       2>/dev/null && break
-    kill -0 "$pid" 2>/dev/null || { echo "the server exited (see server.log)"; return 1; }
+    kill -0 "$pid" 2>/dev/null || { echo "the server exited (see server-$kind.log)"; return 1; }
     sleep 1
   done
   adapters=$("$PYTHON" -c "print(','.join(f'a{i}' for i in range(64)))")
-  "$PYTHON" bench/load.py --url "http://127.0.0.1:$port" --requests 512 --concurrency 128 --prompt-len 128 512 \
-    --output-len 128 128 --adapters "$adapters" --zipf 1.1 --base-share 0.1 --deadline 90 --out "$OUT/load.json"
+  local load=("$PYTHON" bench/load.py --url "http://127.0.0.1:$port" --concurrency 128 --prompt-len 128 512
+    --output-len 128 128 --adapters "$adapters" --zipf 1.1 --base-share 0.1 --deadline 90)
+  "${load[@]}" --requests 128 --seed 1 --out "$OUT/load-warm-up-$kind.json" >/dev/null
+  "${load[@]}" --requests 512 --out "$OUT/load-$kind.json"
   local status=$?
-  "$PYTHON" -c "import httpx; print(httpx.get('http://127.0.0.1:$port/metrics').text)" >"$OUT/metrics.txt"
+  "$PYTHON" -c "import httpx; print(httpx.get('http://127.0.0.1:$port/metrics').text)" >"$OUT/metrics-$kind.txt"
   kill "$pid"
   wait "$pid"
   return $status

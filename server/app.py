@@ -1,5 +1,6 @@
-"""create_app(): the FastAPI application. Its lifespan loads the model, starts the engine thread and
-the store sync, and on shutdown drains running requests for the configured grace period."""
+"""create_app(): the FastAPI application. Its lifespan loads the model, starts the engine (a thread, or
+a process of its own) and the store sync, and on shutdown drains running requests for the configured
+grace period."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI
+from transformers import AutoTokenizer
 
-from server.adapters.fingerprint import model_fingerprint
-from server.adapters.model_shape import ModelShape
 from server.adapters.registry import AdapterRegistry
 from server.adapters.stores import open_store
 from server.api import admin, generate, health, openai
@@ -31,8 +31,11 @@ from server.distributed.launch import rank_device
 from server.distributed.runner import TensorParallelDriver
 from server.engine.async_engine import AsyncEngine
 from server.engine.core import EngineCore, model_eos_ids
+from server.engine.core_loop import CoreThread
 from server.engine.model_runner import ModelRunner
+from server.engine_process import CoreProcess
 from server.metrics import Metrics
+from server.model_facts import ModelFacts
 from server.models.loader import load_model, resolve_device, resolve_dtype
 from server.plugins import load_plugins
 
@@ -56,10 +59,60 @@ def served_name(settings: Settings, model_path: str) -> str:
 def build_state(
     settings: Settings, model_path: str, model=None, tokenizer=None, group: TensorParallelGroup | None = None
 ) -> AppState:
-    """Everything the routes need; loads the model unless one is given (tests pass theirs). With a
-    tensor-parallel group, this process is its rank 0 and the followers load their shards meanwhile."""
+    """Everything the routes need; the engine's host loads the model unless one is given (tests pass
+    theirs). With a tensor-parallel group, this process is its rank 0 and the followers load their
+    shards meanwhile."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if engine_core_in_process(settings, model_given=model is not None):
+        host = CoreProcess(settings, model_path)
+        facts, tokenizer = host.model, AutoTokenizer.from_pretrained(model_path)
+        adapter_device = torch.device("cpu")  # the registry's copies; the engine process holds its own
+    else:
+        core, tokenizer = _thread_core(settings, model_path, model, tokenizer, group)
+        host = CoreThread(core)
+        facts = ModelFacts.of(core.runner.model)
+        adapter_device = next(core.runner.model.parameters()).device
+    model_name = served_name(settings, model_path)
+    metrics = Metrics(
+        max_lora=settings.max_resident_adapters,
+        model_name=model_name,
+        vllm_compatible=settings.vllm_compatible_metrics,
+    )
+    engine = AsyncEngine(host, tokenizer, max_queue=settings.max_queue, metrics=metrics)
+    store = open_store(settings.store)
+    registry = AdapterRegistry(
+        store,
+        facts.shape(settings.adapter_max_abs),
+        dtype=facts.dtype,
+        device=adapter_device,
+        max_bytes=int(settings.adapter_memory),
+        max_count=settings.max_resident_adapters,
+        sync_interval=settings.store_sync_interval,
+        metrics=metrics,
+        fingerprint=facts.fingerprint,
+        allow_foreign=settings.allow_foreign_adapters,
+    )
+    metrics.watch_residents(
+        lambda: [(r.name, r.version) for r in registry.resident_report()], settings.max_resident_adapters
+    )
+    return AppState(settings, model_name, facts, tokenizer, engine, store, registry, metrics)
+
+
+def engine_core_in_process(settings: Settings, model_given: bool) -> bool:
+    """Whether the engine core gets a process of its own (settings.engine_core; auto: on one GPU)."""
+    shared = model_given or settings.tensor_parallel > 1  # a loaded model or a group lives in this process
+    if settings.engine_core == "process":
+        if shared:
+            raise ValueError("--engine-core process loads the model itself: not with tensor parallelism")
+        return True
+    return settings.engine_core == "auto" and not shared and resolve_device(settings.device).type == "cuda"
+
+
+def _thread_core(
+    settings: Settings, model_path: str, model, tokenizer, group: TensorParallelGroup | None
+) -> tuple[EngineCore, object]:
+    """The core for a thread of this process, and the tokenizer: the model's, unless one is given."""
     make_runner = ModelRunner
     if group is not None:
         group.send(model_path)
@@ -70,32 +123,7 @@ def build_state(
         model, tokenizer = load_model(
             model_path, device, resolve_dtype(settings.dtype, device), tensor_parallel=settings.tensor_parallel
         )
-    model_name = served_name(settings, model_path)
-    metrics = Metrics(
-        max_lora=settings.max_resident_adapters,
-        model_name=model_name,
-        vllm_compatible=settings.vllm_compatible_metrics,
-    )
-    core = EngineCore(model, settings.engine_config(), model_eos_ids(model, tokenizer), make_runner)
-    engine = AsyncEngine(core, tokenizer, max_queue=settings.max_queue, metrics=metrics)
-    store = open_store(settings.store)
-    parameter = next(model.parameters())
-    registry = AdapterRegistry(
-        store,
-        ModelShape.of(model, max_abs=settings.adapter_max_abs),
-        dtype=parameter.dtype,
-        device=parameter.device,
-        max_bytes=int(settings.adapter_memory),
-        max_count=settings.max_resident_adapters,
-        sync_interval=settings.store_sync_interval,
-        metrics=metrics,
-        fingerprint=model_fingerprint(model),
-        allow_foreign=settings.allow_foreign_adapters,
-    )
-    metrics.watch_residents(
-        lambda: [(r.name, r.version) for r in registry.resident_report()], settings.max_resident_adapters
-    )
-    return AppState(settings, model_name, model, tokenizer, engine, store, registry, metrics)
+    return EngineCore(model, settings.engine_config(), model_eos_ids(model, tokenizer), make_runner), tokenizer
 
 
 def create_app(

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         True, description="Replay decode-only steps from CUDA graphs (paged attention on a GPU; captured at start)"
     )
+    engine_core: Literal["auto", "process", "thread"] = Field(
+        "auto",
+        description="Where the engine steps: process = a process of its own, so HTTP streaming and stepping never "
+        "take turns on the GIL; thread = a thread of the server's process; auto = process on one GPU, else thread",
+    )
     max_queue: int = Field(256, ge=0, description="Requests waiting beyond the running batch; more get 429")
     request_timeout: float = Field(600.0, gt=0, description="Seconds before a request is aborted")
 

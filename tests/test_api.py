@@ -59,7 +59,7 @@ def test_health_ready_and_metrics(client):
 
 
 def test_an_engine_that_cannot_serve_refuses_requests_with_503(client, monkeypatch):
-    runner = client.app.state.reft.engine.core.runner
+    runner = client.app.state.reft.engine.host.core.runner
     monkeypatch.setattr(runner, "problem", lambda: "tensor-parallel rank 1 exited")
     refused = client.post("/v1/generate", json={"prompt": "hello", "max_new_tokens": 2})
     assert refused.status_code == 503 and "rank 1 exited" in error_of(refused)["message"]

@@ -6,6 +6,7 @@ import random
 import pytest
 
 from server.engine.async_engine import AsyncEngine, EngineOverloaded, EngineStopped, GenerationRequest
+from server.engine.core_loop import CoreThread
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason
@@ -24,7 +25,7 @@ def run(coro):
 
 
 async def with_engine(model, body, max_queue=256, **config):
-    engine = AsyncEngine(make_core(model, **config), byte_level_tokenizer(), max_queue=max_queue)
+    engine = AsyncEngine(CoreThread(make_core(model, **config)), byte_level_tokenizer(), max_queue=max_queue)
     engine.start()
     try:
         return await body(engine)
@@ -96,7 +97,7 @@ def test_stop_string_ends_the_request_and_frees_its_blocks(model):
     async def body(engine):
         result = await engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=30, stop=(stop,)))).collect()
         await asyncio.sleep(0.1)
-        return result, engine.core.kv.num_free_blocks, engine.core.kv.num_blocks, engine.num_in_flight
+        return result, engine.host.core.kv.num_free_blocks, engine.host.core.kv.num_blocks, engine.num_in_flight
 
     result, free, total, in_flight = run(with_engine(model, body))
     assert result.text == text[: text.find(stop)]
@@ -126,10 +127,11 @@ def test_a_thousand_requests_with_random_cancellations_leak_no_blocks(model):
         for batch in range(10):
             reasons += await asyncio.gather(*(one(engine, batch * 100 + i) for i in range(100)))
         for _ in range(100):  # cancellations land at the next step
-            if engine.core.kv.num_free_blocks == engine.core.kv.num_blocks and not engine.core.sequences:
+            if engine.host.core.kv.num_free_blocks == engine.host.core.kv.num_blocks and not engine.host.core.sequences:
                 break
             await asyncio.sleep(0.02)
-        return reasons, engine.core.kv.num_free_blocks, engine.core.kv.num_blocks, len(engine.core.sequences)
+        core = engine.host.core
+        return reasons, core.kv.num_free_blocks, core.kv.num_blocks, len(core.sequences)
 
     reasons, free, total, remaining = run(with_engine(model, body, num_blocks=96, max_num_seqs=32, max_model_len=256))
     assert len(reasons) == 1000
@@ -152,7 +154,7 @@ def test_overload_is_refused_not_queued_without_bound(model):
 
 def test_graceful_stop_drains_running_requests(model):
     async def body():
-        engine = AsyncEngine(make_core(model), byte_level_tokenizer())
+        engine = AsyncEngine(CoreThread(make_core(model)), byte_level_tokenizer())
         engine.start()
         stream = engine.submit(GenerationRequest(prompt(10, 1), SamplingParams(max_new_tokens=40)))
         collecting = asyncio.create_task(stream.collect())
@@ -168,7 +170,7 @@ def test_graceful_stop_drains_running_requests(model):
 
 def test_stop_after_grace_aborts_the_rest(model):
     async def body():
-        engine = AsyncEngine(make_core(model), byte_level_tokenizer())
+        engine = AsyncEngine(CoreThread(make_core(model)), byte_level_tokenizer())
         engine.start()
         stream = engine.submit(GenerationRequest(prompt(10, 1), SamplingParams(max_new_tokens=400, ignore_eos=True)))
         collecting = asyncio.create_task(stream.collect())

@@ -246,19 +246,19 @@ def test_health_fails_when_the_engine_thread_has_stopped(client):
     assert client.get("/health").status_code == 200
     client.portal.call(client.app.state.reft.engine.stop)
     response = client.get("/health")
-    assert response.status_code == 503 and "engine thread has stopped" in error_of(response)["message"]
+    assert response.status_code == 503 and "engine has stopped" in error_of(response)["message"]
 
 
 def test_health_fails_while_the_engine_is_stuck_with_work(client, monkeypatch):
     engine = client.app.state.reft.engine
     release = threading.Event()
-    real_step = engine.core.step
+    real_step = engine.host.core.step
 
     def stuck_step():
         release.wait(30)
         return real_step()
 
-    monkeypatch.setattr(engine.core, "step", stuck_step)
+    monkeypatch.setattr(engine.host.core, "step", stuck_step)
     monkeypatch.setattr(health, "STALE_ENGINE_SECONDS", 0.3)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(client.post, "/v1/generate", json={"prompt": "hi", "max_new_tokens": 2})

@@ -93,7 +93,7 @@ def _adapter_options(
 
 
 def _model_shape(state: AppState) -> ModelShape:
-    return ModelShape.of(state.model, max_abs=state.settings.adapter_max_abs)
+    return state.registry.model
 
 
 async def _read_upload(upload: UploadFile, limit: int, field: str) -> bytes:

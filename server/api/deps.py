@@ -15,6 +15,7 @@ from server.api.errors import APIError
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
 from server.metrics import Metrics
+from server.model_facts import ModelFacts
 
 CHARS_PER_CONTEXT_TOKEN = 16
 
@@ -23,7 +24,7 @@ CHARS_PER_CONTEXT_TOKEN = 16
 class AppState:
     settings: Settings
     model_name: str
-    model: object
+    model: ModelFacts  # wherever the engine runs
     tokenizer: object
     engine: AsyncEngine
     store: AdapterStore

@@ -1,6 +1,6 @@
 """Operations routes: liveness, readiness and Prometheus metrics.
 
-Liveness (/health) fails only when restarting the process would help: the engine thread has died,
+Liveness (/health) fails only when restarting the process would help: the engine has died,
 or it has work and has not stepped for STALE_ENGINE_SECONDS. Readiness (/ready) also fails while
 loading or draining, when the process is healthy but should get no traffic."""
 
@@ -24,7 +24,8 @@ STALE_ENGINE_SECONDS = 60.0  # a step longer than this means the engine is stuck
 def engine_stuck(engine: AsyncEngine, draining: bool) -> str | None:
     """Why the engine cannot make progress, or None. A stopped engine is expected while draining."""
     if not engine.alive and not draining:
-        return "the engine thread has stopped"
+        problem = engine.problem()
+        return "the engine has stopped" + (f": {problem}" if problem else "")
     if engine.busy and time.monotonic() - engine.last_heartbeat > STALE_ENGINE_SECONDS:
         return f"the engine has work but has not stepped for over {STALE_ENGINE_SECONDS:g} s"
     return None

@@ -47,7 +47,7 @@ async def tokenize(state: AppState, prompt: str | list[int], field: str = "promp
         ids = await asyncio.to_thread(encode_prompt, state.tokenizer, check_text(prompt, field))
     else:
         check_length(state, prompt, 0, field)
-        vocab = state.model.config.vocab_size
+        vocab = state.model.vocab_size
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
             raise APIError(400, f"{field}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param=field)

@@ -1,4 +1,5 @@
-"""The adapters a tensor-parallel group's followers hold: rank 0 sends each one's tensors once.
+"""The adapters a tensor-parallel group's followers hold: rank 0 sends each one's tensors once. The
+engine process (engine/core_process.py) is fed the same way by the server's process.
 
 ReFT edits act on the full hidden state, which every rank holds after a layer's all-reduce, so every
 rank applies every edit of a step and needs the adapters' weights. Rank 0 sends them rather than
@@ -70,7 +71,14 @@ class AdapterSender:
         self._held: OrderedDict[str, int] = OrderedDict()  # digest -> bytes, least recently used first
 
     def message(self, batch: StepBatch) -> StepMessage:
-        used = {chunk.adapter.digest: chunk.adapter for chunk in batch.edits}
+        new, dropped = self.update({chunk.adapter.digest: chunk.adapter for chunk in batch.edits})
+        edits = [replace(chunk, owner=None, adapter=None) for chunk in batch.edits]
+        wire = replace(batch, edits=edits)
+        return StepMessage(wire, [chunk.adapter.digest for chunk in batch.edits], new, dropped)
+
+    def update(self, used: dict[str, Adapter]) -> tuple[dict[str, AdapterPayload], list[str]]:
+        """The payloads of the `used` adapters (by digest) the other side lacks, and the digests it
+        should drop to stay within the budget (never one of `used`)."""
         new = {}
         for digest, adapter in used.items():
             if digest in self._held:
@@ -78,9 +86,7 @@ class AdapterSender:
             else:
                 new[digest] = AdapterPayload.of(adapter)
                 self._held[digest] = adapter.nbytes
-        edits = [replace(chunk, owner=None, adapter=None) for chunk in batch.edits]
-        wire = replace(batch, edits=edits)
-        return StepMessage(wire, [chunk.adapter.digest for chunk in batch.edits], new, self._evict(keep=used))
+        return new, self._evict(keep=used)
 
     def _evict(self, keep) -> list[str]:
         dropped = []
@@ -103,12 +109,16 @@ class AdapterReceiver:
 
     def batch(self, message: StepMessage) -> StepBatch:
         """Take in the message's adapter changes and return its batch with every edit's adapter."""
-        for digest, payload in message.new_adapters.items():
-            self.adapters[digest] = payload.to_adapter(self.dtype, self.device)
+        self.receive(message.new_adapters, message.dropped_adapters)
         edits = [
             replace(chunk, owner=index, adapter=self.adapters[digest])
             for index, (chunk, digest) in enumerate(zip(message.batch.edits, message.edit_adapters, strict=True))
         ]
-        for digest in message.dropped_adapters:
-            self.adapters.pop(digest, None)
         return replace(message.batch, edits=edits)
+
+    def receive(self, new: dict[str, AdapterPayload], dropped: list[str]) -> None:
+        """Hold the `new` adapters and forget the `dropped` ones (which never include one in use)."""
+        for digest, payload in new.items():
+            self.adapters[digest] = payload.to_adapter(self.dtype, self.device)
+        for digest in dropped:
+            self.adapters.pop(digest, None)

@@ -1,6 +1,7 @@
 """The async front end the HTTP layer uses: `submit()` a request, iterate its stream of incremental
-outputs, `cancel()` it. The engine core steps in a thread of its own, so the event loop never waits
-on the model; outputs come back once per step through `call_soon_threadsafe`.
+outputs, `cancel()` it. The engine core steps elsewhere (core_loop.py: a thread, or a process of its
+own: server/engine_process.py), so the event loop never waits on the model; outputs come back once per step
+through `call_soon_threadsafe`.
 
 Detokenization and stop strings live here, on the event loop side, as in vLLM's front end: the
 model thread only handles token ids, and a stop string cancels its request in the core.
@@ -9,26 +10,20 @@ model thread only handles token ids, and a stop string cancels its request in th
 from __future__ import annotations
 
 import asyncio
-import logging
-import queue
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from server.engine.core import EngineCore, EngineLoad, SeqOutput
+from server.engine.core import EngineLoad, SeqOutput
+from server.engine.core_loop import STOP, Abort, CoreHost, StepReport, Submit
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.sampler import Sample
 from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import FinishReason, Sequence
+from server.engine.sequence import FinishReason
 from server.engine.stop_strings import StopStringMatcher
 from server.metrics import BASE_LABEL, Metrics
 from server.reft.adapter import Adapter
-from server.reft.request_edit import request_edit
-
-log = logging.getLogger(__name__)
-IDLE_WAIT_SECONDS = 0.5
 
 
 class EngineOverloaded(RuntimeError):
@@ -184,29 +179,31 @@ def _merge(first: SeqOutput, second: SeqOutput) -> SeqOutput:
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, tokenizer, *, max_queue: int = 256, metrics: Metrics | None = None):
-        self.core = core
+    """The front end over an engine core that steps elsewhere: in a thread (`CoreThread`) or in a
+    process of its own (`CoreProcess`). Either host hands every loop iteration's `StepReport` to
+    `_on_report`, on a thread of the host's: metrics are recorded there, outputs go to the event loop."""
+
+    def __init__(self, host: CoreHost, tokenizer, *, max_queue: int = 256, metrics: Metrics | None = None):
+        self.host = host
         self.tokenizer = tokenizer
         self.metrics = metrics
-        self.max_in_flight = core.max_num_seqs + max_queue
+        self.max_in_flight = host.max_num_seqs + max_queue
         self._streams: dict[str, RequestStream] = {}
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wakeup = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._started = False
         self._stopping = False
         self._accepting = False
+        self._load: EngineLoad | None = None
+        self._reported: EngineLoad | None = None  # counters already turned into metrics
         self.last_heartbeat = 0.0
-        self.steps = 0
-        self._reported = core.load()  # counters already turned into metrics
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="reft-engine", daemon=True)
-        self._accepting = True
         self.last_heartbeat = time.monotonic()
-        self._thread.start()
+        self._load = self._reported = self.host.start(self._on_report)
+        self._started = True
+        self._accepting = True
 
     async def stop(self, grace_seconds: float = 0.0) -> None:
         """Stop accepting; let running requests finish for up to `grace_seconds`; abort the rest."""
@@ -216,16 +213,16 @@ class AsyncEngine:
             await asyncio.sleep(0.05)
         for request_id in list(self._streams):
             self.cancel(request_id)
-        while self._streams and time.monotonic() < deadline + 5:
+        while self._streams and time.monotonic() < deadline + 5 and self.alive:
             await asyncio.sleep(0.02)
         self._stopping = True
-        self._wakeup.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
+        if self._started:
+            self.host.send(STOP)
+            await asyncio.to_thread(self.host.join, 10)
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._started and self.host.alive and not self._stopping
 
     @property
     def accepting(self) -> bool:
@@ -237,20 +234,19 @@ class AsyncEngine:
 
     @property
     def max_model_len(self) -> int:
-        return self.core.max_model_len
+        return self.host.max_model_len
 
     @property
     def busy(self) -> bool:
-        """Whether the core has requests to step (a heartbeat older than a step then means it is stuck)."""
-        return self.core.has_work()
+        """Whether requests are in flight (a heartbeat older than a step then means the core is stuck)."""
+        return bool(self._streams)  # the loop reports even when idle: a stale heartbeat means it is stuck
 
     def problem(self) -> str | None:
-        return self.core.problem()
+        return self.host.problem()
 
     def load(self) -> EngineLoad:
-        """The core's counters, read from the event loop: a step may be changing them, which is fine
-        for gauges and probes."""
-        return self.core.load()
+        """The core's counters as of its last report (the loop reports every iteration)."""
+        return self._load
 
     # -- requests --------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestStream:
@@ -264,15 +260,11 @@ class AsyncEngine:
             request, self.tokenizer, abort=self.cancel, on_finished=self._stream_finished, metrics=self.metrics
         )
         self._streams[request.request_id] = stream
-        edit = request_edit(request.adapter, len(request.prompt_ids))
-        seq = Sequence(request.request_id, list(request.prompt_ids), request.sampling, edit)
-        self._inbox.put(("add", seq))
-        self._wakeup.set()
+        self.host.send(Submit(request.request_id, list(request.prompt_ids), request.sampling, request.adapter))
         return stream
 
     def cancel(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-        self._wakeup.set()
+        self.host.send(Abort(request_id))
 
     def _stream_finished(self, stream: RequestStream, reason: FinishReason) -> None:
         self._streams.pop(stream.request_id, None)
@@ -289,68 +281,41 @@ class AsyncEngine:
             if stream is not None:
                 stream.put(output)
 
-    # -- the engine thread -----------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stopping:
-            self._wakeup.clear()
-            outputs = self._drain_inbox()
-            if self.core.has_work():
-                try:
-                    outputs.extend(self.core.step())
-                except Exception:  # the core contains per-request failures; this is a bug: keep going
-                    log.exception("unexpected engine error")
-                self.steps += 1
-                self._observe_step()
-            elif outputs:  # the last requests were cancelled or refused: the load gauges must say so
-                self._observe_load()
-            else:
-                self.core.idle()
-                self._wakeup.wait(IDLE_WAIT_SECONDS)
-            self.last_heartbeat = time.monotonic()
-            if outputs:
-                self._loop.call_soon_threadsafe(self._deliver, outputs)
+    # -- reports, on the host's thread -------------------------------------------------------------
+    def _on_report(self, report: StepReport) -> None:
+        self.last_heartbeat = time.monotonic()
+        self._load = report.load
+        if not self.host.alive:  # the engine process is gone: no request in flight will finish
+            report.outputs.extend(self._orphans(report.outputs))
+        if self.metrics is not None:
+            self._observe(report)
+        if report.outputs:
+            self._loop.call_soon_threadsafe(self._deliver, report.outputs)
 
-    def _drain_inbox(self) -> list[SeqOutput]:
-        outputs = []
-        while True:
-            try:
-                command, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                return outputs
-            if command == "add":
-                try:
-                    self.core.add(payload)
-                except ValueError as e:
-                    outputs.append(SeqOutput(payload.request_id, finish_reason=FinishReason.ERROR, error=str(e)))
-            elif command == "abort":
-                aborted = self.core.abort(payload)
-                if aborted is not None:
-                    outputs.append(aborted)
+    def _orphans(self, outputs: list[SeqOutput]) -> list[SeqOutput]:
+        ended = {output.request_id for output in outputs if output.finish_reason is not None}
+        error = self.host.problem() or "the engine stopped"
+        return [
+            SeqOutput(request_id, finish_reason=FinishReason.ERROR, error=error)
+            for request_id in list(self._streams)
+            if request_id not in ended
+        ]
 
-    def _observe_load(self) -> EngineLoad | None:
-        if self.metrics is None:
-            return None
-        load = self.core.load()
-        self.metrics.observe_load(
+    def _observe(self, report: StepReport) -> None:
+        m, load, reported = self.metrics, report.load, self._reported
+        m.observe_load(
             waiting=load.waiting,
             running=load.running,
             kv_usage=load.kv_usage,
             kv_blocks=load.kv_blocks,
             block_size=load.block_size,
         )
-        self.metrics.observe_adapters(load.running_adapters, load.waiting_adapters)
-        return load
-
-    def _observe_step(self) -> None:
-        load = self._observe_load()
-        if load is None:
-            return
-        m, reported = self.metrics, self._reported
+        m.observe_adapters(load.running_adapters, load.waiting_adapters)
         m.preemptions.inc(load.preemptions - reported.preemptions)
         m.prefix_queries.inc(load.prefix_queries - reported.prefix_queries)
         m.prefix_hits.inc(load.prefix_hits - reported.prefix_hits)
         self._reported = load
-        if self.core.last_step is not None:
-            m.step_tokens.observe(self.core.last_step.num_tokens)
-            m.step_requests.observe(self.core.last_step.num_seqs)
-            m.step_seconds.observe(self.core.last_step.seconds)
+        if report.step is not None:
+            m.step_tokens.observe(report.step.num_tokens)
+            m.step_requests.observe(report.step.num_seqs)
+            m.step_seconds.observe(report.step.seconds)

@@ -1,0 +1,188 @@
+"""The loop that drives an `EngineCore`, and the thread that runs it in the server's own process.
+
+The loop takes commands (submit, abort, stop) from an inbox, steps the core while it has work, and
+hands a `StepReport` to its sink after every iteration: what the step produced, the core's load and
+the step's statistics. The same loop runs in a thread (`CoreThread`, here) or in a process of its own
+(server/engine_process.py); the async front end (async_engine.py) consumes the reports either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from server.engine.core import EngineCore, EngineLoad, SeqOutput, StepStats
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import FinishReason, Sequence
+from server.reft.adapter import Adapter
+from server.reft.request_edit import request_edit
+
+log = logging.getLogger(__name__)
+IDLE_WAIT_SECONDS = 0.5  # an idle loop still reports this often: its heartbeat
+
+
+@dataclass
+class Submit:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    adapter: Adapter | None = None
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """A request the engine's side could not take (its adapter failed to arrive): end it with an error."""
+
+    request_id: str
+    error: str
+
+
+STOP = "stop"
+
+
+@dataclass
+class StepReport:
+    """One iteration of the loop: the outputs it produced, and the core's load after it."""
+
+    outputs: list[SeqOutput]
+    load: EngineLoad
+    step: StepStats | None = None  # set when the iteration ran a step
+
+
+class Inbox:
+    """Commands for the loop, from any thread; `take` waits only when asked to."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._ready = threading.Event()
+
+    def put(self, command) -> None:
+        self._queue.put(command)
+        self._ready.set()
+
+    def take(self, wait: float) -> list:
+        """Every command queued so far, after waiting up to `wait` seconds for the first."""
+        if wait > 0:
+            self._ready.wait(wait)
+        self._ready.clear()
+        commands = []
+        while True:
+            try:
+                commands.append(self._queue.get_nowait())
+            except queue.Empty:
+                return commands
+
+
+class CoreLoop:
+    def __init__(self, core: EngineCore, sink: Callable[[StepReport], None]):
+        self.core = core
+        self.inbox = Inbox()
+        self._sink = sink
+        self._stopping = False
+
+    def run(self) -> None:
+        """Until a STOP command: apply commands, step while there is work, report every iteration."""
+        while not self._stopping:
+            busy = self.core.has_work()
+            commands = self.inbox.take(wait=0 if busy else IDLE_WAIT_SECONDS)
+            outputs = self._apply(commands)
+            step = None
+            if self.core.has_work():
+                try:
+                    outputs.extend(self.core.step())
+                except Exception:  # the core contains per-request failures; this is a bug: keep going
+                    log.exception("unexpected engine error")
+                step = self.core.last_step
+            elif not commands:
+                self.core.idle()
+            self._sink(StepReport(outputs, self.core.load(), step))
+
+    def _apply(self, commands: list) -> list[SeqOutput]:
+        outputs = []
+        for command in commands:
+            if command == STOP:
+                self._stopping = True
+            elif isinstance(command, Submit):
+                seq = Sequence(
+                    command.request_id,
+                    list(command.prompt_ids),
+                    command.sampling,
+                    request_edit(command.adapter, len(command.prompt_ids)),
+                )
+                try:
+                    self.core.add(seq)
+                except ValueError as e:
+                    outputs.append(_failed(seq.request_id, str(e)))
+            elif isinstance(command, Refuse):
+                outputs.append(_failed(command.request_id, command.error))
+            elif (aborted := self.core.abort(command.request_id)) is not None:
+                outputs.append(aborted)
+        return outputs
+
+
+def _failed(request_id: str, error: str) -> SeqOutput:
+    return SeqOutput(request_id, finish_reason=FinishReason.ERROR, error=error)
+
+
+class CoreHost(Protocol):
+    """Where a core steps, as the async front end sees it: a thread (below) or a process
+    (server/engine_process.py)."""
+
+    max_num_seqs: int
+    max_model_len: int
+
+    def start(self, sink: Callable[[StepReport], None]) -> EngineLoad:
+        """Start the loop; `sink` gets every report on a thread of the host's. Returns the first load."""
+
+    def send(self, command) -> None:
+        """Queue a command for the loop (Submit, Abort, STOP), from any thread."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    def problem(self) -> str | None:
+        """Why the core cannot serve, for the readiness probe."""
+
+    def join(self, timeout: float) -> None:
+        """After STOP: wait for the loop to end."""
+
+
+class CoreThread:
+    """The engine core stepping in a thread of the server's process: the CPU default, and the only
+    host for a core built around an already loaded model (tests) or a tensor-parallel group."""
+
+    def __init__(self, core: EngineCore):
+        self.core = core
+        self.max_num_seqs = core.max_num_seqs
+        self.max_model_len = core.max_model_len
+        self._loop: CoreLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, sink: Callable[[StepReport], None]) -> EngineLoad:
+        self._loop = CoreLoop(self.core, sink)
+        self._thread = threading.Thread(target=self._loop.run, name="reft-engine", daemon=True)
+        self._thread.start()
+        return self.core.load()
+
+    def send(self, command) -> None:
+        self._loop.inbox.put(command)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def problem(self) -> str | None:
+        return self.core.problem()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -1,0 +1,116 @@
+"""The engine core in a process of its own (`--engine-core process`, the GPU default), run here on the
+CPU: the same tokens as pyreft through the pipe, adapters sent once and dropped over budget, metrics
+and probes fed by the process's reports, and a dead or unloadable engine process reported, not hung on."""
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from server.adapters.pyreft import import_pyreft
+from server.app import engine_core_in_process
+from server.config import Settings
+from server.engine_process import EngineProcessFailed
+from tests.api_utils import error_of, running_app, sse_events, upload
+from tests.conftest import FIXTURE
+
+EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
+MAX_NEW = EXPECTED["max_new_tokens"]
+ADAPTERS = {  # fixture checkpoint -> (served name, positions)
+    "lo_l14_f3l3_unshared": ("lo14", "f3+l3"),
+    "di_l13_f1l2_unshared": ("di", "f1+l2"),
+}
+
+
+def pyreft_adapter(checkpoint: str) -> bytes:
+    _, positions = ADAPTERS[checkpoint]
+    return import_pyreft(FIXTURE / "adapters" / checkpoint, positions=positions, share_weights=False).to_bytes()
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    # one resident adapter: the engine process is told to drop one whenever the other is sent
+    store = tmp_path_factory.mktemp("store")
+    with running_app(FIXTURE / "model", store, engine_core="process", device="cpu", max_resident_adapters=1) as client:
+        for checkpoint, (name, _) in ADAPTERS.items():
+            assert upload(client, name, pyreft_adapter(checkpoint)).status_code == 201
+        yield client
+
+
+def generate(client, **body):
+    response = client.post("/v1/generate", json={"max_new_tokens": MAX_NEW, "ignore_eos": True, **body})
+    assert response.status_code == 200, response.text
+    return response.json()["token_ids"]
+
+
+def test_the_engine_runs_in_another_process(client):
+    host = client.app.state.reft.engine.host
+    assert host.process.pid != os.getpid() and host.process.is_alive()
+
+
+def test_tokens_equal_pyreft_in_mixed_batches_through_the_pipe(client):
+    by_adapter = {
+        name: [c for c in EXPECTED["cases"] if c["adapter"] == checkpoint] for checkpoint, (name, _) in ADAPTERS.items()
+    }
+    jobs = []
+    for pair in zip(*by_adapter.values(), strict=False):  # alternating: each adapter is sent, dropped, sent again
+        for name, case in zip(by_adapter, pair, strict=True):
+            jobs.append(({"prompt": case["prompt"], "adapter": name}, case["adapter_tokens"]))
+            jobs.append(({"prompt": case["prompt"]}, case["base_tokens"]))
+    with ThreadPoolExecutor(8) as pool:  # concurrent: adapters and base share steps
+        served = list(pool.map(lambda job: generate(client, **job[0]), jobs))
+    assert served == [expected for _, expected in jobs]
+
+
+def test_a_new_version_reaches_the_engine_process(client):
+    lo, di = (next(c for c in EXPECTED["cases"] if c["adapter"] == name) for name in ADAPTERS)
+    assert upload(client, "swap", pyreft_adapter("di_l13_f1l2_unshared")).status_code == 201
+    assert generate(client, prompt=di["prompt"], adapter="swap") == di["adapter_tokens"]
+    assert upload(client, "swap", pyreft_adapter("lo_l14_f3l3_unshared")).status_code == 201
+    assert generate(client, prompt=lo["prompt"], adapter="swap") == lo["adapter_tokens"]
+
+
+def test_metrics_and_probes_come_from_the_engine_process(client):
+    generate(client, prompt="metrics", max_new_tokens=3)
+    assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
+    text = client.get("/metrics").text
+    steps = next(line for line in text.splitlines() if line.startswith("reft_step_duration_seconds_count"))
+    assert float(steps.split()[-1]) > 0
+    assert "reft_kv_cache_usage_ratio" in text
+
+
+def test_a_dead_engine_process_fails_its_requests_and_the_probes(tmp_path):
+    with running_app(FIXTURE / "model", tmp_path, engine_core="process", device="cpu") as client:
+        body = {"prompt": "a long one", "max_new_tokens": 400, "ignore_eos": True, "stream": True}
+        with client.stream("POST", "/v1/generate", json=body) as response:
+            events = sse_events(response.iter_lines())
+            assert next(events)["token_ids"]  # generating
+            os.kill(client.app.state.reft.engine.host.process.pid, signal.SIGKILL)
+            last = [event for event in events if event != "[DONE]"][-1]
+        assert "engine process exited with code -9" in last["error"]["message"]
+        deadline = time.monotonic() + 10
+        while (health := client.get("/health")).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health.status_code == 503 and "engine process exited" in error_of(health)["message"]
+        assert client.get("/ready").status_code == 503
+        refused = client.post("/v1/generate", json={"prompt": "after", "max_new_tokens": 2})
+        assert refused.status_code == 503
+
+
+def test_an_engine_process_that_cannot_load_its_model_fails_the_start(tmp_path):
+    with pytest.raises(EngineProcessFailed, match="could not start"):
+        with running_app(tmp_path / "no-such-model", tmp_path, engine_core="process", device="cpu"):
+            pass
+
+
+def test_where_the_core_runs():
+    assert engine_core_in_process(Settings(engine_core="process"), model_given=False)
+    assert not engine_core_in_process(Settings(engine_core="thread", device="cuda"), model_given=False)
+    assert not engine_core_in_process(Settings(engine_core="auto", device="cpu"), model_given=False)
+    assert not engine_core_in_process(Settings(engine_core="auto", device="cuda"), model_given=True)
+    assert not engine_core_in_process(Settings(engine_core="auto", device="cuda", tensor_parallel=2), model_given=False)
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        engine_core_in_process(Settings(engine_core="process", tensor_parallel=2), model_given=False)
