@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         True, description="Replay decode-only steps from CUDA graphs (paged attention on a GPU; captured at start)"
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the decode forward before capturing its CUDA graphs (fuses each layer's small "
+        "kernels; start-up takes longer)",
+    )
     engine_core: Literal["auto", "process", "thread"] = Field(
         "auto",
         description="Where the engine steps: process = a process of its own, so HTTP streaming and stepping never "
@@ -143,4 +148,5 @@ class Settings(BaseSettings):
             prefix_caching=self.prefix_caching,
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
+            compile_backend="inductor" if self.compile else None,
         )

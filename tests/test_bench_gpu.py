@@ -53,6 +53,7 @@ def test_smoke_throughputs_count_every_requested_token(smoke_results):
 
 
 DECODE_PARTS = [("decode", "sdpa", True), ("decode-eager", "sdpa", False), ("decode-sdpa", "sdpa", False)]
+DECODE_PARTS += [("decode-compile", "sdpa", True)]
 DECODE_PARTS += [("decode-flex", "flex", False)]  # on the CPU, auto is sdpa
 
 

@@ -1,9 +1,10 @@
 """The GPU engine on a CUDA device (skipped elsewhere; bench/gpu.sh runs these first on a GPU machine).
 
-In float32 the paged backend, eager and replayed from CUDA graphs, gives the sdpa backend's greedy
-tokens on a mixed workload with adapters, chunked prefill and a pool too small for everyone at once;
-every bucket's graph is captured and the replays serve the decode steps; the Triton kernel matches its
-torch twin; masked GQA prefill stays on SDPA's fused kernels.
+In float32 the paged backend, eager and replayed from CUDA graphs (of the forward as it is, and as
+Inductor compiled it), gives the sdpa backend's greedy tokens on a mixed workload with adapters,
+chunked prefill and a pool too small for everyone at once; every bucket's graph is captured and the
+replays serve the decode steps; the Triton kernel matches its torch twin; masked GQA prefill stays on
+SDPA's fused kernels.
 """
 
 import random
@@ -44,10 +45,10 @@ def run(model, **config):
     return core, run_core(core, workload(model))
 
 
-@pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_paged_backend_gives_sdpa_tokens(cuda_llama, cuda_graphs):
+@pytest.mark.parametrize("cuda_graphs, compile_backend", [(False, None), (True, None), (True, "inductor")])
+def test_paged_backend_gives_sdpa_tokens(cuda_llama, cuda_graphs, compile_backend):
     _, expected = run(cuda_llama, attention_backend="sdpa")
-    core, tokens = run(cuda_llama, attention_backend="auto", cuda_graphs=cuda_graphs)
+    core, tokens = run(cuda_llama, attention_backend="auto", cuda_graphs=cuda_graphs, compile_backend=compile_backend)
     assert core.runner.attention_backend == "paged"
     assert tokens == expected
     graphs = core.runner.graphs

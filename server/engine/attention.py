@@ -20,6 +20,8 @@ stays here, the same for all.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -201,15 +203,60 @@ def paged_attention(
     softcap: float | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
+    if softcap is not None:
+        raise NotImplementedError("attention logit softcapping is not supported")
+    if torch.compiler.is_compiling():  # a compiled forward: the step is found when the op runs
+        return torch.ops.reft.step_attention(query, key, value, module.layer_idx, scaling, sliding_window), None
     step: StepAttention | None = kwargs.get(STEP_KWARG)
     if step is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention runs only inside the engine (no {STEP_KWARG} given)")
-    if softcap is not None:
-        raise NotImplementedError("attention logit softcapping is not supported")
-    layer = module.layer_idx
+    return _attend(step, query, key, value, module.layer_idx, scaling, sliding_window), None
+
+
+def _attend(
+    step: StepAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    layer: int,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> Tensor:
+    """query/key/value [1, heads, T, D] as transformers passes them -> [1, T, heads, D]."""
     queries, keys, values = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, D]
     step.kv.write(layer, step.slot_mapping, keys, values)
-    return step.reader.attend(layer, queries, scaling, sliding_window).unsqueeze(0), None
+    return step.reader.attend(layer, queries, scaling, sliding_window).unsqueeze(0)
+
+
+# -- compiled forwards ---------------------------------------------------------------------------------
+# torch.compile must not trace the pool write or the paged kernel (the pool is not an input of the
+# compiled graph, and the kernel is not traceable), so a compiled forward calls this opaque op, which
+# reads the step from `compiled_step`, set around each call, as vLLM's forward context does.
+_compiled_steps: list[StepAttention] = []
+
+
+@contextmanager
+def compiled_step(step: StepAttention) -> Iterator[None]:
+    """The step that compiled forwards run inside this block."""
+    _compiled_steps.append(step)
+    try:
+        yield
+    finally:
+        _compiled_steps.pop()
+
+
+@torch.library.custom_op("reft::step_attention", mutates_args=())
+def step_attention(
+    query: Tensor, key: Tensor, value: Tensor, layer: int, scaling: float | None, sliding_window: int | None
+) -> Tensor:
+    if not _compiled_steps:
+        raise RuntimeError(f"a compiled {ATTENTION_NAME} forward runs only inside compiled_step()")
+    return _attend(_compiled_steps[-1], query, key, value, layer, scaling, sliding_window)
+
+
+@step_attention.register_fake
+def _(query: Tensor, key: Tensor, value: Tensor, layer: int, scaling: float | None, sliding_window: int | None):
+    return query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
 
 
 def register_paged_attention() -> None:

@@ -28,6 +28,7 @@ class EngineConfig:
     watermark_blocks: int = 1  # free blocks kept in reserve when admitting, so decodes rarely preempt
     attention_backend: str = "auto"  # how attention reads the KV pool (attention.py)
     cuda_graphs: bool = True  # replay decode-only steps of the paged backend from CUDA graphs (cuda_graphs.py)
+    compile_backend: str | None = None  # torch.compile those steps' forward first ("inductor"); None: eager
 
     def __post_init__(self):
         if self.attention_backend not in ATTENTION_BACKENDS:

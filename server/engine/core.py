@@ -94,6 +94,7 @@ class EngineCore:
             cuda_graphs=config.cuda_graphs and tensor_parallel == 1,  # a group's ranks would have to replay in step
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
+            compile_backend=config.compile_backend,
         )
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids

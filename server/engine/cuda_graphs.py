@@ -12,7 +12,13 @@ batch up) decode token 0 at position 0 into the first slot of the pool's pad blo
 the graph zeroes the slot again after the forward, so the pad block stays all zeros for the sdpa path.
 Every bucket's logits land in one shared buffer, valid until the next step.
 
-Off CUDA nothing is captured: the same padded buffers run eagerly, which is what the tests check.
+With `compile_backend` (`--compile`), the forward is first compiled by torch.compile, dynamic in the
+batch so that one compilation serves every bucket: Inductor fuses each layer's small kernels (norms,
+rotary embeddings, activations, residual adds) and the graphs capture the fused ones. The attention
+stays an opaque op (attention.py's `step_attention`).
+
+Off CUDA nothing is captured: the same padded buffers run eagerly (compiled too with a backend), which
+is what the tests check.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from server.engine.attention import STEP_KWARG, PagedDecodeRows, StepAttention
+from server.engine.attention import STEP_KWARG, PagedDecodeRows, StepAttention, compiled_step
 from server.engine.kv_cache import KVCache, padded_block_tables
 from server.engine.paged_decode import decode_kernel
 
@@ -38,7 +44,10 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: nn.Module, kv: KVCache, max_num_seqs: int, max_model_len: int):
+    def __init__(
+        self, model: nn.Module, kv: KVCache, max_num_seqs: int, max_model_len: int, compile_backend: str | None = None
+    ):
+        """`compile_backend`: torch.compile the forward with it (one graph, dynamic in the batch) first."""
         self.model = model
         self.kv = kv
         self.device = next(model.parameters()).device
@@ -53,6 +62,9 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.steps_run = 0
         self._pool = None
+        self._compiled = None
+        if compile_backend is not None:
+            self._compiled = torch.compile(self._model_logits, backend=compile_backend, dynamic=True)
 
     def fits(self, batch) -> bool:
         """Whether a step (model_runner's StepBatch) decodes only, edits nothing, samples every row and is
@@ -109,15 +121,19 @@ class DecodeGraphs:
         meta = self.meta[:, :size]
         reader = PagedDecodeRows(self.kv, meta[TABLE:].T, meta[CONTEXT], decode_kernel(self.device.type))
         attention = StepAttention(self.kv, meta[SLOT], reader)
-        out = self.model(
-            input_ids=meta[TOKEN][None], position_ids=meta[POSITION][None], use_cache=False, **{STEP_KWARG: attention}
-        )
-        logits = out.logits[0]
+        if self._compiled is None:
+            logits = self._model_logits(meta[TOKEN][None], meta[POSITION][None], **{STEP_KWARG: attention})
+        else:
+            with compiled_step(attention):
+                logits = self._compiled(meta[TOKEN][None], meta[POSITION][None])
         if self.logits is None:
             self.logits = logits.new_empty((self.sizes[-1], logits.shape[-1]))
         self.logits[:size].copy_(logits)
         self.kv.keys[:, self.pad_slot].zero_()  # the padding rows wrote there
         self.kv.values[:, self.pad_slot].zero_()
+
+    def _model_logits(self, input_ids: Tensor, position_ids: Tensor, **step) -> Tensor:
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **step).logits[0]
 
     def _capture(self, size: int) -> torch.cuda.CUDAGraph:
         # warm up on a side stream first (Triton compiles, cuBLAS picks its kernels), as CUDA graphs require

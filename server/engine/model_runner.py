@@ -60,9 +60,11 @@ class ModelRunner:
         cuda_graphs: bool = False,
         max_num_seqs: int = 1,
         max_model_len: int = 1,
+        compile_backend: str | None = None,
     ):
         """`cuda_graphs` (paged backend only): replay decode-only steps of up to `max_num_seqs` sequences of
-        up to `max_model_len` tokens from graphs captured now (cuda_graphs.py)."""
+        up to `max_model_len` tokens from graphs captured now (cuda_graphs.py), of the forward compiled
+        with `compile_backend` if given."""
         self.model = model
         self.kv = kv
         self.device = next(model.parameters()).device
@@ -70,7 +72,7 @@ class ModelRunner:
         self._hooks = install_plan_hooks(model)
         self.graphs = None
         if cuda_graphs and self.attention_backend == "paged":
-            self.graphs = self._capture(DecodeGraphs(model, kv, max_num_seqs, max_model_len))
+            self.graphs = self._capture(DecodeGraphs(model, kv, max_num_seqs, max_model_len, compile_backend))
 
     @staticmethod
     def _capture(graphs: DecodeGraphs) -> DecodeGraphs | None:
