@@ -179,7 +179,7 @@ class CoreProcess:
         self._wait_for_exit(EXIT_SECONDS)
         if self.problem() is not None and not self._stopping:
             log.error("%s", self.failure)
-        sink(StepReport([], replace(load, waiting=0, running=0)))  # a last heartbeat: nothing runs any more
+        sink(StepReport([], replace(load, waiting=0, running=0), last=True))
 
 
 def _engine_main(settings: Settings, model_path: str, commands, reports) -> None:

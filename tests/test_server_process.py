@@ -1,5 +1,6 @@
 """End to end against real server processes on loopback: the official openai client, client
-disconnects, SIGTERM drain, two replicas sharing one store, and a publish killed with SIGKILL."""
+disconnects, SIGTERM drain, two replicas sharing one store, and a publish killed with SIGKILL. The
+server's tests run with the engine core in a thread and in a process of its own."""
 
 import asyncio
 import random
@@ -23,6 +24,7 @@ from tests.server_process import ServerProcess
 
 HIDDEN = 128  # the tiny Llama
 SERVE_ARGS = ("--kv-cache-memory", "32MiB", "--max-model-len", "512", "--admin-token", ADMIN_TOKEN)
+ENGINE_CORES = ("thread", "process")  # the CPU default, and the GPU default run here on the CPU
 
 
 def adapter_bytes(seed: int) -> bytes:
@@ -44,16 +46,22 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.1):
     raise AssertionError("condition not met in time")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return tmp_path_factory.mktemp("shared-store")
+@pytest.fixture(scope="module", params=ENGINE_CORES)
+def engine_core(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, store, tmp_path_factory):
+def store(tmp_path_factory, engine_core):
+    return tmp_path_factory.mktemp(f"shared-store-{engine_core}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, store, tmp_path_factory, engine_core):
     model = tiny_model_dir("llama")
+    log = tmp_path_factory.mktemp("logs") / "a.log"
     process = ServerProcess(
-        tmp_path_factory.mktemp("logs") / "a.log", "--model", str(model), "--store", str(store), *SERVE_ARGS
+        log, "--model", str(model), "--store", str(store), "--engine-core", engine_core, *SERVE_ARGS
     )
     upload(process.url, "steer", adapter_bytes(1))
     yield process
@@ -112,7 +120,7 @@ def test_client_disconnect_cancels_the_request_and_frees_its_blocks(server):
         lines = response.iter_lines()
         received = [line for line, _ in zip(lines, range(6), strict=False) if line.startswith("data: ")]
         assert received
-    # The engine thread frees the blocks at its next step after the abort.
+    # The engine frees the blocks at its next step after the abort.
     wait_for(lambda: httpx.get(f"{server.url}/ready").json()["requests_in_flight"] == 0)
     wait_for(lambda: httpx.get(f"{server.url}/ready").json()["kv_cache_usage"] == 0.0)
     metrics = httpx.get(f"{server.url}/metrics").text
@@ -204,7 +212,8 @@ def test_two_servers_on_one_store_compare_and_swap(server, tiny_model_dir, store
         other.stop()
 
 
-def test_sigterm_drains_running_requests_then_exits(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("engine_core", ENGINE_CORES)
+def test_sigterm_drains_running_requests_then_exits(tiny_model_dir, tmp_path, engine_core):
     process = ServerProcess(
         tmp_path / "drain.log",
         "--model",
@@ -213,6 +222,8 @@ def test_sigterm_drains_running_requests_then_exits(tiny_model_dir, tmp_path):
         str(tmp_path / "s"),
         "--shutdown-grace",
         "60",
+        "--engine-core",
+        engine_core,
         *SERVE_ARGS,
     )
     events = []

@@ -285,7 +285,7 @@ class AsyncEngine:
     def _on_report(self, report: StepReport) -> None:
         self.last_heartbeat = time.monotonic()
         self._load = report.load
-        if not self.host.alive:  # the engine process is gone: no request in flight will finish
+        if report.last:
             report.outputs.extend(self._orphans(report.outputs))
         if self.metrics is not None:
             self._observe(report)

@@ -56,6 +56,7 @@ class StepReport:
     outputs: list[SeqOutput]
     load: EngineLoad
     step: StepStats | None = None  # set when the iteration ran a step
+    last: bool = False  # the host's last report: the core is gone, nothing in flight will finish
 
 
 class Inbox:
