@@ -10,12 +10,15 @@ CPU); the engine process loads the model and runs `CoreLoop`. They talk over two
   travel once, with the first request that uses it, and the sender tells the engine what to drop when
   its record exceeds the residency budget (the tensor-parallel mirror's bookkeeping, adapter_mirror.py);
 - reports, back: one `StepReport` per loop iteration, which is also the engine's heartbeat.
-A thread on each side moves the pipe's messages, so neither the event loop nor the engine's loop ever
-waits on a pipe. Messages are plain pickles: tensors travel by value, not through shared memory.
+Commands leave the server from a thread, so the event loop never waits on a full pipe; reports are
+read by the event loop itself when the pipe has data (no reader thread to hand the GIL to), and the
+engine process reads commands in a thread, so its loop never waits on them. Messages are plain
+pickles: tensors travel by value, not through shared memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -95,7 +98,7 @@ class CoreProcess:
         self.model = started.model
         self.max_num_seqs = started.max_num_seqs
         self.max_model_len = started.max_model_len
-        self._first_load = started.load
+        self._first_load = self._last_load = started.load
 
     def _wait_for_start(self) -> Started:
         while not self._reports.poll(1.0):
@@ -111,8 +114,10 @@ class CoreProcess:
         return pickle.loads(self._reports.recv_bytes())
 
     def start(self, sink: Callable[[StepReport], None]) -> EngineLoad:
-        """Relay reports to `sink` (on a thread of its own) and commands to the engine."""
-        threading.Thread(target=self._relay_reports, args=(sink,), name="reft-engine-reports", daemon=True).start()
+        """On the event loop: hand it every report to `sink` as it arrives; send commands from a thread."""
+        self._sink = sink
+        self._event_loop = asyncio.get_running_loop()
+        self._event_loop.add_reader(self._reports.fileno(), self._read_reports)
         threading.Thread(target=self._relay_commands, name="reft-engine-commands", daemon=True).start()
         return self._first_load
 
@@ -167,19 +172,23 @@ class CoreProcess:
         new, dropped = self._adapters.update({adapter.digest: adapter})
         return WireSubmit(replace(command, adapter=None), adapter.digest, new, dropped)
 
-    def _relay_reports(self, sink: Callable[[StepReport], None]) -> None:
-        load = self._first_load
-        while True:
-            try:
+    def _read_reports(self) -> None:
+        """On the event loop, when the pipe has data: every report waiting. Reading here rather than in
+        a thread of its own spares a GIL handoff per report while the loop is busy streaming."""
+        try:
+            while self._reports.poll():
                 report = self._receive()
-            except (OSError, EOFError):
-                break
-            load = report.load
-            sink(report)
+                self._last_load = report.load
+                self._sink(report)
+        except (OSError, EOFError):  # the engine process is gone (or stopped)
+            self._event_loop.remove_reader(self._reports.fileno())
+            threading.Thread(target=self._report_exit, name="reft-engine-exit", daemon=True).start()
+
+    def _report_exit(self) -> None:
         self._wait_for_exit(EXIT_SECONDS)
         if self.problem() is not None and not self._stopping:
             log.error("%s", self.failure)
-        sink(StepReport([], replace(load, waiting=0, running=0), last=True))
+        self._sink(StepReport([], replace(self._last_load, waiting=0, running=0), last=True))
 
 
 def _engine_main(settings: Settings, model_path: str, commands, reports) -> None:
