@@ -195,27 +195,39 @@ def _engine_main(settings: Settings, model_path: str, commands, reports) -> None
     """The engine process: load the model, build the core, report that it is ready, run the loop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C drains the server, which then stops this process
     setup_logging(settings.log_level, settings.log_json)
-
-    def send(message) -> None:
-        reports.send_bytes(pickle.dumps(message))
-
     try:
         core = _build_core(settings, model_path)
     except BaseException as e:
         log.exception("the engine process could not start")
-        send(StartFailed(f"{type(e).__name__}: {e}"))
+        reports.send_bytes(pickle.dumps(StartFailed(f"{type(e).__name__}: {e}")))
         return
-    send(Started(ModelFacts.of(core.runner.model), core.max_num_seqs, core.max_model_len, core.load()))
-    loop = CoreLoop(core, send)
+    reports.send_bytes(
+        pickle.dumps(Started(ModelFacts.of(core.runner.model), core.max_num_seqs, core.max_model_len, core.load()))
+    )
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    loop = CoreLoop(core, outbox.put)
     parameter = next(core.runner.model.parameters())
     receiver = AdapterReceiver(parameter.dtype, parameter.device)
     threading.Thread(
         target=_receive_commands, args=(commands, loop, receiver), name="reft-engine-commands", daemon=True
     ).start()
-    try:
-        loop.run()
-    except (OSError, EOFError):  # the server's end of the report pipe is gone
-        log.warning("the server process is gone: the engine process stops")
+    sender = threading.Thread(target=_send_reports, args=(outbox, reports, loop), name="reft-engine-reports")
+    sender.start()
+    loop.run()
+    outbox.put(STOP)
+    sender.join()
+
+
+def _send_reports(outbox: queue.SimpleQueue, reports, loop: CoreLoop) -> None:
+    """The engine process's side of the report pipe. A thread of its own pickles and writes each report
+    while the loop goes on with the next step (the GIL is free while the step waits for the GPU)."""
+    while (report := outbox.get()) != STOP:
+        try:
+            reports.send_bytes(pickle.dumps(report))
+        except OSError:  # the server process is gone
+            log.warning("the server process is gone: the engine process stops")
+            loop.inbox.put(STOP)
+            return
 
 
 def _build_core(settings: Settings, model_path: str) -> EngineCore:
