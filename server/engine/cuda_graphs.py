@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -57,6 +58,7 @@ class DecodeGraphs:
         shape = (TABLE + self.width, max_num_seqs)
         self.capture = self.device.type == "cuda"
         self.host = torch.zeros(shape, dtype=torch.long, pin_memory=self.capture)
+        self.host_rows = self.host.numpy()  # the same memory
         self.meta = torch.zeros(shape, dtype=torch.long, device=self.device)
         self.logits: Tensor | None = None  # [max_num_seqs, vocab] once the first step ran
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -109,12 +111,12 @@ class DecodeGraphs:
         log.info("decode steps captured as CUDA graphs", extra={"fields": cost})
 
     def _fill(self, size: int, width: int, token_ids, positions, slots, spans) -> None:
-        padding = size - len(spans)
-        tables = padded_block_tables([s.block_table for s in spans] + [[]] * padding, width, self.kv.pad_block)
-        fields = [[t, p, slot, s.start + 1] for t, p, slot, s in zip(token_ids, positions, slots, spans, strict=True)]
-        fields += [[0, 0, self.pad_slot, 1]] * padding  # token 0 at position 0 into the pad slot, reading only it
-        columns = [row + table for row, table in zip(fields, tables, strict=True)]  # one per sequence
-        self.host[: TABLE + width, :size] = torch.tensor(columns).T
+        rows, host = len(spans), self.host_rows  # numpy writes: a quarter of the time of torch.tensor(lists)
+        host[TOKEN, :rows], host[POSITION, :rows], host[SLOT, :rows] = token_ids, positions, slots
+        host[CONTEXT, :rows] = [s.start + 1 for s in spans]
+        host[[TOKEN, POSITION, SLOT, CONTEXT], rows:size] = [[0], [0], [self.pad_slot], [1]]  # padding: token 0
+        tables = padded_block_tables([s.block_table for s in spans] + [[]] * (size - rows), width, self.kv.pad_block)
+        host[TABLE : TABLE + width, :size] = np.array(tables).T  # at position 0 into the pad slot, reading only it
         self.meta[: TABLE + width].copy_(self.host[: TABLE + width], non_blocking=True)
 
     def _forward(self, size: int) -> None:
