@@ -145,10 +145,10 @@ def create_app(
     async def lifespan(app: FastAPI):
         state = await asyncio.to_thread(build_state, settings, path, model, tokenizer, group)
         app.state.reft = state
-        state.engine.start()
-        await state.registry.start()
-        log.info("ready", extra={"fields": {"model": state.model_name, "max_model_len": state.max_model_len}})
-        try:
+        try:  # whatever fails from here on, the engine (a process, perhaps) is stopped again
+            state.engine.start()
+            await state.registry.start()
+            log.info("ready", extra={"fields": {"model": state.model_name, "max_model_len": state.max_model_len}})
             yield
         finally:
             state.begin_draining()

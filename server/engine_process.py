@@ -22,6 +22,7 @@ import asyncio
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
 import queue
 import signal
@@ -33,8 +34,9 @@ import torch
 
 from server.config import Settings
 from server.distributed.adapter_mirror import AdapterPayload, AdapterReceiver, AdapterSender
-from server.engine.core import EngineCore, EngineLoad, model_eos_ids
-from server.engine.core_loop import STOP, CoreLoop, Refuse, StepReport, Submit
+from server.engine.core import EngineCore, EngineLoad, SeqOutput, model_eos_ids
+from server.engine.core_loop import STOP, CoreLoop, Refuse, StepReport, Submit, stopped
+from server.engine.sequence import FinishReason
 from server.logging_setup import setup_logging
 from server.model_facts import ModelFacts
 from server.models.loader import load_model, resolve_device, resolve_dtype
@@ -42,20 +44,37 @@ from server.plugins import load_plugins
 
 log = logging.getLogger(__name__)
 EXIT_SECONDS = 10.0
+REPORTS_PER_READ = 32  # per wake-up of the event loop's reader, so that HTTP work is never starved
 
 
 class EngineProcessFailed(RuntimeError):
     """The engine process could not start, or is gone."""
 
 
+@dataclass(frozen=True)
+class AdapterRef:
+    digest: str  # what the engine process keys its copy by: one copy serves every name with that content
+    name: str
+    version: int
+
+
 @dataclass
 class WireSubmit:
-    """`Submit` as it crosses the pipe: the adapter by digest, its tensors only the first time."""
+    """A `Submit` with an adapter, as it crosses the pipe: the adapter by reference, its tensors only the
+    first time, and the adapters the engine process should drop."""
 
     submit: Submit  # adapter None
-    adapter_digest: str | None
+    adapter: AdapterRef
     new_adapters: dict[str, AdapterPayload]
     dropped_adapters: list[str]
+
+
+@dataclass(frozen=True)
+class LostAdapter:
+    """From the engine process: it could not take (or no longer has) an adapter's tensors, so the server
+    must send them again the next time."""
+
+    digest: str
 
 
 @dataclass(frozen=True)
@@ -94,32 +113,42 @@ class CoreProcess:
         self.failure: str | None = None
         self._stopping = False  # STOP was sent: the process's exit is expected
         self._reaping = threading.Lock()  # one waitpid at a time: a second would see no exit code
-        started = self._wait_for_start()
+        try:
+            started = self._wait_for_start()
+        except BaseException:  # a failed start, or the server interrupted while the model loads
+            self._abandon()
+            raise
         self.model = started.model
         self.max_num_seqs = started.max_num_seqs
         self.max_model_len = started.max_model_len
-        self._first_load = self._last_load = started.load
+        self.first_load = self._last_load = started.load
 
     def _wait_for_start(self) -> Started:
-        while not self._reports.poll(1.0):
-            if (code := self._exit_code()) is not None:
-                raise EngineProcessFailed(f"the engine process exited with code {code} at start-up")
-        message = self._receive()
-        if isinstance(message, StartFailed):
+        try:
+            message = self._receive()  # the first message, or the end of the pipe if the process dies
+        except (OSError, EOFError):
             self._wait_for_exit(EXIT_SECONDS)
+            raise EngineProcessFailed(f"the engine process exited with code {self._exit_code()} at start-up") from None
+        if isinstance(message, StartFailed):
             raise EngineProcessFailed(f"the engine process could not start: {message.error}")
         return message
+
+    def _abandon(self) -> None:
+        if self._exit_code() is None:
+            self.process.kill()
+        self._wait_for_exit(EXIT_SECONDS)
+        self._commands.close()
+        self._reports.close()
 
     def _receive(self):
         return pickle.loads(self._reports.recv_bytes())
 
-    def start(self, sink: Callable[[StepReport], None]) -> EngineLoad:
-        """On the event loop: hand it every report to `sink` as it arrives; send commands from a thread."""
+    def start(self, sink: Callable[[StepReport], None]) -> None:
+        """On the event loop: it reads the reports as they arrive; commands go out from a thread."""
         self._sink = sink
         self._event_loop = asyncio.get_running_loop()
         self._event_loop.add_reader(self._reports.fileno(), self._read_reports)
         threading.Thread(target=self._relay_commands, name="reft-engine-commands", daemon=True).start()
-        return self._first_load
 
     def send(self, command) -> None:
         """Queue a command (any thread); the adapter bookkeeping happens in the order of sending."""
@@ -152,82 +181,104 @@ class CoreProcess:
         with self._reaping:
             return self.process.exitcode
 
+    # -- commands, on their thread ------------------------------------------------------------------
     def _relay_commands(self) -> None:
         while True:
             command = self._outbox.get()
             try:
-                self._commands.send_bytes(pickle.dumps(self._wire(command)))
-            except (OSError, EOFError) as e:  # the engine process is gone: the report relay says so
+                if (wire := self._wire(command)) is not None:
+                    self._commands.send_bytes(pickle.dumps(wire))
+            except (OSError, EOFError) as e:  # the engine process is gone: its report pipe says so
                 self.failure = self.failure or f"the engine process is unreachable: {e}"
-                return
+                break
+            except Exception as e:  # a command that cannot be sent fails its request alone
+                log.exception("a command for the engine process could not be sent")
+                if isinstance(command, Submit):
+                    failed = SeqOutput(command.request_id, finish_reason=FinishReason.ERROR, error=f"not sent: {e}")
+                    self._sink(StepReport([failed], self._last_load))
             if command == STOP:
-                return
+                break
+        self._commands.close()
 
     def _wire(self, command):
-        if not isinstance(command, Submit):
+        """What crosses the pipe for `command` (None: nothing). Only this thread touches `_adapters`."""
+        if isinstance(command, LostAdapter):
+            self._adapters.forget(command.digest)
+            return None
+        if not isinstance(command, Submit) or command.adapter is None:
             return command
         adapter = command.adapter
-        if adapter is None:
-            return WireSubmit(command, None, {}, [])
         new, dropped = self._adapters.update({adapter.digest: adapter})
-        return WireSubmit(replace(command, adapter=None), adapter.digest, new, dropped)
+        reference = AdapterRef(adapter.digest, adapter.name, adapter.version)
+        return WireSubmit(replace(command, adapter=None), reference, new, dropped)
 
+    # -- reports, on the event loop ---------------------------------------------------------------------
     def _read_reports(self) -> None:
-        """On the event loop, when the pipe has data: every report waiting. Reading here rather than in
-        a thread of its own spares a GIL handoff per report while the loop is busy streaming."""
+        """When the pipe has data: the reports waiting, a bounded number, then back to the loop. Reading
+        here rather than in a thread of its own spares a GIL handoff per report while the loop streams."""
         try:
-            while self._reports.poll():
-                report = self._receive()
-                self._last_load = report.load
-                self._sink(report)
-        except (OSError, EOFError):  # the engine process is gone (or stopped)
+            for _ in range(REPORTS_PER_READ):
+                if not self._reports.poll():
+                    return
+                message = self._receive()
+                if isinstance(message, LostAdapter):
+                    self._outbox.put(message)  # for the command thread, which keeps the adapter record
+                    continue
+                self._last_load = message.load
+                self._sink(message)
+        except (OSError, EOFError):  # the engine process stopped, or is gone
             self._event_loop.remove_reader(self._reports.fileno())
             threading.Thread(target=self._report_exit, name="reft-engine-exit", daemon=True).start()
 
     def _report_exit(self) -> None:
         self._wait_for_exit(EXIT_SECONDS)
-        if self.problem() is not None and not self._stopping:
+        self._reports.close()
+        if not self._stopping:
+            self.failure = self.problem() or "the engine process closed its report pipe"
             log.error("%s", self.failure)
-        self._sink(StepReport([], replace(self._last_load, waiting=0, running=0), last=True))
+        self._sink(StepReport([], stopped(self._last_load), last=True))
 
 
 def _engine_main(settings: Settings, model_path: str, commands, reports) -> None:
     """The engine process: load the model, build the core, report that it is ready, run the loop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C drains the server, which then stops this process
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the server drains first, then stops this process
+        signal.signal(sig, signal.SIG_IGN)
     setup_logging(settings.log_level, settings.log_json)
+    _exit_with_the_server()
     try:
         core = _build_core(settings, model_path)
     except BaseException as e:
         log.exception("the engine process could not start")
         reports.send_bytes(pickle.dumps(StartFailed(f"{type(e).__name__}: {e}")))
         return
-    reports.send_bytes(
-        pickle.dumps(Started(ModelFacts.of(core.runner.model), core.max_num_seqs, core.max_model_len, core.load()))
-    )
-    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    started = Started(ModelFacts.of(core.runner.model), core.max_num_seqs, core.max_model_len, core.load())
+    reports.send_bytes(pickle.dumps(started))
+    outbox: queue.SimpleQueue = queue.SimpleQueue()  # reports, and LostAdapter notices
     loop = CoreLoop(core, outbox.put)
     parameter = next(core.runner.model.parameters())
     receiver = AdapterReceiver(parameter.dtype, parameter.device)
     threading.Thread(
-        target=_receive_commands, args=(commands, loop, receiver), name="reft-engine-commands", daemon=True
+        target=_receive_commands, args=(commands, loop, receiver, outbox), name="reft-engine-commands", daemon=True
     ).start()
     sender = threading.Thread(target=_send_reports, args=(outbox, reports, loop), name="reft-engine-reports")
     sender.start()
-    loop.run()
-    outbox.put(STOP)
-    sender.join()
+    try:
+        loop.run()
+    finally:
+        outbox.put(STOP)
+        sender.join()
 
 
-def _send_reports(outbox: queue.SimpleQueue, reports, loop: CoreLoop) -> None:
-    """The engine process's side of the report pipe. A thread of its own pickles and writes each report
-    while the loop goes on with the next step (the GIL is free while the step waits for the GPU)."""
-    while (report := outbox.get()) != STOP:
-        try:
-            reports.send_bytes(pickle.dumps(report))
-        except OSError:  # the server process is gone
-            log.warning("the server process is gone: the engine process stops")
-            loop.inbox.put(STOP)
-            return
+def _exit_with_the_server() -> None:
+    """A watchdog: when the server's process dies (SIGKILL included, even mid-load), this one follows."""
+    server = multiprocessing.parent_process()
+
+    def watch() -> None:
+        multiprocessing.connection.wait([server.sentinel])
+        log.warning("the server process is gone: the engine process exits")
+        os._exit(1)
+
+    threading.Thread(target=watch, name="reft-server-watch", daemon=True).start()
 
 
 def _build_core(settings: Settings, model_path: str) -> EngineCore:
@@ -239,23 +290,42 @@ def _build_core(settings: Settings, model_path: str) -> EngineCore:
     return EngineCore(model, settings.engine_config(), model_eos_ids(model, tokenizer))
 
 
-def _receive_commands(commands, loop: CoreLoop, receiver: AdapterReceiver) -> None:
+def _send_reports(outbox: queue.SimpleQueue, reports, loop: CoreLoop) -> None:
+    """The engine process's side of the report pipe. A thread of its own pickles and writes each report
+    while the loop goes on with the next step (the GIL is free while the step waits for the GPU)."""
+    while (report := outbox.get()) != STOP:
+        try:
+            reports.send_bytes(pickle.dumps(report))
+        except OSError:  # the server process is gone
+            loop.inbox.put(STOP)
+            return
+
+
+def _receive_commands(commands, loop: CoreLoop, receiver: AdapterReceiver, reports: queue.SimpleQueue) -> None:
     """The engine process's side of the command pipe: adapters in, then the command to the loop."""
     while True:
         try:
             message = pickle.loads(commands.recv_bytes())
         except (OSError, EOFError):  # the server process is gone
-            loop.inbox.put(STOP)
-            return
+            message = STOP
+        except Exception:  # unreadable: the request is unknown, so stop and let the server report it
+            log.exception("an unreadable command: the engine process stops")
+            message = STOP
         if isinstance(message, WireSubmit):
-            try:
-                receiver.receive(message.new_adapters, message.dropped_adapters)
-                adapter = receiver.adapters[message.adapter_digest] if message.adapter_digest else None
-            except Exception as e:  # cannot materialize it here: fail this request alone
-                log.exception("adapter transfer failed")
-                loop.inbox.put(Refuse(message.submit.request_id, f"adapter transfer failed: {e}"))
-                continue
-            message = replace(message.submit, adapter=adapter)
+            message = _with_adapter(message, receiver, reports)
         loop.inbox.put(message)
         if message == STOP:
             return
+
+
+def _with_adapter(wire: WireSubmit, receiver: AdapterReceiver, reports: queue.SimpleQueue) -> Submit | Refuse:
+    reference = wire.adapter
+    try:
+        receiver.receive(wire.new_adapters, wire.dropped_adapters)
+        held = receiver.adapters[reference.digest]
+    except Exception as e:  # cannot materialize it here (or lost it): fail this request, have it sent again
+        log.exception("adapter transfer failed")
+        receiver.adapters.pop(reference.digest, None)
+        reports.put(LostAdapter(reference.digest))
+        return Refuse(wire.submit.request_id, f"adapter transfer failed: {type(e).__name__}: {e}")
+    return replace(wire.submit, adapter=replace(held, name=reference.name, version=reference.version))

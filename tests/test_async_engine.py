@@ -179,3 +179,45 @@ def test_stop_after_grace_aborts_the_rest(model):
         return await collecting
 
     assert run(body()).finish_reason is FinishReason.ABORT
+
+
+def test_an_engine_thread_that_dies_fails_what_is_in_flight(model):
+    async def body():
+        core = make_core(model)
+        engine = AsyncEngine(CoreThread(core), byte_level_tokenizer())
+        engine.start()
+        stream = engine.submit(GenerationRequest(prompt(10, 1), SamplingParams(max_new_tokens=400, ignore_eos=True)))
+        await asyncio.sleep(0.05)
+
+        def die():
+            raise KeyboardInterrupt  # no Exception: nothing in the loop contains it
+
+        core.step = die
+        result = await asyncio.wait_for(stream.collect(), 10)
+        return result, engine
+
+    result, engine = run(body())
+    assert result.finish_reason is FinishReason.ERROR and "engine thread died" in result.error
+    assert not engine.alive and "KeyboardInterrupt" in engine.problem()
+
+
+def test_a_failing_command_fails_its_request_alone(model, monkeypatch):
+    import server.engine.core_loop as core_loop
+
+    real = core_loop.request_edit
+
+    def broken_for_one(adapter, prompt_len):
+        if prompt_len == 13:
+            raise RuntimeError("broken edit")
+        return real(adapter, prompt_len)
+
+    monkeypatch.setattr(core_loop, "request_edit", broken_for_one)
+
+    async def body(engine):
+        broken = engine.submit(GenerationRequest(prompt(13, 1), SamplingParams(max_new_tokens=4)))
+        fine = engine.submit(GenerationRequest(prompt(10, 2), SamplingParams(max_new_tokens=4)))
+        return await broken.collect(), await fine.collect()
+
+    broken, fine = run(with_engine(model, body))
+    assert broken.finish_reason is FinishReason.ERROR and "broken edit" in broken.error
+    assert fine.finish_reason is FinishReason.LENGTH and fine.completion_tokens == 4

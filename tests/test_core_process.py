@@ -1,19 +1,34 @@
 """The engine core in a process of its own (`--engine-core process`, the GPU default), run here on the
-CPU: the same tokens as pyreft through the pipe, adapters sent once and dropped over budget, metrics
-and probes fed by the process's reports, and a dead or unloadable engine process reported, not hung on."""
+CPU: the same tokens as pyreft through the pipe, adapters sent once and dropped over budget (and sent
+again when the engine process could not take them), metrics and probes fed by the process's reports,
+and an engine process that dies, cannot load or crashes while loading reported, not hung on."""
 
 import json
 import os
+import queue
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
+from server.adapters.format import AdapterFile
+from server.adapters.materialize import materialize
 from server.adapters.pyreft import import_pyreft
 from server.app import engine_core_in_process
 from server.config import Settings
-from server.engine_process import EngineProcessFailed
+from server.distributed.adapter_mirror import AdapterReceiver, AdapterSender
+from server.engine.core_loop import Refuse, Submit
+from server.engine.sampling_params import SamplingParams
+from server.engine_process import (
+    AdapterRef,
+    CoreProcess,
+    EngineProcessFailed,
+    LostAdapter,
+    WireSubmit,
+    _with_adapter,
+)
 from tests.api_utils import error_of, running_app, sse_events, upload
 from tests.conftest import FIXTURE
 
@@ -114,3 +129,48 @@ def test_where_the_core_runs():
     assert not engine_core_in_process(Settings(engine_core="auto", device="cuda", tensor_parallel=2), model_given=False)
     with pytest.raises(ValueError, match="tensor parallelism"):
         engine_core_in_process(Settings(engine_core="process", tensor_parallel=2), model_given=False)
+
+
+def test_the_engine_process_ignores_sigterm_the_server_drains_first(client):
+    process = client.app.state.reft.engine.host.process
+    os.kill(process.pid, signal.SIGTERM)  # as a process-group signal or a container runtime may send
+    assert generate(client, prompt="still here", max_new_tokens=3) and process.is_alive()
+
+
+CRASHING_PLUGIN = """
+import multiprocessing, os
+if multiprocessing.parent_process() is not None:  # only in the engine process
+    os._exit(3)
+"""
+
+
+def test_an_engine_process_that_dies_while_loading_fails_the_start(tmp_path, monkeypatch):
+    (tmp_path / "crash_in_engine.py").write_text(CRASHING_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned processes start from this sys.path
+    settings = Settings(model=str(FIXTURE / "model"), device="cpu", engine_core="process", plugins="crash_in_engine")
+    with pytest.raises(EngineProcessFailed, match="exited with code 3 at start-up"):
+        CoreProcess(settings, str(FIXTURE / "model"))
+
+
+def test_an_adapter_the_engine_process_cannot_take_is_refused_and_sent_again():
+    adapter = materialize(AdapterFile.from_bytes(pyreft_adapter("di_l13_f1l2_unshared")), name="di", version=1)
+    sender, reports = AdapterSender(2**30, 8), queue.SimpleQueue()
+    new, dropped = sender.update({adapter.digest: adapter})
+    wire = WireSubmit(Submit("r1", [1, 2, 3], SamplingParams()), AdapterRef(adapter.digest, "di", 1), new, dropped)
+
+    def out_of_memory(*_):
+        raise RuntimeError("out of memory")
+
+    broken = AdapterReceiver(torch.float32, torch.device("cpu"))
+    broken.receive = out_of_memory  # as materializing on a full GPU would
+    refused = _with_adapter(wire, broken, reports)
+    assert isinstance(refused, Refuse) and "out of memory" in refused.error
+    lost = reports.get_nowait()
+    assert lost == LostAdapter(adapter.digest)
+    sender.forget(lost.digest)  # what the server's command thread does with the notice
+    assert adapter.digest in sender.update({adapter.digest: adapter})[0]  # the tensors travel again
+
+    receiver = AdapterReceiver(torch.float32, torch.device("cpu"))
+    alias = WireSubmit(wire.submit, AdapterRef(adapter.digest, "alias", 7), new, [])
+    submit = _with_adapter(alias, receiver, reports)
+    assert (submit.adapter.name, submit.adapter.version) == ("alias", 7)  # the copy is shared, the name is not

@@ -1,5 +1,5 @@
 """The adapters a tensor-parallel group's followers hold: rank 0 sends each one's tensors once. The
-engine process (engine/core_process.py) is fed the same way by the server's process.
+engine process (server/engine_process.py) is fed the same way by the server's process.
 
 ReFT edits act on the full hidden state, which every rank holds after a layer's all-reduce, so every
 rank applies every edit of a step and needs the adapters' weights. Rank 0 sends them rather than
@@ -88,6 +88,10 @@ class AdapterSender:
                 self._held[digest] = adapter.nbytes
         return new, self._evict(keep=used)
 
+    def forget(self, digest: str) -> None:
+        """The other side does not hold `digest` after all: send it again when it is next used."""
+        self._held.pop(digest, None)
+
     def _evict(self, keep) -> list[str]:
         dropped = []
         for digest in list(self._held):
@@ -117,8 +121,9 @@ class AdapterReceiver:
         return replace(message.batch, edits=edits)
 
     def receive(self, new: dict[str, AdapterPayload], dropped: list[str]) -> None:
-        """Hold the `new` adapters and forget the `dropped` ones (which never include one in use)."""
-        for digest, payload in new.items():
-            self.adapters[digest] = payload.to_adapter(self.dtype, self.device)
+        """Forget the `dropped` adapters (never one that `new` brings or the message uses; a sequence still
+        running holds its own reference), then hold the `new` ones."""
         for digest in dropped:
             self.adapters.pop(digest, None)
+        for digest, payload in new.items():
+            self.adapters[digest] = payload.to_adapter(self.dtype, self.device)

@@ -10,6 +10,7 @@ model thread only handles token ids, and a stop string cancels its request in th
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -181,7 +182,8 @@ def _merge(first: SeqOutput, second: SeqOutput) -> SeqOutput:
 class AsyncEngine:
     """The front end over an engine core that steps elsewhere: in a thread (`CoreThread`) or in a
     process of its own (`CoreProcess`). Either host hands every loop iteration's `StepReport` to
-    `_on_report`, on a thread of the host's: metrics are recorded there, outputs go to the event loop."""
+    `_on_report` (on the engine thread, or on the event loop): metrics are recorded there, and the
+    outputs go to their streams on the event loop."""
 
     def __init__(self, host: CoreHost, tokenizer, *, max_queue: int = 256, metrics: Metrics | None = None):
         self.host = host
@@ -193,15 +195,17 @@ class AsyncEngine:
         self._started = False
         self._stopping = False
         self._accepting = False
-        self._load: EngineLoad | None = None
-        self._reported: EngineLoad | None = None  # counters already turned into metrics
+        self._loop_thread: int | None = None
+        self._load: EngineLoad = host.first_load
+        self._reported: EngineLoad = host.first_load  # counters already turned into metrics
         self.last_heartbeat = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self.last_heartbeat = time.monotonic()
-        self._load = self._reported = self.host.start(self._on_report)
+        self.host.start(self._on_report)
         self._started = True
         self._accepting = True
 
@@ -281,7 +285,7 @@ class AsyncEngine:
             if stream is not None:
                 stream.put(output)
 
-    # -- reports, on the host's thread -------------------------------------------------------------
+    # -- reports ----------------------------------------------------------------------------------
     def _on_report(self, report: StepReport) -> None:
         self.last_heartbeat = time.monotonic()
         self._load = report.load
@@ -289,7 +293,11 @@ class AsyncEngine:
             report.outputs.extend(self._orphans(report.outputs))
         if self.metrics is not None:
             self._observe(report)
-        if report.outputs:
+        if not report.outputs:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._deliver(report.outputs)
+        else:
             self._loop.call_soon_threadsafe(self._deliver, report.outputs)
 
     def _orphans(self, outputs: list[SeqOutput]) -> list[SeqOutput]:

@@ -245,6 +245,8 @@ def compiled_step(step: StepAttention) -> Iterator[None]:
         _compiled_steps.pop()
 
 
+# It writes the KV pool, yet declares no mutation: the pool is not among its arguments (so the compiler
+# neither copies nor reorders around it), and nothing else in a compiled forward reads the pool.
 @torch.library.custom_op("reft::step_attention", mutates_args=())
 def step_attention(
     query: Tensor, key: Tensor, value: Tensor, layer: int, scaling: float | None, sliding_window: int | None

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from server.engine.core import EngineCore, EngineLoad, SeqOutput, StepStats
@@ -95,7 +95,7 @@ class CoreLoop:
         while not self._stopping:
             busy = self.core.has_work()
             commands = self.inbox.take(wait=0 if busy else IDLE_WAIT_SECONDS)
-            outputs = self._apply(commands)
+            outputs = [output for command in commands if (output := self._apply(command)) is not None]
             step = None
             if self.core.has_work():
                 try:
@@ -105,44 +105,56 @@ class CoreLoop:
                 step = self.core.last_step
             elif not commands:
                 self.core.idle()
-            self._sink(StepReport(outputs, self.core.load(), step))
+            try:
+                self._sink(StepReport(outputs, self.core.load(), step))
+            except Exception:  # a bug on the receiving side must not stop the engine
+                log.exception("reporting a step failed")
 
-    def _apply(self, commands: list) -> list[SeqOutput]:
-        outputs = []
-        for command in commands:
-            if command == STOP:
-                self._stopping = True
-            elif isinstance(command, Submit):
-                seq = Sequence(
-                    command.request_id,
-                    list(command.prompt_ids),
-                    command.sampling,
-                    request_edit(command.adapter, len(command.prompt_ids)),
-                )
-                try:
-                    self.core.add(seq)
-                except ValueError as e:
-                    outputs.append(_failed(seq.request_id, str(e)))
-            elif isinstance(command, Refuse):
-                outputs.append(_failed(command.request_id, command.error))
-            elif (aborted := self.core.abort(command.request_id)) is not None:
-                outputs.append(aborted)
-        return outputs
+    def _apply(self, command) -> SeqOutput | None:
+        """One command; a request's command that fails ends that request alone."""
+        if command == STOP:
+            self._stopping = True
+            return None
+        if isinstance(command, Refuse):
+            return _failed(command.request_id, command.error)
+        try:
+            if isinstance(command, Submit):
+                return self._submit(command)
+            return self.core.abort(command.request_id)
+        except Exception as e:
+            log.exception("engine command failed")
+            return _failed(command.request_id, f"{type(e).__name__}: {e}")
+
+    def _submit(self, command: Submit) -> SeqOutput | None:
+        edit = request_edit(command.adapter, len(command.prompt_ids))
+        seq = Sequence(command.request_id, list(command.prompt_ids), command.sampling, edit)
+        try:
+            self.core.add(seq)
+        except ValueError as e:
+            return _failed(seq.request_id, str(e))
+        return None
 
 
 def _failed(request_id: str, error: str) -> SeqOutput:
     return SeqOutput(request_id, finish_reason=FinishReason.ERROR, error=error)
 
 
+def stopped(load: EngineLoad) -> EngineLoad:
+    """The load to report once the core is gone: nothing runs, waits or holds the cache."""
+    return replace(load, waiting=0, running=0, kv_usage=0.0, running_adapters=[], waiting_adapters=[])
+
+
 class CoreHost(Protocol):
     """Where a core steps, as the async front end sees it: a thread (below) or a process
-    (server/engine_process.py)."""
+    (server/engine_process.py). Reports reach the sink on a thread of the host's choosing (the
+    engine thread; the event loop's for the process), the last one with `last` set."""
 
     max_num_seqs: int
     max_model_len: int
+    first_load: EngineLoad  # before any report
 
-    def start(self, sink: Callable[[StepReport], None]) -> EngineLoad:
-        """Start the loop; `sink` gets every report on a thread of the host's. Returns the first load."""
+    def start(self, sink: Callable[[StepReport], None]) -> None:
+        """Start the loop; `sink` gets every report from now on."""
 
     def send(self, command) -> None:
         """Queue a command for the loop (Submit, Abort, STOP), from any thread."""
@@ -165,14 +177,24 @@ class CoreThread:
         self.core = core
         self.max_num_seqs = core.max_num_seqs
         self.max_model_len = core.max_model_len
+        self.first_load = core.load()
+        self.failure: str | None = None
         self._loop: CoreLoop | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, sink: Callable[[StepReport], None]) -> EngineLoad:
+    def start(self, sink: Callable[[StepReport], None]) -> None:
         self._loop = CoreLoop(self.core, sink)
-        self._thread = threading.Thread(target=self._loop.run, name="reft-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(sink,), name="reft-engine", daemon=True)
         self._thread.start()
-        return self.core.load()
+
+    def _run(self, sink: Callable[[StepReport], None]) -> None:
+        try:
+            self._loop.run()
+        except BaseException as e:
+            log.exception("the engine thread died")
+            self.failure = f"the engine thread died: {type(e).__name__}: {e}"
+        finally:
+            sink(StepReport([], stopped(self.core.load()), last=True))
 
     def send(self, command) -> None:
         self._loop.inbox.put(command)
@@ -182,7 +204,7 @@ class CoreThread:
         return self._thread is not None and self._thread.is_alive()
 
     def problem(self) -> str | None:
-        return self.core.problem()
+        return self.failure or self.core.problem()
 
     def join(self, timeout: float) -> None:
         if self._thread is not None:
