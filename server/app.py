@@ -104,7 +104,10 @@ def engine_core_in_process(settings: Settings, model_given: bool) -> bool:
     shared = model_given or settings.tensor_parallel > 1  # a loaded model or a group lives in this process
     if settings.engine_core == "process":
         if shared:
-            raise ValueError("--engine-core process loads the model itself: not with tensor parallelism")
+            raise ValueError(
+                "--engine-core process loads the model in its own process: not with tensor parallelism, nor "
+                "with a model already loaded here"
+            )
         return True
     return settings.engine_core == "auto" and not shared and resolve_device(settings.device).type == "cuda"
 

@@ -1,7 +1,7 @@
 """The async front end the HTTP layer uses: `submit()` a request, iterate its stream of incremental
-outputs, `cancel()` it. The engine core steps elsewhere (core_loop.py: a thread, or a process of its
-own: server/engine_process.py), so the event loop never waits on the model; outputs come back once per step
-through `call_soon_threadsafe`.
+outputs, `cancel()` it. The engine core steps elsewhere (in a thread: core_loop.py; or in a process of
+its own: server/engine_process.py), so the event loop never waits on the model; outputs come back
+once per step, with the step's report.
 
 Detokenization and stop strings live here, on the event loop side, as in vLLM's front end: the
 model thread only handles token ids, and a stop string cancels its request in the core.
@@ -242,8 +242,9 @@ class AsyncEngine:
 
     @property
     def busy(self) -> bool:
-        """Whether requests are in flight (a heartbeat older than a step then means the core is stuck)."""
-        return bool(self._streams)  # the loop reports even when idle: a stale heartbeat means it is stuck
+        """Whether requests are in flight. The loop reports even when idle, so a heartbeat older than a
+        step means it is stuck only while this holds."""
+        return bool(self._streams)
 
     def problem(self) -> str | None:
         return self.host.problem()
