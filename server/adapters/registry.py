@@ -1,6 +1,7 @@
-"""Resident adapters: resolves `name` or `name@version` to an Adapter on the model's device.
+"""Resident adapters: resolves `name` or `name@version` to an Adapter on the model's device (on the CPU
+when the engine runs in a process of its own, which keeps its own copies).
 
-Loads happen on first use in a worker thread (never on the event loop or the engine thread), once
+Loads happen on first use in a worker thread (never on the event loop or the engine loop), once
 per version even under concurrent requests. Resident adapters form an LRU set bounded by bytes and
 count; only adapters no request holds are evicted. A request holds a Lease for its whole life, so a
 new version published meanwhile (hot swap) or a delete never changes what a running request uses.

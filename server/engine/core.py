@@ -154,7 +154,7 @@ class EngineCore:
         return self.scheduler.config.max_num_seqs
 
     def idle(self) -> None:
-        """The engine thread has nothing to run (a tensor-parallel driver pings its group)."""
+        """The engine loop has nothing to run (a tensor-parallel driver pings its group)."""
         self.runner.idle()
 
     def problem(self) -> str | None:

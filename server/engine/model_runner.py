@@ -84,7 +84,7 @@ class ModelRunner:
         return graphs
 
     def idle(self) -> None:
-        """Called by the engine thread when it has nothing to run (a tensor-parallel driver pings its group)."""
+        """Called by the engine loop when it has nothing to run (a tensor-parallel driver pings its group)."""
 
     def problem(self) -> str | None:
         """Why this runner cannot serve, for the readiness probe; a single process has no peers to lose."""
