@@ -298,7 +298,7 @@ class AsyncEngine:
             return
         if threading.get_ident() == self._loop_thread:
             self._deliver(report.outputs)
-        else:
+        elif not self._loop.is_closed():  # closed: the server is gone, nobody is left to read them
             self._loop.call_soon_threadsafe(self._deliver, report.outputs)
 
     def _orphans(self, outputs: list[SeqOutput]) -> list[SeqOutput]:
