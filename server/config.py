@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     kv_cache_memory: ByteSize | Literal["auto"] = Field(
         "auto",
         description="KV cache budget, e.g. 512MiB or 20GiB; auto = on a GPU what gpu_memory_utilization leaves after "
-        "the weights and a warm-up step, on a CPU 512MiB",
+        "the weights, a warm-up step and the decode graphs, on a CPU 512MiB",
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of the GPU's memory the server may use (with kv_cache_memory auto)"

@@ -94,3 +94,12 @@ def test_masked_gqa_prefill_keeps_to_fused_kernels():
     with sdpa_kernel([SDPBackend.MATH]):
         math = step.attend(0, queries, None, None)
     torch.testing.assert_close(fused.float(), math.float(), atol=2e-2, rtol=0)
+
+
+def test_auto_kv_sizing_keeps_room_for_the_decode_graphs(cuda_llama, caplog):
+    with caplog.at_level("INFO", logger="server.engine.memory"):
+        core, tokens = run(cuda_llama, num_blocks=None, kv_cache_bytes=None, gpu_memory_utilization=0.5)
+    sized = next(r for r in caplog.records if r.getMessage() == "KV cache sized from the device")
+    assert sized.fields["graphs"] > 0 and sized.fields["kv_bytes"] > 0
+    assert sorted(core.runner.graphs.graphs) == core.runner.graphs.sizes
+    assert tokens == run(cuda_llama, attention_backend="sdpa")[1]

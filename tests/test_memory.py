@@ -1,8 +1,11 @@
-"""KV pool sizing: the arithmetic of `--gpu-memory-utilization`, the CPU default, and the warm-up step
-that measures the activation peak on a GPU (run here on the CPU, where it must work the same)."""
+"""KV pool sizing: the arithmetic of `--gpu-memory-utilization`, the CPU default, the warm-up step
+that measures the activation peak on a GPU (run here on the CPU, where it must work the same), and
+the room set aside for the decode graphs (measured on CUDA only: test_gpu_engine.py)."""
 
 import pytest
 
+import server.engine.core as core_module
+from server.engine import memory
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.kv_cache import KVLayout
@@ -32,3 +35,31 @@ def test_the_warm_up_step_runs_the_largest_prefill(model):
     layout = KVLayout.from_config(model.config, next(model.parameters()).dtype)
     result = EngineCore._warm_up_step(model, layout, EngineConfig(max_batched_tokens=300, block_size=16))
     assert result.logits.shape == (1, model.config.vocab_size) and result.logits.isfinite().all()
+
+
+@pytest.mark.parametrize(
+    "backend, graphs, measured", [("paged", True, True), ("paged", False, False), ("sdpa", True, False)]
+)
+def test_auto_sizing_sets_room_aside_for_the_decode_graphs_only_when_they_will_be_captured(
+    model, monkeypatch, backend, graphs, measured
+):
+    asked = []
+
+    def fake_budget(model, warm_up, utilization, graphs_bytes=None):
+        asked.append(graphs_bytes)
+        return CPU_DEFAULT_BYTES
+
+    monkeypatch.setattr(core_module, "auto_kv_budget", fake_budget)
+    config = EngineConfig(kv_cache_bytes=None, max_model_len=256, attention_backend=backend, cuda_graphs=graphs)
+    EngineCore(model, config, set())
+    assert (asked[0] is not None) == measured
+
+
+def test_a_failed_graph_measurement_keeps_no_room_and_does_not_stop_sizing(monkeypatch):
+    monkeypatch.setattr(memory.torch.cuda, "empty_cache", lambda: None)
+
+    def fails():
+        raise RuntimeError("capture failed")
+
+    assert memory._graphs_bytes(fails) == 0
+    assert memory._graphs_bytes(lambda: 3 * 2**20) == 3 * 2**20

@@ -9,10 +9,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
+import torch
 from torch import Tensor, nn
 
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, resolve_attention_backend
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache, KVLayout
 from server.engine.memory import auto_kv_budget
 from server.engine.model_runner import ModelRunner, StepResult
@@ -72,6 +75,8 @@ class EngineCore:
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
         tensor_parallel = getattr(model, "tp_size", None) or 1
+        backend = resolve_attention_backend(config.attention_backend, device.type)
+        graphs_wanted = config.cuda_graphs and backend == "paged" and tensor_parallel == 1  # see ModelRunner
         layout = KVLayout.from_config(model.config, dtype).sharded(tensor_parallel)  # a rank caches its KV heads
         if config.num_blocks is not None:
             self.kv = KVCache(layout, config.num_blocks, config.block_size, device, config.prefix_caching)
@@ -81,7 +86,8 @@ class EngineCore:
                 if tensor_parallel > 1 and device.type == "cuda":  # the warm-up step would need the whole group
                     raise ValueError("with tensor parallelism, size the KV cache explicitly (--kv-cache-memory)")
                 warm_up = lambda: self._warm_up_step(model, layout, config)  # noqa: E731
-                budget = auto_kv_budget(model, warm_up, config.gpu_memory_utilization)
+                graphs = partial(self._decode_graphs_bytes, model, layout, config) if graphs_wanted else None
+                budget = auto_kv_budget(model, warm_up, config.gpu_memory_utilization, graphs)
             self.kv = KVCache.from_budget(
                 layout, budget, config.block_size, device, prefix_caching=config.prefix_caching
             )
@@ -91,7 +97,7 @@ class EngineCore:
             model,
             self.kv,
             config.attention_backend,
-            cuda_graphs=config.cuda_graphs and tensor_parallel == 1,  # a group's ranks would have to replay in step
+            cuda_graphs=graphs_wanted,  # a tensor-parallel group's ranks would have to replay in step
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
             compile_backend=config.compile_backend,
@@ -112,6 +118,18 @@ class EngineCore:
         seq = Sequence("warm-up", [0] * tokens, SamplingParams(max_new_tokens=1))
         kv.allocate(seq, tokens)
         return ModelRunner(model, kv, config.attention_backend).run([ScheduledChunk(seq, 0, tokens)])
+
+    @staticmethod
+    def _decode_graphs_bytes(model: nn.Module, layout: KVLayout, config: EngineConfig) -> int:
+        """What the decode graphs will keep on the device: their largest bucket, captured over a pool of its
+        own of one block per sequence (the block tables' width does not change the graphs' memory)."""
+        device = next(model.parameters()).device
+        kv = KVCache(layout, config.max_num_seqs + 1, config.block_size, device, prefix_caching=False)
+        before = torch.cuda.memory_reserved(device)
+        graphs = DecodeGraphs(model, kv, config.max_num_seqs, config.block_size, config.compile_backend)
+        graphs.capture_all(largest_only=True)
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_reserved(device) - before
 
     def _context_window(self, model: nn.Module, config: EngineConfig) -> int:
         """max_model_len: as configured, or the model's window capped by what the KV pool holds."""

@@ -97,14 +97,18 @@ class DecodeGraphs:
         return self.logits[:rows]
 
     @torch.inference_mode()
-    def capture_all(self) -> None:
-        """Capture every bucket now, largest first, so serving never pauses to capture; logs what it cost."""
+    def capture_all(self, largest_only: bool = False) -> None:
+        """Capture every bucket now, largest first, so serving never pauses to capture; logs what it cost.
+        `largest_only`: that bucket alone, whose memory the others reuse (they share one pool), for sizing
+        the KV pool (memory.py)."""
         if not self.capture:
             return
         started, reserved = time.perf_counter(), torch.cuda.memory_reserved(self.device)
-        for size in reversed(self.sizes):
+        for size in reversed(self.sizes[-1:] if largest_only else self.sizes):
             self._fill(size, 1, [], [], [], [])
             self.graphs[size] = self._capture(size)
+        if largest_only:
+            return
         cost = {
             "buckets": len(self.graphs),
             "seconds": round(time.perf_counter() - started, 2),

@@ -1,14 +1,18 @@
 """Sizing the KV pool from the device, as vLLM's `--gpu-memory-utilization` does.
 
-On a GPU the pool takes what is left of `utilization` x the device's memory once the weights are in
-and a warm-up step with the largest batch (`max_batched_tokens` prompt tokens) has shown the peak of
-activations; memory other processes hold counts as used. On a CPU there is nothing to measure: the
-pool gets a fixed default and users size it with `--kv-cache-memory`.
+On a GPU the pool takes what is left of `utilization` x the device's memory once the weights are in,
+a warm-up step with the largest batch (`max_batched_tokens` prompt tokens) has shown the peak of
+activations, and room is kept for the decode steps' CUDA graphs (their largest bucket, captured once
+over a pool of its own: the buckets share one memory pool, which the largest fills); memory other
+processes hold counts as used. On a CPU there is nothing to measure: the pool gets a fixed default
+and users size it with `--kv-cache-memory`.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,8 +29,10 @@ def budget_from_measurements(total: int, used: int, transient_peak: int, utiliza
 
 
 @torch.inference_mode()
-def auto_kv_budget(model: nn.Module, warm_up, utilization: float) -> int:
-    """The pool's budget on the model's device; `warm_up()` runs one step with the largest batch."""
+def auto_kv_budget(model: nn.Module, warm_up, utilization: float, graphs_bytes: Callable[[], int] | None = None) -> int:
+    """The pool's budget on the model's device; `warm_up()` runs one step with the largest batch, and
+    `graphs_bytes()`, if given, captures the decode graphs' largest bucket and returns what it keeps:
+    the pool leaves room for both."""
     device = next(model.parameters()).device
     if device.type != "cuda":
         return CPU_DEFAULT_BYTES
@@ -39,15 +45,27 @@ def auto_kv_budget(model: nn.Module, warm_up, utilization: float) -> int:
     transient_peak = torch.cuda.max_memory_allocated(device) - resident
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    budget = budget_from_measurements(total, total - free, transient_peak, utilization)
-    log.info(
-        "KV cache sized from the device",
-        extra={"fields": {"total": total, "used": total - free, "peak": transient_peak, "kv_bytes": budget}},
-    )
+    graphs = _graphs_bytes(graphs_bytes) if graphs_bytes is not None else 0
+    budget = budget_from_measurements(total, total - free, transient_peak + graphs, utilization)
+    fields = {"total": total, "used": total - free, "peak": transient_peak, "graphs": graphs, "kv_bytes": budget}
+    log.info("KV cache sized from the device", extra={"fields": fields})
     if budget <= 0:
         raise ValueError(
-            f"no memory left for the KV cache at gpu_memory_utilization {utilization}: the weights and a warm-up "
-            f"step use {total - free + transient_peak} of {total} bytes; raise the utilization or lower "
-            "max_batched_tokens"
+            f"no memory left for the KV cache at gpu_memory_utilization {utilization}: the weights, a warm-up "
+            f"step and the CUDA graphs use {total - free + transient_peak + graphs} of {total} bytes; raise the "
+            "utilization or lower max_batched_tokens"
         )
     return budget
+
+
+def _graphs_bytes(measure: Callable[[], int]) -> int:
+    """`measure()`, with the graphs it captured released again; 0 (and a warning) if capturing fails,
+    which serving would then meet too and survive by decoding eagerly."""
+    try:
+        held = measure()
+    except Exception:
+        log.exception("capturing a decode graph to size the KV cache failed: no room is kept for graphs")
+        held = 0
+    gc.collect()  # the graphs may sit in a reference cycle (a compiled forward holds its owner)
+    torch.cuda.empty_cache()
+    return max(0, held)
