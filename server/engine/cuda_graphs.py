@@ -26,12 +26,11 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from server.engine.attention import STEP_KWARG, PagedDecodeRows, StepAttention, compiled_step
-from server.engine.kv_cache import KVCache, padded_block_tables
+from server.engine.kv_cache import KVCache
 from server.engine.paged_decode import decode_kernel
 
 log = logging.getLogger(__name__)
@@ -117,12 +116,14 @@ class DecodeGraphs:
         log.info("decode steps captured as CUDA graphs", extra={"fields": cost})
 
     def _fill(self, size: int, width: int, token_ids, positions, slots, spans) -> None:
-        rows, host = len(spans), self.host_rows  # numpy writes: a quarter of the time of torch.tensor(lists)
+        rows, host = len(spans), self.host_rows  # numpy writes: a few times faster than torch.tensor(lists)
         host[TOKEN, :rows], host[POSITION, :rows], host[SLOT, :rows] = token_ids, positions, slots
         host[CONTEXT, :rows] = [s.start + 1 for s in spans]
         host[[TOKEN, POSITION, SLOT, CONTEXT], rows:size] = [[0], [0], [self.pad_slot], [1]]  # padding: token 0
-        tables = padded_block_tables([s.block_table for s in spans] + [[]] * (size - rows), width, self.kv.pad_block)
-        host[TABLE : TABLE + width, :size] = np.array(tables).T  # at position 0 into the pad slot, reading only it
+        tables = host[TABLE : TABLE + width, :size]  # at position 0 into the pad slot, reading only it
+        tables.fill(self.kv.pad_block)
+        for column, span in enumerate(spans):
+            tables[: len(span.block_table), column] = span.block_table
         self.meta[: TABLE + width].copy_(self.host[: TABLE + width], non_blocking=True)
 
     def _forward(self, size: int) -> None:
