@@ -37,6 +37,9 @@ def test_the_traced_forward_calls_the_attention_op_once_per_layer(llama):
     for graph_module in TRACED:
         ops = [node for node in graph_module.graph.nodes if node.target is torch.ops.reft.step_attention]
         assert len(ops) == llama.config.num_hidden_layers
+    traced = len(TRACED)
+    assert_backends_agree(llama, compiled("reft_recording"), mixed_requests(llama, 6), max_batched_tokens=32)
+    assert len(TRACED) == traced  # a second engine over the same model reuses the compiled forward
 
 
 def test_inductor_gives_the_sdpa_tokens_and_logits(llama):

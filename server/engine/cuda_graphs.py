@@ -65,8 +65,8 @@ class DecodeGraphs:
         self._pool = None
         self._compiled = None
         if compile_backend is not None:
-            # one compilation per server: Dynamo keeps 8 per method, past which (a test that builds many
-            # engines) a new instance would run its forward eagerly
+            # engines over one model share the compiled code (Dynamo guards on the model, not on this
+            # object); past 8 models in one process, Dynamo would run the forward eagerly
             self._compiled = torch.compile(self._model_logits, backend=compile_backend, dynamic=True)
 
     def fits(self, batch) -> bool:
