@@ -10,7 +10,6 @@ from torch import nn
 
 from server.adapters.fingerprint import model_fingerprint
 from server.adapters.model_shape import ModelShape
-from server.reft.layers import decoder_layers
 
 
 @dataclass(frozen=True)
@@ -23,10 +22,11 @@ class ModelFacts:
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelFacts:
+        shape = ModelShape.of(model)
         return cls(
             vocab_size=model.config.vocab_size,
-            num_layers=len(decoder_layers(model)),
-            hidden_size=model.config.hidden_size,
+            num_layers=shape.num_layers,
+            hidden_size=shape.hidden_size,
             dtype=next(model.parameters()).dtype,
             fingerprint=model_fingerprint(model),
         )

@@ -15,6 +15,11 @@ def resolve_attention_backend(name: str, device_type: str) -> str:
     return name
 
 
+def decode_graphs_apply(cuda_graphs: bool, backend: str) -> bool:
+    """Whether decode steps replay from CUDA graphs: asked for, and the (resolved) backend is paged."""
+    return cuda_graphs and backend == "paged"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16

@@ -14,7 +14,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from server.engine.config import EngineConfig, resolve_attention_backend
+from server.engine.config import EngineConfig, decode_graphs_apply, resolve_attention_backend
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache, KVLayout
 from server.engine.memory import auto_kv_budget
@@ -76,7 +76,7 @@ class EngineCore:
         device = next(model.parameters()).device
         tensor_parallel = getattr(model, "tp_size", None) or 1
         backend = resolve_attention_backend(config.attention_backend, device.type)
-        graphs_wanted = config.cuda_graphs and backend == "paged" and tensor_parallel == 1  # see ModelRunner
+        graphs_wanted = tensor_parallel == 1 and decode_graphs_apply(config.cuda_graphs, backend)
         layout = KVLayout.from_config(model.config, dtype).sharded(tensor_parallel)  # a rank caches its KV heads
         if config.num_blocks is not None:
             self.kv = KVCache(layout, config.num_blocks, config.block_size, device, config.prefix_caching)

@@ -119,8 +119,9 @@ class DecodeGraphs:
         rows, host = len(spans), self.host_rows  # numpy writes: a few times faster than torch.tensor(lists)
         host[TOKEN, :rows], host[POSITION, :rows], host[SLOT, :rows] = token_ids, positions, slots
         host[CONTEXT, :rows] = [s.start + 1 for s in spans]
-        host[[TOKEN, POSITION, SLOT, CONTEXT], rows:size] = [[0], [0], [self.pad_slot], [1]]  # padding: token 0
-        tables = host[TABLE : TABLE + width, :size]  # at position 0 into the pad slot, reading only it
+        # padding columns: token 0 at position 0 into the pad slot, reading only the pad block
+        host[[TOKEN, POSITION, SLOT, CONTEXT], rows:size] = [[0], [0], [self.pad_slot], [1]]
+        tables = host[TABLE : TABLE + width, :size]
         tables.fill(self.kv.pad_block)
         for column, span in enumerate(spans):
             tables[: len(span.block_table), column] = span.block_table

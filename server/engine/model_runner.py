@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from server.engine.attention import STEP_KWARG, Span, StepAttention
-from server.engine.config import resolve_attention_backend
+from server.engine.config import decode_graphs_apply, resolve_attention_backend
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import ScheduledChunk
@@ -71,7 +71,7 @@ class ModelRunner:
         self.attention_backend = resolve_attention_backend(attention_backend, self.device.type)
         self._hooks = install_plan_hooks(model)
         self.graphs = None
-        if cuda_graphs and self.attention_backend == "paged":
+        if decode_graphs_apply(cuda_graphs, self.attention_backend):
             self.graphs = self._capture(DecodeGraphs(model, kv, max_num_seqs, max_model_len, compile_backend))
 
     @staticmethod
