@@ -118,3 +118,35 @@ def test_sync_picks_up_other_processes_changes(store):
         assert registry.catalog["fresh"] == 1 and registry.catalog["a0"] == 2 and "a3" not in registry.catalog
 
     run(body())
+
+
+def test_a_local_publish_during_a_sync_is_not_undone_by_its_stale_read(store):
+    """The sync reads the store in a thread; a publish on this replica that lands meanwhile is newer than
+    that read (seen as a flake: a replica served its previous version right after its own publish)."""
+    import threading
+
+    async def body():
+        registry = AdapterRegistry(store, SHAPE)
+        await registry.refresh()
+        read, resume = threading.Event(), threading.Event()
+        real_scan = registry._scan
+
+        def slow_scan():
+            snapshot = real_scan()  # taken before the publish below
+            read.set()
+            resume.wait(10)
+            return snapshot
+
+        registry._scan = slow_scan
+        syncing = asyncio.create_task(registry.refresh())
+        await asyncio.to_thread(read.wait, 10)
+        version = store.publish("a1", data(11))
+        registry.published("a1", version)
+        registry.deleted("a2")
+        store.delete("a2")
+        resume.set()
+        await syncing
+        return version, registry.catalog
+
+    version, catalog = run(body())
+    assert catalog["a1"] == version == 2 and "a2" not in catalog

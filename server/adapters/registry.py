@@ -132,11 +132,24 @@ class AdapterRegistry:
         self._resident: OrderedDict[tuple[str, int], Resident] = OrderedDict()
         self._loading: dict[tuple[str, int], asyncio.Future[Resident]] = {}
         self._sync_task: asyncio.Task | None = None
+        self._changed_while_scanning: dict[str, int | None] | None = None  # name -> version (None: deleted)
 
     # -- catalog ---------------------------------------------------------------------------------
     async def refresh(self) -> None:
-        """Re-read every name's current version from the store (other processes' changes)."""
-        catalog, facts = await asyncio.to_thread(self._scan)
+        """Re-read every name's current version from the store (other processes' changes). A local
+        publish, roll back or delete made while the store was read is newer than what was read: it stays."""
+        self._changed_while_scanning = {}
+        try:
+            catalog, facts = await asyncio.to_thread(self._scan)
+        finally:
+            changed, self._changed_while_scanning = self._changed_while_scanning, None
+        for name, version in changed.items():
+            if version is None:
+                catalog.pop(name, None)
+            else:
+                catalog[name] = version
+                if (name, version) in self.facts:
+                    facts[name, version] = self.facts[name, version]
         for name in set(self.catalog) - set(catalog):
             self._retire(name)
         self.catalog, self.facts = catalog, facts
@@ -200,15 +213,21 @@ class AdapterRegistry:
 
     def published(self, name: str, version: int, facts: VersionFacts | None = None) -> None:
         """A local publish or roll back: serve `version` for `name` from now on."""
+        self._note_local_change(name, version)
         self.catalog[name] = version
         if facts is not None:
             self.facts[name, version] = facts
         self._report()
 
     def deleted(self, name: str) -> None:
+        self._note_local_change(name, None)
         self.catalog.pop(name, None)
         self._retire(name)
         self._report()
+
+    def _note_local_change(self, name: str, version: int | None) -> None:
+        if self._changed_while_scanning is not None:
+            self._changed_while_scanning[name] = version
 
     def _retire(self, name: str) -> None:
         for key, resident in list(self._resident.items()):
