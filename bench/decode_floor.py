@@ -71,33 +71,38 @@ def decoding_core(
 
 
 def decode_step(model, batch: int, context: int, steps: int, engine_config: EngineConfig, seed: int = 0) -> dict:
-    """Median time of `steps` engine steps that decode `batch` sequences with ~`context` tokens each,
-    after every prompt is prefilled and two untimed decode steps."""
-    core, sequences = decoding_core(model, batch, context, steps, engine_config, seed)
+    """The time of an engine step that decodes `batch` sequences with ~`context` tokens each, after every
+    prompt is prefilled and two untimed decode steps: `steps` steps in a row timed as one (with async
+    scheduling a step's host work overlaps the last one's device work, so steps are not timed apart),
+    then as many with the model's forward timed alone (synchronized, so without that overlap)."""
+    core, sequences = decoding_core(model, batch, context, 2 * steps, engine_config, seed)
     device = next(model.parameters()).device
-    times, forward_times, contexts = [], [], []
+    contexts = []
+    with timed(device) as elapsed:
+        for _ in range(steps):
+            contexts.append(statistics.mean(len(s.token_ids) for s in sequences))
+            core.step()
+            _check_full_decode_step(core, batch)
+    forward_times = []
     forward = core.runner.forward
 
-    def timed_forward(step_batch):
-        with timed(device) as elapsed:
-            result = forward(step_batch)
-        forward_times.append(elapsed.seconds)
+    def timed_forward(*args):
+        with timed(device) as forward_elapsed:
+            result = forward(*args)
+        forward_times.append(forward_elapsed.seconds)
         return result
 
     core.runner.forward = timed_forward
     for _ in range(steps):
-        contexts.append(statistics.mean(len(s.token_ids) for s in sequences))
-        with timed(device) as elapsed:
-            core.step()
-        if not _full_decode_step(core, batch):
-            raise RuntimeError(f"a timed step was not a decode step of {batch} sequences: {core.last_step}")
-        times.append(elapsed.seconds)
+        core.step()
+        _check_full_decode_step(core, batch)
     return {
         "seqs": batch,
-        "step_ms": 1000 * statistics.median(times),
+        "step_ms": 1000 * elapsed.seconds / steps,
         "forward_ms": 1000 * statistics.median(forward_times),  # the model alone, synchronized
         "attention_ms": attention_ms(core, sequences, steps),
         "mean_context": statistics.mean(contexts),
+        "async_scheduling": core.async_scheduling,
     }
 
 
@@ -124,6 +129,11 @@ def attention_ms(core: EngineCore, sequences: list[Sequence], repeats: int) -> f
 def _full_decode_step(core: EngineCore, batch: int) -> bool:
     last = core.last_step
     return last is not None and last.num_prefill_tokens == 0 and last.num_seqs == batch
+
+
+def _check_full_decode_step(core: EngineCore, batch: int) -> None:
+    if not _full_decode_step(core, batch):
+        raise RuntimeError(f"a timed step was not a decode step of {batch} sequences: {core.last_step}")
 
 
 def with_floor(model, measured: dict, gb_per_s: float) -> dict:

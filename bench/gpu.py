@@ -5,10 +5,12 @@ Parts (--parts, default all, in this order):
              with the server's defaults (on CUDA: paged attention, decode steps replayed from CUDA graphs)
   decode     the engine's decode step at several batch sizes next to its memory floor, at the bandwidth of a
              large device-to-device copy measured in the same run
-  engine-compile, decode-compile, engine-eager, decode-eager, engine-sdpa, decode-sdpa, engine-flex, decode-flex
-             the same two with the decode forward compiled by Inductor before its graphs are captured
-             (--compile), without CUDA graphs (eager), with the gathered sdpa attention (the old path and the
-             reference), and with FlexAttention, so one run compares them
+  engine-async, decode-async, engine-compile, decode-compile, engine-compile-async, decode-compile-async,
+  engine-eager, decode-eager, engine-sdpa, decode-sdpa, engine-flex, decode-flex
+             the same two with async scheduling (a step's host work overlaps the last step's device work),
+             with the decode forward compiled by Inductor before its graphs are captured (--compile), both,
+             without CUDA graphs (eager), with the gathered sdpa attention (the old path and the reference),
+             and with FlexAttention, so one run compares them
   profile    torch.profiler over decode steps of the largest decode batch and over one step that also
              prefills: the top operators by device time and by host time
   hf-static  HF `generate` on the same requests, static left-padded batches
@@ -54,13 +56,16 @@ from server.engine.attention import ATTENTION_NAME  # noqa: E402
 from server.engine.config import EngineConfig, resolve_attention_backend  # noqa: E402
 from server.models.tiny import VOCAB_SIZE  # noqa: E402
 
-# engine variants: part suffix -> (attention_backend, cuda_graphs, torch.compile backend of the decode forward)
+# engine variants: part suffix -> (attention_backend, cuda_graphs, torch.compile backend of the decode forward,
+# async scheduling)
 VARIANTS = {
-    "": ("auto", True, None),
-    "compile": ("auto", True, "inductor"),
-    "eager": ("auto", False, None),
-    "sdpa": ("sdpa", False, None),
-    "flex": ("flex", False, None),
+    "": ("auto", True, None, False),
+    "async": ("auto", True, None, True),
+    "compile": ("auto", True, "inductor", False),
+    "compile-async": ("auto", True, "inductor", True),
+    "eager": ("auto", False, None, False),
+    "sdpa": ("sdpa", False, None, False),
+    "flex": ("flex", False, None, False),
 }
 ENGINE_PARTS = tuple(f"{kind}-{suffix}".rstrip("-") for suffix in VARIANTS for kind in ("engine", "decode"))
 PARTS = (*ENGINE_PARTS, "profile", "hf-static", "hf-cb", "parity")
@@ -169,7 +174,7 @@ class Benchmark:
         self.requests = workload(args.requests, tuple(args.prompt_len), output, 0, vocab_size=vocab)
 
     def engine_config(self, variant: str = "") -> EngineConfig:
-        attention_backend, cuda_graphs, compile_backend = VARIANTS[variant]
+        attention_backend, cuda_graphs, compile_backend, async_scheduling = VARIANTS[variant]
         return EngineConfig(
             kv_cache_bytes=int(self.args.kv_cache_gib * GIB),
             max_num_seqs=self.args.max_num_seqs,
@@ -177,6 +182,7 @@ class Benchmark:
             attention_backend=attention_backend,
             cuda_graphs=cuda_graphs,
             compile_backend=compile_backend,
+            async_scheduling=async_scheduling,
         )
 
     def run_part(self, part: str) -> dict:
@@ -217,6 +223,7 @@ class Benchmark:
             "attention_backend": resolve_attention_backend(config.attention_backend, torch.device(args.device).type),
             "cuda_graphs": config.cuda_graphs,
             "compile_backend": config.compile_backend,
+            "async_scheduling": config.async_scheduling,
             "adapter_layers": list(layers),
             "warm_up": warm_up,
             "base": base,
@@ -247,6 +254,7 @@ class Benchmark:
             "attention_backend": resolve_attention_backend(config.attention_backend, torch.device(args.device).type),
             "cuda_graphs": config.cuda_graphs,
             "compile_backend": config.compile_backend,
+            "async_scheduling": config.async_scheduling,
             "bandwidth": bandwidth,
             "kv_bytes_per_token": kv_bytes,
             "steps": steps,

@@ -3,9 +3,10 @@
 #   1. nvidia-smi (nvidia-smi.txt) and the CUDA tests (gpu-tests.log), skipped where there is no GPU;
 #   2. bench/gpu.py (gpu.log, gpu.json), given every argument except --server;
 #   3. with --server only: `reft-server serve` on the 1b preset with 64 stored adapters, loaded by
-#      bench/load.py with 128 concurrent clients after an untimed warm-up load, once with the engine
-#      core in a process of its own and once in a thread (server-KIND.log, load-KIND.json,
-#      metrics-KIND.txt for KIND = process, thread).
+#      bench/load.py with 128 concurrent clients after an untimed warm-up load, once per entry of
+#      SERVERS (default "process thread"): the engine core's host, `process` (a process of its own) or
+#      `thread`, with `-async` and/or `-compile` suffixes adding --async-scheduling and --compile
+#      (server-KIND.log, load-KIND.json, metrics-KIND.txt for each KIND, e.g. process-async).
 # Steps 1-2 need torch and transformers only. Step 3 also needs the HTTP stack, which GPU machines
 # without network access lack: carry these as py3.12 wheels and install them first: fastapi,
 # starlette, pydantic, pydantic-core, pydantic-settings, python-dotenv, annotated-types,
@@ -28,6 +29,7 @@ PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # the CUDA tests (skipped without CUDA); GPU_TESTS="..." runs others, GPU_TESTS=" " none
 read -ra GPU_TESTS <<<"${GPU_TESTS:-tests/test_gpu_engine.py tests/test_bench_gpu.py::test_smoke_run_on_cuda}"
+read -ra SERVERS <<<"${SERVERS:-process thread}"
 
 server=0
 bench_args=()
@@ -73,18 +75,27 @@ for i in range(64):
     store.publish(f"a{i}", adapter.to_bytes())
 PY
   local kind status=0
-  for kind in process thread; do
+  for kind in "${SERVERS[@]}"; do
     load_one "$model" "$store" "$kind" || status=1
   done
   return $status
 }
 
-# one server with the engine core in a `process` or a `thread`: an untimed warm-up load, then the measured one
+# one server of a SERVERS entry (process or thread, then -async, -compile): an untimed warm-up load, then the measured one
 load_one() {
-  local model=$1 store=$2 kind=$3 port=8431 adapters
+  local model=$1 store=$2 kind=$3 port=8431 adapters option options flags=()
+  IFS=- read -ra options <<<"$kind"
+  flags+=(--engine-core "${options[0]}")
+  for option in "${options[@]:1}"; do
+    case $option in
+      async) flags+=(--async-scheduling) ;;
+      compile) flags+=(--compile) ;;
+      *) echo "unknown server option $option in $kind"; return 1 ;;
+    esac
+  done
   "$PYTHON" -c 'import sys; from server.cli import main; sys.exit(main())' serve --model "$model" --device cuda \
     --dtype bfloat16 --kv-cache-memory 16GiB --max-num-seqs 128 --max-batched-tokens 4096 --store "$store" \
-    --engine-core "$kind" --admin-open --port "$port" --log-level warning >"$OUT/server-$kind.log" 2>&1 &
+    "${flags[@]}" --admin-open --port "$port" --log-level warning >"$OUT/server-$kind.log" 2>&1 &
   local pid=$!
   for _ in $(seq 120); do
     "$PYTHON" -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$port/ready').status_code != 200)" \

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
         description="torch.compile the decode forward before capturing its CUDA graphs (fuses each layer's small "
         "kernels; start-up takes longer)",
     )
+    async_scheduling: bool = Field(
+        False,
+        description="Overlap each engine step's host work (scheduling, inputs, reading the sampled tokens) with the "
+        "device's work on the step before; tokens reach the client one step later",
+    )
     engine_core: Literal["auto", "process", "thread"] = Field(
         "auto",
         description="Where the engine steps: process = a process of its own, so HTTP streaming and stepping never "
@@ -149,4 +154,5 @@ class Settings(BaseSettings):
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
             compile_backend="inductor" if self.compile else None,
+            async_scheduling=self.async_scheduling,
         )

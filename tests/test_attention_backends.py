@@ -27,8 +27,8 @@ class LogitsKeepingRunner(ModelRunner):
         super().__init__(*args, **kwargs)
         self.kept = kept
 
-    def run(self, chunks):
-        result = super().run(chunks)
+    def run(self, chunks, pending=None):
+        result = super().run(chunks, pending)
         self.kept.append(None if result.logits is None else result.logits.clone())  # graphs reuse their buffer
         return result
 

@@ -74,8 +74,8 @@ def test_repetition_penalty_changes_greedy_choice():
     logits = torch.tensor([[2.0, 1.9, 0.0]])
     plain = Sequence("a", [0], SamplingParams())
     penalized = Sequence("b", [0], SamplingParams(repetition_penalty=1.2))
-    assert sampler(logits, [plain])[0].token == 0
-    assert sampler(logits, [penalized])[0].token == 1
+    assert sampler(logits, [plain]).samples()[0].token == 0
+    assert sampler(logits, [penalized]).samples()[0].token == 1
 
 
 def test_stop_token_eos_and_length(model, tiny_model_dir):
@@ -267,10 +267,10 @@ def test_a_sampling_fault_fails_only_its_own_row(model, tiny_model_dir):
     core = make_core(model)
     real_sampler = core.sampler
 
-    def sampler_that_chokes_on_one_request(logits, seqs):  # stands in for any per-row fault in a batched op
+    def sampler_that_chokes_on_one_request(logits, seqs, pending=None):  # stands in for any per-row fault
         if any(s.request_id == "bad" for s in seqs):
             raise RuntimeError("boom")
-        return real_sampler(logits, seqs)
+        return real_sampler(logits, seqs, pending)
 
     core.sampler = sampler_that_chokes_on_one_request
     prompts = [prompt(11, 1), prompt(17, 2), prompt(23, 3)]

@@ -1,10 +1,10 @@
 """The GPU engine on a CUDA device (skipped elsewhere; bench/gpu.sh runs these first on a GPU machine).
 
 In float32 the paged backend, eager and replayed from CUDA graphs (of the forward as it is, and as
-Inductor compiled it), gives the sdpa backend's greedy tokens on a mixed workload with adapters,
-chunked prefill and a pool too small for everyone at once; every bucket's graph is captured and the
-replays serve the decode steps; the Triton kernel matches its torch twin; masked GQA prefill stays on
-SDPA's fused kernels.
+Inductor compiled it), with and without async scheduling, gives the sdpa backend's greedy tokens on a
+mixed workload with adapters, chunked prefill and a pool too small for everyone at once; every
+bucket's graph is captured and the replays serve the decode steps; the Triton kernel matches its
+torch twin; masked GQA prefill stays on SDPA's fused kernels.
 """
 
 import random
@@ -45,10 +45,14 @@ def run(model, **config):
     return core, run_core(core, workload(model))
 
 
-@pytest.mark.parametrize("cuda_graphs, compile_backend", [(False, None), (True, None), (True, "inductor")])
-def test_paged_backend_gives_sdpa_tokens(cuda_llama, cuda_graphs, compile_backend):
+@pytest.mark.parametrize(
+    "cuda_graphs, compile_backend, async_scheduling",
+    [(False, None, False), (True, None, False), (True, "inductor", False), (True, None, True), (False, None, True)],
+)
+def test_paged_backend_gives_sdpa_tokens(cuda_llama, cuda_graphs, compile_backend, async_scheduling):
     _, expected = run(cuda_llama, attention_backend="sdpa")
-    core, tokens = run(cuda_llama, attention_backend="auto", cuda_graphs=cuda_graphs, compile_backend=compile_backend)
+    config = {"cuda_graphs": cuda_graphs, "compile_backend": compile_backend, "async_scheduling": async_scheduling}
+    core, tokens = run(cuda_llama, attention_backend="auto", **config)
     assert core.runner.attention_backend == "paged"
     assert tokens == expected
     graphs = core.runner.graphs

@@ -52,7 +52,8 @@ class TensorParallelDriver(ModelRunner):
         self.adapters = adapters
         group.send(KVGeometry(kv.num_blocks, kv.block_size))
 
-    def forward(self, batch: StepBatch) -> tuple[Tensor, InterventionPlan | None]:
+    def forward(self, batch: StepBatch, pending: Tensor | None = None) -> tuple[Tensor, InterventionPlan | None]:
+        """`pending` stays None: the core reads every step at once with tensor parallelism."""
         self.group.send(self.adapters.message(batch))
         return super().forward(batch)
 

@@ -33,6 +33,7 @@ from server.engine.config import ATTENTION_BACKENDS
 from server.engine.kv_cache import KVCache, padded_block_tables
 from server.engine.paged_decode import DecodeKernel, decode_kernel
 from server.engine.paged_flex import FlexStep, flex_kernel
+from server.engine.transfers import to_device
 
 ATTENTION_NAME = "reft_paged"
 STEP_KWARG = "reft_attention"
@@ -55,19 +56,18 @@ class AttentionGroup:
         query_len = max(s.length for s in spans)
         context_len = max(s.start + s.length for s in spans)
         offsets = range(query_len)
-        self.gather_rows = torch.tensor(
-            [[s.row + i if i < s.length else 0 for i in offsets] for s in spans], device=device
+        self.gather_rows = to_device(
+            [[s.row + i if i < s.length else 0 for i in offsets] for s in spans], torch.long, device
         ).flatten()
         # padded query rows are written to the spare row `num_rows` and dropped
-        self.scatter_rows = torch.tensor(
-            [s.row + i if i < s.length else num_rows for s in spans for i in offsets], device=device
+        self.scatter_rows = to_device(
+            [s.row + i if i < s.length else num_rows for s in spans for i in offsets], torch.long, device
         )
-        self.query_pos = torch.tensor([[s.start + i for i in offsets] for s in spans], device=device)
+        self.query_pos = to_device([[s.start + i for i in offsets] for s in spans], torch.long, device)
         max_blocks = -(-context_len // block_size)
         # whole blocks are gathered (contiguous copies); padding reads the always-zero pad block, masked out
-        self.block_ids = torch.tensor(
-            padded_block_tables([s.block_table for s in spans], max_blocks, pad_block),
-            device=device,
+        self.block_ids = to_device(
+            padded_block_tables([s.block_table for s in spans], max_blocks, pad_block), torch.long, device
         ).flatten()
         self.shape = (len(spans), query_len, context_len)
         # one sequence from position 0 needs only SDPA's built-in causal mask
@@ -125,7 +125,7 @@ class PagedDecodeRows:
         tables = padded_block_tables([s.block_table for s in spans], width, kv.pad_block)
         context = [s.start + 1 for s in spans]
         kernel = decode_kernel(device.type)
-        return cls(kv, torch.tensor(tables, device=device), torch.tensor(context, device=device), kernel)
+        return cls(kv, to_device(tables, torch.long, device), to_device(context, torch.long, device), kernel)
 
     def attend(
         self, layer: int, queries: Tensor, scaling: float | None, sliding_window: int | None, out: Tensor | None = None

@@ -1,5 +1,5 @@
 """The engine's settings, in one place: the KV pool, the batch limits, prefix caching, the attention
-backend, CUDA graphs. The server's Settings make one (`Settings.engine_config`); the scheduler and the
+backend, CUDA graphs, async scheduling. The server's Settings make one (`Settings.engine_config`); the scheduler and the
 core read it as it is."""
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # how attention reads the KV pool (attention.py)
     cuda_graphs: bool = True  # replay decode-only steps of the paged backend from CUDA graphs (cuda_graphs.py)
     compile_backend: str | None = None  # torch.compile those steps' forward first ("inductor"); None: eager
+    async_scheduling: bool = False  # read each step's sampled tokens in the next step, after its launch (core.py)
 
     def __post_init__(self):
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -1,6 +1,15 @@
 """The synchronous engine: owns the scheduler, KV cache, model runner and sampler; `step()` runs one
 iteration and reports what each sequence produced. Not thread-safe: the async front end
 (async_engine.py) drives it from its own thread.
+
+Async scheduling (`EngineConfig.async_scheduling`) splits a step into its launch and the read of its
+sampled tokens, and reads them in the next `step()`, after that one's launch: while the device runs
+step N, the host schedules and launches step N+1 (whose decoding rows take their input tokens from
+step N's draw on the device) and then reads step N's tokens. A sequence's drawn-but-unread token is
+"pending" (`Sequence.num_pending`); the scheduler counts it, and a sequence whose pending token is its
+last by length (`Sequence.ending`) is not scheduled again. One that stops on EOS or a stop token is
+known to have stopped a step late: its row in that step is computed and dropped. Tokens, logprobs and
+finish reasons equal the synchronous engine's (tests/test_async_scheduling.py).
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache, KVLayout
 from server.engine.memory import auto_kv_budget
 from server.engine.model_runner import ModelRunner, StepResult
-from server.engine.sampler import Sample, Sampler
+from server.engine.sampler import Draw, PendingTokens, Sample, Sampler
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledChunk, Scheduler
 from server.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -54,6 +63,23 @@ class EngineLoad:
     preemptions: int  # total
     prefix_queries: int  # total blocks looked up in the prefix cache
     prefix_hits: int  # total
+
+
+@dataclass
+class InFlight:
+    """A launched step's drawn tokens, which the host has not read yet: one draw for all its rows, or one
+    per row where the batched draw failed."""
+
+    parts: list[tuple[list[Sequence], Draw]]
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [seq for seqs, _ in self.parts for seq in seqs]
+
+    def pending(self) -> PendingTokens:
+        draws = [draw.tokens for _, draw in self.parts]
+        tokens = draws[0] if len(draws) == 1 else torch.cat(draws)
+        return PendingTokens(tokens, {seq: row for row, seq in enumerate(self.seqs)})
 
 
 @dataclass(frozen=True)
@@ -106,6 +132,9 @@ class EngineCore:
         self.eos_token_ids = eos_token_ids
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None
+        # a tensor-parallel group's followers would need the drawn tokens too: there each step is read at once
+        self.async_scheduling = config.async_scheduling and tensor_parallel == 1
+        self._in_flight: InFlight | None = None
 
     @staticmethod
     def _warm_up_step(model: nn.Module, layout: KVLayout, config: EngineConfig) -> StepResult:
@@ -165,7 +194,7 @@ class EngineCore:
         self.scheduler.add(seq)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     @property
     def max_num_seqs(self) -> int:
@@ -200,15 +229,30 @@ class EngineCore:
 
     def step(self) -> list[SeqOutput]:
         """One iteration: schedule chunks, run the model once over them (with ReFT's plan for their
-        edits), fail the requests whose edit failed, advance the rest, sample the rows that sample."""
+        edits), fail the requests whose edit failed, advance the rest, draw the tokens of the rows that
+        sample. With async scheduling the drawn tokens are read in the next iteration, after its own
+        launch, so the host's work overlaps the device's; without, at once."""
         started = time.perf_counter()
         self.last_step = None
+        previous, self._in_flight = self._in_flight, None
         chunks = self.scheduler.schedule()
-        if not chunks:
-            return []
+        launched = self._launch(chunks, previous.pending() if previous is not None else None) if chunks else []
+        outputs = self._read(previous) if previous is not None else []
+        outputs += launched
+        if self._in_flight is not None and not self.async_scheduling:
+            outputs += self._read(self._in_flight)
+        if chunks:
+            prefill = sum(c.length for c in chunks if c.length > 1)
+            tokens = sum(c.length for c in chunks)
+            self.last_step = StepStats(tokens, len(chunks), prefill, time.perf_counter() - started)
+        return outputs
+
+    def _launch(self, chunks: list[ScheduledChunk], pending: PendingTokens | None) -> list[SeqOutput]:
+        """Run the step and draw its tokens (they become `_in_flight`); returns what ended already.
+        `pending`: what the step before drew, not read yet."""
         outputs: list[SeqOutput] = []
         try:
-            result = self.runner.run(chunks)
+            result = self.runner.run(chunks, pending)
             # failed first: their K/V lack an edit, so they must never enter the prefix cache
             outputs += [self._finish(seq, FinishReason.ERROR, error) for seq, error in result.failures.items()]
             self.scheduler.complete([c for c in chunks if not c.seq.finished])
@@ -216,31 +260,53 @@ class EngineCore:
             if rows:
                 seqs = [result.sampling[i].seq for i in rows]
                 logits = result.logits if len(rows) == len(result.sampling) else result.logits[rows]
-                outputs += self._sample(logits, seqs)
+                outputs += self._draw(logits, seqs, pending)
         except Exception as e:  # the step as a whole failed: fail its requests, keep serving
             log.exception("engine step failed")
             error = f"{type(e).__name__}: {e}"
             outputs += [self._finish(c.seq, FinishReason.ERROR, error) for c in chunks if not c.seq.finished]
-            return outputs
-        prefill = sum(c.length for c in chunks if c.length > 1)
-        self.last_step = StepStats(sum(c.length for c in chunks), len(chunks), prefill, time.perf_counter() - started)
         return outputs
 
-    def _sample(self, logits: Tensor, seqs: list[Sequence]) -> list[SeqOutput]:
-        """Sample every row at once; if that raises, row by row, so a fault fails only its own request."""
+    def _draw(self, logits: Tensor, seqs: list[Sequence], pending: PendingTokens | None) -> list[SeqOutput]:
+        """Draw every row at once; if that raises, row by row, so a fault fails only its own request. The
+        tokens are read later (`_read`); returns the requests that failed."""
         try:
-            samples = self.sampler(logits, seqs)
+            parts = [(seqs, self.sampler(logits, seqs, pending))]
+            failed = []
         except Exception:
             log.exception("batched sampling failed; sampling row by row")
-            return [self._sample_alone(logits[i : i + 1], seq) for i, seq in enumerate(seqs)]
-        return [self._append(seq, sample) for seq, sample in zip(seqs, samples, strict=True)]
+            parts, failed = [], []
+            for i, seq in enumerate(seqs):
+                try:
+                    parts.append(([seq], self.sampler(logits[i : i + 1], [seq], pending)))
+                except Exception as e:
+                    failed.append(self._finish(seq, FinishReason.ERROR, f"sampling failed: {type(e).__name__}: {e}"))
+        if parts:
+            self._in_flight = InFlight(parts)
+            for seq in self._in_flight.seqs:
+                seq.num_pending += 1
+                seq.ending = self._at_length_limit(seq, seq.num_pending)
+        return failed
 
-    def _sample_alone(self, logits: Tensor, seq: Sequence) -> SeqOutput:
-        try:
-            (sample,) = self.sampler(logits, [seq])
-        except Exception as e:
-            return self._finish(seq, FinishReason.ERROR, f"sampling failed: {type(e).__name__}: {e}")
-        return self._append(seq, sample)
+    def _read(self, in_flight: InFlight) -> list[SeqOutput]:
+        """The host learns a drawn step's tokens: append them, stop where a stop rule says so. A sequence
+        that ended meanwhile (aborted, failed) drops its token."""
+        if in_flight is self._in_flight:
+            self._in_flight = None
+        outputs = []
+        for seqs, draw in in_flight.parts:
+            for seq in seqs:
+                seq.num_pending -= 1  # `ending` stays: it counted this token and any drawn since
+            try:
+                samples = draw.samples()
+            except Exception as e:
+                log.exception("reading the sampled tokens failed")
+                error = f"sampling failed: {type(e).__name__}: {e}"
+                outputs += [self._finish(seq, FinishReason.ERROR, error) for seq in seqs if not seq.finished]
+                continue
+            read = zip(seqs, samples, strict=True)
+            outputs += [self._append(seq, sample) for seq, sample in read if not seq.finished]
+        return outputs
 
     def _append(self, seq: Sequence, sample: Sample) -> SeqOutput:
         seq.token_ids.append(sample.token)
@@ -249,11 +315,16 @@ class EngineCore:
             return self._finish(seq, reason, new_tokens=[sample.token], samples=[sample])
         return self._output(seq, [sample.token], [sample])
 
+    def _at_length_limit(self, seq: Sequence, pending: int = 0) -> bool:
+        """Whether the sequence's tokens, with `pending` more, reach max_new_tokens or the context window."""
+        generated, total = seq.num_generated + pending, len(seq.token_ids) + pending
+        return generated >= seq.sampling.max_new_tokens or total >= self.max_model_len
+
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         sampling = seq.sampling
         if (token in self.eos_token_ids and not sampling.ignore_eos) or token in sampling.stop_token_ids:
             return FinishReason.STOP
-        if seq.num_generated >= sampling.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
+        if self._at_length_limit(seq):
             return FinishReason.LENGTH
         return None
 

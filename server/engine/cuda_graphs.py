@@ -7,9 +7,11 @@ launch instead of hundreds of kernel launches and the Python of every layer.
 
 Inputs live in persistent buffers with one column per sequence of the batch: its token id, position,
 slot, context length and block table. The step fills a pinned host buffer and copies it to the device
-buffer the graphs read, one host-to-device copy per step. Padding sequences (the bucket rounds the
-batch up) decode token 0 at position 0 into the first slot of the pool's pad block and read only that;
-the graph zeroes the slot again after the forward, so the pad block stays all zeros for the sdpa path.
+buffer the graphs read, one host-to-device copy per step (two host buffers take turns: with async
+scheduling the next step is filled while the last one's copy may still wait in the stream). Padding
+sequences (the bucket rounds the batch up) decode token 0 at position 0 into the first slot of the
+pool's pad block and read only that; the graph zeroes the slot again after the forward, so the pad
+block stays all zeros for the sdpa path.
 Every bucket's logits land in one shared buffer, valid until the next step.
 
 With `compile_backend` (`--compile`), the forward is first compiled by torch.compile, dynamic in the
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 from server.engine.attention import STEP_KWARG, PagedDecodeRows, StepAttention, compiled_step
 from server.engine.kv_cache import KVCache
 from server.engine.paged_decode import decode_kernel
+from server.engine.transfers import place_pending
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +59,7 @@ class DecodeGraphs:
         self.pad_slot = kv.pad_block * kv.block_size
         shape = (TABLE + self.width, max_num_seqs)
         self.capture = self.device.type == "cuda"
-        self.host = torch.zeros(shape, dtype=torch.long, pin_memory=self.capture)
-        self.host_rows = self.host.numpy()  # the same memory
+        self.hosts = [torch.zeros(shape, dtype=torch.long, pin_memory=self.capture) for _ in range(2)]
         self.meta = torch.zeros(shape, dtype=torch.long, device=self.device)
         self.logits: Tensor | None = None  # [max_num_seqs, vocab] once the first step ran
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -80,12 +82,15 @@ class DecodeGraphs:
             and all(s.length == 1 and len(s.block_table) <= self.width for s in spans)
         )
 
-    def run(self, batch) -> Tensor:
-        """Logits [rows, vocab] of a step that `fits` (a view: read it before the next step)."""
+    def run(self, batch, pending: Tensor | None = None) -> Tensor:
+        """Logits [rows, vocab] of a step that `fits` (a view: read it before the next step); `pending`: the
+        previous step's sampled tokens, which `batch.from_pending` places (model_runner.py)."""
         rows = len(batch.spans)
         size = next(s for s in self.sizes if s >= rows)
         width = max(len(s.block_table) for s in batch.spans)
         self._fill(size, width, batch.token_ids, batch.positions, batch.slots, batch.spans)
+        if batch.from_pending:
+            place_pending(self.meta[TOKEN], batch.from_pending, pending)
         self.steps_run += 1
         if not self.capture:
             self._forward(size)
@@ -116,7 +121,8 @@ class DecodeGraphs:
         log.info("decode steps captured as CUDA graphs", extra={"fields": cost})
 
     def _fill(self, size: int, width: int, token_ids, positions, slots, spans) -> None:
-        rows, host = len(spans), self.host_rows  # numpy writes: a few times faster than torch.tensor(lists)
+        source = self.hosts[self.steps_run % 2]  # the other one's copy may not have run yet
+        rows, host = len(spans), source.numpy()  # numpy writes (same memory): faster than torch.tensor(lists)
         host[TOKEN, :rows], host[POSITION, :rows], host[SLOT, :rows] = token_ids, positions, slots
         host[CONTEXT, :rows] = [s.start + 1 for s in spans]
         # padding columns: token 0 at position 0 into the pad slot, reading only the pad block
@@ -125,7 +131,7 @@ class DecodeGraphs:
         tables.fill(self.kv.pad_block)
         for column, span in enumerate(spans):
             tables[: len(span.block_table), column] = span.block_table
-        self.meta[: TABLE + width].copy_(self.host[: TABLE + width], non_blocking=True)
+        self.meta[: TABLE + width].copy_(source[: TABLE + width], non_blocking=True)
 
     def _forward(self, size: int) -> None:
         meta = self.meta[:, :size]

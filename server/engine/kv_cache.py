@@ -29,6 +29,7 @@ import torch
 
 from server.engine.prefix_keys import extend_block_keys
 from server.engine.sequence import Sequence
+from server.engine.transfers import to_device
 
 
 def padded_block_tables(tables: list[list[int]], width: int, pad: int) -> list[list[int]]:
@@ -137,7 +138,7 @@ class KVCache:
         """Clear blocks in every layer (one op per tensor)."""
         if not blocks:
             return
-        blocks = torch.tensor(blocks, device=self.keys.device)
+        blocks = to_device(blocks, torch.long, self.keys.device)
         for pool in (self.keys, self.values):
             pool.view(pool.shape[0], self.num_blocks + 1, -1).index_fill_(1, blocks, 0)
 
@@ -180,10 +181,11 @@ class KVCache:
             self.prefix_hits += min(seq.num_computed, seq.num_prompt)
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Index the blocks that the sequence's computed tokens have filled since the last call."""
+        """Index the blocks that the sequence's computed tokens have filled since the last call (those
+        whose every token the host knows: a pending one has no key yet)."""
         if not self.prefix_caching:
             return
-        full = seq.num_computed // self.block_size
+        full = min(seq.num_computed, len(seq.token_ids)) // self.block_size
         if full <= seq.num_cached_blocks:
             return
         keys = extend_block_keys(seq, self.block_size, full)

@@ -19,8 +19,10 @@ from server.engine.attention import STEP_KWARG, Span, StepAttention
 from server.engine.config import decode_graphs_apply, resolve_attention_backend
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache
+from server.engine.sampler import PendingTokens
 from server.engine.scheduler import ScheduledChunk
 from server.engine.sequence import Sequence
+from server.engine.transfers import place_pending, to_device
 from server.reft.hooks import install_plan_hooks, plan_kwargs
 from server.reft.plan import EditedRows, InterventionPlan, build_plan
 
@@ -49,6 +51,7 @@ class StepBatch:
     edits: list[EditedRows]  # the rows each request's edit touches in this step
     keep: list[int]  # rows whose logits are computed
     new_blocks: list[int]  # KV blocks handed out since the last step: cleared before the forward
+    from_pending: list[tuple[int, int]] = field(default_factory=list)  # (row, PendingTokens row): token set on device
 
 
 class ModelRunner:
@@ -90,20 +93,28 @@ class ModelRunner:
         """Why this runner cannot serve, for the readiness probe; a single process has no peers to lose."""
         return None
 
-    def run(self, chunks: list[ScheduledChunk]) -> StepResult:
-        batch, sampling = self.pack(chunks)
-        logits, plan = self.forward(batch)
+    def run(self, chunks: list[ScheduledChunk], pending: PendingTokens | None = None) -> StepResult:
+        """`pending`: the tokens the previous step sampled, for chunks that end with one (async scheduling)."""
+        batch, sampling = self.pack(chunks, pending)
+        logits, plan = self.forward(batch, pending.tokens if pending is not None else None)
         failures = plan.failed_owners() if plan is not None else {}
         return StepResult(sampling, logits if sampling else None, failures)
 
-    def pack(self, chunks: list[ScheduledChunk]) -> tuple[StepBatch, list[ScheduledChunk]]:
-        """Lay the chunks out as one row; also returns the chunks that sample, in logits order."""
+    def pack(
+        self, chunks: list[ScheduledChunk], pending: PendingTokens | None = None
+    ) -> tuple[StepBatch, list[ScheduledChunk]]:
+        """Lay the chunks out as one row; also returns the chunks that sample, in logits order. A chunk's
+        last token may still be pending: its row gets a placeholder that the forward fills on the device."""
         chunks = sorted(chunks, key=lambda c: c.length > 1)  # decodes first; the sort is stable
         batch = StepBatch([], [], [], [], [], [], self.kv.take_new_blocks())
         sampling: list[ScheduledChunk] = []
         for chunk in chunks:
             seq, row = chunk.seq, len(batch.token_ids)
-            batch.token_ids.extend(seq.token_ids[chunk.start : chunk.start + chunk.length])
+            known = seq.token_ids[chunk.start : chunk.start + chunk.length]
+            batch.token_ids.extend(known)
+            if len(known) < chunk.length:  # only the last one can be pending
+                batch.token_ids.append(0)
+                batch.from_pending.append((row + chunk.length - 1, pending.row_of[seq]))
             batch.positions.extend(range(chunk.start, chunk.start + chunk.length))
             batch.slots.extend(slots_for(seq.block_table, chunk.start, chunk.length, self.kv.block_size))
             batch.spans.append(Span(row, chunk.length, chunk.start, seq.block_table))
@@ -117,18 +128,22 @@ class ModelRunner:
         return batch, sampling
 
     @torch.inference_mode()
-    def forward(self, batch: StepBatch) -> tuple[Tensor, InterventionPlan | None]:
-        """Run the model once: logits [len(batch.keep), vocab] and the step's intervention plan."""
+    def forward(self, batch: StepBatch, pending: Tensor | None = None) -> tuple[Tensor, InterventionPlan | None]:
+        """Run the model once: logits [len(batch.keep), vocab] and the step's intervention plan. `pending`:
+        the previous step's sampled tokens, which `batch.from_pending` places."""
         self.kv.zero_blocks(batch.new_blocks)  # first: pack took them off the allocator, so nothing may skip this
         if self.graphs is not None and self.graphs.fits(batch):
-            return self.graphs.run(batch), None
-        slot_mapping = torch.tensor(batch.slots, dtype=torch.long, device=self.device)
+            return self.graphs.run(batch, pending), None
+        slot_mapping = to_device(batch.slots, torch.long, self.device)
         attention = StepAttention.build(self.kv, batch.spans, slot_mapping, self.attention_backend)
         plan = build_plan(batch.edits, self.device)
+        input_ids = to_device(batch.token_ids, torch.long, self.device)
+        if batch.from_pending:
+            place_pending(input_ids, batch.from_pending, pending)
         out = self.model(
-            input_ids=torch.tensor([batch.token_ids], device=self.device),
-            position_ids=torch.tensor([batch.positions], device=self.device),
-            logits_to_keep=torch.tensor(batch.keep, device=self.device),
+            input_ids=input_ids[None],
+            position_ids=to_device([batch.positions], torch.long, self.device),
+            logits_to_keep=to_device(batch.keep, torch.long, self.device),
             use_cache=False,
             **{STEP_KWARG: attention},
             **plan_kwargs(plan),

@@ -5,6 +5,9 @@ Sampling draws exponential noise per vocabulary entry and takes argmax(p / noise
 from p exactly. A seeded request draws its noise from its own generator, so its tokens depend only
 on its own seed and probabilities, not on which other requests share the step.
 Logprobs are those of the raw model distribution (before penalties and temperature).
+
+Drawing queues the work on the device and returns at once (`Draw`): the tokens stay on the device as
+the next step's inputs while their copy travels to the host, read when the core gets to them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,15 @@ import torch
 from torch import Tensor
 
 from server.engine.sequence import Sequence
+from server.engine.transfers import HostCopy, to_device
+
+
+@dataclass(frozen=True)
+class PendingTokens:
+    """What the step before this one sampled, still on the device: the host has not read it yet."""
+
+    tokens: Tensor  # [rows] on the device
+    row_of: dict[Sequence, int]  # each sampling sequence's row of `tokens`
 
 
 @dataclass(frozen=True)
@@ -24,10 +36,11 @@ class Sample:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
-def apply_repetition_penalties(logits: Tensor, seqs: list[Sequence]) -> Tensor:
+def apply_repetition_penalties(logits: Tensor, seqs: list[Sequence], pending: PendingTokens | None = None) -> Tensor:
     """HF/CTRL-style: each row's seen tokens get positive logits divided and negative ones multiplied by
-    its penalty. One gather and one scatter for all rows."""
-    rows, tokens, penalties = [], [], []
+    its penalty. One gather and one scatter for all rows. A token still `pending` (on the device only)
+    counts as seen too."""
+    rows, tokens, penalties, pending_rows = [], [], [], []
     for row, seq in enumerate(seqs):
         penalty = seq.sampling.repetition_penalty
         if penalty != 1.0:
@@ -35,11 +48,21 @@ def apply_repetition_penalties(logits: Tensor, seqs: list[Sequence]) -> Tensor:
             rows += [row] * len(seen)
             tokens += seen
             penalties += [penalty] * len(seen)
+            if seq.num_pending:
+                pending_rows.append((row, pending.row_of[seq], penalty))
     if not rows:
         return logits
     device = logits.device
-    index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
-    penalty = torch.tensor(penalties, device=device)
+    row_index, token_index = to_device(rows, torch.long, device), to_device(tokens, torch.long, device)
+    penalty = to_device(penalties, logits.dtype, device)
+    if pending_rows:  # a token seen twice is penalized once: both writes carry the same value
+        extra_rows, pending_index, extra_penalties = zip(*pending_rows, strict=True)
+        row_index = torch.cat([row_index, to_device(list(extra_rows), torch.long, device)])
+        token_index = torch.cat(
+            [token_index, pending.tokens.index_select(0, to_device(list(pending_index), torch.long, device))]
+        )
+        penalty = torch.cat([penalty, to_device(list(extra_penalties), logits.dtype, device)])
+    index = (row_index, token_index)
     values = logits[index]
     logits = logits.clone()
     logits[index] = torch.where(values > 0, values / penalty, values * penalty)
@@ -53,15 +76,15 @@ def filter_logits(logits: Tensor, top_k: list[int], top_p: list[float], min_p: l
     if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=device)
-        k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k], device=device)
+        k = to_device([min(k, vocab) if k > 0 else vocab for k in top_k], torch.long, device)
         drop = rank[None, :] >= k[:, None]
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        drop |= mass_before > torch.tensor(top_p, device=device)[:, None]  # the token that crosses top_p stays
+        drop |= mass_before > to_device(top_p, probs.dtype, device)[:, None]  # the token that crosses top_p stays
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     if any(m > 0 for m in min_p):
         probs = logits.softmax(dim=-1)
-        floor = torch.tensor(min_p, device=device)[:, None] * probs.max(dim=-1, keepdim=True).values
+        floor = to_device(min_p, probs.dtype, device)[:, None] * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
@@ -71,23 +94,56 @@ def _plain_greedy(seq: Sequence) -> bool:
     return sampling.greedy and sampling.repetition_penalty == 1.0 and sampling.logprobs is None
 
 
+@dataclass
+class Draw:
+    """One step's sampled tokens: on the device, where the next step can take them as inputs, and on
+    their way to the host, with their logprobs where asked."""
+
+    tokens: Tensor  # [rows] on the device
+    _host: HostCopy  # the tokens, or with logprobs the table `Sampler._table` describes
+    _wanted: list[int | None]  # each row's number of top logprobs (None: no logprobs)
+
+    def samples(self) -> list[Sample]:
+        """The rows' samples; waits for the copy to land."""
+        host = self._host.wait()
+        if all(wanted is None for wanted in self._wanted):
+            return [Sample(token) for token in host.tolist()]
+        top = max(wanted or 0 for wanted in self._wanted)
+        samples = []
+        for row, wanted in zip(host.tolist(), self._wanted, strict=True):
+            token = int(row[0])
+            if wanted is None:
+                samples.append(Sample(token))
+                continue
+            values, ids = row[2 : 2 + wanted], row[2 + top : 2 + top + wanted]
+            samples.append(Sample(token, row[1], [(int(i), v) for i, v in zip(ids, values, strict=True)]))
+        return samples
+
+
 class Sampler:
-    def __call__(self, logits: Tensor, seqs: list[Sequence]) -> list[Sample]:
+    def __call__(self, logits: Tensor, seqs: list[Sequence], pending: PendingTokens | None = None) -> Draw:
+        """Draw a token per row; `pending`: the tokens the previous step drew that the host has not read
+        (the repetition penalty counts them)."""
+        wanted = [s.sampling.logprobs for s in seqs]
         if all(_plain_greedy(s) for s in seqs):  # the common case needs no float32 copy of the logits
-            return self._to_host(logits.argmax(dim=-1), None, seqs)
+            tokens = logits.argmax(dim=-1)
+            return Draw(tokens, HostCopy(tokens), wanted)
         logits = logits.float()
-        raw_logprobs = logits.log_softmax(dim=-1) if any(s.sampling.logprobs is not None for s in seqs) else None
-        logits = apply_repetition_penalties(logits, seqs)
+        raw_logprobs = logits.log_softmax(dim=-1) if any(w is not None for w in wanted) else None
+        logits = apply_repetition_penalties(logits, seqs, pending)
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
         if sampled:
-            tokens[sampled] = self._sample(logits[sampled], [seqs[i] for i in sampled])
-        return self._to_host(tokens, raw_logprobs, seqs)
+            rows = to_device(sampled, torch.long, logits.device)
+            tokens.index_copy_(0, rows, self._sample(logits[rows], [seqs[i] for i in sampled]))
+        if raw_logprobs is None:
+            return Draw(tokens, HostCopy(tokens), wanted)
+        return Draw(tokens, HostCopy(self._table(tokens, raw_logprobs, wanted)), wanted)
 
     def _sample(self, logits: Tensor, seqs: list[Sequence]) -> Tensor:
         device = logits.device
         params = [s.sampling for s in seqs]
-        temperature = torch.tensor([p.temperature for p in params], device=device)
+        temperature = to_device([p.temperature for p in params], logits.dtype, device)
         top_k, top_p, min_p = [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params]
         probs = filter_logits(logits / temperature[:, None], top_k, top_p, min_p).softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_()
@@ -99,22 +155,12 @@ class Sampler:
         return (probs / noise).argmax(dim=-1)
 
     @staticmethod
-    def _to_host(tokens: Tensor, raw_logprobs: Tensor | None, seqs: list[Sequence]) -> list[Sample]:
-        """One device-to-host copy for the whole step: the tokens, and with logprobs a table of
-        [token, its logprob, top values..., top ids...] per row (float64 holds the ids exactly)."""
-        if raw_logprobs is None:
-            return [Sample(token) for token in tokens.tolist()]
-        top = max(s.sampling.logprobs or 0 for s in seqs)
+    def _table(tokens: Tensor, raw_logprobs: Tensor, wanted: list[int | None]) -> Tensor:
+        """What the host needs of a step with logprobs, in one tensor so that one copy brings it: per row
+        [token, its logprob, top values..., top ids...] (float64 holds the ids exactly)."""
+        top = max(w or 0 for w in wanted)
         columns = [tokens[:, None].double(), raw_logprobs.gather(1, tokens[:, None]).double()]
         if top:
             values, ids = raw_logprobs.topk(top, dim=-1)
             columns += [values.double(), ids.double()]
-        samples = []
-        for row, seq in zip(torch.cat(columns, dim=1).tolist(), seqs, strict=True):
-            token, wanted = int(row[0]), seq.sampling.logprobs
-            if wanted is None:
-                samples.append(Sample(token))
-                continue
-            values, ids = row[2 : 2 + wanted], row[2 + top : 2 + top + wanted]
-            samples.append(Sample(token, row[1], [(int(i), v) for i, v in zip(ids, values, strict=True)]))
-        return samples
+        return torch.cat(columns, dim=1)

@@ -33,7 +33,7 @@ class ScheduledChunk:
     @property
     def completes(self) -> bool:
         """Whether this chunk reaches the sequence's last known token, so the step samples for it."""
-        return self.start + self.length == len(self.seq.token_ids)
+        return self.start + self.length == self.seq.num_tokens
 
 
 class Scheduler:
@@ -63,11 +63,11 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
         budget = self.config.max_batched_tokens
-        decodes_left = sum(1 for s in self.running if s.num_uncomputed == 1)
+        decodes_left = sum(1 for s in self.running if s.num_uncomputed == 1 and not s.ending)
         preempted = False
         for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING or seq.ending:
+                continue  # preempted earlier in this loop, or done once its pending token is read
             if seq.num_uncomputed == 1:
                 decodes_left -= 1
                 length = 1
@@ -113,6 +113,8 @@ class Scheduler:
         chunks = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:
+                break  # preempted with a token still in flight: its prefill waits until the host has it
             self.kv.reuse_prefix(seq)
             length = min(seq.num_uncomputed, budget)
             if self.kv.blocks_needed(seq, length) + self.config.watermark_blocks > self.kv.num_free_blocks:

@@ -36,6 +36,8 @@ class Sequence:
 
     token_ids: list[int] = field(init=False)
     num_computed: int = 0  # tokens whose K/V are in the cache
+    num_pending: int = 0  # tokens sampled on the device that the host has not read yet (async scheduling)
+    ending: bool = False  # its pending token is its last (by length): nothing more to schedule
     block_table: list[int] = field(default_factory=list)
     block_keys: list[bytes] = field(default_factory=list)  # content keys of full blocks (prefix caching)
     num_cached_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
@@ -57,8 +59,13 @@ class Sequence:
         return len(self.token_ids) - len(self.prompt_ids)
 
     @property
+    def num_tokens(self) -> int:
+        """Tokens so far, the pending one included."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
     def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed
+        return self.num_tokens - self.num_computed
 
     @property
     def generated_ids(self) -> list[int]:

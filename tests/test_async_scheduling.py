@@ -1,0 +1,192 @@
+"""Async scheduling: each step's sampled tokens are read in the next step, after its launch, and a
+decoding sequence's next input token comes from the device. Whatever else changes, every request's
+tokens, logprobs and finish reason must equal the synchronous engine's, over both the sdpa path and
+the padded decode-graph path (run uncaptured on the CPU), with EOS and stop tokens, length and context
+limits, seeds, logprobs, repetition penalties, preemption, aborts and a faulty sampler."""
+
+import random
+
+import pytest
+
+from server.engine.sequence import FinishReason
+from tests.engine_utils import load_engine_model, make_core, prompt, run_core, seq
+from tests.test_engine_correctness import check_mixed_batch, make_adapters
+
+PATHS = {"sdpa": {"attention_backend": "sdpa"}, "graphs": {"attention_backend": "paged", "cuda_graphs": True}}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_engine_model(tiny_model_dir("llama"))
+
+
+def requests(model, count=28, seed=0):
+    """Mixed adapters and sampling: greedy, seeded, logprobs, penalties, stop tokens, staggered arrivals."""
+    rng = random.Random(seed)
+    adapters = make_adapters(model.config.hidden_size, model.config.num_hidden_layers)
+    made = []
+    for i in range(count):
+        sampling = {"max_new_tokens": rng.randint(1, 20)}
+        kind = i % 5
+        if kind == 1:
+            sampling |= {"temperature": 0.9, "top_k": 40, "seed": i}
+        elif kind == 2:
+            sampling |= {"logprobs": 3}
+        elif kind == 3:
+            sampling |= {"repetition_penalty": 1.3}
+        elif kind == 4:
+            sampling |= {"stop_token_ids": (rng.randrange(3, 259),), "temperature": 1.0, "seed": i}
+        adapter = (adapters + [None])[i % (len(adapters) + 1)]
+        made.append((f"r{i}", prompt(rng.randint(1, 120), 100 + i), adapter, sampling, rng.randint(0, 25)))
+    return made
+
+
+def serve(model, made, async_scheduling, eos=frozenset(), prepare=None, **config):
+    """Every request's (tokens, logprobs, finish reason), and the share of launches that took a pending
+    token; `prepare(core)` runs first."""
+    core = make_core(model, eos=eos, async_scheduling=async_scheduling, **config)
+    if prepare is not None:
+        prepare(core)
+    took_pending = []
+    run = core.runner.run
+
+    def recording_run(chunks, pending=None):
+        took_pending.append(pending is not None)
+        return run(chunks, pending)
+
+    core.runner.run = recording_run
+    results = {}
+    step, waiting = 0, sorted(made, key=lambda r: r[4])
+    while waiting or core.has_work():
+        while waiting and waiting[0][4] <= step:
+            rid, p, adapter, sampling, _ = waiting.pop(0)
+            core.add(seq(rid, p, adapter, **sampling))
+        for out in core.step():
+            tokens, logprobs, _ = results.get(out.request_id, ([], [], None))
+            logprobs = logprobs + [(s.logprob, s.top_logprobs) for s in out.samples]
+            results[out.request_id] = (tokens + out.new_tokens, logprobs, out.finish_reason)
+        step += 1
+        assert step < 10_000
+    assert core.kv.num_free_blocks == core.kv.num_blocks and not core.sequences
+    return results, sum(took_pending) / len(took_pending)
+
+
+def assert_same(observed, expected):
+    """Tokens, finish reasons and top-logprob ids exactly; logprob values to float32 rounding (a step of
+    the async engine can hold other rows, such as a finished request's last, which moves the last bits)."""
+    assert observed.keys() == expected.keys()
+    for rid, (tokens, logprobs, reason) in expected.items():
+        assert (observed[rid][0], observed[rid][2]) == (tokens, reason), rid
+        for (value, top), (seen_value, seen_top) in zip(logprobs, observed[rid][1], strict=True):
+            assert (seen_value is None) == (value is None) and (seen_top is None) == (top is None), rid
+            if value is not None:
+                assert seen_value == pytest.approx(value, abs=1e-4), rid
+                assert [i for i, _ in seen_top] == [i for i, _ in top], rid
+                assert [v for _, v in seen_top] == pytest.approx([v for _, v in top], abs=1e-4), rid
+
+
+def common_eos(model, made, **config):
+    """The token the synchronous run generates most: as EOS it ends many requests early."""
+    results, _ = serve(model, made, False, **config)
+    counts = {}
+    for tokens, _, _ in results.values():
+        for token in tokens:
+            counts[token] = counts.get(token, 0) + 1
+    return max(counts, key=counts.get)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_async_equals_sync_token_for_token(model, path):
+    made = requests(model)
+    config = {**PATHS[path], "max_batched_tokens": 48, "max_num_seqs": 10, "max_model_len": 128}
+    eos = {common_eos(model, made, **config)}
+    expected, none_pending = serve(model, made, False, eos=eos, **config)
+    observed, took_pending = serve(model, made, True, eos=eos, **config)
+    assert none_pending == 0
+    assert took_pending > 0.5, "decode inputs must come from the device, or the overlap never happened"
+    assert_same(observed, expected)
+    reasons = [reason for _, _, reason in expected.values()]
+    assert reasons.count(FinishReason.STOP) >= 5 and reasons.count(FinishReason.LENGTH) >= 5
+
+
+def test_mixed_batch_equals_alone_and_reference_under_preemption(tiny_model_dir):
+    core, steered = check_mixed_batch(
+        tiny_model_dir("llama"),
+        count=16,
+        max_new_tokens=10,
+        num_blocks=48,
+        max_batched_tokens=48,
+        max_model_len=320,
+        attention_backend="paged",
+        async_scheduling=True,
+    )
+    assert core.scheduler.num_preemptions > 0 and steered > 0
+
+
+def test_a_length_limit_costs_no_extra_launch(model):
+    core = make_core(model, async_scheduling=True)
+    launches = []
+    run = core.runner.run
+    core.runner.run = lambda chunks, pending=None: launches.append(len(chunks)) or run(chunks, pending)
+    tokens = run_core(core, [(seq("x", prompt(9, 1), max_new_tokens=5), 0)])
+    assert len(tokens["x"]) == 5
+    assert launches == [1] * 5  # the prefill and four decodes: none for a token past the limit
+
+
+def test_abort_while_a_step_is_in_flight_drops_its_token_and_changes_no_one_else(model):
+    p, q = prompt(20, 1), prompt(33, 2)
+    alone = run_core(make_core(model), [(seq("q", q, max_new_tokens=12), 0)])["q"]
+    core = make_core(model, async_scheduling=True)
+    core.add(seq("p", p, max_new_tokens=12))
+    core.add(seq("q", q, max_new_tokens=12))
+    produced = {"p": [], "q": []}
+    for _ in range(4):
+        for out in core.step():
+            produced[out.request_id] += out.new_tokens
+    assert core.sequences["p"].num_pending == 1
+    aborted = core.abort("p")
+    assert aborted.finish_reason is FinishReason.ABORT
+    while core.has_work():
+        for out in core.step():
+            assert out.request_id == "q"
+            produced["q"] += out.new_tokens
+    assert produced["q"] == alone and len(produced["p"]) == 3
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
+def test_a_sampling_fault_fails_only_its_own_row(model):
+    made = requests(model, count=10)
+
+    def choke_on_r3(core):
+        sampler = core.sampler
+
+        def choking(logits, seqs, pending=None):  # stands in for any per-row fault in a batched op
+            if any(s.request_id == "r3" for s in seqs):
+                raise RuntimeError("boom")
+            return sampler(logits, seqs, pending)
+
+        core.sampler = choking
+
+    expected, _ = serve(model, made, False)
+    observed, _ = serve(model, made, True, prepare=choke_on_r3)
+    assert observed.pop("r3")[2] is FinishReason.ERROR
+    assert_same(observed, {rid: result for rid, result in expected.items() if rid != "r3"})
+
+
+def test_the_async_front_end_streams_the_same_tokens(model):
+    from server.engine.async_engine import GenerationRequest
+    from server.engine.sampling_params import SamplingParams
+    from tests.test_async_engine import run, with_engine
+
+    prompts = [prompt(5 + 9 * i, i) for i in range(8)]
+    expected = run_core(make_core(model), [(seq(f"r{i}", p, max_new_tokens=3 + i), 0) for i, p in enumerate(prompts)])
+
+    async def body(engine):
+        streams = [
+            engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=3 + i))) for i, p in enumerate(prompts)
+        ]
+        return [await stream.collect() for stream in streams]
+
+    results = run(with_engine(model, body, async_scheduling=True))
+    assert [result.token_ids for result in results] == [expected[f"r{i}"] for i in range(8)]
+    assert all(result.finish_reason is FinishReason.LENGTH for result in results)
