@@ -227,6 +227,42 @@ def test_no_bad_request_reached_the_engine(client):
     assert 'status="error"' not in metrics
 
 
+def test_a_stream_times_out_with_an_error_even_while_its_consumer_is_busy():
+    """The deadline may pass while the consumer is away from the stream (writing the last event to a
+    slow client): the next wait must raise TimeoutError, which the route turns into an error event and
+    [DONE], never cancel the consumer."""
+    import asyncio
+
+    from server.api.service import Running, stream_outputs
+
+    class SlowStream:
+        cancelled = False
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            await asyncio.sleep(0.01)
+            return "output"
+
+        def cancel(self):
+            self.cancelled = True
+
+    async def consume(stream):
+        seen = []
+        try:
+            async for output in stream_outputs(Running(stream, None), timeout=0.05):
+                seen.append(output)
+                await asyncio.sleep(0.2)  # busy elsewhere when the deadline passes
+        except TimeoutError:
+            return seen
+        raise AssertionError("the stream never timed out")
+
+    stream = SlowStream()
+    assert asyncio.run(consume(stream)) == ["output"]
+    assert stream.cancelled
+
+
 def test_request_timeout_aborts_and_frees_the_request(tmp_path):
     import time
 

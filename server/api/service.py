@@ -161,10 +161,18 @@ async def collect(request: Request, running: Running, timeout: float) -> Request
 
 
 async def stream_outputs(running: Running, timeout: float) -> AsyncIterator[RequestOutput]:
-    """Yield outputs; a client disconnect cancels this generator, which cancels the request."""
+    """Yield outputs, raising TimeoutError once `timeout` seconds have passed; a client disconnect
+    cancels this generator, which cancels the request. The deadline covers only the waits for the next
+    output: a timeout around the `yield` would cancel the consumer wherever it is (sending the last
+    event, say), and the stream would end with no error event."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    outputs = aiter(running.stream)
     try:
-        async with asyncio.timeout(timeout):
-            async for output in running.stream:
-                yield output
+        while True:
+            async with asyncio.timeout_at(deadline):
+                output = await anext(outputs, None)
+            if output is None:
+                return
+            yield output
     finally:
         running.close()
