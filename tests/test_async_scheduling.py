@@ -190,3 +190,67 @@ def test_the_async_front_end_streams_the_same_tokens(model):
     results = run(with_engine(model, body, async_scheduling=True))
     assert [result.token_ids for result in results] == [expected[f"r{i}"] for i in range(8)]
     assert all(result.finish_reason is FinishReason.LENGTH for result in results)
+
+
+def run_with_fault(model, async_scheduling, fault):
+    """r1 stops on EOS after a few tokens, r2 runs on; `fault(core, eos)` plants one failure. Returns each
+    request's (tokens, finish reason), driving the core as CoreLoop does (an escaping error is logged)."""
+    p1, p2 = prompt(12, 1), prompt(15, 2)
+    eos = run_core(make_core(model), [(seq("r1", p1, max_new_tokens=10), 0)])["r1"][3]
+    core = make_core(model, eos={eos}, async_scheduling=async_scheduling)
+    core.add(seq("r1", p1, max_new_tokens=10))
+    core.add(seq("r2", p2, max_new_tokens=12, ignore_eos=True))
+    fault(core, eos)
+    results = {}
+    for _ in range(100):
+        if not core.has_work():
+            break
+        try:
+            outputs = core.step()
+        except RuntimeError:
+            continue
+        for out in outputs:
+            tokens, _ = results.get(out.request_id, ([], None))
+            results[out.request_id] = (tokens + out.new_tokens, out.finish_reason)
+    assert not core.has_work() and core.kv.num_free_blocks == core.kv.num_blocks
+    return results
+
+
+def fail_nth_call(owner, name, n):
+    real, calls = getattr(owner, name), []
+
+    def failing(*args):
+        calls.append(None)
+        if len(calls) == n:
+            raise RuntimeError("planted fault")
+        return real(*args)
+
+    setattr(owner, name, failing)
+
+
+def fail_launch_after_eos(core, eos):  # the launch after the one that drew r1's EOS (its 4th token)
+    fail_nth_call(core.runner, "run", 5)
+
+
+def fail_r1_draw_after_eos(core, eos):  # batched and alone: r1's row fails, the others' do not
+    real, draws = core.sampler, []
+
+    def sampler(logits, seqs, pending=None):
+        if any(s.request_id == "r1" for s in seqs):
+            draws.append(None)
+            if len(draws) > 4:
+                raise RuntimeError("planted fault")
+        return real(logits, seqs, pending)
+
+    core.sampler = sampler
+
+
+def fail_one_schedule(core, eos):  # a bug that escapes step() while a draw is in flight
+    fail_nth_call(core.scheduler, "schedule", 4)
+
+
+@pytest.mark.parametrize("fault", [fail_launch_after_eos, fail_r1_draw_after_eos, fail_one_schedule])
+def test_a_fault_after_a_stop_changes_nothing_already_drawn(model, fault):
+    expected = run_with_fault(model, False, fault)
+    assert expected["r1"][1] is FinishReason.STOP and len(expected["r1"][0]) == 4
+    assert run_with_fault(model, True, fault) == expected

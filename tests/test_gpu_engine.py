@@ -4,7 +4,8 @@ In float32 the paged backend, eager and replayed from CUDA graphs (of the forwar
 Inductor compiled it), with and without async scheduling, gives the sdpa backend's greedy tokens on a
 mixed workload with adapters, chunked prefill and a pool too small for everyone at once; every
 bucket's graph is captured and the replays serve the decode steps; the Triton kernel matches its
-torch twin; masked GQA prefill stays on SDPA's fused kernels.
+torch twin; masked GQA prefill stays on SDPA's fused kernels. Async scheduling keeps its tokens with
+the device lagging behind the host, and its decode launches never synchronize with the device.
 """
 
 import random
@@ -107,3 +108,45 @@ def test_auto_kv_sizing_keeps_room_for_the_decode_graphs(cuda_llama, caplog):
     assert sized.fields["graphs"] > 0 and sized.fields["kv_bytes"] > 0
     assert sorted(core.runner.graphs.graphs) == core.runner.graphs.sizes
     assert tokens == run(cuda_llama, attention_backend="sdpa")[1]
+
+
+def test_async_scheduling_with_a_lagging_device_gives_the_same_tokens(cuda_llama):
+    """The device runs ~1 ms behind the host at every launch, so steps really are in flight while the
+    host schedules and packs the next one."""
+    _, expected = run(cuda_llama, attention_backend="auto")
+    core = make_core(cuda_llama, num_blocks=96, max_batched_tokens=96, max_num_seqs=12, async_scheduling=True)
+    launch = core.runner.run
+
+    def lagging(chunks, pending=None):
+        torch.cuda._sleep(2_000_000)  # clock cycles of a kernel that only waits
+        return launch(chunks, pending)
+
+    core.runner.run = lagging
+    assert run_core(core, workload(cuda_llama)) == expected
+
+
+def test_async_decode_launches_never_wait_for_the_device(cuda_llama):
+    """A decode step's launch (inputs, graph replay, draw, the copy home) must not synchronize with the
+    device, or its host work cannot overlap the step before: CUDA's sync debug mode raises on any."""
+    from tests.engine_utils import prompt
+
+    core = make_core(cuda_llama, num_blocks=96, max_batched_tokens=96, max_num_seqs=12, async_scheduling=True)
+    for i in range(8):
+        core.add(seq(f"s{i}", prompt(20 + 3 * i, i), max_new_tokens=40, temperature=0.8, seed=i, logprobs=2))
+    while any(s.num_computed < s.num_prompt for s in core.sequences.values()):
+        core.step()
+    core.step()
+    launch = core._launch
+
+    def strict(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    core._launch = strict
+    replayed = core.runner.graphs.steps_run
+    for _ in range(20):  # new KV blocks every 16 tokens: their zeroing is in there too
+        core.step()
+    assert core.runner.graphs.steps_run == replayed + 20

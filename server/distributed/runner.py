@@ -54,6 +54,7 @@ class TensorParallelDriver(ModelRunner):
 
     def forward(self, batch: StepBatch, pending: Tensor | None = None) -> tuple[Tensor, InterventionPlan | None]:
         """`pending` stays None: the core reads every step at once with tensor parallelism."""
+        assert pending is None, "async scheduling is off with tensor parallelism"
         self.group.send(self.adapters.message(batch))
         return super().forward(batch)
 

@@ -235,81 +235,88 @@ class EngineCore:
         started = time.perf_counter()
         self.last_step = None
         previous, self._in_flight = self._in_flight, None
-        chunks = self.scheduler.schedule()
-        launched = self._launch(chunks, previous.pending() if previous is not None else None) if chunks else []
+        try:
+            chunks = self.scheduler.schedule()
+            launched, failed = self._launch(chunks, previous) if chunks else (None, [])
+        except BaseException:
+            self._in_flight = previous  # read by the next step: a drawn token is never lost
+            raise
         outputs = self._read(previous) if previous is not None else []
-        outputs += launched
-        if self._in_flight is not None and not self.async_scheduling:
-            outputs += self._read(self._in_flight)
+        # after the read: a request that ended at its last token (EOS) ends so, not with this failure
+        outputs += [self._finish(seq, FinishReason.ERROR, error) for seq, error in failed if not seq.finished]
+        if launched is not None:
+            for seq in launched.seqs:
+                seq.num_pending += 1
+                seq.ending = self._at_length_limit(seq, seq.num_pending)
+            if self.async_scheduling:
+                self._in_flight = launched
+            else:
+                outputs += self._read(launched)
         if chunks:
             prefill = sum(c.length for c in chunks if c.length > 1)
             tokens = sum(c.length for c in chunks)
             self.last_step = StepStats(tokens, len(chunks), prefill, time.perf_counter() - started)
         return outputs
 
-    def _launch(self, chunks: list[ScheduledChunk], pending: PendingTokens | None) -> list[SeqOutput]:
-        """Run the step and draw its tokens (they become `_in_flight`); returns what ended already.
-        `pending`: what the step before drew, not read yet."""
-        outputs: list[SeqOutput] = []
+    def _launch(
+        self, chunks: list[ScheduledChunk], previous: InFlight | None
+    ) -> tuple[InFlight | None, list[tuple[Sequence, str]]]:
+        """Run the step and draw its tokens; returns the draw (None if nothing sampled) and the requests
+        that failed, to fail once `previous` (the step before, not read yet) has been read."""
+        pending = previous.pending() if previous is not None else None
         try:
             result = self.runner.run(chunks, pending)
-            # failed first: their K/V lack an edit, so they must never enter the prefix cache
-            outputs += [self._finish(seq, FinishReason.ERROR, error) for seq, error in result.failures.items()]
-            self.scheduler.complete([c for c in chunks if not c.seq.finished])
-            rows = [i for i, chunk in enumerate(result.sampling) if not chunk.seq.finished]
-            if rows:
-                seqs = [result.sampling[i].seq for i in rows]
-                logits = result.logits if len(rows) == len(result.sampling) else result.logits[rows]
-                outputs += self._draw(logits, seqs, pending)
         except Exception as e:  # the step as a whole failed: fail its requests, keep serving
             log.exception("engine step failed")
-            error = f"{type(e).__name__}: {e}"
-            outputs += [self._finish(c.seq, FinishReason.ERROR, error) for c in chunks if not c.seq.finished]
-        return outputs
+            return None, [(c.seq, f"{type(e).__name__}: {e}") for c in chunks]
+        failed = list(result.failures.items())  # their K/V lack an edit: they must never enter the prefix cache
+        self.scheduler.complete([c for c in chunks if c.seq not in result.failures])
+        seqs = [chunk.seq for chunk in result.sampling]
+        rows = [i for i, seq in enumerate(seqs) if seq not in result.failures]
+        if not rows:
+            return None, failed
+        logits = result.logits if len(rows) == len(seqs) else result.logits[rows]
+        launched, unsampled = self._draw(logits, [seqs[i] for i in rows], pending)
+        return launched, failed + unsampled
 
-    def _draw(self, logits: Tensor, seqs: list[Sequence], pending: PendingTokens | None) -> list[SeqOutput]:
-        """Draw every row at once; if that raises, row by row, so a fault fails only its own request. The
-        tokens are read later (`_read`); returns the requests that failed."""
+    def _draw(
+        self, logits: Tensor, seqs: list[Sequence], pending: PendingTokens | None
+    ) -> tuple[InFlight | None, list[tuple[Sequence, str]]]:
+        """Draw every row at once; if that raises, row by row, so a fault fails only its own request.
+        Returns the draw and the rows that failed."""
         try:
-            parts = [(seqs, self.sampler(logits, seqs, pending))]
-            failed = []
+            return InFlight([(seqs, self.sampler(logits, seqs, pending))]), []
         except Exception:
             log.exception("batched sampling failed; sampling row by row")
-            parts, failed = [], []
-            for i, seq in enumerate(seqs):
-                try:
-                    parts.append(([seq], self.sampler(logits[i : i + 1], [seq], pending)))
-                except Exception as e:
-                    failed.append(self._finish(seq, FinishReason.ERROR, f"sampling failed: {type(e).__name__}: {e}"))
-        if parts:
-            self._in_flight = InFlight(parts)
-            for seq in self._in_flight.seqs:
-                seq.num_pending += 1
-                seq.ending = self._at_length_limit(seq, seq.num_pending)
-        return failed
+        parts, failed = [], []
+        for i, seq in enumerate(seqs):
+            try:
+                parts.append(([seq], self.sampler(logits[i : i + 1], [seq], pending)))
+            except Exception as e:
+                failed.append((seq, f"sampling failed: {type(e).__name__}: {e}"))
+        return (InFlight(parts) if parts else None), failed
 
     def _read(self, in_flight: InFlight) -> list[SeqOutput]:
         """The host learns a drawn step's tokens: append them, stop where a stop rule says so. A sequence
         that ended meanwhile (aborted, failed) drops its token."""
-        if in_flight is self._in_flight:
-            self._in_flight = None
         outputs = []
         for seqs, draw in in_flight.parts:
             for seq in seqs:
                 seq.num_pending -= 1  # `ending` stays: it counted this token and any drawn since
             try:
-                samples = draw.samples()
-            except Exception as e:
+                for seq, sample in zip(seqs, draw.samples(), strict=True):
+                    if not seq.finished:
+                        outputs.append(self._append(seq, sample))
+            except Exception as e:  # a bug, not a request's fault: end the rows left, keep serving
                 log.exception("reading the sampled tokens failed")
                 error = f"sampling failed: {type(e).__name__}: {e}"
                 outputs += [self._finish(seq, FinishReason.ERROR, error) for seq in seqs if not seq.finished]
-                continue
-            read = zip(seqs, samples, strict=True)
-            outputs += [self._append(seq, sample) for seq, sample in read if not seq.finished]
         return outputs
 
     def _append(self, seq: Sequence, sample: Sample) -> SeqOutput:
         seq.token_ids.append(sample.token)
+        if self.async_scheduling:  # a block its pending token completed is indexed now, before finishing frees it
+            self.kv.cache_full_blocks(seq)
         reason = self._stop_reason(seq, sample.token)
         if reason is not None:
             return self._finish(seq, reason, new_tokens=[sample.token], samples=[sample])
