@@ -57,3 +57,18 @@ def test_the_attention_op_runs_only_inside_a_compiled_step():
 def test_the_setting_asks_for_inductor():
     assert Settings(compile=True).engine_config().compile_backend == "inductor"
     assert Settings().engine_config().compile_backend is None
+
+
+def test_a_forward_that_fails_to_compile_or_capture_falls_back_to_the_plain_graphs(llama, monkeypatch, caplog):
+    from server.engine.cuda_graphs import DecodeGraphs
+    from tests.engine_utils import make_core
+
+    def capture_all(self, largest_only=False):  # stands in for an Inductor or capture error on a GPU
+        if self._compiled is not None:
+            raise RuntimeError("planted compile failure")
+
+    monkeypatch.setattr(DecodeGraphs, "capture_all", capture_all)
+    with caplog.at_level("ERROR", logger="server.engine.model_runner"):
+        core = make_core(llama, attention_backend="paged", cuda_graphs=True, compile_backend="inductor")
+    assert core.runner.graphs is not None and core.runner.graphs._compiled is None
+    assert "they run uncompiled" in caplog.text

@@ -75,16 +75,22 @@ class ModelRunner:
         self._hooks = install_plan_hooks(model)
         self.graphs = None
         if decode_graphs_apply(cuda_graphs, self.attention_backend):
-            self.graphs = self._capture(DecodeGraphs(model, kv, max_num_seqs, max_model_len, compile_backend))
+            self.graphs = self._capture(model, kv, max_num_seqs, max_model_len, compile_backend)
 
     @staticmethod
-    def _capture(graphs: DecodeGraphs) -> DecodeGraphs | None:
-        try:
-            graphs.capture_all()
-        except Exception:  # a model whose forward cannot be captured still serves, eagerly
-            log.exception("CUDA graph capture failed: decode steps run eagerly")
-            return None
-        return graphs
+    def _capture(model, kv, max_num_seqs, max_model_len, compile_backend) -> DecodeGraphs | None:
+        """The decode graphs, of the compiled forward if asked; if compiling or capturing it fails, of the
+        forward as it is; if that fails too, none (a model whose forward cannot be captured still serves,
+        eagerly)."""
+        for backend in dict.fromkeys([compile_backend, None]):
+            graphs = DecodeGraphs(model, kv, max_num_seqs, max_model_len, backend)
+            try:
+                graphs.capture_all()
+                return graphs
+            except Exception:
+                fallback = "uncompiled" if backend is not None else "eagerly, without graphs"
+                log.exception("capturing the decode steps failed (compile backend %s): they run %s", backend, fallback)
+        return None
 
     def idle(self) -> None:
         """Called by the engine loop when it has nothing to run (a tensor-parallel driver pings its group)."""
