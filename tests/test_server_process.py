@@ -212,8 +212,10 @@ def test_two_servers_on_one_store_compare_and_swap(server, tiny_model_dir, store
         other.stop()
 
 
-@pytest.mark.parametrize("engine_core", ENGINE_CORES)
-def test_sigterm_drains_running_requests_then_exits(tiny_model_dir, tmp_path, engine_core):
+@pytest.mark.parametrize(
+    "engine_core, options", [*((core, ()) for core in ENGINE_CORES), ("process", ("--async-scheduling",))]
+)
+def test_sigterm_drains_running_requests_then_exits(tiny_model_dir, tmp_path, engine_core, options):
     process = ServerProcess(
         tmp_path / "drain.log",
         "--model",
@@ -224,6 +226,7 @@ def test_sigterm_drains_running_requests_then_exits(tiny_model_dir, tmp_path, en
         "60",
         "--engine-core",
         engine_core,
+        *options,
         *SERVE_ARGS,
     )
     events = []
