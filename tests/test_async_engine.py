@@ -105,7 +105,8 @@ def test_stop_string_ends_the_request_and_frees_its_blocks(model):
     assert free == total and in_flight == 0
 
 
-def test_a_thousand_requests_with_random_cancellations_leak_no_blocks(model):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_thousand_requests_with_random_cancellations_leak_no_blocks(model, async_scheduling):
     rng = random.Random(0)
 
     async def one(engine, i):
@@ -133,7 +134,8 @@ def test_a_thousand_requests_with_random_cancellations_leak_no_blocks(model):
         core = engine.host.core
         return reasons, core.kv.num_free_blocks, core.kv.num_blocks, len(core.sequences)
 
-    reasons, free, total, remaining = run(with_engine(model, body, num_blocks=96, max_num_seqs=32, max_model_len=256))
+    config = dict(num_blocks=96, max_num_seqs=32, max_model_len=256, async_scheduling=async_scheduling)
+    reasons, free, total, remaining = run(with_engine(model, body, **config))
     assert len(reasons) == 1000
     assert free == total and remaining == 0
     assert FinishReason.ABORT in reasons and FinishReason.LENGTH in reasons
