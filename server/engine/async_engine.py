@@ -194,6 +194,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._stopping = False
+        self._host_ended = False  # its last report came: whatever its thread or process still shows
         self._accepting = False
         self._loop_thread: int | None = None
         self._load: EngineLoad = host.first_load
@@ -226,7 +227,7 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._started and self.host.alive and not self._stopping
+        return self._started and self.host.alive and not (self._stopping or self._host_ended)
 
     @property
     def accepting(self) -> bool:
@@ -291,6 +292,7 @@ class AsyncEngine:
         self.last_heartbeat = time.monotonic()
         self._load = report.load
         if report.last:
+            self._host_ended = True
             report.outputs.extend(self._orphans(report.outputs))
         if self.metrics is not None:
             self._observe(report)
