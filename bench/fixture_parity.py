@@ -21,8 +21,10 @@ from server.adapters.pyreft import import_pyreft
 from server.engine.attention import ATTENTION_NAME
 from server.engine.config import EngineConfig, resolve_attention_backend
 from server.engine.core import EngineCore
+from server.engine.sampler import Draw
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
+from server.engine.transfers import HostCopy
 from server.models.loader import load_causal_lm
 from server.reft.adapter import Adapter
 from server.reft.reference import reference_generate
@@ -91,6 +93,72 @@ def fixture_parity(fixture: Path, device, dtype: torch.dtype, max_cases: int | N
             counts[f"{kind}_sdpa_engine_vs_pyreft"] = sum(gathered[i] == pyreft for i, pyreft in pairs)
             counts[f"{kind}_engine_vs_sdpa_engine"] = sum(served[i] == gathered[i] for i, _ in pairs)
     return counts
+
+
+class ForcedSampler:
+    """Stands in for the engine's sampler: keeps each row's logits and "draws" the token `forced` gives, so
+    that two engines see the same token history and their logits can be compared position by position."""
+
+    def __init__(self, forced: dict[str, list[int]]):
+        self.forced = forced
+        self.logits: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __call__(self, logits, seqs, pending=None) -> Draw:
+        for row, seq in enumerate(seqs):
+            self.logits[(seq.request_id, seq.num_generated)] = logits[row].float()
+        tokens = torch.tensor([self.forced[s.request_id][s.num_generated] for s in seqs], device=logits.device)
+        return Draw(tokens, HostCopy(tokens), [None] * len(seqs))
+
+
+def forced_logits(model, prompts, forced: dict[str, list[int]], attention_backend: str) -> dict:
+    """Every request's logits at every generated position, with pyreft's tokens fed back (`forced`)."""
+    config = EngineConfig(max_num_seqs=len(prompts), max_batched_tokens=1024, attention_backend=attention_backend)
+    core = EngineCore(model, config, eos_token_ids=set())
+    core.sampler = sampler = ForcedSampler(forced)
+    for request_id, (prompt, adapter) in prompts.items():
+        sampling = SamplingParams(max_new_tokens=len(forced[request_id]))
+        core.add(Sequence(request_id, list(prompt), sampling, request_edit(adapter, len(prompt))))
+    while core.has_work():
+        core.step()
+    return sampler.logits
+
+
+def forced_logit_error(
+    fixture: Path, device, dtype: torch.dtype, max_cases: int | None = None, backends: tuple[str, ...] | None = None
+) -> dict:
+    """How far each attention backend's logits in `dtype` are from the engine's in float32 when both are fed
+    pyreft's tokens: the mean absolute error, and each position where the top token differs (a flip) with
+    float32's margin between its top two there. Whole greedy sequences only say which near ties flipped;
+    this says which backend computes closer to float32. `backends`: sdpa and the device's default."""
+    expected = json.loads((fixture / "expected.json").read_text())
+    cases = expected["cases"][:max_cases]
+    results = {}
+    truth = None
+    backends = backends or tuple(dict.fromkeys(["sdpa", resolve_attention_backend("auto", torch.device(device).type)]))
+    for precision, backend in [(torch.float32, "sdpa"), *((dtype, b) for b in backends)]:
+        model = _load(fixture, precision, ATTENTION_NAME, device)
+        shape = ModelShape(model.config.num_hidden_layers, model.config.hidden_size)
+        adapters = {c["adapter"]: load_fixture_adapter(fixture, c["adapter"], shape, precision, device) for c in cases}
+        prompts, forced = {}, {}
+        for index, case in enumerate(cases):
+            prompts[f"adapter{index}"] = (case["prompt_ids"], adapters[case["adapter"]])
+            prompts[f"base{index}"] = (case["prompt_ids"], None)
+            forced[f"adapter{index}"], forced[f"base{index}"] = case["adapter_tokens"], case["base_tokens"]
+        logits = forced_logits(model, prompts, forced, backend)
+        del model
+        if truth is None:
+            truth = logits
+            continue
+        errors = [float((logits[key] - exact).abs().mean()) for key, exact in truth.items()]
+        flips = [key for key, exact in truth.items() if int(logits[key].argmax()) != int(exact.argmax())]
+        margins = [float(truth[key].topk(2).values.diff().abs()) for key in flips]
+        results[backend] = {
+            "positions": len(errors),
+            "mean_abs_error": sum(errors) / len(errors),
+            "flips": len(flips),
+            "largest_float32_margin_at_a_flip": max(margins, default=0.0),
+        }
+    return results
 
 
 def _load(fixture: Path, dtype: torch.dtype, attention: str, device):

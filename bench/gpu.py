@@ -17,7 +17,8 @@ Parts (--parts, default all, in this order):
   hf-cb      transformers' `generate_batch` (continuous batching) on the same requests, held to the engine's
              limits; its first call (start-up and warm-up included) is reported apart
   parity     the pyreft fixture through the engine in float32 and bfloat16, against pyreft's tokens and the
-             reference path in the same dtype
+             reference path in the same dtype; and in bfloat16 with pyreft's tokens fed back, each attention
+             backend's logit error against the engine in float32
 
 The model is a random-init Llama built straight on the device (`--preset 1b`: Llama-3.2-1B's shape).
 A GPU session gets a few minutes of device time: on an H200, engine + decode + hf-static + parity took
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import PRESETS, build_on_device, machine, make_adapters, stamp, workload  # noqa: E402
 from bench.decode_floor import decode_step, kv_bytes_per_token, with_floor  # noqa: E402
 from bench.device_timing import GIB, copy_bandwidth, peak_memory_gib, release_memory  # noqa: E402
-from bench.fixture_parity import fixture_parity  # noqa: E402
+from bench.fixture_parity import fixture_parity, forced_logit_error  # noqa: E402
 from bench.serving_peers import continuous_batching_config, run_continuous, run_engine, run_static  # noqa: E402
 from bench.step_profile import profile_steps  # noqa: E402
 from server.engine.attention import ATTENTION_NAME  # noqa: E402
@@ -310,6 +311,15 @@ class Benchmark:
                     f"base {counts['base_sdpa_engine_vs_pyreft']}/{n}; default vs sdpa adapter "
                     f"{counts['adapter_engine_vs_sdpa_engine']}/{n} base {counts['base_engine_vs_sdpa_engine']}/{n}"
                 )
+        forced = forced_logit_error(self.args.fixture, self.args.device, torch.bfloat16, self.args.parity_cases)
+        results["bfloat16_forced"] = forced
+        for backend, error in forced.items():
+            margin = error["largest_float32_margin_at_a_flip"]
+            say(
+                f"  bfloat16 {backend}, pyreft's tokens fed back: mean |logit error| vs float32 "
+                f"{error['mean_abs_error']:.5f} over {error['positions']} positions; top token differs at "
+                f"{error['flips']} (float32's top-two margin there at most {margin:.4f})"
+            )
         return results
 
 
