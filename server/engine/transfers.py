@@ -32,7 +32,7 @@ class HostCopy:
         self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         self._host.copy_(tensor, non_blocking=True)
         self._ready = torch.cuda.Event()
-        self._ready.record()
+        self._ready.record(torch.cuda.current_stream(tensor.device))
 
     def wait(self) -> Tensor:
         if self._ready is not None:
