@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's measurements in one command, everything written under $OUT:
 #   1. nvidia-smi (nvidia-smi.txt) and the CUDA tests (gpu-tests.log), skipped where there is no GPU;
-#   2. bench/gpu.py (gpu.log, gpu.json), given every argument except --server;
+#   2. bench/gpu.py (gpu.log, gpu.json), given every argument except --server (skipped with --server-only,
+#      which runs step 3 alone, so that a session can split its work into calls of under 10 minutes);
 #   3. with --server only: `reft-server serve` on the 1b preset with 64 stored adapters, loaded by
 #      bench/load.py with 128 concurrent clients after an untimed warm-up load, once per entry of
 #      SERVERS (default "process thread"): the engine core's host, `process` (a process of its own) or
@@ -31,10 +32,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 read -ra GPU_TESTS <<<"${GPU_TESTS:-tests/test_gpu_engine.py tests/test_bench_gpu.py::test_smoke_run_on_cuda}"
 read -ra SERVERS <<<"${SERVERS:-process thread}"
 
-server=0
+server=0 bench=1
 bench_args=()
 for arg in "$@"; do
-  if [ "$arg" = --server ]; then server=1; else bench_args+=("$arg"); fi
+  case $arg in
+    --server) server=1 ;;
+    --server-only) server=1 bench=0 ;;
+    *) bench_args+=("$arg") ;;
+  esac
 done
 failed=0
 
@@ -45,7 +50,9 @@ elif [ "${#GPU_TESTS[@]}" -gt 0 ]; then
   "$PYTHON" -m pytest -q -p no:cacheprovider "${GPU_TESTS[@]}" 2>&1 | tee "$OUT/gpu-tests.log" || failed=1
 fi
 
-"$PYTHON" bench/gpu.py --json "$OUT/gpu.json" "${bench_args[@]}" 2>&1 | tee "$OUT/gpu.log" || failed=1
+if [ "$bench" = 1 ]; then
+  "$PYTHON" bench/gpu.py --json "$OUT/gpu.json" "${bench_args[@]}" 2>&1 | tee "$OUT/gpu.log" || failed=1
+fi
 
 serve_and_load() {
   local model=${TMPDIR:-/tmp}/reft-gpu-model store=${TMPDIR:-/tmp}/reft-gpu-store
