@@ -1,6 +1,6 @@
-"""The synchronous engine: owns the scheduler, KV cache, model runner and sampler; `step()` runs one
-iteration and reports what each sequence produced. Not thread-safe: the async front end
-(async_engine.py) drives it from its own thread.
+"""The engine core: owns the scheduler, KV cache, model runner and sampler; `step()` runs one iteration
+and reports what each sequence produced. Not thread-safe: a core loop (core_loop.py) drives it from its
+own thread or process, and the async front end (async_engine.py) talks to that loop.
 
 Async scheduling (`EngineConfig.async_scheduling`) splits a step into its launch and the read of its
 sampled tokens, and reads them in the next `step()`, after that one's launch: while the device runs
