@@ -254,3 +254,34 @@ def test_a_fault_after_a_stop_changes_nothing_already_drawn(model, fault):
     expected = run_with_fault(model, False, fault)
     assert expected["r1"][1] is FinishReason.STOP and len(expected["r1"][0]) == 4
     assert run_with_fault(model, True, fault) == expected
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_pools_limits_and_shared_prefixes_keep_async_equal_to_sync(model, seed):
+    """Small random pools (preemption), block sizes, budgets and context windows, prompts that share
+    prefixes (prefix caching), random EOS ids and every sampling kind."""
+    rng = random.Random(seed)
+    block_size, max_model_len = rng.choice([2, 4, 8]), rng.choice([40, 64])
+    max_num_seqs = rng.choice([4, 8, 16])
+    config = {
+        "block_size": block_size,
+        "max_model_len": max_model_len,
+        "max_num_seqs": max_num_seqs,
+        "max_batched_tokens": max(max_num_seqs, rng.choice([16, 24, 48])),
+        "num_blocks": max(rng.choice([12, 16, 24, 64]), max_model_len // block_size + 3),
+        **rng.choice(list(PATHS.values())),
+    }
+    stems = [prompt(rng.randint(4, 30), 1000 + seed * 10 + k) for k in range(3)]
+    made = []
+    for i in range(rng.randint(4, 14)):
+        sampling = {"max_new_tokens": rng.randint(1, 25)}
+        sampling |= rng.choice(
+            [{}, {"temperature": 0.8, "seed": i}, {"logprobs": 2}, {"repetition_penalty": 1.5, "seed": i}]
+        )
+        own = prompt(rng.randint(1, 20), 2000 + seed * 100 + i)
+        p = rng.choice(stems) + own[1:] if rng.random() < 0.5 else own
+        made.append((f"r{i}", p[: max_model_len - 1], None, sampling, rng.randint(0, 20)))
+    eos = {rng.randrange(3, 259) for _ in range(3)}
+    expected, _ = serve(model, made, False, eos=eos, **config)
+    observed, _ = serve(model, made, True, eos=eos, **config)
+    assert_same(observed, expected)
