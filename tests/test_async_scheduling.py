@@ -285,3 +285,33 @@ def test_random_pools_limits_and_shared_prefixes_keep_async_equal_to_sync(model,
     expected, _ = serve(model, made, False, eos=eos, **config)
     observed, _ = serve(model, made, True, eos=eos, **config)
     assert_same(observed, expected)
+
+
+def test_a_poisoned_prompt_chunked_over_steps_fails_and_indexes_nothing(model):
+    """A prompt whose adapter blows the hidden states up, prefilled over several steps (several checks in
+    flight at once): it fails with no token, and none of its blocks reach the prefix cache, while the
+    same prompt under a sound adapter is served, indexed, and reused by a later request."""
+    import torch
+
+    from server.reft.interventions import Intervention
+    from tests.engine_utils import random_adapter
+
+    hidden = model.config.hidden_size
+    sound = random_adapter("sound", "loreft", (1,), 4, "f2+l2", hidden, seed=1)
+    poisoned = random_adapter("poisoned", "loreft", (1,), 4, "f2+l2", hidden, seed=2)
+    old = poisoned.layers[1][0]
+    poisoned.layers[1][0] = Intervention(old.kind, old.act, dict(old.params, weight=torch.full((4, hidden), 3e38)))
+    p = prompt(100, 7)
+    expected = run_core(make_core(model), [(seq("s", p, sound), 0)])["s"]
+    core = make_core(model, max_batched_tokens=32, async_scheduling=True)
+    finished = {}
+    tokens = run_core(core, [(seq("bad", p, poisoned), 0), (seq("s", p, sound), 0)], finished=finished)
+    assert finished["bad"][0] is FinishReason.ERROR and "non-finite" in finished["bad"][1]
+    assert tokens.get("bad", []) == [] and tokens["s"] == expected
+    indexed = list(core.kv._key_of_block)
+    assert indexed
+    for layer in range(core.kv.layout.num_layers):
+        assert all(torch.isfinite(core.kv.block_values(layer)[block]).all() for block in indexed)
+    hits = core.kv.prefix_hits
+    assert run_core(core, [(seq("again", p, sound), 0)])["again"] == expected
+    assert core.kv.prefix_hits >= hits + 96  # the sound prompt's twelve full blocks, from the cache

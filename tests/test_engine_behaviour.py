@@ -213,9 +213,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model):
     assert len(run_core(core, [(seq("c", prompt(12, 1)), 0)])["c"]) == 10
 
 
-def test_a_poisoned_adapter_fails_alone_and_leaves_no_trace_in_the_kv_cache(model, tiny_model_dir):
-    """An adapter whose finite weights blow the hidden states up (all 3e38) fails only its request;
-    the requests beside it, and those that later get its freed blocks, are unchanged."""
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_poisoned_adapter_fails_alone_and_leaves_no_trace_in_the_kv_cache(model, tiny_model_dir, async_scheduling):
+    """An adapter whose finite weights blow the hidden states up (all 3e38) fails only its request, with
+    no token emitted; the requests beside it, and those that later get its freed blocks (or would find
+    them in the prefix cache), are unchanged."""
     from server.reft.reference import reference_generate
     from tests.conftest import load_reference_model
 
@@ -227,15 +229,20 @@ def test_a_poisoned_adapter_fails_alone_and_leaves_no_trace_in_the_kv_cache(mode
         poisoned.layers[layer][0] = Intervention(
             old.kind, old.act, dict(old.params, weight=torch.full((4, hidden), 3e38))
         )
-    core = make_core(
-        model, num_blocks=12, block_size=8, max_model_len=80
-    )  # few blocks: later requests reuse the poisoned ones
+    core = make_core(  # few blocks: later requests reuse the poisoned ones
+        model, num_blocks=12, block_size=8, max_model_len=80, async_scheduling=async_scheduling
+    )
     reference_model = load_reference_model(tiny_model_dir("llama"))
     prompts = {f"p{i}": prompt(5 + 9 * i, 50 + i) for i in range(8)}
     first = [seq("poisoned", prompts["p3"], poisoned), seq("good", prompts["p1"], good), seq("base", prompts["p2"])]
     finished = {}
     tokens = run_core(core, [(s, 0) for s in first], finished=finished)
     assert finished["poisoned"][0] is FinishReason.ERROR and "non-finite" in finished["poisoned"][1]
+    assert tokens.get("poisoned", []) == []
+    indexed = list(core.kv._key_of_block)  # blocks the prefix cache could hand to a later request
+    assert indexed
+    for layer in range(core.kv.layout.num_layers):
+        assert all(torch.isfinite(core.kv.block_keys(layer)[block]).all() for block in indexed)
     assert tokens["good"] == reference_generate(reference_model, prompts["p1"], good, max_new_tokens=10)
     assert tokens["base"] == reference_generate(reference_model, prompts["p2"], None, max_new_tokens=10)
     later = run_core(core, [(seq(f"later{i}", prompts[f"p{i}"]), i % 3) for i in range(8)])

@@ -101,4 +101,4 @@ def test_non_finite_rows_are_reported_against_their_owner_only():
     hidden = torch.randn(rows, D)
     hidden[13, 5] = float("inf")
     plan.check_finite(hidden)
-    assert list(plan.failed_owners()) == ["r1"]
+    assert list(plan.non_finite_owners(plan.finite_rows.tolist())) == ["r1"]

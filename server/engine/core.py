@@ -8,8 +8,10 @@ step N, the host schedules and launches step N+1 (whose decoding rows take their
 step N's draw on the device) and then reads step N's tokens. A sequence's drawn-but-unread token is
 "pending" (`Sequence.num_pending`); the scheduler counts it, and a sequence whose pending token is its
 last by length (`Sequence.ending`) is not scheduled again. One that stops on EOS or a stop token is
-known to have stopped a step late: its row in that step is computed and dropped. Tokens, logprobs and
-finish reasons equal the synchronous engine's (tests/test_async_scheduling.py).
+known to have stopped a step late: its row in that step is computed and dropped. The check that a
+step's adapter edits left the hidden states finite is read with its tokens too (`EditCheck`); until
+then the edited sequences' blocks stay out of the prefix cache. Tokens, logprobs and finish reasons
+equal the synchronous engine's (tests/test_async_scheduling.py).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from server.engine.config import EngineConfig, decode_graphs_apply, resolve_atte
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache, KVLayout
 from server.engine.memory import auto_kv_budget
-from server.engine.model_runner import ModelRunner, StepResult
+from server.engine.model_runner import EditCheck, ModelRunner, StepResult
 from server.engine.sampler import Draw, PendingTokens, Sample, Sampler
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledChunk, Scheduler
@@ -67,16 +69,19 @@ class EngineLoad:
 
 @dataclass
 class InFlight:
-    """A launched step's drawn tokens, which the host has not read yet: one draw for all its rows, or one
-    per row where the batched draw failed."""
+    """A launched step that the host has not read yet: its drawn tokens (one draw for all its rows, or one
+    per row where the batched draw failed) and the finite check of its ReFT edits."""
 
     parts: list[tuple[list[Sequence], Draw]]
+    check: EditCheck | None = None
 
     @property
     def seqs(self) -> list[Sequence]:
         return [seq for seqs, _ in self.parts for seq in seqs]
 
-    def pending(self) -> PendingTokens:
+    def pending(self) -> PendingTokens | None:
+        if not self.parts:
+            return None
         draws = [draw.tokens for _, draw in self.parts]
         tokens = draws[0] if len(draws) == 1 else torch.cat(draws)
         return PendingTokens(tokens, {seq: row for row, seq in enumerate(self.seqs)})
@@ -270,22 +275,26 @@ class EngineCore:
             log.exception("engine step failed")
             return None, [(c.seq, f"{type(e).__name__}: {e}") for c in chunks]
         failed = list(result.failures.items())  # their K/V lack an edit: they must never enter the prefix cache
+        if result.check is not None:  # nor may K/V an edit could have poisoned, until checked (`_settle`)
+            for seq in result.check.owners:
+                seq.unchecked_edits += 1
         self.scheduler.complete([c for c in chunks if c.seq not in result.failures])
         seqs = [chunk.seq for chunk in result.sampling]
         rows = [i for i, seq in enumerate(seqs) if seq not in result.failures]
-        if not rows:
-            return None, failed
-        logits = result.logits if len(rows) == len(seqs) else result.logits[rows]
-        launched, unsampled = self._draw(logits, [seqs[i] for i in rows], pending)
-        return launched, failed + unsampled
+        parts = []
+        if rows:
+            logits = result.logits if len(rows) == len(seqs) else result.logits[rows]
+            parts, unsampled = self._draw(logits, [seqs[i] for i in rows], pending)
+            failed += unsampled
+        return (InFlight(parts, result.check) if parts or result.check else None), failed
 
     def _draw(
         self, logits: Tensor, seqs: list[Sequence], pending: PendingTokens | None
-    ) -> tuple[InFlight | None, list[tuple[Sequence, str]]]:
+    ) -> tuple[list[tuple[list[Sequence], Draw]], list[tuple[Sequence, str]]]:
         """Draw every row at once; if that raises, row by row, so a fault fails only its own request.
-        Returns the draw and the rows that failed."""
+        Returns the draws with their rows, and the rows that failed."""
         try:
-            return InFlight([(seqs, self.sampler(logits, seqs, pending))]), []
+            return [(seqs, self.sampler(logits, seqs, pending))], []
         except Exception:
             log.exception("batched sampling failed; sampling row by row")
         parts, failed = [], []
@@ -294,12 +303,13 @@ class EngineCore:
                 parts.append(([seq], self.sampler(logits[i : i + 1], [seq], pending)))
             except Exception as e:
                 failed.append((seq, f"sampling failed: {type(e).__name__}: {e}"))
-        return (InFlight(parts) if parts else None), failed
+        return parts, failed
 
     def _read(self, in_flight: InFlight) -> list[SeqOutput]:
-        """The host learns a drawn step's tokens: append them, stop where a stop rule says so. A sequence
-        that ended meanwhile (aborted, failed) drops its token."""
-        outputs = []
+        """The host learns a launched step's outcome: first which edits blew up, then the drawn tokens,
+        appended where a stop rule allows. A sequence that ended meanwhile (aborted, failed) drops its
+        token."""
+        outputs = self._settle(in_flight.check) if in_flight.check is not None else []
         for seqs, draw in in_flight.parts:
             for seq in seqs:
                 seq.num_pending -= 1  # `ending` stays: it counted this token and any drawn since
@@ -311,6 +321,21 @@ class EngineCore:
                 log.exception("reading the sampled tokens failed")
                 error = f"sampling failed: {type(e).__name__}: {e}"
                 outputs += [self._finish(seq, FinishReason.ERROR, error) for seq in seqs if not seq.finished]
+        return outputs
+
+    def _settle(self, check: EditCheck) -> list[SeqOutput]:
+        """Fail the requests whose adapter edit left non-finite hidden states; the others' blocks may now
+        enter the prefix cache."""
+        try:
+            failures = check.failures()
+        except Exception as e:  # unverifiable: their K/V must not be trusted
+            log.exception("reading the edit check failed")
+            failures = dict.fromkeys(check.owners, f"checking the adapter's edit failed: {type(e).__name__}: {e}")
+        outputs = [self._finish(seq, FinishReason.ERROR, error) for seq, error in failures.items() if not seq.finished]
+        for seq in check.owners:
+            seq.unchecked_edits -= 1
+            if not seq.finished:
+                self.kv.cache_full_blocks(seq)
         return outputs
 
     def _append(self, seq: Sequence, sample: Sample) -> SeqOutput:

@@ -182,8 +182,9 @@ class KVCache:
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Index the blocks that the sequence's computed tokens have filled since the last call (those
-        whose every token the host knows: a pending one has no key yet)."""
-        if not self.prefix_caching:
+        whose every token the host knows: a pending one has no key yet). Not while an adapter edit of the
+        sequence awaits its check: its K/V may be poisoned."""
+        if not self.prefix_caching or seq.unchecked_edits:
             return
         full = min(seq.num_computed, len(seq.token_ids)) // self.block_size
         if full <= seq.num_cached_blocks:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -22,18 +23,33 @@ from server.engine.kv_cache import KVCache
 from server.engine.sampler import PendingTokens
 from server.engine.scheduler import ScheduledChunk
 from server.engine.sequence import Sequence
-from server.engine.transfers import place_pending, to_device
+from server.engine.transfers import HostCopy, place_pending, to_device
 from server.reft.hooks import install_plan_hooks, plan_kwargs
 from server.reft.plan import EditedRows, InterventionPlan, build_plan
 
 log = logging.getLogger(__name__)
 
 
+class EditCheck:
+    """Whether a step's ReFT edits left every edited row finite: the flags travel to the host with the step,
+    and are read only when the core reads the step, so checking never makes the host wait early."""
+
+    def __init__(self, plan: InterventionPlan):
+        self.owners: list[Sequence] = plan.owners
+        self._plan = plan
+        self._finite = HostCopy(plan.finite_rows)
+
+    def failures(self) -> dict[Sequence, str]:
+        """The sequences whose edit blew up, with why; waits for the flags."""
+        return self._plan.non_finite_owners(self._finite.wait().tolist())
+
+
 @dataclass
 class StepResult:
     sampling: list[ScheduledChunk]  # chunks whose last row sampled, in the order of `logits` rows
     logits: Tensor | None  # [len(sampling), vocab]
-    failures: dict[Sequence, str] = field(default_factory=dict)  # sequences whose adapter failed or blew up
+    failures: dict[Sequence, str] = field(default_factory=dict)  # sequences whose adapter raised
+    check: EditCheck | None = None  # the finite check of the step's edits, to read with its tokens
 
 
 def slots_for(block_table: list[int], start: int, length: int, block_size: int) -> list[int]:
@@ -103,8 +119,10 @@ class ModelRunner:
         """`pending`: the tokens the previous step sampled, for chunks that end with one (async scheduling)."""
         batch, sampling = self.pack(chunks, pending)
         logits, plan = self.forward(batch, pending.tokens if pending is not None else None)
-        failures = plan.failed_owners() if plan is not None else {}
-        return StepResult(sampling, logits if sampling else None, failures)
+        if plan is None:
+            return StepResult(sampling, logits if sampling else None)
+        check = EditCheck(plan) if plan.finite_rows is not None else None
+        return StepResult(sampling, logits if sampling else None, dict(plan.failures), check)
 
     def pack(
         self, chunks: list[ScheduledChunk], pending: PendingTokens | None = None
@@ -142,7 +160,7 @@ class ModelRunner:
             return self.graphs.run(batch, pending), None
         slot_mapping = to_device(batch.slots, torch.long, self.device)
         attention = StepAttention.build(self.kv, batch.spans, slot_mapping, self.attention_backend)
-        plan = build_plan(batch.edits, self.device)
+        plan = build_plan(batch.edits, self.device, partial(to_device, dtype=torch.long, device=self.device))
         input_ids = to_device(batch.token_ids, torch.long, self.device)
         if batch.from_pending:
             place_pending(input_ids, batch.from_pending, pending)

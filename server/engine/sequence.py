@@ -38,6 +38,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_pending: int = 0  # tokens sampled on the device that the host has not read yet (async scheduling)
     ending: bool = False  # its pending token is its last (by length): nothing more to schedule
+    unchecked_edits: int = 0  # launched steps whose ReFT edits of it are not yet checked finite (EditCheck)
     block_table: list[int] = field(default_factory=list)
     block_keys: list[bytes] = field(default_factory=list)  # content keys of full blocks (prefix caching)
     num_cached_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache

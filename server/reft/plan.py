@@ -10,13 +10,14 @@ adapters costs a handful of launches per layer, not 64 groups of them. The train
 and the baselines run the same plan over a padded batch's rows (batch_edit.py).
 
 A failing batch is retried segment by segment, so an exception fails only the requests whose
-segment raised. Rows whose hidden states are not finite after the last layer fail their request
-(`failed_owners`): a poisoned adapter never gets to sample, and its K/V never reach anyone else.
+segment raised (`failures`). Rows whose hidden states are not finite after the last layer fail their
+request (`non_finite_owners`, once the engine has read `finite_rows`): a poisoned adapter's tokens
+are never emitted, and its K/V never reach anyone else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -114,15 +115,19 @@ class InterventionPlan:
         """Record which rows are finite after the model's last layer (no host sync here)."""
         self.finite_rows = torch.isfinite(hidden).all(dim=-1)
 
-    def failed_owners(self) -> dict[Hashable, str]:
-        """Owners whose edit raised, or left non-finite hidden states after the last layer, with why."""
-        finite = self.finite_rows.tolist() if self.finite_rows is not None else None
-        non_finite = {
+    @property
+    def owners(self) -> list[Hashable]:
+        """Every owner whose rows this plan edits."""
+        return [owner for owner, _, _ in self.owner_rows]
+
+    def non_finite_owners(self, finite: list[bool]) -> dict[Hashable, str]:
+        """Owners whose rows were not all finite after the last layer, with why; `finite` is `finite_rows`
+        as read on the host (the caller chooses when to wait for it)."""
+        return {
             owner: "the adapter's edit made the hidden states non-finite (NaN or infinity)"
             for owner, row, length in self.owner_rows
-            if finite is not None and not all(finite[row : row + length])
+            if not all(finite[row : row + length])
         }
-        return {**non_finite, **self.failures}
 
 
 def _pairs(pieces: list[EditedRows]) -> tuple[list[_Pair], list[tuple[Hashable, int, int]]]:
@@ -155,7 +160,10 @@ class _Segments:
     targets: Tensor
 
 
-def _segments(pairs: list[_Pair], device) -> _Segments:
+IndexTensor = Callable[[list], Tensor]  # a list of row indices as a long tensor on the plan's device
+
+
+def _segments(pairs: list[_Pair], tensor: IndexTensor) -> _Segments:
     length = _segment_length(pairs)
     segment_pairs, gather, valid, targets = [], [], [], []
     for pair in pairs:
@@ -166,10 +174,6 @@ def _segments(pairs: list[_Pair], device) -> _Segments:
             valid.extend(range(base, base + len(rows)))
             targets.extend(rows)
             gather.append(rows + [rows[0]] * (length - len(rows)))
-
-    def tensor(values) -> Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
-
     return _Segments(segment_pairs, tensor(gather), tensor(valid), tensor(targets))
 
 
@@ -183,8 +187,13 @@ def _batch(layer: int, segments: _Segments) -> EditBatch:
     )
 
 
-def build_plan(pieces: list[EditedRows], device: torch.device | str) -> InterventionPlan | None:
-    """One step's plan: every piece's rows edited, batched per layer and type; None if nothing is edited."""
+def build_plan(
+    pieces: list[EditedRows], device: torch.device | str, index_tensor: IndexTensor | None = None
+) -> InterventionPlan | None:
+    """One step's plan: every piece's rows edited, batched per layer and type; None if nothing is edited.
+    `index_tensor` moves row indices to `device` (default: torch.tensor; the engine passes one that does
+    not wait for the device's queued work)."""
+    tensor = index_tensor or (lambda values: torch.tensor(values, dtype=torch.long, device=device))
     pairs, owner_rows = _pairs(pieces)
     if not pairs:
         return None
@@ -199,6 +208,6 @@ def build_plan(pieces: list[EditedRows], device: torch.device | str) -> Interven
         for _, group in sorted(groups.items(), key=lambda item: item[0][0]):  # every #0 before any #1
             ids = tuple(id(pair) for pair in group)
             if ids not in layouts:
-                layouts[ids] = _segments(group, device)
+                layouts[ids] = _segments(group, tensor)
             layers[layer].append(_batch(layer, layouts[ids]))
     return InterventionPlan(layers, owner_rows)
