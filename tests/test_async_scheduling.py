@@ -287,31 +287,104 @@ def test_random_pools_limits_and_shared_prefixes_keep_async_equal_to_sync(model,
     assert_same(observed, expected)
 
 
-def test_a_poisoned_prompt_chunked_over_steps_fails_and_indexes_nothing(model):
-    """A prompt whose adapter blows the hidden states up, prefilled over several steps (several checks in
-    flight at once): it fails with no token, and none of its blocks reach the prefix cache, while the
-    same prompt under a sound adapter is served, indexed, and reused by a later request."""
+def poisoned_adapter(model, name="poisoned", positions="f2+l2"):
+    """Finite weights that blow the hidden states up (all 3e38): the edit check must fail its request."""
     import torch
 
     from server.reft.interventions import Intervention
     from tests.engine_utils import random_adapter
 
     hidden = model.config.hidden_size
-    sound = random_adapter("sound", "loreft", (1,), 4, "f2+l2", hidden, seed=1)
-    poisoned = random_adapter("poisoned", "loreft", (1,), 4, "f2+l2", hidden, seed=2)
-    old = poisoned.layers[1][0]
-    poisoned.layers[1][0] = Intervention(old.kind, old.act, dict(old.params, weight=torch.full((4, hidden), 3e38)))
+    adapter = random_adapter(name, "loreft", (1,), 4, positions, hidden, seed=2)
+    old = adapter.layers[1][0]
+    adapter.layers[1][0] = Intervention(old.kind, old.act, dict(old.params, weight=torch.full((4, hidden), 3e38)))
+    return adapter
+
+
+def assert_cache_holds_only_finite_blocks(kv):
+    import torch
+
+    indexed = list(kv._key_of_block)
+    for layer in range(kv.layout.num_layers):
+        for pool in (kv.block_keys(layer), kv.block_values(layer)):
+            assert all(torch.isfinite(pool[block]).all() for block in indexed)
+    return indexed
+
+
+def test_a_poisoned_prompt_chunked_over_steps_fails_and_indexes_nothing(model):
+    """A prompt whose adapter blows the hidden states up, prefilled over several steps (several checks in
+    flight at once): it fails with no token, and none of its blocks reach the prefix cache, while the
+    same prompt under a sound adapter is served, indexed, and reused by a later request."""
+    from tests.engine_utils import random_adapter
+
+    sound = random_adapter("sound", "loreft", (1,), 4, "f2+l2", model.config.hidden_size, seed=1)
     p = prompt(100, 7)
     expected = run_core(make_core(model), [(seq("s", p, sound), 0)])["s"]
     core = make_core(model, max_batched_tokens=32, async_scheduling=True)
     finished = {}
-    tokens = run_core(core, [(seq("bad", p, poisoned), 0), (seq("s", p, sound), 0)], finished=finished)
+    bad = seq("bad", p, poisoned_adapter(model))
+    tokens = run_core(core, [(bad, 0), (seq("s", p, sound), 0)], finished=finished)
     assert finished["bad"][0] is FinishReason.ERROR and "non-finite" in finished["bad"][1]
-    assert tokens.get("bad", []) == [] and tokens["s"] == expected
-    indexed = list(core.kv._key_of_block)
-    assert indexed
-    for layer in range(core.kv.layout.num_layers):
-        assert all(torch.isfinite(core.kv.block_values(layer)[block]).all() for block in indexed)
+    assert tokens.get("bad", []) == [] and tokens["s"] == expected and bad.unchecked_edits == 0
+    assert assert_cache_holds_only_finite_blocks(core.kv)
     hits = core.kv.prefix_hits
     assert run_core(core, [(seq("again", p, sound), 0)])["again"] == expected
     assert core.kv.prefix_hits >= hits + 96  # the sound prompt's twelve full blocks, from the cache
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_an_edited_prompt_enters_the_prefix_cache_once_checked(model, async_scheduling):
+    """Held back while its check is unread, an edited prompt's blocks are indexed once it passes, even
+    when the request ends at once (one token) and no later step would index them."""
+    from tests.engine_utils import random_adapter
+
+    sound = random_adapter("sound", "loreft", (1,), 4, "f2+l2", model.config.hidden_size, seed=1)
+    p = prompt(41, 3)
+    core = make_core(model, async_scheduling=async_scheduling)
+    first = seq("first", p, sound, max_new_tokens=1)
+    run_core(core, [(first, 0)])
+    assert first.unchecked_edits == 0
+    hits = core.kv.prefix_hits
+    run_core(core, [(seq("second", p, sound, max_new_tokens=1), 0)])
+    assert core.kv.prefix_hits == hits + 40  # five full blocks of eight
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_an_edit_check_that_cannot_be_read_fails_its_requests(model, monkeypatch, async_scheduling):
+    from server.engine.model_runner import EditCheck
+    from tests.engine_utils import random_adapter
+
+    def unreadable(self):
+        raise RuntimeError("flags lost")
+
+    monkeypatch.setattr(EditCheck, "failures", unreadable)
+    sound = random_adapter("sound", "loreft", (1,), 4, "f2+l2", model.config.hidden_size, seed=1)
+    core = make_core(model, async_scheduling=async_scheduling)
+    finished = {}
+    requests = [(seq("edited", prompt(20, 1), sound), 0), (seq("base", prompt(20, 2)), 0)]
+    tokens = run_core(core, requests, finished=finished)
+    assert finished["edited"][0] is FinishReason.ERROR and "flags lost" in finished["edited"][1]
+    assert tokens.get("edited", []) == [] and len(tokens["base"]) == 10
+    assert not core.kv._key_of_block or assert_cache_holds_only_finite_blocks(core.kv)
+
+
+def test_an_error_escaping_a_step_keeps_the_launched_edit_check(model):
+    """The read of the step before raises once (a bug the core loop logs and survives) after a poisoned
+    prompt's first chunk was launched: its check is kept and read next time, so the request still fails.
+    Its adapter edits the first positions only, so no later chunk would be checked again."""
+    core = make_core(model, max_batched_tokens=16, async_scheduling=True)
+    core.add(seq("warm", prompt(10, 5), max_new_tokens=1))
+    core.step()
+    bad = seq("bad", prompt(40, 9), poisoned_adapter(model, positions="f2"), max_new_tokens=4)
+    core.add(bad)
+    read = core._read
+    core._read = lambda in_flight: (_ for _ in ()).throw(RuntimeError("a bug in the read"))
+    with pytest.raises(RuntimeError):
+        core.step()
+    core._read = read
+    core.abort("warm")  # its draw went with the failed read: that is the bug's cost, not this test's
+    outputs = []
+    while core.has_work():
+        outputs += [o for o in core.step() if o.request_id == "bad"]
+    assert [(o.new_tokens, o.finish_reason) for o in outputs] == [([], FinishReason.ERROR)]
+    assert "non-finite" in outputs[0].error and bad.unchecked_edits == 0

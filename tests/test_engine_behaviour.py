@@ -242,7 +242,8 @@ def test_a_poisoned_adapter_fails_alone_and_leaves_no_trace_in_the_kv_cache(mode
     indexed = list(core.kv._key_of_block)  # blocks the prefix cache could hand to a later request
     assert indexed
     for layer in range(core.kv.layout.num_layers):
-        assert all(torch.isfinite(core.kv.block_keys(layer)[block]).all() for block in indexed)
+        for pool in (core.kv.block_keys(layer), core.kv.block_values(layer)):
+            assert all(torch.isfinite(pool[block]).all() for block in indexed)
     assert tokens["good"] == reference_generate(reference_model, prompts["p1"], good, max_new_tokens=10)
     assert tokens["base"] == reference_generate(reference_model, prompts["p2"], None, max_new_tokens=10)
     later = run_core(core, [(seq(f"later{i}", prompts[f"p{i}"]), i % 3) for i in range(8)])

@@ -246,17 +246,14 @@ class EngineCore:
         except BaseException:
             self._in_flight = previous  # read by the next step: a drawn token is never lost
             raise
-        outputs = self._read(previous) if previous is not None else []
-        # after the read: a request that ended at its last token (EOS) ends so, not with this failure
-        outputs += [self._finish(seq, FinishReason.ERROR, error) for seq, error in failed if not seq.finished]
-        if launched is not None:
-            for seq in launched.seqs:
-                seq.num_pending += 1
-                seq.ending = self._at_length_limit(seq, seq.num_pending)
-            if self.async_scheduling:
-                self._in_flight = launched
-            else:
-                outputs += self._read(launched)
+        try:
+            outputs = self._read(previous) if previous is not None else []
+            # after the read: a request that ended at its last token (EOS) ends so, not with this failure
+            outputs += [self._finish(seq, FinishReason.ERROR, error) for seq, error in failed if not seq.finished]
+        except BaseException:
+            self._accept(launched, read_now=False)  # the next step reads it: no token or edit check is lost
+            raise
+        outputs += self._accept(launched, read_now=not self.async_scheduling)
         if chunks:
             prefill = sum(c.length for c in chunks if c.length > 1)
             tokens = sum(c.length for c in chunks)
@@ -266,27 +263,31 @@ class EngineCore:
     def _launch(
         self, chunks: list[ScheduledChunk], previous: InFlight | None
     ) -> tuple[InFlight | None, list[tuple[Sequence, str]]]:
-        """Run the step and draw its tokens; returns the draw (None if nothing sampled) and the requests
-        that failed, to fail once `previous` (the step before, not read yet) has been read."""
+        """Run the step and draw its tokens; returns what the host must read of it (None if nothing) and
+        the requests that failed, to fail once `previous` (the step before, not read yet) has been read."""
         pending = previous.pending() if previous is not None else None
         try:
             result = self.runner.run(chunks, pending)
         except Exception as e:  # the step as a whole failed: fail its requests, keep serving
             log.exception("engine step failed")
             return None, [(c.seq, f"{type(e).__name__}: {e}") for c in chunks]
-        failed = list(result.failures.items())  # their K/V lack an edit: they must never enter the prefix cache
-        if result.check is not None:  # nor may K/V an edit could have poisoned, until checked (`_settle`)
+        launched = InFlight([], result.check)
+        if result.check is not None:  # K/V an edit could have poisoned stay out of the prefix cache until `_settle`
             for seq in result.check.owners:
                 seq.unchecked_edits += 1
-        self.scheduler.complete([c for c in chunks if c.seq not in result.failures])
-        seqs = [chunk.seq for chunk in result.sampling]
-        rows = [i for i, seq in enumerate(seqs) if seq not in result.failures]
-        parts = []
-        if rows:
-            logits = result.logits if len(rows) == len(seqs) else result.logits[rows]
-            parts, unsampled = self._draw(logits, [seqs[i] for i in rows], pending)
-            failed += unsampled
-        return (InFlight(parts, result.check) if parts or result.check else None), failed
+        failed = list(result.failures.items())  # their K/V lack an edit: they must never enter the prefix cache
+        try:
+            self.scheduler.complete([c for c in chunks if c.seq not in result.failures])
+            seqs = [chunk.seq for chunk in result.sampling]
+            rows = [i for i, seq in enumerate(seqs) if seq not in result.failures]
+            if rows:
+                logits = result.logits if len(rows) == len(seqs) else result.logits[rows]
+                launched.parts, unsampled = self._draw(logits, [seqs[i] for i in rows], pending)
+                failed += unsampled
+        except Exception as e:  # a bug: fail the step's requests, but keep its edit check to settle
+            log.exception("engine step failed after its forward")
+            launched.parts, failed = [], [(c.seq, f"{type(e).__name__}: {e}") for c in chunks]
+        return (launched if launched.parts or launched.check else None), failed
 
     def _draw(
         self, logits: Tensor, seqs: list[Sequence], pending: PendingTokens | None
@@ -304,6 +305,18 @@ class EngineCore:
             except Exception as e:
                 failed.append((seq, f"sampling failed: {type(e).__name__}: {e}"))
         return parts, failed
+
+    def _accept(self, launched: InFlight | None, read_now: bool) -> list[SeqOutput]:
+        """The launched step's drawn tokens become pending; read it now, or leave it for the next step."""
+        if launched is None:
+            return []
+        for seq in launched.seqs:
+            seq.num_pending += 1
+            seq.ending = self._at_length_limit(seq, seq.num_pending)
+        if read_now:
+            return self._read(launched)
+        self._in_flight = launched
+        return []
 
     def _read(self, in_flight: InFlight) -> list[SeqOutput]:
         """The host learns a launched step's outcome: first which edits blew up, then the drawn tokens,
