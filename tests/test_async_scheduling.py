@@ -2,14 +2,19 @@
 decoding sequence's next input token comes from the device. Whatever else changes, every request's
 tokens, logprobs and finish reason must equal the synchronous engine's, over both the sdpa path and
 the padded decode-graph path (run uncaptured on the CPU), with EOS and stop tokens, length and context
-limits, seeds, logprobs, repetition penalties, preemption, aborts and a faulty sampler."""
+limits, seeds, logprobs, repetition penalties, preemption, aborts and a faulty sampler. The check that
+adapter edits left the hidden states finite is read with the step's tokens: a poisoned request fails with
+no token, and no block it wrote reaches the prefix cache."""
 
 import random
 
 import pytest
+import torch
 
+from server.engine.model_runner import EditCheck
 from server.engine.sequence import FinishReason
-from tests.engine_utils import load_engine_model, make_core, prompt, run_core, seq
+from server.reft.interventions import Intervention
+from tests.engine_utils import load_engine_model, make_core, prompt, random_adapter, run_core, seq
 from tests.test_engine_correctness import check_mixed_batch, make_adapters
 
 PATHS = {"sdpa": {"attention_backend": "sdpa"}, "graphs": {"attention_backend": "paged", "cuda_graphs": True}}
@@ -289,11 +294,6 @@ def test_random_pools_limits_and_shared_prefixes_keep_async_equal_to_sync(model,
 
 def poisoned_adapter(model, name="poisoned", positions="f2+l2"):
     """Finite weights that blow the hidden states up (all 3e38): the edit check must fail its request."""
-    import torch
-
-    from server.reft.interventions import Intervention
-    from tests.engine_utils import random_adapter
-
     hidden = model.config.hidden_size
     adapter = random_adapter(name, "loreft", (1,), 4, positions, hidden, seed=2)
     old = adapter.layers[1][0]
@@ -302,8 +302,6 @@ def poisoned_adapter(model, name="poisoned", positions="f2+l2"):
 
 
 def assert_cache_holds_only_finite_blocks(kv):
-    import torch
-
     indexed = list(kv._key_of_block)
     for layer in range(kv.layout.num_layers):
         for pool in (kv.block_keys(layer), kv.block_values(layer)):
@@ -315,8 +313,6 @@ def test_a_poisoned_prompt_chunked_over_steps_fails_and_indexes_nothing(model):
     """A prompt whose adapter blows the hidden states up, prefilled over several steps (several checks in
     flight at once): it fails with no token, and none of its blocks reach the prefix cache, while the
     same prompt under a sound adapter is served, indexed, and reused by a later request."""
-    from tests.engine_utils import random_adapter
-
     sound = random_adapter("sound", "loreft", (1,), 4, "f2+l2", model.config.hidden_size, seed=1)
     p = prompt(100, 7)
     expected = run_core(make_core(model), [(seq("s", p, sound), 0)])["s"]
@@ -336,8 +332,6 @@ def test_a_poisoned_prompt_chunked_over_steps_fails_and_indexes_nothing(model):
 def test_an_edited_prompt_enters_the_prefix_cache_once_checked(model, async_scheduling):
     """Held back while its check is unread, an edited prompt's blocks are indexed once it passes, even
     when the request ends at once (one token) and no later step would index them."""
-    from tests.engine_utils import random_adapter
-
     sound = random_adapter("sound", "loreft", (1,), 4, "f2+l2", model.config.hidden_size, seed=1)
     p = prompt(41, 3)
     core = make_core(model, async_scheduling=async_scheduling)
@@ -351,9 +345,6 @@ def test_an_edited_prompt_enters_the_prefix_cache_once_checked(model, async_sche
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_an_edit_check_that_cannot_be_read_fails_its_requests(model, monkeypatch, async_scheduling):
-    from server.engine.model_runner import EditCheck
-    from tests.engine_utils import random_adapter
-
     def unreadable(self):
         raise RuntimeError("flags lost")
 
