@@ -42,16 +42,24 @@ def load_fixture_adapter(fixture: Path, name: str, shape: ModelShape, dtype: tor
     return materialize(adapter_file, name=name, version=1, dtype=dtype, device=device)
 
 
-def engine_tokens(
-    model, prompts: dict[str, tuple[list[int], Adapter | None]], max_new_tokens: int, attention_backend: str = "auto"
-) -> dict:
-    """Greedy tokens of every request, all added before the first step (the default KV budget holds the
-    fixture's requests many times over, so they all run together)."""
+def fixture_core(
+    model, prompts: dict[str, tuple[list[int], Adapter | None]], max_new_tokens: dict[str, int], attention_backend: str
+) -> EngineCore:
+    """An engine with every request added before the first step (the default KV budget holds the fixture's
+    requests many times over, so they all run together)."""
     config = EngineConfig(max_num_seqs=len(prompts), max_batched_tokens=1024, attention_backend=attention_backend)
     core = EngineCore(model, config, eos_token_ids=set())
     for request_id, (prompt, adapter) in prompts.items():
-        sampling = SamplingParams(max_new_tokens=max_new_tokens)
+        sampling = SamplingParams(max_new_tokens=max_new_tokens[request_id])
         core.add(Sequence(request_id, list(prompt), sampling, request_edit(adapter, len(prompt))))
+    return core
+
+
+def engine_tokens(
+    model, prompts: dict[str, tuple[list[int], Adapter | None]], max_new_tokens: int, attention_backend: str = "auto"
+) -> dict:
+    """Greedy tokens of every request, all served together."""
+    core = fixture_core(model, prompts, dict.fromkeys(prompts, max_new_tokens), attention_backend)
     tokens: dict[str, list[int]] = {request_id: [] for request_id in prompts}
     while core.has_work():
         for output in core.step():
@@ -61,17 +69,23 @@ def engine_tokens(
     return tokens
 
 
-def fixture_parity(fixture: Path, device, dtype: torch.dtype, max_cases: int | None = None) -> dict:
-    expected = json.loads((fixture / "expected.json").read_text())
-    cases, max_new_tokens = expected["cases"][:max_cases], expected["max_new_tokens"]
-    engine_model = _load(fixture, dtype, ATTENTION_NAME, device)
-    shape = ModelShape(engine_model.config.num_hidden_layers, engine_model.config.hidden_size)
+def fixture_requests(fixture: Path, cases: list[dict], model, dtype: torch.dtype, device) -> dict:
+    """Every case twice, as `adapter{i}` with its adapter and as `base{i}` without: id -> (prompt, adapter)."""
+    shape = ModelShape(model.config.num_hidden_layers, model.config.hidden_size)
     names = {case["adapter"] for case in cases}
     adapters = {name: load_fixture_adapter(fixture, name, shape, dtype, device) for name in names}
     prompts = {}
     for index, case in enumerate(cases):
         prompts[f"adapter{index}"] = (case["prompt_ids"], adapters[case["adapter"]])
         prompts[f"base{index}"] = (case["prompt_ids"], None)
+    return prompts
+
+
+def fixture_parity(fixture: Path, device, dtype: torch.dtype, max_cases: int | None = None) -> dict:
+    expected = json.loads((fixture / "expected.json").read_text())
+    cases, max_new_tokens = expected["cases"][:max_cases], expected["max_new_tokens"]
+    engine_model = _load(fixture, dtype, ATTENTION_NAME, device)
+    prompts = fixture_requests(fixture, cases, engine_model, dtype, device)
     served = engine_tokens(engine_model, prompts, max_new_tokens)
     # where the device's default backend is not sdpa (CUDA), sdpa's tokens are the bar it must meet
     gathered = None
@@ -112,12 +126,9 @@ class ForcedSampler:
 
 def forced_logits(model, prompts, forced: dict[str, list[int]], attention_backend: str) -> dict:
     """Every request's logits at every generated position, with pyreft's tokens fed back (`forced`)."""
-    config = EngineConfig(max_num_seqs=len(prompts), max_batched_tokens=1024, attention_backend=attention_backend)
-    core = EngineCore(model, config, eos_token_ids=set())
+    lengths = {request_id: len(tokens) for request_id, tokens in forced.items()}
+    core = fixture_core(model, prompts, lengths, attention_backend)
     core.sampler = sampler = ForcedSampler(forced)
-    for request_id, (prompt, adapter) in prompts.items():
-        sampling = SamplingParams(max_new_tokens=len(forced[request_id]))
-        core.add(Sequence(request_id, list(prompt), sampling, request_edit(adapter, len(prompt))))
     while core.has_work():
         core.step()
     return sampler.logits
@@ -132,23 +143,21 @@ def forced_logit_error(
     this says which backend computes closer to float32. `backends`: sdpa and the device's default."""
     expected = json.loads((fixture / "expected.json").read_text())
     cases = expected["cases"][:max_cases]
-    results = {}
-    truth = None
+    forced = {}
+    for index, case in enumerate(cases):
+        forced[f"adapter{index}"], forced[f"base{index}"] = case["adapter_tokens"], case["base_tokens"]
     backends = backends or tuple(dict.fromkeys(["sdpa", resolve_attention_backend("auto", torch.device(device).type)]))
-    for precision, backend in [(torch.float32, "sdpa"), *((dtype, b) for b in backends)]:
+    measured = {}  # (precision, backend) -> logits; float32 with sdpa is the truth
+    for precision, precision_backends in ((torch.float32, ("sdpa",)), (dtype, backends)):
         model = _load(fixture, precision, ATTENTION_NAME, device)
-        shape = ModelShape(model.config.num_hidden_layers, model.config.hidden_size)
-        adapters = {c["adapter"]: load_fixture_adapter(fixture, c["adapter"], shape, precision, device) for c in cases}
-        prompts, forced = {}, {}
-        for index, case in enumerate(cases):
-            prompts[f"adapter{index}"] = (case["prompt_ids"], adapters[case["adapter"]])
-            prompts[f"base{index}"] = (case["prompt_ids"], None)
-            forced[f"adapter{index}"], forced[f"base{index}"] = case["adapter_tokens"], case["base_tokens"]
-        logits = forced_logits(model, prompts, forced, backend)
+        prompts = fixture_requests(fixture, cases, model, precision, device)
+        for backend in precision_backends:
+            measured[(precision, backend)] = forced_logits(model, prompts, forced, backend)
         del model
-        if truth is None:
-            truth = logits
-            continue
+    truth = measured[(torch.float32, "sdpa")]
+    results = {}
+    for backend in backends:
+        logits = measured[(dtype, backend)]
         errors = [float((logits[key] - exact).abs().mean()) for key, exact in truth.items()]
         flips = [key for key, exact in truth.items() if int(logits[key].argmax()) != int(exact.argmax())]
         margins = [float(truth[key].topk(2).values.diff().abs()) for key in flips]
