@@ -15,6 +15,7 @@ from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
 from server.models.loader import load_causal_lm
 from server.reft.adapter import Adapter
+from server.reft.interventions import Intervention
 from server.reft.request_edit import request_edit
 
 
@@ -29,6 +30,26 @@ def make_core(model, eos=frozenset(), make_runner=ModelRunner, **config) -> Engi
 
 def random_adapter(name: str, *args, version: int = 1, **kwargs) -> Adapter:
     return materialize(random_adapter_file(*args, **kwargs), name=name, version=version)
+
+
+def poisoned(adapter: Adapter) -> Adapter:
+    """The adapter with finite weights that blow the hidden states up (all 3e38) in the first intervention
+    of every layer it edits: the engine's edit check must fail its requests."""
+    for interventions in adapter.layers.values():
+        old = interventions[0]
+        weight = torch.full_like(old.params["weight"], 3e38)
+        interventions[0] = Intervention(old.kind, old.act, dict(old.params, weight=weight))
+    return adapter
+
+
+def assert_prefix_cache_finite(kv) -> list[int]:
+    """Every block the prefix cache could hand to a later request holds finite keys and values; returns
+    those blocks."""
+    indexed = list(kv._key_of_block)
+    for layer in range(kv.layout.num_layers):
+        for pool in (kv.block_keys(layer), kv.block_values(layer)):
+            assert all(torch.isfinite(pool[block]).all() for block in indexed)
+    return indexed
 
 
 def run_core(

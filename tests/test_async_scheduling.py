@@ -9,12 +9,19 @@ no token, and no block it wrote reaches the prefix cache."""
 import random
 
 import pytest
-import torch
 
 from server.engine.model_runner import EditCheck
 from server.engine.sequence import FinishReason
-from server.reft.interventions import Intervention
-from tests.engine_utils import load_engine_model, make_core, prompt, random_adapter, run_core, seq
+from tests.engine_utils import (
+    assert_prefix_cache_finite,
+    load_engine_model,
+    make_core,
+    poisoned,
+    prompt,
+    random_adapter,
+    run_core,
+    seq,
+)
 from tests.test_engine_correctness import check_mixed_batch, make_adapters
 
 PATHS = {"sdpa": {"attention_backend": "sdpa"}, "graphs": {"attention_backend": "paged", "cuda_graphs": True}}
@@ -292,23 +299,6 @@ def test_random_pools_limits_and_shared_prefixes_keep_async_equal_to_sync(model,
     assert_same(observed, expected)
 
 
-def poisoned_adapter(model, name="poisoned", positions="f2+l2"):
-    """Finite weights that blow the hidden states up (all 3e38): the edit check must fail its request."""
-    hidden = model.config.hidden_size
-    adapter = random_adapter(name, "loreft", (1,), 4, positions, hidden, seed=2)
-    old = adapter.layers[1][0]
-    adapter.layers[1][0] = Intervention(old.kind, old.act, dict(old.params, weight=torch.full((4, hidden), 3e38)))
-    return adapter
-
-
-def assert_cache_holds_only_finite_blocks(kv):
-    indexed = list(kv._key_of_block)
-    for layer in range(kv.layout.num_layers):
-        for pool in (kv.block_keys(layer), kv.block_values(layer)):
-            assert all(torch.isfinite(pool[block]).all() for block in indexed)
-    return indexed
-
-
 def test_a_poisoned_prompt_chunked_over_steps_fails_and_indexes_nothing(model):
     """A prompt whose adapter blows the hidden states up, prefilled over several steps (several checks in
     flight at once): it fails with no token, and none of its blocks reach the prefix cache, while the
@@ -318,11 +308,12 @@ def test_a_poisoned_prompt_chunked_over_steps_fails_and_indexes_nothing(model):
     expected = run_core(make_core(model), [(seq("s", p, sound), 0)])["s"]
     core = make_core(model, max_batched_tokens=32, async_scheduling=True)
     finished = {}
-    bad = seq("bad", p, poisoned_adapter(model))
+    hidden = model.config.hidden_size
+    bad = seq("bad", p, poisoned(random_adapter("poisoned", "loreft", (1,), 4, "f2+l2", hidden, seed=2)))
     tokens = run_core(core, [(bad, 0), (seq("s", p, sound), 0)], finished=finished)
     assert finished["bad"][0] is FinishReason.ERROR and "non-finite" in finished["bad"][1]
     assert tokens.get("bad", []) == [] and tokens["s"] == expected and bad.unchecked_edits == 0
-    assert assert_cache_holds_only_finite_blocks(core.kv)
+    assert assert_prefix_cache_finite(core.kv)
     hits = core.kv.prefix_hits
     assert run_core(core, [(seq("again", p, sound), 0)])["again"] == expected
     assert core.kv.prefix_hits >= hits + 96  # the sound prompt's twelve full blocks, from the cache
@@ -356,7 +347,7 @@ def test_an_edit_check_that_cannot_be_read_fails_its_requests(model, monkeypatch
     tokens = run_core(core, requests, finished=finished)
     assert finished["edited"][0] is FinishReason.ERROR and "flags lost" in finished["edited"][1]
     assert tokens.get("edited", []) == [] and len(tokens["base"]) == 10
-    assert not core.kv._key_of_block or assert_cache_holds_only_finite_blocks(core.kv)
+    assert not core.kv._key_of_block or assert_prefix_cache_finite(core.kv)
 
 
 def test_an_error_escaping_a_step_keeps_the_launched_edit_check(model):
@@ -366,7 +357,8 @@ def test_an_error_escaping_a_step_keeps_the_launched_edit_check(model):
     core = make_core(model, max_batched_tokens=16, async_scheduling=True)
     core.add(seq("warm", prompt(10, 5), max_new_tokens=1))
     core.step()
-    bad = seq("bad", prompt(40, 9), poisoned_adapter(model, positions="f2"), max_new_tokens=4)
+    edits_first = poisoned(random_adapter("poisoned", "loreft", (1,), 4, "f2", model.config.hidden_size, seed=2))
+    bad = seq("bad", prompt(40, 9), edits_first, max_new_tokens=4)
     core.add(bad)
     read = core._read
     core._read = lambda in_flight: (_ for _ in ()).throw(RuntimeError("a bug in the read"))

@@ -9,7 +9,16 @@ from server.engine.sampler import Sampler, filter_logits
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason, Sequence
 from server.reft.interventions import Intervention
-from tests.engine_utils import load_engine_model, make_core, prompt, random_adapter, run_core, seq
+from tests.engine_utils import (
+    assert_prefix_cache_finite,
+    load_engine_model,
+    make_core,
+    poisoned,
+    prompt,
+    random_adapter,
+    run_core,
+    seq,
+)
 
 
 @pytest.fixture(scope="module")
@@ -223,27 +232,18 @@ def test_a_poisoned_adapter_fails_alone_and_leaves_no_trace_in_the_kv_cache(mode
 
     hidden = model.config.hidden_size
     good = random_adapter("good", "loreft", (1,), 4, "f2+l2", hidden, seed=1)
-    poisoned = random_adapter("poisoned", "loreft", (1, 2), 4, "f2+l2", hidden, seed=2)
-    for layer in (1, 2):
-        old = poisoned.layers[layer][0]
-        poisoned.layers[layer][0] = Intervention(
-            old.kind, old.act, dict(old.params, weight=torch.full((4, hidden), 3e38))
-        )
+    bad = poisoned(random_adapter("poisoned", "loreft", (1, 2), 4, "f2+l2", hidden, seed=2))
     core = make_core(  # few blocks: later requests reuse the poisoned ones
         model, num_blocks=12, block_size=8, max_model_len=80, async_scheduling=async_scheduling
     )
     reference_model = load_reference_model(tiny_model_dir("llama"))
     prompts = {f"p{i}": prompt(5 + 9 * i, 50 + i) for i in range(8)}
-    first = [seq("poisoned", prompts["p3"], poisoned), seq("good", prompts["p1"], good), seq("base", prompts["p2"])]
+    first = [seq("poisoned", prompts["p3"], bad), seq("good", prompts["p1"], good), seq("base", prompts["p2"])]
     finished = {}
     tokens = run_core(core, [(s, 0) for s in first], finished=finished)
     assert finished["poisoned"][0] is FinishReason.ERROR and "non-finite" in finished["poisoned"][1]
     assert tokens.get("poisoned", []) == []
-    indexed = list(core.kv._key_of_block)  # blocks the prefix cache could hand to a later request
-    assert indexed
-    for layer in range(core.kv.layout.num_layers):
-        for pool in (core.kv.block_keys(layer), core.kv.block_values(layer)):
-            assert all(torch.isfinite(pool[block]).all() for block in indexed)
+    assert assert_prefix_cache_finite(core.kv)
     assert tokens["good"] == reference_generate(reference_model, prompts["p1"], good, max_new_tokens=10)
     assert tokens["base"] == reference_generate(reference_model, prompts["p2"], None, max_new_tokens=10)
     later = run_core(core, [(seq(f"later{i}", prompts[f"p{i}"]), i % 3) for i in range(8)])
