@@ -77,8 +77,8 @@ class Settings(BaseSettings):
     )
     compile: bool = Field(
         False,
-        description="torch.compile the decode forward before capturing its CUDA graphs (fuses each layer's small "
-        "kernels; start-up takes longer)",
+        description="torch.compile the decode forward before capturing its CUDA graphs, and each decoder layer for "
+        "the steps that prefill (fuses each layer's small kernels; start-up takes longer)",
     )
     async_scheduling: bool = Field(
         False,

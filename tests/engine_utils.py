@@ -81,3 +81,8 @@ def prompt(length: int, seed: int) -> list[int]:
 def seq(request_id: str, prompt: list[int], adapter: Adapter | None = None, **sampling) -> Sequence:
     edit = request_edit(adapter, len(prompt))
     return Sequence(request_id, list(prompt), SamplingParams(**{"max_new_tokens": 10, **sampling}), edit)
+
+
+def attention_ops(graph_module) -> int:
+    """How many times a graph that torch.compile traced calls the engine's attention op."""
+    return sum(node.target is torch.ops.reft.step_attention for node in graph_module.graph.nodes)

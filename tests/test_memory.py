@@ -33,7 +33,7 @@ def test_auto_on_a_cpu_takes_the_default_budget(model):
 
 def test_the_warm_up_step_runs_the_largest_prefill(model):
     layout = KVLayout.from_config(model.config, next(model.parameters()).dtype)
-    result = EngineCore._warm_up_step(model, layout, EngineConfig(max_batched_tokens=300, block_size=16))
+    result = EngineCore._warm_up_step(model, layout, EngineConfig(max_batched_tokens=300, block_size=16), None)
     assert result.logits.shape == (1, model.config.vocab_size) and result.logits.isfinite().all()
 
 

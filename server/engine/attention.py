@@ -37,6 +37,7 @@ from server.engine.transfers import to_device
 
 ATTENTION_NAME = "reft_paged"
 STEP_KWARG = "reft_attention"
+LAYER_KWARG = "reft_layer"
 
 
 @dataclass(frozen=True)
@@ -206,8 +207,12 @@ def paged_attention(
     if softcap is not None:
         raise NotImplementedError("attention logit softcapping is not supported")
     if torch.compiler.is_compiling():  # a compiled forward: the step is found when the op runs
-        return torch.ops.reft.step_attention(query, key, value, module.layer_idx, scaling, sliding_window), None
-    step: StepAttention | None = kwargs.get(STEP_KWARG)
+        # a compiled layer is given its index (compiled_layers.py): reading the module's would make it a constant
+        layer = kwargs[LAYER_KWARG] if LAYER_KWARG in kwargs else module.layer_idx
+        return torch.ops.reft.step_attention(query, key, value, layer, scaling, sliding_window), None
+    # a compiled layer that torch.compile runs eagerly after all (past its recompile limit) gets no step
+    # kwarg: it finds the step where the compiled op would
+    step: StepAttention | None = kwargs.get(STEP_KWARG) or (_compiled_steps[-1] if _compiled_steps else None)
     if step is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention runs only inside the engine (no {STEP_KWARG} given)")
     return _attend(step, query, key, value, module.layer_idx, scaling, sliding_window), None

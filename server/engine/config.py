@@ -33,7 +33,7 @@ class EngineConfig:
     watermark_blocks: int = 1  # free blocks kept in reserve when admitting, so decodes rarely preempt
     attention_backend: str = "auto"  # how attention reads the KV pool (attention.py)
     cuda_graphs: bool = True  # replay decode-only steps of the paged backend from CUDA graphs (cuda_graphs.py)
-    compile_backend: str | None = None  # torch.compile those steps' forward first ("inductor"); None: eager
+    compile_backend: str | None = None  # torch.compile those steps' forward and the others' layers ("inductor")
     async_scheduling: bool = False  # read each step's sampled tokens in the next step, after its launch (core.py)
 
     def __post_init__(self):

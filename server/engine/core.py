@@ -109,6 +109,11 @@ class EngineCore:
         backend = resolve_attention_backend(config.attention_backend, device.type)
         graphs_wanted = tensor_parallel == 1 and decode_graphs_apply(config.cuda_graphs, backend)
         layout = KVLayout.from_config(model.config, dtype).sharded(tensor_parallel)  # a rank caches its KV heads
+        # a tensor-parallel group's ranks would have to compile alike
+        compile_backend = config.compile_backend if tensor_parallel == 1 else None
+        if compile_backend is not None:  # compile now, before serving and before sizing the KV pool
+            self._warm_up_step(model, layout, config, compile_backend)
+            self._warm_up_step(model, layout, config, compile_backend, tokens=1)  # one-token steps compile apart
         if config.num_blocks is not None:
             self.kv = KVCache(layout, config.num_blocks, config.block_size, device, config.prefix_caching)
         else:
@@ -116,7 +121,7 @@ class EngineCore:
             if budget is None:
                 if tensor_parallel > 1 and device.type == "cuda":  # the warm-up step would need the whole group
                     raise ValueError("with tensor parallelism, size the KV cache explicitly (--kv-cache-memory)")
-                warm_up = lambda: self._warm_up_step(model, layout, config)  # noqa: E731
+                warm_up = lambda: self._warm_up_step(model, layout, config, compile_backend)  # noqa: E731
                 graphs = partial(self._decode_graphs_bytes, model, layout, config) if graphs_wanted else None
                 budget = auto_kv_budget(model, warm_up, config.gpu_memory_utilization, graphs)
             self.kv = KVCache.from_budget(
@@ -131,7 +136,7 @@ class EngineCore:
             cuda_graphs=graphs_wanted,  # a tensor-parallel group's ranks would have to replay in step
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
-            compile_backend=config.compile_backend,
+            compile_backend=compile_backend,
         )
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
@@ -142,16 +147,21 @@ class EngineCore:
         self._in_flight: InFlight | None = None
 
     @staticmethod
-    def _warm_up_step(model: nn.Module, layout: KVLayout, config: EngineConfig) -> StepResult:
-        """One prefill of the largest step the scheduler can make, in a pool of its own, with the attention
-        backend that will serve: its peak memory is what the KV budget must leave room for."""
-        window = getattr(model.config, "max_position_embeddings", None) or config.max_batched_tokens
-        tokens = min(config.max_batched_tokens, window)
+    def _warm_up_step(
+        model: nn.Module, layout: KVLayout, config: EngineConfig, compile_backend: str | None, tokens: int | None = None
+    ) -> StepResult:
+        """One prefill, by default of the largest step the scheduler can make (its peak memory is what the KV
+        budget must leave room for), in a pool of its own, with the attention backend and the compiled layers
+        that will serve."""
+        tokens = tokens or config.max_batched_tokens
+        window = getattr(model.config, "max_position_embeddings", None) or tokens
+        tokens = min(tokens, window)
         device = next(model.parameters()).device
         kv = KVCache(layout, -(-tokens // config.block_size), config.block_size, device, prefix_caching=False)
         seq = Sequence("warm-up", [0] * tokens, SamplingParams(max_new_tokens=1))
         kv.allocate(seq, tokens)
-        return ModelRunner(model, kv, config.attention_backend).run([ScheduledChunk(seq, 0, tokens)])
+        runner = ModelRunner(model, kv, config.attention_backend, compile_backend=compile_backend)
+        return runner.run([ScheduledChunk(seq, 0, tokens)])
 
     @staticmethod
     def _decode_graphs_bytes(model: nn.Module, layout: KVLayout, config: EngineConfig) -> int:

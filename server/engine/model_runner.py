@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from server.engine.attention import STEP_KWARG, Span, StepAttention
+from server.engine.compiled_layers import COMPILED_KWARG, compile_layers
 from server.engine.config import decode_graphs_apply, resolve_attention_backend
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache
@@ -83,12 +84,17 @@ class ModelRunner:
     ):
         """`cuda_graphs` (paged backend only): replay decode-only steps of up to `max_num_seqs` sequences of
         up to `max_model_len` tokens from graphs captured now (cuda_graphs.py), of the forward compiled
-        with `compile_backend` if given."""
+        with `compile_backend` if given. With `compile_backend`, the other steps run each decoder layer
+        compiled with it (compiled_layers.py)."""
         self.model = model
         self.kv = kv
         self.device = next(model.parameters()).device
         self.attention_backend = resolve_attention_backend(attention_backend, self.device.type)
         self._hooks = install_plan_hooks(model)
+        self._compiled_layer_kwargs = {}
+        if compile_backend is not None:
+            compile_layers(model, compile_backend)
+            self._compiled_layer_kwargs = {COMPILED_KWARG: True}
         self.graphs = None
         if decode_graphs_apply(cuda_graphs, self.attention_backend):
             self.graphs = self._capture(model, kv, max_num_seqs, max_model_len, compile_backend)
@@ -171,5 +177,6 @@ class ModelRunner:
             use_cache=False,
             **{STEP_KWARG: attention},
             **plan_kwargs(plan),
+            **self._compiled_layer_kwargs,
         )
         return out.logits[0], plan

@@ -1,0 +1,88 @@
+"""The eager steps' compiled decoder layers (`--compile`, compiled_layers.py), on the CPU: the plain
+engine's tokens and logits with adapters' edits between the layers, one compilation for every layer and
+step size (plus one for one-token steps), made at start-up, never used by a caller that did not ask, a
+plain fallback when compiling fails, and the step still found when torch.compile runs a layer eagerly."""
+
+import pytest
+import torch
+from torch._dynamo import register_backend
+
+from server.engine.compiled_layers import compile_layers
+from server.reft.layers import decoder_layers
+from tests.engine_utils import attention_ops, load_engine_model, make_core
+from tests.test_attention_backends import assert_backends_agree, mixed_requests
+
+TRACED = []
+
+
+@register_backend
+def reft_layer_recording(graph_module, example_inputs):
+    """Runs what Dynamo traced as it is, and keeps it for inspection."""
+    TRACED.append(graph_module)
+    return graph_module.forward
+
+
+@register_backend
+def reft_failing(graph_module, example_inputs):
+    raise RuntimeError("planted compile failure")
+
+
+@pytest.fixture
+def llama(tiny_model_dir):
+    return load_engine_model(tiny_model_dir("llama"))  # a model of its own: compiling changes its layers
+
+
+def test_inductor_layers_give_the_plain_tokens_and_logits_with_edits(llama):
+    core = assert_backends_agree(
+        llama, ("sdpa", {"compile_backend": "inductor"}), mixed_requests(llama, 10), max_batched_tokens=32
+    )
+    assert core.runner._compiled_layer_kwargs  # the steps asked for the compiled layers
+    assert not compile_layers(llama, "inductor").failed
+
+
+def test_one_compilation_serves_every_layer_and_step_size_and_is_made_at_start(llama):
+    TRACED.clear()
+    make_core(llama, compile_backend="reft_layer_recording", max_batched_tokens=32)
+    assert len(TRACED) == 2  # the warm-up steps: a full one, dynamic in its tokens, and a one-token one
+    assert all(attention_ops(graph) == 1 for graph in TRACED)  # a layer's forward, not the model's
+    # many step sizes over every layer (4 here), with adapters, chunked prefill and a fresh engine
+    assert_backends_agree(
+        llama, ("sdpa", {"compile_backend": "reft_layer_recording"}), mixed_requests(llama, 12), max_batched_tokens=24
+    )
+    assert len(TRACED) == 2
+
+
+def test_callers_that_do_not_ask_get_the_plain_layers(llama):
+    compile_layers(llama, "reft_layer_recording")
+    TRACED.clear()
+    assert_backends_agree(llama, ("paged", {"cuda_graphs": False}), mixed_requests(llama, 6), max_batched_tokens=32)
+    input_ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(RuntimeError, match="runs only inside the engine"):  # plain: no compiled_step looked for
+        llama(input_ids=input_ids)
+    assert not TRACED
+
+
+def test_a_backend_that_fails_leaves_the_layers_plain(llama, caplog):
+    with caplog.at_level("ERROR", logger="server.engine.compiled_layers"):
+        assert_backends_agree(
+            llama, ("sdpa", {"compile_backend": "reft_failing"}), mixed_requests(llama, 6), max_batched_tokens=32
+        )
+    assert compile_layers(llama, "reft_failing").failed
+    assert caplog.text.count("they run uncompiled") == 1
+
+
+def test_another_backend_recompiles_from_the_plain_forwards(llama):
+    first = compile_layers(llama, "reft_layer_recording")
+    assert compile_layers(llama, "reft_layer_recording") is first
+    second = compile_layers(llama, "inductor")
+    assert second.plain_forwards == first.plain_forwards
+    assert all(
+        forward.__self__ is layer for forward, layer in zip(second.plain_forwards, decoder_layers(llama), strict=True)
+    )
+
+
+def test_a_compiled_layer_run_eagerly_still_finds_its_step(llama):
+    """torch.compile runs a frame eagerly past its recompile limit: the layer must serve all the same."""
+    requests = mixed_requests(llama, 6)
+    with torch.compiler.set_stance("force_eager"):
+        assert_backends_agree(llama, ("paged", {"compile_backend": "inductor"}), requests, max_batched_tokens=32)
