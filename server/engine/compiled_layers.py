@@ -23,6 +23,7 @@ import logging
 import torch
 from torch import nn
 from torch._dynamo.exc import TorchDynamoException
+from torch.fx.experimental import _config as shape_config
 
 from server.engine.attention import LAYER_KWARG, STEP_KWARG, compiled_step
 from server.reft.hooks import PLAN_KWARG
@@ -79,3 +80,11 @@ def compile_layers(model: nn.Module, backend: str) -> CompiledLayers:
     compiled = CompiledLayers(layers, plain_forwards, backend)
     setattr(model, _ATTRIBUTE, compiled)
     return compiled
+
+
+def first_compilation():
+    """Where the compiled layers are first run (the engine's warm-up steps): there the step's token count
+    gets a symbol of its own. By default torch.compile gives input sizes of equal value one symbol, so a
+    step of as many tokens as the model's hidden size would make the count a constant of the compiled code,
+    and the next step of another size would compile it again."""
+    return shape_config.patch(use_duck_shape=False)

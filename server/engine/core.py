@@ -25,6 +25,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from server.engine.compiled_layers import first_compilation
 from server.engine.config import EngineConfig, decode_graphs_apply, resolve_attention_backend
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache, KVLayout
@@ -112,8 +113,9 @@ class EngineCore:
         # a tensor-parallel group's ranks would have to compile alike
         compile_backend = config.compile_backend if tensor_parallel == 1 else None
         if compile_backend is not None:  # compile now, before serving and before sizing the KV pool
-            self._warm_up_step(model, layout, config, compile_backend)
-            self._warm_up_step(model, layout, config, compile_backend, tokens=1)  # one-token steps compile apart
+            with first_compilation():
+                self._warm_up_step(model, layout, config, compile_backend)
+                self._warm_up_step(model, layout, config, compile_backend, tokens=1)  # one-token steps compile apart
         if config.num_blocks is not None:
             self.kv = KVCache(layout, config.num_blocks, config.block_size, device, config.prefix_caching)
         else:
