@@ -1,7 +1,8 @@
 """The GPU engine on a CUDA device (skipped elsewhere; bench/gpu.sh runs these first on a GPU machine).
 
 In float32 the paged backend, eager and replayed from CUDA graphs (of the forward as it is, and as
-Inductor compiled it), with and without async scheduling, gives the sdpa backend's greedy tokens on a
+Inductor compiled it, with the eager steps' layers compiled too), with and without async scheduling,
+gives the sdpa backend's greedy tokens on a
 mixed workload with adapters, chunked prefill and a pool too small for everyone at once; every
 bucket's graph is captured and the replays serve the decode steps; the Triton kernel matches its
 torch twin; masked GQA prefill stays on SDPA's fused kernels. Async scheduling keeps its tokens with
@@ -15,6 +16,7 @@ import torch
 
 from server.adapters.materialize import materialize
 from server.adapters.random_adapters import random_adapter_file
+from server.engine.compiled_layers import compile_layers
 from server.engine.paged_decode import paged_decode_reference
 from tests.engine_utils import load_engine_model, make_core, run_core, seq
 
@@ -61,6 +63,8 @@ def test_paged_backend_gives_sdpa_tokens(cuda_llama, cuda_graphs, compile_backen
         assert sorted(graphs.graphs) == graphs.sizes and graphs.steps_run > 0
     else:
         assert graphs is None
+    if compile_backend is not None:  # neither the decode graphs nor the eager steps' layers fell back
+        assert graphs._compiled is not None and not compile_layers(cuda_llama, compile_backend).failed
 
 
 def test_triton_kernel_matches_its_twin_on_cuda():
