@@ -18,7 +18,7 @@ from bench.device_timing import timed
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.kv_cache import padded_block_tables
-from server.engine.paged_decode import decode_kernel
+from server.engine.paged_decode import DecodeKernel, decode_kernel
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
 
@@ -106,17 +106,15 @@ def decode_step(model, batch: int, context: int, steps: int, engine_config: Engi
     }
 
 
-def attention_ms(core: EngineCore, sequences: list[Sequence], repeats: int) -> float:
-    """Median time of the paged decode kernel over every layer of the engine's pool, for the sequences
-    as they stand (one query each, random): the attention share of a decode step."""
+def attention_ms(
+    core: EngineCore, sequences: list[Sequence], repeats: int, kernel: DecodeKernel | None = None
+) -> float:
+    """Median time of the paged decode kernel (the device's, or `kernel`) over every layer of the engine's
+    pool, for the sequences as they stand (one query each, random): the attention share of a decode step."""
     kv, device = core.kv, core.kv.keys.device
-    width = max(len(s.block_table) for s in sequences)
-    tables = torch.tensor(padded_block_tables([s.block_table for s in sequences], width, kv.pad_block))
-    context = torch.tensor([len(s.token_ids) - 1 for s in sequences])  # their cached positions
-    heads = core.runner.model.config.num_attention_heads
-    queries = torch.randn(len(sequences), heads, kv.layout.head_dim, device=device, dtype=kv.layout.dtype)
-    kernel, out = decode_kernel(device.type), torch.empty_like(queries)
-    args = (tables.to(device), context.to(device), kv.block_size, kv.layout.head_dim**-0.5)
+    kernel = kernel or decode_kernel(device.type)
+    queries, *args = attention_inputs(core, sequences)
+    out = torch.empty_like(queries)
     times = []
     for _ in range(repeats):
         with timed(device) as elapsed:
@@ -124,6 +122,18 @@ def attention_ms(core: EngineCore, sequences: list[Sequence], repeats: int) -> f
                 kernel(out, queries, kv.keys[layer], kv.values[layer], *args)
         times.append(elapsed.seconds)
     return 1000 * statistics.median(times)
+
+
+def attention_inputs(core: EngineCore, sequences: list[Sequence]) -> tuple:
+    """(queries, block tables, contexts, block size, scale) of a decode kernel call over the sequences'
+    cached positions, the queries random."""
+    kv, device = core.kv, core.kv.keys.device
+    width = max(len(s.block_table) for s in sequences)
+    tables = torch.tensor(padded_block_tables([s.block_table for s in sequences], width, kv.pad_block))
+    context = torch.tensor([len(s.token_ids) - 1 for s in sequences])  # their cached positions
+    heads = core.runner.model.config.num_attention_heads
+    queries = torch.randn(len(sequences), heads, kv.layout.head_dim, device=device, dtype=kv.layout.dtype)
+    return queries, tables.to(device), context.to(device), kv.block_size, kv.layout.head_dim**-0.5
 
 
 def _full_decode_step(core: EngineCore, batch: int) -> bool:

@@ -11,6 +11,8 @@ Parts (--parts, default all, in this order):
              with the decode forward compiled by Inductor before its graphs are captured (--compile), both,
              without CUDA graphs (eager), with the gathered sdpa attention (the old path and the reference),
              and with FlexAttention, so one run compares them
+  kernel     the paged decode kernel alone over every layer at the largest decode batch, as the engine launches it
+             and under a grid of other launch configurations (bench/decode_kernel_launches.py; CUDA only)
   profile    torch.profiler over decode steps of the largest decode batch and over one step that also
              prefills: the top operators by device time and by host time
   hf-static  HF `generate` on the same requests, static left-padded batches
@@ -48,7 +50,8 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import PRESETS, build_on_device, machine, make_adapters, stamp, workload  # noqa: E402
-from bench.decode_floor import decode_step, kv_bytes_per_token, with_floor  # noqa: E402
+from bench.decode_floor import decode_step, decoding_core, kv_bytes_per_token, with_floor  # noqa: E402
+from bench.decode_kernel_launches import time_launches  # noqa: E402
 from bench.device_timing import GIB, copy_bandwidth, peak_memory_gib, release_memory  # noqa: E402
 from bench.fixture_parity import fixture_parity, forced_logit_error  # noqa: E402
 from bench.serving_peers import continuous_batching_config, run_continuous, run_engine, run_static  # noqa: E402
@@ -69,7 +72,7 @@ VARIANTS = {
     "flex": ("flex", False, None, False),
 }
 ENGINE_PARTS = tuple(f"{kind}-{suffix}".rstrip("-") for suffix in VARIANTS for kind in ("engine", "decode"))
-PARTS = (*ENGINE_PARTS, "profile", "hf-static", "hf-cb", "parity")
+PARTS = (*ENGINE_PARTS, "kernel", "profile", "hf-static", "hf-cb", "parity")
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "pyreft_reference"
 
 # flag -> (GPU default, --smoke default); a flag given on the command line wins over both
@@ -260,6 +263,23 @@ class Benchmark:
             "kv_bytes_per_token": kv_bytes,
             "steps": steps,
         }
+
+    def kernel(self) -> dict:
+        args = self.args
+        batch = max(args.decode_seqs)
+        model = self.models.get(ATTENTION_NAME)
+        core, sequences = decoding_core(model, batch, args.decode_context, 2, self.engine_config("eager"))
+        result = time_launches(core, sequences, args.decode_steps)
+        contexts = [len(s.token_ids) - 1 for s in sequences]
+        say(f"  {batch} seqs, mean context {sum(contexts) / batch:.0f}, {result['kv_bytes'] / 1e9:.3f} GB of K/V:")
+        default = result["default"]
+        say(f"  as the engine launches it: {default['ms']:.3f} ms, {default['gb_per_s']:.0f} GB/s")
+        for launch in sorted(result["launches"], key=lambda launch: launch["ms"]):
+            say(
+                f"    tile {launch['tile']:3d}, {launch['num_warps']} warps, {launch['num_stages']} stages: "
+                f"{launch['ms']:.3f} ms, {launch['gb_per_s']:.0f} GB/s, max difference {launch['max_difference']:.1e}"
+            )
+        return {"seqs": batch, "mean_context": sum(contexts) / batch, **result}
 
     def profile(self) -> dict:
         args = self.args

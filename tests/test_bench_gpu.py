@@ -115,6 +115,14 @@ def test_smoke_run_on_cuda(tmp_path):
     results = json.loads(path.read_text())
     assert results["settings"]["dtype"] == "bfloat16"
     assert all(part["peak_memory_gib"] > 0 for part in results["parts"].values())
+    launches = results["parts"]["kernel"]["launches"]  # every launch of the grid gives the default's attention
+    assert len(launches) == 18 and all(launch["max_difference"] < 1.6e-2 for launch in launches)
+
+
+def test_smoke_kernel_part_times_the_twin_alone_on_a_cpu(smoke_results):
+    kernel = smoke_results["parts"]["kernel"]
+    assert kernel["seqs"] == max(smoke_results["settings"]["decode_seqs"])
+    assert kernel["kv_bytes"] > 0 and kernel["default"]["ms"] > 0 and kernel["launches"] == []
 
 
 def test_smoke_profile_names_where_host_time_goes(smoke_results):

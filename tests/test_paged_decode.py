@@ -3,8 +3,9 @@
 The twin itself is held to the sdpa backend by test_attention_backends.py; here the kernel must match
 the twin on GQA and MHA, head counts, head sizes and block sizes that are not powers of two, sliding
 windows, contexts that end mid-block, block tables seen through a transposed view (as the CUDA-graph
-buffers hand them over) and queries with HF's strides. The interpreter reads TRITON_INTERPRET when the
-kernel is defined, so the comparison runs in a child process.
+buffers hand them over), queries with HF's strides, and tiles of positions other than the default.
+The interpreter reads TRITON_INTERPRET when the kernel is defined, so the comparison runs in a child
+process.
 """
 
 import json
@@ -19,23 +20,25 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CASES = [  # dtype, heads, kv heads, head dim, block size, sliding window
-    ("float32", 8, 2, 16, 4, None),
-    ("float32", 4, 4, 8, 16, None),
-    ("float32", 6, 2, 12, 3, 5),
-    ("bfloat16", 8, 2, 16, 4, None),
-    ("bfloat16", 6, 3, 20, 5, 7),
+CASES = [  # dtype, heads, kv heads, head dim, block size, sliding window, positions per iteration
+    ("float32", 8, 2, 16, 4, None, 64),
+    ("float32", 4, 4, 8, 16, None, 64),
+    ("float32", 6, 2, 12, 3, 5, 64),
+    ("bfloat16", 8, 2, 16, 4, None, 64),
+    ("bfloat16", 6, 3, 20, 5, 7, 64),
+    ("float32", 8, 2, 16, 4, 9, 16),
+    ("bfloat16", 8, 2, 16, 16, None, 128),
 ]
 
 CHILD = """
 import json, sys
 import torch
 from server.engine.paged_decode import paged_decode_reference
-from server.engine.paged_decode_triton import paged_decode_triton
+from server.engine.paged_decode_triton import Launch, paged_decode_triton
 
 torch.manual_seed(0)
 errors = []
-for dtype, heads, kv_heads, head_dim, block_size, window in json.loads(sys.argv[1]):
+for dtype, heads, kv_heads, head_dim, block_size, window, tile in json.loads(sys.argv[1]):
     dtype = getattr(torch, dtype)
     num_blocks, width = 24, 8
     keys = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(dtype)
@@ -46,7 +49,7 @@ for dtype, heads, kv_heads, head_dim, block_size, window in json.loads(sys.argv[
     tables = tables.T.contiguous().T  # column-major, like the CUDA-graph buffers
     queries = torch.randn(heads, rows, head_dim).to(dtype).transpose(0, 1)  # HF's [T, H, D] view
     args = (queries, keys, values, tables, context, block_size, 0.25, window)
-    kernel = paged_decode_triton(torch.empty_like(queries), *args)
+    kernel = paged_decode_triton(torch.empty_like(queries), *args, launch=Launch(tile=tile, num_warps=2, num_stages=2))
     twin = paged_decode_reference(torch.empty_like(queries), *args)
     errors.append((kernel.float() - twin.float()).abs().max().item())
 print(json.dumps(errors))

@@ -10,13 +10,25 @@ CPU interpreter.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-TOKEN_TILE = 64  # positions per iteration: enough bytes in flight per program to keep HBM busy
 MIN_DOT = 16  # tl.dot's smallest operand side
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the kernel runs: positions per iteration (enough bytes in flight per program to keep HBM busy)
+    and Triton's warps per program and software-pipeline stages. bench/gpu.py's `kernel` part times
+    others on the device at hand."""
+
+    tile: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
 
 
 # Triton compiles a variant per divisibility (by 16, or == 1) of each integer argument: these vary from
@@ -99,6 +111,7 @@ def paged_decode_triton(
     block_size: int,
     scale: float,
     sliding_window: int | None = None,
+    launch: Launch = Launch(),
 ) -> Tensor:
     """paged_decode.py's contract: the attention of every row of `queries`, written into `out`."""
     rows, heads, head_dim = queries.shape
@@ -128,7 +141,9 @@ def paged_decode_triton(
         HEAD_DIM=head_dim,
         DIM_TILE=max(MIN_DOT, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=block_size,
-        TILE=TOKEN_TILE,
+        TILE=launch.tile,
         PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
     return out
