@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -54,17 +55,14 @@ class AttentionGroup:
     """Sequences attended together: queries padded to the longest, contexts to the longest."""
 
     def __init__(self, spans: list[Span], block_size: int, pad_block: int, num_rows: int, device: torch.device):
-        query_len = max(s.length for s in spans)
-        context_len = max(s.start + s.length for s in spans)
-        offsets = range(query_len)
-        self.gather_rows = to_device(
-            [[s.row + i if i < s.length else 0 for i in offsets] for s in spans], torch.long, device
-        ).flatten()
+        rows, lengths, starts = np.array([(s.row, s.length, s.start) for s in spans]).T[:, :, None]  # [n, 1] each
+        query_len, context_len = int(lengths.max()), int((starts + lengths).max())
+        offsets = np.arange(query_len)
+        query_rows, padding = rows + offsets, offsets >= lengths  # [n, query_len] each
+        self.gather_rows = to_device(np.where(padding, 0, query_rows), torch.long, device).flatten()
         # padded query rows are written to the spare row `num_rows` and dropped
-        self.scatter_rows = to_device(
-            [s.row + i if i < s.length else num_rows for s in spans for i in offsets], torch.long, device
-        )
-        self.query_pos = to_device([[s.start + i for i in offsets] for s in spans], torch.long, device)
+        self.scatter_rows = to_device(np.where(padding, num_rows, query_rows), torch.long, device).flatten()
+        self.query_pos = to_device(starts + offsets, torch.long, device)
         max_blocks = -(-context_len // block_size)
         # whole blocks are gathered (contiguous copies); padding reads the always-zero pad block, masked out
         self.block_ids = to_device(

@@ -9,12 +9,13 @@ only when they are read. On a CPU these are plain copies.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A host list as a tensor on `device`, queued behind the device's work instead of waiting for it."""
+def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host list or array as a tensor on `device`, queued behind the device's work instead of waiting for it."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     # the caching host allocator keeps the pinned block until the copy has run
