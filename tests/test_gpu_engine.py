@@ -2,11 +2,12 @@
 
 In float32 the paged backend, eager and replayed from CUDA graphs (of the forward as it is, and as
 Inductor compiled it, with the eager steps' layers compiled too), with and without async scheduling,
-gives the sdpa backend's greedy tokens on a
-mixed workload with adapters, chunked prefill and a pool too small for everyone at once; every
-bucket's graph is captured and the replays serve the decode steps; the Triton kernel matches its
-torch twin; masked GQA prefill stays on SDPA's fused kernels. Async scheduling keeps its tokens with
-the device lagging behind the host, and its decode launches never synchronize with the device.
+gives the sdpa backend's greedy tokens on a mixed workload with adapters, chunked prefill and a pool
+too small for everyone at once; every bucket's graph is captured and the replays serve the decode
+steps; the Triton kernel matches its torch twin; masked GQA prefill stays on SDPA's fused kernels.
+Async scheduling keeps its tokens with the device lagging behind the host, and its launches never
+synchronize with the device: decode steps (graph replays) and steps that prefill (eager, with
+adapters' edits, with and without compiled layers).
 """
 
 import random
@@ -154,3 +155,35 @@ def test_async_decode_launches_never_wait_for_the_device(cuda_llama):
     for _ in range(20):  # new KV blocks every 16 tokens: their zeroing is in there too
         core.step()
     assert core.runner.graphs.steps_run == replayed + 20
+
+
+@pytest.mark.parametrize("compile_backend", [None, "inductor"])
+def test_async_prefill_launches_never_wait_for_the_device(cuda_llama, compile_backend):
+    """Steps that prefill run eagerly (HF's forward, ReFT's hooks editing rows of several adapters, the
+    compiled layers with --compile): their launches must not synchronize either, or every prompt costs
+    the overlap. The first step runs unchecked: lazy set-up on first use may wait once."""
+    from tests.engine_utils import prompt
+
+    config = {"async_scheduling": True, "compile_backend": compile_backend}
+    core = make_core(cuda_llama, num_blocks=96, max_batched_tokens=48, max_num_seqs=12, **config)
+    hidden = cuda_llama.config.hidden_size
+    for i in range(6):
+        adapter_file = random_adapter_file("loreft", (1, 2), 4, "f3+l3", hidden, seed=i)
+        adapter = materialize(adapter_file, name=f"a{i}", device="cuda") if i % 3 else None
+        core.add(seq(f"s{i}", prompt(30 + 7 * i, i), adapter, max_new_tokens=4))
+    core.step()
+    launch = core._launch
+    prefill_launches = []
+
+    def strict(chunks, previous):
+        prefill_launches.append(any(chunk.length > 1 for chunk in chunks))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(chunks, previous)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    core._launch = strict
+    while core.has_work():
+        core.step()
+    assert sum(prefill_launches) >= 3
