@@ -40,12 +40,15 @@ def test_inductor_layers_give_the_plain_tokens_and_logits_with_edits(llama):
     assert not compile_layers(llama, "inductor").failed
 
 
-def test_one_compilation_serves_every_layer_and_step_size_and_is_made_at_start(llama):
+def test_one_compilation_serves_every_layer_and_step_size_and_is_made_at_start(llama, caplog):
     torch._dynamo.reset()  # nothing compiled by earlier tests may serve these steps
     TRACED.clear()
     # warm-up steps as long as the hidden size: the token count must not become that constant
-    make_core(llama, compile_backend="reft_layer_recording", max_batched_tokens=llama.config.hidden_size)
+    with caplog.at_level("INFO", logger="server.engine.core"):
+        make_core(llama, compile_backend="reft_layer_recording", max_batched_tokens=llama.config.hidden_size)
     assert len(TRACED) == 2  # the warm-up steps: a full one, dynamic in its tokens, and a one-token one
+    (record,) = [r for r in caplog.records if r.message == "decoder layers compiled for the steps that prefill"]
+    assert record.fields["backend"] == "reft_layer_recording" and record.fields["compiled"]
     assert all(attention_ops(graph) == 1 for graph in TRACED)  # a layer's forward, not the model's
     # many step sizes over every layer (4 here), with adapters, chunked prefill and a fresh engine
     assert_backends_agree(

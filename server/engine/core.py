@@ -25,7 +25,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from server.engine.compiled_layers import first_compilation
+from server.engine.compiled_layers import compile_layers, first_compilation
 from server.engine.config import EngineConfig, decode_graphs_apply, resolve_attention_backend
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache, KVLayout
@@ -112,10 +112,8 @@ class EngineCore:
         layout = KVLayout.from_config(model.config, dtype).sharded(tensor_parallel)  # a rank caches its KV heads
         # a tensor-parallel group's ranks would have to compile alike
         compile_backend = config.compile_backend if tensor_parallel == 1 else None
-        if compile_backend is not None:  # compile now, before serving and before sizing the KV pool
-            with first_compilation():
-                self._warm_up_step(model, layout, config, compile_backend)
-                self._warm_up_step(model, layout, config, compile_backend, tokens=1)  # one-token steps compile apart
+        if compile_backend is not None:
+            self._compile_layers(model, layout, config, compile_backend)
         if config.num_blocks is not None:
             self.kv = KVCache(layout, config.num_blocks, config.block_size, device, config.prefix_caching)
         else:
@@ -164,6 +162,19 @@ class EngineCore:
         kv.allocate(seq, tokens)
         runner = ModelRunner(model, kv, config.attention_backend, compile_backend=compile_backend)
         return runner.run([ScheduledChunk(seq, 0, tokens)])
+
+    @classmethod
+    def _compile_layers(cls, model: nn.Module, layout: KVLayout, config: EngineConfig, backend: str) -> None:
+        """Compile the decoder layers of the steps that prefill (compiled_layers.py) now, before serving and
+        before the KV pool is sized, with two warm-up steps: the largest, and one of a single token, which
+        torch.compile specializes. Logs what it took."""
+        started = time.perf_counter()
+        with first_compilation():
+            cls._warm_up_step(model, layout, config, backend)
+            cls._warm_up_step(model, layout, config, backend, tokens=1)
+        fields = {"backend": backend, "seconds": round(time.perf_counter() - started, 2)}
+        fields["compiled"] = not compile_layers(model, backend).failed
+        log.info("decoder layers compiled for the steps that prefill", extra={"fields": fields})
 
     @staticmethod
     def _decode_graphs_bytes(model: nn.Module, layout: KVLayout, config: EngineConfig) -> int:
