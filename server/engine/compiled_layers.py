@@ -74,7 +74,9 @@ def compile_layers(model: nn.Module, backend: str) -> CompiledLayers:
         return current
     # every model (its shapes, dtype) compiled in a process adds two entries to the cache of the one layer
     # code that the model families share; past the limit (8 by default) torch.compile would run layers eagerly
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    dynamo = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # its name before 2.7
+    setattr(dynamo, limit, max(getattr(dynamo, limit), RECOMPILE_LIMIT))
     layers = decoder_layers(model)
     plain_forwards = current.plain_forwards if current is not None else [layer.forward for layer in layers]
     compiled = CompiledLayers(layers, plain_forwards, backend)
