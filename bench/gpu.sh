@@ -103,13 +103,14 @@ load_one() {
   "$PYTHON" -c 'import sys; from server.cli import main; sys.exit(main())' serve --model "$model" --device cuda \
     --dtype bfloat16 --kv-cache-memory 16GiB --max-num-seqs 128 --max-batched-tokens 4096 --store "$store" \
     "${flags[@]}" --admin-open --port "$port" --log-level warning >"$OUT/server-$kind.log" 2>&1 &
-  local pid=$!
-  for _ in $(seq 120); do
+  local pid=$! ready=0
+  for _ in $(seq 300); do  # --compile compiles and captures before the server is ready
     "$PYTHON" -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$port/ready').status_code != 200)" \
-      2>/dev/null && break
+      2>/dev/null && { ready=1; break; }
     kill -0 "$pid" 2>/dev/null || { echo "the server exited (see server-$kind.log)"; return 1; }
     sleep 1
   done
+  [ "$ready" = 1 ] || { echo "the server was not ready in time (see server-$kind.log)"; kill "$pid"; return 1; }
   adapters=$("$PYTHON" -c "print(','.join(f'a{i}' for i in range(64)))")
   local load=("$PYTHON" bench/load.py --url "http://127.0.0.1:$port" --concurrency 128 --prompt-len 128 512
     --output-len 128 128 --adapters "$adapters" --zipf 1.1 --base-share 0.1 --deadline 90)
