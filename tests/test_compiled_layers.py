@@ -32,10 +32,10 @@ def llama(tiny_model_dir):
     return load_engine_model(tiny_model_dir("llama"))  # a model of its own: compiling changes its layers
 
 
-def test_inductor_layers_give_the_plain_tokens_and_logits_with_edits(llama):
-    core = assert_backends_agree(
-        llama, ("sdpa", {"compile_backend": "inductor"}), mixed_requests(llama, 10), max_batched_tokens=32
-    )
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_inductor_layers_give_the_plain_tokens_and_logits_with_edits(llama, async_scheduling):
+    options = {"compile_backend": "inductor", "async_scheduling": async_scheduling}
+    core = assert_backends_agree(llama, ("sdpa", options), mixed_requests(llama, 10), max_batched_tokens=32)
     assert core.runner._compiled_layer_kwargs  # the steps asked for the compiled layers
     assert not compile_layers(llama, "inductor").failed
 
