@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import random
 import statistics
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -111,15 +112,20 @@ def attention_ms(
 ) -> float:
     """Median time of the paged decode kernel (the device's, or `kernel`) over every layer of the engine's
     pool, for the sequences as they stand (one query each, random): the attention share of a decode step."""
-    kv, device = core.kv, core.kv.keys.device
-    kernel = kernel or decode_kernel(device.type)
+    kv = core.kv
+    kernel = kernel or decode_kernel(kv.keys.device.type)
     queries, *args = attention_inputs(core, sequences)
     out = torch.empty_like(queries)
+    return per_layer_ms(core, repeats, lambda layer: kernel(out, queries, kv.keys[layer], kv.values[layer], *args))
+
+
+def per_layer_ms(core: EngineCore, repeats: int, call: Callable[[int], object]) -> float:
+    """Median time of `call(layer)` over every layer of the engine's pool, `repeats` times."""
     times = []
     for _ in range(repeats):
-        with timed(device) as elapsed:
-            for layer in range(kv.layout.num_layers):
-                kernel(out, queries, kv.keys[layer], kv.values[layer], *args)
+        with timed(core.kv.keys.device) as elapsed:
+            for layer in range(core.kv.layout.num_layers):
+                call(layer)
         times.append(elapsed.seconds)
     return 1000 * statistics.median(times)
 

@@ -11,8 +11,9 @@ Parts (--parts, default all, in this order):
              with the decode forward compiled by Inductor before its graphs are captured (--compile), both,
              without CUDA graphs (eager), with the gathered sdpa attention (the old path and the reference),
              and with FlexAttention, so one run compares them
-  kernel     the paged decode kernel alone over every layer at the largest decode batch, as the engine launches it
-             and under a grid of other launch configurations (bench/decode_kernel_launches.py; CUDA only)
+  kernel     the paged decode kernel alone over every layer at the largest decode batch, as the engine launches it,
+             under a grid of other launch configurations, and torch's paged varlen flash attention over the same
+             rows where this torch has it (bench/decode_kernel_launches.py; CUDA only)
   profile    torch.profiler over decode steps of the largest decode batch and over one step that also
              prefills: the top operators by device time and by host time
   hf-static  HF `generate` on the same requests, static left-padded batches
@@ -279,6 +280,15 @@ class Benchmark:
                 f"    tile {launch['tile']:3d}, {launch['num_warps']} warps, {launch['num_stages']} stages: "
                 f"{launch['ms']:.3f} ms, {launch['gb_per_s']:.0f} GB/s, max difference {launch['max_difference']:.1e}"
             )
+        if "varlen" in result:
+            varlen = result["varlen"]
+            if "error" in varlen:
+                say(f"  torch's paged varlen flash attention: {varlen['error']}")
+            else:
+                say(
+                    f"  torch's paged varlen flash attention: {varlen['ms']:.3f} ms, {varlen['gb_per_s']:.0f} GB/s, "
+                    f"max difference {varlen['max_difference']:.1e}"
+                )
         return {"seqs": batch, "mean_context": sum(contexts) / batch, **result}
 
     def profile(self) -> dict:
