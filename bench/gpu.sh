@@ -14,8 +14,9 @@
 # typing-inspection, uvicorn, python-multipart, opentelemetry-api, and uvloop and httptools, which
 # uvicorn[standard] (the package's dependency, as in the Docker image) brings: without them uvicorn
 # falls back to asyncio's own loop and a pure-Python HTTP parser, and the figures understate a real
-# deployment (and httpx, prometheus-client, safetensors, tokenizers where missing). The server reads its version from the package's metadata,
-# so step 3 installs the package itself (no dependencies, no network) where it is not installed.
+# deployment (and httpx, prometheus-client, safetensors, tokenizers where missing). bench/gpu_wheels.sh
+# downloads the listed ones into .whl/. The server reads its version from the package's metadata, so
+# step 3 installs the package itself (no dependencies, no network) where it is not installed.
 #
 #   bench/gpu.sh                                  # as the device tool's command ($OUT is set there);
 #                                                 # engine,decode,hf-static,parity + --server: ~4 min, H200
