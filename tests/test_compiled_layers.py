@@ -1,12 +1,16 @@
 """The eager steps' compiled decoder layers (`--compile`, compiled_layers.py), on the CPU: the plain
 engine's tokens and logits with adapters' edits between the layers, one compilation for every layer and
 step size (plus one for one-token steps), made at start-up, never used by a caller that did not ask, a
-plain fallback when compiling fails, and the step still found when torch.compile runs a layer eagerly."""
+plain fallback when compiling fails, the step still found when torch.compile runs a layer eagerly, and
+never from another thread."""
+
+import threading
 
 import pytest
 import torch
 from torch._dynamo import register_backend
 
+from server.engine.attention import compiled_step
 from server.engine.compiled_layers import compile_layers
 from server.reft.layers import decoder_layers
 from tests.engine_utils import attention_ops, load_engine_model, make_core
@@ -86,8 +90,27 @@ def test_another_backend_recompiles_from_the_plain_forwards(llama):
     )
 
 
+@pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="torch.compiler.set_stance came in torch 2.6")
 def test_a_compiled_layer_run_eagerly_still_finds_its_step(llama):
     """torch.compile runs a frame eagerly past its recompile limit: the layer must serve all the same."""
     requests = mixed_requests(llama, 6)
     with torch.compiler.set_stance("force_eager"):
         assert_backends_agree(llama, ("paged", {"compile_backend": "inductor"}), requests, max_batched_tokens=32)
+
+
+def test_a_step_is_found_only_on_its_own_thread(llama):
+    """Engines step in threads: a forward on another thread must never attend over (and write into) the
+    pool of a step that this thread's compiled layers run in."""
+    errors = []
+
+    def stray_forward():
+        try:
+            llama(input_ids=torch.tensor([[1, 2, 3]]))
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    with compiled_step(object()):  # stands in for a step in flight on this thread
+        thread = threading.Thread(target=stray_forward)
+        thread.start()
+        thread.join()
+    assert len(errors) == 1 and "runs only inside the engine" in errors[0]

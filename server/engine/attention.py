@@ -20,6 +20,7 @@ stays here, the same for all.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -210,7 +211,7 @@ def paged_attention(
         return torch.ops.reft.step_attention(query, key, value, layer, scaling, sliding_window), None
     # a compiled layer that torch.compile runs eagerly after all (past its recompile limit) gets no step
     # kwarg: it finds the step where the compiled op would
-    step: StepAttention | None = kwargs.get(STEP_KWARG) or (_compiled_steps[-1] if _compiled_steps else None)
+    step: StepAttention | None = kwargs.get(STEP_KWARG) or _current_step()
     if step is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention runs only inside the engine (no {STEP_KWARG} given)")
     return _attend(step, query, key, value, module.layer_idx, scaling, sliding_window), None
@@ -234,18 +235,27 @@ def _attend(
 # -- compiled forwards ---------------------------------------------------------------------------------
 # torch.compile must not trace the pool write or the paged kernel (the pool is not an input of the
 # compiled graph, and the kernel is not traceable), so a compiled forward calls this opaque op, which
-# reads the step from `compiled_step`, set around each call, as vLLM's forward context does.
-_compiled_steps: list[StepAttention] = []
+# reads the step from `compiled_step`, set around each call, as vLLM's forward context does. The steps
+# are kept per thread: engines stepping in threads of one process must never see each other's.
+_local = threading.local()
+
+
+def _current_step() -> StepAttention | None:
+    """The innermost `compiled_step` of this thread, if any."""
+    steps = getattr(_local, "steps", None)
+    return steps[-1] if steps else None
 
 
 @contextmanager
 def compiled_step(step: StepAttention) -> Iterator[None]:
-    """The step that compiled forwards run inside this block."""
-    _compiled_steps.append(step)
+    """The step that compiled forwards run inside this block, on this thread."""
+    if not hasattr(_local, "steps"):
+        _local.steps = []
+    _local.steps.append(step)
     try:
         yield
     finally:
-        _compiled_steps.pop()
+        _local.steps.pop()
 
 
 # It writes the KV pool, yet declares no mutation: the pool is not among its arguments (so the compiler
@@ -254,9 +264,10 @@ def compiled_step(step: StepAttention) -> Iterator[None]:
 def step_attention(
     query: Tensor, key: Tensor, value: Tensor, layer: int, scaling: float | None, sliding_window: int | None
 ) -> Tensor:
-    if not _compiled_steps:
+    step = _current_step()
+    if step is None:
         raise RuntimeError(f"a compiled {ATTENTION_NAME} forward runs only inside compiled_step()")
-    return _attend(_compiled_steps[-1], query, key, value, layer, scaling, sliding_window)
+    return _attend(step, query, key, value, layer, scaling, sliding_window)
 
 
 @step_attention.register_fake

@@ -5,10 +5,10 @@ runs the model's forward eagerly: each layer's norms, rotary embeddings, activat
 dozens of small kernels, launched one by one from Python, over every token of the step. With a compile
 backend each decoder layer's forward is compiled instead, dynamic in the step's tokens. The layers share
 their code and get their index as an argument (attention.py's LAYER_KWARG), so one compilation serves
-all of them (and a second one steps of a single token, which torch.compile specializes). Only the
-layer's own forward is compiled: its forward hooks, which apply ReFT's edits between layers
-(reft/hooks.py), run as they are, and attention is attention.py's opaque op, which finds the step
-through `compiled_step`.
+all of them (a second one serves steps of a single token, which torch.compile specializes; layers that
+differ in a constant such as their sliding window compile apart). Only the layer's own forward is
+compiled: its forward hooks, which apply ReFT's edits between layers (reft/hooks.py), run as they are,
+and attention is attention.py's opaque op, which finds the step through `compiled_step`.
 
 A compiled layer runs the compiled forward only when its caller asks, with `COMPILED_KWARG`: another
 engine over the same model without a compile backend, or a reference forward, gets the plain layer; so
@@ -58,7 +58,7 @@ class CompiledLayers:
             try:
                 with compiled_step(kwargs[STEP_KWARG]):
                     return compiled(*args, **layer_kwargs, **{LAYER_KWARG: index})
-            except TorchDynamoException:  # raised while compiling, before the layer ran anything
+            except TorchDynamoException:  # raised while compiling: the plain layer redoes whatever part ran
                 log.exception("compiling the decoder layers with %s failed: they run uncompiled", self.backend)
                 self.failed = True
                 return plain(*args, **kwargs)
@@ -72,8 +72,9 @@ def compile_layers(model: nn.Module, backend: str) -> CompiledLayers:
     current: CompiledLayers | None = getattr(model, _ATTRIBUTE, None)
     if current is not None and current.backend == backend:
         return current
-    # every model (its shapes, dtype) compiled in a process adds two entries to the cache of the one layer
-    # code that the model families share; past the limit (8 by default) torch.compile would run layers eagerly
+    # every model (its shapes, dtype) compiled in a process adds at least two entries (more with per-layer
+    # sliding windows) to the cache of the one layer code that the model families share; past the limit (8
+    # by default) torch.compile runs the layers eagerly, with a warning
     dynamo = torch._dynamo.config
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # its name before 2.7
     setattr(dynamo, limit, max(getattr(dynamo, limit), RECOMPILE_LIMIT))

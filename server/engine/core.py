@@ -110,8 +110,9 @@ class EngineCore:
         backend = resolve_attention_backend(config.attention_backend, device.type)
         graphs_wanted = tensor_parallel == 1 and decode_graphs_apply(config.cuda_graphs, backend)
         layout = KVLayout.from_config(model.config, dtype).sharded(tensor_parallel)  # a rank caches its KV heads
-        # a tensor-parallel group's ranks would have to compile alike
         compile_backend = config.compile_backend if tensor_parallel == 1 else None
+        if config.compile_backend is not None and compile_backend is None:  # the ranks would have to compile alike
+            log.info("the forward is not compiled with tensor parallelism")
         if compile_backend is not None:
             self._compile_layers(model, layout, config, compile_backend)
         if config.num_blocks is not None:
