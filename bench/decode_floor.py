@@ -18,7 +18,7 @@ import torch
 from bench.device_timing import timed
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
-from server.engine.kv_cache import padded_block_tables
+from server.engine.kv_cache import KVCache, padded_block_tables
 from server.engine.paged_decode import DecodeKernel, decode_kernel
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
@@ -116,15 +116,15 @@ def attention_ms(
     kernel = kernel or decode_kernel(kv.keys.device.type)
     queries, *args = attention_inputs(core, sequences)
     out = torch.empty_like(queries)
-    return per_layer_ms(core, repeats, lambda layer: kernel(out, queries, kv.keys[layer], kv.values[layer], *args))
+    return per_layer_ms(kv, repeats, lambda layer: kernel(out, queries, kv.keys[layer], kv.values[layer], *args))
 
 
-def per_layer_ms(core: EngineCore, repeats: int, call: Callable[[int], object]) -> float:
-    """Median time of `call(layer)` over every layer of the engine's pool, `repeats` times."""
+def per_layer_ms(kv: KVCache, repeats: int, call: Callable[[int], object]) -> float:
+    """Median time of `call(layer)` over every layer of the pool, `repeats` times."""
     times = []
     for _ in range(repeats):
-        with timed(core.kv.keys.device) as elapsed:
-            for layer in range(core.kv.layout.num_layers):
+        with timed(kv.keys.device) as elapsed:
+            for layer in range(kv.layout.num_layers):
                 call(layer)
         times.append(elapsed.seconds)
     return 1000 * statistics.median(times)

@@ -100,5 +100,5 @@ def time_varlen(
         return varlen_attn(queries, pages(core.kv.keys[layer]), pages(core.kv.values[layer]), **fixed)
 
     difference = (attend(0).float() - default.float()).abs().max().item()
-    ms = per_layer_ms(core, repeats, attend)
+    ms = per_layer_ms(core.kv, repeats, attend)
     return {"ms": ms, "gb_per_s": kv_read / ms / 1e6, "max_difference": difference}

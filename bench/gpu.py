@@ -13,7 +13,9 @@ Parts (--parts, default all, in this order):
              and with FlexAttention, so one run compares them
   kernel     the paged decode kernel alone over every layer at the largest decode batch, as the engine launches it,
              under a grid of other launch configurations, and torch's paged varlen flash attention over the same
-             rows where this torch has it (bench/decode_kernel_launches.py; CUDA only)
+             rows where this torch has it (bench/decode_kernel_launches.py; CUDA only); then one step's prefill
+             chunks through the paged prefill kernel and through the gathered sdpa groups, from position 0 and
+             after cached tokens (bench/prefill_kernel.py)
   profile    torch.profiler over decode steps of the largest decode batch and over one step that also
              prefills: the top operators by device time and by host time
   hf-static  HF `generate` on the same requests, static left-padded batches
@@ -55,6 +57,7 @@ from bench.decode_floor import decode_step, decoding_core, kv_bytes_per_token, w
 from bench.decode_kernel_launches import time_launches  # noqa: E402
 from bench.device_timing import GIB, copy_bandwidth, peak_memory_gib, release_memory  # noqa: E402
 from bench.fixture_parity import fixture_parity, forced_logit_error  # noqa: E402
+from bench.prefill_kernel import time_prefill  # noqa: E402
 from bench.serving_peers import continuous_batching_config, run_continuous, run_engine, run_static  # noqa: E402
 from bench.step_profile import profile_steps  # noqa: E402
 from server.engine.attention import ATTENTION_NAME  # noqa: E402
@@ -289,7 +292,15 @@ class Benchmark:
                     f"  torch's paged varlen flash attention: {varlen['ms']:.3f} ms, {varlen['gb_per_s']:.0f} GB/s, "
                     f"max difference {varlen['max_difference']:.1e}"
                 )
-        return {"seqs": batch, "mean_context": sum(contexts) / batch, **result}
+        cached = max(args.prompt_len)  # the second chunk of a prompt twice the longest
+        prefill = time_prefill(model, tuple(args.prompt_len), args.max_batched_tokens, cached, args.decode_steps)
+        for case in prefill.values():
+            say(
+                f"  prefill, {case['chunks']} chunks of {case['tokens']} tokens after {case['cached']} cached: "
+                f"paged {case['paged_ms']:.3f} ms, gathered sdpa {case['sdpa_ms']:.3f} ms over every layer, "
+                f"max difference {case['max_difference']:.1e}"
+            )
+        return {"seqs": batch, "mean_context": sum(contexts) / batch, **result, "prefill": prefill}
 
     def profile(self) -> dict:
         args = self.args

@@ -69,8 +69,9 @@ class Settings(BaseSettings):
     prefix_caching: bool = Field(True, description="Reuse the KV cache of prompt prefixes already computed")
     attention_backend: Literal["auto", "sdpa", "paged", "flex"] = Field(
         "auto",
-        description="Attention over the KV cache: sdpa (gathered blocks), paged (decode reads the cache in place "
-        "with a Triton kernel on CUDA), flex (FlexAttention, in place); auto = paged on a GPU, sdpa on a CPU",
+        description="Attention over the KV cache: sdpa (gathered blocks), paged (decode rows and prefill chunks read "
+        "the cache in place, with Triton kernels on CUDA), flex (FlexAttention, in place); auto = paged on a GPU, "
+        "sdpa on a CPU",
     )
     cuda_graphs: bool = Field(
         True, description="Replay decode-only steps from CUDA graphs (paged attention on a GPU; captured at start)"

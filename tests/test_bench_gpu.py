@@ -118,12 +118,19 @@ def test_smoke_run_on_cuda(tmp_path):
     launches = results["parts"]["kernel"]["launches"]  # every launch of the grid gives the default's attention
     assert len(launches) == 18 and all(launch["max_difference"] < 1.6e-2 for launch in launches)
     assert "varlen" in results["parts"]["kernel"]  # its timing, or why this torch cannot run it
+    assert all(case["max_difference"] < 1.6e-2 for case in results["parts"]["kernel"]["prefill"].values())
 
 
-def test_smoke_kernel_part_times_the_twin_alone_on_a_cpu(smoke_results):
+def test_smoke_kernel_part_times_the_twins_alone_on_a_cpu(smoke_results):
     kernel = smoke_results["parts"]["kernel"]
     assert kernel["seqs"] == max(smoke_results["settings"]["decode_seqs"])
     assert kernel["kv_bytes"] > 0 and kernel["default"]["ms"] > 0 and kernel["launches"] == []
+    settings = smoke_results["settings"]
+    prefill = kernel["prefill"]
+    assert [case["cached"] for case in prefill.values()] == [0, max(settings["prompt_len"])]
+    for case in prefill.values():  # one step's budget of chunks, both paths timed, the same attention
+        assert case["tokens"] == settings["max_batched_tokens"] and case["chunks"] >= 2
+        assert case["paged_ms"] > 0 and case["sdpa_ms"] > 0 and case["max_difference"] < 1e-5
 
 
 def test_smoke_profile_names_where_host_time_goes(smoke_results):

@@ -4,7 +4,8 @@ In float32 the paged backend, eager and replayed from CUDA graphs (of the forwar
 Inductor compiled it, with the eager steps' layers compiled too), with and without async scheduling,
 gives the sdpa backend's greedy tokens on a mixed workload with adapters, chunked prefill and a pool
 too small for everyone at once; every bucket's graph is captured and the replays serve the decode
-steps; the Triton kernel matches its torch twin; masked GQA prefill stays on SDPA's fused kernels.
+steps; the Triton kernels (decode, prefill) match their torch twins; masked GQA prefill stays on SDPA's
+fused kernels.
 Async scheduling keeps its tokens with the device lagging behind the host, and its launches never
 synchronize with the device: decode steps (graph replays) and steps that prefill (eager, with
 adapters' edits, with and without compiled layers).
@@ -19,6 +20,7 @@ from server.adapters.materialize import materialize
 from server.adapters.random_adapters import random_adapter_file
 from server.engine.compiled_layers import compile_layers
 from server.engine.paged_decode import paged_decode_reference
+from server.engine.paged_prefill import paged_prefill_reference, prefill_tiles
 from tests.engine_utils import load_engine_model, make_core, run_core, seq
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -82,6 +84,25 @@ def test_triton_kernel_matches_its_twin_on_cuda():
             args = (queries, keys, values, tables, context, 16, 0.125, window)
             kernel = paged_decode_triton(torch.empty_like(queries), *args)
             twin = paged_decode_reference(torch.empty_like(queries), *args)
+            torch.testing.assert_close(kernel.float(), twin.float(), atol=atol, rtol=0)
+
+
+def test_triton_prefill_kernel_matches_its_twin_on_cuda():
+    """Llama-3.2-1B's attention shape: 32 query heads over 8 KV heads of 64."""
+    from server.engine.paged_prefill_triton import paged_prefill_triton
+
+    torch.manual_seed(0)
+    chunks = [(0, 2, 0), (2, 300, 0), (302, 77, 160), (379, 130, 500)]  # row, length, start
+    tiles = torch.from_numpy(prefill_tiles(chunks, 16)).cuda()
+    for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)):
+        keys = torch.randn(48 * 16, 8, 64, device="cuda").to(dtype)
+        values = torch.randn_like(keys)
+        tables = torch.stack([torch.randperm(48, device="cuda")[:40] for _ in chunks])
+        queries = torch.randn(32, 509, 64, device="cuda").to(dtype).transpose(0, 1)  # HF's [T, H, D] view
+        for window in (None, 100):
+            args = (queries, keys, values, tables, tiles, 16, 16, 0.125, window)
+            kernel = paged_prefill_triton(torch.zeros_like(queries), *args)
+            twin = paged_prefill_reference(torch.zeros_like(queries), *args)
             torch.testing.assert_close(kernel.float(), twin.float(), atol=atol, rtol=0)
 
 

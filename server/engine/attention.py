@@ -9,8 +9,9 @@ sdpa elsewhere):
 - "sdpa" (the CPU default, and the reference the others are tested against): sequences are batched in
   (at most) two padded groups, one-token queries (decode) and longer chunks (prefill), each one SDPA
   call over whole blocks gathered from the pool, with a boolean mask built once per step.
-- "paged": decode rows read the pool in place (paged_decode.py: a Triton kernel on CUDA), prefill chunks
-  go through sdpa's gathered group. Its decode-only steps can be replayed from CUDA graphs.
+- "paged": decode rows and prefill chunks read the pool in place, each with a kernel of its own
+  (paged_decode.py, paged_prefill.py: Triton kernels on CUDA, their torch twins elsewhere). Its
+  decode-only steps can be replayed from CUDA graphs.
 - "flex" (paged_flex.py): FlexAttention reads the pool in place through a block mask built once per
   step; compiled on CUDA, eager on CPU.
 
@@ -35,6 +36,7 @@ from server.engine.config import ATTENTION_BACKENDS
 from server.engine.kv_cache import KVCache, padded_block_tables
 from server.engine.paged_decode import DecodeKernel, decode_kernel
 from server.engine.paged_flex import FlexStep, flex_kernel
+from server.engine.paged_prefill import QUERY_TILE, PrefillKernel, prefill_kernel, prefill_tiles
 from server.engine.transfers import to_device
 
 ATTENTION_NAME = "reft_paged"
@@ -132,29 +134,65 @@ class PagedDecodeRows:
     ) -> Tensor:
         """queries [T, H, D] of the step -> attention of its first rows, written into `out` if given."""
         rows = queries[: self.context.shape[0]]
-        scale = scaling if scaling is not None else rows.shape[-1] ** -0.5
         out = torch.empty_like(rows) if out is None else out
         keys, values, block_size = self.kv.keys[layer], self.kv.values[layer], self.kv.block_size
+        scale = _scale(scaling, rows)
         return self.kernel(out, rows, keys, values, self.tables, self.context, block_size, scale, sliding_window)
 
 
-class SdpaStep:
-    """One step's gathered SDPA groups over a KV pool; `attend` runs one layer. With `paged_decode`, the
-    decode rows read the pool in place instead (the paged backend)."""
+class PagedPrefillRows:
+    """Prefill chunks, attended in place by a paged prefill kernel, tile by tile (paged_prefill.py)."""
 
-    def __init__(self, kv: KVCache, spans: list[Span], num_rows: int, device: torch.device, paged_decode: bool = False):
+    def __init__(self, kv: KVCache, spans: list[Span], device: torch.device):
+        self.kv = kv
+        width = max(len(s.block_table) for s in spans)
+        tables = padded_block_tables([s.block_table for s in spans], width, kv.pad_block)
+        self.tables = to_device(tables, torch.long, device)  # [chunks, width]
+        self.tiles = to_device(prefill_tiles([(s.row, s.length, s.start) for s in spans]), torch.long, device)
+        self.kernel: PrefillKernel = prefill_kernel(device.type)
+
+    def attend(self, layer: int, queries: Tensor, scaling: float | None, sliding_window: int | None, out: Tensor):
+        """queries [T, H, D] of the step -> the chunks' rows of `out` written."""
+        keys, values, block_size = self.kv.keys[layer], self.kv.values[layer], self.kv.block_size
+        args = (self.tables, self.tiles, QUERY_TILE, block_size, _scale(scaling, queries), sliding_window)
+        self.kernel(out, queries, keys, values, *args)
+
+
+def _scale(scaling: float | None, queries: Tensor) -> float:
+    return scaling if scaling is not None else queries.shape[-1] ** -0.5
+
+
+class PagedStep:
+    """The paged backend's step: its decode rows and its prefill chunks each read the pool in place."""
+
+    def __init__(self, kv: KVCache, spans: list[Span], num_rows: int, device: torch.device):
+        decode = [s for s in spans if s.length == 1]
+        prefill = [s for s in spans if s.length > 1]
+        self.num_rows = num_rows
+        self.decode = PagedDecodeRows.from_spans(kv, decode, device) if decode else None
+        self.prefill = PagedPrefillRows(kv, prefill, device) if prefill else None
+
+    def attend(self, layer: int, queries: Tensor, scaling: float | None, sliding_window: int | None) -> Tensor:
+        out = queries.new_empty((self.num_rows, *queries.shape[1:]))  # every row is a decode row or a chunk's
+        if self.decode is not None:
+            self.decode.attend(layer, queries, scaling, sliding_window, out[: self.decode.context.shape[0]])
+        if self.prefill is not None:
+            self.prefill.attend(layer, queries, scaling, sliding_window, out)
+        return out
+
+
+class SdpaStep:
+    """One step's gathered SDPA groups over a KV pool (decode rows, prefill chunks); `attend` runs one layer."""
+
+    def __init__(self, kv: KVCache, spans: list[Span], num_rows: int, device: torch.device):
         decode = [s for s in spans if s.length == 1]
         prefill = [s for s in spans if s.length > 1]
         self.kv = kv
         self.num_rows = num_rows
-        self.decode = PagedDecodeRows.from_spans(kv, decode, device) if paged_decode and decode else None
-        grouped = (prefill,) if self.decode is not None else (decode, prefill)
-        self.groups = [AttentionGroup(g, kv.block_size, kv.pad_block, num_rows, device) for g in grouped if g]
+        self.groups = [AttentionGroup(g, kv.block_size, kv.pad_block, num_rows, device) for g in (decode, prefill) if g]
 
     def attend(self, layer: int, queries: Tensor, scaling: float | None, sliding_window: int | None) -> Tensor:
         out = queries.new_empty((self.num_rows + 1, *queries.shape[1:]))  # + the spare row padded queries land in
-        if self.decode is not None:
-            self.decode.attend(layer, queries, scaling, sliding_window, out[: self.decode.context.shape[0]])
         keys, values = self.kv.block_keys(layer), self.kv.block_values(layer)
         for group in self.groups:
             out.index_copy_(0, group.scatter_rows, group.attend(queries, keys, values, scaling, sliding_window))
@@ -178,14 +216,16 @@ class StepAttention:
 
     kv: KVCache
     slot_mapping: Tensor  # [T] slot of each new token
-    reader: SdpaStep | FlexStepOverPool | PagedDecodeRows
+    reader: SdpaStep | PagedStep | FlexStepOverPool | PagedDecodeRows
 
     @classmethod
     def build(cls, kv: KVCache, spans: list[Span], slot_mapping: Tensor, backend: str = "sdpa") -> StepAttention:
         """`backend` as resolved for the device: sdpa, paged or flex."""
         device = slot_mapping.device
-        if backend in ("sdpa", "paged"):
-            return cls(kv, slot_mapping, SdpaStep(kv, spans, slot_mapping.numel(), device, backend == "paged"))
+        if backend == "sdpa":
+            return cls(kv, slot_mapping, SdpaStep(kv, spans, slot_mapping.numel(), device))
+        if backend == "paged":
+            return cls(kv, slot_mapping, PagedStep(kv, spans, slot_mapping.numel(), device))
         if backend == "flex":
             return cls(kv, slot_mapping, FlexStepOverPool(kv, spans, device))
         raise ValueError(f"unknown attention backend {backend!r}; one of {', '.join(ATTENTION_BACKENDS)}")

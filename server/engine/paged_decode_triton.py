@@ -2,10 +2,10 @@
 
 One program per (row, KV head) walks the row's positions 64 at a time, loads their keys and values
 straight from the pool through the block table, and keeps an online softmax for the query heads that
-share the KV head (padded to tl.dot's 16 rows), accumulating in float32; as in flash attention, the
-softmax weights meet the values in the pool's dtype. Its shapes never depend on the step's contexts, so
-it is captured in CUDA graphs as it is. Tests hold it to paged_decode.py's torch twin through Triton's
-CPU interpreter.
+share the KV head (padded to tl.dot's 16 rows), accumulating in float32 (paged_triton.py's pieces; with
+a 16-bit pool both products run at tf32, which holds its keys and values exactly). Its shapes never
+depend on the step's contexts, so it is captured in CUDA graphs as it is. Tests hold it to
+paged_decode.py's torch twin through Triton's CPU interpreter.
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MIN_DOT = 16  # tl.dot's smallest operand side
+from server.engine.paged_triton import (
+    MIN_DOT,
+    RUNTIME_INTEGERS,
+    KernelCall,
+    load_kv_tile,
+    online_softmax_step,
+    pool_strides,
+)
 
 
 @dataclass(frozen=True)
@@ -29,12 +36,6 @@ class Launch:
     tile: int = 64
     num_warps: int = 4
     num_stages: int = 3
-
-
-# Triton compiles a variant per divisibility (by 16, or == 1) of each integer argument: these vary from
-# step to step, and each new variant would stall a step for a compile
-RUNTIME_INTEGERS = ["window", "query_row_stride", "query_head_stride", "out_row_stride", "out_head_stride"]
-RUNTIME_INTEGERS += ["table_row_stride", "table_col_stride"]
 
 
 @triton.jit(do_not_specialize=RUNTIME_INTEGERS)
@@ -82,23 +83,48 @@ def _paged_decode_kernel(
     for tile in range(first, context, TILE):
         positions = tile + offsets
         visible = positions < context
-        block = tl.load(table_ptr + row * table_row_stride + (positions // BLOCK_SIZE) * table_col_stride, mask=visible)
-        slots = block.to(tl.int64) * BLOCK_SIZE + positions % BLOCK_SIZE
-        kv_at = slots[:, None] * kv_slot_stride + kv_head * kv_head_stride + dims[None, :]
-        kv_mask = visible[:, None] & dim_ok[None, :]
-        keys = tl.load(key_ptr + kv_at, mask=kv_mask, other=0.0).to(tl.float32)  # [T, D]
-        values = tl.load(value_ptr + kv_at, mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.dot(query, tl.trans(keys), input_precision=PRECISION) * scale  # [G, T], float32
-        scores = tl.where(visible[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))  # finite: every tile sees a position
-        weights = tl.exp(scores - new_max[:, None])
-        rescale = tl.exp(running_max - new_max)
-        acc = acc * rescale[:, None] + tl.dot(weights, values, input_precision=PRECISION)
-        running_sum = running_sum * rescale + tl.sum(weights, axis=1)
-        running_max = new_max
+        table_at = table_ptr + row * table_row_stride
+        keys, values = load_kv_tile(
+            key_ptr, value_ptr, table_at, positions, visible, kv_head, dims, dim_ok, kv_slot_stride, kv_head_stride,
+            table_col_stride, BLOCK_SIZE,
+        )  # fmt: skip
+        running_max, running_sum, acc = online_softmax_step(
+            query, keys, values, visible[None, :], scale, running_max, running_sum, acc, PRECISION
+        )
     out = acc / running_sum[:, None]
     out_at = out_ptr + row * out_row_stride + heads[:, None] * out_head_stride + dims[None, :]
     tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=query_mask)
+
+
+def decode_call(
+    out: Tensor,
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    tables: Tensor,
+    context: Tensor,
+    block_size: int,
+    scale: float,
+    sliding_window: int | None = None,
+    launch: Launch = Launch(),
+) -> KernelCall:
+    """The kernel's launch for these arguments (paged_decode_triton's)."""
+    rows, heads, head_dim = queries.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    strides = pool_strides(queries, out, keys, values, tables)
+    constexprs = {
+        "GROUP": group,
+        "GROUP_TILE": max(MIN_DOT, triton.next_power_of_2(group)),
+        "HEAD_DIM": head_dim,
+        "DIM_TILE": max(MIN_DOT, triton.next_power_of_2(head_dim)),
+        "BLOCK_SIZE": block_size,
+        "TILE": launch.tile,
+        "PRECISION": "ieee" if keys.dtype == torch.float32 else "tf32",
+    }
+    args = (out, queries, keys, values, tables, context, scale, sliding_window or 0, *strides)
+    options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    return KernelCall(_paged_decode_kernel, (rows, kv_heads), args, constexprs, options)
 
 
 def paged_decode_triton(
@@ -114,36 +140,5 @@ def paged_decode_triton(
     launch: Launch = Launch(),
 ) -> Tensor:
     """paged_decode.py's contract: the attention of every row of `queries`, written into `out`."""
-    rows, heads, head_dim = queries.shape
-    kv_heads = keys.shape[1]
-    if queries.stride(2) != 1 or out.stride(2) != 1 or keys.stride(2) != 1 or values.stride() != keys.stride():
-        raise ValueError("paged_decode needs the head dimension contiguous and keys and values laid out alike")
-    group = heads // kv_heads
-    _paged_decode_kernel[(rows, kv_heads)](
-        out,
-        queries,
-        keys,
-        values,
-        tables,
-        context,
-        scale,
-        sliding_window or 0,
-        queries.stride(0),
-        queries.stride(1),
-        out.stride(0),
-        out.stride(1),
-        keys.stride(0),
-        keys.stride(1),
-        tables.stride(0),
-        tables.stride(1),
-        GROUP=group,
-        GROUP_TILE=max(MIN_DOT, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        DIM_TILE=max(MIN_DOT, triton.next_power_of_2(head_dim)),
-        BLOCK_SIZE=block_size,
-        TILE=launch.tile,
-        PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
-        num_warps=launch.num_warps,
-        num_stages=launch.num_stages,
-    )
+    decode_call(out, queries, keys, values, tables, context, block_size, scale, sliding_window, launch).launch()
     return out

@@ -1,0 +1,70 @@
+"""The paged prefill kernel against the gathered sdpa groups it replaced, timed on the device at hand.
+
+bench/gpu.py's `kernel` part, second half. One step's prefill chunks, as the engine packs prompts of the
+workload's lengths into its token budget, are attended over every layer of a pool of the model's layout
+(random keys and values), twice: with the paged backend's in-place prefill (paged_prefill.py) and with
+the sdpa backend's gathered, padded groups (attention.py's AttentionGroup, KV heads repeated on CUDA).
+Two cases: chunks from position 0 (new prompts), and the same chunks after `cached` tokens each (later
+chunks of long prompts, prefix-cache hits), where the gathered path copies the whole context.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from bench.decode_floor import per_layer_ms
+from server.engine.attention import PagedStep, SdpaStep, Span
+from server.engine.kv_cache import KVCache, KVLayout
+
+
+def prefill_chunks(prompt_len: tuple[int, int], budget: int, seed: int = 0) -> list[int]:
+    """Chunk lengths of one step: prompts of uniform random length until `budget` tokens, the last cut."""
+    rng, lengths = random.Random(seed), []
+    while sum(lengths) < budget:
+        lengths.append(min(rng.randint(*prompt_len), budget - sum(lengths)))
+    return lengths
+
+
+def spans_over_pool(lengths: list[int], cached: int, block_size: int) -> tuple[list[Span], int]:
+    """Spans of consecutive rows over disjoint, consecutive blocks, each after `cached` tokens; and the
+    blocks they take."""
+    spans, row, next_block = [], 0, 0
+    for length in lengths:
+        blocks = -(-(cached + length) // block_size)
+        spans.append(Span(row, length, cached, list(range(next_block, next_block + blocks))))
+        row, next_block = row + length, next_block + blocks
+    return spans, next_block
+
+
+def attending(step: PagedStep | SdpaStep, queries: torch.Tensor):
+    return lambda layer: step.attend(layer, queries, None, None)
+
+
+def time_prefill(model, prompt_len: tuple[int, int], budget: int, cached: int, repeats: int) -> dict:
+    """{"new": ..., "after_cached": ...}, each with both paths' ms over every layer and their largest difference."""
+    parameter = next(model.parameters())
+    config, device = model.config, parameter.device
+    layout = KVLayout.from_config(config, parameter.dtype)
+    lengths = prefill_chunks(prompt_len, budget)
+    heads = config.num_attention_heads
+    result = {}
+    for case, start in (("new", 0), ("after_cached", cached)):
+        spans, blocks = spans_over_pool(lengths, start, 16)
+        kv = KVCache(layout, blocks, 16, device, prefix_caching=False)
+        kv.keys.normal_(), kv.values.normal_()
+        queries = torch.randn(budget, heads, layout.head_dim, device=device, dtype=layout.dtype)
+        steps = {"paged": PagedStep(kv, spans, budget, device), "sdpa": SdpaStep(kv, spans, budget, device)}
+        timings = {name: per_layer_ms(kv, repeats, attending(step, queries)) for name, step in steps.items()}
+        paged, sdpa = (step.attend(0, queries, None, None).float() for step in steps.values())
+        result[case] = {
+            "chunks": len(lengths),
+            "tokens": budget,
+            "cached": start,
+            "paged_ms": timings["paged"],
+            "sdpa_ms": timings["sdpa"],
+            "max_difference": (paged - sdpa).abs().max().item(),
+        }
+        del kv
+    return result

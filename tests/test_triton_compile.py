@@ -1,0 +1,81 @@
+"""The Triton kernels compiled ahead of time for the GPUs that serve, on any machine.
+
+The interpreter tests (test_paged_decode.py, test_paged_prefill.py) check what the kernels compute, but
+the interpreter runs their bodies as Python: code that Triton's compiler refuses, or a launch whose
+constants it cannot lay out (a tl.dot side under 16, a range that is not a power of two), passes there
+and fails on the first GPU. Here Triton's own compiler takes the launches the engine makes
+(`decode_call`, `prefill_call`, built from CPU tensors of the served shapes) down to a cubin for sm_90
+(H100, H200) and sm_80 (A100). No GPU is needed: Triton ships ptxas.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from server.engine.paged_decode_triton import decode_call  # noqa: E402
+from server.engine.paged_prefill import QUERY_TILE, prefill_tiles  # noqa: E402
+from server.engine.paged_prefill_triton import prefill_call  # noqa: E402
+from server.engine.paged_triton import KernelCall  # noqa: E402
+
+SHAPES = {  # name -> (dtype, heads, KV heads, head dim)
+    "llama-3.2-1b": (torch.bfloat16, 32, 8, 64),  # bench/gpu.py's 1b preset
+    "smollm2-135m": (torch.bfloat16, 9, 3, 64),  # the demo: groups of 3
+    "qwen2-0.5b": (torch.bfloat16, 14, 2, 64),  # groups of 7
+    "mha-128": (torch.float16, 16, 16, 128),  # no grouping, wide heads
+    "tests-float32": (torch.float32, 4, 2, 16),  # the tests' tiny models
+}
+TARGETS = {"sm_90": 90, "sm_80": 80}
+CASES = [(shape, target) for shape in SHAPES for target in TARGETS if target == "sm_90" or shape == "llama-3.2-1b"]
+POINTER_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64"}
+
+
+def kernel_calls(dtype, heads, kv_heads, head_dim) -> dict[str, KernelCall]:
+    """The engine's two launches for a step of 4 decode rows and 2 prefill chunks, block size 16."""
+    block_size, scale = 16, head_dim**-0.5
+    keys = torch.zeros(64 * block_size, kv_heads, head_dim, dtype=dtype)
+    values = torch.zeros_like(keys)
+    queries = torch.zeros(heads, 40, head_dim, dtype=dtype).transpose(0, 1)  # HF's [T, H, D] view
+    out = torch.empty(40, heads, head_dim, dtype=dtype)
+    tables = torch.zeros(4, 8, dtype=torch.long)
+    decode = decode_call(out, queries, keys, values, tables, torch.ones(4, dtype=torch.long), block_size, scale)
+    tiles = torch.from_numpy(prefill_tiles([(4, 20, 0), (24, 16, 30)]))
+    prefill = prefill_call(out, queries, keys, values, tables[:2], tiles, QUERY_TILE, block_size, scale, 100)
+    return {"decode": decode, "prefill": prefill}
+
+
+def compile_ahead(call: KernelCall, capability: int):
+    """Triton's compiler on the call, specialized as a launch on that GPU would be: pointers aligned to 16
+    bytes, and integers that may vary (do_not_specialize) apart, the others' divisibility by 16 known."""
+    names = call.kernel.arg_names
+    varying = set(call.kernel.do_not_specialize)  # names or indices, by Triton version
+    varying |= {names[i] for i in varying if isinstance(i, int)}
+    signature, attrs = {}, {}
+    for index, value in enumerate(call.args):  # the runtime arguments come first, in order
+        name = names[index]
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + POINTER_TYPES[value.dtype]
+        else:
+            signature[name] = "fp32" if isinstance(value, float) else "i32"
+        if isinstance(value, torch.Tensor) or (isinstance(value, int) and name not in varying and value % 16 == 0):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    constexprs = {}
+    for name, value in call.constexprs.items():
+        signature[name] = "constexpr"
+        constexprs[(names.index(name),)] = value
+    assert list(signature) == list(names), "every argument of the kernel is given"
+    source = ASTSource(call.kernel, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=call.options)
+
+
+@pytest.mark.parametrize("shape, target", CASES)
+@pytest.mark.parametrize("kernel", ["decode", "prefill"])
+def test_the_engines_launches_compile_for_the_gpus_that_serve(shape, target, kernel):
+    call = kernel_calls(*SHAPES[shape])[kernel]
+    compiled = compile_ahead(call, TARGETS[target])
+    assert compiled.asm["cubin"], "no machine code"
+    assert f".target {target}" in compiled.asm["ptx"]
