@@ -126,7 +126,8 @@ def _thread_core(
         model, tokenizer = load_model(
             model_path, device, resolve_dtype(settings.dtype, device), tensor_parallel=settings.tensor_parallel
         )
-    return EngineCore(model, settings.engine_config(), model_eos_ids(model, tokenizer), make_runner), tokenizer
+    config = settings.engine_config(next(model.parameters()).device.type)
+    return EngineCore(model, config, model_eos_ids(model, tokenizer), make_runner), tokenizer
 
 
 def create_app(

@@ -14,6 +14,12 @@ from server.plugins import split_plugins
 
 DEFAULT_DEMO_DIR = Path.home() / ".cache" / "reft-server" / "demo"
 
+# (max_num_seqs, max_batched_tokens) when unset, by whether the engine runs on a GPU. On a GPU a decode
+# step of 256 rows gives about twice the tokens per second of one of 64 (the weights are read once either
+# way: 7.0 vs 3.6 ms on an H200), and a burst of prompts goes through in a few steps of 8192 tokens; a
+# CPU's step grows with every row.
+BATCH_LIMITS = {True: (256, 8192), False: (64, 512)}
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REFT_", extra="ignore")
@@ -63,8 +69,12 @@ class Settings(BaseSettings):
         0.9, gt=0, le=1, description="Share of the GPU's memory the server may use (with kv_cache_memory auto)"
     )
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block")
-    max_num_seqs: int = Field(64, ge=1, description="Requests in the running batch at most")
-    max_batched_tokens: int = Field(512, ge=1, description="Tokens per engine step (prefill is chunked to fit)")
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="Requests in the running batch at most (default: 256 on a GPU, 64 on a CPU)"
+    )
+    max_batched_tokens: int | None = Field(
+        None, ge=1, description="Tokens per engine step, prefill chunked to fit (default: 8192 on a GPU, 512 on a CPU)"
+    )
     max_model_len: int | None = Field(None, ge=2, description="Prompt + output tokens at most (default: the model's)")
     prefix_caching: bool = Field(True, description="Reuse the KV cache of prompt prefixes already computed")
     attention_backend: Literal["auto", "sdpa", "paged", "flex"] = Field(
@@ -142,14 +152,15 @@ class Settings(BaseSettings):
         True, description="Also export the load metrics under vLLM's names (vllm:num_requests_waiting, ...)"
     )
 
-    def engine_config(self) -> EngineConfig:
-        """The engine's part of these settings."""
+    def engine_config(self, device_type: str) -> EngineConfig:
+        """The engine's part of these settings, for a model on a device of that type ("cuda", "cpu")."""
+        max_num_seqs, max_batched_tokens = BATCH_LIMITS[device_type == "cuda"]
         return EngineConfig(
             block_size=self.block_size,
             kv_cache_bytes=None if self.kv_cache_memory == "auto" else int(self.kv_cache_memory),
             gpu_memory_utilization=self.gpu_memory_utilization,
-            max_num_seqs=self.max_num_seqs,
-            max_batched_tokens=self.max_batched_tokens,
+            max_num_seqs=self.max_num_seqs or max_num_seqs,
+            max_batched_tokens=self.max_batched_tokens or max_batched_tokens,
             max_model_len=self.max_model_len,
             prefix_caching=self.prefix_caching,
             attention_backend=self.attention_backend,

@@ -287,7 +287,7 @@ def _build_core(settings: Settings, model_path: str) -> EngineCore:
     load_plugins(settings.plugins)  # intervention types a plugin brings, before any adapter arrives
     device = resolve_device(settings.device)
     model, tokenizer = load_model(model_path, device, resolve_dtype(settings.dtype, device))
-    return EngineCore(model, settings.engine_config(), model_eos_ids(model, tokenizer))
+    return EngineCore(model, settings.engine_config(device.type), model_eos_ids(model, tokenizer))
 
 
 def _send_reports(outbox: queue.SimpleQueue, reports, loop: CoreLoop) -> None:

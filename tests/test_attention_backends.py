@@ -175,10 +175,10 @@ def test_compiled_kernel_reads_only_the_steps_own_blocks():
 
 
 def test_the_setting_picks_the_backend_and_refuses_others(monkeypatch):
-    assert Settings().engine_config().attention_backend == "auto"
+    assert Settings().engine_config("cpu").attention_backend == "auto"
     assert resolve_attention_backend("auto", "cpu") == "sdpa" and resolve_attention_backend("auto", "cuda") == "paged"
     monkeypatch.setenv("REFT_ATTENTION_BACKEND", "flex")
-    assert Settings().engine_config().attention_backend == "flex"
+    assert Settings().engine_config("cpu").attention_backend == "flex"
     with pytest.raises(ValidationError, match="sdpa"):
         Settings(attention_backend="warp")
     with pytest.raises(ValueError, match="attention_backend must be one of auto, sdpa, paged, flex"):

@@ -85,6 +85,17 @@ def test_flags_override_env_and_env_overrides_defaults(monkeypatch):
     assert int(settings.kv_cache_memory) == 2**30 and settings.log_json is False
 
 
+def test_batch_limits_default_by_device_and_given_ones_win():
+    def limits(settings, device_type):
+        config = settings.engine_config(device_type)
+        return config.max_num_seqs, config.max_batched_tokens
+
+    assert limits(Settings(), "cpu") == (64, 512)
+    assert limits(Settings(), "cuda") == (256, 8192)
+    assert limits(Settings(max_num_seqs=12, max_batched_tokens=96), "cuda") == (12, 96)
+    assert limits(Settings(max_batched_tokens=1024), "cpu") == (64, 1024)
+
+
 def test_invalid_settings_exit_with_a_message(capsys):
     assert main(["serve", "--port", "99999"]) == 2
     assert "--port" in capsys.readouterr().err

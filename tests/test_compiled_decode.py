@@ -56,8 +56,8 @@ def test_the_attention_op_runs_only_inside_a_compiled_step():
 
 
 def test_the_setting_asks_for_inductor():
-    assert Settings(compile=True).engine_config().compile_backend == "inductor"
-    assert Settings().engine_config().compile_backend is None
+    assert Settings(compile=True).engine_config("cpu").compile_backend == "inductor"
+    assert Settings().engine_config("cpu").compile_backend is None
 
 
 def test_a_forward_that_fails_to_compile_or_capture_falls_back_to_the_plain_graphs(llama, monkeypatch, caplog):
