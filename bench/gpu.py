@@ -14,8 +14,8 @@ Parts (--parts, default all, in this order):
   kernel     the paged decode kernel alone over every layer at the largest decode batch, as the engine launches it,
              under a grid of other launch configurations, and torch's paged varlen flash attention over the same
              rows where this torch has it (bench/decode_kernel_launches.py; CUDA only); then one step's prefill
-             chunks through the paged prefill kernel and through the gathered sdpa groups, from position 0 and
-             after cached tokens (bench/prefill_kernel.py)
+             chunks through the paged prefill kernel and through the gathered sdpa groups: prompts from position
+             0, the same after cached tokens, one prompt of the whole budget (bench/prefill_kernel.py)
   profile    torch.profiler over decode steps of the largest decode batch and over one step that also
              prefills: the top operators by device time and by host time
   hf-static  HF `generate` on the same requests, static left-padded batches

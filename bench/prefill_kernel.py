@@ -4,8 +4,10 @@ bench/gpu.py's `kernel` part, second half. One step's prefill chunks, as the eng
 workload's lengths into its token budget, are attended over every layer of a pool of the model's layout
 (random keys and values), twice: with the paged backend's in-place prefill (paged_prefill.py) and with
 the sdpa backend's gathered, padded groups (attention.py's AttentionGroup, KV heads repeated on CUDA).
-Two cases: chunks from position 0 (new prompts), and the same chunks after `cached` tokens each (later
-chunks of long prompts, prefix-cache hits), where the gathered path copies the whole context.
+Three cases: chunks from position 0 (new prompts); the same chunks after `cached` tokens each (later
+chunks of long prompts, prefix-cache hits), where the gathered path copies the whole context; and one
+prompt as long as the budget, where the gathered path is at its best (SDPA's causal flash kernel, no
+mask) and the in-place kernel's work grows with the square of the chunk.
 """
 
 from __future__ import annotations
@@ -43,15 +45,16 @@ def attending(step: PagedStep | SdpaStep, queries: torch.Tensor):
 
 
 def time_prefill(model, prompt_len: tuple[int, int], budget: int, cached: int, repeats: int) -> dict:
-    """{"new": ..., "after_cached": ...}, each with both paths' ms over every layer and their largest difference."""
+    """{"new": ..., "after_cached": ..., "one_long": ...}, each with both paths' ms over every layer and their
+    largest difference."""
     parameter = next(model.parameters())
     config, device = model.config, parameter.device
     layout = KVLayout.from_config(config, parameter.dtype)
     lengths = prefill_chunks(prompt_len, budget)
     heads = config.num_attention_heads
     result = {}
-    for case, start in (("new", 0), ("after_cached", cached)):
-        spans, blocks = spans_over_pool(lengths, start, 16)
+    for case, chunks, start in (("new", lengths, 0), ("after_cached", lengths, cached), ("one_long", [budget], 0)):
+        spans, blocks = spans_over_pool(chunks, start, 16)
         kv = KVCache(layout, blocks, 16, device, prefix_caching=False)
         kv.keys.normal_(), kv.values.normal_()
         queries = torch.randn(budget, heads, layout.head_dim, device=device, dtype=layout.dtype)
@@ -59,7 +62,7 @@ def time_prefill(model, prompt_len: tuple[int, int], budget: int, cached: int, r
         timings = {name: per_layer_ms(kv, repeats, attending(step, queries)) for name, step in steps.items()}
         paged, sdpa = (step.attend(0, queries, None, None).float() for step in steps.values())
         result[case] = {
-            "chunks": len(lengths),
+            "chunks": len(chunks),
             "tokens": budget,
             "cached": start,
             "paged_ms": timings["paged"],

@@ -86,7 +86,7 @@ def _paged_decode_kernel(
         table_at = table_ptr + row * table_row_stride
         keys, values = load_kv_tile(
             key_ptr, value_ptr, table_at, positions, visible, kv_head, dims, dim_ok, kv_slot_stride, kv_head_stride,
-            table_col_stride, BLOCK_SIZE,
+            table_col_stride, BLOCK_SIZE, True,
         )  # fmt: skip
         running_max, running_sum, acc = online_softmax_step(
             query, keys, values, visible[None, :], scale, running_max, running_sum, acc, PRECISION

@@ -3,7 +3,11 @@
 One program per (tile, KV head) walks the keys of the tile's sequence up to its last token's position,
 for all the tile's tokens and all the query heads that share the KV head at once (tokens x group rows in
 each tl.dot), loading keys and values straight from the pool through the block table, with
-paged_triton.py's pieces and paged_decode_triton.py's precision. Tests hold it to paged_prefill.py's torch twin
+paged_triton.py's pieces. Unlike the decode kernel, whose tiles are small, it multiplies in the pool's
+dtype, as flash attention does: with a 16-bit pool, query-key products are exact and summed in float32,
+and the softmax weights are rounded to the pool's dtype before they meet the values (the decode
+kernel keeps them at tf32). That halves its registers and doubles its tensor-core rate, which long
+prompts (attention growing with the square of the chunk) need. Tests hold it to paged_prefill.py's torch twin
 through Triton's CPU interpreter.
 """
 
@@ -11,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -27,6 +30,7 @@ from server.engine.paged_triton import (
 )
 
 FIELDS = tl.constexpr(TILE_FIELDS)  # a jitted function reads only constexpr globals
+EXACT = tl.constexpr("ieee")  # tl.dot's precision for float32 pools; 16-bit operands multiply exactly anyway
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,6 @@ def _paged_prefill_kernel(
     DIM_TILE: tl.constexpr,  # HEAD_DIM rounded up to a power of two, at least 16
     BLOCK_SIZE: tl.constexpr,  # tokens per pool block
     KEY_TILE: tl.constexpr,  # key positions per iteration
-    PRECISION: tl.constexpr,  # tl.dot's: "tf32" is exact for 16-bit pools, "ieee" keeps float32 ones exact
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -84,7 +87,7 @@ def _paged_prefill_kernel(
     query_mask = row_ok[:, None] & dim_ok[None, :]
     query_rows = (first_row + token).to(tl.int64)
     query_at = query_ptr + query_rows[:, None] * query_row_stride + heads[:, None] * query_head_stride + dims[None, :]
-    query = tl.load(query_at, mask=query_mask, other=0.0).to(tl.float32)  # [M, D], padded rows are zeros
+    query = tl.load(query_at, mask=query_mask, other=0.0).to(key_ptr.dtype.element_ty)  # [M, D], padding zeros
 
     end = first_pos + count  # keys the tile's last token sees
     first = tl.where(window > 0, tl.maximum(first_pos - window + 1, 0), 0)
@@ -98,12 +101,12 @@ def _paged_prefill_kernel(
         table_at = table_ptr + table_row * table_row_stride
         keys, values = load_kv_tile(
             key_ptr, value_ptr, table_at, positions, in_context, kv_head, dims, dim_ok, kv_slot_stride, kv_head_stride,
-            table_col_stride, BLOCK_SIZE,
+            table_col_stride, BLOCK_SIZE, False,
         )  # fmt: skip
         visible = in_context[None, :] & (positions[None, :] <= query_pos[:, None])
         visible &= (window <= 0) | (positions[None, :] > query_pos[:, None] - window)
         running_max, running_sum, acc = online_softmax_step(
-            query, keys, values, visible, scale, running_max, running_sum, acc, PRECISION
+            query, keys, values, visible, scale, running_max, running_sum, acc, EXACT
         )
     out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]  # every stored row saw its own position
     out_at = out_ptr + query_rows[:, None] * out_row_stride + heads[:, None] * out_head_stride + dims[None, :]
@@ -139,7 +142,6 @@ def prefill_call(
         "DIM_TILE": max(MIN_DOT, triton.next_power_of_2(head_dim)),
         "BLOCK_SIZE": block_size,
         "KEY_TILE": launch.key_tile,
-        "PRECISION": "ieee" if keys.dtype == torch.float32 else "tf32",
     }
     args = (out, queries, keys, values, tables, tiles, scale, sliding_window or 0, *strides)
     options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}

@@ -56,27 +56,31 @@ def load_kv_tile(
     kv_head_stride,
     table_col_stride,
     BLOCK_SIZE: tl.constexpr,
+    FLOAT32: tl.constexpr,  # converted to float32, or in the pool's dtype
 ):
-    """Keys and values [K, D] of one KV head at the positions, straight from the pool, in float32."""
+    """Keys and values [K, D] of one KV head at the positions, straight from the pool."""
     block = tl.load(table_at + (positions // BLOCK_SIZE) * table_col_stride, mask=in_context)
     slots = block.to(tl.int64) * BLOCK_SIZE + positions % BLOCK_SIZE
     kv_at = slots[:, None] * kv_slot_stride + kv_head * kv_head_stride + dims[None, :]
     kv_mask = in_context[:, None] & dim_ok[None, :]
-    keys = tl.load(key_ptr + kv_at, mask=kv_mask, other=0.0).to(tl.float32)
-    values = tl.load(value_ptr + kv_at, mask=kv_mask, other=0.0).to(tl.float32)
+    keys = tl.load(key_ptr + kv_at, mask=kv_mask, other=0.0)
+    values = tl.load(value_ptr + kv_at, mask=kv_mask, other=0.0)
+    if FLOAT32:
+        keys, values = keys.to(tl.float32), values.to(tl.float32)
     return keys, values
 
 
 @triton.jit
 def online_softmax_step(query, keys, values, visible, scale, running_max, running_sum, acc, PRECISION: tl.constexpr):
     """One tile of keys into each query row's running softmax (flash attention's update): `visible` [M, K]
-    says which keys a row sees. A row that sees none of the tile yet keeps its zeros (shift 0, not -inf)."""
+    says which keys a row sees. A row that sees none of the tile yet keeps its zeros (shift 0, not -inf).
+    The softmax weights meet the values in the values' dtype; the sums stay float32."""
     scores = tl.dot(query, tl.trans(keys), input_precision=PRECISION) * scale  # [M, K], float32
     scores = tl.where(visible, scores, float("-inf"))
     new_max = tl.maximum(running_max, tl.max(scores, axis=1))
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)
     weights = tl.exp(scores - shift[:, None])
     rescale = tl.exp(running_max - shift)
-    acc = acc * rescale[:, None] + tl.dot(weights, values, input_precision=PRECISION)
+    acc = acc * rescale[:, None] + tl.dot(weights.to(values.dtype), values, input_precision=PRECISION)
     running_sum = running_sum * rescale + tl.sum(weights, axis=1)
     return new_max, running_sum, acc
