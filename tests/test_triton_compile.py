@@ -5,7 +5,8 @@ the interpreter runs their bodies as Python: code that Triton's compiler refuses
 constants it cannot lay out (a tl.dot side under 16, a range that is not a power of two), passes there
 and fails on the first GPU. Here Triton's own compiler takes the launches the engine makes
 (`decode_call`, `prefill_call`, built from CPU tensors of the served shapes) down to a cubin for sm_90
-(H100, H200) and sm_80 (A100). No GPU is needed: Triton ships ptxas.
+(H100, H200) and, at the 1b preset's shape, for sm_80 (A100), sm_89 (L4, L40S), sm_75 (T4) and sm_100
+(B200). No GPU is needed: Triton ships ptxas.
 """
 
 import pytest
@@ -29,7 +30,7 @@ SHAPES = {  # name -> (dtype, heads, KV heads, head dim)
     "mha-128": (torch.float16, 16, 16, 128),  # no grouping, wide heads
     "tests-float32": (torch.float32, 4, 2, 16),  # the tests' tiny models
 }
-TARGETS = {"sm_90": 90, "sm_80": 80}
+TARGETS = {"sm_90": 90, "sm_80": 80, "sm_89": 89, "sm_75": 75, "sm_100": 100}  # H100/H200, A100, L4/L40S, T4, B200
 CASES = [(shape, target) for shape in SHAPES for target in TARGETS if target == "sm_90" or shape == "llama-3.2-1b"]
 POINTER_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64"}
 
