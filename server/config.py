@@ -80,8 +80,8 @@ class Settings(BaseSettings):
     attention_backend: Literal["auto", "sdpa", "paged", "flex"] = Field(
         "auto",
         description="Attention over the KV cache: sdpa (gathered blocks), paged (decode rows and prefill chunks read "
-        "the cache in place, with Triton kernels on CUDA), flex (FlexAttention, in place); auto = paged on a GPU, "
-        "sdpa on a CPU",
+        "the cache in place, with Triton kernels on CUDA), flex (FlexAttention, in place); auto = paged on a GPU "
+        "(sdpa where Triton is missing), sdpa on a CPU",
     )
     cuda_graphs: bool = Field(
         True, description="Replay decode-only steps from CUDA graphs (paged attention on a GPU; captured at start)"

@@ -174,7 +174,20 @@ def test_compiled_kernel_reads_only_the_steps_own_blocks():
     torch.testing.assert_close(poisoned, clean, atol=1e-5, rtol=1e-5)
 
 
+def test_without_triton_cuda_falls_back_to_sdpa_and_refuses_paged(monkeypatch):
+    from server.engine import config
+
+    monkeypatch.setattr(config, "triton_available", lambda: False)
+    assert resolve_attention_backend("auto", "cuda") == "sdpa"
+    with pytest.raises(ValueError, match="install triton, or use sdpa"):
+        resolve_attention_backend("paged", "cuda")
+    assert resolve_attention_backend("paged", "cpu") == "paged"  # the torch twins need no Triton
+
+
 def test_the_setting_picks_the_backend_and_refuses_others(monkeypatch):
+    from server.engine import config
+
+    monkeypatch.setattr(config, "triton_available", lambda: True)
     assert Settings().engine_config("cpu").attention_backend == "auto"
     assert resolve_attention_backend("auto", "cpu") == "sdpa" and resolve_attention_backend("auto", "cuda") == "paged"
     monkeypatch.setenv("REFT_ATTENTION_BACKEND", "flex")

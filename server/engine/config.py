@@ -4,14 +4,26 @@ core read it as it is."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "paged", "flex")  # see attention.py; auto: paged on CUDA, else sdpa
+ATTENTION_BACKENDS = ("auto", "sdpa", "paged", "flex")  # see attention.py; auto: paged on CUDA (with Triton), else sdpa
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton can be imported (CUDA builds of torch bring it on Linux, not everywhere)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_attention_backend(name: str, device_type: str) -> str:
+    """auto: paged on CUDA where Triton is, else sdpa. Paged on CUDA without Triton is refused here, at
+    start-up, rather than at the first step."""
     if name == "auto":
-        return "paged" if device_type == "cuda" else "sdpa"
+        return "paged" if device_type == "cuda" and triton_available() else "sdpa"
+    if name == "paged" and device_type == "cuda" and not triton_available():
+        raise ValueError("the paged attention backend runs Triton kernels on CUDA: install triton, or use sdpa")
     return name
 
 
