@@ -4,21 +4,16 @@ The twin itself is held to the sdpa backend by test_attention_backends.py; here 
 the twin on GQA and MHA, head counts, head sizes and block sizes that are not powers of two, sliding
 windows, contexts that end mid-block, block tables seen through a transposed view (as the CUDA-graph
 buffers hand them over), queries with HF's strides, and tiles of positions other than the default.
-The interpreter reads TRITON_INTERPRET when the kernel is defined, so the comparison runs in a child
-process.
+The comparison runs in a child process under the interpreter (tests/triton_interpreter.py).
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+from tests.triton_interpreter import interpreted
 
-ROOT = Path(__file__).resolve().parent.parent
+pytest.importorskip("triton")
 
 CASES = [  # dtype, heads, kv heads, head dim, block size, sliding window, positions per iteration
     ("float32", 8, 2, 16, 4, None, 64),
@@ -58,12 +53,7 @@ print(json.dumps(errors))
 
 @pytest.fixture(scope="module")
 def errors():
-    environment = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(CASES)], env=environment, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(interpreted(CHILD, json.dumps(CASES)))
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))

@@ -3,23 +3,19 @@ and the twin against the decode twin, token by token.
 
 Query token i of a chunk from position `start` is, for attention, a decode row with context start + i + 1
 over its sequence's block table; the twins themselves are held to the sdpa backend by
-test_attention_backends.py. Cases cover GQA with groups that are not
-powers of two and MHA, head sizes and block sizes that are not powers of two, sliding windows, chunks
-after cached tokens, lengths that end mid-tile, tables seen through a transposed view, HF's query
-strides, other tiles, and rows outside the chunks, which must stay as they were.
+test_attention_backends.py. Cases cover GQA with groups that are not powers of two and MHA, head sizes
+and block sizes that are not powers of two, sliding windows, chunks after cached tokens, lengths that
+end mid-tile, tables seen through a transposed view, HF's query strides, other tiles, and rows outside
+the chunks, which must stay as they were. Then a whole engine runs both Triton kernels, interpreted.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+from tests.triton_interpreter import interpreted
 
-ROOT = Path(__file__).resolve().parent.parent
+pytest.importorskip("triton")
 
 # 16-bit pools take the kernel's 16-bit products as float16: the interpreter multiplies bfloat16 operands'
 # raw bits (triton-lang/triton#11584; tests/test_gpu_engine.py checks bfloat16 on a GPU)
@@ -74,12 +70,7 @@ print(json.dumps(errors))
 
 @pytest.fixture(scope="module")
 def results():
-    environment = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(CASES)], env=environment, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(interpreted(CHILD, json.dumps(CASES)))
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
@@ -134,8 +125,4 @@ print("agree", sum(len(t) for t in tokens.values()))
 def test_the_engine_with_both_triton_kernels_gives_sdpa_tokens(tiny_model_dir):
     """The paged backend as CUDA runs it (both kernels, each step's tiles and tables, HF's query views),
     interpreted on the CPU: chunked prefills after cached prefixes, adapters, decode rows in the same steps."""
-    environment = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-c", ENGINE_CHILD, str(tiny_model_dir("llama"))]
-    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "agree 35"
+    assert interpreted(ENGINE_CHILD, str(tiny_model_dir("llama")), timeout=600) == "agree 35"

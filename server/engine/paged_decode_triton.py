@@ -21,6 +21,7 @@ from server.engine.paged_triton import (
     MIN_DOT,
     RUNTIME_INTEGERS,
     KernelCall,
+    launching,
     load_kv_tile,
     online_softmax_step,
     pool_strides,
@@ -108,7 +109,7 @@ def decode_call(
     sliding_window: int | None = None,
     launch: Launch = Launch(),
 ) -> KernelCall:
-    """The kernel's launch for these arguments (paged_decode_triton's)."""
+    """The kernel's launch for paged_decode.py's arguments; `paged_decode_triton` runs it."""
     rows, heads, head_dim = queries.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
@@ -127,18 +128,4 @@ def decode_call(
     return KernelCall(_paged_decode_kernel, (rows, kv_heads), args, constexprs, options)
 
 
-def paged_decode_triton(
-    out: Tensor,
-    queries: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    tables: Tensor,
-    context: Tensor,
-    block_size: int,
-    scale: float,
-    sliding_window: int | None = None,
-    launch: Launch = Launch(),
-) -> Tensor:
-    """paged_decode.py's contract: the attention of every row of `queries`, written into `out`."""
-    decode_call(out, queries, keys, values, tables, context, block_size, scale, sliding_window, launch).launch()
-    return out
+paged_decode_triton = launching(decode_call)  # paged_decode.py's contract

@@ -6,6 +6,8 @@ loop: loading a tile of keys and values through a block table, and the online-so
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import triton
@@ -32,6 +34,17 @@ class KernelCall:
 
     def launch(self) -> None:
         self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
+
+
+def launching(make_call: Callable[..., KernelCall]) -> Callable[..., Tensor]:
+    """The attention function of a call builder: its arguments, `out` first; launches the call, returns `out`."""
+
+    @functools.wraps(make_call)
+    def attend(out: Tensor, *args, **kwargs) -> Tensor:
+        make_call(out, *args, **kwargs).launch()
+        return out
+
+    return attend
 
 
 def pool_strides(queries: Tensor, out: Tensor, keys: Tensor, values: Tensor, tables: Tensor) -> tuple[int, ...]:
