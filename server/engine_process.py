@@ -40,11 +40,11 @@ from server.engine.sequence import FinishReason
 from server.logging_setup import setup_logging
 from server.model_facts import ModelFacts
 from server.models.loader import load_model, resolve_device, resolve_dtype
+from server.pipe_frames import FrameReader
 from server.plugins import load_plugins
 
 log = logging.getLogger(__name__)
 EXIT_SECONDS = 10.0
-REPORTS_PER_READ = 32  # per wake-up of the event loop's reader, so that HTTP work is never starved
 
 
 class EngineProcessFailed(RuntimeError):
@@ -146,6 +146,7 @@ class CoreProcess:
     def start(self, sink: Callable[[StepReport], None]) -> None:
         """On the event loop: it reads the reports as they arrive; commands go out from a thread."""
         self._sink = sink
+        self._frames = FrameReader(self._reports.fileno())  # uvloop would make the pipe non-blocking anyway
         self._event_loop = asyncio.get_running_loop()
         self._event_loop.add_reader(self._reports.fileno(), self._read_reports)
         threading.Thread(target=self._relay_commands, name="reft-engine-commands", daemon=True).start()
@@ -214,19 +215,16 @@ class CoreProcess:
 
     # -- reports, on the event loop ---------------------------------------------------------------------
     def _read_reports(self) -> None:
-        """When the pipe has data: the reports waiting, a bounded number, then back to the loop. Reading
-        here rather than in a thread of its own spares a GIL handoff per report while the loop streams."""
-        try:
-            for _ in range(REPORTS_PER_READ):
-                if not self._reports.poll():
-                    return
-                message = self._receive()
-                if isinstance(message, LostAdapter):
-                    self._outbox.put(message)  # for the command thread, which keeps the adapter record
-                    continue
-                self._last_load = message.load
-                self._sink(message)
-        except (OSError, EOFError):  # the engine process stopped, or is gone
+        """When the pipe has data: the whole reports that arrived, then back to the loop. Reading here rather
+        than in a thread of its own spares a GIL handoff per report while the loop streams."""
+        for data in self._frames.read():
+            message = pickle.loads(data)
+            if isinstance(message, LostAdapter):
+                self._outbox.put(message)  # for the command thread, which keeps the adapter record
+                continue
+            self._last_load = message.load
+            self._sink(message)
+        if self._frames.closed:  # the engine process stopped, or is gone
             self._event_loop.remove_reader(self._reports.fileno())
             threading.Thread(target=self._report_exit, name="reft-engine-exit", daemon=True).start()
 
