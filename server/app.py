@@ -34,6 +34,7 @@ from server.engine.core import EngineCore, model_eos_ids
 from server.engine.core_loop import CoreThread
 from server.engine.model_runner import ModelRunner
 from server.engine_process import CoreProcess
+from server.gc_freeze import freeze_long_lived, thaw
 from server.metrics import Metrics
 from server.model_facts import ModelFacts
 from server.models.loader import load_model, resolve_device, resolve_dtype
@@ -152,6 +153,7 @@ def create_app(
         try:  # whatever fails from here on, the engine (a process, perhaps) is stopped again
             state.engine.start()
             await state.registry.start()
+            freeze_long_lived("server")
             log.info("ready", extra={"fields": {"model": state.model_name, "max_model_len": state.max_model_len}})
             yield
         finally:
@@ -160,6 +162,7 @@ def create_app(
             await state.engine.stop(grace_seconds=state.grace_left())
             if group is not None:
                 await asyncio.to_thread(group.stop)
+            thaw()
             log.info("stopped")
 
     app = FastAPI(title="reft-server", version=version("reft-server"), description=DESCRIPTION, lifespan=lifespan)

@@ -37,6 +37,7 @@ from server.distributed.adapter_mirror import AdapterPayload, AdapterReceiver, A
 from server.engine.core import EngineCore, EngineLoad, SeqOutput, model_eos_ids
 from server.engine.core_loop import STOP, CoreLoop, Refuse, StepReport, Submit, stopped
 from server.engine.sequence import FinishReason
+from server.gc_freeze import freeze_long_lived
 from server.logging_setup import setup_logging
 from server.model_facts import ModelFacts
 from server.models.loader import load_model, resolve_device, resolve_dtype
@@ -250,6 +251,7 @@ def _engine_main(settings: Settings, model_path: str, commands, reports) -> None
         reports.send_bytes(pickle.dumps(StartFailed(f"{type(e).__name__}: {e}")))
         return
     started = Started(ModelFacts.of(core.runner.model), core.max_num_seqs, core.max_model_len, core.load())
+    freeze_long_lived("engine")
     reports.send_bytes(pickle.dumps(started))
     outbox: queue.SimpleQueue = queue.SimpleQueue()  # reports, and LostAdapter notices
     loop = CoreLoop(core, outbox.put)
