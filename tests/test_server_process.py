@@ -3,6 +3,7 @@ disconnects, SIGTERM drain, two replicas sharing one store, and a publish killed
 server's tests run with the engine core in a thread and in a process of its own."""
 
 import asyncio
+import json
 import random
 import signal
 import subprocess
@@ -137,6 +138,26 @@ def test_load_generator_counts_every_token_and_error(server):
         assert summary["completed"] > 0 and summary["ttft_s"]["p50"] > 0 and summary["e2e_s"]["p99"] > 0
     with pytest.raises(ValueError, match="loopback"):
         asyncio.run(run_load("http://example.com:8000", LoadSpec(requests=1)))
+
+
+def test_large_reports_reach_every_stream(server):
+    """Many streams with 20 logprobs a token: the engine process's reports outgrow the pipe's buffer and
+    arrive in pieces, which uvloop's non-blocking pipe once turned into a dead engine (every request failed)."""
+
+    async def stream(client, i: int) -> list[str]:
+        body = {"prompt": f"story {i}", "max_new_tokens": 24, "logprobs": 20, "ignore_eos": True, "stream": True}
+        async with client.stream("POST", f"{server.url}/v1/generate", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            return [line async for line in response.aiter_lines() if line.startswith("data: ")]
+
+    async def all_streams():
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=128)) as client:
+            return await asyncio.gather(*(stream(client, i) for i in range(128)))
+
+    for events in asyncio.run(all_streams()):
+        chunks = [json.loads(event.removeprefix("data: ")) for event in events[:-1]]  # the last one is [DONE]
+        assert events[-1] == "data: [DONE]" and all("error" not in chunk for chunk in chunks)
+        assert sum(len(chunk["logprobs"]) for chunk in chunks) == 24 and chunks[-1]["finish_reason"] == "length"
 
 
 def test_two_servers_on_one_store_see_each_others_changes(server, tiny_model_dir, store, tmp_path):
