@@ -7,6 +7,7 @@ loop: loading a tile of keys and values through a block table, and the online-so
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ def launching(make_call: Callable[..., KernelCall]) -> Callable[..., Tensor]:
         make_call(out, *args, **kwargs).launch()
         return out
 
+    attend.__signature__ = inspect.signature(make_call).replace(return_annotation=Tensor)
     return attend
 
 
