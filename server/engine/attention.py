@@ -123,11 +123,9 @@ class PagedDecodeRows:
     def from_spans(cls, kv: KVCache, spans: list[Span], device: torch.device) -> PagedDecodeRows:
         if [s.row for s in spans] != list(range(len(spans))) or any(s.length != 1 for s in spans):
             raise ValueError("paged decode rows must be one-token spans at the start of the step")
-        width = max(len(s.block_table) for s in spans)
-        tables = padded_block_tables([s.block_table for s in spans], width, kv.pad_block)
         context = [s.start + 1 for s in spans]
         kernel = decode_kernel(device.type)
-        return cls(kv, to_device(tables, torch.long, device), to_device(context, torch.long, device), kernel)
+        return cls(kv, _block_tables(kv, spans, device), to_device(context, torch.long, device), kernel)
 
     def attend(
         self, layer: int, queries: Tensor, scaling: float | None, sliding_window: int | None, out: Tensor | None = None
@@ -145,9 +143,7 @@ class PagedPrefillRows:
 
     def __init__(self, kv: KVCache, spans: list[Span], device: torch.device):
         self.kv = kv
-        width = max(len(s.block_table) for s in spans)
-        tables = padded_block_tables([s.block_table for s in spans], width, kv.pad_block)
-        self.tables = to_device(tables, torch.long, device)  # [chunks, width]
+        self.tables = _block_tables(kv, spans, device)  # [chunks, width]
         self.tiles = to_device(prefill_tiles([(s.row, s.length, s.start) for s in spans]), torch.long, device)
         self.kernel: PrefillKernel = prefill_kernel(device.type)
 
@@ -162,12 +158,22 @@ def _scale(scaling: float | None, queries: Tensor) -> float:
     return scaling if scaling is not None else queries.shape[-1] ** -0.5
 
 
+def _block_tables(kv: KVCache, spans: list[Span], device: torch.device) -> Tensor:
+    """The spans' block tables as one tensor on the device, padded to the longest with the pool's pad block."""
+    width = max(len(s.block_table) for s in spans)
+    return to_device(padded_block_tables([s.block_table for s in spans], width, kv.pad_block), torch.long, device)
+
+
+def _decode_and_prefill(spans: list[Span]) -> tuple[list[Span], list[Span]]:
+    """One-token spans (decode rows, first in a step) and longer ones (prefill chunks)."""
+    return [s for s in spans if s.length == 1], [s for s in spans if s.length > 1]
+
+
 class PagedStep:
     """The paged backend's step: its decode rows and its prefill chunks each read the pool in place."""
 
     def __init__(self, kv: KVCache, spans: list[Span], num_rows: int, device: torch.device):
-        decode = [s for s in spans if s.length == 1]
-        prefill = [s for s in spans if s.length > 1]
+        decode, prefill = _decode_and_prefill(spans)
         self.num_rows = num_rows
         self.decode = PagedDecodeRows.from_spans(kv, decode, device) if decode else None
         self.prefill = PagedPrefillRows(kv, prefill, device) if prefill else None
@@ -185,8 +191,7 @@ class SdpaStep:
     """One step's gathered SDPA groups over a KV pool (decode rows, prefill chunks); `attend` runs one layer."""
 
     def __init__(self, kv: KVCache, spans: list[Span], num_rows: int, device: torch.device):
-        decode = [s for s in spans if s.length == 1]
-        prefill = [s for s in spans if s.length > 1]
+        decode, prefill = _decode_and_prefill(spans)
         self.kv = kv
         self.num_rows = num_rows
         self.groups = [AttentionGroup(g, kv.block_size, kv.pad_block, num_rows, device) for g in (decode, prefill) if g]
