@@ -18,10 +18,11 @@ import torch
 from bench.device_timing import timed
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
-from server.engine.kv_cache import KVCache, padded_block_tables
+from server.engine.kv_cache import KVCache, stage_block_tables
 from server.engine.paged_decode import DecodeKernel, decode_kernel
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
+from server.engine.transfers import StepUpload
 
 PREFILL_SLACK = 64  # tokens the first sequences may decode while the last ones are still prefilling
 
@@ -134,12 +135,14 @@ def attention_inputs(core: EngineCore, sequences: list[Sequence]) -> tuple:
     """(queries, block tables, contexts, block size, scale) of a decode kernel call over the sequences'
     cached positions, the queries random."""
     kv, device = core.kv, core.kv.keys.device
+    upload = StepUpload(device)
     width = max(len(s.block_table) for s in sequences)
-    tables = torch.tensor(padded_block_tables([s.block_table for s in sequences], width, kv.pad_block))
-    context = torch.tensor([len(s.token_ids) - 1 for s in sequences])  # their cached positions
+    tables = stage_block_tables(upload, [s.block_table for s in sequences], width, kv.pad_block)
+    context = upload.stage([len(s.token_ids) - 1 for s in sequences])  # their cached positions
+    upload.send()
     heads = core.runner.model.config.num_attention_heads
     queries = torch.randn(len(sequences), heads, kv.layout.head_dim, device=device, dtype=kv.layout.dtype)
-    return queries, tables.to(device), context.to(device), kv.block_size, kv.layout.head_dim**-0.5
+    return queries, tables, context, kv.block_size, kv.layout.head_dim**-0.5
 
 
 def _full_decode_step(core: EngineCore, batch: int) -> bool:

@@ -19,6 +19,7 @@ import torch
 from bench.decode_floor import per_layer_ms
 from server.engine.attention import PagedStep, SdpaStep, Span
 from server.engine.kv_cache import KVCache, KVLayout
+from server.engine.transfers import StepUpload
 
 
 def prefill_chunks(prompt_len: tuple[int, int], budget: int, seed: int = 0) -> list[int]:
@@ -58,7 +59,9 @@ def time_prefill(model, prompt_len: tuple[int, int], budget: int, cached: int, r
         kv = KVCache(layout, blocks, 16, device, prefix_caching=False)
         kv.keys.normal_(), kv.values.normal_()
         queries = torch.randn(budget, heads, layout.head_dim, device=device, dtype=layout.dtype)
-        steps = {"paged": PagedStep(kv, spans, budget, device), "sdpa": SdpaStep(kv, spans, budget, device)}
+        upload = StepUpload(device)
+        steps = {"paged": PagedStep(kv, spans, budget, upload), "sdpa": SdpaStep(kv, spans, budget, upload)}
+        upload.send()
         timings = {name: per_layer_ms(kv, repeats, attending(step, queries)) for name, step in steps.items()}
         paged, sdpa = (step.attend(0, queries, None, None).float() for step in steps.values())
         result[case] = {

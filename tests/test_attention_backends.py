@@ -16,6 +16,7 @@ from server.config import Settings
 from server.engine.config import EngineConfig, resolve_attention_backend
 from server.engine.model_runner import ModelRunner
 from server.engine.paged_flex import QUERY_TILE, FlexStep, flex_kernel
+from server.engine.transfers import StepUpload
 from tests.engine_utils import load_engine_model, make_core, prompt, random_adapter, run_core, seq
 from tests.test_engine_correctness import make_adapters, make_workload
 
@@ -125,6 +126,13 @@ def random_step(rng, block_size, num_pool_blocks, spans_wanted):
     return spans
 
 
+def sent_flex_step(spans, block_size, num_pool_blocks, kernel) -> FlexStep:
+    upload = StepUpload(torch.device("cpu"))
+    step = FlexStep(spans, block_size, num_pool_blocks, upload, kernel)
+    upload.send()
+    return step
+
+
 def allowed_slots(span, block_size, row_offset, sliding_window):
     position = span.start + row_offset
     oldest = 0 if sliding_window is None else max(0, position - sliding_window + 1)
@@ -135,7 +143,7 @@ def allowed_slots(span, block_size, row_offset, sliding_window):
 def test_block_mask_is_exact_and_lists_each_needed_block_once(sliding_window):
     block_size, num_pool_blocks = 4, 200
     spans = random_step(random.Random(sliding_window or 0), block_size, num_pool_blocks, 12)
-    step = FlexStep(spans, block_size, num_pool_blocks, torch.device("cpu"), flex_kernel("cpu"))
+    step = sent_flex_step(spans, block_size, num_pool_blocks, flex_kernel("cpu"))
     assert step.num_rows > QUERY_TILE, "the step must span several query tiles"
     mask = step.block_mask(sliding_window)
     rows = torch.arange(step.num_rows)[:, None]
@@ -162,14 +170,14 @@ def test_compiled_kernel_reads_only_the_steps_own_blocks():
     keys = torch.randn(num_pool_blocks * block_size, kv_heads, head_dim)
     values = torch.randn_like(keys)
     queries = torch.randn(sum(s.length for s in spans), heads, head_dim)
-    cpu = torch.device("cpu")
-    clean = FlexStep(spans, block_size, num_pool_blocks, cpu, flex_kernel("cpu")).attend(queries, keys, values, None, 6)
+    clean_step = sent_flex_step(spans, block_size, num_pool_blocks, flex_kernel("cpu"))
+    clean = clean_step.attend(queries, keys, values, None, 6)
     owned = torch.zeros(num_pool_blocks, dtype=torch.bool)
     owned[[b for s in spans for b in s.block_table]] = True
     foreign = ~owned.repeat_interleave(block_size)
     keys[foreign], values[foreign] = float("nan"), float("nan")
     compiled = torch.compile(flex_kernel("cpu"), dynamic=False)
-    poisoned = FlexStep(spans, block_size, num_pool_blocks, cpu, compiled).attend(queries, keys, values, None, 6)
+    poisoned = sent_flex_step(spans, block_size, num_pool_blocks, compiled).attend(queries, keys, values, None, 6)
     assert torch.isfinite(poisoned).all()
     torch.testing.assert_close(poisoned, clean, atol=1e-5, rtol=1e-5)
 

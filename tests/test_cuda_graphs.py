@@ -47,7 +47,9 @@ def test_a_padded_step_matches_eager_and_leaves_the_pad_block_zero(tiny_model_di
     graphs = core.runner.graphs
     batch = decode_batch(core)
     assert graphs.fits(batch)
-    replayed = graphs.run(batch).clone()
+    replays = graphs.steps_run
+    replayed = core.runner.forward(batch)[0].clone()
+    assert graphs.steps_run == replays + 1
     pad = slice(core.kv.pad_block * core.kv.block_size, (core.kv.pad_block + 1) * core.kv.block_size)
     assert not core.kv.keys[:, pad].any() and not core.kv.values[:, pad].any()
     eager = ModelRunner(model, core.kv, "sdpa").forward(batch)[0]  # rewrites the same slots with the same K/V
@@ -73,12 +75,12 @@ def test_only_plain_decode_steps_take_the_graphs(llama, tiny_model_dir):
 def test_logits_are_a_view_valid_until_the_next_step(llama):
     core = decoding_core(llama, 2)
     graphs = core.runner.graphs
-    first = graphs.run(decode_batch(core))
+    first = core.runner.forward(decode_batch(core))[0]
     kept = first.clone()
     core.scheduler.complete([ScheduledChunk(s, s.num_computed, 1) for s in core.scheduler.running])
     for s in core.scheduler.running:
         s.token_ids.append(7)
-    graphs.run(decode_batch(core))
+    core.runner.forward(decode_batch(core))
     assert first.data_ptr() == graphs.logits.data_ptr()
     assert not torch.equal(first, kept)  # overwritten in place: the core samples before the next step
 

@@ -113,12 +113,15 @@ def test_masked_gqa_prefill_keeps_to_fused_kernels():
 
     from server.engine.attention import SdpaStep, Span
     from server.engine.kv_cache import KVCache, KVLayout
+    from server.engine.transfers import StepUpload
 
     torch.manual_seed(0)
     kv = KVCache(KVLayout(1, 2, 64, torch.bfloat16), 16, 16, "cuda")
     kv.keys.normal_(), kv.values.normal_()
     spans = [Span(0, 40, 20, [3, 4, 5, 6]), Span(40, 24, 8, [7, 8])]  # chunks after cached tokens
-    step = SdpaStep(kv, spans, 64, torch.device("cuda"))
+    upload = StepUpload(torch.device("cuda"))
+    step = SdpaStep(kv, spans, 64, upload)
+    upload.send()
     queries = torch.randn(64, 8, 64, device="cuda", dtype=torch.bfloat16)
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
         fused = step.attend(0, queries, None, None)

@@ -33,11 +33,11 @@ from torch import Tensor
 from transformers import AttentionInterface
 
 from server.engine.config import ATTENTION_BACKENDS
-from server.engine.kv_cache import KVCache, padded_block_tables
+from server.engine.kv_cache import KVCache, stage_block_tables
 from server.engine.paged_decode import DecodeKernel, decode_kernel
 from server.engine.paged_flex import FlexStep, flex_kernel
 from server.engine.paged_prefill import QUERY_TILE, PrefillKernel, prefill_kernel, prefill_tiles
-from server.engine.transfers import to_device
+from server.engine.transfers import StepUpload
 
 ATTENTION_NAME = "reft_paged"
 STEP_KWARG = "reft_attention"
@@ -57,20 +57,18 @@ class Span:
 class AttentionGroup:
     """Sequences attended together: queries padded to the longest, contexts to the longest."""
 
-    def __init__(self, spans: list[Span], block_size: int, pad_block: int, num_rows: int, device: torch.device):
+    def __init__(self, spans: list[Span], block_size: int, pad_block: int, num_rows: int, upload: StepUpload):
         rows, lengths, starts = np.array([(s.row, s.length, s.start) for s in spans]).T[:, :, None]  # [n, 1] each
         query_len, context_len = int(lengths.max()), int((starts + lengths).max())
         offsets = np.arange(query_len)
         query_rows, padding = rows + offsets, offsets >= lengths  # [n, query_len] each
-        self.gather_rows = to_device(np.where(padding, 0, query_rows), torch.long, device).flatten()
+        self.gather_rows = upload.stage(np.where(padding, 0, query_rows)).flatten()
         # padded query rows are written to the spare row `num_rows` and dropped
-        self.scatter_rows = to_device(np.where(padding, num_rows, query_rows), torch.long, device).flatten()
-        self.query_pos = to_device(starts + offsets, torch.long, device)
+        self.scatter_rows = upload.stage(np.where(padding, num_rows, query_rows)).flatten()
+        self.query_pos = upload.stage(starts + offsets)
         max_blocks = -(-context_len // block_size)
         # whole blocks are gathered (contiguous copies); padding reads the always-zero pad block, masked out
-        self.block_ids = to_device(
-            padded_block_tables([s.block_table for s in spans], max_blocks, pad_block), torch.long, device
-        ).flatten()
+        self.block_ids = stage_block_tables(upload, [s.block_table for s in spans], max_blocks, pad_block).flatten()
         self.shape = (len(spans), query_len, context_len)
         # one sequence from position 0 needs only SDPA's built-in causal mask
         self.plain_causal = len(spans) == 1 and spans[0].start == 0
@@ -120,12 +118,11 @@ class PagedDecodeRows:
         self.kernel = kernel
 
     @classmethod
-    def from_spans(cls, kv: KVCache, spans: list[Span], device: torch.device) -> PagedDecodeRows:
+    def from_spans(cls, kv: KVCache, spans: list[Span], upload: StepUpload) -> PagedDecodeRows:
         if [s.row for s in spans] != list(range(len(spans))) or any(s.length != 1 for s in spans):
             raise ValueError("paged decode rows must be one-token spans at the start of the step")
-        context = [s.start + 1 for s in spans]
-        kernel = decode_kernel(device.type)
-        return cls(kv, _block_tables(kv, spans, device), to_device(context, torch.long, device), kernel)
+        context = upload.stage([s.start + 1 for s in spans])
+        return cls(kv, _block_tables(kv, spans, upload), context, decode_kernel(upload.device.type))
 
     def attend(
         self, layer: int, queries: Tensor, scaling: float | None, sliding_window: int | None, out: Tensor | None = None
@@ -141,11 +138,11 @@ class PagedDecodeRows:
 class PagedPrefillRows:
     """Prefill chunks, attended in place by a paged prefill kernel, tile by tile (paged_prefill.py)."""
 
-    def __init__(self, kv: KVCache, spans: list[Span], device: torch.device):
+    def __init__(self, kv: KVCache, spans: list[Span], upload: StepUpload):
         self.kv = kv
-        self.tables = _block_tables(kv, spans, device)  # [chunks, width]
-        self.tiles = to_device(prefill_tiles([(s.row, s.length, s.start) for s in spans]), torch.long, device)
-        self.kernel: PrefillKernel = prefill_kernel(device.type)
+        self.tables = _block_tables(kv, spans, upload)  # [chunks, width]
+        self.tiles = upload.stage(prefill_tiles([(s.row, s.length, s.start) for s in spans]))
+        self.kernel: PrefillKernel = prefill_kernel(upload.device.type)
 
     def attend(self, layer: int, queries: Tensor, scaling: float | None, sliding_window: int | None, out: Tensor):
         """queries [T, H, D] of the step -> the chunks' rows of `out` written."""
@@ -158,10 +155,10 @@ def _scale(scaling: float | None, queries: Tensor) -> float:
     return scaling if scaling is not None else queries.shape[-1] ** -0.5
 
 
-def _block_tables(kv: KVCache, spans: list[Span], device: torch.device) -> Tensor:
+def _block_tables(kv: KVCache, spans: list[Span], upload: StepUpload) -> Tensor:
     """The spans' block tables as one tensor on the device, padded to the longest with the pool's pad block."""
-    width = max(len(s.block_table) for s in spans)
-    return to_device(padded_block_tables([s.block_table for s in spans], width, kv.pad_block), torch.long, device)
+    tables = [s.block_table for s in spans]
+    return stage_block_tables(upload, tables, max(len(table) for table in tables), kv.pad_block)
 
 
 def _decode_and_prefill(spans: list[Span]) -> tuple[list[Span], list[Span]]:
@@ -172,11 +169,11 @@ def _decode_and_prefill(spans: list[Span]) -> tuple[list[Span], list[Span]]:
 class PagedStep:
     """The paged backend's step: its decode rows and its prefill chunks each read the pool in place."""
 
-    def __init__(self, kv: KVCache, spans: list[Span], num_rows: int, device: torch.device):
+    def __init__(self, kv: KVCache, spans: list[Span], num_rows: int, upload: StepUpload):
         decode, prefill = _decode_and_prefill(spans)
         self.num_rows = num_rows
-        self.decode = PagedDecodeRows.from_spans(kv, decode, device) if decode else None
-        self.prefill = PagedPrefillRows(kv, prefill, device) if prefill else None
+        self.decode = PagedDecodeRows.from_spans(kv, decode, upload) if decode else None
+        self.prefill = PagedPrefillRows(kv, prefill, upload) if prefill else None
 
     def attend(self, layer: int, queries: Tensor, scaling: float | None, sliding_window: int | None) -> Tensor:
         out = queries.new_empty((self.num_rows, *queries.shape[1:]))  # every row is a decode row or a chunk's
@@ -190,11 +187,11 @@ class PagedStep:
 class SdpaStep:
     """One step's gathered SDPA groups over a KV pool (decode rows, prefill chunks); `attend` runs one layer."""
 
-    def __init__(self, kv: KVCache, spans: list[Span], num_rows: int, device: torch.device):
+    def __init__(self, kv: KVCache, spans: list[Span], num_rows: int, upload: StepUpload):
         decode, prefill = _decode_and_prefill(spans)
         self.kv = kv
         self.num_rows = num_rows
-        self.groups = [AttentionGroup(g, kv.block_size, kv.pad_block, num_rows, device) for g in (decode, prefill) if g]
+        self.groups = [AttentionGroup(g, kv.block_size, kv.pad_block, num_rows, upload) for g in (decode, prefill) if g]
 
     def attend(self, layer: int, queries: Tensor, scaling: float | None, sliding_window: int | None) -> Tensor:
         out = queries.new_empty((self.num_rows + 1, *queries.shape[1:]))  # + the spare row padded queries land in
@@ -207,9 +204,9 @@ class SdpaStep:
 class FlexStepOverPool:
     """FlexStep reading one KV pool's layers."""
 
-    def __init__(self, kv: KVCache, spans: list[Span], device: torch.device):
+    def __init__(self, kv: KVCache, spans: list[Span], upload: StepUpload):
         self.kv = kv
-        self.flex = FlexStep(spans, kv.block_size, kv.num_blocks + 1, device, flex_kernel(device.type))
+        self.flex = FlexStep(spans, kv.block_size, kv.num_blocks + 1, upload, flex_kernel(upload.device.type))
 
     def attend(self, layer: int, queries: Tensor, scaling: float | None, sliding_window: int | None) -> Tensor:
         return self.flex.attend(queries, self.kv.keys[layer], self.kv.values[layer], scaling, sliding_window)
@@ -224,15 +221,18 @@ class StepAttention:
     reader: SdpaStep | PagedStep | FlexStepOverPool | PagedDecodeRows
 
     @classmethod
-    def build(cls, kv: KVCache, spans: list[Span], slot_mapping: Tensor, backend: str = "sdpa") -> StepAttention:
-        """`backend` as resolved for the device: sdpa, paged or flex."""
-        device = slot_mapping.device
+    def build(
+        cls, kv: KVCache, spans: list[Span], slots: list[int], upload: StepUpload, backend: str = "sdpa"
+    ) -> StepAttention:
+        """The step's attention with its metadata staged in `upload`, to run once that was sent; `slots`: the
+        new tokens' slots; `backend` as resolved for the device: sdpa, paged or flex."""
+        slot_mapping = upload.stage(slots)
         if backend == "sdpa":
-            return cls(kv, slot_mapping, SdpaStep(kv, spans, slot_mapping.numel(), device))
+            return cls(kv, slot_mapping, SdpaStep(kv, spans, len(slots), upload))
         if backend == "paged":
-            return cls(kv, slot_mapping, PagedStep(kv, spans, slot_mapping.numel(), device))
+            return cls(kv, slot_mapping, PagedStep(kv, spans, len(slots), upload))
         if backend == "flex":
-            return cls(kv, slot_mapping, FlexStepOverPool(kv, spans, device))
+            return cls(kv, slot_mapping, FlexStepOverPool(kv, spans, upload))
         raise ValueError(f"unknown attention backend {backend!r}; one of {', '.join(ATTENTION_BACKENDS)}")
 
 

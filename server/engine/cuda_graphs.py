@@ -5,13 +5,13 @@ paged decode kernel its work depends on nothing but its number of rows. Such a s
 per batch-size bucket (1, 2, 4, 8, then every multiple of 8 up to max_num_seqs) and replayed: one graph
 launch instead of hundreds of kernel launches and the Python of every layer.
 
-Inputs live in persistent buffers with one column per sequence of the batch: its token id, position,
-slot, context length and block table. The step fills a pinned host buffer and copies it to the device
-buffer the graphs read, one host-to-device copy per step (two host buffers take turns: with async
-scheduling the next step is filled while the last one's copy may still wait in the stream). Padding
-sequences (the bucket rounds the batch up) decode token 0 at position 0 into the first slot of the
-pool's pad block and read only that; the graph zeroes the slot again after the forward, so the pad
-block stays all zeros for the sdpa path.
+Inputs live in a persistent buffer with one column per sequence of the batch: its token id, position,
+slot, context length and block table. The step writes its columns into the step's upload (the runner's
+one host-to-device copy, transfers.py's StepUpload, which also carries the step's new blocks and, with
+async scheduling, where its pending tokens go) and, once that was sent, copies them into the buffer the
+graphs read, on the device. Padding sequences (the bucket rounds the batch up) decode token 0 at
+position 0 into the first slot of the pool's pad block and read only that; the graph zeroes the slot
+again after the forward, so the pad block stays all zeros for the sdpa path.
 Every bucket's logits land in one shared buffer, valid until the next step.
 
 With `compile_backend` (`--compile`), the forward is first compiled by torch.compile, dynamic in the
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -34,11 +35,20 @@ from torch import Tensor, nn
 from server.engine.attention import STEP_KWARG, PagedDecodeRows, StepAttention, compiled_step
 from server.engine.kv_cache import KVCache
 from server.engine.paged_decode import decode_kernel
-from server.engine.transfers import place_pending
+from server.engine.transfers import StepUpload, place_pending
 
 log = logging.getLogger(__name__)
 
 TOKEN, POSITION, SLOT, CONTEXT, TABLE = range(5)  # rows of the metadata buffers; the block table's start here
+
+
+@dataclass(frozen=True)
+class GraphInputs:
+    """A decode step staged for the graphs: `rows` real sequences in a bucket of `meta`'s columns."""
+
+    rows: int
+    meta: Tensor  # [TABLE + width, bucket size] on the device once the upload was sent
+    pairs: Tensor | None  # where the pending tokens go (async scheduling), as transfers.place_pending takes them
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:
@@ -57,10 +67,8 @@ class DecodeGraphs:
         self.sizes = bucket_sizes(max_num_seqs)
         self.width = -(-max_model_len // kv.block_size)  # block table entries a sequence can have
         self.pad_slot = kv.pad_block * kv.block_size
-        shape = (TABLE + self.width, max_num_seqs)
         self.capture = self.device.type == "cuda"
-        self.hosts = [torch.zeros(shape, dtype=torch.long, pin_memory=self.capture) for _ in range(2)]
-        self.meta = torch.zeros(shape, dtype=torch.long, device=self.device)
+        self.meta = torch.zeros((TABLE + self.width, max_num_seqs), dtype=torch.long, device=self.device)
         self.logits: Tensor | None = None  # [max_num_seqs, vocab] once the first step ran
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.steps_run = 0
@@ -82,15 +90,21 @@ class DecodeGraphs:
             and all(s.length == 1 and len(s.block_table) <= self.width for s in spans)
         )
 
-    def run(self, batch, pending: Tensor | None = None) -> Tensor:
-        """Logits [rows, vocab] of a step that `fits` (a view: read it before the next step); `pending`: the
-        previous step's sampled tokens, which `batch.from_pending` places (model_runner.py)."""
+    def stage(self, batch, upload: StepUpload) -> GraphInputs:
+        """Stage a step that `fits` in `upload`, for `run` once that was sent."""
         rows = len(batch.spans)
         size = next(s for s in self.sizes if s >= rows)
         width = max(len(s.block_table) for s in batch.spans)
-        self._fill(size, width, batch.token_ids, batch.positions, batch.slots, batch.spans)
-        if batch.from_pending:
-            place_pending(self.meta[TOKEN], batch.from_pending, pending)
+        meta = self._stage(upload, size, width, batch.token_ids, batch.positions, batch.slots, batch.spans)
+        pairs = upload.stage(batch.from_pending) if batch.from_pending else None
+        return GraphInputs(rows, meta, pairs)
+
+    def run(self, inputs: GraphInputs, pending: Tensor | None = None) -> Tensor:
+        """Logits [rows, vocab] of a staged step (a view: read it before the next step); `pending`: the
+        previous step's sampled tokens, which the step's `from_pending` places (model_runner.py)."""
+        size = self._load(inputs.meta)
+        if inputs.pairs is not None:
+            place_pending(self.meta[TOKEN], inputs.pairs, pending)
         self.steps_run += 1
         if not self.capture:
             self._forward(size)
@@ -98,7 +112,7 @@ class DecodeGraphs:
             if size not in self.graphs:
                 self.graphs[size] = self._capture(size)
             self.graphs[size].replay()
-        return self.logits[:rows]
+        return self.logits[: inputs.rows]
 
     @torch.inference_mode()
     def capture_all(self, largest_only: bool = False) -> None:
@@ -108,8 +122,11 @@ class DecodeGraphs:
         if not self.capture:
             return
         started, reserved = time.perf_counter(), torch.cuda.memory_reserved(self.device)
+        upload = StepUpload(self.device)
         for size in reversed(self.sizes[-1:] if largest_only else self.sizes):
-            self._fill(size, 1, [], [], [], [])
+            padding = self._stage(upload, size, 1, [], [], [], [])
+            upload.send()
+            self._load(padding)
             self.graphs[size] = self._capture(size)
         if largest_only:
             return
@@ -120,18 +137,26 @@ class DecodeGraphs:
         }
         log.info("decode steps captured as CUDA graphs", extra={"fields": cost})
 
-    def _fill(self, size: int, width: int, token_ids, positions, slots, spans) -> None:
-        source = self.hosts[self.steps_run % 2]  # the other one's copy may not have run yet
-        rows, host = len(spans), source.numpy()  # numpy writes (same memory): faster than torch.tensor(lists)
+    def _stage(self, upload: StepUpload, size: int, width: int, token_ids, positions, slots, spans) -> Tensor:
+        """The bucket's columns of the metadata buffer, [TABLE + width, size], staged in `upload`."""
+        rows = len(spans)
+        host, staged = upload.reserve((TABLE + width, size))
         host[TOKEN, :rows], host[POSITION, :rows], host[SLOT, :rows] = token_ids, positions, slots
         host[CONTEXT, :rows] = [s.start + 1 for s in spans]
         # padding columns: token 0 at position 0 into the pad slot, reading only the pad block
         host[[TOKEN, POSITION, SLOT, CONTEXT], rows:size] = [[0], [0], [self.pad_slot], [1]]
-        tables = host[TABLE : TABLE + width, :size]
+        tables = host[TABLE:]
         tables.fill(self.kv.pad_block)
         for column, span in enumerate(spans):
             tables[: len(span.block_table), column] = span.block_table
-        self.meta[: TABLE + width].copy_(source[: TABLE + width], non_blocking=True)
+        return staged
+
+    def _load(self, staged: Tensor) -> int:
+        """Copy staged columns (sent) into the buffer the graphs read, on the device; returns the bucket size.
+        Table entries past the staged width keep older values, which no context length reaches."""
+        rows, size = staged.shape
+        self.meta[:rows, :size].copy_(staged)
+        return size
 
     def _forward(self, size: int) -> None:
         meta = self.meta[:, :size]

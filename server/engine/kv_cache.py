@@ -26,15 +26,21 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
+from torch import Tensor
 
 from server.engine.prefix_keys import extend_block_keys
 from server.engine.sequence import Sequence
-from server.engine.transfers import to_device
+from server.engine.transfers import StepUpload
 
 
-def padded_block_tables(tables: list[list[int]], width: int, pad: int) -> list[list[int]]:
-    """Block tables cut or padded with `pad` to `width` entries each, to stack into one tensor."""
-    return [(table + [pad] * width)[:width] for table in tables]
+def stage_block_tables(upload: StepUpload, tables: list[list[int]], width: int, pad: int) -> Tensor:
+    """Block tables cut or padded with `pad` to `width` entries each, staged as one [tables, width] tensor."""
+    host, staged = upload.reserve((len(tables), width))
+    host.fill(pad)
+    for row, table in zip(host, tables, strict=True):
+        entries = table[:width]
+        row[: len(entries)] = entries
+    return staged
 
 
 @dataclass(frozen=True)
@@ -134,11 +140,10 @@ class KVCache:
         blocks, self._handed_out = self._handed_out, []
         return blocks
 
-    def zero_blocks(self, blocks: list[int]) -> None:
-        """Clear blocks in every layer (one op per tensor)."""
-        if not blocks:
+    def zero_blocks(self, blocks: Tensor) -> None:
+        """Clear blocks (a long tensor of block ids on the pool's device) in every layer, one op per tensor."""
+        if not blocks.numel():
             return
-        blocks = to_device(blocks, torch.long, self.keys.device)
         for pool in (self.keys, self.values):
             pool.view(pool.shape[0], self.num_blocks + 1, -1).index_fill_(1, blocks, 0)
 

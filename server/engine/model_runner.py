@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -19,12 +18,12 @@ from torch import Tensor, nn
 from server.engine.attention import STEP_KWARG, Span, StepAttention
 from server.engine.compiled_layers import COMPILED_KWARG, compile_layers
 from server.engine.config import decode_graphs_apply, resolve_attention_backend
-from server.engine.cuda_graphs import DecodeGraphs
+from server.engine.cuda_graphs import DecodeGraphs, GraphInputs
 from server.engine.kv_cache import KVCache
 from server.engine.sampler import PendingTokens
 from server.engine.scheduler import ScheduledChunk
 from server.engine.sequence import Sequence
-from server.engine.transfers import HostCopy, place_pending, to_device
+from server.engine.transfers import HostCopy, StepUpload, place_pending
 from server.reft.hooks import install_plan_hooks, plan_kwargs
 from server.reft.plan import EditedRows, InterventionPlan, build_plan
 
@@ -71,6 +70,18 @@ class StepBatch:
     from_pending: list[tuple[int, int]] = field(default_factory=list)  # (row, PendingTokens row): token set on device
 
 
+@dataclass
+class EagerInputs:
+    """A step that runs the model eagerly, its tensors staged in the step's upload."""
+
+    attention: StepAttention
+    plan: InterventionPlan | None
+    input_ids: Tensor  # [T]
+    positions: Tensor  # [T]
+    keep: Tensor  # rows whose logits are computed
+    pairs: Tensor | None  # where the pending tokens go (async scheduling), as transfers.place_pending takes them
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -90,6 +101,7 @@ class ModelRunner:
         self.kv = kv
         self.device = next(model.parameters()).device
         self.attention_backend = resolve_attention_backend(attention_backend, self.device.type)
+        self.upload = StepUpload(self.device)  # every step's integer inputs, in one host-to-device copy
         self._hooks = install_plan_hooks(model)
         self._compiled_layer_kwargs = {}
         if compile_backend is not None:
@@ -161,22 +173,37 @@ class ModelRunner:
     def forward(self, batch: StepBatch, pending: Tensor | None = None) -> tuple[Tensor, InterventionPlan | None]:
         """Run the model once: logits [len(batch.keep), vocab] and the step's intervention plan. `pending`:
         the previous step's sampled tokens, which `batch.from_pending` places."""
-        self.kv.zero_blocks(batch.new_blocks)  # first: pack took them off the allocator, so nothing may skip this
-        if self.graphs is not None and self.graphs.fits(batch):
-            return self.graphs.run(batch, pending), None
-        slot_mapping = to_device(batch.slots, torch.long, self.device)
-        attention = StepAttention.build(self.kv, batch.spans, slot_mapping, self.attention_backend)
-        plan = build_plan(batch.edits, self.device, partial(to_device, dtype=torch.long, device=self.device))
-        input_ids = to_device(batch.token_ids, torch.long, self.device)
-        if batch.from_pending:
-            place_pending(input_ids, batch.from_pending, pending)
+        inputs = self._stage(batch)
+        if isinstance(inputs, GraphInputs):
+            return self.graphs.run(inputs, pending), None
+        if inputs.pairs is not None:
+            place_pending(inputs.input_ids, inputs.pairs, pending)
         out = self.model(
-            input_ids=input_ids[None],
-            position_ids=to_device([batch.positions], torch.long, self.device),
-            logits_to_keep=to_device(batch.keep, torch.long, self.device),
+            input_ids=inputs.input_ids[None],
+            position_ids=inputs.positions[None],
+            logits_to_keep=inputs.keep,
             use_cache=False,
-            **{STEP_KWARG: attention},
-            **plan_kwargs(plan),
+            **{STEP_KWARG: inputs.attention},
+            **plan_kwargs(inputs.plan),
             **self._compiled_layer_kwargs,
         )
-        return out.logits[0], plan
+        return out.logits[0], inputs.plan
+
+    def _stage(self, batch: StepBatch) -> GraphInputs | EagerInputs:
+        """Every integer input of the step, sent to the device in one copy; clears the step's new blocks."""
+        upload = self.upload
+        new_blocks = upload.stage(batch.new_blocks)
+        try:
+            if self.graphs is not None and self.graphs.fits(batch):
+                return self.graphs.stage(batch, upload)
+            return EagerInputs(
+                StepAttention.build(self.kv, batch.spans, batch.slots, upload, self.attention_backend),
+                build_plan(batch.edits, self.device, upload.stage),
+                upload.stage(batch.token_ids),
+                upload.stage(batch.positions),
+                upload.stage(batch.keep),
+                upload.stage(batch.from_pending) if batch.from_pending else None,
+            )
+        finally:  # pack took the new blocks off the allocator: even a step that failed here must clear them
+            upload.send()
+            self.kv.zero_blocks(new_blocks)

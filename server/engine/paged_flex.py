@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from server.engine.kv_cache import padded_block_tables
+from server.engine.kv_cache import stage_block_tables
+from server.engine.transfers import StepUpload
 
 QUERY_TILE = 128  # rows per BlockMask tile: flex's own default sparse block size
 
@@ -56,25 +57,23 @@ def kernel_options(device_type: str, block_size: int) -> dict | None:
 class FlexStep:
     """One step's FlexAttention metadata over a KV pool; `attend` runs one layer."""
 
-    def __init__(self, spans, block_size: int, num_pool_blocks: int, device: torch.device, kernel: FlexKernel):
+    def __init__(self, spans, block_size: int, num_pool_blocks: int, upload: StepUpload, kernel: FlexKernel):
+        """Stages the step's metadata in `upload`; attend only after it was sent."""
         self.spans = spans
         self.block_size = block_size
         self.num_rows = sum(s.length for s in spans)
         self.kernel = kernel
-        self.options = kernel_options(device.type, block_size)
+        self.options = kernel_options(upload.device.type, block_size)
         padded_rows = -(-self.num_rows // QUERY_TILE) * QUERY_TILE  # tile padding rows see nothing (position -1)
         row_seq, row_pos = [0] * padded_rows, [-1] * padded_rows
         for index, span in enumerate(spans):
             row_seq[span.row : span.row + span.length] = [index] * span.length
             row_pos[span.row : span.row + span.length] = range(span.start, span.start + span.length)
         width = max(len(s.block_table) for s in spans)
-        tables = padded_block_tables([s.block_table for s in spans], width, -1)
-        self.row_seq = torch.tensor(row_seq, device=device)
-        self.row_pos = torch.tensor(row_pos, device=device)
-        self.tables = torch.tensor(tables, device=device)
-        self.logical = torch.full((num_pool_blocks,), -1, dtype=torch.long, device=device)
-        owned = self.tables >= 0
-        self.logical[self.tables[owned]] = torch.arange(width, device=device).expand_as(self.tables)[owned]
+        self.row_seq = upload.stage(row_seq)
+        self.row_pos = upload.stage(row_pos)
+        self.tables = stage_block_tables(upload, [s.block_table for s in spans], width, -1)
+        self._logical: Tensor | None = None
         self.num_pool_blocks = num_pool_blocks
         self.kv_len = num_pool_blocks * block_size
         self._masks: dict[int | None, BlockMask] = {}
@@ -110,8 +109,18 @@ class FlexStep:
         device = self.row_seq.device
         return counts.view(1, 1, -1).to(device), indices.view(1, 1, *indices.shape).to(device)
 
+    def logical(self) -> Tensor:
+        """Each pool block's index in the block table that holds it, -1 where none does; made on first use,
+        once the step's metadata is on the device."""
+        if self._logical is None:
+            tables, device = self.tables, self.tables.device
+            self._logical = torch.full((self.num_pool_blocks,), -1, dtype=torch.long, device=device)
+            owned = tables >= 0
+            self._logical[tables[owned]] = torch.arange(tables.shape[1], device=device).expand_as(tables)[owned]
+        return self._logical
+
     def _mask_mod(self, sliding_window: int | None):
-        row_seq, row_pos, tables, logical = self.row_seq, self.row_pos, self.tables, self.logical
+        row_seq, row_pos, tables, logical = self.row_seq, self.row_pos, self.tables, self.logical()
         block_size = self.block_size  # fixed for the engine's life; a step-varying int would recompile the kernel
 
         def own_slot_in_view(batch, head, q_idx, kv_idx):

@@ -5,9 +5,15 @@ would wait for every kernel queued before it: with async scheduling (core.py) th
 running, whose overlap with the next step's host work is the point. Small inputs therefore go through
 pinned memory without blocking, and sampled tokens come back the same way, with an event to wait on
 only when they are read. On a CPU these are plain copies.
+
+A step's integer inputs (token ids, positions, slots, block tables, tiles, edited rows) travel together:
+`StepUpload` stages them in one pinned buffer and sends them with one copy.
 """
 
 from __future__ import annotations
+
+import math
+from functools import partial
 
 import numpy as np
 import torch
@@ -20,6 +26,61 @@ def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.devic
         return torch.tensor(values, dtype=dtype, device=device)
     # the caching host allocator keeps the pinned block until the copy has run
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+class StepUpload:
+    """One step's integer inputs, on their way to the device in one copy.
+
+    `reserve` and `stage` hand out the device tensor that values will be in: a view of the step's device
+    buffer, which `send` fills. Nothing may read it before `send`: build the step's inputs, send, then
+    launch. Each step takes fresh buffers from torch's caching allocators, which hand a block out again
+    only once the device is done with it, so the host can stage the next step while the device still
+    reads this one's (async scheduling). A step that outgrows its buffers sends what it staged so far
+    and goes on in buffers at least twice as large, which later steps keep. Off CUDA the device buffer
+    starts as -1s, so that a read before `send` fails the tests instead of passing by chance.
+    """
+
+    def __init__(self, device: torch.device, capacity: int = 4096):
+        self.device = device
+        self.copies = 0  # host-to-device copies made: one per step once the buffers have grown
+        self._capacity = capacity
+        self._open()
+
+    def reserve(self, shape: tuple[int, ...]) -> tuple[np.ndarray, Tensor]:
+        """Room for an int64 array of `shape`: the host array to write it into, and its tensor on the device."""
+        size = math.prod(shape)
+        if self._used + size > self._capacity:
+            self._copy()
+            self._capacity = 2 * max(self._capacity, size)
+            self._open()
+        begin = self._used
+        self._used += size
+        return self._host[begin : self._used].reshape(shape), self._target[begin : self._used].view(shape)
+
+    def stage(self, values: list | np.ndarray) -> Tensor:
+        """`values` (a list, nested lists or an array of integers) as an int64 tensor on the device, after `send`."""
+        array = np.asarray(values, dtype=np.int64)
+        host, device = self.reserve(array.shape)
+        host[...] = array
+        return device
+
+    def send(self) -> None:
+        """Copy everything staged to the device and start the next step's buffers."""
+        self._copy()
+        self._open()
+
+    def _open(self) -> None:
+        cuda = self.device.type == "cuda"
+        self._source = torch.empty(self._capacity, dtype=torch.long, pin_memory=cuda)
+        self._host = self._source.numpy()  # numpy writes into the same memory: faster than torch.tensor(lists)
+        make = torch.empty if cuda else partial(torch.full, fill_value=-1)
+        self._target = make((self._capacity,), dtype=torch.long, device=self.device)
+        self._used = 0
+
+    def _copy(self) -> None:
+        if self._used:
+            self._target[: self._used].copy_(self._source[: self._used], non_blocking=True)
+            self.copies += 1
 
 
 class HostCopy:
@@ -41,8 +102,7 @@ class HostCopy:
         return self._host
 
 
-def place_pending(tokens: Tensor, pairs: list[tuple[int, int]], pending: Tensor) -> None:
-    """Write `pending[j]` into `tokens[i]` for every (i, j) of `pairs`, on the device: the input tokens of a
-    step that the step before it sampled and the host has not read yet."""
-    index = to_device(pairs, torch.long, tokens.device)
-    tokens.index_copy_(0, index[:, 0], pending.index_select(0, index[:, 1]))
+def place_pending(tokens: Tensor, pairs: Tensor, pending: Tensor) -> None:
+    """Write `pending[j]` into `tokens[i]` for every (i, j) of `pairs` [n, 2], on the device: the input tokens
+    of a step that the step before it sampled and the host has not read yet."""
+    tokens.index_copy_(0, pairs[:, 0], pending.index_select(0, pairs[:, 1]))
