@@ -25,12 +25,13 @@ import math
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from server.engine.kv_cache import stage_block_tables
-from server.engine.transfers import StepUpload
+from server.engine.transfers import StepUpload, to_device
 
 QUERY_TILE = 128  # rows per BlockMask tile: flex's own default sparse block size
 
@@ -102,21 +103,24 @@ class FlexStep:
                 blocks = span.block_table[oldest // self.block_size : newest // self.block_size + 1]
                 tiles[tile].update(dict.fromkeys(blocks))  # shared prefix blocks appear once: no double counting
         # as wide as the pool, as torch's own paged attention has it: compiled kernels want the KV extent covered
-        indices = torch.zeros((len(tiles), self.num_pool_blocks), dtype=torch.int32)
+        indices = np.zeros((1, 1, len(tiles), self.num_pool_blocks), dtype=np.int32)
         for tile, blocks in enumerate(tiles):
-            indices[tile, : len(blocks)] = torch.tensor(list(blocks), dtype=torch.int32)
-        counts = torch.tensor([len(t) for t in tiles], dtype=torch.int32)
+            indices[0, 0, tile, : len(blocks)] = list(blocks)
+        counts = np.array([[[len(t) for t in tiles]]], dtype=np.int32)
+        # made at a layer's first call, after the step's upload: copies that do not wait for the device
         device = self.row_seq.device
-        return counts.view(1, 1, -1).to(device), indices.view(1, 1, *indices.shape).to(device)
+        return to_device(counts, torch.int32, device), to_device(indices, torch.int32, device)
 
     def logical(self) -> Tensor:
         """Each pool block's index in the block table that holds it, -1 where none does; made on first use,
         once the step's metadata is on the device."""
         if self._logical is None:
             tables, device = self.tables, self.tables.device
-            self._logical = torch.full((self.num_pool_blocks,), -1, dtype=torch.long, device=device)
-            owned = tables >= 0
-            self._logical[tables[owned]] = torch.arange(tables.shape[1], device=device).expand_as(tables)[owned]
+            # padding entries write to one spare slot past the pool, dropped: no data-dependent shape, no sync
+            targets = torch.where(tables >= 0, tables, self.num_pool_blocks).flatten()
+            index = torch.arange(tables.shape[1], device=device).expand_as(tables).flatten()
+            logical = torch.full((self.num_pool_blocks + 1,), -1, dtype=torch.long, device=device)
+            self._logical = logical.scatter_(0, targets, index)[:-1]
         return self._logical
 
     def _mask_mod(self, sliding_window: int | None):
