@@ -131,11 +131,14 @@ class Sampler:
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if any(w is not None for w in wanted) else None
         logits = apply_repetition_penalties(logits, seqs, pending)
-        tokens = logits.argmax(dim=-1)
         sampled = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
-        if sampled:
-            rows = to_device(sampled, torch.long, logits.device)
-            tokens.index_copy_(0, rows, self._sample(logits[rows], [seqs[i] for i in sampled]))
+        if len(sampled) == len(seqs):  # every row samples (the chat routes' default): no argmax, no row gather
+            tokens = self._sample(logits, seqs)
+        else:
+            tokens = logits.argmax(dim=-1)
+            if sampled:
+                rows = to_device(sampled, torch.long, logits.device)
+                tokens.index_copy_(0, rows, self._sample(logits[rows], [seqs[i] for i in sampled]))
         if raw_logprobs is None:
             return Draw(tokens, HostCopy(tokens), wanted)
         return Draw(tokens, HostCopy(self._table(tokens, raw_logprobs, wanted)), wanted)
