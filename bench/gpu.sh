@@ -119,9 +119,30 @@ load_one() {
   "${load[@]}" --requests 512 --out "$OUT/load-$kind.json"
   local status=$?
   "$PYTHON" -c "import httpx; print(httpx.get('http://127.0.0.1:$port/metrics').text)" >"$OUT/metrics-$kind.txt"
+  step_kinds "$OUT/metrics-$kind.txt"
   kill "$pid"
   wait "$pid"
   return $status
+}
+
+# how many engine steps only decoded (graph replays) and how many also prefilled (eager), warm-up load included
+step_kinds() {
+  "$PYTHON" - "$1" <<'PY'
+import sys
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+steps = {}
+for family in text_string_to_metric_families(Path(sys.argv[1]).read_text()):
+    if family.name == "reft_step_duration_seconds":
+        for sample in family.samples:
+            if sample.name.endswith(("_count", "_sum")):
+                steps.setdefault(sample.labels["kind"], {})[sample.name.rsplit("_", 1)[1]] = sample.value
+for kind, figures in sorted(steps.items()):
+    mean = 1000 * figures["sum"] / figures["count"] if figures["count"] else 0.0
+    print(f"engine steps, {kind}: {figures['count']:.0f}, mean {mean:.1f} ms")
+PY
 }
 
 if [ "$server" = 1 ]; then

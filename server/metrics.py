@@ -26,6 +26,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 BASE_LABEL = "base"
+STEP_KINDS = ("decode", "prefill")
 
 
 class Metrics:
@@ -62,15 +63,20 @@ class Metrics:
             "reft_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
         )
         self.prefix_hits = Counter("reft_prefix_cache_hits", "Prompt tokens served from the prefix cache", registry=r)
+        # by kind: "decode" steps take one token per sequence (what CUDA graphs replay), "prefill" steps also
+        # carry prompt chunks (and the adapters' edits): their share and cost say what mixing costs decoding
         self.step_tokens = Histogram(
-            "reft_step_batch_tokens", "Tokens per engine step", buckets=BATCH_BUCKETS, registry=r
+            "reft_step_batch_tokens", "Tokens per engine step", ["kind"], buckets=BATCH_BUCKETS, registry=r
         )
         self.step_requests = Histogram(
-            "reft_step_batch_requests", "Requests per engine step", buckets=BATCH_BUCKETS, registry=r
+            "reft_step_batch_requests", "Requests per engine step", ["kind"], buckets=BATCH_BUCKETS, registry=r
         )
         self.step_seconds = Histogram(
-            "reft_step_duration_seconds", "Engine step duration", buckets=TOKEN_LATENCY_BUCKETS, registry=r
+            "reft_step_duration_seconds", "Engine step duration", ["kind"], buckets=TOKEN_LATENCY_BUCKETS, registry=r
         )
+        for kind in STEP_KINDS:  # both series from the start, so that rates over them never miss one
+            for histogram in (self.step_tokens, self.step_requests, self.step_seconds):
+                histogram.labels(kind)
         self.adapters_stored = Gauge("reft_adapters_stored", "Adapters in the store", registry=r)
         self.adapters_resident = Gauge("reft_adapters_resident", "Adapters loaded on the model's device", registry=r)
         self.adapter_resident_bytes = Gauge("reft_adapters_resident_bytes", "Bytes of resident adapters", registry=r)
@@ -87,6 +93,12 @@ class Metrics:
         self.adapter_cache_misses = Counter("reft_adapter_cache_misses", "Adapter lookups that loaded", registry=r)
         self.adapter_evictions = Counter("reft_adapter_evictions", "Adapters evicted from memory", registry=r)
         self.vllm = VllmCompatibleMetrics(r, model_name, max_lora) if vllm_compatible else None
+
+    def observe_step(self, num_tokens: int, num_seqs: int, num_prefill_tokens: int, seconds: float) -> None:
+        kind = STEP_KINDS[num_prefill_tokens > 0]
+        self.step_tokens.labels(kind).observe(num_tokens)
+        self.step_requests.labels(kind).observe(num_seqs)
+        self.step_seconds.labels(kind).observe(seconds)
 
     def watch_residents(self, residents: Callable[[], list[tuple[str, int]]], max_series: int) -> None:
         """Export `residents()` (name, version), most recently used first, as an info gauge of at

@@ -55,6 +55,9 @@ def test_health_ready_and_metrics(client):
         assert name in text
     hits = re.search(r"^reft_prefix_cache_hits_total (\S+)$", text, re.MULTILINE)
     assert hits and float(hits.group(1)) >= 48
+    for kind in ("prefill", "decode"):  # each request: a step with its prompt, then one that decodes
+        steps = re.search(rf'^reft_step_duration_seconds_count{{kind="{kind}"}} (\S+)$', text, re.MULTILINE)
+        assert steps and float(steps.group(1)) >= 2, kind
     assert "x-request-id" in client.get("/health").headers
 
 

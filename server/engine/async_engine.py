@@ -327,6 +327,5 @@ class AsyncEngine:
         m.prefix_hits.inc(load.prefix_hits - reported.prefix_hits)
         self._reported = load
         if report.step is not None:
-            m.step_tokens.observe(report.step.num_tokens)
-            m.step_requests.observe(report.step.num_seqs)
-            m.step_seconds.observe(report.step.seconds)
+            step = report.step
+            m.observe_step(step.num_tokens, step.num_seqs, step.num_prefill_tokens, step.seconds)
