@@ -15,7 +15,8 @@ Parts (--parts, default all, in this order):
              under a grid of other launch configurations, and torch's paged varlen flash attention over the same
              rows where this torch has it (bench/decode_kernel_launches.py; CUDA only); then one step's prefill
              chunks through the paged prefill kernel and through the gathered sdpa groups: prompts from position
-             0, the same after cached tokens, one prompt of the whole budget (bench/prefill_kernel.py)
+             0, the same after cached tokens, one prompt of the whole budget, each also under a grid of the
+             prefill kernel's launches on CUDA (bench/prefill_kernel.py)
   profile    torch.profiler over decode steps of the largest decode batch and over one step that also
              prefills: the top operators by device time and by host time
   hf-static  HF `generate` on the same requests, static left-padded batches
@@ -300,6 +301,13 @@ class Benchmark:
                 f"paged {case['paged_ms']:.3f} ms, gathered sdpa {case['sdpa_ms']:.3f} ms over every layer, "
                 f"max difference {case['max_difference']:.1e}"
             )
+            for launch in sorted(case.get("launches", ()), key=lambda launch: launch.get("ms", float("inf"))):
+                name = "    {query_tile:2d} queries, {key_tile:3d} keys, {num_warps} warps:".format(**launch)
+                if "error" in launch:
+                    say(f"{name} {launch['error']}")
+                else:
+                    mark = " (the engine's)" if launch["default"] else ""
+                    say(f"{name} {launch['ms']:.3f} ms, max difference {launch['max_difference']:.1e}{mark}")
         return {"seqs": batch, "mean_context": sum(contexts) / batch, **result, "prefill": prefill}
 
     def profile(self) -> dict:

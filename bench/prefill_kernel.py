@@ -7,19 +7,29 @@ the sdpa backend's gathered, padded groups (attention.py's AttentionGroup, KV he
 Three cases: chunks from position 0 (new prompts); the same chunks after `cached` tokens each (later
 chunks of long prompts, prefix-cache hits), where the gathered path copies the whole context; and one
 prompt as long as the budget, where the gathered path is at its best (SDPA's causal flash kernel, no
-mask) and the in-place kernel's work grows with the square of the chunk.
+mask) and the in-place kernel's work grows with the square of the chunk. On CUDA each case also runs
+the Triton kernel under a grid of other launches (query tokens per tile, key positions per iteration,
+warps per program), each with its time and its largest difference from the default launch's output:
+a launch clearly faster on the GPUs that serve becomes the default (paged_prefill.QUERY_TILE,
+paged_prefill_triton.PrefillLaunch).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
+from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from bench.decode_floor import per_layer_ms
 from server.engine.attention import PagedStep, SdpaStep, Span
-from server.engine.kv_cache import KVCache, KVLayout
+from server.engine.kv_cache import KVCache, KVLayout, stage_block_tables
+from server.engine.paged_prefill import QUERY_TILE, prefill_tiles
 from server.engine.transfers import StepUpload
+
+GRID = {"query_tile": (16, 32, 64), "key_tile": (32, 64, 128), "num_warps": (4, 8)}
 
 
 def prefill_chunks(prompt_len: tuple[int, int], budget: int, seed: int = 0) -> list[int]:
@@ -72,5 +82,48 @@ def time_prefill(model, prompt_len: tuple[int, int], budget: int, cached: int, r
             "sdpa_ms": timings["sdpa"],
             "max_difference": (paged - sdpa).abs().max().item(),
         }
+        if device.type == "cuda":
+            result[case]["launches"] = time_launches(kv, spans, queries, paged, repeats)
         del kv
     return result
+
+
+def time_launches(kv: KVCache, spans: list[Span], queries: Tensor, default: Tensor, repeats: int) -> list[dict]:
+    """The Triton prefill kernel over the spans under every launch of GRID: ms over every layer and the
+    largest difference from `default` (the engine's launch, layer 0), or why the launch failed."""
+    from server.engine.paged_prefill_triton import PrefillLaunch
+
+    launches = []
+    for query_tile, key_tile, num_warps in itertools.product(*GRID.values()):
+        launch = PrefillLaunch(key_tile, num_warps)
+        figures = {
+            "query_tile": query_tile,
+            **vars(launch),
+            "default": (query_tile, launch) == (QUERY_TILE, PrefillLaunch()),
+        }
+        try:
+            attend = launched(kv, spans, queries, query_tile, launch)
+            difference = (attend(0).float() - default).abs().max().item()
+            launches.append({**figures, "ms": per_layer_ms(kv, repeats, attend), "max_difference": difference})
+        except Exception as e:  # a launch the compiler refuses (registers, shared memory) is a result too
+            launches.append({**figures, "error": f"{type(e).__name__}: {e}"[:200]})
+    return launches
+
+
+def launched(kv: KVCache, spans: list[Span], queries: Tensor, query_tile: int, launch) -> Callable[[int], Tensor]:
+    """layer -> the spans' prefill attention at that layer, by the Triton kernel under `launch` with tiles of
+    `query_tile` tokens."""
+    from server.engine.paged_prefill_triton import paged_prefill_triton
+
+    upload = StepUpload(queries.device)
+    width = max(len(s.block_table) for s in spans)
+    tables = stage_block_tables(upload, [s.block_table for s in spans], width, kv.pad_block)
+    tiles = upload.stage(prefill_tiles([(s.row, s.length, s.start) for s in spans], query_tile))
+    upload.send()
+    out, scale = torch.zeros_like(queries), queries.shape[-1] ** -0.5
+
+    def attend(layer: int) -> Tensor:
+        args = (tables, tiles, query_tile, kv.block_size, scale, None)
+        return paged_prefill_triton(out, queries, kv.keys[layer], kv.values[layer], *args, launch=launch)
+
+    return attend

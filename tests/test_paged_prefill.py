@@ -26,6 +26,7 @@ CASES = [  # dtype, heads, kv heads, head dim, block size, sliding window, query
     ("float16", 8, 2, 16, 4, None, 16, 64),
     ("float16", 9, 3, 20, 5, 7, 8, 16),
     ("float32", 8, 8, 16, 4, 9, 4, 32),
+    ("float32", 8, 2, 16, 16, None, 64, 128),  # the largest tiles bench/gpu.py's `kernel` part sweeps
 ]
 
 CHILD = """

@@ -9,6 +9,8 @@ and fails on the first GPU. Here Triton's own compiler takes the launches the en
 (B200). No GPU is needed: Triton ships ptxas.
 """
 
+import itertools
+
 import pytest
 import torch
 
@@ -80,3 +82,35 @@ def test_the_engines_launches_compile_for_the_gpus_that_serve(shape, target, ker
     compiled = compile_ahead(call, TARGETS[target])
     assert compiled.asm["cubin"], "no machine code"
     assert f".target {target}" in compiled.asm["ptx"]
+
+
+def sweep_calls() -> list[tuple[str, KernelCall]]:
+    """Every launch that bench/gpu.py's `kernel` part sweeps, at the 1b preset's shape."""
+    from bench.decode_kernel_launches import GRID as DECODE_GRID
+    from bench.prefill_kernel import GRID as PREFILL_GRID
+    from server.engine.paged_decode_triton import Launch
+    from server.engine.paged_prefill_triton import PrefillLaunch
+
+    out, queries, keys, values, tables = kernel_calls(*SHAPES["llama-3.2-1b"])["decode"].args[:5]
+    context, made = torch.ones(4, dtype=torch.long), []
+    for tile, num_warps, num_stages in itertools.product(*DECODE_GRID.values()):
+        launch = Launch(tile, num_warps, num_stages)
+        call = decode_call(out, queries, keys, values, tables, context, 16, 0.125, launch=launch)
+        made.append((f"decode {launch}", call))
+    for query_tile, key_tile, num_warps in itertools.product(*PREFILL_GRID.values()):
+        launch = PrefillLaunch(key_tile, num_warps)
+        tiles = torch.from_numpy(prefill_tiles([(4, 20, 0), (24, 16, 30)], query_tile))
+        call = prefill_call(out, queries, keys, values, tables[:2], tiles, query_tile, 16, 0.125, launch=launch)
+        made.append((f"prefill query_tile={query_tile} {launch}", call))
+    return made
+
+
+def test_every_launch_the_kernel_bench_sweeps_compiles_for_sm_90():
+    """A GPU session's minutes go to timing the sweeps, not to finding launches the compiler refuses."""
+    refused = []
+    for name, call in sweep_calls():
+        try:
+            assert compile_ahead(call, TARGETS["sm_90"]).asm["cubin"]
+        except Exception as e:
+            refused.append(f"{name}: {type(e).__name__}: {e}"[:300])
+    assert not refused, "\n".join(refused)
