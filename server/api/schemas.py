@@ -10,8 +10,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.engine.sampling_params import (
+    MAX_BIAS,
+    MAX_BIASED_TOKENS,
     MAX_LOGPROBS,
     MAX_NEW_TOKENS,
+    MAX_PENALTY,
     MAX_SEED,
     MAX_TOKEN_ID,
     MAX_TOP_K,
@@ -26,7 +29,7 @@ MAX_PROMPT_LIST = 1024  # /v1/completions prompt lists; the configured max_promp
 MAX_MESSAGES = 4096
 MAX_CONTENT_PARTS = 256
 MAX_CHOICES = 128  # n and best_of (only 1 is supported; larger values get a clear 400)
-MAX_OBJECT_KEYS = 256  # free-form objects accepted only to be refused (logit_bias, tools, ...)
+MAX_OBJECT_KEYS = 256  # free-form objects accepted only to be refused (tools, ...)
 MAX_VERSION = (1 << 31) - 1
 
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
@@ -36,7 +39,11 @@ Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKENS)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
 FreeObject = Annotated[dict, Field(max_length=MAX_OBJECT_KEYS)]
-LogitBias = Annotated[dict[Name, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=MAX_OBJECT_KEYS)]
+Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
+LogitBias = Annotated[
+    dict[Name, Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]],
+    Field(max_length=MAX_BIASED_TOKENS, description="Token id (a JSON key) -> value added to its logit"),
+]
 
 
 class StrictModel(BaseModel):
@@ -51,12 +58,23 @@ class SamplingFields(StrictModel):
     top_k: int = Field(0, ge=-1, le=MAX_TOP_K, description="0 or -1 = off")
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
+    presence_penalty: Penalty = Field(0.0, description="Subtracted from the logit of every token generated so far")
+    frequency_penalty: Penalty = Field(0.0, description="Subtracted once per time a token was generated so far")
+    logit_bias: LogitBias | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
         None, description="Stop strings (not in the output)"
     )
     stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or ():
+            if not key.isascii() or not key.isdigit() or int(key) > MAX_TOKEN_ID:
+                raise ValueError(f"logit_bias keys must be token ids (integers from 0 to {MAX_TOKEN_ID}), not {key!r}")
+        return bias
 
     def sampling(self, max_new_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -67,6 +85,9 @@ class SamplingFields(StrictModel):
             top_p=self.top_p,
             min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=tuple(sorted((int(token), value) for token, value in (self.logit_bias or {}).items())),
             seed=self.seed,
             stop_token_ids=tuple(self.stop_token_ids),
             stop=stop,
@@ -134,18 +155,11 @@ class OpenAIFields(SamplingFields):
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: LogitBias | None = None
     user: Name | None = None
 
     def unsupported(self) -> str | None:
         if self.n != 1:
             return "n: only n=1 is supported"
-        if self.presence_penalty or self.frequency_penalty:
-            return "presence_penalty / frequency_penalty are not supported; use repetition_penalty"
-        if self.logit_bias:
-            return "logit_bias is not supported"
         return None
 
 

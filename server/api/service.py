@@ -47,10 +47,7 @@ async def tokenize(state: AppState, prompt: str | list[int], field: str = "promp
         ids = await asyncio.to_thread(encode_prompt, state.tokenizer, check_text(prompt, field))
     else:
         check_length(state, prompt, 0, field)
-        vocab = state.model.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"{field}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param=field)
+        check_token_ids(state, prompt, field)
         ids = list(prompt)
     if not ids:
         raise APIError(400, f"{field}: the prompt is empty", param=field)
@@ -67,6 +64,13 @@ async def tokenize_chat(state: AppState, messages: list[dict]) -> list[int]:
         raise APIError(400, str(e), param="messages") from None
     except Exception as e:  # a template may raise anything on messages it does not accept
         raise APIError(400, f"messages: the chat template rejected them ({e})", param="messages") from None
+
+
+def check_token_ids(state: AppState, token_ids, field: str) -> None:
+    vocab = state.model.vocab_size
+    bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"{field}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param=field)
 
 
 def check_length(state: AppState, prompt_ids: list[int], max_new_tokens: int, field: str) -> None:
@@ -122,6 +126,7 @@ async def start(
     if (problem := state.engine.problem()) is not None:  # e.g. a tensor-parallel rank is gone
         raise APIError(503, f"the engine cannot serve: {problem}")
     check_length(state, prompt_ids, sampling.max_new_tokens, length_field)
+    check_token_ids(state, [token for token, _ in sampling.logit_bias], "logit_bias")
     lease = await acquire_adapter(state, adapter_ref, adapter_field) if adapter_ref else None
     try:
         stream = state.engine.submit(GenerationRequest(prompt_ids, sampling, lease.adapter if lease else None))

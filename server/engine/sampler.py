@@ -1,5 +1,5 @@
-"""Token selection for the rows of a step: greedy, temperature, top-k, top-p, min-p, repetition
-penalty and per-request seeds, plus optional logprobs.
+"""Token selection for the rows of a step: greedy, temperature, top-k, top-p, min-p, logit bias,
+repetition, frequency and presence penalties and per-request seeds, plus optional logprobs.
 
 Sampling draws exponential noise per vocabulary entry and takes argmax(p / noise), which samples
 from p exactly. A seeded request draws its noise from its own generator, so its tokens depend only
@@ -12,13 +12,14 @@ the next step's inputs while their copy travels to the host, read when the core 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from server.engine.sequence import Sequence
-from server.engine.transfers import HostCopy, to_device
+from server.engine.transfers import HostCopy, StepUpload, to_device
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,44 @@ def apply_repetition_penalties(logits: Tensor, seqs: list[Sequence], pending: Pe
     return logits
 
 
+def apply_logit_bias(logits: Tensor, seqs: list[Sequence]) -> Tensor:
+    """OpenAI's `logit_bias`: each entry's value added to its token's logit. Entries outside the vocabulary
+    are ignored (the API refuses them)."""
+    vocab = logits.shape[-1]
+    biased = [(row, token, value) for row, seq in enumerate(seqs) for token, value in seq.sampling.logit_bias]
+    biased = [entry for entry in biased if entry[1] < vocab]
+    if not biased:
+        return logits
+    rows, tokens, values = zip(*biased, strict=True)
+    index = (to_device(rows, torch.long, logits.device), to_device(tokens, torch.long, logits.device))
+    return logits.index_put(index, to_device(values, logits.dtype, logits.device), accumulate=True)
+
+
+def apply_output_penalties(logits: Tensor, seqs: list[Sequence], pending: PendingTokens | None = None) -> Tensor:
+    """OpenAI's `frequency_penalty` times the number of times a token was generated so far, and its
+    `presence_penalty` once if it was, subtracted from the token's logit. The prompt does not count; a token
+    still `pending` does."""
+    penalized = [row for row, seq in enumerate(seqs) if seq.sampling.presence_penalty or seq.sampling.frequency_penalty]
+    if not penalized:
+        return logits
+    device = logits.device
+    counted = [(i, t, n) for i, row in enumerate(penalized) for t, n in Counter(seqs[row].generated_ids).items()]
+    waiting = [(i, pending.row_of[seqs[row]]) for i, row in enumerate(penalized) if seqs[row].num_pending]
+    upload = StepUpload(device)  # the integers in one copy
+    rows, counted_at, waiting_at = upload.stage(penalized), upload.stage(counted), upload.stage(waiting)
+    upload.send()
+    penalties = [seqs[row].sampling.frequency_penalty for row in penalized]
+    penalties += [seqs[row].sampling.presence_penalty for row in penalized]
+    frequency, presence = to_device(penalties, logits.dtype, device).view(2, -1, 1)
+    counts = logits.new_zeros((len(penalized), logits.shape[-1]))
+    if counted:
+        counts.index_put_((counted_at[:, 0], counted_at[:, 1]), counted_at[:, 2].to(counts.dtype), accumulate=True)
+    if waiting:
+        tokens = pending.tokens.index_select(0, waiting_at[:, 1])
+        counts.index_put_((waiting_at[:, 0], tokens), counts.new_ones(len(waiting)), accumulate=True)
+    return logits.index_add(0, rows, -(counts * frequency + (counts > 0) * presence))
+
+
 def filter_logits(logits: Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> Tensor:
     """Mask (to -inf) what top-k, top-p and min-p exclude; rows are [n, vocab], one value per row each.
     The parameters come as host lists so that deciding what to compute needs no device sync."""
@@ -91,7 +130,8 @@ def filter_logits(logits: Tensor, top_k: list[int], top_p: list[float], min_p: l
 
 def _plain_greedy(seq: Sequence) -> bool:
     sampling = seq.sampling
-    return sampling.greedy and sampling.repetition_penalty == 1.0 and sampling.logprobs is None
+    plain = sampling.repetition_penalty == 1.0 and not sampling.adds_to_logits and sampling.logprobs is None
+    return sampling.greedy and plain
 
 
 @dataclass
@@ -130,7 +170,9 @@ class Sampler:
             return Draw(tokens, HostCopy(tokens), wanted)
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if any(w is not None for w in wanted) else None
-        logits = apply_repetition_penalties(logits, seqs, pending)
+        # as vLLM orders them: the bias, then the penalties, repetition's before OpenAI's
+        logits = apply_logit_bias(logits, seqs)
+        logits = apply_output_penalties(apply_repetition_penalties(logits, seqs, pending), seqs, pending)
         sampled = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
         if len(sampled) == len(seqs):  # every row samples (the chat routes' default): no argmax, no row gather
             tokens = self._sample(logits, seqs)

@@ -11,6 +11,9 @@ MAX_TOP_K = 1 << 20
 MAX_NEW_TOKENS = 1 << 20
 MAX_TOKEN_ID = (1 << 31) - 1
 MAX_SEED = (1 << 63) - 1
+MAX_PENALTY = 2.0  # presence and frequency penalties, either sign (OpenAI's range)
+MAX_BIAS = 100.0  # a logit_bias value, either sign (OpenAI's range)
+MAX_BIASED_TOKENS = 300
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,9 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated so far
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings: matched on text by the front end
@@ -31,8 +37,14 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def adds_to_logits(self) -> bool:
+        """Whether logit_bias, presence_penalty or frequency_penalty change any logit."""
+        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     def check(self) -> None:
         """Raise ValueError naming the first out-of-range parameter."""
+        penalties, biases = f"[-{MAX_PENALTY}, {MAX_PENALTY}]", f"[-{MAX_BIAS}, {MAX_BIAS}]"
         checks = [
             (1 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"max_new_tokens must be in [1, {MAX_NEW_TOKENS}]"),
             (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
@@ -42,6 +54,11 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (abs(self.presence_penalty) <= MAX_PENALTY, f"presence_penalty must be in {penalties}"),
+            (abs(self.frequency_penalty) <= MAX_PENALTY, f"frequency_penalty must be in {penalties}"),
+            (len(self.logit_bias) <= MAX_BIASED_TOKENS, f"logit_bias takes at most {MAX_BIASED_TOKENS} tokens"),
+            (all(0 <= t <= MAX_TOKEN_ID for t, _ in self.logit_bias), "logit_bias keys must be valid token ids"),
+            (all(abs(b) <= MAX_BIAS for _, b in self.logit_bias), f"logit_bias values must be in {biases}"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]"),
             (all(s for s in self.stop), "stop strings must not be empty"),
         ]
