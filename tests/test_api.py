@@ -141,6 +141,19 @@ def test_openai_completions_batch_of_prompts_and_stream(client):
     assert events[-2]["usage"]["completion_tokens"] == 15 and events[-2]["choices"] == []
 
 
+def test_logit_bias_and_penalties_reach_the_sampler(client):
+    forced = generate(client, prompt="Hi", max_new_tokens=4, logit_bias={"65": 100})
+    assert forced["token_ids"] == [65] * 4
+    plain = generate(client, prompt="Hi", max_new_tokens=4)
+    banned = generate(client, prompt="Hi", max_new_tokens=4, logit_bias={str(plain["token_ids"][0]): -100})
+    assert banned["token_ids"][0] != plain["token_ids"][0]
+    penalties = {"presence_penalty": 2, "frequency_penalty": -1.5, "logit_bias": {"65": 3}}
+    native = generate(client, prompt="Hi", max_new_tokens=4, **penalties)
+    body = {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    completion = client.post("/v1/completions", json={**body, **penalties}).json()
+    assert completion["choices"][0]["text"] == native["text"]
+
+
 def test_openai_completion_logprobs_shape(client):
     out = client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 3, "logprobs": 2})
     logprobs = out.json()["choices"][0]["logprobs"]
