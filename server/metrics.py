@@ -74,6 +74,12 @@ class Metrics:
         self.step_seconds = Histogram(
             "reft_step_duration_seconds", "Engine step duration", ["kind"], buckets=TOKEN_LATENCY_BUCKETS, registry=r
         )
+        self.step_device_wait = Counter(
+            "reft_step_device_wait_seconds",
+            "Time engine steps spent blocked for the device's results: a share of reft_step_duration_seconds_sum "
+            "near 1 means the device is the bottleneck, near 0 the host",
+            registry=r,
+        )
         for kind in STEP_KINDS:  # both series from the start, so that rates over them never miss one
             for histogram in (self.step_tokens, self.step_requests, self.step_seconds):
                 histogram.labels(kind)
@@ -94,11 +100,14 @@ class Metrics:
         self.adapter_evictions = Counter("reft_adapter_evictions", "Adapters evicted from memory", registry=r)
         self.vllm = VllmCompatibleMetrics(r, model_name, max_lora) if vllm_compatible else None
 
-    def observe_step(self, num_tokens: int, num_seqs: int, num_prefill_tokens: int, seconds: float) -> None:
+    def observe_step(
+        self, num_tokens: int, num_seqs: int, num_prefill_tokens: int, seconds: float, device_wait_seconds: float
+    ) -> None:
         kind = STEP_KINDS[num_prefill_tokens > 0]
         self.step_tokens.labels(kind).observe(num_tokens)
         self.step_requests.labels(kind).observe(num_seqs)
         self.step_seconds.labels(kind).observe(seconds)
+        self.step_device_wait.inc(device_wait_seconds)
 
     def watch_residents(self, residents: Callable[[], list[tuple[str, int]]], max_series: int) -> None:
         """Export `residents()` (name, version), most recently used first, as an info gauge of at

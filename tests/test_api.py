@@ -51,7 +51,8 @@ def test_health_ready_and_metrics(client):
     generate(client, prompt=long_prompt, max_new_tokens=2)
     generate(client, prompt=long_prompt, max_new_tokens=2)  # its full blocks come from the prefix cache
     text = client.get("/metrics").text
-    for name in ("reft_requests_total", "reft_time_to_first_token_seconds_bucket", "reft_kv_cache_usage_ratio"):
+    names = ("reft_requests_total", "reft_time_to_first_token_seconds_bucket", "reft_kv_cache_usage_ratio")
+    for name in (*names, "reft_step_device_wait_seconds_total"):
         assert name in text
     hits = re.search(r"^reft_prefix_cache_hits_total (\S+)$", text, re.MULTILINE)
     assert hits and float(hits.group(1)) >= 48

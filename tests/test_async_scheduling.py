@@ -12,6 +12,7 @@ import pytest
 
 from server.engine.model_runner import EditCheck
 from server.engine.sequence import FinishReason
+from server.engine.transfers import HostCopy
 from tests.engine_utils import (
     assert_prefix_cache_finite,
     load_engine_model,
@@ -374,3 +375,25 @@ def test_an_error_escaping_a_step_keeps_the_launched_edit_check(model):
         outputs += [o for o in core.step() if o.request_id == "bad"]
     assert [(o.new_tokens, o.finish_reason) for o in outputs] == [([], FinishReason.ERROR)]
     assert "non-finite" in outputs[0].error and bad.unchecked_edits == 0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_each_step_reports_how_long_it_blocked_for_the_device(model, monkeypatch, async_scheduling):
+    """What a step spent blocked for the device (its own results, or with async scheduling the step
+    before's) is in its stats, so the metrics can tell a device-bound engine from a host-bound one."""
+    wait = HostCopy.wait
+
+    def slow_device(copy):
+        copy.waited += 0.01  # as a device still computing would make it wait
+        return wait(copy)
+
+    monkeypatch.setattr(HostCopy, "wait", slow_device)
+    core = make_core(model, async_scheduling=async_scheduling)
+    core.add(seq("a", prompt(10, 1), max_new_tokens=5))
+    waits = []
+    while core.has_work():
+        core.step()
+        if core.last_step is not None:
+            waits.append(core.last_step.device_wait_seconds)
+    expected = [0.0, 0.01, 0.01, 0.01, 0.01] if async_scheduling else [0.01] * 5  # async: the first reads nothing
+    assert waits == pytest.approx(expected)

@@ -328,4 +328,6 @@ class AsyncEngine:
         self._reported = load
         if report.step is not None:
             step = report.step
-            m.observe_step(step.num_tokens, step.num_seqs, step.num_prefill_tokens, step.seconds)
+            m.observe_step(
+                step.num_tokens, step.num_seqs, step.num_prefill_tokens, step.seconds, step.device_wait_seconds
+            )

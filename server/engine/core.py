@@ -80,6 +80,11 @@ class InFlight:
     def seqs(self) -> list[Sequence]:
         return [seq for seqs, _ in self.parts for seq in seqs]
 
+    @property
+    def waited(self) -> float:
+        """Seconds the host blocked for the device while reading this step."""
+        return sum(draw.waited for _, draw in self.parts) + (self.check.waited if self.check is not None else 0.0)
+
     def pending(self) -> PendingTokens | None:
         if not self.parts:
             return None
@@ -94,6 +99,7 @@ class StepStats:
     num_seqs: int
     num_prefill_tokens: int
     seconds: float
+    device_wait_seconds: float  # of `seconds`, blocked for the device's results (of the step before, if async)
 
 
 class EngineCore:
@@ -281,7 +287,9 @@ class EngineCore:
         if chunks:
             prefill = sum(c.length for c in chunks if c.length > 1)
             tokens = sum(c.length for c in chunks)
-            self.last_step = StepStats(tokens, len(chunks), prefill, time.perf_counter() - started)
+            read = previous if self.async_scheduling else launched  # the step whose results were read here
+            waited = read.waited if read is not None else 0.0
+            self.last_step = StepStats(tokens, len(chunks), prefill, time.perf_counter() - started, waited)
         return outputs
 
     def _launch(

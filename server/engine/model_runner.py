@@ -43,6 +43,11 @@ class EditCheck:
         """The sequences whose edit blew up, with why; waits for the flags."""
         return self._plan.non_finite_owners(self._finite.wait().tolist())
 
+    @property
+    def waited(self) -> float:
+        """Seconds `failures` blocked for the device."""
+        return self._finite.waited
+
 
 @dataclass
 class StepResult:

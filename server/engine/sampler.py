@@ -143,6 +143,11 @@ class Draw:
     _host: HostCopy  # the tokens, or with logprobs the table `Sampler._table` describes
     _wanted: list[int | None]  # each row's number of top logprobs (None: no logprobs)
 
+    @property
+    def waited(self) -> float:
+        """Seconds `samples` blocked for the device."""
+        return self._host.waited
+
     def samples(self) -> list[Sample]:
         """The rows' samples; waits for the copy to land."""
         host = self._host.wait()

@@ -13,6 +13,7 @@ A step's integer inputs (token ids, positions, slots, block tables, tiles, edite
 from __future__ import annotations
 
 import math
+import time
 from functools import partial
 
 import numpy as np
@@ -87,6 +88,7 @@ class HostCopy:
     """A device tensor on its way to the host: the copy is queued now, `wait` returns it once it landed."""
 
     def __init__(self, tensor: Tensor):
+        self.waited = 0.0  # seconds `wait` blocked for the device (0 until then, and off CUDA)
         self._ready = None
         if tensor.device.type != "cuda":
             self._host = tensor
@@ -98,7 +100,9 @@ class HostCopy:
 
     def wait(self) -> Tensor:
         if self._ready is not None:
+            started = time.perf_counter()
             self._ready.synchronize()
+            self.waited += time.perf_counter() - started
         return self._host
 
 
