@@ -112,7 +112,7 @@ class Settings(BaseSettings):
         None, ge=1, description="Prompt characters at most, checked before tokenizing (default: 16 per context token)"
     )
     max_prompts: int = Field(
-        16, ge=1, description="Prompts in one /v1/completions request at most (never more than the queue holds)"
+        16, ge=1, description="Completions in one OpenAI request at most, prompts x n (never more than the queue holds)"
     )
 
     # adapters

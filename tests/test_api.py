@@ -155,6 +155,31 @@ def test_logit_bias_and_penalties_reach_the_sampler(client):
     assert completion["choices"][0]["text"] == native["text"]
 
 
+def test_openai_completions_give_n_choices_per_prompt(client):
+    body = {"model": MODEL_NAME, "prompt": ["Hi", "Hello there"], "max_tokens": 6, "ignore_eos": True}
+    sampled = {**body, "temperature": 1.0, "seed": 5, "n": 3}
+    out = client.post("/v1/completions", json=sampled).json()
+    assert [c["index"] for c in out["choices"]] == list(range(6))  # prompt by prompt, then choice
+    texts = [c["text"] for c in out["choices"]]
+    assert len(set(texts[:3])) > 1, "a seed gives each choice a seed of its own"
+    assert client.post("/v1/completions", json=sampled).json()["choices"] == out["choices"], "and reproducibly"
+    first = client.post("/v1/completions", json={**sampled, "prompt": "Hi", "n": 1}).json()
+    assert first["choices"][0]["text"] == texts[0], "choice 0 samples as the request alone does"
+    one_each = client.post("/v1/completions", json={**body, "temperature": 0}).json()
+    assert out["usage"]["prompt_tokens"] == one_each["usage"]["prompt_tokens"], "a prompt counts once, not n times"
+    assert out["usage"]["completion_tokens"] == 6 * 6
+    greedy = client.post("/v1/completions", json={**body, "temperature": 0, "n": 2}).json()
+    assert [c["text"] for c in greedy["choices"]] == [one_each["choices"][0]["text"]] * 2 + [
+        one_each["choices"][1]["text"]
+    ] * 2
+    events = stream(client, "/v1/completions", {**sampled, "stream": True, "stream_options": {"include_usage": True}})
+    streamed = [""] * 6
+    for event in events[:-2]:
+        for choice in event["choices"]:
+            streamed[choice["index"]] += choice["text"]
+    assert streamed == texts and events[-2]["usage"] == out["usage"]
+
+
 def test_openai_completion_logprobs_shape(client):
     out = client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 3, "logprobs": 2})
     logprobs = out.json()["choices"][0]["logprobs"]
@@ -197,7 +222,8 @@ BAD_REQUESTS = [
     ("/v1/generate", {"prompt": "hi", "max_new_tokens": 600}, 400, "context window is 512 tokens"),
     ("/v1/generate", {"prompt": 5}, 400, "prompt"),
     ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model 'nope' not found"),
-    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "n": 2}, 400, "only n=1"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": ["hi", "ho"], "n": 9}, 400, "n: 2 prompt(s) x n=9 make 18"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "n": 2, "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "echo": True}, 400, "echo"),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "logit_bias": {"a": 1}}, 400, "logit_bias keys"),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "logit_bias": {"-3": 1}}, 400, "logit_bias keys"),

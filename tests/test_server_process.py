@@ -112,7 +112,19 @@ def test_openai_client_completions_chat_streaming_and_adapters(server, tiny_mode
     with pytest.raises(openai.NotFoundError):
         complete("no-such-adapter")
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=base_name, prompt="x", max_tokens=5, n=3)
+        client.completions.create(model=base_name, prompt="x", max_tokens=5, n=3, best_of=4)
+
+    # n choices: each index's stream starts with the assistant's role, and equals the choice made whole
+    sampled = {"model": "steer", "messages": messages, "max_tokens": 8, "temperature": 1.0, "seed": 3, "n": 2}
+    whole = client.chat.completions.create(**sampled)
+    assert [c.index for c in whole.choices] == [0, 1] and whole.usage.prompt_tokens == chat.usage.prompt_tokens
+    texts, roles = ["", ""], [[], []]
+    for event in client.chat.completions.create(**sampled, stream=True):
+        for choice in event.choices:
+            texts[choice.index] += choice.delta.content or ""
+            roles[choice.index].append(choice.delta.role)
+    assert texts == [c.message.content for c in whole.choices]
+    assert all(r[0] == "assistant" and not any(r[1:]) for r in roles)
 
 
 def test_client_disconnect_cancels_the_request_and_frees_its_blocks(server):

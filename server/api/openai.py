@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
 
@@ -20,6 +21,7 @@ from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIF
 from server.api.service import Running, collect, start, stream_outputs, tokenize, tokenize_chat
 from server.engine.async_engine import RequestOutput
 from server.engine.sampler import Sample
+from server.engine.sampling_params import MAX_SEED, SamplingParams
 from server.engine.sequence import FinishReason
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
@@ -32,6 +34,17 @@ def adapter_for_model(state: AppState, model: str) -> str | None:
 def check_supported(body: OpenAIFields) -> None:
     if problem := body.unsupported():
         raise APIError(400, problem, param=problem.split(":")[0].split(" ")[0])
+
+
+def check_choices(state: AppState, prompts: int, n: int) -> None:
+    """Every choice of every prompt is a request of its own: max_prompts bounds them all."""
+    if prompts * n <= state.max_prompts:
+        return
+    limit = state.max_prompts
+    if n == 1:
+        raise APIError(400, f"prompt: {prompts} prompts in one request; the limit is {limit}", param="prompt")
+    message = f"n: {prompts} prompt(s) x n={n} make {prompts * n} completions; the limit is {limit}"
+    raise APIError(400, message, param="n")
 
 
 async def start_model(state: AppState, prompt_ids: list[int], body: OpenAIFields, sampling) -> Running:
@@ -53,10 +66,31 @@ def finish_reason(output: RequestOutput) -> str | None:
     return output.finish_reason.value if output.finish_reason else None
 
 
-def usage(outputs: list[RequestOutput]) -> dict:
-    prompt = sum(o.prompt_tokens for o in outputs)
+def usage(prompt_tokens: int, outputs: list[RequestOutput]) -> dict:
+    """`prompt_tokens`: each prompt's once, however many choices it has."""
     completion = sum(o.completion_tokens for o in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def choice_sampling(sampling: SamplingParams, choice: int) -> SamplingParams:
+    """Choice `choice` of n: with a seed, seed + choice, so the n samples differ yet each is reproducible."""
+    if sampling.seed is None or choice == 0:
+        return sampling
+    return replace(sampling, seed=(sampling.seed + choice) % (MAX_SEED + 1))
+
+
+async def start_choices(state: AppState, prompts: list[list[int]], body: OpenAIFields, sampling) -> list[Running]:
+    """`body.n` requests per prompt, in choice-index order (prompt by prompt); all closed if one cannot start."""
+    runs = []
+    try:
+        for prompt_ids in prompts:
+            for choice in range(body.n):
+                runs.append(await start_model(state, prompt_ids, body, choice_sampling(sampling, choice)))
+    except BaseException:
+        for running in runs:
+            running.close()
+        raise
+    return runs
 
 
 # -- logprobs in OpenAI's two shapes ----------------------------------------------------------------
@@ -121,7 +155,7 @@ async def merged(runs: list[Running], timeout: float) -> AsyncIterator[tuple[int
 
 
 async def openai_events(
-    runs: list[Running], timeout: float, chunk, include_usage: bool, base: dict
+    runs: list[Running], timeout: float, chunk, include_usage: bool, base: dict, prompt_tokens: int
 ) -> AsyncIterator[str]:
     """SSE for both routes; `chunk(index, output)` builds one choice."""
     finals: dict[int, RequestOutput] = {}
@@ -131,7 +165,7 @@ async def openai_events(
                 finals[index] = output
             yield sse.event({**base, "choices": [chunk(index, output)]})
         if include_usage:
-            yield sse.event({**base, "choices": [], "usage": usage(list(finals.values()))})
+            yield sse.event({**base, "choices": [], "usage": usage(prompt_tokens, list(finals.values()))})
     except TimeoutError:
         yield sse.event(error_body(504, f"the request did not finish within {timeout:g} s and was aborted"))
     except APIError as e:
@@ -145,20 +179,10 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     """OpenAI text completions; `model` = the base model id or an adapter name."""
     check_supported(body)
     texts = body.prompts()
-    if len(texts) > state.max_prompts:
-        raise APIError(
-            400, f"prompt: {len(texts)} prompts in one request; the limit is {state.max_prompts}", param="prompt"
-        )
+    check_choices(state, len(texts), body.n)
     prompts = [await tokenize(state, prompt) for prompt in texts]
-    sampling = body.sampling(body.max_tokens, body.logprobs)
-    runs = []
-    try:
-        for prompt_ids in prompts:
-            runs.append(await start_model(state, prompt_ids, body, sampling))
-    except BaseException:
-        for running in runs:
-            running.close()
-        raise
+    runs = await start_choices(state, prompts, body, body.sampling(body.max_tokens, body.logprobs))
+    prompt_tokens = sum(len(prompt_ids) for prompt_ids in prompts)
     base = {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
@@ -177,7 +201,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
             return {"index": index, "text": output.text, "logprobs": logprobs, "finish_reason": finish_reason(output)}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.response(openai_events(runs, timeout, chunk, include_usage, base))
+        return sse.response(openai_events(runs, timeout, chunk, include_usage, base, prompt_tokens))
 
     outputs = await asyncio.gather(*(collect(request, running, timeout) for running in runs))
     choices = [
@@ -189,7 +213,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
         }
         for i, output in enumerate(outputs)
     ]
-    return {**base, "choices": choices, "usage": usage(list(outputs))}
+    return {**base, "choices": choices, "usage": usage(prompt_tokens, list(outputs))}
 
 
 @router.post("/v1/chat/completions")
@@ -197,35 +221,37 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     """OpenAI chat completions with the tokenizer's chat template; `model` picks the adapter."""
     check_supported(body)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    check_choices(state, 1, body.n)
     prompt_ids = await tokenize_chat(state, messages)
     max_new_tokens = body.max_new_tokens(default=max(1, state.max_model_len - len(prompt_ids)))
-    sampling = body.sampling(max_new_tokens, body.logprob_count())
-    running = await start_model(state, prompt_ids, body, sampling)
+    runs = await start_choices(state, [prompt_ids], body, body.sampling(max_new_tokens, body.logprob_count()))
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     timeout = state.settings.request_timeout
 
     if body.stream:
-        first = [True]
+        started: set[int] = set()
 
         def chunk(index: int, output: RequestOutput) -> dict:
-            delta = {"role": "assistant", "content": output.text} if first[0] else {"content": output.text}
-            first[0] = False
+            delta = {"content": output.text} if index in started else {"role": "assistant", "content": output.text}
+            started.add(index)
             logprobs = chat_logprobs(state.tokenizer, output.logprobs) if body.logprobs else None
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason(output)}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.response(
-            openai_events([running], timeout, chunk, include_usage, {**base, "object": "chat.completion.chunk"})
-        )
+        chunk_base = {**base, "object": "chat.completion.chunk"}
+        return sse.response(openai_events(runs, timeout, chunk, include_usage, chunk_base, len(prompt_ids)))
 
-    output = await collect(request, running, timeout)
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": output.text},
-        "logprobs": chat_logprobs(state.tokenizer, output.logprobs) if body.logprobs else None,
-        "finish_reason": finish_reason(output),
-    }
-    return {**base, "object": "chat.completion", "choices": [choice], "usage": usage([output])}
+    outputs = await asyncio.gather(*(collect(request, running, timeout) for running in runs))
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": output.text},
+            "logprobs": chat_logprobs(state.tokenizer, output.logprobs) if body.logprobs else None,
+            "finish_reason": finish_reason(output),
+        }
+        for i, output in enumerate(outputs)
+    ]
+    return {**base, "object": "chat.completion", "choices": choices, "usage": usage(len(prompt_ids), list(outputs))}
 
 
 @router.get("/v1/models")

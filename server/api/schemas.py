@@ -28,7 +28,7 @@ MAX_PROMPT_TOKENS = 1 << 20  # token-id prompts; the context window is far lower
 MAX_PROMPT_LIST = 1024  # /v1/completions prompt lists; the configured max_prompts is far lower
 MAX_MESSAGES = 4096
 MAX_CONTENT_PARTS = 256
-MAX_CHOICES = 128  # n and best_of (only 1 is supported; larger values get a clear 400)
+MAX_CHOICES = 128  # n and best_of (the route's max_prompts bounds prompts x n again)
 MAX_OBJECT_KEYS = 256  # free-form objects accepted only to be refused (tools, ...)
 MAX_VERSION = (1 << 31) - 1
 
@@ -158,8 +158,6 @@ class OpenAIFields(SamplingFields):
     user: Name | None = None
 
     def unsupported(self) -> str | None:
-        if self.n != 1:
-            return "n: only n=1 is supported"
         return None
 
 
@@ -184,8 +182,8 @@ class CompletionRequest(OpenAIFields):
             return "echo is not supported"
         if self.suffix:
             return "suffix is not supported"
-        if self.best_of not in (None, 1):
-            return "best_of: only 1 is supported"
+        if self.best_of not in (None, self.n):
+            return "best_of: only best_of = n is supported (no choosing among extra samples)"
         return super().unsupported()
 
     @field_validator("prompt")
