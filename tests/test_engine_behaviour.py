@@ -5,14 +5,7 @@ import torch
 
 from server.adapters.materialize import materialize
 from server.adapters.random_adapters import random_adapter_file
-from server.engine.sampler import (
-    PendingTokens,
-    Sampler,
-    apply_logit_bias,
-    apply_output_penalties,
-    apply_repetition_penalties,
-    filter_logits,
-)
+from server.engine.sampler import Sampler, filter_logits
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason, Sequence
 from server.reft.interventions import Intervention
@@ -93,50 +86,6 @@ def test_repetition_penalty_changes_greedy_choice():
     penalized = Sequence("b", [0], SamplingParams(repetition_penalty=1.2))
     assert sampler(logits, [plain]).samples()[0].token == 0
     assert sampler(logits, [penalized]).samples()[0].token == 1
-
-
-def openai_adjusted(logits: torch.Tensor, seqs: list[Sequence], pending: dict[int, int]) -> torch.Tensor:
-    """The plain reading of logit_bias, repetition, frequency and presence penalties, one logit at a time,
-    in vLLM's order; `pending`: row -> a generated token the sequence's list does not hold yet."""
-    out = logits.clone()
-    for row, sequence in enumerate(seqs):
-        p = sequence.sampling
-        generated = sequence.generated_ids + ([pending[row]] if row in pending else [])
-        seen = set(sequence.token_ids) | set(generated)
-        for token in range(out.shape[1]):
-            value = out[row, token].item() + dict(p.logit_bias).get(token, 0.0)
-            if token in seen:
-                value = value / p.repetition_penalty if value > 0 else value * p.repetition_penalty
-            count = generated.count(token)
-            out[row, token] = value - p.frequency_penalty * count - p.presence_penalty * (count > 0)
-    return out
-
-
-def test_logit_bias_and_penalties_match_their_plain_reading():
-    torch.manual_seed(0)
-    vocab = 40
-    params = [
-        SamplingParams(logit_bias=((3, 5.0), (39, -7.5), (1000, 9.0))),  # 1000: outside, ignored
-        SamplingParams(frequency_penalty=0.7),
-        SamplingParams(presence_penalty=-1.2, frequency_penalty=-0.4, repetition_penalty=1.3),
-        SamplingParams(),
-        SamplingParams(presence_penalty=1.5, logit_bias=((7, 1.0),)),
-    ]
-    seqs = []
-    for row, sampling in enumerate(params):
-        seq_ = Sequence(f"r{row}", [1, 2, 3, 7], sampling)
-        seq_.token_ids += [7, 7, 9, 1 + row, 9, 7]  # generated: repeats, and a token of the prompt
-        seqs.append(seq_)
-    pending = {1: 9, 4: 30}  # rows whose last token is still on the device
-    for row in pending:
-        seqs[row].num_pending = 1
-    tokens = torch.tensor([pending[1], 0, pending[4]])
-    device_pending = PendingTokens(tokens, {seqs[1]: 0, seqs[4]: 2})
-    logits = torch.randn(len(seqs), vocab) * 3
-    adjusted = apply_logit_bias(logits, seqs)
-    adjusted = apply_output_penalties(apply_repetition_penalties(adjusted, seqs, device_pending), seqs, device_pending)
-    torch.testing.assert_close(adjusted, openai_adjusted(logits, seqs, pending), atol=1e-5, rtol=0)
-    assert torch.equal(adjusted[3], logits[3]), "a row that asks for nothing is left alone"
 
 
 def test_logit_bias_steers_greedy_decoding(model):

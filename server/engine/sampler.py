@@ -4,7 +4,8 @@ repetition, frequency and presence penalties and per-request seeds, plus optiona
 Sampling draws exponential noise per vocabulary entry and takes argmax(p / noise), which samples
 from p exactly. A seeded request draws its noise from its own generator, so its tokens depend only
 on its own seed and probabilities, not on which other requests share the step.
-Logprobs are those of the raw model distribution (before penalties and temperature).
+Logprobs are those of the raw model distribution (before penalties and temperature). The penalties
+read token counts that stay on the device between steps (penalties.py).
 
 Drawing queues the work on the device and returns at once (`Draw`): the tokens stay on the device as
 the next step's inputs while their copy travels to the host, read when the core gets to them.
@@ -12,14 +13,14 @@ the next step's inputs while their copy travels to the host, read when the core 
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from server.engine.penalties import PenaltyRows
 from server.engine.sequence import Sequence
-from server.engine.transfers import HostCopy, StepUpload, to_device
+from server.engine.transfers import HostCopy, to_device
 
 
 @dataclass(frozen=True)
@@ -37,39 +38,6 @@ class Sample:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
-def apply_repetition_penalties(logits: Tensor, seqs: list[Sequence], pending: PendingTokens | None = None) -> Tensor:
-    """HF/CTRL-style: each row's seen tokens get positive logits divided and negative ones multiplied by
-    its penalty. One gather and one scatter for all rows. A token still `pending` (on the device only)
-    counts as seen too."""
-    rows, tokens, penalties, pending_rows = [], [], [], []
-    for row, seq in enumerate(seqs):
-        penalty = seq.sampling.repetition_penalty
-        if penalty != 1.0:
-            seen = sorted(set(seq.token_ids))
-            rows += [row] * len(seen)
-            tokens += seen
-            penalties += [penalty] * len(seen)
-            if seq.num_pending:
-                pending_rows.append((row, pending.row_of[seq], penalty))
-    if not rows:
-        return logits
-    device = logits.device
-    row_index, token_index = to_device(rows, torch.long, device), to_device(tokens, torch.long, device)
-    penalty = to_device(penalties, logits.dtype, device)
-    if pending_rows:  # a token seen twice is penalized once: both writes carry the same value
-        extra_rows, pending_index, extra_penalties = zip(*pending_rows, strict=True)
-        row_index = torch.cat([row_index, to_device(list(extra_rows), torch.long, device)])
-        token_index = torch.cat(
-            [token_index, pending.tokens.index_select(0, to_device(list(pending_index), torch.long, device))]
-        )
-        penalty = torch.cat([penalty, to_device(list(extra_penalties), logits.dtype, device)])
-    index = (row_index, token_index)
-    values = logits[index]
-    logits = logits.clone()
-    logits[index] = torch.where(values > 0, values / penalty, values * penalty)
-    return logits
-
-
 def apply_logit_bias(logits: Tensor, seqs: list[Sequence]) -> Tensor:
     """OpenAI's `logit_bias`: each entry's value added to its token's logit. Entries outside the vocabulary
     are ignored (the API refuses them)."""
@@ -81,31 +49,6 @@ def apply_logit_bias(logits: Tensor, seqs: list[Sequence]) -> Tensor:
     rows, tokens, values = zip(*biased, strict=True)
     index = (to_device(rows, torch.long, logits.device), to_device(tokens, torch.long, logits.device))
     return logits.index_put(index, to_device(values, logits.dtype, logits.device), accumulate=True)
-
-
-def apply_output_penalties(logits: Tensor, seqs: list[Sequence], pending: PendingTokens | None = None) -> Tensor:
-    """OpenAI's `frequency_penalty` times the number of times a token was generated so far, and its
-    `presence_penalty` once if it was, subtracted from the token's logit. The prompt does not count; a token
-    still `pending` does."""
-    penalized = [row for row, seq in enumerate(seqs) if seq.sampling.presence_penalty or seq.sampling.frequency_penalty]
-    if not penalized:
-        return logits
-    device = logits.device
-    counted = [(i, t, n) for i, row in enumerate(penalized) for t, n in Counter(seqs[row].generated_ids).items()]
-    waiting = [(i, pending.row_of[seqs[row]]) for i, row in enumerate(penalized) if seqs[row].num_pending]
-    upload = StepUpload(device)  # the integers in one copy
-    rows, counted_at, waiting_at = upload.stage(penalized), upload.stage(counted), upload.stage(waiting)
-    upload.send()
-    penalties = [seqs[row].sampling.frequency_penalty for row in penalized]
-    penalties += [seqs[row].sampling.presence_penalty for row in penalized]
-    frequency, presence = to_device(penalties, logits.dtype, device).view(2, -1, 1)
-    counts = logits.new_zeros((len(penalized), logits.shape[-1]))
-    if counted:
-        counts.index_put_((counted_at[:, 0], counted_at[:, 1]), counted_at[:, 2].to(counts.dtype), accumulate=True)
-    if waiting:
-        tokens = pending.tokens.index_select(0, waiting_at[:, 1])
-        counts.index_put_((waiting_at[:, 0], tokens), counts.new_ones(len(waiting)), accumulate=True)
-    return logits.index_add(0, rows, -(counts * frequency + (counts > 0) * presence))
 
 
 def filter_logits(logits: Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> Tensor:
@@ -130,8 +73,7 @@ def filter_logits(logits: Tensor, top_k: list[int], top_p: list[float], min_p: l
 
 def _plain_greedy(seq: Sequence) -> bool:
     sampling = seq.sampling
-    plain = sampling.repetition_penalty == 1.0 and not sampling.adds_to_logits and sampling.logprobs is None
-    return sampling.greedy and plain
+    return sampling.greedy and not sampling.penalized and not sampling.logit_bias and sampling.logprobs is None
 
 
 @dataclass
@@ -166,6 +108,9 @@ class Draw:
 
 
 class Sampler:
+    def __init__(self):
+        self.penalties = PenaltyRows()
+
     def __call__(self, logits: Tensor, seqs: list[Sequence], pending: PendingTokens | None = None) -> Draw:
         """Draw a token per row; `pending`: the tokens the previous step drew that the host has not read
         (the repetition penalty counts them)."""
@@ -176,8 +121,7 @@ class Sampler:
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if any(w is not None for w in wanted) else None
         # as vLLM orders them: the bias, then the penalties, repetition's before OpenAI's
-        logits = apply_logit_bias(logits, seqs)
-        logits = apply_output_penalties(apply_repetition_penalties(logits, seqs, pending), seqs, pending)
+        logits, penalized = self.penalties.apply(apply_logit_bias(logits, seqs), seqs, pending)
         sampled = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
         if len(sampled) == len(seqs):  # every row samples (the chat routes' default): no argmax, no row gather
             tokens = self._sample(logits, seqs)
@@ -186,9 +130,10 @@ class Sampler:
             if sampled:
                 rows = to_device(sampled, torch.long, logits.device)
                 tokens.index_copy_(0, rows, self._sample(logits[rows], [seqs[i] for i in sampled]))
-        if raw_logprobs is None:
-            return Draw(tokens, HostCopy(tokens), wanted)
-        return Draw(tokens, HostCopy(self._table(tokens, raw_logprobs, wanted)), wanted)
+        host = HostCopy(tokens if raw_logprobs is None else self._table(tokens, raw_logprobs, wanted))
+        if penalized is not None:  # last: a draw that raised before here is drawn again row by row
+            self.penalties.count(penalized, tokens)
+        return Draw(tokens, host, wanted)
 
     def _sample(self, logits: Tensor, seqs: list[Sequence]) -> Tensor:
         device = logits.device

@@ -38,9 +38,9 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
-    def adds_to_logits(self) -> bool:
-        """Whether logit_bias, presence_penalty or frequency_penalty change any logit."""
-        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+    def penalized(self) -> bool:
+        """Whether the repetition, presence or frequency penalty changes any logit."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def check(self) -> None:
         """Raise ValueError naming the first out-of-range parameter."""

@@ -1,0 +1,131 @@
+"""Logit bias and the repetition, frequency and presence penalties against their plain reading, one logit
+at a time, and the device-side counts behind the penalties: built once per sequence, kept up to date
+by the draws, rebuilt when a row was taken, and bounded."""
+
+import pytest
+import torch
+
+from server.engine.penalties import PenaltyRows
+from server.engine.sampler import PendingTokens, Sampler, apply_logit_bias
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import Sequence
+from tests.conftest import load_reference_model
+from tests.engine_utils import load_engine_model, make_core, prompt, run_core, seq
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_engine_model(tiny_model_dir("llama"))
+
+
+def openai_adjusted(logits: torch.Tensor, seqs: list[Sequence], pending: dict[int, int]) -> torch.Tensor:
+    """The plain reading of logit_bias, repetition, frequency and presence penalties, one logit at a time,
+    in vLLM's order; `pending`: row -> a generated token the sequence's list does not hold yet."""
+    out = logits.clone()
+    for row, sequence in enumerate(seqs):
+        p = sequence.sampling
+        generated = sequence.generated_ids + ([pending[row]] if row in pending else [])
+        seen = set(sequence.token_ids) | set(generated)
+        for token in range(out.shape[1]):
+            value = out[row, token].item() + dict(p.logit_bias).get(token, 0.0)
+            if token in seen:
+                value = value / p.repetition_penalty if value > 0 else value * p.repetition_penalty
+            count = generated.count(token)
+            out[row, token] = value - p.frequency_penalty * count - p.presence_penalty * (count > 0)
+    return out
+
+
+def adjusted(rows: PenaltyRows, logits: torch.Tensor, seqs: list[Sequence], pending=None) -> torch.Tensor:
+    return rows.apply(apply_logit_bias(logits, seqs), seqs, pending)[0]
+
+
+def test_logit_bias_and_penalties_match_their_plain_reading():
+    torch.manual_seed(0)
+    vocab = 40
+    params = [
+        SamplingParams(logit_bias=((3, 5.0), (39, -7.5), (1000, 9.0))),  # 1000: outside, ignored
+        SamplingParams(frequency_penalty=0.7),
+        SamplingParams(presence_penalty=-1.2, frequency_penalty=-0.4, repetition_penalty=1.3),
+        SamplingParams(),
+        SamplingParams(presence_penalty=1.5, logit_bias=((7, 1.0),)),
+    ]
+    seqs = []
+    for row, sampling in enumerate(params):
+        seq_ = Sequence(f"r{row}", [1, 2, 3, 7], sampling)
+        seq_.token_ids += [7, 7, 9, 1 + row, 9, 7]  # generated: repeats, and a token of the prompt
+        seqs.append(seq_)
+    pending = {1: 9, 4: 30}  # rows whose last token is still on the device
+    for row in pending:
+        seqs[row].num_pending = 1
+    tokens = torch.tensor([pending[1], 0, pending[4]])
+    device_pending = PendingTokens(tokens, {seqs[1]: 0, seqs[4]: 2})
+    logits = torch.randn(len(seqs), vocab) * 3
+    result = adjusted(PenaltyRows(), logits, seqs, device_pending)
+    torch.testing.assert_close(result, openai_adjusted(logits, seqs, pending), atol=1e-5, rtol=0)
+    assert torch.equal(result[3], logits[3]), "a row that asks for nothing is left alone"
+
+
+def test_counts_follow_the_draws_and_survive_evictions():
+    """Steps over changing sets of sequences: each draw's tokens count from the next step on, a sequence
+    that comes back after its row went to another is rebuilt from its tokens, and the tables stay at
+    twice the largest step."""
+    torch.manual_seed(1)
+    vocab = 30
+    penalties = [
+        SamplingParams(repetition_penalty=1.4, temperature=1.0, seed=1),
+        SamplingParams(frequency_penalty=0.9, temperature=1.0, seed=2),
+        SamplingParams(presence_penalty=1.1, repetition_penalty=0.8, temperature=1.0, seed=3),
+        SamplingParams(temperature=1.0, seed=4),  # no penalty: never takes a row
+    ]
+    seqs = [Sequence(f"s{i}", [i, i + 5, i + 5], penalties[i % 4]) for i in range(8)]
+    sampler = Sampler()
+    steps = [seqs[:4], seqs[4:], seqs[::2], seqs[:4], seqs[1::2], seqs]
+    for step in steps:
+        logits = torch.randn(len(step), vocab) * 2
+        expected = openai_adjusted(logits, step, {})
+        torch.testing.assert_close(adjusted(sampler.penalties, logits, step), expected, atol=1e-5, rtol=0)
+        for s, sample in zip(step, sampler(logits, step).samples(), strict=True):
+            s.token_ids.append(sample.token)
+    penalized = sum(s.sampling.penalized for s in seqs)
+    assert sampler.penalties.capacity <= 2 * penalized
+    assert sampler.penalties.rebuilds > penalized, "the steps above take rows from sequences that come back"
+
+
+PENALTIES = [
+    dict(repetition_penalty=1.6),
+    dict(frequency_penalty=1.2, presence_penalty=0.5),
+    dict(presence_penalty=2.0, repetition_penalty=0.9, logit_bias=((70, 3.0),)),
+]
+
+
+def plain_greedy(model, sequence: Sequence) -> list[int]:
+    """The sequence's greedy tokens from whole forwards and the plain reading of its penalties."""
+    tokens = list(sequence.prompt_ids)
+    reading = Sequence("plain", tokens[:], sequence.sampling)
+    for _ in range(sequence.sampling.max_new_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([reading.token_ids])).logits[:, -1].float()
+        reading.token_ids.append(int(openai_adjusted(logits, [reading], {}).argmax()))
+    return reading.generated_ids
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_penalized_requests_match_the_plain_reading_through_preemptions(model, tiny_model_dir, async_scheduling):
+    """Greedy requests with penalties, served together in a cache too small for all of them: preempted
+    sequences come back to rows rebuilt from their tokens (async: with the pending one on the device)."""
+    core = make_core(model, num_blocks=12, max_num_seqs=4, max_model_len=64, async_scheduling=async_scheduling)
+    requests = [seq(f"p{i}", prompt(10 + i, i), max_new_tokens=24, **PENALTIES[i % 3]) for i in range(5)]
+    served = run_core(core, [(r, 0) for r in requests])
+    assert core.scheduler.num_preemptions > 0
+    reference = load_reference_model(tiny_model_dir("llama"))
+    for request in requests:
+        assert served[request.request_id] == plain_greedy(reference, request), request.request_id
+
+
+def test_an_engine_builds_each_row_once(model):
+    """However long penalized requests run, their counts come from their token lists once: each later
+    step's host work does not grow with the output."""
+    core = make_core(model, async_scheduling=True)
+    requests = [seq(f"p{i}", prompt(12, i), max_new_tokens=40, **PENALTIES[i % 3]) for i in range(6)]
+    run_core(core, [(r, i) for i, r in enumerate(requests)] + [(seq("base", prompt(9, 9), max_new_tokens=30), 0)])
+    assert core.sampler.penalties.rebuilds == len(requests)
