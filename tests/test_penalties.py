@@ -91,6 +91,24 @@ def test_counts_follow_the_draws_and_survive_evictions():
     assert sampler.penalties.rebuilds > penalized, "the steps above take rows from sequences that come back"
 
 
+def test_a_row_whose_build_failed_is_built_again():
+    """A step that fails while building a row it took from another sequence leaves no half-built row."""
+    vocab = 20
+    first = Sequence("first", [3, 4], SamplingParams(repetition_penalty=2.0))
+    first.token_ids += [5, 5, 6]
+    rows = PenaltyRows()
+    logits = torch.randn(1, vocab)
+    rows.apply(logits, [first])
+    second = Sequence("second", [7], SamplingParams(frequency_penalty=1.0))
+    second.token_ids += [8]
+    second.num_pending = 1  # its pending token cannot be found without the step's PendingTokens
+    with pytest.raises(AttributeError):
+        rows.apply(logits, [second])
+    pending = PendingTokens(torch.tensor([9]), {second: 0})
+    expected = openai_adjusted(logits, [second], {0: 9})
+    torch.testing.assert_close(rows.apply(logits, [second], pending)[0], expected, atol=1e-5, rtol=0)
+
+
 PENALTIES = [
     dict(repetition_penalty=1.6),
     dict(frequency_penalty=1.2, presence_penalty=0.5),

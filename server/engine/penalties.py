@@ -68,11 +68,17 @@ class PenaltyRows:
         integers travel in one copy."""
         upload = StepUpload(logits.device, capacity=2 * len(rows))
         slots, built = self._assign(seqs, logits)
-        located = upload.stage([rows, slots])
-        rebuild = self._stage_rebuild(built, upload, pending) if built else None
-        upload.send()
-        if rebuild is not None:
-            rebuild()
+        try:
+            located = upload.stage([rows, slots])
+            rebuild = self._stage_rebuild(built, upload, pending) if built else None
+            upload.send()
+            if rebuild is not None:
+                rebuild()
+        except BaseException:  # rows handed out but not built must not be read as built
+            for slot, seq in built:
+                self._owners[slot] = None
+                del self._slot_of[seq]
+            raise
         return Penalized(located[0], located[1])
 
     def _penalize(self, values: Tensor, step: Penalized, seqs: list[Sequence]) -> Tensor:
