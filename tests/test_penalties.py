@@ -2,6 +2,9 @@
 at a time, and the device-side counts behind the penalties: built once per sequence, kept up to date
 by the draws, rebuilt when a row was taken, and bounded."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -107,6 +110,47 @@ def test_a_row_whose_build_failed_is_built_again():
     pending = PendingTokens(torch.tensor([9]), {second: 0})
     expected = openai_adjusted(logits, [second], {0: 9})
     torch.testing.assert_close(rows.apply(logits, [second], pending)[0], expected, atol=1e-5, rtol=0)
+
+
+def test_rows_handed_out_before_a_failed_growth_are_built_again(monkeypatch):
+    """Growing the tables fails (out of memory) after a row went to a sequence of the step: that row
+    is not read as built later."""
+    params = SamplingParams(frequency_penalty=2.0, repetition_penalty=1.5)
+    old = Sequence("old", [1, 2], params)
+    old.token_ids += [5, 5, 5]
+    rows = PenaltyRows()
+    rows.apply(torch.randn(1, 16), [old])
+    grow = PenaltyRows._grow
+
+    def failing_grow(self, capacity, logits):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(PenaltyRows, "_grow", failing_grow)
+    first, second = Sequence("first", [3], params), Sequence("second", [4], params)
+    logits = torch.randn(2, 16) * 3
+    with pytest.raises(torch.OutOfMemoryError):
+        rows.apply(logits, [first, second])  # first takes old's row, second needs the tables to grow
+    monkeypatch.setattr(PenaltyRows, "_grow", grow)
+    torch.testing.assert_close(rows.apply(logits[:1], [first])[0], openai_adjusted(logits[:1], [first], {}))
+
+
+def test_a_finished_sequence_is_let_go_and_its_row_reused_first():
+    """A table row holds its sequence weakly: a finished request, and the adapter its edit holds, are
+    freed, and its row goes to the next sequence before any row of a live one."""
+    rows = PenaltyRows()
+    params = SamplingParams(presence_penalty=1.0)
+    live, done = Sequence("live", [1], params), Sequence("done", [2], params)
+    rows.apply(torch.randn(2, 8), [live, done])
+    rows.apply(torch.randn(1, 8), [live])  # done's row is now the least recently used
+    gone = weakref.ref(done)
+    del done
+    gc.collect()
+    assert gone() is None
+    rows.apply(torch.randn(1, 8), [Sequence("next", [3], params)])
+    assert rows.capacity == 2
+    rebuilt = rows.rebuilds
+    rows.apply(torch.randn(1, 8), [live])
+    assert rows.rebuilds == rebuilt, "the live sequence kept its row"
 
 
 PENALTIES = [

@@ -7,14 +7,19 @@ the device (`PenaltyRows.count`), so a step costs O(penalized rows) of host work
 grow. Before, each step rebuilt every row's tokens from its list: O(tokens so far) per row per step.
 
 A token drawn but not read by the host yet (async scheduling) is in its row already, as it must be.
-Rows go to the sequences of the current step; when none is free, the least recently used row of a
-sequence outside the step is taken (one that finished, or was preempted: it is rebuilt if it comes
-back), and only when every row serves the step do the tables grow. So they hold at most twice the rows
-of the largest step: at most 2 x max_num_seqs x vocab x 5 bytes.
+Whoever draws must therefore append each drawn token to its sequence or end the sequence.
+
+Rows go to the sequences of the current step: a free row (its sequence finished and was let go) first,
+else the least recently used row of a sequence outside the step (preempted: it is rebuilt if it comes
+back); only when every row serves the step do the tables grow. So they hold at most twice the rows of
+the largest step: at most 2 x max_num_seqs x vocab x 5 bytes (389 MB for 256 sequences and a
+152k vocabulary), half again while growing. They live outside the KV cache's budget, in the headroom
+that --gpu-memory-utilization leaves, and only once a request asks for a penalty.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +41,12 @@ class PenaltyRows:
     def __init__(self):
         self._counts: Tensor | None = None  # [capacity, vocab] float32: tokens generated, as logits add them
         self._prompt: Tensor | None = None  # [capacity, vocab] bool: tokens of the prompt
-        self._owners: list[Sequence | None] = []
-        self._slot_of: dict[Sequence, int] = {}
+        # weakly: a finished request (and through its edit its adapter) must not live on in a table row
+        self._owners: list[weakref.ref[Sequence] | None] = []
+        self._slot_of: weakref.WeakKeyDictionary[Sequence, int] = weakref.WeakKeyDictionary()
         self._last_step: list[int] = []  # the step that last used each table row
         self._step = 0
-        self.rebuilds = 0  # rows built from a token list: once per penalized sequence unless evicted
+        self.rebuilds = 0  # rows built from a token list: once per penalized sequence, again if its row was taken
 
     @property
     def capacity(self) -> int:
@@ -66,23 +72,26 @@ class PenaltyRows:
     def _locate(self, rows: list[int], seqs: list[Sequence], logits: Tensor, pending) -> Penalized:
         """The rows and their table rows on the device, the tables built for sequences new to them; the
         integers travel in one copy."""
-        upload = StepUpload(logits.device, capacity=2 * len(rows))
-        slots, built = self._assign(seqs, logits)
+        built: list[tuple[int, Sequence]] = []  # rows handed out now, with their sequences: to build
         try:
+            slots = self._assign(seqs, logits, built)
+            pairs = self._rebuild_pairs(built, pending)
+            upload = StepUpload(logits.device, capacity=2 * len(rows) + len(built) + 2 * sum(map(len, pairs)))
             located = upload.stage([rows, slots])
-            rebuild = self._stage_rebuild(built, upload, pending) if built else None
+            rebuild = self._stage_rebuild(built, pairs, upload, pending) if built else None
             upload.send()
             if rebuild is not None:
                 rebuild()
         except BaseException:  # rows handed out but not built must not be read as built
             for slot, seq in built:
                 self._owners[slot] = None
-                del self._slot_of[seq]
+                self._slot_of.pop(seq, None)
             raise
         return Penalized(located[0], located[1])
 
     def _penalize(self, values: Tensor, step: Penalized, seqs: list[Sequence]) -> Tensor:
-        """`values` [P, vocab]: the penalized rows' logits, in the same arithmetic as their plain reading."""
+        """`values` [P, vocab]: the penalized rows' logits. Repetition's division or product, then frequency
+        and presence subtracted together, `v - (count * frequency + [count > 0] * presence)`."""
         params = [
             [s.sampling.repetition_penalty, s.sampling.frequency_penalty, s.sampling.presence_penalty] for s in seqs
         ]
@@ -96,25 +105,33 @@ class PenaltyRows:
             values = values - (counts * frequency + generated * presence)
         return values
 
-    def _assign(self, seqs: list[Sequence], logits: Tensor) -> tuple[list[int], list[tuple[int, Sequence]]]:
-        """Each sequence's table row, and the rows handed out now (to build) with their sequences."""
+    def _assign(self, seqs: list[Sequence], logits: Tensor, built: list[tuple[int, Sequence]]) -> list[int]:
+        """Each sequence's table row; the rows handed out now go into `built` as they are, with their
+        sequences, so that a failure part-way (growing the tables) can hand them back."""
         self._step += 1
         for seq in seqs:  # first mark the rows the step keeps, so that handing out rows never takes one
             if (slot := self._slot_of.get(seq)) is not None:
                 self._last_step[slot] = self._step
-        built = [(self._take(seq, logits, len(seqs)), seq) for seq in seqs if seq not in self._slot_of]
-        return [self._slot_of[seq] for seq in seqs], built
+        for seq in seqs:
+            if seq not in self._slot_of:
+                built.append((self._take(seq, logits, len(seqs)), seq))
+        return [self._slot_of[seq] for seq in seqs]
 
     def _take(self, seq: Sequence, logits: Tensor, needed: int) -> int:
         idle = [slot for slot in range(self.capacity) if self._last_step[slot] < self._step]
         if not idle:
             self._grow(max(2 * self.capacity, needed), logits)
             idle = [slot for slot in range(self.capacity) if self._last_step[slot] < self._step]
-        slot = min(idle, key=self._last_step.__getitem__)
-        if (owner := self._owners[slot]) is not None:
+        slot = min(idle, key=lambda row: (self._owner(row) is not None, self._last_step[row]))  # a free row first
+        if (owner := self._owner(slot)) is not None:
             del self._slot_of[owner]
-        self._owners[slot], self._slot_of[seq], self._last_step[slot] = seq, slot, self._step
+        self._owners[slot], self._slot_of[seq], self._last_step[slot] = weakref.ref(seq), slot, self._step
         return slot
+
+    def _owner(self, slot: int) -> Sequence | None:
+        """The live sequence the row serves, if any."""
+        owner = self._owners[slot]
+        return owner() if owner is not None else None
 
     def _grow(self, capacity: int, logits: Tensor) -> None:
         counts = logits.new_zeros((capacity, logits.shape[-1]), dtype=torch.float32)
@@ -127,14 +144,19 @@ class PenaltyRows:
         self._owners += [None] * added
         self._last_step += [0] * added
 
-    def _stage_rebuild(self, built: list[tuple[int, Sequence]], upload: StepUpload, pending):
-        """Stage what rebuilding the handed-out rows needs; returns what rebuilds them once sent."""
-        vocab = self._counts.shape[-1]
+    def _rebuild_pairs(self, built: list[tuple[int, Sequence]], pending) -> tuple[list, list, list]:
+        """For the rows handed out: (row, token) of their prompts' tokens and of their generated ones, and
+        (row, PendingTokens row) of the tokens they drew that the host has not read yet."""
+        vocab = self._counts.shape[-1] if built else 0
         prompt = [(slot, t) for slot, seq in built for t in set(seq.prompt_ids) if t < vocab]
         generated = [(slot, t) for slot, seq in built for t in seq.generated_ids if t < vocab]
         waiting = [(slot, pending.row_of[seq]) for slot, seq in built if seq.num_pending]
+        return prompt, generated, waiting
+
+    def _stage_rebuild(self, built: list[tuple[int, Sequence]], pairs: tuple, upload: StepUpload, pending):
+        """Stage what rebuilding the handed-out rows needs; returns what rebuilds them once sent."""
         slots = upload.stage([slot for slot, _ in built])
-        prompt, generated, waiting = (upload.stage(pairs) if pairs else None for pairs in (prompt, generated, waiting))
+        prompt, generated, waiting = (upload.stage(p) if p else None for p in pairs)
 
         def rebuild() -> None:
             self.rebuilds += len(built)

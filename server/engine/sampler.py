@@ -113,7 +113,8 @@ class Sampler:
 
     def __call__(self, logits: Tensor, seqs: list[Sequence], pending: PendingTokens | None = None) -> Draw:
         """Draw a token per row; `pending`: the tokens the previous step drew that the host has not read
-        (the repetition penalty counts them)."""
+        (penalty rows built now count them). The penalties count every drawn token from the next draw on:
+        the caller appends each to its sequence, or ends the sequence."""
         wanted = [s.sampling.logprobs for s in seqs]
         if all(_plain_greedy(s) for s in seqs):  # the common case needs no float32 copy of the logits
             tokens = logits.argmax(dim=-1)
