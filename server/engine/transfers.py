@@ -45,11 +45,14 @@ class StepUpload:
         self.device = device
         self.copies = 0  # host-to-device copies made: one per step once the buffers have grown
         self._capacity = capacity
-        self._open()
+        self._source = self._host = self._target = None
+        self._used = 0
 
     def reserve(self, shape: tuple[int, ...]) -> tuple[np.ndarray, Tensor]:
         """Room for an int64 array of `shape`: the host array to write it into, and its tensor on the device."""
         size = math.prod(shape)
+        if self._source is None:  # the first stage since `send`
+            self._open()
         if self._used + size > self._capacity:
             self._copy()
             self._capacity = 2 * max(self._capacity, size)
@@ -66,9 +69,10 @@ class StepUpload:
         return device
 
     def send(self) -> None:
-        """Copy everything staged to the device and start the next step's buffers."""
+        """Copy everything staged to the device; the next stage starts new buffers."""
         self._copy()
-        self._open()
+        self._source = self._host = self._target = None
+        self._used = 0
 
     def _open(self) -> None:
         cuda = self.device.type == "cuda"
