@@ -155,6 +155,21 @@ def test_logit_bias_and_penalties_reach_the_sampler(client):
     assert completion["choices"][0]["text"] == native["text"]
 
 
+def test_a_tiny_temperature_is_greedy_and_null_fields_take_their_defaults(client):
+    """Below 1e-5 a temperature would overflow the logits (vLLM samples greedily there too); OpenAI's
+    clients send null for the optional fields they leave unset."""
+    greedy = generate(client, prompt="Hello", max_new_tokens=6)
+    assert generate(client, prompt="Hello", max_new_tokens=6, temperature=1e-39)["token_ids"] == greedy["token_ids"]
+    body = {"model": MODEL_NAME, "prompt": "Hello", "ignore_eos": True, "temperature": 0}
+    expected = client.post("/v1/completions", json=body).json()["choices"]
+    nulls = {"max_tokens": None, "n": None, "presence_penalty": None, "stream": None, "logit_bias": None}
+    response = client.post("/v1/completions", json={**body, **nulls})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"] == expected
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}], "n": None, "temperature": None}
+    assert "no chat template" in error_of(client.post("/v1/chat/completions", json=chat))["message"], "valid, but"
+
+
 def test_openai_completions_give_n_choices_per_prompt(client):
     body = {"model": MODEL_NAME, "prompt": ["Hi", "Hello there"], "max_tokens": 6, "ignore_eos": True}
     sampled = {**body, "temperature": 1.0, "seed": 5, "n": 3}
@@ -216,6 +231,7 @@ BAD_REQUESTS = [
     ("/v1/generate", {"prompt": "hi", "max_new_tokens": 0}, 400, "max_new_tokens"),
     ("/v1/generate", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
     ("/v1/generate", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/generate", {"prompt": "hi", "repetition_penalty": 1e-45}, 400, "repetition_penalty"),
     ("/v1/generate", {"prompt": "hi", "stop": [""]}, 400, "stop"),
     ("/v1/generate", {"prompt": "hi", "seed": -1}, 400, "seed"),
     ("/v1/generate", {"prompt": "x" * 600}, 400, "context window is 512 tokens"),
@@ -228,6 +244,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "logit_bias": {"a": 1}}, 400, "logit_bias keys"),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "logit_bias": {"-3": 1}}, 400, "logit_bias keys"),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "logit_bias": {"5": 1, "05": 1}}, 400, "twice"),
+    ("/v1/completions", {"model": "", "prompt": "hi"}, 400, "model"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "stream_options": {}}, 400, "stream=true"),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "logit_bias": {"99999": 1}}, 400, "outside the vocab"),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("/v1/generate", {"prompt": "hi", "frequency_penalty": -3}, 400, "frequency_penalty"),
@@ -244,6 +263,13 @@ BAD_REQUESTS = [
         400,
         "tools",
     ),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        400,
+        "needs logprobs=true",
+    ),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "bogus": None}, 400, "bogus: unsupported"),
 ]
 
 

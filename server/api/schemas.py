@@ -18,6 +18,7 @@ from server.engine.sampling_params import (
     MAX_SEED,
     MAX_TOKEN_ID,
     MAX_TOP_K,
+    MIN_REPETITION_PENALTY,
     SamplingParams,
 )
 
@@ -53,11 +54,11 @@ class StrictModel(BaseModel):
 class SamplingFields(StrictModel):
     """Sampling parameters shared by every generation route (vLLM's names and meanings)."""
 
-    temperature: float = Field(0.0, ge=0, le=100, description="0 = greedy")
+    temperature: float = Field(0.0, ge=0, le=100, description="0 (or below 1e-5) = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1, le=MAX_TOP_K, description="0 or -1 = off")
     min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10)
     presence_penalty: Penalty = Field(0.0, description="Subtracted from the logit of every token generated so far")
     frequency_penalty: Penalty = Field(0.0, description="Subtracted once per time a token was generated so far")
     logit_bias: LogitBias | None = None
@@ -74,6 +75,8 @@ class SamplingFields(StrictModel):
         for key in bias or ():
             if not key.isascii() or not key.isdigit() or int(key) > MAX_TOKEN_ID:
                 raise ValueError(f"logit_bias keys must be token ids (integers from 0 to {MAX_TOKEN_ID}), not {key!r}")
+        if len({int(key) for key in bias or ()}) != len(bias or ()):  # "5" and "05": the values would add up
+            raise ValueError("logit_bias names a token id twice")
         return bias
 
     def sampling(self, max_new_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -150,14 +153,25 @@ class StreamOptions(StrictModel):
 class OpenAIFields(SamplingFields):
     """Fields both OpenAI routes share. Accepted but unsupported values are refused in `check()`."""
 
-    model: Name
+    model: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
     temperature: float = Field(1.0, ge=0, le=2)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Name | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        """OpenAI's optional fields are nullable, and clients send null for unset: a known field that is
+        null takes its default. An unknown field stays, to be refused."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None or key not in cls.model_fields}
+        return data
+
     def unsupported(self) -> str | None:
+        if self.stream_options is not None and not self.stream:
+            return "stream_options: only allowed with stream=true"
         return None
 
 
@@ -228,6 +242,8 @@ class ChatCompletionRequest(OpenAIFields):
     response_format: FreeObject | None = None
 
     def unsupported(self) -> str | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs: needs logprobs=true"
         if self.tools or self.tool_choice not in (None, "none"):
             return "tools / tool_choice are not supported"
         if self.response_format and self.response_format.get("type") != "text":

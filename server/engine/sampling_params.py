@@ -14,12 +14,16 @@ MAX_SEED = (1 << 63) - 1
 MAX_PENALTY = 2.0  # presence and frequency penalties, either sign (OpenAI's range)
 MAX_BIAS = 100.0  # a logit_bias value, either sign (OpenAI's range)
 MAX_BIASED_TOKENS = 300
+# Temperatures below this sample greedily (as vLLM's): logits / temperature would overflow float32 to
+# inf, and the softmax of infinities is NaN. Repetition penalties below the floor would overflow alike.
+GREEDY_BELOW = 1e-5
+MIN_REPETITION_PENALTY = 1e-3
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (below GREEDY_BELOW) = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -35,7 +39,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:
@@ -53,7 +57,10 @@ class SamplingParams:
             (all(0 <= t <= MAX_TOKEN_ID for t in self.stop_token_ids), "stop_token_ids must be valid token ids"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (
+                math.isfinite(self.repetition_penalty) and self.repetition_penalty >= MIN_REPETITION_PENALTY,
+                f"repetition_penalty must be >= {MIN_REPETITION_PENALTY}",
+            ),
             (abs(self.presence_penalty) <= MAX_PENALTY, f"presence_penalty must be in {penalties}"),
             (abs(self.frequency_penalty) <= MAX_PENALTY, f"frequency_penalty must be in {penalties}"),
             (len(self.logit_bias) <= MAX_BIASED_TOKENS, f"logit_bias takes at most {MAX_BIASED_TOKENS} tokens"),
