@@ -63,6 +63,30 @@ def test_a_later_step_leaves_an_earlier_steps_tensors_alone():
     assert earlier.tolist() == [1, 2, 3]
 
 
+def test_buffers_that_fail_to_open_leave_the_upload_as_it_was(monkeypatch):
+    """Out of device memory while opening buffers: what was staged still lands, never a buffer nobody
+    wrote (the runner sends in a `finally`, then clears the blocks it staged), and a later step opens
+    buffers again."""
+    full = torch.full
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    upload = StepUpload(CPU, capacity=4)
+    blocks = upload.stage([3, 7])
+    monkeypatch.setattr(torch, "full", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        upload.stage(list(range(10)))  # grows
+    upload.send()
+    assert blocks.tolist() == [3, 7]
+    with pytest.raises(torch.OutOfMemoryError):
+        upload.stage([1])  # the first stage after a send opens buffers
+    monkeypatch.setattr(torch, "full", full)
+    later = upload.stage([5])
+    upload.send()
+    assert later.tolist() == [5]
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("path", PATHS)
 def test_every_engine_step_sends_its_inputs_in_one_copy(tiny_model_dir, path, async_scheduling):

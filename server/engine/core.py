@@ -35,6 +35,7 @@ from server.engine.sampler import Draw, PendingTokens, Sample, Sampler
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledChunk, Scheduler
 from server.engine.sequence import FinishReason, Sequence, SequenceStatus
+from server.engine.transfers import to_device
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,9 @@ class EngineCore:
             seqs = [chunk.seq for chunk in result.sampling]
             rows = [i for i, seq in enumerate(seqs) if seq not in result.failures]
             if rows:
-                logits = result.logits if len(rows) == len(seqs) else result.logits[rows]
+                logits = result.logits
+                if len(rows) < len(seqs):  # a list index would be a blocking copy: queue it behind the forward
+                    logits = logits.index_select(0, to_device(rows, torch.long, logits.device))
                 launched.parts, unsampled = self._draw(logits, [seqs[i] for i in rows], pending)
                 failed += unsampled
         except Exception as e:  # a bug: fail the step's requests, but keep its edit check to settle

@@ -52,11 +52,10 @@ class StepUpload:
         """Room for an int64 array of `shape`: the host array to write it into, and its tensor on the device."""
         size = math.prod(shape)
         if self._source is None:  # the first stage since `send`
-            self._open()
+            self._open(self._capacity)
         if self._used + size > self._capacity:
             self._copy()
-            self._capacity = 2 * max(self._capacity, size)
-            self._open()
+            self._open(2 * max(self._capacity, size))
         begin = self._used
         self._used += size
         return self._host[begin : self._used].reshape(shape), self._target[begin : self._used].view(shape)
@@ -74,13 +73,16 @@ class StepUpload:
         self._source = self._host = self._target = None
         self._used = 0
 
-    def _open(self) -> None:
+    def _open(self, capacity: int) -> None:
+        """Fresh buffers of `capacity`. If allocating them fails (out of memory), the buffers before stay,
+        with what they staged: a `send` then copies that again, never an unwritten buffer."""
         cuda = self.device.type == "cuda"
-        self._source = torch.empty(self._capacity, dtype=torch.long, pin_memory=cuda)
-        self._host = self._source.numpy()  # numpy writes into the same memory: faster than torch.tensor(lists)
+        source = torch.empty(capacity, dtype=torch.long, pin_memory=cuda)
         make = torch.empty if cuda else partial(torch.full, fill_value=-1)
-        self._target = make((self._capacity,), dtype=torch.long, device=self.device)
-        self._used = 0
+        target = make((capacity,), dtype=torch.long, device=self.device)
+        # numpy writes into the same memory: faster than torch.tensor(lists)
+        self._source, self._host, self._target = source, source.numpy(), target
+        self._capacity, self._used = capacity, 0
 
     def _copy(self) -> None:
         if self._used:
