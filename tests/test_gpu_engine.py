@@ -155,13 +155,17 @@ def test_async_scheduling_with_a_lagging_device_gives_the_same_tokens(cuda_llama
 
 
 def test_async_decode_launches_never_wait_for_the_device(cuda_llama):
-    """A decode step's launch (inputs, graph replay, draw, the copy home) must not synchronize with the
-    device, or its host work cannot overlap the step before: CUDA's sync debug mode raises on any."""
+    """A decode step's launch (inputs, graph replay, draw with filters, bias and penalties, the copy home)
+    must not synchronize with the device, or its host work cannot overlap the step before: CUDA's sync
+    debug mode raises on any."""
     from tests.engine_utils import prompt
 
     core = make_core(cuda_llama, num_blocks=96, max_batched_tokens=96, max_num_seqs=12, async_scheduling=True)
-    for i in range(8):
-        core.add(seq(f"s{i}", prompt(20 + 3 * i, i), max_new_tokens=40, temperature=0.8, seed=i, logprobs=2))
+    filters = {"top_k": 50, "top_p": 0.9, "logit_bias": ((7, 5.0),)}
+    penalties = {"repetition_penalty": 1.2, "frequency_penalty": 0.5, "presence_penalty": 0.3}
+    for i in range(8):  # every sampling feature, the penalties' device-side counts included
+        sampling = {"temperature": 0.8, "seed": i, "logprobs": 2} | (filters | penalties if i % 2 else {})
+        core.add(seq(f"s{i}", prompt(20 + 3 * i, i), max_new_tokens=40, **sampling))
     while any(s.num_computed < s.num_prompt for s in core.sequences.values()):
         core.step()
     core.step()
