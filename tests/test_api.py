@@ -140,6 +140,7 @@ def test_openai_completions_batch_of_prompts_and_stream(client):
             texts[choice["index"]] += choice["text"]
     assert texts == [c["text"] for c in out["choices"]]
     assert events[-2]["usage"]["completion_tokens"] == 15 and events[-2]["choices"] == []
+    assert all(event["usage"] is None for event in events[:-2]), "as OpenAI's, the other chunks say null"
 
 
 def test_logit_bias_and_penalties_reach_the_sampler(client):

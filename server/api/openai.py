@@ -159,11 +159,12 @@ async def openai_events(
 ) -> AsyncIterator[str]:
     """SSE for both routes; `chunk(index, output)` builds one choice."""
     finals: dict[int, RequestOutput] = {}
+    no_usage = {"usage": None} if include_usage else {}  # OpenAI's chunks say null until the last one
     try:
         async for index, output in merged(runs, timeout):
             if output.finished:
                 finals[index] = output
-            yield sse.event({**base, "choices": [chunk(index, output)]})
+            yield sse.event({**base, "choices": [chunk(index, output)], **no_usage})
         if include_usage:
             yield sse.event({**base, "choices": [], "usage": usage(prompt_tokens, list(finals.values()))})
     except TimeoutError:
