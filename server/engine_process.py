@@ -195,9 +195,9 @@ class CoreProcess:
                 break
             except Exception as e:  # a command that cannot be sent fails its request alone
                 log.exception("a command for the engine process could not be sent")
-                if isinstance(command, Submit):
+                if isinstance(command, Submit):  # reported on the event loop, where every report reaches the sink
                     failed = SeqOutput(command.request_id, finish_reason=FinishReason.ERROR, error=f"not sent: {e}")
-                    self._sink(StepReport([failed], self._last_load))
+                    self._event_loop.call_soon_threadsafe(self._report_outputs, [failed])
             if command == STOP:
                 break
         self._commands.close()
@@ -224,10 +224,22 @@ class CoreProcess:
                 self._outbox.put(message)  # for the command thread, which keeps the adapter record
                 continue
             self._last_load = message.load
-            self._sink(message)
+            self._report(message)
         if self._frames.closed:  # the engine process stopped, or is gone
             self._event_loop.remove_reader(self._reports.fileno())
             threading.Thread(target=self._report_exit, name="reft-engine-exit", daemon=True).start()
+
+    def _report_outputs(self, outputs: list[SeqOutput]) -> None:
+        """Outputs of the API process's own making, with the load last reported (a load older than one
+        already reported would run the metrics' counters backwards)."""
+        self._report(StepReport(outputs, self._last_load))
+
+    def _report(self, report: StepReport) -> None:
+        """Hand a report to the sink; a bug there must not lose the reports after it."""
+        try:
+            self._sink(report)
+        except Exception:
+            log.exception("reporting a step failed")
 
     def _report_exit(self) -> None:
         self._wait_for_exit(EXIT_SECONDS)

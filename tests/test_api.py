@@ -338,6 +338,39 @@ def test_a_stream_times_out_with_an_error_even_while_its_consumer_is_busy():
     assert stream.cancelled
 
 
+def test_a_stream_stuck_sending_to_a_client_that_stopped_reading_is_given_up(monkeypatch):
+    """uvicorn's send waits for the socket without a limit: a consumer stuck there past the deadline
+    must not keep its request, its engine slot and its outputs for as long as the client holds the
+    connection."""
+    import asyncio
+
+    import server.api.service as service
+
+    monkeypatch.setattr(service, "EXPIRY_SLACK_SECONDS", 0.05)
+
+    class Stream:
+        cancelled = False
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            return "output"
+
+        def cancel(self):
+            self.cancelled = True
+
+    async def stuck(stream):
+        outputs = service.stream_outputs(service.Running(stream, None), timeout=0.05)
+        assert await anext(outputs) == "output"
+        await asyncio.sleep(0.3)  # in a send that does not return
+        assert stream.cancelled, "given up while the consumer was away"
+        with pytest.raises(TimeoutError):
+            await anext(outputs)
+
+    asyncio.run(stuck(Stream()))
+
+
 def test_request_timeout_aborts_and_frees_the_request(tmp_path):
     import time
 

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from server.engine.async_engine import AsyncEngine, EngineOverloaded, EngineStopped, GenerationRequest
-from server.engine.core_loop import CoreThread
+from server.engine.core_loop import MAX_STEP_FAILURES, CoreThread
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason
@@ -201,6 +201,56 @@ def test_an_engine_thread_that_dies_fails_what_is_in_flight(model):
     result, engine = run(body())
     assert result.finish_reason is FinishReason.ERROR and "engine thread died" in result.error
     assert not engine.alive and "KeyboardInterrupt" in engine.problem()
+
+
+def test_steps_that_keep_raising_end_the_engine_instead_of_spinning(model):
+    """One step that raises is logged and stepped again; steps that keep raising cannot make progress:
+    the loop gives up, so requests in flight fail at once and the probes say why (a spinning loop
+    kept its heartbeat fresh while every request hung)."""
+
+    async def body():
+        core = make_core(model)
+        engine = AsyncEngine(CoreThread(core), byte_level_tokenizer())
+        engine.start()
+        stream = engine.submit(GenerationRequest(prompt(10, 1), SamplingParams(max_new_tokens=400, ignore_eos=True)))
+        await asyncio.sleep(0.05)
+        calls = []
+
+        def broken():
+            calls.append(1)
+            raise RuntimeError("a step that cannot succeed")
+
+        core.step = broken
+        result = await asyncio.wait_for(stream.collect(), 10)
+        return result, engine, calls
+
+    result, engine, calls = run(body())
+    assert result.finish_reason is FinishReason.ERROR and "a step that cannot succeed" in result.error
+    assert len(calls) == MAX_STEP_FAILURES and not engine.alive
+
+
+def test_what_piles_up_reaches_the_consumer_as_one_output_and_a_cancel_drops_it():
+    """A consumer that was away gets every token and logprob that piled up, in order, in one output; a
+    stream given up drops what it never delivered."""
+    from server.engine.async_engine import RequestStream
+    from server.engine.core import SeqOutput
+    from server.engine.sampler import Sample
+
+    aborted = []
+    request = GenerationRequest([5, 6], SamplingParams(max_new_tokens=100, logprobs=1))
+    stream = RequestStream(request, byte_level_tokenizer(), abort=aborted.append, on_finished=lambda *_: None)
+    for token in range(70, 80):
+        stream.put(SeqOutput(stream.request_id, new_tokens=[token], samples=[Sample(token, -1.0, [(token, -1.0)])]))
+
+    async def read(count):
+        return [await anext(stream) for _ in range(count)]
+
+    (piled,) = run(read(1))
+    assert piled.token_ids == list(range(70, 80)) and [s.token for s in piled.logprobs] == piled.token_ids
+    stream.put(SeqOutput(stream.request_id, new_tokens=[80]))
+    stream.cancel()
+    (last,) = run(read(1))
+    assert last.token_ids == [] and last.finish_reason is FinishReason.ABORT and aborted == [stream.request_id]
 
 
 def test_a_failing_command_fails_its_request_alone(model, monkeypatch):

@@ -23,6 +23,7 @@ from server.tokenization import ChatTemplateMissing, encode_chat, encode_prompt
 
 DISCONNECT_POLL_SECONDS = 0.25
 RETRY_AFTER_SECONDS = "1"
+EXPIRY_SLACK_SECONDS = 1.0  # past a stream's deadline, when a consumer stuck in a send is given up
 
 
 def check_text(value: str, field: str) -> str:
@@ -170,14 +171,23 @@ async def stream_outputs(running: Running, timeout: float) -> AsyncIterator[Requ
     cancels this generator, which cancels the request. The deadline covers only the waits for the next
     output: a timeout around the `yield` would cancel the consumer wherever it is (sending the last
     event, say), and the stream would end with no error event."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    # The deadline holds while the consumer is stuck in a send to a client that stopped reading, too
+    # (uvicorn's send waits for the socket to drain, without a limit): the request is given up then, its
+    # slot, adapter lease and undelivered outputs freed. A little later, so that a consumer waiting for
+    # output gets its TimeoutError first.
+    expiry = loop.call_at(deadline + EXPIRY_SLACK_SECONDS, running.close)
     outputs = aiter(running.stream)
     try:
         while True:
+            if loop.time() >= deadline:  # also when outputs are queued, which a wait would take at once
+                raise TimeoutError
             async with asyncio.timeout_at(deadline):
                 output = await anext(outputs, None)
             if output is None:
                 return
             yield output
     finally:
+        expiry.cancel()
         running.close()

@@ -101,8 +101,13 @@ class RequestStream:
         if self.finished:
             raise StopAsyncIteration
         raw = await self._queue.get()
-        while not raw.finish_reason and self._queue.qsize():  # coalesce what piled up meanwhile
-            raw = _merge(raw, self._queue.get_nowait())
+        if not raw.finish_reason and self._queue.qsize():  # coalesce what piled up meanwhile, in linear time
+            tokens, samples = list(raw.new_tokens), list(raw.samples)
+            while not raw.finish_reason and self._queue.qsize():
+                raw = self._queue.get_nowait()
+                tokens += raw.new_tokens
+                samples += raw.samples
+            raw.new_tokens, raw.samples = tokens, samples
         return self._process(raw)
 
     def _process(self, raw: SeqOutput) -> RequestOutput:
@@ -149,6 +154,8 @@ class RequestStream:
             return
         self._abort(self.request_id)
         self._end(FinishReason.ABORT)
+        while self._queue.qsize():  # undelivered outputs of a request given up: nobody will read them
+            self._queue.get_nowait()
         self.put(SeqOutput(self.request_id, finish_reason=FinishReason.ABORT))
 
     def _end(self, reason: FinishReason) -> None:
@@ -171,12 +178,6 @@ class RequestStream:
             last.prompt_tokens,
             last.completion_tokens,
         )
-
-
-def _merge(first: SeqOutput, second: SeqOutput) -> SeqOutput:
-    second.new_tokens = first.new_tokens + second.new_tokens
-    second.samples = first.samples + second.samples
-    return second
 
 
 class AsyncEngine:

@@ -23,6 +23,9 @@ from server.reft.request_edit import request_edit
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_SECONDS = 0.5  # an idle loop still reports this often: its heartbeat
+# steps in a row that raise before the loop gives up: stepping the same sequences again cannot help, and
+# a loop that went on would spin with its heartbeat fresh while every request hangs
+MAX_STEP_FAILURES = 3
 
 
 @dataclass
@@ -89,9 +92,11 @@ class CoreLoop:
         self.inbox = Inbox()
         self._sink = sink
         self._stopping = False
+        self._step_failures = 0  # steps in a row that raised
 
     def run(self) -> None:
-        """Until a STOP command: apply commands, step while there is work, report every iteration."""
+        """Until a STOP command: apply commands, step while there is work, report every iteration. A step
+        that raises is logged and the loop goes on, unless MAX_STEP_FAILURES steps in a row raise."""
         while not self._stopping:
             busy = self.core.has_work()
             commands = self.inbox.take(wait=0 if busy else IDLE_WAIT_SECONDS)
@@ -100,8 +105,12 @@ class CoreLoop:
             if self.core.has_work():
                 try:
                     outputs.extend(self.core.step())
-                except Exception:  # the core contains per-request failures; this is a bug: keep going
+                    self._step_failures = 0
+                except Exception:  # the core contains per-request failures; this is a bug
                     log.exception("unexpected engine error")
+                    self._step_failures += 1
+                    if self._step_failures >= MAX_STEP_FAILURES:  # the host ends: requests in flight fail now,
+                        raise  # and the probes say why
                 step = self.core.last_step
             elif not commands:
                 self.core.idle()
