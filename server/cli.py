@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import math
 import secrets
 import signal
 import sys
@@ -22,6 +24,7 @@ from server.plugins import PluginError
 from server.training.cli import add_train_arguments, run_train
 
 ENV_PREFIX = "REFT_"
+STREAM_FLUSH_SECONDS = 2.0  # after the shutdown grace: for aborted streams to send their last events
 TRAIN_HELP = (
     "Fit an adapter on JSONL data ({prompt, completion} or {messages} lines) with the base model frozen, "
     "applying interventions exactly as the server does; write it to a file or publish it to a store."
@@ -107,7 +110,9 @@ def serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_config=None,
-        timeout_graceful_shutdown=int(settings.shutdown_grace),
+        # past the grace, the requests still running are aborted (DrainingServer): a little longer, so
+        # that their streams still send their last event and [DONE] before uvicorn cuts the connections
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace + STREAM_FLUSH_SECONDS),
     )
 
     def show_banner(port: int) -> None:
@@ -134,19 +139,28 @@ def demo_admin_access(settings: Settings) -> tuple[Settings, str]:
 
 class DrainingServer(uvicorn.Server):
     """uvicorn's Server that marks the app as draining (so /ready answers 503 and new requests are
-    refused) as soon as SIGTERM lands, and prints a banner once it listens."""
+    refused) as soon as SIGTERM lands, aborts what still runs when the grace period ends (so that every
+    stream ends with an event and [DONE] rather than a cut connection), and prints a banner once it
+    listens."""
 
     def __init__(self, config: uvicorn.Config, on_listening: Callable[[int], None]):
         super().__init__(config)
         self.on_listening = on_listening
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def handle_exit(self, sig, frame) -> None:
         state = getattr(self.config.app.state, "reft", None)
-        if state is not None:
+        if state is not None and state.draining_since is None:
             state.begin_draining()
+            if self._loop is not None:  # a signal handler: the loop is told through its self-pipe
+                self._loop.call_soon_threadsafe(self._abort_after_grace, state)
         super().handle_exit(sig, frame)
 
+    def _abort_after_grace(self, state) -> None:
+        asyncio.get_running_loop().call_later(state.grace_left(), state.engine.cancel_all)
+
     async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started:
             ports = [sock.getsockname()[1] for server in self.servers for sock in server.sockets]

@@ -288,6 +288,39 @@ def test_sigterm_drains_running_requests_then_exits(tiny_model_dir, tmp_path, en
         process.stop()
 
 
+@pytest.mark.parametrize("engine_core", ENGINE_CORES)
+def test_streams_still_running_when_the_grace_ends_are_aborted_with_done(tiny_model_dir, tmp_path, engine_core):
+    """No stream is cut off: what the grace period did not let finish ends with an abort event and [DONE]
+    before uvicorn closes the connections."""
+    model, store = str(tiny_model_dir("llama")), str(tmp_path / "s")
+    args = ("--model", model, "--store", store, "--shutdown-grace", "0", "--engine-core", engine_core, *SERVE_ARGS)
+    process = ServerProcess(tmp_path / "grace.log", *args)
+    streams = [[] for _ in range(4)]
+    started = threading.Barrier(len(streams) + 1)
+
+    def long_stream(events):
+        body = {"prompt": "never done", "max_new_tokens": 480, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{process.url}/v1/generate", json=body, timeout=60) as response:
+            for event in sse_events(response.iter_lines()):
+                if not events:
+                    started.wait(30)
+                events.append(event)
+
+    try:
+        runners = [threading.Thread(target=long_stream, args=(events,)) for events in streams]
+        for runner in runners:
+            runner.start()
+        started.wait(30)
+        process.signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        for runner in runners:
+            runner.join(10)
+        for events in streams:
+            assert events[-1] == "[DONE]" and events[-2]["finish_reason"] == "abort", events[-2:]
+    finally:
+        process.stop()
+
+
 PUBLISH_LOOP = """
 import sys
 from server.adapters.store import AdapterStore

@@ -217,14 +217,18 @@ class AsyncEngine:
         deadline = time.monotonic() + grace_seconds
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for request_id in list(self._streams):
-            self.cancel(request_id)
+        self.cancel_all()
         while self._streams and time.monotonic() < deadline + 5 and self.alive:
             await asyncio.sleep(0.02)
         self._stopping = True
         if self._started:
             self.host.send(STOP)
             await asyncio.to_thread(self.host.join, 10)
+
+    def cancel_all(self) -> None:
+        """Abort every request in flight: each stream ends with an ABORT output."""
+        for request_id in list(self._streams):
+            self.cancel(request_id)
 
     @property
     def alive(self) -> bool:
