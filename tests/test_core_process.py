@@ -112,7 +112,7 @@ def test_a_dead_engine_process_fails_its_requests_and_the_probes(tmp_path):
         assert health.status_code == 503 and "engine process exited" in error_of(health)["message"]
         assert client.get("/ready").status_code == 503
         refused = client.post("/v1/generate", json={"prompt": "after", "max_new_tokens": 2})
-        assert refused.status_code == 503
+        assert refused.status_code == 503 and "engine process exited" in error_of(refused)["message"], "and says why"
 
 
 def test_an_engine_process_that_cannot_load_its_model_fails_the_start(tmp_path):

@@ -122,10 +122,10 @@ async def start(
     adapter_field: str,
     length_field: str,
 ) -> Running:
+    if (problem := state.engine.problem()) is not None:  # e.g. the engine process or a tensor-parallel rank is gone
+        raise APIError(503, f"the engine cannot serve: {problem}")
     if state.draining or not state.engine.accepting:
         raise APIError(503, "the server is shutting down or not ready")
-    if (problem := state.engine.problem()) is not None:  # e.g. a tensor-parallel rank is gone
-        raise APIError(503, f"the engine cannot serve: {problem}")
     check_length(state, prompt_ids, sampling.max_new_tokens, length_field)
     check_token_ids(state, [token for token, _ in sampling.logit_bias], "logit_bias")
     lease = await acquire_adapter(state, adapter_ref, adapter_field) if adapter_ref else None
