@@ -205,6 +205,15 @@ def test_admission_is_first_come_first_served(model):
     assert order == [f"r{i}" for i in range(6)]
 
 
+def test_a_prompt_as_long_as_the_window_is_admitted_into_an_idle_pool_whatever_the_watermark(model):
+    """The watermark keeps blocks free for running decodes; with none running it must not keep a prompt
+    the context window allows out for ever, nor everyone queued behind it (found by fuzzing)."""
+    core = make_core(model, num_blocks=13, block_size=4, max_model_len=48, max_batched_tokens=64, watermark_blocks=2)
+    requests = [(seq("long", prompt(47, 0), max_new_tokens=1), 0), (seq("short", prompt(3, 1)), 0)]
+    served = run_core(core, requests, max_steps=200)
+    assert len(served["long"]) == 1 and served["short"]
+
+
 def test_adapter_with_no_positions_on_a_one_token_prompt_equals_base(model):
     adapter = random_adapter("x", "loreft", (0, 1), 4, "f3+l3", model.config.hidden_size)
     assert adapter.positions(1) == [[]]

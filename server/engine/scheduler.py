@@ -117,7 +117,8 @@ class Scheduler:
                 break  # preempted with a token still in flight: its prefill waits until the host has it
             self.kv.reuse_prefix(seq)
             length = min(seq.num_uncomputed, budget)
-            if self.kv.blocks_needed(seq, length) + self.config.watermark_blocks > self.kv.num_free_blocks:
+            reserve = self.config.watermark_blocks if self.running else 0  # it spares running decodes a preemption
+            if self.kv.blocks_needed(seq, length) + reserve > self.kv.num_free_blocks:
                 self.kv.free(seq)  # hand back any reused blocks until it is admitted
                 seq.num_computed = 0
                 break  # first come, first served: nobody overtakes the head of the queue
