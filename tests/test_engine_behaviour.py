@@ -243,20 +243,23 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model):
     assert len(run_core(core, [(seq("c", prompt(12, 1)), 0)])["c"]) == 10
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_a_poisoned_adapter_fails_alone_and_leaves_no_trace_in_the_kv_cache(model, tiny_model_dir, async_scheduling):
+@pytest.mark.parametrize(
+    "attention_backend, async_scheduling", [("sdpa", False), ("sdpa", True), ("paged", True), ("flex", False)]
+)
+def test_a_poisoned_adapter_fails_alone_and_leaves_no_trace_in_the_kv_cache(
+    model, tiny_model_dir, attention_backend, async_scheduling
+):
     """An adapter whose finite weights blow the hidden states up (all 3e38) fails only its request, with
     no token emitted; the requests beside it, and those that later get its freed blocks (or would find
-    them in the prefix cache), are unchanged."""
+    them in the prefix cache), are unchanged. Flex, which weighs other sequences' slots 0, included."""
     from server.reft.reference import reference_generate
     from tests.conftest import load_reference_model
 
     hidden = model.config.hidden_size
     good = random_adapter("good", "loreft", (1,), 4, "f2+l2", hidden, seed=1)
     bad = poisoned(random_adapter("poisoned", "loreft", (1, 2), 4, "f2+l2", hidden, seed=2))
-    core = make_core(  # few blocks: later requests reuse the poisoned ones
-        model, num_blocks=12, block_size=8, max_model_len=80, async_scheduling=async_scheduling
-    )
+    config = {"attention_backend": attention_backend, "async_scheduling": async_scheduling}
+    core = make_core(model, num_blocks=12, block_size=8, max_model_len=80, **config)  # few: later ones reuse them
     reference_model = load_reference_model(tiny_model_dir("llama"))
     prompts = {f"p{i}": prompt(5 + 9 * i, 50 + i) for i in range(8)}
     first = [seq("poisoned", prompts["p3"], bad), seq("good", prompts["p1"], good), seq("base", prompts["p2"])]

@@ -273,6 +273,11 @@ def _attend(
 ) -> Tensor:
     """query/key/value [1, heads, T, D] as transformers passes them -> [1, T, heads, D]."""
     queries, keys, values = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, D]
+    if isinstance(step.reader, FlexStepOverPool):
+        # flex reads other sequences' slots (eager: the whole pool; compiled: every block of a query tile)
+        # and weighs them 0, but 0 * NaN is NaN: the values of a request whose edit blew up (which the edit
+        # check fails) must not reach its neighbours. Keys need nothing: masked scores become -inf.
+        values = values.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
     step.kv.write(layer, step.slot_mapping, keys, values)
     return step.reader.attend(layer, queries, scaling, sliding_window).unsqueeze(0)
 
