@@ -314,3 +314,23 @@ def test_a_sampling_fault_fails_only_its_own_row(model, tiny_model_dir):
     reference_model = load_reference_model(tiny_model_dir("llama"))
     assert tokens["ok1"] == reference_generate(reference_model, prompts[0], None, max_new_tokens=10)
     assert tokens["ok2"] == reference_generate(reference_model, prompts[2], None, max_new_tokens=10)
+
+
+def test_a_seeded_request_draws_the_same_tokens_when_a_batched_draw_is_retried(model, monkeypatch):
+    """A batched draw that fails after drawing its noise (out of memory building the logprobs table, say)
+    is drawn again row by row: the seeded rows must draw what they would have (found by fuzzing)."""
+    params = {"temperature": 1.0, "seed": 1234, "logprobs": 1, "max_new_tokens": 8}
+    alone = run_core(make_core(model), [(seq("s", prompt(10, 1), **params), 0)])["s"]
+    table, faults = Sampler._table, []
+
+    def fails_once_for_a_batch(tokens, raw_logprobs, wanted):
+        if tokens.shape[0] > 1 and not faults:
+            faults.append(1)
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return table(tokens, raw_logprobs, wanted)
+
+    monkeypatch.setattr(Sampler, "_table", staticmethod(fails_once_for_a_batch))
+    mixed = run_core(
+        make_core(model), [(seq("s", prompt(10, 1), **params), 0), (seq("g", prompt(7, 2), logprobs=0), 0)]
+    )
+    assert faults and mixed["s"] == alone

@@ -2,8 +2,9 @@
 repetition, frequency and presence penalties and per-request seeds, plus optional logprobs.
 
 Sampling draws exponential noise per vocabulary entry and takes argmax(p / noise), which samples
-from p exactly. A seeded request draws its noise from its own generator, so its tokens depend only
-on its own seed and probabilities, not on which other requests share the step.
+from p exactly. A seeded request draws each token's noise from a generator seeded with its seed and
+that token's position (`draw_seed`), so its tokens depend only on its seed and probabilities: not on
+which other requests share the step, nor on a draw that failed and was retried row by row.
 Logprobs are those of the raw model distribution (before penalties and temperature). The penalties
 read token counts that stay on the device between steps (penalties.py).
 
@@ -21,6 +22,8 @@ from torch import Tensor
 from server.engine.penalties import PenaltyRows
 from server.engine.sequence import Sequence
 from server.engine.transfers import HostCopy, to_device
+
+MASK_64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,16 @@ def apply_logit_bias(logits: Tensor, seqs: list[Sequence]) -> Tensor:
     rows, tokens, values = zip(*biased, strict=True)
     index = (to_device(rows, torch.long, logits.device), to_device(tokens, torch.long, logits.device))
     return logits.index_put(index, to_device(values, logits.dtype, logits.device), accumulate=True)
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """The seed of a seeded request's draw of the token at `position`: its noise is a function of the two
+    alone, so neither a retried draw, nor a preemption, nor the async engine's pending token changes it.
+    splitmix64's finalizer spreads nearby seeds and positions over all 64 bits."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + position) & MASK_64
+    mixed = ((mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9) & MASK_64
+    mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) & MASK_64
+    return mixed ^ (mixed >> 31)
 
 
 def filter_logits(logits: Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> Tensor:
@@ -110,6 +123,7 @@ class Draw:
 class Sampler:
     def __init__(self):
         self.penalties = PenaltyRows()
+        self._generators: dict[torch.device, torch.Generator] = {}  # reseeded for every seeded row's draw
 
     def __call__(self, logits: Tensor, seqs: list[Sequence], pending: PendingTokens | None = None) -> Draw:
         """Draw a token per row; `pending`: the tokens the previous step drew that the host has not read
@@ -144,11 +158,15 @@ class Sampler:
         probs = filter_logits(logits / temperature[:, None], top_k, top_p, min_p).softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_()
         for i, seq in enumerate(seqs):
-            if seq.sampling.seed is not None:
-                if seq.generator is None:
-                    seq.generator = torch.Generator(device).manual_seed(seq.sampling.seed)
-                noise[i].exponential_(generator=seq.generator)
+            if seq.sampling.seed is not None:  # the launch takes the seed by value: one generator serves all rows
+                self._seeded(device).manual_seed(draw_seed(seq.sampling.seed, seq.num_tokens))
+                noise[i].exponential_(generator=self._seeded(device))
         return (probs / noise).argmax(dim=-1)
+
+    def _seeded(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device)
+        return self._generators[device]
 
     @staticmethod
     def _table(tokens: Tensor, raw_logprobs: Tensor, wanted: list[int | None]) -> Tensor:

@@ -7,8 +7,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from server.engine.sampling_params import SamplingParams
 from server.reft.request_edit import RequestEdit
 
@@ -45,7 +43,6 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     error: str | None = None
-    generator: torch.Generator | None = None  # made by the sampler on first use when seeded
     num_preemptions: int = 0
 
     def __post_init__(self) -> None:
