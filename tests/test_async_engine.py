@@ -183,22 +183,27 @@ def test_stop_after_grace_aborts_the_rest(model):
     assert run(body()).finish_reason is FinishReason.ABORT
 
 
-def test_an_engine_thread_that_dies_fails_what_is_in_flight(model):
+def step_replaced_mid_request(model, step):
+    """Serve a long request, replace the core's step with `step` once it runs, and return how the request
+    ended and the engine."""
+
     async def body():
         core = make_core(model)
         engine = AsyncEngine(CoreThread(core), byte_level_tokenizer())
         engine.start()
         stream = engine.submit(GenerationRequest(prompt(10, 1), SamplingParams(max_new_tokens=400, ignore_eos=True)))
         await asyncio.sleep(0.05)
+        core.step = step
+        return await asyncio.wait_for(stream.collect(), 10), engine
 
-        def die():
-            raise KeyboardInterrupt  # no Exception: nothing in the loop contains it
+    return run(body())
 
-        core.step = die
-        result = await asyncio.wait_for(stream.collect(), 10)
-        return result, engine
 
-    result, engine = run(body())
+def test_an_engine_thread_that_dies_fails_what_is_in_flight(model):
+    def die():
+        raise KeyboardInterrupt  # no Exception: nothing in the loop contains it
+
+    result, engine = step_replaced_mid_request(model, die)
     assert result.finish_reason is FinishReason.ERROR and "engine thread died" in result.error
     assert not engine.alive and "KeyboardInterrupt" in engine.problem()
 
@@ -207,24 +212,13 @@ def test_steps_that_keep_raising_end_the_engine_instead_of_spinning(model):
     """One step that raises is logged and stepped again; steps that keep raising cannot make progress:
     the loop gives up, so requests in flight fail at once and the probes say why (a spinning loop
     kept its heartbeat fresh while every request hung)."""
+    calls = []
 
-    async def body():
-        core = make_core(model)
-        engine = AsyncEngine(CoreThread(core), byte_level_tokenizer())
-        engine.start()
-        stream = engine.submit(GenerationRequest(prompt(10, 1), SamplingParams(max_new_tokens=400, ignore_eos=True)))
-        await asyncio.sleep(0.05)
-        calls = []
+    def broken():
+        calls.append(1)
+        raise RuntimeError("a step that cannot succeed")
 
-        def broken():
-            calls.append(1)
-            raise RuntimeError("a step that cannot succeed")
-
-        core.step = broken
-        result = await asyncio.wait_for(stream.collect(), 10)
-        return result, engine, calls
-
-    result, engine, calls = run(body())
+    result, engine = step_replaced_mid_request(model, broken)
     assert result.finish_reason is FinishReason.ERROR and "a step that cannot succeed" in result.error
     assert len(calls) == MAX_STEP_FAILURES and not engine.alive
 
