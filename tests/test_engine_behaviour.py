@@ -79,6 +79,16 @@ def test_filters_keep_what_they_should():
     assert kept() == [True] * 5
 
 
+def test_a_row_without_top_p_keeps_every_token_beside_one_with_it():
+    """Rows share the sort when any row filters: one that asked for no top-p must keep its whole
+    vocabulary, tail included, though float32's cumulative sum passes 1 there (found in review)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50_000) * 3
+    filtered = filter_logits(logits, [0, 0], [0.9, 1.0], [0.0, 0.0])
+    assert torch.equal(filtered[1], logits[1])
+    assert torch.isinf(filtered[0]).any()
+
+
 def test_repetition_penalty_changes_greedy_choice():
     sampler = Sampler()
     logits = torch.tensor([[2.0, 1.9, 0.0]])

@@ -14,6 +14,7 @@ the next step's inputs while their copy travels to the host, read when the core 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +76,9 @@ def filter_logits(logits: Tensor, top_k: list[int], top_p: list[float], min_p: l
         drop = rank[None, :] >= k[:, None]
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        drop |= mass_before > to_device(top_p, probs.dtype, device)[:, None]  # the token that crosses top_p stays
+        # the token that crosses top_p stays; rows without top-p keep everything (float32's cumsum can pass 1)
+        mass = to_device([p if p < 1 else math.inf for p in top_p], probs.dtype, device)
+        drop |= mass_before > mass[:, None]
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     if any(m > 0 for m in min_p):
         probs = logits.softmax(dim=-1)
