@@ -72,10 +72,12 @@ class SamplingFields(StrictModel):
     @field_validator("logit_bias")
     @classmethod
     def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
-        for key in bias or ():
+        if not bias:
+            return bias
+        for key in bias:
             if not key.isascii() or not key.isdigit() or int(key) > MAX_TOKEN_ID:
                 raise ValueError(f"logit_bias keys must be token ids (integers from 0 to {MAX_TOKEN_ID}), not {key!r}")
-        if len({int(key) for key in bias or ()}) != len(bias or ()):  # "5" and "05": the values would add up
+        if len({int(key) for key in bias}) != len(bias):  # "5" and "05": the values would add up
             raise ValueError("logit_bias names a token id twice")
         return bias
 

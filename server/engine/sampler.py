@@ -162,8 +162,8 @@ class Sampler:
         noise = torch.empty_like(probs).exponential_()
         for i, seq in enumerate(seqs):
             if seq.sampling.seed is not None:  # the launch takes the seed by value: one generator serves all rows
-                self._seeded(device).manual_seed(draw_seed(seq.sampling.seed, seq.num_tokens))
-                noise[i].exponential_(generator=self._seeded(device))
+                generator = self._seeded(device).manual_seed(draw_seed(seq.sampling.seed, seq.num_tokens))
+                noise[i].exponential_(generator=generator)
         return (probs / noise).argmax(dim=-1)
 
     def _seeded(self, device: torch.device) -> torch.Generator:
