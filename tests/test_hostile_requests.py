@@ -99,19 +99,23 @@ def test_a_20mb_body_is_refused_fast_while_health_answers(url, declared):
     framing = f"Content-Length: {size + 14}" if declared else "Transfer-Encoding: chunked"
     head = f"POST /v1/generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{framing}\r\n\r\n"
     health_latencies = []
-    sending = threading.Event()
+    sending, polling = threading.Event(), threading.Event()
 
-    def poll_health():
+    def poll_health():  # at least once: a refusal at the headers can end the exchange before a poll would start
         sending.wait()
-        while sending.is_set():
+        while True:
+            polling.set()
             started = time.perf_counter()
             assert httpx.get(f"{url}/health", timeout=10).status_code == 200
             health_latencies.append(time.perf_counter() - started)
+            if not sending.is_set():
+                return
             time.sleep(0.02)
 
     poller = threading.Thread(target=poll_health)
     poller.start()
     sending.set()
+    polling.wait(10)
     try:
         status, answer, seconds = raw_exchange(url, head, prompt_chunks(size), chunked=not declared)
     finally:
