@@ -91,10 +91,10 @@ class Settings(BaseSettings):
         description="torch.compile the decode forward before capturing its CUDA graphs, and each decoder layer for "
         "the steps that prefill (fuses each layer's small kernels; start-up takes longer)",
     )
-    async_scheduling: bool = Field(
-        False,
+    async_scheduling: bool | None = Field(
+        None,
         description="Overlap each engine step's host work (scheduling, inputs, reading the sampled tokens) with the "
-        "device's work on the step before; tokens reach the client one step later",
+        "device's work on the step before; tokens reach the client one step later (default: on a GPU, not on a CPU)",
     )
     engine_core: Literal["auto", "process", "thread"] = Field(
         "auto",
@@ -166,5 +166,5 @@ class Settings(BaseSettings):
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
             compile_backend="inductor" if self.compile else None,
-            async_scheduling=self.async_scheduling,
+            async_scheduling=self.async_scheduling if self.async_scheduling is not None else device_type == "cuda",
         )

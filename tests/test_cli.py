@@ -96,6 +96,15 @@ def test_batch_limits_default_by_device_and_given_ones_win():
     assert limits(Settings(max_batched_tokens=1024), "cpu") == (64, 1024)
 
 
+def test_async_scheduling_defaults_on_with_a_gpu_and_the_flag_wins():
+    def async_scheduling(args, device_type):
+        settings = settings_from_args(build_parser().parse_args(["serve", *args]))
+        return settings.engine_config(device_type).async_scheduling
+
+    assert async_scheduling([], "cuda") and not async_scheduling([], "cpu")
+    assert not async_scheduling(["--no-async-scheduling"], "cuda") and async_scheduling(["--async-scheduling"], "cpu")
+
+
 def test_invalid_settings_exit_with_a_message(capsys):
     assert main(["serve", "--port", "99999"]) == 2
     assert "--port" in capsys.readouterr().err
