@@ -1,13 +1,16 @@
-"""The paged prefill kernel against the gathered sdpa groups it replaced, timed on the device at hand.
+"""The paged backend's prefill against the gathered sdpa groups it replaced, timed on the device at hand.
 
 bench/gpu.py's `kernel` part, second half. One step's prefill chunks, as the engine packs prompts of the
 workload's lengths into its token budget, are attended over every layer of a pool of the model's layout
-(random keys and values), twice: with the paged backend's in-place prefill (paged_prefill.py) and with
-the sdpa backend's gathered, padded groups (attention.py's AttentionGroup, KV heads repeated on CUDA).
+(random keys and values), twice: with the paged backend's step as the engine runs it (attention.py's
+PagedStep: the in-place prefill kernel of paged_prefill.py, and SDPA's causal kernel for a prompt's first
+chunk of LONG_FIRST_CHUNK tokens or more) and with the sdpa backend's gathered, padded groups
+(AttentionGroup, KV heads repeated on CUDA).
 Three cases: chunks from position 0 (new prompts); the same chunks after `cached` tokens each (later
 chunks of long prompts, prefix-cache hits), where the gathered path copies the whole context; and one
 prompt as long as the budget, where the gathered path is at its best (SDPA's causal flash kernel, no
-mask) and the in-place kernel's work grows with the square of the chunk. On CUDA each case also runs
+mask) and the in-place kernel's work grows with the square of the chunk (the paged step sends such a
+chunk to SDPA too). On CUDA each case also runs
 the Triton kernel under a grid of other launches (query tokens per tile, key positions per iteration,
 warps per program), each with its time and its largest difference from the default launch's output:
 a launch clearly faster on the GPUs that serve becomes the default (paged_prefill.QUERY_TILE,

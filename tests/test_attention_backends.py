@@ -13,6 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from server.config import Settings
+from server.engine import attention
 from server.engine.config import EngineConfig, resolve_attention_backend
 from server.engine.model_runner import ModelRunner
 from server.engine.paged_flex import QUERY_TILE, FlexStep, flex_kernel
@@ -45,11 +46,14 @@ BACKENDS = {  # name -> (attention_backend, engine config)
     "flex": ("flex", {}),
     "paged": ("paged", {"cuda_graphs": False}),
     "paged-graphs": ("paged", {"cuda_graphs": True}),
+    "paged-sdpa-first-chunks": ("paged", {"cuda_graphs": True}),  # first chunks of 8+ tokens through SDPA
 }
 
 
 @pytest.fixture(params=list(BACKENDS))
-def backend(request):
+def backend(request, monkeypatch):
+    if request.param == "paged-sdpa-first-chunks":
+        monkeypatch.setattr(attention, "LONG_FIRST_CHUNK", 8)
     return BACKENDS[request.param]
 
 
@@ -180,6 +184,37 @@ def test_compiled_kernel_reads_only_the_steps_own_blocks():
     poisoned = sent_flex_step(spans, block_size, num_pool_blocks, compiled).attend(queries, keys, values, None, 6)
     assert torch.isfinite(poisoned).all()
     torch.testing.assert_close(poisoned, clean, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_step_sends_long_first_chunks_to_sdpa_and_agrees_with_it(llama, monkeypatch):
+    """Decode rows, a long first chunk, a long later chunk and a short first chunk: only the long first
+    chunk goes to SDPA's causal kernel; every row equals the sdpa backend's, with NaN in every slot the
+    step's sequences do not own."""
+    from server.engine.attention import PagedStep, SdpaStep, Span
+    from server.engine.kv_cache import KVCache, KVLayout
+
+    monkeypatch.setattr(attention, "LONG_FIRST_CHUNK", 20)
+    torch.manual_seed(0)
+    block_size = 4
+    shapes = [(1, 9), (1, 30), (24, 0), (25, 7), (6, 0)]  # (query tokens, cached tokens)
+    spans, row, block = [], 0, 0
+    for length, start in shapes:
+        blocks = -(-(start + length) // block_size)
+        spans.append(Span(row, length, start, list(range(block + 1, block + 1 + blocks))))  # block 0 stays foreign
+        row, block = row + length, block + 1 + blocks
+    kv = KVCache(KVLayout.from_config(llama.config, torch.float32), block + 2, block_size, "cpu", prefix_caching=False)
+    owned = torch.zeros(kv.num_blocks + 1, dtype=torch.bool)
+    owned[[b for s in spans for b in s.block_table]] = True
+    for pool in (kv.block_keys(0), kv.block_values(0)):
+        pool.normal_()
+        pool[~owned] = float("nan")
+        pool[kv.pad_block] = 0  # what the pool's pad block always holds
+    queries = torch.randn(row, llama.config.num_attention_heads, kv.layout.head_dim)
+    upload = StepUpload(torch.device("cpu"))
+    paged, sdpa = PagedStep(kv, spans, row, upload), SdpaStep(kv, spans, row, upload)
+    upload.send()
+    assert [group.shape for group in paged.long] == [(1, 24, 24)]
+    torch.testing.assert_close(paged.attend(0, queries, None, None), sdpa.attend(0, queries, None, None))
 
 
 def test_without_triton_cuda_falls_back_to_sdpa_and_refuses_paged(monkeypatch):
