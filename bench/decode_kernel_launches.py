@@ -16,6 +16,7 @@ CPU the part times the torch twin alone.
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 
 import torch
@@ -92,6 +93,12 @@ def time_varlen(
         "seqused_k": context.to(torch.int32),
         "block_table": tables.to(torch.int32),
     }
+
+    accepted = inspect.signature(varlen_attn).parameters
+    if missing := [name for name in ("seqused_k", "block_table") if name not in accepted]:
+        raise TypeError(f"this torch's varlen_attn takes no {' or '.join(missing)}: it cannot read pages")
+    if "enable_gqa" not in accepted:  # torch 2.11: flash attention takes fewer KV heads as they are
+        del fixed["enable_gqa"]
 
     def pages(pool: Tensor) -> Tensor:
         return pool.view(-1, block_size, kv_heads, head_dim)

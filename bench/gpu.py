@@ -17,8 +17,9 @@ Parts (--parts, default all, in this order):
              chunks through the paged prefill kernel and through the gathered sdpa groups: prompts from position
              0, the same after cached tokens, one prompt of the whole budget, each also under a grid of the
              prefill kernel's launches on CUDA (bench/prefill_kernel.py)
-  profile    torch.profiler over decode steps of the largest decode batch and over one step that also
-             prefills: the top operators by device time and by host time
+  profile    torch.profiler over decode steps of the largest decode batch and over steps that prefill a full
+             token budget of new prompts, without adapters and with one per prompt: the top operators by
+             device time and by host time, and each prefill step's launch time against its time on the device
   hf-static  HF `generate` on the same requests, static left-padded batches
   hf-cb      transformers' `generate_batch` (continuous batching) on the same requests, held to the engine's
              limits; its first call (start-up and warm-up included) is reported apart
@@ -200,13 +201,17 @@ class Benchmark:
             return getattr(self, kind)(variant)
         return getattr(self, part.replace("-", "_"))()
 
+    def adapter_layers(self, model) -> tuple[int, ...]:
+        """`--adapter-layers` layers, spread evenly from the first."""
+        num_layers = model.config.num_hidden_layers
+        count = min(self.args.adapter_layers, num_layers)
+        return tuple(range(0, num_layers, num_layers // count))[:count]
+
     def engine(self, variant: str = "") -> dict:
         args = self.args
         config = self.engine_config(variant)
         model = self.models.get(ATTENTION_NAME)
-        num_layers = model.config.num_hidden_layers
-        count = min(args.adapter_layers, num_layers)
-        layers = tuple(range(0, num_layers, num_layers // count))[:count]
+        layers = self.adapter_layers(model)
         adapters = make_adapters(model, args.adapters, args.adapter_rank, layers, args.adapter_positions)
         mixed = [replace(r, adapter=i % args.adapters) for i, r in enumerate(self.requests)]
         # untimed, the same workload first: each new step shape costs once (kernel choices, flex compiles)
@@ -228,6 +233,12 @@ class Benchmark:
         ratio = statistics.median(r["ratio"] for r in rounds)
         say(f"  medians: base {base['tokens_per_s']:.1f} tok/s, adapters {with_adapters['tokens_per_s']:.1f} tok/s")
         say(f"  adapters / base = {ratio:.3f} (median of {len(rounds)} rounds)")
+        for name, run in (("base", base), ("adapters", with_adapters)):
+            prefill, decode = run["steps"]["prefill"], run["steps"]["decode"]
+            say(
+                f"  {name}: {prefill['count']} steps that prefilled, {prefill['mean_ms']:.2f} ms mean; "
+                f"{decode['count']} that only decoded, {decode['mean_ms']:.2f} ms"
+            )
         return {
             "attention_backend": resolve_attention_backend(config.attention_backend, torch.device(args.device).type),
             "cuda_graphs": config.cuda_graphs,
@@ -313,11 +324,27 @@ class Benchmark:
     def profile(self) -> dict:
         args = self.args
         batch = max(args.decode_seqs)
-        result = profile_steps(self.models.get(ATTENTION_NAME), batch, args.decode_context, 5, self.engine_config())
-        for phase in ("decode", "mixed"):
+        model = self.models.get(ATTENTION_NAME)
+        adapters = make_adapters(
+            model, args.adapters, args.adapter_rank, self.adapter_layers(model), args.adapter_positions
+        )
+        config = self.engine_config()
+        result = profile_steps(model, batch, args.decode_context, 5, config, tuple(args.prompt_len), adapters)
+        titles = {
+            "decode": f"decode step ({batch} sequences)",
+            "prefill": f"prefill step ({config.max_batched_tokens} tokens)",
+            "prefill_adapters": f"prefill step ({config.max_batched_tokens} tokens, an adapter per prompt)",
+        }
+        for phase, title in titles.items():
+            if phase != "decode":
+                figures = result[phase]
+                say(
+                    f"  {title}: {figures['prompts']} prompts, launched in {figures['launch_ms']:.2f} ms, done in "
+                    f"{figures['done_ms']:.2f} ms"
+                )
             for side in ("device", "host"):
                 if result[phase][side]:
-                    say(f"  {phase} step ({batch} sequences{' + prefill' if phase == 'mixed' else ''}), {side} time:")
+                    say(f"  {title}, {side} time:")
                 for op in result[phase][side]:
                     say(f"    {op['ms']:8.3f} ms  {op['calls']:7.1f} calls  {op['name']}")
         return {"seqs": batch, **result}

@@ -38,6 +38,7 @@ def run_engine(model, requests: list[Request], adapters, config: EngineConfig) -
         sampling = SamplingParams(max_new_tokens=request.max_new_tokens, ignore_eos=True)
         core.add(Sequence(f"r{index}", list(request.prompt), sampling, request_edit(adapter, len(request.prompt))))
     generated = 0
+    steps = {"decode": [], "prefill": []}  # seconds of each step that only decoded / also prefilled
     device = next(model.parameters()).device
     with timed(device) as elapsed:
         while core.has_work():
@@ -45,7 +46,12 @@ def run_engine(model, requests: list[Request], adapters, config: EngineConfig) -
                 if output.error:
                     raise RuntimeError(f"request {output.request_id} failed: {output.error}")
                 generated += len(output.new_tokens)
-    return throughput(generated, elapsed.seconds)
+            if core.last_step is not None:
+                steps["prefill" if core.last_step.num_prefill_tokens else "decode"].append(core.last_step.seconds)
+    step_figures = {
+        kind: {"count": len(times), "mean_ms": 1000 * sum(times) / max(1, len(times))} for kind, times in steps.items()
+    }
+    return {**throughput(generated, elapsed.seconds), "steps": step_figures}
 
 
 @torch.inference_mode()
