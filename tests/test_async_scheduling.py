@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from server.engine.core import InFlight
 from server.engine.model_runner import EditCheck
 from server.engine.sequence import FinishReason
 from server.engine.transfers import HostCopy
@@ -208,12 +209,14 @@ def test_the_async_front_end_streams_the_same_tokens(model):
     assert all(result.finish_reason is FinishReason.LENGTH for result in results)
 
 
-def run_with_fault(model, async_scheduling, fault):
+def run_with_fault(model, async_scheduling, fault, read_landed_first=False):
     """r1 stops on EOS after a few tokens, r2 runs on; `fault(core, eos)` plants one failure. Returns each
-    request's (tokens, finish reason), driving the core as CoreLoop does (an escaping error is logged)."""
+    request's (tokens, finish reason), driving the core as CoreLoop does (an escaping error is logged).
+    `read_landed_first`: every step is read before the next is scheduled (the CPU's steps have all landed)."""
     p1, p2 = prompt(12, 1), prompt(15, 2)
     eos = run_core(make_core(model), [(seq("r1", p1, max_new_tokens=10), 0)])["r1"][3]
     core = make_core(model, eos={eos}, async_scheduling=async_scheduling)
+    core.read_landed_first = read_landed_first
     core.add(seq("r1", p1, max_new_tokens=10))
     core.add(seq("r2", p2, max_new_tokens=12, ignore_eos=True))
     fault(core, eos)
@@ -270,6 +273,34 @@ def test_a_fault_after_a_stop_changes_nothing_already_drawn(model, fault):
     expected = run_with_fault(model, False, fault)
     assert expected["r1"][1] is FinishReason.STOP and len(expected["r1"][0]) == 4
     assert run_with_fault(model, True, fault) == expected
+    assert run_with_fault(model, True, fault, read_landed_first=True) == expected  # what a step read, it returns
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("path", PATHS)
+def test_reading_landed_steps_first_keeps_async_equal_to_sync(model, monkeypatch, path, seed):
+    """Where the device has finished a step by the time the next begins (a host-bound engine on a GPU),
+    the core reads it before scheduling, else after the next launch as usual. With steps landing at
+    random, every request's tokens, logprobs and finish reason stay the synchronous engine's."""
+    rng = random.Random(seed)
+    landed_answers = []
+
+    def landed_at_random(in_flight):
+        landed_answers.append(rng.random() < 0.5)
+        return landed_answers[-1]
+
+    made = requests(model, seed=seed)
+    config = {**PATHS[path], "max_batched_tokens": 48, "max_num_seqs": 10, "max_model_len": 128}
+    eos = {common_eos(model, made, **config)}
+    expected, _ = serve(model, made, False, eos=eos, **config)
+    monkeypatch.setattr(InFlight, "landed", landed_at_random)
+    observed, took_pending = serve(model, made, True, eos=eos, prepare=read_landed_first, **config)
+    assert True in landed_answers and False in landed_answers and 0 < took_pending < 1
+    assert_same(observed, expected)
+
+
+def read_landed_first(core):
+    core.read_landed_first = True
 
 
 @pytest.mark.parametrize("seed", range(12))

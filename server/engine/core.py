@@ -86,6 +86,10 @@ class InFlight:
         """Seconds the host blocked for the device while reading this step."""
         return sum(draw.waited for _, draw in self.parts) + (self.check.waited if self.check is not None else 0.0)
 
+    def landed(self) -> bool:
+        """Whether reading this step would not wait for the device."""
+        return all(draw.landed() for _, draw in self.parts) and (self.check is None or self.check.landed())
+
     def pending(self) -> PendingTokens | None:
         if not self.parts:
             return None
@@ -152,7 +156,11 @@ class EngineCore:
         self.last_step: StepStats | None = None
         # a tensor-parallel group's followers would need the drawn tokens too: there each step is read at once
         self.async_scheduling = config.async_scheduling and tensor_parallel == 1
+        # where the device runs behind the host, a step it already finished is read before the next one is
+        # scheduled (see `step`); on the CPU every step has finished by then, and async would never defer
+        self.read_landed_first = device.type == "cuda"
         self._in_flight: InFlight | None = None
+        self._unreturned: list[SeqOutput] = []  # read by a step that then raised: the next step returns them
 
     @staticmethod
     def _warm_up_step(
@@ -267,22 +275,33 @@ class EngineCore:
         """One iteration: schedule chunks, run the model once over them (with ReFT's plan for their
         edits), fail the requests whose edit failed, advance the rest, draw the tokens of the rows that
         sample. With async scheduling the drawn tokens are read in the next iteration, after its own
-        launch, so the host's work overlaps the device's; without, at once."""
+        launch, so the host's work overlaps the device's; without, at once. But a step the device has
+        already finished when the next begins (the host is the bottleneck: long eager steps) is read
+        first: its tokens reach the clients a step sooner, and the scheduler sees which requests ended."""
         started = time.perf_counter()
         self.last_step = None
         previous, self._in_flight = self._in_flight, None
+        outputs, self._unreturned = self._unreturned, []
+        read_first = previous is not None and self.read_landed_first and previous.landed()
+        if read_first:
+            outputs += self._read(previous)
         try:
             chunks = self.scheduler.schedule()
-            launched, failed = self._launch(chunks, previous) if chunks else (None, [])
+            launched, failed = self._launch(chunks, None if read_first else previous) if chunks else (None, [])
         except BaseException:
-            self._in_flight = previous  # read by the next step: a drawn token is never lost
+            if read_first:
+                self._unreturned = outputs  # the next step returns them: no token read is lost
+            else:
+                self._in_flight = previous  # read by the next step: a drawn token is never lost
             raise
         try:
-            outputs = self._read(previous) if previous is not None else []
+            if previous is not None and not read_first:
+                outputs += self._read(previous)
             # after the read: a request that ended at its last token (EOS) ends so, not with this failure
             outputs += [self._finish(seq, FinishReason.ERROR, error) for seq, error in failed if not seq.finished]
         except BaseException:
             self._accept(launched, read_now=False)  # the next step reads it: no token or edit check is lost
+            self._unreturned = outputs  # and returns what was read here
             raise
         outputs += self._accept(launched, read_now=not self.async_scheduling)
         if chunks:

@@ -48,6 +48,10 @@ class EditCheck:
         """Seconds `failures` blocked for the device."""
         return self._finite.waited
 
+    def landed(self) -> bool:
+        """Whether `failures` would return without waiting for the device."""
+        return self._finite.landed()
+
 
 @dataclass
 class StepResult:

@@ -106,6 +106,10 @@ class Draw:
         """Seconds `samples` blocked for the device."""
         return self._host.waited
 
+    def landed(self) -> bool:
+        """Whether `samples` would return without waiting for the device."""
+        return self._host.landed()
+
     def samples(self) -> list[Sample]:
         """The rows' samples; waits for the copy to land."""
         host = self._host.wait()

@@ -104,6 +104,10 @@ class HostCopy:
         self._ready = torch.cuda.Event()
         self._ready.record(torch.cuda.current_stream(tensor.device))
 
+    def landed(self) -> bool:
+        """Whether `wait` would return at once (asks the device, never waits)."""
+        return self._ready is None or self._ready.query()
+
     def wait(self) -> Tensor:
         if self._ready is not None:
             started = time.perf_counter()
