@@ -7,7 +7,8 @@
 #      bench/load.py with 128 concurrent clients after an untimed warm-up load, once per entry of
 #      SERVERS (default "process thread"): the engine core's host, `process` (a process of its own) or
 #      `thread`, with `-async` and/or `-compile` suffixes adding --async-scheduling and --compile
-#      (server-KIND.log, load-KIND.json, metrics-KIND.txt for each KIND, e.g. process-async).
+#      (server-KIND.log, load-KIND.json, metrics-KIND.txt for each KIND, e.g. process-async), then 40 steps of
+#      a further load profiled through POST /v1/admin/profile (profile-KIND.txt).
 # Steps 1-2 need torch and transformers only. Step 3 also needs the HTTP stack, which GPU machines
 # without network access lack: carry these as py3.12 wheels and install them first: fastapi,
 # starlette, pydantic, pydantic-core, pydantic-settings, python-dotenv, annotated-types,
@@ -103,7 +104,8 @@ load_one() {
   done
   "$PYTHON" -c 'import sys; from server.cli import main; sys.exit(main())' serve --model "$model" --device cuda \
     --dtype bfloat16 --kv-cache-memory 16GiB --max-num-seqs 128 --max-batched-tokens 4096 --store "$store" \
-    "${flags[@]}" --admin-open --port "$port" --log-level warning >"$OUT/server-$kind.log" 2>&1 &
+    "${flags[@]}" --admin-open --profile-dir "$OUT/profiles-$kind" --port "$port" --log-level warning \
+    >"$OUT/server-$kind.log" 2>&1 &
   local pid=$! ready=0
   for _ in $(seq 300); do  # --compile compiles and captures before the server is ready
     "$PYTHON" -c "import httpx, sys; sys.exit(httpx.get('http://127.0.0.1:$port/ready').status_code != 200)" \
@@ -120,9 +122,22 @@ load_one() {
   local status=$?
   "$PYTHON" -c "import httpx; print(httpx.get('http://127.0.0.1:$port/metrics').text)" >"$OUT/metrics-$kind.txt"
   step_kinds "$OUT/metrics-$kind.txt"
+  profile_under_load "$port" "$kind" "${load[@]}"
   kill "$pid"
   wait "$pid"
   return $status
+}
+
+# after the measured load (profiling slows the steps it covers): the engine's next 40 steps under torch.profiler
+# while 128 more requests run, its summary kept as profile-KIND.txt (the timeline is too large to bring back)
+profile_under_load() {
+  local port=$1 kind=$2 summary
+  shift 2
+  summary=$("$PYTHON" -c "import httpx; print(httpx.post('http://127.0.0.1:$port/v1/admin/profile', json={'steps': 40}).json()['summary'])") || return 0
+  "$@" --requests 128 --seed 2 --out /dev/null >/dev/null
+  for _ in $(seq 60); do [ -f "$summary" ] && break; sleep 1; done
+  [ -f "$summary" ] && cp "$summary" "$OUT/profile-$kind.txt" && head -12 "$summary"
+  rm -rf "$OUT/profiles-$kind"
 }
 
 # how many engine steps only decoded (graph replays) and how many also prefilled (eager), and how much of

@@ -18,6 +18,7 @@ from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
+from server.engine.step_profiler import top_ops
 from server.reft.request_edit import request_edit
 
 TOP = 15
@@ -42,7 +43,7 @@ def profile_steps(
         for _ in range(steps):
             core.step()
     del core
-    result = {"decode_steps": steps, "decode": top_ops(decode, steps, on_gpu)}
+    result = {"decode_steps": steps, "decode": top_ops(decode, steps, on_gpu, TOP)}
     # async: a step returns once launched (nothing before it is in flight), so its host time shows apart
     room = max(engine_config.max_num_seqs, engine_config.max_batched_tokens // prompt_len[0] + 1)
     prefill_config = replace(engine_config, max_num_seqs=room, cuda_graphs=False, async_scheduling=True)
@@ -53,7 +54,12 @@ def profile_steps(
         prompts, launch_ms, done_ms = prefill_step(core, rng, prompt_len, edits)
         with profile(activities=activities) as profiled:
             prefill_step(core, rng, prompt_len, edits)
-        result[phase] = {"prompts": prompts, "launch_ms": launch_ms, "done_ms": done_ms, **top_ops(profiled, 1, on_gpu)}
+        result[phase] = {
+            "prompts": prompts,
+            "launch_ms": launch_ms,
+            "done_ms": done_ms,
+            **top_ops(profiled, 1, on_gpu, TOP),
+        }
     return result
 
 
@@ -78,22 +84,3 @@ def prefill_step(core: EngineCore, rng: random.Random, prompt_len: tuple[int, in
     while core.has_work():
         core.step()
     return prompts, 1000 * (launched - started), 1000 * (done - started)
-
-
-def top_ops(profiled, steps: int, on_gpu: bool) -> dict:
-    """Per step: the operators with the most device time and with the most host time (self times, ms)."""
-    events = profiled.key_averages()
-
-    def rows(key: str) -> list[dict]:
-        ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:TOP]
-        return [
-            {"name": e.key[:80], "calls": e.count / steps, "ms": getattr(e, key) / 1000 / steps}
-            for e in ranked
-            if getattr(e, key) > 0
-        ]
-
-    device_key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    return {
-        "device": rows(device_key) if on_gpu else [],
-        "host": rows("self_cpu_time_total"),
-    }

@@ -17,12 +17,13 @@ from transformers import AutoTokenizer
 
 from server.adapters.registry import AdapterRegistry
 from server.adapters.stores import open_store
-from server.api import admin, generate, health, openai
+from server.api import admin, generate, health, openai, profile
 from server.api.admin import ADMIN_PREFIX
 from server.api.admin_gate import AdminGate
 from server.api.body_limit import MULTIPART_OVERHEAD, BodyLimit
 from server.api.deps import AppState
 from server.api.errors import install_error_handlers
+from server.api.profile import PROFILE_PREFIX
 from server.api.request_context import RequestContext
 from server.config import Settings
 from server.distributed.adapter_mirror import AdapterSender
@@ -172,8 +173,8 @@ def create_app(
     app.add_middleware(
         BodyLimit, default_limit=int(settings.max_request_body), limits_by_prefix={ADMIN_PREFIX: upload_limit}
     )
-    app.add_middleware(AdminGate, settings=settings, path_prefix=ADMIN_PREFIX)
+    app.add_middleware(AdminGate, settings=settings, path_prefixes=(ADMIN_PREFIX, PROFILE_PREFIX))
     app.add_middleware(RequestContext)
-    for module in (generate, openai, admin, health):
+    for module in (generate, openai, admin, health, profile):
         app.include_router(module.router)
     return app

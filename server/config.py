@@ -145,6 +145,11 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="Bearer token required on generation routes when set")
 
     # operations
+    profile_dir: str | None = Field(
+        None,
+        description="Directory where POST /v1/admin/profile writes torch.profiler results of the engine's next steps "
+        "(a summary and a trace); unset, that route is off",
+    )
     shutdown_grace: float = Field(30.0, ge=0, description="Seconds to drain running requests on SIGTERM")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
     log_json: bool = Field(True, description="Structured JSON logs (false = plain text)")

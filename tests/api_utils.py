@@ -95,3 +95,13 @@ def error_of(response) -> dict:
     assert set(body) == {"error"}, body
     assert body["error"]["code"] == response.status_code
     return body["error"]
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.1):
+    """`condition()`'s first truthy result, polled until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")

@@ -9,6 +9,7 @@ import queue
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ from server.engine_process import (
     WireSubmit,
     _with_adapter,
 )
-from tests.api_utils import error_of, running_app, sse_events, upload
+from tests.api_utils import ADMIN, error_of, running_app, sse_events, upload, wait_for
 from tests.conftest import FIXTURE
 
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
@@ -49,7 +50,9 @@ def pyreft_adapter(checkpoint: str) -> bytes:
 def client(tmp_path_factory):
     # one resident adapter: the engine process is told to drop one whenever the other is sent
     store = tmp_path_factory.mktemp("store")
-    with running_app(FIXTURE / "model", store, engine_core="process", device="cpu", max_resident_adapters=1) as client:
+    profiles = tmp_path_factory.mktemp("profiles")
+    options = {"engine_core": "process", "device": "cpu", "max_resident_adapters": 1, "profile_dir": str(profiles)}
+    with running_app(FIXTURE / "model", store, **options) as client:
         for checkpoint, (name, _) in ADAPTERS.items():
             assert upload(client, name, pyreft_adapter(checkpoint)).status_code == 201
         yield client
@@ -95,6 +98,16 @@ def test_metrics_and_probes_come_from_the_engine_process(client):
     steps = [line for line in text.splitlines() if line.startswith("reft_step_duration_seconds_count")]
     assert sum(float(line.split()[-1]) for line in steps) > 0
     assert "reft_kv_cache_usage_ratio" in text
+
+
+def test_the_engine_process_profiles_its_next_steps(client):
+    started = client.post("/v1/admin/profile", json={"steps": 2}, headers=ADMIN)
+    assert started.status_code == 202, started.text
+    generate(client, prompt="profile me", max_new_tokens=6)
+    summary, trace = Path(started.json()["summary"]), Path(started.json()["trace"])
+    wait_for(summary.exists, timeout=30)  # written last
+    assert "2 engine steps under torch.profiler" in summary.read_text()
+    assert json.loads(trace.read_text())["traceEvents"]
 
 
 def test_a_dead_engine_process_fails_its_requests_and_the_probes(tmp_path):

@@ -20,7 +20,7 @@ from bench.load import LoadSpec, run_load
 from server.adapters.format import AdapterFile
 from server.adapters.random_adapters import random_adapter_file
 from server.adapters.store import AdapterStore
-from tests.api_utils import ADMIN, ADMIN_TOKEN, sse_events
+from tests.api_utils import ADMIN, ADMIN_TOKEN, sse_events, wait_for
 from tests.server_process import ServerProcess
 
 HIDDEN = 128  # the tiny Llama
@@ -36,15 +36,6 @@ def upload(url: str, name: str, data: bytes) -> dict:
     response = httpx.post(f"{url}/v1/adapters/{name}", files={"file": ("a.safetensors", data)}, headers=ADMIN)
     assert response.status_code == 201, response.text
     return response.json()
-
-
-def wait_for(condition, timeout: float = 10.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture(scope="module", params=ENGINE_CORES)

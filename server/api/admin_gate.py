@@ -12,13 +12,13 @@ from server.config import Settings
 
 
 class AdminGate:
-    def __init__(self, app, settings: Settings, path_prefix: str):
+    def __init__(self, app, settings: Settings, path_prefixes: tuple[str, ...]):
         self.app = app
         self.settings = settings
-        self.path_prefix = path_prefix
+        self.path_prefixes = path_prefixes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and _under(scope["path"], self.path_prefix):
+        if scope["type"] == "http" and any(_under(scope["path"], prefix) for prefix in self.path_prefixes):
             authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             refusal = admin_refusal(self.settings, authorization)
             if refusal is not None:

@@ -22,6 +22,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.sampler import Sample
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason
+from server.engine.step_profiler import ProfileSteps
 from server.engine.stop_strings import StopStringMatcher
 from server.metrics import BASE_LABEL, Metrics
 from server.reft.adapter import Adapter
@@ -276,6 +277,12 @@ class AsyncEngine:
 
     def cancel(self, request_id: str) -> None:
         self.host.send(Abort(request_id))
+
+    def profile(self, steps: int, stem: str) -> None:
+        """Have the engine profile its next `steps` steps into `<stem>.txt` and `<stem>.trace.json`."""
+        if not self.alive:
+            raise EngineStopped("the engine is not running")
+        self.host.send(ProfileSteps(steps, stem))
 
     def _stream_finished(self, stream: RequestStream, reason: FinishReason) -> None:
         self._streams.pop(stream.request_id, None)

@@ -1,6 +1,6 @@
 """The loop that drives an `EngineCore`, and the thread that runs it in the server's own process.
 
-The loop takes commands (submit, abort, stop) from an inbox, steps the core while it has work, and
+The loop takes commands (submit, abort, profile, stop) from an inbox, steps the core while it has work, and
 hands a `StepReport` to its sink after every iteration: what the step produced, the core's load and
 the step's statistics. The same loop runs in a thread (`CoreThread`, here) or in a process of its own
 (server/engine_process.py); the async front end (async_engine.py) consumes the reports either way.
@@ -18,6 +18,7 @@ from typing import Protocol
 from server.engine.core import EngineCore, EngineLoad, SeqOutput, StepStats
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason, Sequence
+from server.engine.step_profiler import ProfileSteps, StepProfiler
 from server.reft.adapter import Adapter
 from server.reft.request_edit import request_edit
 
@@ -93,6 +94,7 @@ class CoreLoop:
         self._sink = sink
         self._stopping = False
         self._step_failures = 0  # steps in a row that raised
+        self.profiler = StepProfiler()
 
     def run(self) -> None:
         """Until a STOP command: apply commands, step while there is work, report every iteration. A step
@@ -112,6 +114,8 @@ class CoreLoop:
                     if self._step_failures >= MAX_STEP_FAILURES:  # the host ends: requests in flight fail now,
                         raise  # and the probes say why
                 step = self.core.last_step
+                if step is not None:
+                    self.profiler.stepped(step)
             elif not commands:
                 self.core.idle()
             try:
@@ -126,6 +130,9 @@ class CoreLoop:
             return None
         if isinstance(command, Refuse):
             return _failed(command.request_id, command.error)
+        if isinstance(command, ProfileSteps):
+            self.profiler.start(command)
+            return None
         try:
             if isinstance(command, Submit):
                 return self._submit(command)
@@ -166,7 +173,7 @@ class CoreHost(Protocol):
         """Start the loop; `sink` gets every report from now on."""
 
     def send(self, command) -> None:
-        """Queue a command for the loop (Submit, Abort, STOP), from any thread."""
+        """Queue a command for the loop (Submit, Abort, ProfileSteps, STOP), from any thread."""
 
     @property
     def alive(self) -> bool: ...
