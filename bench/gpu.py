@@ -2,15 +2,16 @@
 
 Parts (--parts, default all, in this order):
   engine     the engine on N requests arriving at once, base model only and with K distinct LoReFT adapters,
-             with the server's defaults (on CUDA: paged attention, decode steps replayed from CUDA graphs)
+             with the server's defaults (on CUDA: paged attention, decode steps replayed from CUDA graphs,
+             async scheduling)
   decode     the engine's decode step at several batch sizes next to its memory floor, at the bandwidth of a
              large device-to-device copy measured in the same run
-  engine-async, decode-async, engine-compile, decode-compile, engine-compile-async, decode-compile-async,
-  engine-eager, decode-eager, engine-sdpa, decode-sdpa, engine-flex, decode-flex
-             the same two with async scheduling (a step's host work overlaps the last step's device work),
-             with the decode forward compiled by Inductor before its graphs are captured (--compile), both,
+  engine-sync, decode-sync, engine-async, decode-async, engine-compile, decode-compile, engine-compile-async,
+  decode-compile-async, engine-eager, decode-eager, engine-sdpa, decode-sdpa, engine-flex, decode-flex
+             the same two without and with async scheduling (a step's host work overlaps the last step's device
+             work), with the decode forward compiled by Inductor before its graphs are captured (--compile), both,
              without CUDA graphs (eager), with the gathered sdpa attention (the old path and the reference),
-             and with FlexAttention, so one run compares them
+             and with FlexAttention, so one run compares them (all but -async and -compile-async synchronous)
   kernel     the paged decode kernel alone over every layer at the largest decode batch, as the engine launches it,
              under a grid of other launch configurations, and torch's paged varlen flash attention over the same
              rows where this torch has it (bench/decode_kernel_launches.py; CUDA only); then one step's prefill
@@ -63,13 +64,14 @@ from bench.prefill_kernel import time_prefill  # noqa: E402
 from bench.serving_peers import continuous_batching_config, run_continuous, run_engine, run_static  # noqa: E402
 from bench.step_profile import profile_steps  # noqa: E402
 from server.engine.attention import ATTENTION_NAME  # noqa: E402
-from server.engine.config import EngineConfig, resolve_attention_backend  # noqa: E402
+from server.engine.config import EngineConfig, async_scheduling_default, resolve_attention_backend  # noqa: E402
 from server.models.tiny import VOCAB_SIZE  # noqa: E402
 
 # engine variants: part suffix -> (attention_backend, cuda_graphs, torch.compile backend of the decode forward,
 # async scheduling)
-VARIANTS = {
-    "": ("auto", True, None, False),
+VARIANTS = {  # (attention backend, CUDA graphs, compile backend, async scheduling; None: the server's default)
+    "": ("auto", True, None, None),
+    "sync": ("auto", True, None, False),
     "async": ("auto", True, None, True),
     "compile": ("auto", True, "inductor", False),
     "compile-async": ("auto", True, "inductor", True),
@@ -185,6 +187,8 @@ class Benchmark:
 
     def engine_config(self, variant: str = "") -> EngineConfig:
         attention_backend, cuda_graphs, compile_backend, async_scheduling = VARIANTS[variant]
+        if async_scheduling is None:
+            async_scheduling = async_scheduling_default(torch.device(self.args.device).type)
         return EngineConfig(
             kv_cache_bytes=int(self.args.kv_cache_gib * GIB),
             max_num_seqs=self.args.max_num_seqs,

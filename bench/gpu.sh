@@ -6,7 +6,8 @@
 #   3. with --server only: `reft-server serve` on the 1b preset with 64 stored adapters, loaded by
 #      bench/load.py with 128 concurrent clients after an untimed warm-up load, once per entry of
 #      SERVERS (default "process thread"): the engine core's host, `process` (a process of its own) or
-#      `thread`, with `-async` and/or `-compile` suffixes adding --async-scheduling and --compile
+#      `thread`, with `-sync`, `-async` and/or `-compile` suffixes adding --no-async-scheduling (async scheduling
+#      is the GPU default), --async-scheduling and --compile
 #      (server-KIND.log, load-KIND.json, metrics-KIND.txt for each KIND, e.g. process-async), then 40 steps of
 #      a further load profiled through POST /v1/admin/profile (profile-KIND.txt).
 # Steps 1-2 need torch and transformers only. Step 3 also needs the HTTP stack, which GPU machines
@@ -90,7 +91,7 @@ PY
   return $status
 }
 
-# one server of a SERVERS entry (process or thread, then -async, -compile): an untimed warm-up load, then the measured one
+# one server of a SERVERS entry (process or thread, then -sync, -async, -compile): an untimed warm-up load, then the measured one
 load_one() {
   local model=$1 store=$2 kind=$3 port=8431 adapters option options flags=()
   IFS=- read -ra options <<<"$kind"
@@ -98,6 +99,7 @@ load_one() {
   for option in "${options[@]:1}"; do
     case $option in
       async) flags+=(--async-scheduling) ;;
+      sync) flags+=(--no-async-scheduling) ;;
       compile) flags+=(--compile) ;;
       *) echo "unknown server option $option in $kind"; return 1 ;;
     esac

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import ByteSize, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, async_scheduling_default
 from server.plugins import split_plugins
 
 DEFAULT_DEMO_DIR = Path.home() / ".cache" / "reft-server" / "demo"
@@ -171,5 +171,7 @@ class Settings(BaseSettings):
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
             compile_backend="inductor" if self.compile else None,
-            async_scheduling=self.async_scheduling if self.async_scheduling is not None else device_type == "cuda",
+            async_scheduling=(
+                self.async_scheduling if self.async_scheduling is not None else async_scheduling_default(device_type)
+            ),
         )

@@ -52,7 +52,9 @@ def test_smoke_throughputs_count_every_requested_token(smoke_results):
     assert parts["hf-cb"]["settings"]["max_requests_per_batch"] == settings["max_num_seqs"]
 
 
-DECODE_PARTS = [("decode", "sdpa", True), ("decode-eager", "sdpa", False), ("decode-sdpa", "sdpa", False)]
+# on the CPU the default ("decode") is synchronous, as "decode-sync"
+DECODE_PARTS = [("decode", "sdpa", True), ("decode-sync", "sdpa", True), ("decode-eager", "sdpa", False)]
+DECODE_PARTS += [("decode-sdpa", "sdpa", False)]
 DECODE_PARTS += [("decode-compile", "sdpa", True)]
 DECODE_PARTS += [("decode-flex", "flex", False)]  # on the CPU, auto is sdpa
 DECODE_PARTS += [("decode-async", "sdpa", True), ("decode-compile-async", "sdpa", True)]

@@ -27,6 +27,12 @@ def resolve_attention_backend(name: str, device_type: str) -> str:
     return name
 
 
+def async_scheduling_default(device_type: str) -> bool:
+    """On a GPU, where the host's work can overlap the device's (an H100: the 1b preset's decode step at 128
+    sequences 4.56 -> 3.66 ms); on a CPU the forward runs on the host, so there is nothing to overlap."""
+    return device_type == "cuda"
+
+
 def decode_graphs_apply(cuda_graphs: bool, backend: str) -> bool:
     """Whether decode steps replay from CUDA graphs: asked for, and the (resolved) backend is paged."""
     return cuda_graphs and backend == "paged"
