@@ -6,7 +6,7 @@ process of its own the core steps while the loop streams, as vLLM's engine-core 
 
 The server's process keeps the API, the tokenizer, detokenization and the adapter registry (on the
 CPU); the engine process loads the model and runs `CoreLoop`. They talk over two pipes:
-- commands, to the engine: submit, abort, stop. A request's adapter is named by digest; its tensors
+- commands, to the engine: submit, abort, profile, stop. A request's adapter is named by digest; its tensors
   travel once, with the first request that uses it, and the sender tells the engine what to drop when
   its record exceeds the residency budget (the tensor-parallel mirror's bookkeeping, adapter_mirror.py);
 - reports, back: one `StepReport` per loop iteration, which is also the engine's heartbeat.

@@ -276,6 +276,33 @@ def test_a_fault_after_a_stop_changes_nothing_already_drawn(model, fault):
     assert run_with_fault(model, True, fault, read_landed_first=True) == expected  # what a step read, it returns
 
 
+def fail_two_schedules_in_a_row(core, eos):  # a bug that repeats once: the core loop survives three
+    fail_nth_call(core.scheduler, "schedule", 4)  # the inner one's 4th call is the outer one's 5th
+    fail_nth_call(core.scheduler, "schedule", 4)
+
+
+def test_outputs_of_a_step_that_raised_survive_the_next_raising_too(model):
+    expected = run_with_fault(model, False, fail_two_schedules_in_a_row)
+    assert run_with_fault(model, True, fail_two_schedules_in_a_row) == expected
+    assert run_with_fault(model, True, fail_two_schedules_in_a_row, read_landed_first=True) == expected
+
+
+def test_a_finish_read_by_a_step_that_raised_reaches_the_client_with_nothing_else_running(model):
+    """The last request's last token is read first, then scheduling raises: the loop, which steps only
+    while the core has work, must still step once more to deliver the finish."""
+    core = make_core(model, async_scheduling=True)
+    core.read_landed_first = True
+    core.add(seq("only", prompt(10, 1), max_new_tokens=3))
+    while core._in_flight is None or not core.sequences["only"].ending:
+        core.step()
+    fail_nth_call(core.scheduler, "schedule", 1)
+    with pytest.raises(RuntimeError):
+        core.step()
+    assert "only" not in core.sequences and core.has_work()
+    outputs = core.step()
+    assert [o.finish_reason for o in outputs] == [FinishReason.LENGTH] and not core.has_work()
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("path", PATHS)
 def test_reading_landed_steps_first_keeps_async_equal_to_sync(model, monkeypatch, path, seed):

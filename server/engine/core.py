@@ -5,7 +5,9 @@ own thread or process, and the async front end (async_engine.py) talks to that l
 Async scheduling (`EngineConfig.async_scheduling`) splits a step into its launch and the read of its
 sampled tokens, and reads them in the next `step()`, after that one's launch: while the device runs
 step N, the host schedules and launches step N+1 (whose decoding rows take their input tokens from
-step N's draw on the device) and then reads step N's tokens. A sequence's drawn-but-unread token is
+step N's draw on the device) and then reads step N's tokens. Where the device has already finished
+step N when step N+1 begins (on a GPU, an engine whose host is the bottleneck), step N is read first,
+as without async scheduling. A sequence's drawn-but-unread token is
 "pending" (`Sequence.num_pending`); the scheduler counts it, and a sequence whose pending token is its
 last by length (`Sequence.ending`) is not scheduled again. One that stops on EOS or a stop token is
 known to have stopped a step late: its row in that step is computed and dropped. The check that a
@@ -238,7 +240,7 @@ class EngineCore:
         self.scheduler.add(seq)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._in_flight is not None
+        return self.scheduler.has_work() or self._in_flight is not None or bool(self._unreturned)
 
     @property
     def max_num_seqs(self) -> int:
@@ -282,16 +284,16 @@ class EngineCore:
         self.last_step = None
         previous, self._in_flight = self._in_flight, None
         outputs, self._unreturned = self._unreturned, []
-        read_first = previous is not None and self.read_landed_first and previous.landed()
-        if read_first:
-            outputs += self._read(previous)
+        read_first = False
         try:
+            read_first = previous is not None and self.read_landed_first and previous.landed()
+            if read_first:
+                outputs += self._read(previous)
             chunks = self.scheduler.schedule()
             launched, failed = self._launch(chunks, None if read_first else previous) if chunks else (None, [])
         except BaseException:
-            if read_first:
-                self._unreturned = outputs  # the next step returns them: no token read is lost
-            else:
+            self._unreturned = outputs  # the next step returns them: no token read is lost
+            if not read_first:
                 self._in_flight = previous  # read by the next step: a drawn token is never lost
             raise
         try:
