@@ -6,8 +6,11 @@ so a GPU run says which kernels and which Python to work on next, and what adapt
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 
 from torch.profiler import ProfilerActivity, profile
@@ -16,9 +19,9 @@ from bench.decode_floor import decoding_core, random_prompt
 from bench.device_timing import synchronize
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
+from server.engine.profile_summary import read_events, top_events
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
-from server.engine.step_profiler import top_ops
 from server.reft.request_edit import request_edit
 
 TOP = 15
@@ -43,7 +46,7 @@ def profile_steps(
         for _ in range(steps):
             core.step()
     del core
-    result = {"decode_steps": steps, "decode": top_ops(decode, steps, on_gpu, TOP)}
+    result = {"decode_steps": steps, "decode": top_ops(decode, steps)}
     # async: a step returns once launched (nothing before it is in flight), so its host time shows apart
     room = max(engine_config.max_num_seqs, engine_config.max_batched_tokens // prompt_len[0] + 1)
     prefill_config = replace(engine_config, max_num_seqs=room, cuda_graphs=False, async_scheduling=True)
@@ -52,20 +55,23 @@ def profile_steps(
     for phase, edits in (("prefill", []), ("prefill_adapters", adapters)):
         prefill_step(core, rng, prompt_len, edits)  # untimed: the step's shapes cost once (kernel choices)
         prompts, launch_ms, done_ms = prefill_step(core, rng, prompt_len, edits)
-        with profile(activities=activities) as profiled:
-            prefill_step(core, rng, prompt_len, edits)
+        profiled = profile(activities=activities)
+        prefill_step(core, rng, prompt_len, edits, profiled)
         result[phase] = {
             "prompts": prompts,
             "launch_ms": launch_ms,
             "done_ms": done_ms,
-            **top_ops(profiled, 1, on_gpu, TOP),
+            **top_ops(profiled, 1),
         }
     return result
 
 
-def prefill_step(core: EngineCore, rng: random.Random, prompt_len: tuple[int, int], adapters: list) -> tuple:
+def prefill_step(
+    core: EngineCore, rng: random.Random, prompt_len: tuple[int, int], adapters: list, around=None
+) -> tuple:
     """One step over a full token budget of new prompts (the last one chunked), timed: (prompts, ms until the
-    step returned, ms until the device finished it); then the rest of its work drained, untimed."""
+    step returned, ms until the device finished it); then the rest of its work drained, untimed. `around`
+    (a profiler) covers the step and the device finishing it, not the drain."""
     budget, vocab = core.scheduler.config.max_batched_tokens, core.runner.model.config.vocab_size
     sampling = SamplingParams(max_new_tokens=1, ignore_eos=True)
     tokens, prompts = 0, 0
@@ -76,11 +82,20 @@ def prefill_step(core: EngineCore, rng: random.Random, prompt_len: tuple[int, in
         tokens, prompts = tokens + len(prompt), prompts + 1
     device = next(core.runner.model.parameters()).device
     synchronize(device)
-    started = time.perf_counter()
-    core.step()
-    launched = time.perf_counter()
-    synchronize(device)
-    done = time.perf_counter()
+    with around or nullcontext():
+        started = time.perf_counter()
+        core.step()
+        launched = time.perf_counter()
+        synchronize(device)
+        done = time.perf_counter()
     while core.has_work():
         core.step()
     return prompts, 1000 * (launched - started), 1000 * (done - started)
+
+
+def top_ops(profiled: profile, steps: int) -> dict:
+    """Per step: the operators with the most device time and with the most host time (self times, ms)."""
+    with tempfile.TemporaryDirectory() as directory:
+        trace = os.path.join(directory, "trace.json")
+        profiled.export_chrome_trace(trace)
+        return top_events(read_events(trace), steps, TOP)

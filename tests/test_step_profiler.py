@@ -7,8 +7,10 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.engine.core import StepStats
+from server.engine.profile_summary import top_events
 from server.engine.step_profiler import ProfileSteps, StepProfiler
 from tests.api_utils import ADMIN, error_of, running_app, wait_for
 from tests.conftest import FIXTURE
@@ -38,10 +40,29 @@ def test_the_next_steps_are_profiled_while_requests_run(client):
 
 
 def test_no_body_takes_fifty_steps_and_bad_bodies_are_refused(client):
-    assert client.post("/v1/admin/profile", headers=ADMIN).json()["steps"] == 50
-    for body in ({"steps": 0}, {"steps": 10_001}, {"steps": 2, "extra": 1}):
+    started = client.post("/v1/admin/profile", headers=ADMIN)
+    assert started.json()["steps"] == 50
+    body = {"prompt": "fifty", "max_new_tokens": 60, "ignore_eos": True}
+    assert client.post("/v1/generate", json=body).status_code == 200
+    wait_for(Path(started.json()["summary"]).exists, timeout=30)
+    for body in ({"steps": 0}, {"steps": 1001}, {"steps": 2, "extra": 1}):
         refused = client.post("/v1/admin/profile", json=body, headers=ADMIN)
         assert refused.status_code in (400, 422) and error_of(refused)
+
+
+def test_one_profile_at_a_time(client):
+    first = client.post("/v1/admin/profile", json={"steps": 3}, headers=ADMIN)
+    assert first.status_code == 202
+    busy = client.post("/v1/admin/profile", json={"steps": 3}, headers=ADMIN)
+    assert busy.status_code == 409 and "being taken" in error_of(busy)["message"]
+    body = {"prompt": "busy", "max_new_tokens": 6, "ignore_eos": True}
+    assert client.post("/v1/generate", json=body).status_code == 200
+    wait_for(Path(first.json()["trace"]).exists, timeout=30)
+    second = wait_for(
+        lambda: (r := client.post("/v1/admin/profile", json={"steps": 1}, headers=ADMIN)).status_code == 202 and r
+    )
+    assert client.post("/v1/generate", json=body).status_code == 200
+    wait_for(Path(second.json()["summary"]).exists, timeout=30)
 
 
 def test_it_needs_the_admin_token(client):
@@ -59,19 +80,47 @@ def steps(count, prefill_tokens=0):
     return [StepStats(8, 2, prefill_tokens, 0.01, 0.0) for _ in range(count)]
 
 
-def test_one_session_at_a_time_and_a_failed_write_only_logs(tmp_path, caplog):
+def test_a_session_open_when_the_loop_ends_is_written_and_the_profiler_let_go(tmp_path):
     profiler = StepProfiler()
-    profiler.start(ProfileSteps(2, str(tmp_path / "first")))
-    with caplog.at_level(logging.WARNING):
-        profiler.start(ProfileSteps(2, str(tmp_path / "second")))
-    assert "ignored" in caplog.text
-    for stats in steps(1, prefill_tokens=6) + steps(1):
+    profiler.start(ProfileSteps(100, str(tmp_path / "cut-short")))
+    assert torch.autograd.profiler._is_profiler_enabled
+    for stats in steps(1, prefill_tokens=6) + steps(2):
         profiler.stepped(stats)
-    assert (tmp_path / "first.txt").exists() and not (tmp_path / "second.txt").exists()
+    profiler.close()
+    assert not torch.autograd.profiler._is_profiler_enabled and profiler.done == 1
+    summary = wait_for(lambda: (tmp_path / "cut-short.txt").exists() and (tmp_path / "cut-short.txt"), timeout=30)
+    assert "3 engine steps" in summary.read_text() and "1 steps prefilled" in summary.read_text()
+
+
+def test_a_second_command_is_dropped_and_a_failed_write_only_logs(tmp_path, caplog):
+    profiler = StepProfiler()
+    profiler.start(ProfileSteps(1, str(tmp_path / "first")))
+    with caplog.at_level(logging.WARNING):
+        profiler.start(ProfileSteps(1, str(tmp_path / "second")))
+    assert "dropped" in caplog.text and profiler.done == 1
+    profiler.stepped(steps(1)[0])
+    assert profiler.done == 2 and (tmp_path / "first.trace.json").exists()
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     profiler.start(ProfileSteps(1, str(blocked / "under-a-file")))  # its directory cannot be made
     with caplog.at_level(logging.ERROR):
         profiler.stepped(steps(1)[0])
-    assert "writing the profile" in caplog.text
-    profiler.stepped(steps(1)[0])  # the session is over: nothing happens
+    assert "writing the profile" in caplog.text and profiler.done == 3
+    profiler.stepped(steps(1)[0])  # no session: nothing happens
+    assert profiler.done == 3
+
+
+def test_host_self_times_subtract_what_each_operator_called():
+    """One thread: linear (10 us) calls mm (6 us), which calls a kernel launch (2 us); a kernel runs 5 us."""
+    events = [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::linear", "pid": 1, "tid": 1, "ts": 0, "dur": 10},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "pid": 1, "tid": 1, "ts": 2, "dur": 6},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "pid": 1, "tid": 1, "ts": 3, "dur": 2},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::relu", "pid": 1, "tid": 2, "ts": 4, "dur": 3},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "pid": 0, "tid": 7, "ts": 5, "dur": 5},
+        {"ph": "i", "name": "marker", "pid": 1, "tid": 1, "ts": 1},
+    ]
+    ops = top_events(events, steps=1)
+    host = {op["name"]: op["ms"] * 1000 for op in ops["host"]}
+    assert host == pytest.approx({"aten::linear": 4, "aten::mm": 4, "cudaLaunchKernel": 2, "aten::relu": 3})
+    assert [(op["name"], op["ms"] * 1000) for op in ops["device"]] == [("gemm", pytest.approx(5))]

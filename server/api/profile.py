@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.deps import State
 from server.api.errors import APIError
-from server.engine.async_engine import EngineStopped
+from server.engine.async_engine import EngineStopped, ProfileBusy
 
 PROFILE_PREFIX = "/v1/admin"
 router = APIRouter(prefix=PROFILE_PREFIX, tags=["operations"])
@@ -22,7 +22,8 @@ router = APIRouter(prefix=PROFILE_PREFIX, tags=["operations"])
 class ProfileRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(50, ge=1, le=10_000, description="Engine steps to profile, from the next one that runs")
+    # writing the timeline pauses the engine loop for about a second per 300 steps of a tiny model on a CPU
+    steps: int = Field(50, ge=1, le=1000, description="Engine steps to profile, from the next one that runs")
 
 
 class ProfileStarted(BaseModel):
@@ -33,7 +34,8 @@ class ProfileStarted(BaseModel):
 
 @router.post("/profile", status_code=202, response_model=ProfileStarted)
 async def profile(state: State, body: ProfileRequest | None = None):
-    """Profile the engine's next steps; the files appear once they have run (the log says so)."""
+    """Profile the engine's next steps; the files appear once they have run (the log says so). One profile
+    at a time: 409 while one is being taken."""
     directory = state.settings.profile_dir
     if directory is None:
         raise APIError(404, "profiling is off: start the server with REFT_PROFILE_DIR (--profile-dir) set")
@@ -45,4 +47,6 @@ async def profile(state: State, body: ProfileRequest | None = None):
         state.engine.profile(steps, stem)
     except EngineStopped as e:
         raise APIError(503, str(e)) from None
+    except ProfileBusy as e:
+        raise APIError(409, str(e)) from None
     return ProfileStarted(steps=steps, summary=f"{stem}.txt", trace=f"{stem}.trace.json")

@@ -32,6 +32,10 @@ class EngineOverloaded(RuntimeError):
     """The bounded queue is full: the caller should retry later (HTTP 429)."""
 
 
+class ProfileBusy(RuntimeError):
+    """A profile of the engine's steps is being taken already."""
+
+
 class EngineStopped(RuntimeError):
     """The engine is shutting down or its thread died (HTTP 503)."""
 
@@ -201,6 +205,8 @@ class AsyncEngine:
         self._loop_thread: int | None = None
         self._load: EngineLoad = host.first_load
         self._reported: EngineLoad = host.first_load  # counters already turned into metrics
+        self._profiles_sent = 0
+        self._profiles_done = 0  # as the loop last reported
         self.last_heartbeat = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -279,9 +285,13 @@ class AsyncEngine:
         self.host.send(Abort(request_id))
 
     def profile(self, steps: int, stem: str) -> None:
-        """Have the engine profile its next `steps` steps into `<stem>.txt` and `<stem>.trace.json`."""
+        """Have the engine profile its next `steps` steps into `<stem>.trace.json` and `<stem>.txt`, one
+        profile at a time (ProfileBusy)."""
         if not self.alive:
             raise EngineStopped("the engine is not running")
+        if self._profiles_sent > self._profiles_done:
+            raise ProfileBusy("a profile of the engine's steps is being taken: ask again once it is written")
+        self._profiles_sent += 1
         self.host.send(ProfileSteps(steps, stem))
 
     def _stream_finished(self, stream: RequestStream, reason: FinishReason) -> None:
@@ -303,6 +313,7 @@ class AsyncEngine:
     def _on_report(self, report: StepReport) -> None:
         self.last_heartbeat = time.monotonic()
         self._load = report.load
+        self._profiles_done = report.profiles_done
         if report.last:
             self._host_ended = True
             report.outputs.extend(self._orphans(report.outputs))

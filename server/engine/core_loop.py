@@ -61,6 +61,7 @@ class StepReport:
     load: EngineLoad
     step: StepStats | None = None  # set when the iteration ran a step
     last: bool = False  # the host's last report: the core is gone, nothing in flight will finish
+    profiles_done: int = 0  # profile commands the loop has finished with (step_profiler.py)
 
 
 class Inbox:
@@ -99,6 +100,12 @@ class CoreLoop:
     def run(self) -> None:
         """Until a STOP command: apply commands, step while there is work, report every iteration. A step
         that raises is logged and the loop goes on, unless MAX_STEP_FAILURES steps in a row raise."""
+        try:
+            self._run()
+        finally:  # a profile still being taken is written with what it has, and the profiler let go
+            self.profiler.close()
+
+    def _run(self) -> None:
         while not self._stopping:
             busy = self.core.has_work()
             commands = self.inbox.take(wait=0 if busy else IDLE_WAIT_SECONDS)
@@ -119,7 +126,7 @@ class CoreLoop:
             elif not commands:
                 self.core.idle()
             try:
-                self._sink(StepReport(outputs, self.core.load(), step))
+                self._sink(StepReport(outputs, self.core.load(), step, profiles_done=self.profiler.done))
             except Exception:  # a bug on the receiving side must not stop the engine
                 log.exception("reporting a step failed")
 
