@@ -68,8 +68,8 @@ from server.engine.config import EngineConfig, async_scheduling_default, resolve
 from server.models.tiny import VOCAB_SIZE  # noqa: E402
 
 # engine variants: part suffix -> (attention_backend, cuda_graphs, torch.compile backend of the decode forward,
-# async scheduling)
-VARIANTS = {  # (attention backend, CUDA graphs, compile backend, async scheduling; None: the server's default)
+# async scheduling, None for the server's default on the device)
+VARIANTS = {
     "": ("auto", True, None, None),
     "sync": ("auto", True, None, False),
     "async": ("auto", True, None, True),

@@ -8,7 +8,8 @@ steps; the Triton kernels (decode, prefill) match their torch twins; masked GQA 
 fused kernels.
 Async scheduling keeps its tokens with the device lagging behind the host, and its launches never
 synchronize with the device: decode steps (graph replays) and steps that prefill (eager, with
-adapters' edits, with and without compiled layers).
+adapters' edits, with and without compiled layers). A prompt's long first chunk goes to SDPA's flash
+kernel in 16 bits only.
 """
 
 import random
@@ -128,6 +129,34 @@ def test_masked_gqa_prefill_keeps_to_fused_kernels():
     with sdpa_kernel([SDPBackend.MATH]):
         math = step.attend(0, queries, None, None)
     torch.testing.assert_close(fused.float(), math.float(), atol=2e-2, rtol=0)
+
+
+def test_long_first_chunks_go_to_sdpa_only_where_a_fused_kernel_takes_them(monkeypatch):
+    """In 16 bits (sm80+) a long first chunk with GQA attends in SDPA's flash kernel, math disallowed, and
+    agrees with the paged prefill kernel; in float32 it stays with the paged kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from server.engine import attention
+    from server.engine.attention import PagedStep, Span
+    from server.engine.kv_cache import KVCache, KVLayout
+    from server.engine.transfers import StepUpload
+
+    torch.manual_seed(0)
+    spans = [Span(0, 1, 30, [0, 1]), Span(1, 80, 0, [2, 3, 4, 5, 6]), Span(81, 20, 0, [7, 8])]
+    results = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        kv = KVCache(KVLayout(1, 2, 64, dtype), 16, 16, "cuda")
+        kv.keys.normal_(), kv.values.normal_()
+        queries = torch.randn(101, 8, 64, device="cuda", dtype=dtype)
+        for threshold in (64, 10_000):  # the 80-token first chunk to SDPA, then to the paged kernel
+            monkeypatch.setattr(attention, "LONG_FIRST_CHUNK", threshold)
+            upload = StepUpload(torch.device("cuda"))
+            step = PagedStep(kv, spans, 101, upload)
+            upload.send()
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                results[dtype, threshold] = (len(step.long), step.attend(0, queries, None, None).float())
+    assert [results[dtype, 64][0] for dtype in (torch.bfloat16, torch.float32)] == [1, 0]
+    torch.testing.assert_close(results[torch.bfloat16, 64][1], results[torch.bfloat16, 10_000][1], atol=2e-2, rtol=0)
 
 
 def test_auto_kv_sizing_keeps_room_for_the_decode_graphs(cuda_llama, caplog):

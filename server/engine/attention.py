@@ -173,13 +173,24 @@ def _decode_and_prefill(spans: list[Span]) -> tuple[list[Span], list[Span]]:
 LONG_FIRST_CHUNK = 1024
 
 
+def _causal_sdpa_is_fused(kv: KVCache) -> bool:
+    """Whether SDPA takes a long first chunk in a fused kernel, KV head groups included. On CUDA only its
+    flash kernel takes them, in 16 bits on sm80 and later; elsewhere it would fall back to its math kernel,
+    which holds every score of the chunk (32 heads x 4096^2 in float32: 2 GiB a layer)."""
+    if kv.keys.device.type != "cuda":
+        return True
+    sixteen_bits = kv.layout.dtype in (torch.float16, torch.bfloat16)
+    return sixteen_bits and torch.cuda.get_device_capability(kv.keys.device) >= (8, 0)
+
+
 class PagedStep:
     """The paged backend's step: its decode rows and its prefill chunks each read the pool in place, but
     for long first chunks of prompts, each one causal SDPA call."""
 
     def __init__(self, kv: KVCache, spans: list[Span], num_rows: int, upload: StepUpload):
         decode, prefill = _decode_and_prefill(spans)
-        long = [s for s in prefill if s.start == 0 and s.length >= LONG_FIRST_CHUNK]
+        fused = _causal_sdpa_is_fused(kv)
+        long = [s for s in prefill if fused and s.start == 0 and s.length >= LONG_FIRST_CHUNK]
         prefill = [s for s in prefill if s not in long]
         self.kv = kv
         self.num_rows = num_rows
