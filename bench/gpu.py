@@ -13,8 +13,9 @@ Parts (--parts, default all, in this order):
              without CUDA graphs (eager), with the gathered sdpa attention (the old path and the reference),
              and with FlexAttention, so one run compares them (all but -async and -compile-async synchronous)
   kernel     the paged decode kernel alone over every layer at the largest decode batch, as the engine launches it,
-             under a grid of other launch configurations, and torch's paged varlen flash attention over the same
-             rows where this torch has it (bench/decode_kernel_launches.py; CUDA only); then one step's prefill
+             under a grid of other launch configurations (and again at --kernel-shapes: few rows, long contexts),
+             and torch's paged varlen flash attention over the same rows where this torch has it
+             (bench/decode_kernel_launches.py; CUDA only); then one step's prefill
              chunks through the paged prefill kernel and through the gathered sdpa groups: prompts from position
              0, the same after cached tokens, one prompt of the whole budget, each also under a grid of the
              prefill kernel's launches on CUDA (bench/prefill_kernel.py)
@@ -101,6 +102,7 @@ SIZES = {
     "decode_seqs": ((1, 16, 64, 128, 256), (1, 4)),
     "decode_context": (256, 16),
     "decode_steps": (20, 2),
+    "kernel_shapes": (((16, 256), (64, 2048)), ((2, 40),)),
     "copy_gib": (1.0, 1 / 32),
     "parity_cases": (None, 2),
 }
@@ -131,6 +133,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--decode-seqs", type=lambda text: tuple(int(n) for n in text.split(",")), help="batch sizes, e.g. 1,16")
     add("--decode-context", type=int, help="prompt tokens of the decoding sequences")
     add("--decode-steps", type=int, help="timed decode steps per batch size (the median is reported)")
+    add(
+        "--kernel-shapes",
+        type=lambda text: tuple(tuple(int(n) for n in shape.split("x")) for shape in text.split(",")),
+        help="more decode kernel sweeps (the kernel part), SEQSxCONTEXT each, e.g. 16x256,64x2048",
+    )
     add("--copy-gib", type=float, help="size of the bandwidth copy")
     add("--parity-cases", type=int, help="first N fixture cases (default all)")
     add("--fixture", type=Path, default=FIXTURE)
@@ -284,14 +291,12 @@ class Benchmark:
             "steps": steps,
         }
 
-    def kernel(self) -> dict:
-        args = self.args
-        batch = max(args.decode_seqs)
-        model = self.models.get(ATTENTION_NAME)
-        core, sequences = decoding_core(model, batch, args.decode_context, 2, self.engine_config("eager"))
-        result = time_launches(core, sequences, args.decode_steps)
-        contexts = [len(s.token_ids) - 1 for s in sequences]
-        say(f"  {batch} seqs, mean context {sum(contexts) / batch:.0f}, {result['kv_bytes'] / 1e9:.3f} GB of K/V:")
+    def decode_sweep(self, model, batch: int, context: int) -> dict:
+        """The decode kernel's launch grid over `batch` sequences of ~`context` tokens."""
+        core, sequences = decoding_core(model, batch, context, 2, self.engine_config("eager"))
+        result = time_launches(core, sequences, self.args.decode_steps)
+        mean_context = sum(len(s.token_ids) - 1 for s in sequences) / batch
+        say(f"  {batch} seqs, mean context {mean_context:.0f}, {result['kv_bytes'] / 1e9:.3f} GB of K/V:")
         default = result["default"]
         say(f"  as the engine launches it: {default['ms']:.3f} ms, {default['gb_per_s']:.0f} GB/s")
         for launch in sorted(result["launches"], key=lambda launch: launch["ms"]):
@@ -299,6 +304,12 @@ class Benchmark:
                 f"    tile {launch['tile']:3d}, {launch['num_warps']} warps, {launch['num_stages']} stages: "
                 f"{launch['ms']:.3f} ms, {launch['gb_per_s']:.0f} GB/s, max difference {launch['max_difference']:.1e}"
             )
+        return {"seqs": batch, "mean_context": mean_context, **result}
+
+    def kernel(self) -> dict:
+        args = self.args
+        model = self.models.get(ATTENTION_NAME)
+        result = self.decode_sweep(model, max(args.decode_seqs), args.decode_context)
         if "varlen" in result:
             varlen = result["varlen"]
             if "error" in varlen:
@@ -308,6 +319,7 @@ class Benchmark:
                     f"  torch's paged varlen flash attention: {varlen['ms']:.3f} ms, {varlen['gb_per_s']:.0f} GB/s, "
                     f"max difference {varlen['max_difference']:.1e}"
                 )
+        sweeps = [self.decode_sweep(model, batch, context) for batch, context in args.kernel_shapes]
         cached = max(args.prompt_len)  # the second chunk of a prompt twice the longest
         prefill = time_prefill(model, tuple(args.prompt_len), args.max_batched_tokens, cached, args.decode_steps)
         for case in prefill.values():
@@ -323,7 +335,7 @@ class Benchmark:
                 else:
                     mark = " (the engine's)" if launch["default"] else ""
                     say(f"{name} {launch['ms']:.3f} ms, max difference {launch['max_difference']:.1e}{mark}")
-        return {"seqs": batch, "mean_context": sum(contexts) / batch, **result, "prefill": prefill}
+        return {**result, "sweeps": sweeps, "prefill": prefill}
 
     def profile(self) -> dict:
         args = self.args

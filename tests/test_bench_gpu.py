@@ -127,6 +127,8 @@ def test_smoke_kernel_part_times_the_twins_alone_on_a_cpu(smoke_results):
     kernel = smoke_results["parts"]["kernel"]
     assert kernel["seqs"] == max(smoke_results["settings"]["decode_seqs"])
     assert kernel["kv_bytes"] > 0 and kernel["default"]["ms"] > 0 and kernel["launches"] == []
+    for sweep, (seqs, context) in zip(kernel["sweeps"], smoke_results["settings"]["kernel_shapes"], strict=True):
+        assert sweep["seqs"] == seqs and sweep["mean_context"] >= context and sweep["default"]["ms"] > 0
     settings = smoke_results["settings"]
     prefill = kernel["prefill"]
     assert [case["cached"] for case in prefill.values()] == [0, max(settings["prompt_len"]), 0]
