@@ -348,3 +348,45 @@ def test_uploads_over_the_limit_get_413(strict):
     huge = upload(strict, "huge", b"\0" * 300_000)  # over the limit plus form overhead: refused before parsing
     assert huge.status_code == 413 and "larger than the limit" in error_of(huge)["message"]
     assert store_snapshot(strict) == before
+
+
+def adapter_with_config(seed: int, **extra) -> bytes:
+    adapter = random_adapter_file("loreft", (1, 4), 4, "f2+l2", HIDDEN, seed=seed)
+    config = json.loads(adapter.config.to_json()) | extra
+    return save(adapter.tensors, metadata={"reft": json.dumps(config)})
+
+
+def nested(depth: int) -> dict:
+    root = node = {}
+    for _ in range(depth - 1):
+        node["a"] = {}
+        node = node["a"]
+    return root
+
+
+@pytest.mark.parametrize("depth", [300, 600])
+def test_a_deeply_nested_provenance_is_refused_with_a_422(client, depth):
+    """Deeper than 32 levels would fail to serialise when shown (300 levels) or when written (600)."""
+    refused = upload(client, f"deep{depth}", adapter_with_config(2, provenance=nested(depth)))
+    assert refused.status_code == 422 and error_of(refused)["param"] == "provenance", refused.text
+    accepted = upload(client, "deep32", adapter_with_config(2, provenance=nested(32)))
+    assert accepted.status_code == 201
+    assert client.get("/v1/adapters/deep32", headers=ADMIN).status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/v1/adapters/racing", "/v1/adapters"])
+def test_show_and_list_during_a_concurrent_delete_answer_without_a_500(client, route, monkeypatch):
+    """Another admin's DELETE lands between a GET's read of the name's versions and of their headers."""
+    assert upload(client, "racing", adapter_with_config(5)).status_code == 201
+    store = client.app.state.reft.store
+    real_info = store.info
+
+    def info_then_deleted(name):
+        result = real_info(name)
+        if name == "racing":
+            store.delete(name)
+        return result
+
+    monkeypatch.setattr(store, "info", info_then_deleted)
+    answer = client.get(route, headers=ADMIN)
+    assert answer.status_code in (200, 404), answer.text

@@ -11,7 +11,7 @@ import pytest
 
 from server.adapters.object_store import ConditionalWritesUnsupported, ObjectStore
 from server.adapters.random_adapters import random_adapter_file
-from server.adapters.store import NotFound, StoreError
+from server.adapters.store import NotFound, Precondition, StoreError
 from server.adapters.stores import open_store
 
 
@@ -138,3 +138,42 @@ def wait_until(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "the other replica did not follow in time"
         time.sleep(0.1)
+
+
+def lose_the_answer_of_the_first_pointer_swap(store: ObjectStore, retried: bool) -> None:
+    """The first conditional PUT of a pointer is applied, but its answer is lost: botocore's retry sends it
+    again (and gets 412: our own write moved the ETag), or the read timeout surfaces."""
+    from botocore.exceptions import ReadTimeoutError
+
+    real, lost = store.client.put_object, []
+
+    def put_object(**kwargs):
+        if not lost and "/pointers/" in kwargs["Key"] and "IfMatch" in kwargs:
+            lost.append(real(**kwargs))
+            if retried:
+                return real(**kwargs)
+            raise ReadTimeoutError(endpoint_url="http://s3")
+        return real(**kwargs)
+
+    store.client.put_object = put_object
+
+
+@pytest.mark.parametrize("retried", [True, False], ids=["retried", "timed-out"])
+def test_a_publish_whose_swap_answer_was_lost_is_served_whole(s3_server, retried):
+    """The publish reports the version it became, and its object stays: deleting it would leave every
+    replica serving a version without bytes."""
+    url = s3_server.fresh_url()
+    store = ObjectStore(url)
+    assert store.publish("pirate", data(0)) == 1
+    lose_the_answer_of_the_first_pointer_swap(store, retried)
+    assert store.publish("pirate", data(1), precondition=Precondition(version=1)) == 2
+    assert ObjectStore(url).read("pirate") == (2, data(1))
+
+
+def test_a_stray_key_under_pointers_is_passed_over(s3_server):
+    """The empty "folder" key the S3 console, s3fs or rclone leave must not stop listing or a start."""
+    url = s3_server.fresh_url()
+    ObjectStore(url).publish("pirate", data(0))
+    prefix = url.removeprefix(f"s3://{s3_server.bucket}/")
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{prefix}/pointers/", Body=b"")
+    assert ObjectStore(url).names() == ["pirate"]

@@ -179,3 +179,18 @@ def test_mismatched_explicit_arguments():
         import_pyreft(FIXTURE / "adapters" / "lo_l2_f1l1", positions="f1", share_weights=True, layers=[3])
     with pytest.raises(AdapterError, match="rank 4, not 8"):
         import_pyreft(FIXTURE / "adapters" / "lo_l2_f1l1", positions="f1", share_weights=True, rank=8)
+
+
+def test_a_stride_0_view_is_refused_before_it_unpacks(tmp_path):
+    """A few stored bytes viewed as 4 x 2^36 floats: materialising it would take 1 TiB."""
+    key = "layer_1_comp_block_output_unit_pos_nunit_1#0"
+    state = {
+        "rotate_layer": torch.linalg.qr(torch.randn(192, 4))[0],
+        "learned_source.weight": torch.zeros(1).expand(4, 2**36),
+        "learned_source.bias": torch.zeros(4),
+    }
+    torch.save(state, tmp_path / f"intkey_{key}.bin")
+    with pytest.raises(AdapterError, match="a view of more elements than the file stores"):
+        import_pyreft(
+            tmp_path, positions="f1+l1", share_weights=True, intervention_type="loreft", model=ModelShape(6, 192)
+        )

@@ -15,6 +15,8 @@ from server.reft.positions import parse_positions
 
 MAX_DIMENSION = 1 << 20  # hidden size, rank: far beyond any model, far inside what tensors can index
 MAX_LAYER = 1 << 16
+# objects and lists nested in `provenance`: deeper would fail to serialise when the adapter is shown
+MAX_PROVENANCE_DEPTH = 32
 _REQUIRED = ("type", "rank", "hidden_size", "layers", "positions")
 _FIELD_TYPES = {
     "type": str,
@@ -105,3 +107,17 @@ def check_config(config: AdapterConfig) -> None:
         raise AdapterError("activation", str(e)) from None
     if config.dtype not in DTYPES:
         raise AdapterError("dtype", f"unknown dtype {config.dtype!r}; known: {', '.join(DTYPES)}")
+    if _nesting(config.provenance) > MAX_PROVENANCE_DEPTH:
+        raise AdapterError("provenance", f"nested deeper than {MAX_PROVENANCE_DEPTH} levels")
+
+
+def _nesting(value) -> int:
+    """How deep objects and lists nest in `value` (1 for a flat object), counted without recursion and
+    stopping once past the limit."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= MAX_PROVENANCE_DEPTH:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest

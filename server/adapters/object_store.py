@@ -37,6 +37,7 @@ from server.adapters.store import (
     StoreError,
     VersionInfo,
     check_name,
+    is_valid_name,
     served_version,
 )
 
@@ -186,9 +187,11 @@ class ObjectStore:
 
     # -- reading ---------------------------------------------------------------------------------
     def _listed_pointers(self) -> dict[str, str]:
-        """name -> pointer ETag, for every name ever published (deleted ones included)."""
+        """name -> pointer ETag, for every name ever published (deleted ones included). Keys no publish
+        makes (the empty "folder" key consoles and s3fs leave, names written by hand) are passed over."""
         start = f"{self.prefix}pointers/"
-        return {obj["Key"][len(start) :]: obj["ETag"] for obj in self._list(start)}
+        listed = {obj["Key"][len(start) :]: obj["ETag"] for obj in self._list(start)}
+        return {name: etag for name, etag in listed.items() if is_valid_name(name)}
 
     def names(self) -> list[str]:
         """Served names (pointers with a current version): one listing, plus a read of each changed pointer."""
@@ -263,6 +266,9 @@ class ObjectStore:
         try:
             while True:
                 pointer = self._read_pointer(name)
+                if uploaded and (landed := _version_of(pointer, key)) is not None:
+                    uploaded = False  # the last swap was applied, though its answer was lost and retried
+                    return landed
                 if if_absent and pointer.current is not None:
                     return pointer.current
                 if precondition is not None:
@@ -276,12 +282,30 @@ class ObjectStore:
                     raise StoreError(f"adapter {name!r} has used every version number")
                 entry = {"key": key, "size": len(data), "created": created}
                 new = _Pointer(None, version, version, {**pointer.versions, version: entry})
-                if self._swap(name, pointer, new):
+                try:
+                    swapped = self._swap(name, pointer, new)
+                except Exception:  # its answer may have been lost after the swap was applied
+                    try:
+                        swapped = self._served_as(name, key) == version
+                    except Exception:
+                        swapped = False
+                    if not swapped:
+                        raise
+                if swapped:
                     uploaded = False  # served now: keep it
                     return version
-        finally:
+        finally:  # a failed publish deletes its object only if no pointer can serve it
             if uploaded:
-                self._call("delete_object", Key=key)
+                try:
+                    unserved = self._served_as(name, key) is None
+                except Exception:  # unknown: an orphan is removed at a later start, a served object never
+                    unserved = False
+                if unserved:
+                    self._call("delete_object", Key=key)
+
+    def _served_as(self, name: str, key: str) -> int | None:
+        """The version whose object is `key` in the name's pointer as it is now, if any."""
+        return _version_of(self._read_pointer(name), key)
 
     def _pointer_to_change(self, name: str, precondition: Precondition | None) -> _Pointer:
         """The pointer of a served name, read for a roll-back or a delete, its precondition checked."""
@@ -308,6 +332,11 @@ class ObjectStore:
                 break
         for entry in pointer.versions.values():  # a crash here leaves orphans, removed at a later startup
             self._call("delete_object", Key=entry["key"])
+
+
+def _version_of(pointer: _Pointer, key: str) -> int | None:
+    """The version whose object is `key`, if the pointer lists it."""
+    return next((number for number, entry in pointer.versions.items() if entry["key"] == key), None)
 
 
 def _version_info(number: int, entry: dict) -> VersionInfo:

@@ -143,6 +143,9 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterError(path.name, "is not a state dict of tensors")
+    for key, tensor in state.items():  # a stride-0 view of a few stored bytes would unpack to gigabytes
+        if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+            raise AdapterError(path.name, f"{key}: a view of more elements than the file stores")
     return state
 
 

@@ -86,8 +86,12 @@ def served_version(name: str, current: int | None) -> int:
     return current
 
 
+def is_valid_name(name: str) -> bool:
+    return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None and ".." not in name
+
+
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+    if not is_valid_name(name):
         raise InvalidName(
             f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -175,7 +179,7 @@ class AdapterStore:
         """Served names: directories with a readable `current` pointer."""
         found = []
         for entry in self.root.iterdir():
-            if not entry.name.startswith(".") and NAME_PATTERN.fullmatch(entry.name) and (entry / "current").exists():
+            if is_valid_name(entry.name) and (entry / "current").exists():  # not a dot file, nor one made by hand
                 found.append(entry.name)
         return sorted(found)
 

@@ -109,7 +109,7 @@ def _version_summary(state: AppState, name: str, info) -> VersionSummary:
     summary = VersionSummary(version=info.version, size=info.size, created=info.created)
     try:
         config = state.store.read_config(name, info.version)
-    except (AdapterError, OSError):
+    except (AdapterError, OSError, NotFound):  # NotFound: deleted since `info` was read
         return summary
     return summary.model_copy(
         update={
