@@ -390,3 +390,26 @@ def test_show_and_list_during_a_concurrent_delete_answer_without_a_500(client, r
     monkeypatch.setattr(store, "info", info_then_deleted)
     answer = client.get(route, headers=ADMIN)
     assert answer.status_code in (200, 404), answer.text
+
+
+def test_two_uploads_of_a_name_reach_the_catalog_in_the_stores_order(client, monkeypatch):
+    """The first upload's worker is slow to come back after its store write: the second must not serve
+    first and then be overwritten by the first's report (which left v1 served until the next sync)."""
+    store, registry = client.app.state.reft.store, client.app.state.reft.registry
+    real_publish, first_written = store.publish, threading.Event()
+
+    def publish(name, payload, **kwargs):
+        version = real_publish(name, payload, **kwargs)
+        if name == "ordered" and not first_written.is_set():
+            first_written.set()
+            time.sleep(1.0)  # the second upload arrives meanwhile
+        return version
+
+    monkeypatch.setattr(store, "publish", publish)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(upload, client, "ordered", adapter_bytes(11))
+        first_written.wait(10)
+        second = pool.submit(upload, client, "ordered", adapter_bytes(12))
+        versions = [first.result().json()["version"], second.result().json()["version"]]
+    assert versions == [store.current("ordered") - 1, store.current("ordered")]
+    assert registry.catalog["ordered"] == store.current("ordered")

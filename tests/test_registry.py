@@ -150,3 +150,37 @@ def test_a_local_publish_during_a_sync_is_not_undone_by_its_stale_read(store):
 
     version, catalog = run(body())
     assert catalog["a1"] == version == 2 and "a2" not in catalog
+
+
+def test_a_version_deleted_while_it_loads_serves_only_the_requests_already_waiting(tmp_path):
+    """A request for victim@1 is reading its bytes when the name is deleted: that request gets it, no
+    later request for victim@1 does (it stayed resident and served from memory before)."""
+    import threading
+
+    store = AdapterStore(tmp_path)
+    store.publish("victim", data(1))
+    read_done, go = threading.Event(), threading.Event()
+    real_read = store.read
+
+    def slow_read(name, version=None):
+        result = real_read(name, version)
+        read_done.set()
+        go.wait(10)
+        return result
+
+    async def body():
+        registry = AdapterRegistry(store, SHAPE)
+        await registry.refresh()
+        store.read = slow_read
+        loading = asyncio.ensure_future(registry.acquire("victim@1"))
+        await asyncio.to_thread(read_done.wait, 10)
+        await asyncio.to_thread(store.delete, "victim")  # as DELETE /v1/adapters/victim does
+        registry.deleted("victim")
+        go.set()
+        (await loading).release()
+        store.read = real_read
+        with pytest.raises(AdapterNotFound):
+            await registry.acquire("victim@1")
+        assert registry.resident_report() == []
+
+    run(body())

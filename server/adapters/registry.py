@@ -20,7 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +136,8 @@ class AdapterRegistry:
         self._loading: dict[tuple[str, int], asyncio.Future[Resident]] = {}
         self._sync_task: asyncio.Task | None = None
         self._changed_while_scanning: dict[str, int | None] | None = None  # name -> version (None: deleted)
+        self._retirements: Counter[str] = Counter()  # per name: deletes seen, so a load racing one knows
+        self._write_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # -- catalog ---------------------------------------------------------------------------------
     async def refresh(self) -> None:
@@ -211,6 +216,16 @@ class AdapterRegistry:
             except Exception:  # a flaky volume must not stop the loop
                 log.exception("adapter store sync failed")
 
+    @asynccontextmanager
+    async def local_write(self, name: str) -> AsyncIterator[None]:
+        """Held by the admin API around a write of `name` to the store and its report here (`published`,
+        `deleted`), so that this replica's writes of one name reach the catalog in the store's order."""
+        lock = self._write_locks.get(name)
+        if lock is None:
+            lock = self._write_locks[name] = asyncio.Lock()
+        async with lock:
+            yield
+
     def published(self, name: str, version: int, facts: VersionFacts | None = None) -> None:
         """A local publish or roll back: serve `version` for `name` from now on."""
         self._note_local_change(name, version)
@@ -230,6 +245,7 @@ class AdapterRegistry:
             self._changed_while_scanning[name] = version
 
     def _retire(self, name: str) -> None:
+        self._retirements[name] += 1
         for key, resident in list(self._resident.items()):
             if key[0] == name:
                 resident.retired = True
@@ -268,12 +284,13 @@ class AdapterRegistry:
         future = asyncio.get_running_loop().create_future()
         self._loading[key] = future
         try:
-            started = time.perf_counter()
+            started, retirements = time.perf_counter(), self._retirements[key[0]]
             adapter = await asyncio.to_thread(self._load, *key)
             if self.metrics:
                 self.metrics.adapter_cache_misses.inc()
                 self.metrics.adapter_load_seconds.observe(time.perf_counter() - started)
-            resident = Resident(adapter)
+            # deleted while it loaded: the requests already waiting get it, no later one
+            resident = Resident(adapter, retired=self._retirements[key[0]] != retirements)
             self._resident[key] = resident
             self._loads[key] += 1
             self._report()

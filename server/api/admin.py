@@ -166,11 +166,12 @@ async def _publish(
         except NotFound:  # another writer deleted the name at once: nothing to describe
             return version, time.time()
 
-    try:
-        version, created = await asyncio.to_thread(publish)
-    except PreconditionFailed as e:
-        raise failed(e, condition) from None
-    state.registry.published(name, version, VersionFacts(created, adapter.config.base_model_fingerprint))
+    async with state.registry.local_write(name):
+        try:
+            version, created = await asyncio.to_thread(publish)
+        except PreconditionFailed as e:
+            raise failed(e, condition) from None
+        state.registry.published(name, version, VersionFacts(created, adapter.config.base_model_fingerprint))
     response.headers["ETag"] = etag(version)
     config = adapter.config
     return PublishResponse(
@@ -359,13 +360,14 @@ async def set_current_version(
     """Serve another existing version (roll back or forward); running requests keep theirs."""
     name = _name(name)
     condition = precondition(if_match)
-    try:
-        await asyncio.to_thread(state.store.set_current, name, body.version, condition)
-    except NotFound as e:
-        raise APIError(404, str(e), param="version") from None
-    except PreconditionFailed as e:
-        raise failed(e, condition) from None
-    state.registry.published(name, body.version)
+    async with state.registry.local_write(name):
+        try:
+            await asyncio.to_thread(state.store.set_current, name, body.version, condition)
+        except NotFound as e:
+            raise APIError(404, str(e), param="version") from None
+        except PreconditionFailed as e:
+            raise failed(e, condition) from None
+        state.registry.published(name, body.version)
     response.headers["ETag"] = etag(body.version)
     return _detail(state, await _info(state, name))
 
@@ -375,11 +377,12 @@ async def delete_adapter(name: str, state: State, if_match: IfMatch = None):
     """Take `name` out of service and delete its files; running requests finish unharmed."""
     name = _name(name)
     condition = precondition(if_match)
-    try:
-        await asyncio.to_thread(state.store.delete, name, condition)
-    except NotFound as e:
-        raise APIError(404, str(e), param="name") from None
-    except PreconditionFailed as e:
-        raise failed(e, condition) from None
-    state.registry.deleted(name)
+    async with state.registry.local_write(name):
+        try:
+            await asyncio.to_thread(state.store.delete, name, condition)
+        except NotFound as e:
+            raise APIError(404, str(e), param="name") from None
+        except PreconditionFailed as e:
+            raise failed(e, condition) from None
+        state.registry.deleted(name)
     return {"name": name, "deleted": True}
