@@ -412,26 +412,25 @@ def test_an_edit_check_that_cannot_be_read_fails_its_requests(model, monkeypatch
     assert not core.kv._key_of_block or assert_prefix_cache_finite(core.kv)
 
 
-def test_an_error_escaping_a_step_keeps_the_launched_edit_check(model):
-    """The read of the step before raises once (a bug the core loop logs and survives) after a poisoned
-    prompt's first chunk was launched: its check is kept and read next time, so the request still fails.
-    Its adapter edits the first positions only, so no later chunk would be checked again."""
+def test_a_read_that_raises_fails_its_steps_requests_and_keeps_the_launched_edit_check(model):
+    """The read of the step before raises once (a bug) after a poisoned prompt's first chunk was launched:
+    the read step's request fails at once (it would wait forever on its token), and the launched check is
+    read next time, so the poisoned request fails too. Its adapter edits the first positions only, so no
+    later chunk would be checked again."""
     core = make_core(model, max_batched_tokens=16, async_scheduling=True)
     core.add(seq("warm", prompt(10, 5), max_new_tokens=1))
     core.step()
     edits_first = poisoned(random_adapter("poisoned", "loreft", (1,), 4, "f2", model.config.hidden_size, seed=2))
     bad = seq("bad", prompt(40, 9), edits_first, max_new_tokens=4)
     core.add(bad)
-    read = core._read
-    core._read = lambda in_flight: (_ for _ in ()).throw(RuntimeError("a bug in the read"))
-    with pytest.raises(RuntimeError):
-        core.step()
-    core._read = read
-    core.abort("warm")  # its draw went with the failed read: that is the bug's cost, not this test's
+    fail_nth_call(core, "_read", 1)
+    outputs = core.step()
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [("warm", FinishReason.ERROR)]
+    assert "reading the step failed" in outputs[0].error
     outputs = []
     while core.has_work():
-        outputs += [o for o in core.step() if o.request_id == "bad"]
-    assert [(o.new_tokens, o.finish_reason) for o in outputs] == [([], FinishReason.ERROR)]
+        outputs += core.step()
+    assert [(o.request_id, o.new_tokens, o.finish_reason) for o in outputs] == [("bad", [], FinishReason.ERROR)]
     assert "non-finite" in outputs[0].error and bad.unchecked_edits == 0
 
 
@@ -455,3 +454,110 @@ def test_each_step_reports_how_long_it_blocked_for_the_device(model, monkeypatch
             waits.append(core.last_step.device_wait_seconds)
     expected = [0.0, 0.01, 0.01, 0.01, 0.01] if async_scheduling else [0.01] * 5  # async: the first reads nothing
     assert waits == pytest.approx(expected)
+
+
+# Found by a fault-injection fuzzer: a read that raises (a bug; `kv.cache_full_blocks` in `_settle` is a
+# real trigger) must end the read step's requests rather than leave them waiting on a token, keep the
+# step's other outputs and edit checks, and an abort must carry the tokens a raising step held for it.
+
+
+def state(core):
+    return {
+        rid: (s.status.name, f"num_pending={s.num_pending}", f"ending={s.ending}") for rid, s in core.sequences.items()
+    }
+
+
+def step_as_core_loop_does(core):
+    """One step, a raising one caught and logged as CoreLoop does."""
+    try:
+        return core.step()
+    except RuntimeError:
+        return []
+
+
+def drain(core, limit=50):
+    outputs = []
+    for _ in range(limit):
+        if not core.has_work():
+            break
+        outputs += core.step()
+    return outputs
+
+
+def test_no_output_after_an_abort_of_a_request_whose_token_a_raising_step_held(model):
+    core = make_core(model, async_scheduling=True)
+    core.read_landed_first = True  # as on CUDA
+    core.add(seq("a", prompt(10, 1), max_new_tokens=5))
+    core.step()  # launches a's prefill
+    fail_nth_call(core.scheduler, "schedule", 1)
+    with pytest.raises(RuntimeError):
+        core.step()  # reads a's 1st token first (kept in core._unreturned), then scheduling raises
+    aborted = core.abort("a")  # CoreLoop applies the command before its next step
+    assert aborted.finish_reason is FinishReason.ABORT
+    later = [(o.new_tokens, o.finish_reason) for o in drain(core) if o.request_id == "a"]
+    assert later == [], f"outputs after a's ABORT finish: {later}"
+
+
+def test_a_read_that_raises_after_the_launch_still_ends_the_request(model):
+    core = make_core(model, async_scheduling=True)
+    core.add(seq("a", prompt(10, 1), max_new_tokens=2))
+    core.step()  # prefill: a's 1st token in flight
+    fail_nth_call(core, "_read", 1)
+    outputs = step_as_core_loop_does(core)  # launches a's 2nd token, then reading the 1st raises
+    outputs += drain(core)
+    a = [(o.new_tokens, o.finish_reason) for o in outputs if o.request_id == "a"]
+    assert not core.has_work(), f"a never ends (num_pending stuck, ending): delivered {a}, state {state(core)}"
+
+
+def test_a_read_first_that_raises_still_ends_the_request_cleanly(model):
+    core = make_core(model, async_scheduling=True)
+    core.read_landed_first = True
+    core.add(seq("a", prompt(10, 1), max_new_tokens=3))
+    core.step()
+    fail_nth_call(core, "_read", 1)
+    outputs = step_as_core_loop_does(core)  # reading a's 1st token first raises
+    outputs = [(o.new_tokens, o.finish_reason, o.error) for o in outputs + drain(core) if o.request_id == "a"]
+    assert not core.has_work() and outputs[-1][1] is not None, outputs
+    assert "row_of" not in (outputs[-1][2] or ""), (
+        f"a fails later, of the lost token, with an unrelated error: {outputs}"
+    )
+
+
+def test_sync_a_read_that_raises_keeps_the_steps_other_outputs(model):
+    core = make_core(model)
+    core.add(seq("a", prompt(10, 1), max_new_tokens=3))
+    core.add(seq("b", prompt(12, 2), max_new_tokens=3))
+    real = core.sampler
+
+    def sampler(logits, seqs, pending=None):  # b's row fails: b ends with ERROR in this step
+        if any(s.request_id == "b" for s in seqs):
+            raise RuntimeError("planted fault")
+        return real(logits, seqs, pending)
+
+    core.sampler = sampler
+    fail_nth_call(core, "_read", 1)
+    outputs = step_as_core_loop_does(core)
+    assert "b" not in core.sequences  # b was finished ...
+    finishes = {o.request_id: (o.finish_reason, o.error) for o in outputs + drain(core) if o.finish_reason}
+    assert "b" in finishes, f"... but its finish never comes out; finishes: {finishes}"
+
+
+def test_sync_a_read_that_raises_keeps_the_edit_check(model):
+    hidden = model.config.hidden_size
+    edits_first = poisoned(random_adapter("poisoned", "loreft", (1,), 4, "f2", hidden, seed=2))
+    core = make_core(model, max_batched_tokens=16)
+    core.add(seq("bad", prompt(40, 9), edits_first, max_new_tokens=4))
+    fail_nth_call(core, "_read", 1)  # the read of the first chunk (no token, its edit check)
+    outputs = [(o.new_tokens, o.finish_reason, o.error) for o in step_as_core_loop_does(core) + drain(core)]
+    assert outputs[-1][1] is FinishReason.ERROR, f"poisoned request served: {outputs}"
+
+
+def test_an_exception_in_settle_still_ends_the_request(model):
+    sound = random_adapter("sound", "loreft", (1,), 4, "f2+l2", model.config.hidden_size, seed=1)
+    core = make_core(model, async_scheduling=True)
+    core.add(seq("a", prompt(20, 1), sound, max_new_tokens=1))
+    core.step()  # prefill with its edit check; a's only token in flight
+    fail_nth_call(core.kv, "cache_full_blocks", 1)  # its first call: _settle, for a
+    step_as_core_loop_does(core)
+    drain(core)
+    assert not core.has_work(), f"a never ends: {state(core)}"

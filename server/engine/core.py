@@ -271,7 +271,13 @@ class EngineCore:
 
     def abort(self, request_id: str) -> SeqOutput | None:
         seq = self.sequences.get(request_id)
-        return self._finish(seq, FinishReason.ABORT) if seq is not None else None
+        if seq is None:
+            return None
+        # what a step that raised read for it goes out now, with its finish: nothing may follow a finish
+        held = [o for o in self._unreturned if o.request_id == request_id]
+        self._unreturned = [o for o in self._unreturned if o.request_id != request_id]
+        tokens, samples = [t for o in held for t in o.new_tokens], [s for o in held for s in o.samples]
+        return self._finish(seq, FinishReason.ABORT, new_tokens=tokens, samples=samples)
 
     def step(self) -> list[SeqOutput]:
         """One iteration: schedule chunks, run the model once over them (with ReFT's plan for their
@@ -288,7 +294,7 @@ class EngineCore:
         try:
             read_first = previous is not None and self.read_landed_first and previous.landed()
             if read_first:
-                outputs += self._read(previous)
+                outputs += self._read_or_fail(previous)
             chunks = self.scheduler.schedule()
             launched, failed = self._launch(chunks, None if read_first else previous) if chunks else (None, [])
         except BaseException:
@@ -298,7 +304,7 @@ class EngineCore:
             raise
         try:
             if previous is not None and not read_first:
-                outputs += self._read(previous)
+                outputs += self._read_or_fail(previous)
             # after the read: a request that ended at its last token (EOS) ends so, not with this failure
             outputs += [self._finish(seq, FinishReason.ERROR, error) for seq, error in failed if not seq.finished]
         except BaseException:
@@ -370,15 +376,30 @@ class EngineCore:
             seq.num_pending += 1
             seq.ending = self._at_length_limit(seq, seq.num_pending)
         if read_now:
-            return self._read(launched)
+            return self._read_or_fail(launched)
         self._in_flight = launched
         return []
 
-    def _read(self, in_flight: InFlight) -> list[SeqOutput]:
-        """The host learns a launched step's outcome: first which edits blew up, then the drawn tokens,
-        appended where a stop rule allows. A sequence that ended meanwhile (aborted, failed) drops its
-        token."""
-        outputs = self._settle(in_flight.check) if in_flight.check is not None else []
+    def _read_or_fail(self, in_flight: InFlight) -> list[SeqOutput]:
+        """`_read`, but a read that raises (a bug) consumes the step all the same: what it read goes out,
+        and its requests still running fail, so none waits forever on a token or an edit check."""
+        outputs: list[SeqOutput] = []
+        try:
+            self._read(in_flight, outputs)
+        except Exception as e:
+            log.exception("reading a step failed")
+            error = f"reading the step failed: {type(e).__name__}: {e}"
+            owners = in_flight.check.owners if in_flight.check is not None else []
+            seqs = dict.fromkeys([*in_flight.seqs, *owners])
+            outputs += [self._finish(seq, FinishReason.ERROR, error) for seq in seqs if not seq.finished]
+        return outputs
+
+    def _read(self, in_flight: InFlight, outputs: list[SeqOutput]) -> None:
+        """The host learns a launched step's outcome, into `outputs`: first which edits blew up, then the
+        drawn tokens, appended where a stop rule allows. A sequence that ended meanwhile (aborted, failed)
+        drops its token."""
+        if in_flight.check is not None:
+            outputs += self._settle(in_flight.check)
         for seqs, draw in in_flight.parts:
             for seq in seqs:
                 seq.num_pending -= 1  # `ending` stays: it counted this token and any drawn since
@@ -390,7 +411,6 @@ class EngineCore:
                 log.exception("reading the sampled tokens failed")
                 error = f"sampling failed: {type(e).__name__}: {e}"
                 outputs += [self._finish(seq, FinishReason.ERROR, error) for seq in seqs if not seq.finished]
-        return outputs
 
     def _settle(self, check: EditCheck) -> list[SeqOutput]:
         """Fail the requests whose adapter edit left non-finite hidden states; the others' blocks may now
