@@ -21,6 +21,7 @@ stays here, the same for all.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -180,7 +181,13 @@ def _causal_sdpa_is_fused(kv: KVCache) -> bool:
     if kv.keys.device.type != "cuda":
         return True
     sixteen_bits = kv.layout.dtype in (torch.float16, torch.bfloat16)
-    return sixteen_bits and torch.cuda.get_device_capability(kv.keys.device) >= (8, 0)
+    return sixteen_bits and _capability(kv.keys.device.index) >= (8, 0)
+
+
+@functools.cache
+def _capability(device_index: int | None) -> tuple[int, int]:
+    """The GPU's compute capability, asked once per device: every step that prefills wants it."""
+    return torch.cuda.get_device_capability(device_index)
 
 
 class PagedStep:
