@@ -184,3 +184,25 @@ def test_a_version_deleted_while_it_loads_serves_only_the_requests_already_waiti
         assert registry.resident_report() == []
 
     run(body())
+
+
+def test_one_unreadable_name_keeps_its_version_and_stops_no_other_names_sync(store, monkeypatch):
+    async def body():
+        registry = AdapterRegistry(store, SHAPE)
+        store.publish("broken", data(3))
+        await registry.refresh()
+        assert registry.catalog["broken"] == 1 and registry.catalog["a0"] == 1
+        real_current = store.current
+
+        def current(name):
+            if name == "broken":
+                raise OSError("a flaky volume")
+            return real_current(name)
+
+        monkeypatch.setattr(store, "current", current)
+        store.publish("a0", data(4))
+        store.publish("fresh", data(5))
+        await registry.refresh()
+        assert registry.catalog == {"a0": 2, "a1": 1, "a2": 1, "a3": 1, "broken": 1, "fresh": 1}
+
+    run(body())

@@ -168,6 +168,13 @@ class AdapterRegistry:
                 facts[name, catalog[name]] = self.version_facts(name, catalog[name])
             except NotFound:
                 catalog.pop(name, None)  # deleted while we looked
+            except Exception:  # one unreadable name must not stop the others' sync: what was known stays
+                log.exception("adapter store sync: reading %r failed", name)
+                catalog.pop(name, None)
+                if (known := self.catalog.get(name)) is not None:
+                    catalog[name] = known
+                    if (name, known) in self.facts:
+                        facts[name, known] = self.facts[name, known]
         return catalog, facts
 
     def version_facts(self, name: str, version: int) -> VersionFacts:
