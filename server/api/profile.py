@@ -44,9 +44,9 @@ async def profile(state: State, body: ProfileRequest | None = None):
         directory, f"reft-profile-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     )
     try:
-        state.engine.profile(steps, stem)
+        command = state.engine.profile(steps, stem)
     except EngineStopped as e:
         raise APIError(503, str(e)) from None
     except ProfileBusy as e:
         raise APIError(409, str(e)) from None
-    return ProfileStarted(steps=steps, summary=f"{stem}.txt", trace=f"{stem}.trace.json")
+    return ProfileStarted(steps=steps, summary=command.summary, trace=command.trace)

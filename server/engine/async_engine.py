@@ -284,15 +284,17 @@ class AsyncEngine:
     def cancel(self, request_id: str) -> None:
         self.host.send(Abort(request_id))
 
-    def profile(self, steps: int, stem: str) -> None:
-        """Have the engine profile its next `steps` steps into `<stem>.trace.json` and `<stem>.txt`, one
-        profile at a time (ProfileBusy)."""
+    def profile(self, steps: int, stem: str) -> ProfileSteps:
+        """Have the engine profile its next `steps` steps into the returned command's `trace` and `summary`
+        files, one profile at a time (ProfileBusy)."""
         if not self.alive:
             raise EngineStopped("the engine is not running")
         if self._profiles_sent > self._profiles_done:
             raise ProfileBusy("a profile of the engine's steps is being taken: ask again once it is written")
         self._profiles_sent += 1
-        self.host.send(ProfileSteps(steps, stem))
+        command = ProfileSteps(steps, stem)
+        self.host.send(command)
+        return command
 
     def _stream_finished(self, stream: RequestStream, reason: FinishReason) -> None:
         self._streams.pop(stream.request_id, None)

@@ -34,6 +34,14 @@ class ProfileSteps:
     steps: int
     stem: str
 
+    @property
+    def trace(self) -> str:
+        return f"{self.stem}.trace.json"
+
+    @property
+    def summary(self) -> str:
+        return f"{self.stem}.txt"
+
 
 @dataclass
 class _Session:
@@ -85,20 +93,20 @@ class StepProfiler:
             self._finish(session)
 
     def _finish(self, session: _Session) -> None:
-        stem = session.command.stem
+        command = session.command
         self._summarizers = [p for p in self._summarizers if p.poll() is None]  # reap the finished
         try:
             session.profiler.stop()
-            Path(stem).parent.mkdir(parents=True, exist_ok=True)
-            session.profiler.export_chrome_trace(f"{stem}.trace.json.part")
-            os.replace(f"{stem}.trace.json.part", f"{stem}.trace.json")
-            command = [sys.executable, "-m", "server.engine.profile_summary", f"{stem}.trace.json", f"{stem}.txt"]
-            command += ["--steps", str(max(1, len(session.steps))), "--header", header(session.steps)]
-            self._summarizers.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+            Path(command.stem).parent.mkdir(parents=True, exist_ok=True)
+            session.profiler.export_chrome_trace(f"{command.trace}.part")
+            os.replace(f"{command.trace}.part", command.trace)
+            summarize = [sys.executable, "-m", "server.engine.profile_summary", command.trace, command.summary]
+            summarize += ["--steps", str(max(1, len(session.steps))), "--header", header(session.steps)]
+            self._summarizers.append(subprocess.Popen(summarize, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
         except Exception:
-            log.exception("writing the profile %s failed", stem)
+            log.exception("writing the profile %s failed", command.stem)
         else:
-            log.info("profile written", extra={"fields": {"steps": len(session.steps), "to": stem}})
+            log.info("profile written", extra={"fields": {"steps": len(session.steps), "to": command.stem}})
         finally:
             self.done += 1
 
