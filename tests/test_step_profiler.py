@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from server.engine.core import StepStats
+from server.engine.core_loop import StepReport
 from server.engine.profile_summary import top_events
 from server.engine.step_profiler import ProfileSteps, StepProfiler
 from tests.api_utils import ADMIN, error_of, running_app, wait_for
@@ -61,6 +62,22 @@ def test_one_profile_at_a_time(client):
     second = wait_for(
         lambda: (r := client.post("/v1/admin/profile", json={"steps": 1}, headers=ADMIN)).status_code == 202 and r
     )
+    assert client.post("/v1/generate", json=body).status_code == 200
+    wait_for(Path(second.json()["summary"]).exists, timeout=30)
+
+
+def test_a_report_the_host_makes_itself_does_not_hold_profiling_up(client):
+    """The engine process's host reports outputs of its own making (a command it could not send) with no
+    profile count: a finished profile must not look unfinished after one."""
+    engine = client.app.state.reft.engine
+    first = client.post("/v1/admin/profile", json={"steps": 1}, headers=ADMIN)
+    body = {"prompt": "count", "max_new_tokens": 3, "ignore_eos": True}
+    assert client.post("/v1/generate", json=body).status_code == 200
+    wait_for(Path(first.json()["trace"]).exists, timeout=30)
+    wait_for(lambda: engine._profiles_done == engine._profiles_sent, timeout=30)
+    engine._on_report(StepReport([], engine.load()))
+    second = client.post("/v1/admin/profile", json={"steps": 1}, headers=ADMIN)
+    assert second.status_code == 202, second.text
     assert client.post("/v1/generate", json=body).status_code == 200
     wait_for(Path(second.json()["summary"]).exists, timeout=30)
 

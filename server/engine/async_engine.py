@@ -315,7 +315,8 @@ class AsyncEngine:
     def _on_report(self, report: StepReport) -> None:
         self.last_heartbeat = time.monotonic()
         self._load = report.load
-        self._profiles_done = report.profiles_done
+        # a count only the loop keeps: reports the hosts make themselves (refused sends, the last) carry 0
+        self._profiles_done = max(self._profiles_done, report.profiles_done)
         if report.last:
             self._host_ended = True
             report.outputs.extend(self._orphans(report.outputs))
