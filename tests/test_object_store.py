@@ -2,6 +2,7 @@
 it refuses a store without conditional writes, a killed publisher leaves no partial version, numbers
 survive deletes, and a second store instance (another replica) sees every change."""
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -9,8 +10,10 @@ import time
 
 import pytest
 
+from server.adapters.model_shape import ModelShape
 from server.adapters.object_store import ConditionalWritesUnsupported, ObjectStore
 from server.adapters.random_adapters import random_adapter_file
+from server.adapters.registry import AdapterRegistry
 from server.adapters.store import NotFound, Precondition, StoreError
 from server.adapters.stores import open_store
 
@@ -177,3 +180,34 @@ def test_a_stray_key_under_pointers_is_passed_over(s3_server):
     prefix = url.removeprefix(f"s3://{s3_server.bucket}/")
     s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{prefix}/pointers/", Body=b"")
     assert ObjectStore(url).names() == ["pirate"]
+
+
+def test_a_sync_reads_only_the_pointers_that_changed(s3_server):
+    """A replica syncs every few seconds: unchanged names must cost no request beyond the one listing."""
+    url = s3_server.fresh_url()
+    writer, reader = ObjectStore(url), ObjectStore(url)
+    for name in ("a", "b", "c"):
+        writer.publish(name, data(0))
+    registry = AdapterRegistry(reader, ModelShape(num_layers=2, hidden_size=16))
+    asyncio.run(registry.refresh())
+    calls = []
+    real_call = ObjectStore._call
+    reader._call = lambda operation, **kwargs: calls.append(kwargs["Key"]) or real_call(reader, operation, **kwargs)
+    asyncio.run(registry.refresh())
+    assert calls == [], "nothing changed: no pointer read"
+    writer.publish("b", data(1))
+    asyncio.run(registry.refresh())
+    assert registry.catalog == {"a": 1, "b": 2, "c": 1}
+    assert not [key for key in calls if "/pointers/" in key and not key.endswith("/pointers/b")]
+
+
+def test_an_unreadable_pointer_is_reported_and_stops_neither_a_start_nor_the_other_names(s3_server):
+    url = s3_server.fresh_url()
+    store = ObjectStore(url)
+    store.publish("good", data(0))
+    prefix = url.removeprefix(f"s3://{s3_server.bucket}/")
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{prefix}/pointers/bad", Body=b"not json")
+    served = ObjectStore(url).served()
+    assert served.versions == {"good": 1} and "unreadable pointer" in served.unreadable["bad"]
+    with pytest.raises(OSError, match="unreadable pointer"):
+        ObjectStore(url).names()

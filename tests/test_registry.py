@@ -192,17 +192,45 @@ def test_one_unreadable_name_keeps_its_version_and_stops_no_other_names_sync(sto
         store.publish("broken", data(3))
         await registry.refresh()
         assert registry.catalog["broken"] == 1 and registry.catalog["a0"] == 1
-        real_current = store.current
+        real_current = store.current_or_none
 
-        def current(name):
+        def current_or_none(name):
             if name == "broken":
                 raise OSError("a flaky volume")
             return real_current(name)
 
-        monkeypatch.setattr(store, "current", current)
+        monkeypatch.setattr(store, "current_or_none", current_or_none)
         store.publish("a0", data(4))
         store.publish("fresh", data(5))
         await registry.refresh()
         assert registry.catalog == {"a0": 2, "a1": 1, "a2": 1, "a3": 1, "broken": 1, "fresh": 1}
+
+    run(body())
+
+
+def test_an_unknown_name_costs_one_store_lookup_per_sync_and_a_publish_ends_the_miss(store, monkeypatch):
+    """Requests naming an adapter nobody published must not each cost a store request (on S3, a GET)."""
+    lookups = []
+    real_current = store.current
+    monkeypatch.setattr(store, "current", lambda name: lookups.append(name) or real_current(name))
+
+    async def body():
+        registry = AdapterRegistry(store, SHAPE)
+        await registry.refresh()
+        for _ in range(5):
+            with pytest.raises(AdapterNotFound):
+                await registry.acquire("typo")
+        assert lookups == ["typo"]
+        AdapterStore(store.root).publish("typo", data(7))  # another replica
+        with pytest.raises(AdapterNotFound):
+            await registry.acquire("typo")  # seen at the next sync, as any other replica's change
+        await registry.refresh()
+        (await registry.acquire("typo")).release()
+        registry.deleted("late")
+        with pytest.raises(AdapterNotFound):
+            await registry.acquire("late")
+        registry.published("late", store.publish("late", data(8)))  # this replica's own publish
+        (await registry.acquire("late")).release()
+        assert lookups == ["typo", "late"]
 
     run(body())

@@ -17,6 +17,7 @@ object, never a partial version; replicas remove such objects once they are an h
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -34,6 +35,7 @@ from server.adapters.store import (
     NameInfo,
     NotFound,
     Precondition,
+    Served,
     StoreError,
     VersionInfo,
     check_name,
@@ -43,6 +45,8 @@ from server.adapters.store import (
 
 if TYPE_CHECKING:
     from server.reft.config import AdapterConfig
+
+log = logging.getLogger(__name__)
 
 ENDPOINT_VARIABLE = "REFT_S3_ENDPOINT_URL"  # boto3 itself also reads AWS_ENDPOINT_URL(_S3)
 LOST_RACE_STATUSES = (409, 412)  # 409: S3's ConditionalRequestConflict between concurrent conditional writes
@@ -179,7 +183,11 @@ class ObjectStore:
         died before cleaning up). Only old ones: a young one may be a publish about to swap."""
         referenced = set()
         for name in self._listed_pointers():
-            referenced.update(entry["key"] for entry in self._read_pointer(name).versions.values())
+            try:
+                referenced.update(entry["key"] for entry in self._read_pointer(name).versions.values())
+            except ObjectStoreError as e:  # what it refers to is unknown: any object may be one of its versions
+                log.error("object store %s: orphans are not removed: %s", self.url, e)
+                return
         cutoff = time.time() - min_age
         for obj in self._list(f"{self.prefix}blobs/"):
             if obj["Key"] not in referenced and obj["LastModified"].timestamp() <= cutoff:
@@ -193,17 +201,29 @@ class ObjectStore:
         listed = {obj["Key"][len(start) :]: obj["ETag"] for obj in self._list(start)}
         return {name: etag for name, etag in listed.items() if is_valid_name(name)}
 
-    def names(self) -> list[str]:
-        """Served names (pointers with a current version): one listing, plus a read of each changed pointer."""
-        served = []
+    def served(self) -> Served:
+        """One listing, plus a read of each pointer that changed since it was last read: the names that did
+        not change cost no request (a sync every few seconds reads only what other replicas wrote)."""
+        versions, unreadable = {}, {}
         for name, etag in self._listed_pointers().items():
             with self._cache_lock:
                 pointer = self._pointers.get(name)
             if pointer is None or pointer.etag != etag:
-                pointer = self._read_pointer(name)
+                try:
+                    pointer = self._read_pointer(name)
+                except ObjectStoreError as e:
+                    unreadable[name] = str(e)
+                    continue
             if pointer.current is not None:
-                served.append(name)
-        return sorted(served)
+                versions[name] = pointer.current
+        return Served(versions, unreadable)
+
+    def names(self) -> list[str]:
+        """Served names; an unreadable pointer is an error here (a listing must not silently leave names out)."""
+        served = self.served()
+        if served.unreadable:
+            raise ObjectStoreError(next(iter(served.unreadable.values())))
+        return sorted(served.versions)
 
     def current(self, name: str) -> int:
         return served_version(name, self.current_or_none(name))

@@ -138,6 +138,8 @@ class AdapterRegistry:
         self._changed_while_scanning: dict[str, int | None] | None = None  # name -> version (None: deleted)
         self._retirements: Counter[str] = Counter()  # per name: deletes seen, so a load racing one knows
         self._write_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # names the store lacked when a request asked since the last sync: asked again, they cost no lookup
+        self._missing: set[str] = set()
 
     # -- catalog ---------------------------------------------------------------------------------
     async def refresh(self) -> None:
@@ -158,23 +160,29 @@ class AdapterRegistry:
         for name in set(self.catalog) - set(catalog):
             self._retire(name)
         self.catalog, self.facts = catalog, facts
+        self._missing.clear()  # a name another replica has published since is looked up again
         self._report()
 
     def _scan(self) -> tuple[dict[str, int], dict[tuple[str, int], VersionFacts]]:
+        served = self.store.served()
         catalog, facts = {}, {}
-        for name in self.store.names():
+        unreadable = set(served.unreadable)
+        for name, why in served.unreadable.items():
+            log.error("adapter store sync: reading %r failed: %s", name, why)
+        for name, version in served.versions.items():
             try:
-                catalog[name] = self.store.current(name)
-                facts[name, catalog[name]] = self.version_facts(name, catalog[name])
+                facts[name, version] = self.version_facts(name, version)
+                catalog[name] = version
             except NotFound:
-                catalog.pop(name, None)  # deleted while we looked
-            except Exception:  # one unreadable name must not stop the others' sync: what was known stays
+                continue  # deleted while we looked
+            except Exception:
                 log.exception("adapter store sync: reading %r failed", name)
-                catalog.pop(name, None)
-                if (known := self.catalog.get(name)) is not None:
-                    catalog[name] = known
-                    if (name, known) in self.facts:
-                        facts[name, known] = self.facts[name, known]
+                unreadable.add(name)
+        for name in unreadable:  # one unreadable name must not stop the others' sync: what was known stays
+            if (known := self.catalog.get(name)) is not None:
+                catalog[name] = known
+                if (name, known) in self.facts:
+                    facts[name, known] = self.facts[name, known]
         return catalog, facts
 
     def version_facts(self, name: str, version: int) -> VersionFacts:
@@ -236,6 +244,7 @@ class AdapterRegistry:
     def published(self, name: str, version: int, facts: VersionFacts | None = None) -> None:
         """A local publish or roll back: serve `version` for `name` from now on."""
         self._note_local_change(name, version)
+        self._missing.discard(name)
         self.catalog[name] = version
         if facts is not None:
             self.facts[name, version] = facts
@@ -265,12 +274,8 @@ class AdapterRegistry:
         name, version = parse_ref(ref)
         if version is None:
             version = self.catalog.get(name)
-        if version is None:  # maybe published by another process since the last sync
-            try:
-                version = await asyncio.to_thread(self.store.current, name)
-            except NotFound:
-                raise AdapterNotFound(f"adapter {name!r} not found") from None
-            self.catalog[name] = version
+        if version is None:
+            version = await self._look_up(name)
         key = (name, version)
         resident = self._resident.get(key)
         if resident is not None and not resident.retired:
@@ -283,6 +288,20 @@ class AdapterRegistry:
         resident.last_used = time.time()
         self._evict()
         return Lease(self, resident)
+
+    async def _look_up(self, name: str) -> int:
+        """The current version of a name the catalog lacks: maybe published by another replica since the
+        last sync. A miss is remembered until the next sync, so that requests naming an unknown adapter
+        cost the store one lookup per sync interval, not one each (on S3, a request each)."""
+        if name not in self._missing:
+            try:
+                version = await asyncio.to_thread(self.store.current, name)
+            except NotFound:
+                self._missing.add(name)
+            else:
+                self.catalog[name] = version
+                return version
+        raise AdapterNotFound(f"adapter {name!r} not found")
 
     async def _load_once(self, key: tuple[str, int]) -> Resident:
         pending = self._loading.get(key)

@@ -106,6 +106,15 @@ class VersionInfo:
 
 
 @dataclass(frozen=True)
+class Served:
+    """What a replica's sync reads of a store in one pass: every served name's current version, and the
+    names whose pointer could not be read (why, by name), whose last known version the reader may keep."""
+
+    versions: dict[str, int]
+    unreadable: dict[str, str]
+
+
+@dataclass(frozen=True)
 class NameInfo:
     name: str
     current: int
@@ -182,6 +191,18 @@ class AdapterStore:
             if is_valid_name(entry.name) and (entry / "current").exists():  # not a dot file, nor one made by hand
                 found.append(entry.name)
         return sorted(found)
+
+    def served(self) -> Served:
+        versions, unreadable = {}, {}
+        for name in self.names():
+            try:
+                version = self.current_or_none(name)
+            except (OSError, ValueError) as e:  # a flaky volume, a pointer written by hand
+                unreadable[name] = f"{type(e).__name__}: {e}"
+                continue
+            if version is not None:  # deleted since it was listed
+                versions[name] = version
+        return Served(versions, unreadable)
 
     def current(self, name: str) -> int:
         return served_version(name, self.current_or_none(name))
