@@ -113,8 +113,8 @@ def test_a_row_whose_build_failed_is_built_again():
 
 
 def test_rows_handed_out_before_a_failed_growth_are_built_again(monkeypatch):
-    """Growing the tables fails (out of memory) after a row went to a sequence of the step: that row
-    is not read as built later."""
+    """Growing the tables fails (out of memory) in a step that needs more rows than are idle: no row is
+    left half-built, and the next step builds what it needs."""
     params = SamplingParams(frequency_penalty=2.0, repetition_penalty=1.5)
     old = Sequence("old", [1, 2], params)
     old.token_ids += [5, 5, 5]
@@ -129,7 +129,7 @@ def test_rows_handed_out_before_a_failed_growth_are_built_again(monkeypatch):
     first, second = Sequence("first", [3], params), Sequence("second", [4], params)
     logits = torch.randn(2, 16) * 3
     with pytest.raises(torch.OutOfMemoryError):
-        rows.apply(logits, [first, second])  # first takes old's row, second needs the tables to grow
+        rows.apply(logits, [first, second])  # one idle row (old's) for two new sequences: the tables grow
     monkeypatch.setattr(PenaltyRows, "_grow", grow)
     torch.testing.assert_close(rows.apply(logits[:1], [first])[0], openai_adjusted(logits[:1], [first], {}))
 
@@ -191,3 +191,17 @@ def test_an_engine_builds_each_row_once(model):
     requests = [seq(f"p{i}", prompt(12, i), max_new_tokens=40, **PENALTIES[i % 3]) for i in range(6)]
     run_core(core, [(r, i) for i, r in enumerate(requests)] + [(seq("base", prompt(9, 9), max_new_tokens=30), 0)])
     assert core.sampler.penalties.rebuilds == len(requests)
+
+
+def test_a_step_that_outgrows_the_idle_rows_grows_before_taking_any():
+    """New sequences that the idle rows cannot all hold get the grown tables' free rows first, so the rows of
+    sequences outside the step (preempted, coming back) are taken only as far as needed."""
+    rows = PenaltyRows()
+    params = SamplingParams(presence_penalty=1.0)
+    a, b = Sequence("a", [1], params), Sequence("b", [2], params)
+    rows.apply(torch.randn(2, 8), [a, b])
+    newcomers = [Sequence(name, [3], params) for name in "cde"]
+    rows.apply(torch.randn(3, 8), newcomers)
+    assert rows.capacity == 4 and rows.rebuilds == 5
+    rows.apply(torch.randn(1, 8), [b])
+    assert rows.rebuilds == 5, "b kept its row: only one of a's and b's rows was needed"

@@ -11,9 +11,10 @@ Whoever draws must therefore append each drawn token to its sequence or end the 
 
 Rows go to the sequences of the current step: a free row (its sequence finished and was let go) first,
 else the least recently used row of a sequence outside the step (preempted: it is rebuilt if it comes
-back); only when every row serves the step do the tables grow. So they hold at most twice the rows of
-the largest step: at most 2 x max_num_seqs x vocab x 5 bytes (389 MB for 256 sequences and a
-152k vocabulary), half again while growing. They live outside the KV cache's budget, in the headroom
+back); the tables grow only when the rows the step leaves idle cannot hold its new sequences (whose
+free rows then go first). So they hold fewer than twice the rows of the largest step: at most
+2 x max_num_seqs x vocab x 5 bytes (389 MB for 256 sequences and a 152k vocabulary), half again while
+growing. They live outside the KV cache's budget, in the headroom
 that --gpu-memory-utilization leaves, and only once a request asks for a penalty.
 """
 
@@ -112,21 +113,27 @@ class PenaltyRows:
         for seq in seqs:  # first mark the rows the step keeps, so that handing out rows never takes one
             if (slot := self._slot_of.get(seq)) is not None:
                 self._last_step[slot] = self._step
-        for seq in seqs:
-            if seq not in self._slot_of:
-                built.append((self._take(seq, logits, len(seqs)), seq))
+        new = [seq for seq in seqs if seq not in self._slot_of]
+        if new:
+            idle = self._idle_rows()
+            if len(idle) < len(new):
+                self._grow(max(2 * self.capacity, len(seqs)), logits)
+                idle = self._idle_rows()
+            for seq, slot in zip(new, idle[: len(new)], strict=True):
+                self._hand_out(slot, seq)
+                built.append((slot, seq))
         return [self._slot_of[seq] for seq in seqs]
 
-    def _take(self, seq: Sequence, logits: Tensor, needed: int) -> int:
+    def _idle_rows(self) -> list[int]:
+        """The rows the step does not use, in the order they are handed out: free rows first, then the least
+        recently used."""
         idle = [slot for slot in range(self.capacity) if self._last_step[slot] < self._step]
-        if not idle:
-            self._grow(max(2 * self.capacity, needed), logits)
-            idle = [slot for slot in range(self.capacity) if self._last_step[slot] < self._step]
-        slot = min(idle, key=lambda row: (self._owner(row) is not None, self._last_step[row]))  # a free row first
+        return sorted(idle, key=lambda slot: (self._owner(slot) is not None, self._last_step[slot]))
+
+    def _hand_out(self, slot: int, seq: Sequence) -> None:
         if (owner := self._owner(slot)) is not None:
             del self._slot_of[owner]
         self._owners[slot], self._slot_of[seq], self._last_step[slot] = weakref.ref(seq), slot, self._step
-        return slot
 
     def _owner(self, slot: int) -> Sequence | None:
         """The live sequence the row serves, if any."""
