@@ -14,8 +14,8 @@ else the least recently used row of a sequence outside the step (preempted: it i
 back); the tables grow only when the rows the step leaves idle cannot hold its new sequences (whose
 free rows then go first). So they hold fewer than twice the rows of the largest step: at most
 2 x max_num_seqs x vocab x 5 bytes (389 MB for 256 sequences and a 152k vocabulary), half again while
-growing. They live outside the KV cache's budget, in the headroom
-that --gpu-memory-utilization leaves, and only once a request asks for a penalty.
+growing. They live outside the KV cache's budget, in the headroom that --gpu-memory-utilization
+leaves, and only once a request asks for a penalty.
 """
 
 from __future__ import annotations
