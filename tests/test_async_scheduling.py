@@ -7,6 +7,7 @@ adapter edits left the hidden states finite is read with the step's tokens: a po
 no token, and no block it wrote reaches the prefix cache."""
 
 import random
+import sys
 
 import pytest
 
@@ -561,3 +562,24 @@ def test_an_exception_in_settle_still_ends_the_request(model):
     step_as_core_loop_does(core)
     drain(core)
     assert not core.has_work(), f"a never ends: {state(core)}"
+
+
+def test_a_token_whose_blocks_cannot_be_indexed_is_delivered_with_the_error(model):
+    """Every token a request counts reaches its client: usage and the stream agree."""
+    core = make_core(model, async_scheduling=True)
+    core.add(seq("a", prompt(15, 1), max_new_tokens=8))
+    core.add(seq("b", prompt(9, 2), max_new_tokens=8))
+    outputs = core.step() + core.step()  # a's and b's first tokens are read by the second step
+    real = core.kv.cache_full_blocks
+
+    def index(seq):  # fails once: indexing a's blocks after reading its second token
+        if sys._getframe(1).f_code.co_name == "_append" and seq.request_id == "a" and seq.num_generated == 2:
+            raise RuntimeError("planted fault")
+        return real(seq)
+
+    core.kv.cache_full_blocks = index
+    outputs += step_as_core_loop_does(core) + drain(core)
+    a = [o for o in outputs if o.request_id == "a"]
+    assert a[-1].finish_reason is FinishReason.ERROR and a[-1].new_tokens, "the token comes with the error"
+    assert sum(len(o.new_tokens) for o in a) == a[-1].num_generated == 2
+    assert sum(len(o.new_tokens) for o in outputs if o.request_id == "b") == 8, "b is untouched"

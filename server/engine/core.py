@@ -429,12 +429,17 @@ class EngineCore:
 
     def _append(self, seq: Sequence, sample: Sample) -> SeqOutput:
         seq.token_ids.append(sample.token)
-        if self.async_scheduling:  # a block its pending token completed is indexed now, before finishing frees it
-            self.kv.cache_full_blocks(seq)
+        produced = {"new_tokens": [sample.token], "samples": [sample]}  # counted now: delivered whatever follows
+        try:
+            if self.async_scheduling:  # a block its pending token completed is indexed now, before finishing frees it
+                self.kv.cache_full_blocks(seq)
+        except Exception as e:  # a bug in the prefix cache: this request ends, with its token
+            log.exception("indexing a sequence's blocks failed")
+            return self._finish(seq, FinishReason.ERROR, f"{type(e).__name__}: {e}", **produced)
         reason = self._stop_reason(seq, sample.token)
         if reason is not None:
-            return self._finish(seq, reason, new_tokens=[sample.token], samples=[sample])
-        return self._output(seq, [sample.token], [sample])
+            return self._finish(seq, reason, **produced)
+        return self._output(seq, **produced)
 
     def _at_length_limit(self, seq: Sequence, pending: int = 0) -> bool:
         """Whether the sequence's tokens, with `pending` more, reach max_new_tokens or the context window."""
