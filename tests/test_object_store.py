@@ -173,6 +173,21 @@ def test_a_publish_whose_swap_answer_was_lost_is_served_whole(s3_server, retried
     assert ObjectStore(url).read("pirate") == (2, data(1))
 
 
+@pytest.mark.parametrize("retried", [True, False], ids=["retried", "timed-out"])
+def test_a_roll_back_or_delete_whose_swap_answer_was_lost_succeeds(s3_server, retried):
+    """The write was applied: the client must not hear 412 (its own write moved the version) or 404."""
+    url = s3_server.fresh_url()
+    store = ObjectStore(url)
+    store.publish("pirate", data(0))
+    store.publish("pirate", data(1))
+    lose_the_answer_of_the_first_pointer_swap(store, retried)
+    store.set_current("pirate", 1, precondition=Precondition(version=2))
+    assert ObjectStore(url).current("pirate") == 1
+    lose_the_answer_of_the_first_pointer_swap(store, retried)
+    store.delete("pirate", precondition=Precondition(version=1))
+    assert ObjectStore(url).names() == [] and version_objects(s3_server, url) == 0
+
+
 def test_a_stray_key_under_pointers_is_passed_over(s3_server):
     """The empty "folder" key the S3 console, s3fs or rclone leave must not stop listing or a start."""
     url = s3_server.fresh_url()

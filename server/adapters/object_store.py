@@ -66,12 +66,13 @@ class _Pointer:
     current: int | None = None
     last: int = 0
     versions: dict[int, dict] = field(default_factory=dict)  # number -> {"key", "size", "created"}
+    generation: str | None = None  # unique to the write that made it
 
     @classmethod
     def parse(cls, etag: str, body: bytes) -> _Pointer:
         state = json.loads(body)
         versions = {int(number): entry for number, entry in state["versions"].items()}
-        return cls(etag, state["current"], state["last"], versions)
+        return cls(etag, state["current"], state["last"], versions, state.get("generation"))
 
     def body(self, generation: str) -> bytes:
         # the generation makes every pointer body unique, so an ETag is never seen twice (no ABA on roll-backs)
@@ -140,10 +141,28 @@ class ObjectStore:
         return pointer
 
     def _swap(self, name: str, old: _Pointer, new: _Pointer) -> bool:
-        """Replace the pointer if it is still `old`; False when another writer got there first."""
+        """Replace the pointer if it is still `old`; False when another writer got there first. A swap
+        whose answer was lost (a timeout; or botocore's retry, refused because the first try had moved
+        the ETag) is known by the pointer read back: it still carries this swap's generation."""
         condition = {"IfMatch": old.etag} if old.etag is not None else {"IfNoneMatch": "*"}
-        body = new.body(uuid.uuid4().hex)
-        return self._call("put_object", Key=self._pointer_key(name), Body=body, **condition) is not None
+        generation = uuid.uuid4().hex
+        try:
+            if (
+                self._call("put_object", Key=self._pointer_key(name), Body=new.body(generation), **condition)
+                is not None
+            ):
+                return True
+        except ObjectStoreError:
+            if self._landed(name, generation):
+                return True
+            raise
+        return self._landed(name, generation)
+
+    def _landed(self, name: str, generation: str) -> bool:
+        try:
+            return self._read_pointer(name).generation == generation
+        except ObjectStoreError:
+            return False
 
     def _list(self, prefix: str) -> list[dict]:
         objects = []
