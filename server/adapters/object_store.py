@@ -147,16 +147,12 @@ class ObjectStore:
         condition = {"IfMatch": old.etag} if old.etag is not None else {"IfNoneMatch": "*"}
         generation = uuid.uuid4().hex
         try:
-            if (
-                self._call("put_object", Key=self._pointer_key(name), Body=new.body(generation), **condition)
-                is not None
-            ):
-                return True
+            answer = self._call("put_object", Key=self._pointer_key(name), Body=new.body(generation), **condition)
         except ObjectStoreError:
             if self._landed(name, generation):
                 return True
             raise
-        return self._landed(name, generation)
+        return answer is not None or self._landed(name, generation)
 
     def _landed(self, name: str, generation: str) -> bool:
         try:
