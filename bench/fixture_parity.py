@@ -97,7 +97,8 @@ def fixture_parity(fixture: Path, device, dtype: torch.dtype, max_cases: int | N
         request_id: reference_generate(reference_model, prompt, adapter, max_new_tokens=max_new_tokens)
         for request_id, (prompt, adapter) in prompts.items()
     }
-    counts = {"cases": len(cases)}
+    # the base cases repeat a few prompts (one per adapter), so their counts move in steps of a prompt's cases
+    counts = {"cases": len(cases), "base_prompts": len({tuple(case["prompt_ids"]) for case in cases})}
     for kind, pyreft_key in (("adapter", "adapter_tokens"), ("base", "base_tokens")):
         pairs = [(f"{kind}{index}", case[pyreft_key]) for index, case in enumerate(cases)]
         counts[f"{kind}_engine_vs_pyreft"] = sum(served[i] == pyreft for i, pyreft in pairs)

@@ -392,6 +392,8 @@ class Benchmark:
             counts = fixture_parity(self.args.fixture, self.args.device, dtype, self.args.parity_cases)
             results[str(dtype).removeprefix("torch.")] = counts
             n = counts["cases"]
+            prompts = counts["base_prompts"]
+            say(f"  ({n} cases, whose base requests repeat {prompts} prompts: one flip moves a base count by several)")
             say(
                 f"  {dtype}: vs pyreft adapter {counts['adapter_engine_vs_pyreft']}/{n} "
                 f"base {counts['base_engine_vs_pyreft']}/{n}; vs the reference in {dtype} "
