@@ -32,7 +32,7 @@ from server.distributed.launch import rank_device
 from server.distributed.runner import TensorParallelDriver
 from server.engine.async_engine import AsyncEngine
 from server.engine.core import EngineCore, model_eos_ids
-from server.engine.core_loop import CoreThread
+from server.engine.core_loop import CoreHost, CoreThread
 from server.engine.model_runner import ModelRunner
 from server.engine_process import CoreProcess
 from server.gc_freeze import freeze_long_lived, thaw
@@ -68,13 +68,23 @@ def build_state(
         torch.set_num_threads(settings.threads)
     if engine_core_in_process(settings, model_given=model is not None):
         host = CoreProcess(settings, model_path)
-        facts, tokenizer = host.model, AutoTokenizer.from_pretrained(model_path)
-        adapter_device = torch.device("cpu")  # the registry's copies; the engine process holds its own
-    else:
-        core, tokenizer = _thread_core(settings, model_path, model, tokenizer, group)
-        host = CoreThread(core)
-        facts = ModelFacts.of(core.runner.model)
-        adapter_device = next(core.runner.model.parameters()).device
+        try:  # the registry's adapter copies stay on the CPU; the engine process holds its own
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+            return _state_around(settings, model_path, host, host.model, tokenizer, torch.device("cpu"))
+        except BaseException:  # the engine process, and its model's memory, must not outlive a failed start
+            host.abandon()
+            raise
+    core, tokenizer = _thread_core(settings, model_path, model, tokenizer, group)
+    adapter_device = next(core.runner.model.parameters()).device
+    return _state_around(
+        settings, model_path, CoreThread(core), ModelFacts.of(core.runner.model), tokenizer, adapter_device
+    )
+
+
+def _state_around(
+    settings: Settings, model_path: str, host: CoreHost, facts: ModelFacts, tokenizer, adapter_device: torch.device
+) -> AppState:
+    """The routes' state around an engine host that holds the model."""
     model_name = served_name(settings, model_path)
     metrics = Metrics(
         max_lora=settings.max_resident_adapters,

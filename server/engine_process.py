@@ -117,7 +117,7 @@ class CoreProcess:
         try:
             started = self._wait_for_start()
         except BaseException:  # a failed start, or the server interrupted while the model loads
-            self._abandon()
+            self.abandon()
             raise
         self.model = started.model
         self.max_num_seqs = started.max_num_seqs
@@ -134,7 +134,8 @@ class CoreProcess:
             raise EngineProcessFailed(f"the engine process could not start: {message.error}")
         return message
 
-    def _abandon(self) -> None:
+    def abandon(self) -> None:
+        """Kill the engine process without a word (it serves nothing yet) and close the pipes."""
         if self._exit_code() is None:
             self.process.kill()
         self._wait_for_exit(EXIT_SECONDS)

@@ -1,8 +1,8 @@
 """Operations routes: liveness, readiness and Prometheus metrics.
 
-Liveness (/health) fails only when restarting the process would help: the engine has died,
-or it has work and has not stepped for STALE_ENGINE_SECONDS. Readiness (/ready) also fails while
-loading or draining, when the process is healthy but should get no traffic."""
+Liveness (/health) fails only when restarting the process would help: the engine has died, or has not
+reported for STALE_ENGINE_SECONDS (an idle loop reports too: idle or busy, it is stuck). Readiness
+(/ready) also fails while loading or draining, when the process is healthy but should get no traffic."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ def engine_stuck(engine: AsyncEngine, draining: bool) -> str | None:
     if not engine.alive and not draining:
         problem = engine.problem()
         return "the engine has stopped" + (f": {problem}" if problem else "")
-    if engine.busy and time.monotonic() - engine.last_heartbeat > STALE_ENGINE_SECONDS:
-        return f"the engine has work but has not stepped for over {STALE_ENGINE_SECONDS:g} s"
+    # idle too: a replica wedged while idle fails /ready, so it gets no traffic that would make it busy
+    if engine.alive and time.monotonic() - engine.last_heartbeat > STALE_ENGINE_SECONDS:
+        return f"the engine has not stepped for over {STALE_ENGINE_SECONDS:g} s"
     return None
 
 

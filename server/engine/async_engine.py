@@ -10,6 +10,7 @@ model thread only handles token ids, and a stop string cancels its request in th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -157,10 +158,17 @@ class RequestStream:
         """The consumer gives up: abort in the engine and end this stream with an ABORT output."""
         if self.finished or self._ended:
             return
-        self._abort(self.request_id)
-        self._end(FinishReason.ABORT)
         while self._queue.qsize():  # undelivered outputs of a request given up: nobody will read them
             self._queue.get_nowait()
+        self.end_now()
+
+    def end_now(self) -> None:
+        """The server gives up (a shutdown): abort in the engine and end this stream with an ABORT output
+        after what it has received, without waiting for the engine, which may be stuck."""
+        if self.finished or self._ended:
+            return
+        self._abort(self.request_id)
+        self._end(FinishReason.ABORT)
         self.put(SeqOutput(self.request_id, finish_reason=FinishReason.ABORT))
 
     def _end(self, reason: FinishReason) -> None:
@@ -225,17 +233,15 @@ class AsyncEngine:
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.cancel_all()
-        while self._streams and time.monotonic() < deadline + 5 and self.alive:
-            await asyncio.sleep(0.02)
         self._stopping = True
         if self._started:
             self.host.send(STOP)
             await asyncio.to_thread(self.host.join, 10)
 
     def cancel_all(self) -> None:
-        """Abort every request in flight: each stream ends with an ABORT output."""
-        for request_id in list(self._streams):
-            self.cancel(request_id)
+        """Abort every request in flight: each stream ends with an ABORT output now."""
+        for stream in list(self._streams.values()):
+            stream.end_now()
 
     @property
     def alive(self) -> bool:
@@ -252,12 +258,6 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.host.max_model_len
-
-    @property
-    def busy(self) -> bool:
-        """Whether requests are in flight. The loop reports even when idle, so a heartbeat older than a
-        step means it is stuck only while this holds."""
-        return bool(self._streams)
 
     def problem(self) -> str | None:
         return self.host.problem()
@@ -304,8 +304,11 @@ class AsyncEngine:
             self.metrics.generation_tokens.labels(stream.label).inc(stream.num_generated)
             self.metrics.e2e.observe(time.monotonic() - stream.submitted_at)
 
-    def _deliver(self, outputs: list[SeqOutput]) -> None:
-        """On the event loop: route each output to its stream."""
+    def _deliver(self, outputs: list[SeqOutput], last: bool = False) -> None:
+        """On the event loop: route each output to its stream. After the host's last report, every stream
+        still open fails: looked up here, so that one submitted while the report was on its way is too."""
+        if last:
+            outputs = outputs + self._orphans(outputs)
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
@@ -318,16 +321,16 @@ class AsyncEngine:
         # a count only the loop keeps: reports the hosts make themselves (refused sends, the last) carry 0
         self._profiles_done = max(self._profiles_done, report.profiles_done)
         if report.last:
-            self._host_ended = True
-            report.outputs.extend(self._orphans(report.outputs))
+            self._host_ended = True  # before the delivery below: no submit after it can be missed
         if self.metrics is not None:
             self._observe(report)
-        if not report.outputs:
+        if not (report.outputs or report.last):
             return
         if threading.get_ident() == self._loop_thread:
-            self._deliver(report.outputs)
-        elif not self._loop.is_closed():  # closed: the server is gone, nobody is left to read them
-            self._loop.call_soon_threadsafe(self._deliver, report.outputs)
+            self._deliver(report.outputs, report.last)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the server is gone, nobody is left to read
+                self._loop.call_soon_threadsafe(self._deliver, report.outputs, report.last)
 
     def _orphans(self, outputs: list[SeqOutput]) -> list[SeqOutput]:
         ended = {output.request_id for output in outputs if output.finish_reason is not None}
