@@ -59,7 +59,7 @@ async def generate(body: GenerateRequest, request: Request, state: State):
     adapter = adapter_ref(running)
     timeout = state.settings.request_timeout
     if body.stream:
-        return sse.response(_events(state, running, adapter, body.logprobs is not None, timeout))
+        return sse.EventStream(_events(state, running, adapter, body.logprobs is not None, timeout), running.close)
     output = await collect(request, running, timeout)
     if error := failure(output):
         raise error

@@ -87,10 +87,14 @@ async def start_choices(state: AppState, prompts: list[list[int]], body: OpenAIF
             for choice in range(body.n):
                 runs.append(await start_model(state, prompt_ids, body, choice_sampling(sampling, choice)))
     except BaseException:
-        for running in runs:
-            running.close()
+        close_all(runs)
         raise
     return runs
+
+
+def close_all(runs: list[Running]) -> None:
+    for running in runs:
+        running.close()
 
 
 # -- logprobs in OpenAI's two shapes ----------------------------------------------------------------
@@ -150,8 +154,7 @@ async def merged(runs: list[Running], timeout: float) -> AsyncIterator[tuple[int
     finally:
         for task in tasks:
             task.cancel()
-        for running in runs:
-            running.close()
+        close_all(runs)
 
 
 async def openai_events(
@@ -202,7 +205,8 @@ async def completions(body: CompletionRequest, request: Request, state: State):
             return {"index": index, "text": output.text, "logprobs": logprobs, "finish_reason": finish_reason(output)}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.response(openai_events(runs, timeout, chunk, include_usage, base, prompt_tokens))
+        events = openai_events(runs, timeout, chunk, include_usage, base, prompt_tokens)
+        return sse.EventStream(events, lambda: close_all(runs))
 
     outputs = await asyncio.gather(*(collect(request, running, timeout) for running in runs))
     choices = [
@@ -240,7 +244,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_base = {**base, "object": "chat.completion.chunk"}
-        return sse.response(openai_events(runs, timeout, chunk, include_usage, chunk_base, len(prompt_ids)))
+        events = openai_events(runs, timeout, chunk, include_usage, chunk_base, len(prompt_ids))
+        return sse.EventStream(events, lambda: close_all(runs))
 
     outputs = await asyncio.gather(*(collect(request, running, timeout) for running in runs))
     choices = [

@@ -205,7 +205,8 @@ class CompletionRequest(OpenAIFields):
     @field_validator("prompt")
     @classmethod
     def _not_empty(cls, value):
-        if not value:
+        """No prompt at all; an empty text is a prompt (BOS alone), as in a list and on /v1/generate."""
+        if isinstance(value, list) and not value:
             raise ValueError("the prompt is empty")
         return value
 

@@ -60,11 +60,14 @@ async def tokenize_chat(state: AppState, messages: list[dict]) -> list[int]:
     for i, message in enumerate(messages):
         check_text(message["content"], f"messages.{i}.content")
     try:
-        return await asyncio.to_thread(encode_chat, state.tokenizer, messages)
+        ids = await asyncio.to_thread(encode_chat, state.tokenizer, messages)
     except ChatTemplateMissing as e:
         raise APIError(400, str(e), param="messages") from None
     except Exception as e:  # a template may raise anything on messages it does not accept
         raise APIError(400, f"messages: the chat template rejected them ({e})", param="messages") from None
+    if not ids:  # a template that adds nothing of its own, over empty messages
+        raise APIError(400, "messages: the chat template renders them to an empty prompt", param="messages")
+    return ids
 
 
 def check_token_ids(state: AppState, token_ids, field: str) -> None:

@@ -119,27 +119,46 @@ class RequestStream:
     def _process(self, raw: SeqOutput) -> RequestOutput:
         self._record_timing(len(raw.new_tokens))
         self.num_generated = raw.num_generated or self.num_generated
-        text = self._stops.feed(self._detokenizer.push(raw.new_tokens))
+        # as vLLM's: the token that stops (EOS, or one of stop_token_ids) is reported, not rendered
+        ends_on_stop_token = raw.finish_reason is FinishReason.STOP
+        text, kept = self._text_until_stop(raw.new_tokens, ends_on_stop_token)
+        tokens, samples = raw.new_tokens[:kept], raw.samples[:kept]
+        self.num_generated -= len(raw.new_tokens) - kept
         reason = raw.finish_reason
-        if self._stops.stopped and reason is None:
-            reason = FinishReason.STOP
-            self._abort(self.request_id)
+        if reason is not None and not self._stops.stopped:
+            text += self._stops.feed(self._detokenizer.flush()) + self._stops.finish()
+        if self._stops.stopped and reason in (None, FinishReason.LENGTH):
+            if reason is None:
+                self._abort(self.request_id)
+            reason = FinishReason.STOP  # as vLLM's: the stop string ended it, even on the last token allowed
         if reason is not None:
-            if not self._stops.stopped:
-                text += self._stops.feed(self._detokenizer.flush()) + self._stops.finish()
             self.finished = True
             self._end(reason)
         return RequestOutput(
             self.request_id,
             text,
-            raw.new_tokens,
-            raw.samples,
+            tokens,
+            samples,
             finished=self.finished,
             finish_reason=reason,
             error=raw.error,
             prompt_tokens=len(self.request.prompt_ids),
             completion_tokens=self.num_generated,
         )
+
+    def _text_until_stop(self, tokens: list[int], last_unrendered: bool) -> tuple[str, int]:
+        """The text `tokens` add (the last one left out if `last_unrendered`), and how many of them count:
+        with stop strings, a token at a time, so that tokens past the one completing a stop string (steps
+        coalesced while the consumer was busy) are neither reported nor counted, however fast it reads."""
+        rendered = tokens[:-1] if last_unrendered else tokens
+        if not self._stops.stops:
+            return self._stops.feed(self._detokenizer.push(rendered)), len(tokens)
+        text = ""
+        for count, token in enumerate(rendered, 1):
+            text += self._stops.feed(self._detokenizer.push([token]))
+            if self._stops.stopped:
+                return text, count
+        return text, len(tokens)
 
     def _record_timing(self, new_tokens: int) -> None:
         if not new_tokens:
