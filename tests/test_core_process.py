@@ -112,13 +112,18 @@ def test_the_engine_process_profiles_its_next_steps(client):
 
 def test_a_dead_engine_process_fails_its_requests_and_the_probes(tmp_path):
     with running_app(FIXTURE / "model", tmp_path, engine_core="process", device="cpu") as client:
-        body = {"prompt": "a long one", "max_new_tokens": 400, "ignore_eos": True, "stream": True}
-        with client.stream("POST", "/v1/generate", json=body) as response:
-            events = sse_events(response.iter_lines())
-            assert next(events)["token_ids"]  # generating
-            os.kill(client.app.state.reft.engine.host.process.pid, signal.SIGKILL)
-            last = [event for event in events if event != "[DONE]"][-1]
-        assert "engine process exited with code -9" in last["error"]["message"]
+        body = {"prompt": "a long one", "max_new_tokens": 490, "ignore_eos": True}  # the window: 512
+        with ThreadPoolExecutor() as pool:
+            unstreamed = pool.submit(client.post, "/v1/generate", json=body)
+            with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as response:
+                events = sse_events(response.iter_lines())
+                assert next(events)["token_ids"]  # generating
+                assert not unstreamed.done()
+                os.kill(client.app.state.reft.engine.host.process.pid, signal.SIGKILL)
+                last = [event for event in events if event != "[DONE]"][-1]
+        assert "engine process exited with code -9" in last["error"]["message"] and last["error"]["code"] == 503
+        answer = unstreamed.result()  # not the request's fault: 503, so that a client retries it elsewhere
+        assert answer.status_code == 503 and "engine process exited" in error_of(answer)["message"]
         deadline = time.monotonic() + 10
         while (health := client.get("/health")).status_code == 200 and time.monotonic() < deadline:
             time.sleep(0.05)

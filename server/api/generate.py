@@ -10,7 +10,7 @@ from server.api import sse
 from server.api.deps import AppState, State, require_api_key
 from server.api.errors import APIError, error_body
 from server.api.schemas import AdapterRef, GenerateRequest, GenerateResponse, TokenLogprob, Usage
-from server.api.service import Running, collect, start, stream_outputs, tokenize
+from server.api.service import Running, collect, generation_failed, start, stream_outputs, tokenize
 from server.engine.async_engine import RequestOutput
 from server.engine.sampler import Sample
 from server.engine.sequence import FinishReason
@@ -45,7 +45,7 @@ def usage(output: RequestOutput) -> Usage:
 
 def failure(output: RequestOutput) -> APIError | None:
     if output.finish_reason is FinishReason.ERROR:
-        return APIError(500, f"generation failed: {output.error}")
+        return generation_failed(output)
     return None
 
 

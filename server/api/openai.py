@@ -18,7 +18,7 @@ from server.api import sse
 from server.api.deps import AppState, State, require_api_key
 from server.api.errors import APIError, error_body
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
-from server.api.service import Running, collect, start, stream_outputs, tokenize, tokenize_chat
+from server.api.service import Running, collect, generation_failed, start, stream_outputs, tokenize, tokenize_chat
 from server.engine.async_engine import RequestOutput
 from server.engine.sampler import Sample
 from server.engine.sampling_params import MAX_SEED, SamplingParams
@@ -62,7 +62,7 @@ async def start_model(state: AppState, prompt_ids: list[int], body: OpenAIFields
 
 def finish_reason(output: RequestOutput) -> str | None:
     if output.finish_reason is FinishReason.ERROR:
-        raise APIError(500, f"generation failed: {output.error}")
+        raise generation_failed(output)
     return output.finish_reason.value if output.finish_reason else None
 
 

@@ -152,6 +152,12 @@ def _submit_error(state: AppState, error: Exception) -> Exception:
     return error
 
 
+def generation_failed(output: RequestOutput) -> APIError:
+    """A request that ended with an error: 503 when the engine stopped under it (another replica, or this one
+    restarted, can serve it), else 500."""
+    return APIError(503 if output.unavailable else 500, f"generation failed: {output.error}")
+
+
 async def collect(request: Request, running: Running, timeout: float) -> RequestOutput:
     """Run to completion; cancel on timeout (504) or when the client goes away."""
     task = asyncio.ensure_future(running.stream.collect())

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from server.engine.core import EngineLoad, SeqOutput
 from server.engine.core_loop import STOP, Abort, CoreHost, StepReport, Submit
@@ -60,6 +60,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     error: str | None = None
+    unavailable: bool = False  # SeqOutput's: the engine stopped under it
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -142,6 +143,7 @@ class RequestStream:
             finished=self.finished,
             finish_reason=reason,
             error=raw.error,
+            unavailable=raw.unavailable,
             prompt_tokens=len(self.request.prompt_ids),
             completion_tokens=self.num_generated,
         )
@@ -199,16 +201,11 @@ class RequestStream:
         """Run to completion; one RequestOutput holding the whole text, tokens and logprobs."""
         parts: list[RequestOutput] = [out async for out in self]
         last = parts[-1]
-        return RequestOutput(
-            self.request_id,
-            "".join(p.text for p in parts),
-            [t for p in parts for t in p.token_ids],
-            [s for p in parts for s in p.logprobs],
-            True,
-            last.finish_reason,
-            last.error,
-            last.prompt_tokens,
-            last.completion_tokens,
+        return replace(
+            last,
+            text="".join(p.text for p in parts),
+            token_ids=[t for p in parts for t in p.token_ids],
+            logprobs=[s for p in parts for s in p.logprobs],
         )
 
 
@@ -355,7 +352,7 @@ class AsyncEngine:
         ended = {output.request_id for output in outputs if output.finish_reason is not None}
         error = self.host.problem() or "the engine stopped"
         return [
-            SeqOutput(request_id, finish_reason=FinishReason.ERROR, error=error)
+            SeqOutput(request_id, finish_reason=FinishReason.ERROR, error=error, unavailable=True)
             for request_id in list(self._streams)
             if request_id not in ended
         ]

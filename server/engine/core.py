@@ -53,6 +53,7 @@ class SeqOutput:
     error: str | None = None
     num_prompt: int = 0
     num_generated: int = 0
+    unavailable: bool = False  # failed because the engine stopped, not for anything of its own: retry elsewhere
 
 
 @dataclass(frozen=True)
