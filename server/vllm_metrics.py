@@ -1,6 +1,7 @@
-"""The same load figures under vLLM's metric names, so tools built for vLLM's metrics work unchanged:
-the Gateway API Inference Extension's endpoint picker (whose defaults are these names), vLLM
-dashboards, KEDA/HPA recipes. On by default (`--vllm-compatible-metrics`); the native `reft_*`
+"""The same load figures under vLLM's metric names, so tools that read vLLM's load figures work
+unchanged: the Gateway API Inference Extension's endpoint picker (whose defaults are these names),
+KEDA/HPA recipes on the queue. Not vLLM's dashboards: the latency histograms and token counters
+have their `reft_*` names only. On by default (`--vllm-compatible-metrics`); the native `reft_*`
 series are exported either way.
 
 The names are those the current endpoint picker (llm-d-router) reads by default. As in vLLM, the

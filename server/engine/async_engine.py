@@ -232,6 +232,8 @@ class AsyncEngine:
         self._profiles_sent = 0
         self._profiles_done = 0  # as the loop last reported
         self.last_heartbeat = 0.0
+        if metrics is not None:  # the KV cache's shape from the start: the loop's first report may be 0.5 s off
+            self._observe_load(host.first_load)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -357,16 +359,19 @@ class AsyncEngine:
             if request_id not in ended
         ]
 
-    def _observe(self, report: StepReport) -> None:
-        m, load, reported = self.metrics, report.load, self._reported
-        m.observe_load(
+    def _observe_load(self, load: EngineLoad) -> None:
+        self.metrics.observe_load(
             waiting=load.waiting,
             running=load.running,
             kv_usage=load.kv_usage,
             kv_blocks=load.kv_blocks,
             block_size=load.block_size,
         )
-        m.observe_adapters(load.running_adapters, load.waiting_adapters)
+        self.metrics.observe_adapters(load.running_adapters, load.waiting_adapters)
+
+    def _observe(self, report: StepReport) -> None:
+        m, load, reported = self.metrics, report.load, self._reported
+        self._observe_load(load)
         m.preemptions.inc(load.preemptions - reported.preemptions)
         m.prefix_queries.inc(load.prefix_queries - reported.prefix_queries)
         m.prefix_hits.inc(load.prefix_hits - reported.prefix_hits)
