@@ -20,7 +20,7 @@ from server.adapters.config_json import config_from_dict
 from server.adapters.errors import AdapterError
 from server.adapters.format import AdapterFile
 from server.adapters.model_shape import ModelShape
-from server.adapters.pyreft import import_pyreft, orthogonal_from_householder
+from server.adapters.pyreft import import_pyreft, orthogonal_from_parametrization
 from server.adapters.random_adapters import random_adapter_file
 from server.adapters.validation import validate
 from tests.conftest import FIXTURE
@@ -197,7 +197,7 @@ def test_finite_but_huge_parameters_are_refused_by_a_configurable_bound():
 )
 def test_householder_state_of_the_wrong_shape_is_an_adapter_error(original, base):
     with pytest.raises(AdapterError, match="rotation"):
-        orthogonal_from_householder(original, base)
+        orthogonal_from_parametrization(original, base)
 
 
 @pytest.mark.parametrize("rotation", [torch.tensor(1.0), torch.ones(192)], ids=["0-d", "1-d"])

@@ -9,7 +9,7 @@ import torch
 
 from server.adapters.errors import AdapterError
 from server.adapters.model_shape import ModelShape
-from server.adapters.pyreft import import_pyreft, orthogonal_from_householder
+from server.adapters.pyreft import import_pyreft, orthogonal_from_parametrization
 from tests.conftest import FIXTURE
 
 MODEL = ModelShape(num_layers=6, hidden_size=192)
@@ -29,7 +29,7 @@ def test_householder_reconstruction_matches_torch_parametrization():
     with torch.no_grad():  # move the reflectors away from the initial point, as training does
         original.add_(0.3 * torch.randn(24, 4).tril(diagonal=-1))
     state = layer.state_dict()
-    got = orthogonal_from_householder(
+    got = orthogonal_from_parametrization(
         state["parametrizations.weight.original"], state["parametrizations.weight.0.base"]
     )
     torch.testing.assert_close(got, layer.weight, rtol=1e-5, atol=1e-6)
@@ -38,7 +38,7 @@ def test_householder_reconstruction_matches_torch_parametrization():
     with torch.no_grad():  # weight decay shrinks the diagonal below 1: torch's .int() zeroes that column
         original[1, 1] = 0.9
     state = layer.state_dict()
-    got = orthogonal_from_householder(
+    got = orthogonal_from_parametrization(
         state["parametrizations.weight.original"], state["parametrizations.weight.0.base"]
     )
     torch.testing.assert_close(got, layer.weight, rtol=1e-5, atol=1e-6)

@@ -59,12 +59,13 @@ def _type_from_pyreft_class(text: str) -> str:
     raise AdapterError("type", f"unsupported pyreft intervention class {text!r}")
 
 
-def orthogonal_from_householder(original: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """R' of `torch.nn.utils.parametrizations.orthogonal` (Householder map with a base) from its state.
+def orthogonal_from_parametrization(original: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """R' of `torch.nn.utils.parametrizations.orthogonal` (default map, with a base) from its state.
 
-    R' = base @ (householder_product(A, tau) * sign), A = original's strict lower triangle and sign
-    the integer part of original's diagonal, as torch does; NOT `original` itself. `original` is
-    [n, k] or [k, n] with n >= k and `base` is [n, n]; anything else is an AdapterError.
+    R' = base @ Q, NOT `original` itself. A square matrix maps by matrix_exp: Q = exp(X - X^T), X the
+    lower triangle of original. Any other by Householder: Q = householder_product(A, tau) * sign, A
+    original's strict lower triangle and sign the integer part of its diagonal, as torch does.
+    `original` is [n, k] or [k, n] with n >= k and `base` is [n, n]; anything else is an AdapterError.
     """
     if original.dim() != 2 or base.dim() != 2 or not original.is_floating_point() or not base.is_floating_point():
         raise AdapterError("rotation", "the orthogonal parametrization's state must be 2-D floating-point tensors")
@@ -79,12 +80,20 @@ def orthogonal_from_householder(original: torch.Tensor, base: torch.Tensor) -> t
     transposed = x.shape[0] < x.shape[1]
     if transposed:
         x = x.T
-    reflectors = x.tril(diagonal=-1)
-    tau = 2.0 / (1.0 + (reflectors * reflectors).sum(dim=-2))
-    q = torch.linalg.householder_product(reflectors, tau)
-    q = q * x.diagonal().int().unsqueeze(-2)
+    q = _matrix_exp_map(x) if x.shape[0] == x.shape[1] else _householder_map(x)
     q = base.double() @ q
     return (q.T if transposed else q).to(original.dtype)
+
+
+def _matrix_exp_map(x: torch.Tensor) -> torch.Tensor:
+    lower = x.tril()
+    return torch.linalg.matrix_exp(lower - lower.T)
+
+
+def _householder_map(x: torch.Tensor) -> torch.Tensor:
+    reflectors = x.tril(diagonal=-1)
+    tau = 2.0 / (1.0 + (reflectors * reflectors).sum(dim=-2))
+    return torch.linalg.householder_product(reflectors, tau) * x.diagonal().int().unsqueeze(-2)
 
 
 def _convert_state(state: dict[str, torch.Tensor], kind: InterventionType, where: str) -> dict[str, torch.Tensor]:
@@ -112,7 +121,7 @@ def _pyreft_param(state: dict[str, torch.Tensor], spec: ParamSpec, where: str) -
             base = state.get(f"{key}.parametrizations.weight.0.base")
             if base is None:
                 raise AdapterError(where, "has the orthogonal parametrization's 'original' but not its 'base'")
-            return orthogonal_from_householder(original, base)
+            return orthogonal_from_parametrization(original, base)
     return None
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from server.reft.hooks import install_plan_hooks, plan_kwargs
+from server.reft.hooks import PLAN_KWARG, install_plan_hooks, plan_kwargs
 from server.reft.interventions import Intervention
 from server.reft.plan import EditedRows, build_plan
 
@@ -38,3 +38,12 @@ def batch_edit_kwargs(
         for b, row in enumerate(positions)
     ]
     return plan_kwargs(build_plan(pieces, next(model.parameters()).device))
+
+
+def raise_edit_failures(edit: dict) -> None:
+    """After the forward `edit` went to: raise what an intervention raised. The plan keeps a faulty
+    adapter from failing a whole served step; a forward of one adapter (training, the reference)
+    must fail instead of going on unedited."""
+    plan = edit.get(PLAN_KWARG)
+    if plan is not None and plan.failures:
+        raise RuntimeError(next(iter(plan.failures.values())))

@@ -44,7 +44,12 @@ def activation(name: str) -> Activation:
     object per name (ACT2FN makes a new module each time): the step plan batches equal activations."""
     if name not in ACT2FN:
         raise ValueError(f"unknown activation {name!r}; known: {', '.join(sorted(ACT2FN))}")
-    return ACT2FN[name]
+    function = ACT2FN[name]
+    # prelu and xielu learn weights that no adapter file carries; shared fp32 CPU copies would also
+    # break every bf16 or GPU forward
+    if isinstance(function, nn.Module) and any(True for _ in function.parameters()):
+        raise ValueError(f"activation {name!r} has learned parameters, which adapters do not carry")
+    return function
 
 
 def linear(h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from server.reft.adapter import Adapter
-from server.reft.batch_edit import batch_edit_kwargs
+from server.reft.batch_edit import batch_edit_kwargs, raise_edit_failures
 from server.reft.hf_cache import cache_argument, returned_cache
 
 
@@ -29,6 +29,7 @@ def reference_generate(
     if adapter is not None:
         edit = batch_edit_kwargs(model, adapter.layers, [adapter.positions(len(prompt_ids))], len(prompt_ids))
     out = model(torch.tensor([prompt_ids], device=device), use_cache=True, **edit)
+    raise_edit_failures(edit)
     past, logits = returned_cache(out), out.logits[0, -1]
     carry = cache_argument(model)
     tokens: list[int] = []

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+import torch
+
 from server.adapters.dtypes import DTYPES
 from server.adapters.model_shape import ModelShape
 from server.adapters.options import LAYERS_HELP, AdapterOptions
@@ -98,11 +100,12 @@ def _train(args: argparse.Namespace) -> tuple[TrainResult, str]:
 
     load_plugins(args.plugins)
     intervention_type(args.intervention_type)  # an unknown type fails before anything loads
+    device = _device(args.device)
     _check_precondition_early(args)  # hours of training must not end in a refused publish that was foreseeable
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data_sha256 = file_sha256(args.data)  # before parsing: the bytes trained on, even if the file changes later
     examples = load_examples(args.data, tokenizer)  # bad data fails before the model loads
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(device)
     bar = ProgressBar(sys.stderr)
     options = AdapterOptions.from_args(args, ModelShape.of(model).num_layers)
     if options.layers is None:
@@ -123,6 +126,16 @@ def _train(args: argparse.Namespace) -> tuple[TrainResult, str]:
     provenance = training_provenance(args, result, len(examples), data_sha256)
     result.adapter.config = dataclasses.replace(result.adapter.config, provenance=provenance)
     return result, _write(result, args)
+
+
+def _device(name: str) -> torch.device:
+    """--device, tried before anything loads: a typo or a missing GPU is an error, not a traceback."""
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # torch asserts when it was built without CUDA
+        raise ValueError(f"--device {name!r}: {e}") from None
+    return device
 
 
 def _check_precondition_early(args: argparse.Namespace) -> None:

@@ -58,8 +58,11 @@ def _parse_line(line: str, tokenizer, eos: int) -> Example:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deep)") from None
     if not isinstance(record, dict):
         raise ValueError('expected a JSON object: {"prompt": ..., "completion": ...} or {"messages": [...]}')
+    _check_text(record)
     if "messages" in record:
         if "prompt" in record or "completion" in record:
             raise ValueError("give either 'messages' or 'prompt' and 'completion', not both")
@@ -68,6 +71,14 @@ def _parse_line(line: str, tokenizer, eos: int) -> Example:
         prompt_ids, completion = _prompt_completion_example(record, tokenizer)
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     return Example(tuple(prompt_ids), (*completion_ids, eos))
+
+
+def _check_text(record: dict) -> None:
+    """A lone surrogate escape ("\\ud800") is valid JSON but not text: the tokenizer would raise a TypeError."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone surrogate escape such as \\ud800, which is not text") from None
 
 
 def _prompt_completion_example(record: dict, tokenizer) -> tuple[list[int], str]:

@@ -27,7 +27,7 @@ from server.adapters.fingerprint import model_fingerprint
 from server.adapters.format import AdapterFile
 from server.adapters.model_shape import ModelShape
 from server.adapters.validation import validate
-from server.reft.batch_edit import batch_edit_kwargs
+from server.reft.batch_edit import batch_edit_kwargs, raise_edit_failures
 from server.reft.config import AdapterConfig
 from server.reft.interventions import INTERVENTION_TYPES, Intervention
 from server.reft.interventions import activation as activation_function
@@ -121,6 +121,7 @@ def train_adapter(
         raise ValueError("no training examples")
     if epochs < 1 or batch_size < 1:
         raise ValueError("epochs and batch_size must be >= 1")
+    _check_lengths(model, examples)
     config = adapter_config(
         model,
         intervention_type=intervention_type,
@@ -134,7 +135,8 @@ def train_adapter(
     model.requires_grad_(False).eval()
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # parameters start on the CPU; torch.manual_seed would also reseed the caller's GPUs
+        torch.random.default_generator.manual_seed(seed)
         trainable = _new_trainable(model, config)
         schedule = _Schedule(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed)
         epoch_losses = _fit(model, trainable, config, list(examples), schedule, progress)
@@ -142,6 +144,20 @@ def train_adapter(
     validate(adapter, ModelShape.of(model))
     trained = sum(p.numel() for p in trainable.parameters())
     return TrainResult(adapter, trained, time.perf_counter() - start, epoch_losses)
+
+
+def _check_lengths(model: nn.Module, examples: Sequence[Example]) -> None:
+    """The server refuses longer sequences; GPT-2's position embedding would fail on them mid-training."""
+    window = getattr(model.config, "max_position_embeddings", None)
+    if window is None:
+        return
+    for number, example in enumerate(examples, start=1):
+        length = len(example.prompt_ids) + len(example.completion_ids)
+        if length > window:
+            raise ValueError(
+                f"example {number} has {length} tokens (prompt and completion), "
+                f"over the model's context window of {window}"
+            )
 
 
 @dataclass(frozen=True)
@@ -169,9 +185,7 @@ def _fit(
 ) -> list[float]:
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     act = activation_function(config.activation)
-    positions = [
-        intervention_positions(config.position_spec, config.share_weights, len(e.prompt_ids)) for e in examples
-    ]
+    positions = _edited_positions(config, examples)
     steps_per_epoch = math.ceil(len(examples) / schedule.batch_size)
     total_steps = schedule.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(trainable.parameter_groups(schedule.weight_decay), lr=schedule.lr)
@@ -195,6 +209,21 @@ def _fit(
     return epoch_losses
 
 
+def _edited_positions(config: AdapterConfig, examples: list[Example]) -> list[list[list[int]]]:
+    """Each example's edited prompt positions, as served; an example with none cannot be learned (and a
+    batch of only such examples would have no gradient)."""
+    positions = []
+    for number, example in enumerate(examples, start=1):
+        edited = intervention_positions(config.position_spec, config.share_weights, len(example.prompt_ids))
+        if not any(edited):
+            raise ValueError(
+                f"example {number}: positions {config.positions} edit none of its {len(example.prompt_ids)} "
+                "prompt tokens, so the adapter cannot change its completion"
+            )
+        positions.append(edited)
+    return positions
+
+
 def _batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
     order = torch.randperm(count, generator=generator).tolist()
     for start in range(0, count, batch_size):
@@ -215,6 +244,7 @@ def _batch_loss(
     predicts[:, :-1] = labels[:, 1:] != IGNORE
     edit = batch_edit_kwargs(model, interventions, positions, input_ids.shape[1])
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=predicts, **edit)
+    raise_edit_failures(edit)
     return F.cross_entropy(out.logits.float(), labels[:, 1:][predicts[:, :-1]])
 
 
