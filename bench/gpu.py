@@ -229,7 +229,7 @@ class Benchmark:
         # edits' batched products), and it must not land in one round's run
         warm_up = run_engine(model, self.requests, adapters, config)
         run_engine(model, mixed, adapters, config)
-        say(f"  warm-up (the base run, then the adapters', untimed) {warm_up['tokens_per_s']:10.1f} tok/s")
+        say(f"  warm-up, untimed: the base run {warm_up['tokens_per_s']:10.1f} tok/s, then the adapters' run")
         rounds = []
         for index in range(args.engine_rounds):  # alternating which goes first, so drift hits both alike
             runs = {"base": self.requests, "adapters": mixed}

@@ -36,7 +36,7 @@ def test_health_fails_when_the_engine_is_stuck_while_idle(client, monkeypatch):
     try:
         wait_for(lambda: client.get("/ready").status_code == 503, timeout=5)
         response = client.get("/health")
-        assert response.status_code == 503 and "has not stepped" in error_of(response)["message"]
+        assert response.status_code == 503 and "has not reported" in error_of(response)["message"]
     finally:
         release.set()
 

@@ -269,7 +269,7 @@ def test_health_fails_while_the_engine_is_stuck_with_work(client, monkeypatch):
         deadline = time.monotonic() + 10
         while (response := client.get("/health")).status_code == 200 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert response.status_code == 503 and "has not stepped" in error_of(response)["message"]
+        assert response.status_code == 503 and "has not reported" in error_of(response)["message"]
         release.set()
         assert pending.result().status_code == 200
     assert client.get("/health").status_code == 200

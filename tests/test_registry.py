@@ -215,7 +215,7 @@ def test_an_unknown_name_costs_one_store_lookup_per_sync_and_a_publish_ends_the_
     monkeypatch.setattr(store, "current", lambda name: lookups.append(name) or real_current(name))
 
     async def body():
-        registry = AdapterRegistry(store, SHAPE)
+        registry = AdapterRegistry(store, SHAPE, sync_interval=60)
         await registry.refresh()
         for _ in range(5):
             with pytest.raises(AdapterNotFound):
@@ -232,5 +232,23 @@ def test_an_unknown_name_costs_one_store_lookup_per_sync_and_a_publish_ends_the_
         registry.published("late", store.publish("late", data(8)))  # this replica's own publish
         (await registry.acquire("late")).release()
         assert lookups == ["typo", "late"]
+
+    run(body())
+
+
+def test_a_miss_is_looked_up_again_after_a_sync_interval_even_while_syncs_fail(store, monkeypatch):
+    lookups = []
+    real_current = store.current
+    monkeypatch.setattr(store, "current", lambda name: lookups.append(name) or real_current(name))
+
+    async def body():
+        registry = AdapterRegistry(store, SHAPE, sync_interval=0.05)
+        for _ in range(2):
+            with pytest.raises(AdapterNotFound):
+                await registry.acquire("late")
+        await asyncio.sleep(0.1)  # no sync ran: the listing may be down while single reads work
+        AdapterStore(store.root).publish("late", data(9))
+        (await registry.acquire("late")).release()
+        assert lookups == ["late", "late"]
 
     run(body())

@@ -120,12 +120,22 @@ def test_a_square_rotation_imports_as_torch_computes_it():
     torch.testing.assert_close(got, layer.weight, rtol=1e-5, atol=1e-6)
 
 
-def test_an_example_whose_prompt_no_position_reaches_is_a_clear_error(gpt2):
-    """A batch of such examples had no gradient: 'element 0 of tensors does not require grad'."""
+def test_data_whose_prompts_no_position_reaches_is_a_clear_error(gpt2):
+    """Every batch had no gradient: 'element 0 of tensors does not require grad'."""
     model, tokenizer = gpt2
-    examples = examples_of(tokenizer, ("a long enough prompt", "b"), ("a", "b"))
-    with pytest.raises(ValueError, match="example 2: positions 10 edit none of its 2 prompt tokens"):
+    examples = examples_of(tokenizer, ("a", "b"), ("bc", "d"))
+    with pytest.raises(ValueError, match="positions 10 edit no prompt token of any example"):
         train_adapter(model, examples, layers=[0], epochs=1, positions="10")
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_an_example_no_position_reaches_trains_beside_the_others(gpt2, batch_size):
+    """As before such examples were refused (a review found the regression): alone in a batch (batch size
+    1) it is skipped, beside others it counts in the loss and teaches nothing."""
+    model, tokenizer = gpt2
+    examples = examples_of(tokenizer, ("a prompt long enough for position ten", "b"), ("short", "c"))
+    result = train_adapter(model, examples, layers=[0], epochs=2, batch_size=batch_size, positions="10")
+    assert len(result.epoch_losses) == 2
 
 
 @pytest.mark.parametrize("device", ["nonsense", "cuda:99"])

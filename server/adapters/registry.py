@@ -138,8 +138,10 @@ class AdapterRegistry:
         self._changed_while_scanning: dict[str, int | None] | None = None  # name -> version (None: deleted)
         self._retirements: Counter[str] = Counter()  # per name: deletes seen, so a load racing one knows
         self._write_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        # names the store lacked when a request asked since the last sync: asked again, they cost no lookup
-        self._missing: set[str] = set()
+        # name -> when the store lacked it as a request asked: asked again within a sync interval (or until
+        # the next sync, which clears them), it costs no lookup
+        self._missing: dict[str, float] = {}
+        self._unreadable: dict[str, str] = {}  # as the last sync found them, with why
 
     # -- catalog ---------------------------------------------------------------------------------
     async def refresh(self) -> None:
@@ -168,7 +170,9 @@ class AdapterRegistry:
         catalog, facts = {}, {}
         unreadable = set(served.unreadable)
         for name, why in served.unreadable.items():
-            log.error("adapter store sync: reading %r failed: %s", name, why)
+            if self._unreadable.get(name) != why:  # once per state of the name, not at every sync
+                log.error("adapter store sync: reading %r failed: %s", name, why)
+        self._unreadable = served.unreadable
         for name, version in served.versions.items():
             try:
                 facts[name, version] = self.version_facts(name, version)
@@ -244,7 +248,7 @@ class AdapterRegistry:
     def published(self, name: str, version: int, facts: VersionFacts | None = None) -> None:
         """A local publish or roll back: serve `version` for `name` from now on."""
         self._note_local_change(name, version)
-        self._missing.discard(name)
+        self._missing.pop(name, None)
         self.catalog[name] = version
         if facts is not None:
             self.facts[name, version] = facts
@@ -291,13 +295,14 @@ class AdapterRegistry:
 
     async def _look_up(self, name: str) -> int:
         """The current version of a name the catalog lacks: maybe published by another replica since the
-        last sync. A miss is remembered until the next sync, so that requests naming an unknown adapter
-        cost the store one lookup per sync interval, not one each (on S3, a request each)."""
-        if name not in self._missing:
+        last sync. A miss is remembered until the next sync, for a sync interval at most, so that requests
+        naming an unknown adapter cost the store one lookup per interval, not one each (on S3, a GET each)."""
+        missed = self._missing.get(name)
+        if missed is None or time.monotonic() - missed > self.sync_interval:  # also while syncs fail
             try:
                 version = await asyncio.to_thread(self.store.current, name)
             except NotFound:
-                self._missing.add(name)
+                self._missing[name] = time.monotonic()
             else:
                 self.catalog[name] = version
                 return version

@@ -18,7 +18,7 @@ from server.api.errors import error_response
 from server.engine.async_engine import AsyncEngine
 
 router = APIRouter(tags=["operations"])
-STALE_ENGINE_SECONDS = 60.0  # a step longer than this means the engine is stuck
+STALE_ENGINE_SECONDS = 60.0  # the loop reports every step, and every 0.5 s when idle: this long without, it is stuck
 
 
 def engine_stuck(engine: AsyncEngine, draining: bool) -> str | None:
@@ -26,9 +26,9 @@ def engine_stuck(engine: AsyncEngine, draining: bool) -> str | None:
     if not engine.alive and not draining:
         problem = engine.problem()
         return "the engine has stopped" + (f": {problem}" if problem else "")
-    # idle too: a replica wedged while idle fails /ready, so it gets no traffic that would make it busy
+    # idle too: a loop wedged while idle also fails readiness, so no traffic would ever make it busy
     if engine.alive and time.monotonic() - engine.last_heartbeat > STALE_ENGINE_SECONDS:
-        return f"the engine has not stepped for over {STALE_ENGINE_SECONDS:g} s"
+        return f"the engine has not reported for over {STALE_ENGINE_SECONDS:g} s"
     return None
 
 
@@ -51,7 +51,7 @@ async def ready(state: State):
     if not engine.accepting:
         problems.append("engine not running")
     elif time.monotonic() - engine.last_heartbeat > STALE_ENGINE_SECONDS:
-        problems.append("engine has not stepped for over a minute")
+        problems.append("engine has not reported for over a minute")
     if (engine_problem := engine.problem()) is not None:
         problems.append(engine_problem)
     body = {

@@ -47,7 +47,7 @@ def activation(name: str) -> Activation:
     function = ACT2FN[name]
     # prelu and xielu learn weights that no adapter file carries; shared fp32 CPU copies would also
     # break every bf16 or GPU forward
-    if isinstance(function, nn.Module) and any(True for _ in function.parameters()):
+    if isinstance(function, nn.Module) and next(function.parameters(), None) is not None:
         raise ValueError(f"activation {name!r} has learned parameters, which adapters do not carry")
     return function
 

@@ -197,10 +197,11 @@ def _fit(
         for rows in _batches(len(examples), schedule.batch_size, shuffle):
             interventions = trainable.interventions(act, dtype, device)
             loss = _batch_loss(model, interventions, [examples[i] for i in rows], [positions[i] for i in rows], device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            decay.step()
+            if loss.requires_grad:  # else no example of the batch has an edited position: nothing to learn
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                decay.step()
             losses.append(loss.item())
             if progress is not None:
                 step = epoch * steps_per_epoch + len(losses)
@@ -210,17 +211,19 @@ def _fit(
 
 
 def _edited_positions(config: AdapterConfig, examples: list[Example]) -> list[list[list[int]]]:
-    """Each example's edited prompt positions, as served; an example with none cannot be learned (and a
-    batch of only such examples would have no gradient)."""
-    positions = []
-    for number, example in enumerate(examples, start=1):
-        edited = intervention_positions(config.position_spec, config.share_weights, len(example.prompt_ids))
-        if not any(edited):
-            raise ValueError(
-                f"example {number}: positions {config.positions} edit none of its {len(example.prompt_ids)} "
-                "prompt tokens, so the adapter cannot change its completion"
-            )
-        positions.append(edited)
+    """Each example's edited prompt positions, as served. An example with none (explicit positions past a
+    short prompt) still counts in its batch's loss but teaches nothing; if no example has any, no
+    adapter can be learned from the data."""
+    positions = [
+        intervention_positions(config.position_spec, config.share_weights, len(example.prompt_ids))
+        for example in examples
+    ]
+    if not any(any(edited) for edited in positions):
+        shortest = min(len(example.prompt_ids) for example in examples)
+        raise ValueError(
+            f"positions {config.positions} edit no prompt token of any example (the shortest prompt has "
+            f"{shortest}), so the adapter cannot change a completion"
+        )
     return positions
 
 
