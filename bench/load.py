@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import httpx
 
 MAX_ERROR_SAMPLES = 5
+BUSY_CLIENT_SHARE = 0.8  # of one core, above which the client's measurements are suspect
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ async def run_load(url: str, spec: LoadSpec, client: httpx.AsyncClient | None = 
         width = spec.concurrency if spec.rate is None else max(spec.requests, 1)
         limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
         client = httpx.AsyncClient(timeout=httpx.Timeout(spec.deadline, connect=10.0), limits=limits)
-    origin = time.perf_counter()
+    origin, cpu_at_origin = time.perf_counter(), time.process_time()
     finished: dict[int, Outcome] = {}  # filled as requests end, so a deadline keeps what completed
 
     async def issue(request: Planned) -> None:
@@ -235,12 +236,13 @@ async def run_load(url: str, spec: LoadSpec, client: httpx.AsyncClient | None = 
         if own_client:
             await client.aclose()
     elapsed = time.perf_counter() - origin
+    client_cpu = (time.process_time() - cpu_at_origin) / elapsed
     outcomes = [
         finished.get(r.index)
         or Outcome(r.index, r.adapter, end=elapsed, error=f"deadline: not done within {spec.deadline:g} s")
         for r in workload
     ]
-    return summarize(spec, outcomes, elapsed)
+    return {**summarize(spec, outcomes, elapsed), "client_cpu_share": client_cpu}
 
 
 def describe(summary: dict) -> str:
@@ -251,7 +253,15 @@ def describe(summary: dict) -> str:
         f"{summary['completed']}/{summary['requests']} ok, {summary['errors']} errors {summary['error_kinds'] or ''}  "
         f"{summary['requests_per_s']:.2f} req/s  {summary['output_tokens_per_s']:.1f} tok/s  "
         f"TTFT {ms(summary['ttft_s'])} ms  ITL {ms(summary['itl_s'])} ms  E2E {ms(summary['e2e_s'])} ms (p50/p90/p99)"
+        f"  client CPU {summary['client_cpu_share']:.2f} of a core{_busy_client_warning(summary)}"
     )
+
+
+def _busy_client_warning(summary: dict) -> str:
+    """The client times every event on one event loop: near a full core, its own backlog is in the latencies."""
+    if summary["client_cpu_share"] < BUSY_CLIENT_SHARE:
+        return ""
+    return " (busy: its own queueing may inflate the TTFT and ITL it measures)"
 
 
 def main() -> None:

@@ -139,6 +139,7 @@ def test_load_generator_counts_every_token_and_error(server):
         assert summary["completed"] + summary["errors"] == summary["requests"]
         assert summary["error_kinds"] == {"HTTP 404": summary["errors"]} and summary["errors"] > 0
         assert summary["completed"] > 0 and summary["ttft_s"]["p50"] > 0 and summary["e2e_s"]["p99"] > 0
+        assert 0 < summary["client_cpu_share"] < 2, "the generator reports the share of a core it used itself"
     with pytest.raises(ValueError, match="loopback"):
         asyncio.run(run_load("http://example.com:8000", LoadSpec(requests=1)))
 
