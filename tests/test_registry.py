@@ -208,11 +208,17 @@ def test_one_unreadable_name_keeps_its_version_and_stops_no_other_names_sync(sto
     run(body())
 
 
-def test_an_unknown_name_costs_one_store_lookup_per_sync_and_a_publish_ends_the_miss(store, monkeypatch):
-    """Requests naming an adapter nobody published must not each cost a store request (on S3, a GET)."""
-    lookups = []
+@pytest.fixture
+def lookups(store, monkeypatch) -> list[str]:
+    """The names `store.current` is asked for, in order."""
+    asked = []
     real_current = store.current
-    monkeypatch.setattr(store, "current", lambda name: lookups.append(name) or real_current(name))
+    monkeypatch.setattr(store, "current", lambda name: asked.append(name) or real_current(name))
+    return asked
+
+
+def test_an_unknown_name_costs_one_store_lookup_per_sync_and_a_publish_ends_the_miss(store, lookups):
+    """Requests naming an adapter nobody published must not each cost a store request (on S3, a GET)."""
 
     async def body():
         registry = AdapterRegistry(store, SHAPE, sync_interval=60)
@@ -236,11 +242,7 @@ def test_an_unknown_name_costs_one_store_lookup_per_sync_and_a_publish_ends_the_
     run(body())
 
 
-def test_a_miss_is_looked_up_again_after_a_sync_interval_even_while_syncs_fail(store, monkeypatch):
-    lookups = []
-    real_current = store.current
-    monkeypatch.setattr(store, "current", lambda name: lookups.append(name) or real_current(name))
-
+def test_a_miss_is_looked_up_again_after_a_sync_interval_even_while_syncs_fail(store, lookups):
     async def body():
         registry = AdapterRegistry(store, SHAPE, sync_interval=0.05)
         for _ in range(2):
