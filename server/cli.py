@@ -19,6 +19,7 @@ import uvicorn
 from pydantic import SecretStr, ValidationError
 
 from server.adapters.precondition_args import add_precondition_arguments
+from server.adapters.store import StoreError
 from server.config import Settings
 from server.plugins import PluginError
 from server.training.cli import add_train_arguments, run_train
@@ -180,7 +181,7 @@ def adapters_command(args: argparse.Namespace) -> int:
     from server.adapters.options import AdapterOptions
     from server.adapters.precondition_args import PRECONDITION_EXIT_CODE, precondition_from_args
     from server.adapters.pyreft import import_pyreft
-    from server.adapters.store import NotFound, PreconditionFailed, StoreError
+    from server.adapters.store import NotFound, PreconditionFailed
     from server.adapters.stores import open_store
 
     try:
@@ -202,13 +203,7 @@ def adapters_command(args: argparse.Namespace) -> int:
             version = store.publish(args.name, adapter.to_bytes(), precondition=condition)
             print(json.dumps({"name": args.name, "version": version, **json.loads(adapter.config.to_json())}))
         elif args.action == "list":
-            for name in store.names():
-                info = store.info(name)
-                config = store.read_config(name, info.current)
-                print(
-                    f"{name}\tv{info.current}\t{len(info.versions)} version(s)\t{config.type}\trank {config.rank}"
-                    f"\tlayers {list(config.layers)}\t{config.positions}"
-                )
+            return _list(store)
         elif args.action == "show":
             info = store.info(args.name)
             versions = []
@@ -240,6 +235,29 @@ def adapters_command(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _list(store) -> int:
+    """One line per adapter; one that cannot be read is named on stderr (exit 2), never hides the rest."""
+    from server.adapters.errors import AdapterError
+    from server.adapters.store import NotFound
+
+    unreadable = 0
+    for name in store.names():
+        try:
+            info = store.info(name)
+            config = store.read_config(name, info.current)
+        except NotFound:
+            continue  # deleted meanwhile
+        except (AdapterError, ValueError, OSError) as e:
+            print(f"error: {name}: {e}", file=sys.stderr)
+            unreadable += 1
+            continue
+        print(
+            f"{name}\tv{info.current}\t{len(info.versions)} version(s)\t{config.type}\trank {config.rank}"
+            f"\tlayers {list(config.layers)}\t{config.positions}"
+        )
+    return 2 if unreadable else 0
 
 
 def _pull(args: argparse.Namespace):
@@ -360,12 +378,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ValidationError as e:
-        for error in e.errors():
-            print(f"error: --{'-'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
+        for error in e.errors():  # loc[1:] names the union member tried, not something the user typed
+            print(f"error: {_flag(str(error['loc'][0]))}: {error['msg']}", file=sys.stderr)
         return 2
-    except PluginError as e:
+    except (PluginError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a store write is atomic: an interrupted one changed nothing
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

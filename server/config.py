@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import ByteSize, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.adapters.store import StoreError
+from server.adapters.stores import check_location
 from server.engine.config import EngineConfig, async_scheduling_default
 from server.plugins import split_plugins
 
@@ -125,6 +127,14 @@ class Settings(BaseSettings):
     @classmethod
     def _path_as_text(cls, value):
         return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("store")
+    @classmethod
+    def _supported_store(cls, value: str) -> str:
+        try:
+            return check_location(value)
+        except StoreError as e:
+            raise ValueError(str(e)) from None
 
     store_sync_interval: float = Field(
         2.0, gt=0, description="Seconds between looks at the store for other replicas' changes"

@@ -262,8 +262,8 @@ class AdapterStore:
         A `precondition` that does not hold raises PreconditionFailed and writes nothing."""
         check_name(name)
         tmp = self._tmp_path()
-        _write_synced(tmp, data)
-        try:
+        try:  # a write that fails (a full disk) leaves no partial file behind
+            _write_synced(tmp, data)
             with self._locked(name):
                 current = self.current_or_none(name)
                 if if_absent and current is not None:
@@ -318,6 +318,9 @@ class AdapterStore:
 
     def _set_pointer(self, name: str, version: int) -> None:
         tmp = self._tmp_path()
-        _write_synced(tmp, f"{version}\n".encode())
-        os.replace(tmp, self._dir(name) / "current")
+        try:
+            _write_synced(tmp, f"{version}\n".encode())
+            os.replace(tmp, self._dir(name) / "current")
+        finally:
+            tmp.unlink(missing_ok=True)
         _fsync_dir(self._dir(name))

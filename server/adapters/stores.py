@@ -11,15 +11,23 @@ from server.adapters.store import AdapterStore, StoreError
 OBJECT_STORE_SCHEME = "s3://"
 
 
+def check_location(location: str) -> str:
+    """`location` when open_store takes its form (settings check it at start-up, before a model loads)."""
+    if "://" in location and not location.startswith(OBJECT_STORE_SCHEME):
+        raise StoreError(f"unsupported store {location!r}: give a directory or s3://bucket/prefix")
+    return location
+
+
 def open_store(location: str | Path):
     """The store at `location`: an AdapterStore (directory) or an ObjectStore (s3://...)."""
-    text = str(location)
+    text = check_location(str(location))
     if text.startswith(OBJECT_STORE_SCHEME):
         try:
             from server.adapters.object_store import ObjectStore
         except ImportError:
             raise StoreError(f"{text}: object stores need boto3: pip install 'reft-server[s3]'") from None
         return ObjectStore(text)
-    if "://" in text:
-        raise StoreError(f"unsupported store {text!r}: give a directory or s3://bucket/prefix")
-    return AdapterStore(text)
+    try:
+        return AdapterStore(text)
+    except OSError as e:  # a file in the way, a read-only volume: a message, not a traceback
+        raise StoreError(f"cannot open the store {text!r}: {e.strerror or e}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from server.api.schemas import (
     VersionSummary,
 )
 
+log = logging.getLogger(__name__)
 ADMIN_PREFIX = "/v1/adapters"
 # The admin token is checked by server/api/admin_gate.py before the body is read, for every route here.
 router = APIRouter(prefix=ADMIN_PREFIX, tags=["adapters (admin)"])
@@ -204,6 +206,9 @@ async def list_adapters(
             info = await asyncio.to_thread(state.store.info, name)
         except NotFound:
             continue  # deleted meanwhile
+        except (ValueError, OSError) as e:  # a pointer written by hand, a flaky volume: not every name's listing
+            log.warning("adapter %r left out of the listing: its pointer is unreadable (%s)", name, e)
+            continue
         details.append(AdapterSummary(**_detail(state, info).model_dump(exclude={"details"})))
     return details
 
@@ -355,11 +360,16 @@ async def pull_from_hub(
 
 @router.put("/{name}/current", response_model=AdapterDetail, responses=PRECONDITION_RESPONSES)
 async def set_current_version(
-    name: str, body: SetCurrentRequest, state: State, response: Response, if_match: IfMatch = None
+    name: str,
+    body: SetCurrentRequest,
+    state: State,
+    response: Response,
+    if_match: IfMatch = None,
+    if_none_match: IfNoneMatch = None,
 ):
     """Serve another existing version (roll back or forward); running requests keep theirs."""
     name = _name(name)
-    condition = precondition(if_match)
+    condition = precondition(if_match, if_none_match)  # an ignored If-None-Match would write unconditionally
     async with state.registry.local_write(name):
         try:
             await asyncio.to_thread(state.store.set_current, name, body.version, condition)
@@ -373,10 +383,10 @@ async def set_current_version(
 
 
 @router.delete("/{name}", responses=PRECONDITION_RESPONSES)
-async def delete_adapter(name: str, state: State, if_match: IfMatch = None):
+async def delete_adapter(name: str, state: State, if_match: IfMatch = None, if_none_match: IfNoneMatch = None):
     """Take `name` out of service and delete its files; running requests finish unharmed."""
     name = _name(name)
-    condition = precondition(if_match)
+    condition = precondition(if_match, if_none_match)
     async with state.registry.local_write(name):
         try:
             await asyncio.to_thread(state.store.delete, name, condition)

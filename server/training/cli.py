@@ -23,7 +23,7 @@ from server.adapters.precondition_args import (
     add_precondition_arguments,
     precondition_from_args,
 )
-from server.adapters.store import Precondition, PreconditionFailed
+from server.adapters.store import Precondition, PreconditionFailed, StoreError, check_name
 from server.adapters.stores import open_store
 from server.plugins import PluginError, load_plugins, split_plugins
 from server.reft.interventions import INTERVENTION_TYPES, intervention_type
@@ -83,7 +83,7 @@ def run_train(args: argparse.Namespace) -> int:
     except PreconditionFailed as e:
         print(f"reft-server train: error: {e}", file=sys.stderr)
         return PRECONDITION_EXIT_CODE
-    except (ValueError, OSError, PluginError) as e:
+    except (ValueError, OSError, PluginError, StoreError) as e:
         print(f"reft-server train: error: {e}", file=sys.stderr)
         return 1
     print(_summary(args, result, destination))
@@ -139,9 +139,14 @@ def _device(name: str) -> torch.device:
 
 
 def _check_precondition_early(args: argparse.Namespace) -> None:
+    """The store, the name and the precondition, which the publish after training would refuse."""
+    if args.store is None:
+        return
+    check_name(args.name)
+    store = open_store(args.store)
     condition = precondition_from_args(args)
-    if args.store is not None and condition is not None:
-        condition.check(args.name, open_store(args.store).current_or_none(args.name))
+    if condition is not None:
+        condition.check(args.name, store.current_or_none(args.name))
 
 
 def _write(result: TrainResult, args: argparse.Namespace) -> str:

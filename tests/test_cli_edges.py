@@ -1,0 +1,114 @@
+"""The command line and the adapter management surface at their edges: unusable stores, bad settings, Ctrl-C,
+failed writes, unreadable names, If-None-Match on every write (found by a review of that surface)."""
+
+import json
+import os
+
+import pytest
+
+from server.adapters.random_adapters import random_adapter_file
+from server.adapters.store import AdapterStore
+from server.cli import main
+from tests.api_utils import ADMIN, running_app
+from tests.conftest import FIXTURE
+
+CHECKPOINT = str(FIXTURE / "adapters" / "lo_l2_f1l1")
+
+
+def adapter_bytes(seed: int) -> bytes:
+    spec = {"kind": "loreft", "layers": (1, 4), "rank": 4, "positions": "f2+l2", "hidden_size": 192}
+    return random_adapter_file(seed=seed, **spec).to_bytes()
+
+
+def import_lo(store, name: str = "lo") -> int:
+    args = ["adapters", "import-pyreft", CHECKPOINT, "--name", name, "--positions", "f1+l1", "--share-weights"]
+    return main([*args, "--store", str(store)])
+
+
+def test_a_store_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("x")
+    assert main(["adapters", "--store", str(not_a_directory), "list"]) == 2
+    assert str(not_a_directory) in capsys.readouterr().err
+
+
+def test_serve_refuses_an_unsupported_store_before_anything_loads(capsys):
+    assert main(["serve", "--store", "ftp://host/adapters"]) == 2
+    assert "--store" in capsys.readouterr().err
+
+
+def test_an_invalid_setting_names_its_flag(capsys):
+    assert main(["serve", "--kv-cache-memory", "lots"]) == 2
+    err = capsys.readouterr().err
+    assert "--kv-cache-memory:" in err and "function-after" not in err
+
+
+def test_ctrl_c_in_an_adapters_action_exits_without_a_traceback(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AdapterStore, "publish", interrupted)
+    assert import_lo(tmp_path / "store") == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    store = AdapterStore(tmp_path / "store")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        store.publish("lo", b"x" * 1000)
+    assert list((tmp_path / "store" / ".tmp").iterdir()) == []
+
+
+def test_cli_list_shows_every_adapter_when_one_is_unreadable(tmp_path, capsys):
+    store = tmp_path / "store"
+    assert import_lo(store, "a") == 0 and import_lo(store, "b") == 0 and import_lo(store, "c") == 0
+    (store / "a" / "versions" / "000001.safetensors").write_bytes(b"junk")
+    (store / "b" / "current").write_text("garbage")
+    capsys.readouterr()
+    assert main(["adapters", "list", "--store", str(store)]) == 2
+    captured = capsys.readouterr()
+    assert [line.split("\t")[0] for line in captured.out.splitlines()] == ["c"]
+    assert "error: a: file:" in captured.err and "error: b: invalid literal" in captured.err
+
+
+def test_admin_list_survives_an_unreadable_pointer(tmp_path):
+    store = tmp_path / "store"
+    with running_app(FIXTURE / "model", store) as client:
+        for name in ("a", "b"):
+            uploaded = client.post(f"/v1/adapters/{name}", files={"file": ("a", adapter_bytes(1))}, headers=ADMIN)
+            assert uploaded.status_code == 201
+        (store / "a" / "current").write_text("garbage")
+        listing = client.get("/v1/adapters", headers=ADMIN)
+        assert listing.status_code == 200 and [a["name"] for a in listing.json()] == ["b"]
+
+
+def test_if_none_match_is_not_ignored_on_delete_and_roll_back(tmp_path):
+    with running_app(FIXTURE / "model", tmp_path / "store") as client:
+        assert client.post("/v1/adapters/a", files={"file": ("a", adapter_bytes(1))}, headers=ADMIN).status_code == 201
+        create_only = {**ADMIN, "If-None-Match": "*"}
+        rolled = client.put("/v1/adapters/a/current", json={"version": 1}, headers=create_only)
+        assert rolled.status_code == 412
+        assert client.delete("/v1/adapters/a", headers=create_only).status_code == 412
+        assert client.get("/v1/adapters/a", headers=ADMIN).status_code == 200, "a failed precondition deletes nothing"
+
+
+def test_train_refuses_a_store_or_name_it_cannot_publish_to_before_training(tmp_path, capsys, monkeypatch):
+    import server.training.cli as train_cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("trained although the publish could only fail")
+
+    monkeypatch.setattr(train_cli, "train_adapter", never)
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    model = str(FIXTURE / "model")
+    base = ["train", "--model", model, "--data", str(data), "--layers", "1"]
+    assert main([*base, "--name", "lo", "--store", "ftp://host/adapters"]) == 1
+    assert "unsupported store" in capsys.readouterr().err
+    assert main([*base, "--name", "bad/name", "--store", str(tmp_path / "store")]) == 1
+    assert "invalid adapter name" in capsys.readouterr().err
