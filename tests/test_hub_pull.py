@@ -78,6 +78,7 @@ def test_cli_pulls_a_safetensors_adapter_at_a_branch_or_commit(hub, tmp_path, ca
         (["someone/lo-reft"], "give the positions"),
         (["bad repo id"], "invalid Hub reference"),
         (["someone/lo-reft@"], "invalid Hub reference"),
+        (["someone/lo-reft@../../x"], "invalid Hub reference"),
     ],
 )
 def test_cli_pull_errors_are_clear(hub, tmp_path, capsys, args, message):

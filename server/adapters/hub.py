@@ -60,7 +60,8 @@ class HubRef:
     def parse(cls, text: str) -> HubRef:
         """REPO_ID or REPO_ID@REVISION (a branch, tag or commit)."""
         repo_id, _, revision = text.partition("@")
-        if not REPO_ID.fullmatch(repo_id) or ".." in repo_id or (text.count("@") and not revision):
+        # huggingface_hub joins the revision into its cache's refs/ path: no ".." there either
+        if not REPO_ID.fullmatch(repo_id) or ".." in text or (text.count("@") and not revision):
             raise InvalidHubRef(f"invalid Hub reference {text!r}: use owner/name or owner/name@revision")
         return cls(repo_id, revision or None)
 
