@@ -154,6 +154,14 @@ class Settings(BaseSettings):
     admin_open: bool = Field(False, description="Open the admin API without a token (local use only)")
     api_key: SecretStr | None = Field(None, description="Bearer token required on generation routes when set")
 
+    @field_validator("admin_token", "api_key")
+    @classmethod
+    def _token_not_empty(cls, value: SecretStr | None):
+        # an empty secret (a Kubernetes Secret without its key's value, say) would be a token nobody can send
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is set but empty: give a token, or leave it unset")
+        return value
+
     # operations
     profile_dir: str | None = Field(
         None,

@@ -43,6 +43,16 @@ def test_an_invalid_setting_names_its_flag(capsys):
     assert "--kv-cache-memory:" in err and "function-after" not in err
 
 
+@pytest.mark.parametrize("variable", ["REFT_API_KEY", "REFT_ADMIN_TOKEN"])
+def test_an_empty_token_refuses_to_start(monkeypatch, capsys, variable):
+    """An empty secret would be a token nobody can send: every request a 401, and nothing to say why."""
+    monkeypatch.setenv(variable, " ")
+    assert main(["serve"]) == 2
+    assert f"--{variable.removeprefix('REFT_').lower().replace('_', '-')}: Value error, is set but empty" in (
+        capsys.readouterr().err
+    )
+
+
 def test_ctrl_c_in_an_adapters_action_exits_without_a_traceback(tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
