@@ -58,6 +58,10 @@ class TensorParallelGroup:
             raise GroupBroken(self.failure) from e
         self.last_sent = time.monotonic()
 
+    def break_off(self, reason: str) -> None:
+        """Rank 0: the ranks may no longer be in step (one raised mid-step); send nothing more."""
+        self.failure = self.failure or reason
+
     def receive(self):
         """A follower: the next message from rank 0 (raises once rank 0 is gone)."""
         box = [None]

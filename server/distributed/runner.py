@@ -23,6 +23,7 @@ from server.distributed.group import PING, STOP, GroupBroken, TensorParallelGrou
 from server.engine.kv_cache import KVCache, KVLayout
 from server.engine.model_runner import ModelRunner, StepBatch
 from server.models.loader import load_model, resolve_dtype
+from server.plugins import load_plugins
 from server.reft.plan import InterventionPlan
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,11 @@ class TensorParallelDriver(ModelRunner):
         """`pending` stays None: the core reads every step at once with tensor parallelism."""
         assert pending is None, "async scheduling is off with tensor parallelism"
         self.group.send(self.adapters.message(batch))
-        return super().forward(batch)
+        try:
+            return super().forward(batch)
+        except Exception as e:  # the followers may wait in a collective this rank never reaches: no more steps
+            self.group.break_off(f"rank 0 failed a step its followers ran: {type(e).__name__}: {e}")
+            raise
 
     def idle(self) -> None:
         if time.monotonic() - self.group.last_sent >= PING_SECONDS:
@@ -73,6 +78,7 @@ def follow(group: TensorParallelGroup, settings: Settings, device: torch.device)
     """A follower's whole life: load its shard of the model, then run rank 0's steps until STOP."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    load_plugins(settings.plugins)  # the intervention types rank 0 serves, before any adapter arrives
     model_path = group.receive()
     model, _ = load_model(model_path, device, resolve_dtype(settings.dtype, device), tensor_parallel=group.size)
     geometry: KVGeometry = group.receive()
@@ -86,5 +92,6 @@ def follow(group: TensorParallelGroup, settings: Settings, device: torch.device)
             continue
         try:
             runner.forward(adapters.batch(message))
-        except Exception:  # rank 0 ran the same inputs: it fails the step's requests, and so serving goes on
+        except Exception:  # rank 0 may wait in a collective this rank never reaches: leaving breaks the group
             log.exception("tensor-parallel rank %d: step failed", group.rank)
+            raise

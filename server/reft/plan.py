@@ -136,12 +136,18 @@ def _pairs(pieces: list[EditedRows]) -> tuple[list[_Pair], list[tuple[Hashable, 
     for piece in pieces:
         for index, rows in enumerate(piece.rows):
             if rows:
-                pair = pairs.setdefault((id(piece.adapter), index), _Pair(piece.adapter, index))
+                pair = pairs.setdefault((_identity(piece.adapter), index), _Pair(piece.adapter, index))
                 pair.rows.extend(rows)
                 pair.owners.append(piece.owner)
         if any(piece.rows):
             owner_rows.append((piece.owner, piece.first_row, piece.length))
     return list(pairs.values()), owner_rows
+
+
+def _identity(adapter: EditSource) -> Hashable:
+    """Adapters of equal content (a digest) are one: a tensor-parallel follower holds one copy of what rank 0
+    may hold twice (two names, or a reload), and both must lay out and round the step alike."""
+    return getattr(adapter, "digest", None) or id(adapter)
 
 
 def _segment_length(pairs: list[_Pair]) -> int:
