@@ -90,21 +90,33 @@ def test_two_ranks_give_the_tokens_of_one_process_and_the_reference(tiny_model_d
     assert steered >= 3, "the adapters must change outputs, or the comparison proves nothing"
 
 
+def two_rank_server(model_dir: Path, tmp_path: Path, *extra: str) -> ServerProcess:
+    """`reft-server serve --tensor-parallel 2` on the tiny model (spawned follower), as a context manager."""
+    args = ("--model", str(model_dir), "--store", str(tmp_path / "store"), "--tensor-parallel", "2")
+    args += ("--kv-cache-memory", "8MiB", "--max-model-len", "256", "--admin-token", ADMIN_TOKEN, *extra)
+    return ServerProcess(tmp_path / "server.log", *args, env={"OMP_NUM_THREADS": "1"})
+
+
+def serves_like_the_reference(server: ServerProcess, model_dir: Path, adapter: AdapterFile, name: str) -> dict:
+    """Upload `adapter` as `name`: its greedy tokens over HTTP equal the slow reference's. Returns the
+    request's body, to send again."""
+    upload(server.url, name, adapter.to_bytes())
+    ids = prompt(30, seed=3)
+    body = {"input_ids": ids, "adapter": name, "max_new_tokens": 6, "temperature": 0}
+    reply = httpx.post(f"{server.url}/v1/generate", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    expected = reference_generate(
+        load_reference_model(model_dir), ids, materialize(adapter, name=name), max_new_tokens=6
+    )
+    assert reply.json()["token_ids"] == expected
+    return body
+
+
 def test_a_dead_rank_fails_readiness_and_requests(tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("llama")
-    args = ("--model", str(model_dir), "--store", str(tmp_path / "store"), "--tensor-parallel", "2")
-    args += ("--kv-cache-memory", "8MiB", "--max-model-len", "256", "--admin-token", ADMIN_TOKEN)
-    with ServerProcess(tmp_path / "server.log", *args, env={"OMP_NUM_THREADS": "1"}) as server:
+    with two_rank_server(model_dir, tmp_path) as server:
         adapter = random_adapter_file("loreft", (0, 2), 4, "f2+l2", HIDDEN, seed=5)
-        upload(server.url, "steer", adapter.to_bytes())
-        ids = prompt(30, seed=3)
-        body = {"input_ids": ids, "adapter": "steer", "max_new_tokens": 6, "temperature": 0}
-        reply = httpx.post(f"{server.url}/v1/generate", json=body, timeout=60)
-        assert reply.status_code == 200, reply.text
-        expected = reference_generate(
-            load_reference_model(model_dir), ids, materialize(adapter, name="steer"), max_new_tokens=6
-        )
-        assert reply.json()["token_ids"] == expected
+        body = serves_like_the_reference(server, model_dir, adapter, "steer")
 
         (follower,) = spawned_children(server.process.pid)
         os.kill(follower, signal.SIGKILL)

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 
-import httpx
 import pytest
 import torch
 
@@ -17,32 +16,18 @@ from server.adapters.random_adapters import random_adapter_file
 from server.distributed.adapter_mirror import AdapterReceiver, AdapterSender
 from server.reft.plan import build_plan
 from server.reft.reference import reference_generate
-from tests.api_utils import ADMIN_TOKEN
 from tests.conftest import load_reference_model
 from tests.engine_utils import prompt, random_adapter
-from tests.server_process import ServerProcess
-from tests.test_server_process import upload
-from tests.test_tensor_parallel import edit_batch
+from tests.test_tensor_parallel import edit_batch, serves_like_the_reference, two_rank_server
 
 HIDDEN = 128
 
 
 def test_followers_load_the_plugins_rank_0_serves(tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("llama")
-    args = ("--model", str(model_dir), "--store", str(tmp_path / "store"), "--tensor-parallel", "2")
-    args += ("--kv-cache-memory", "8MiB", "--max-model-len", "256", "--admin-token", ADMIN_TOKEN)
-    args += ("--plugins", "tests.gated_reft_plugin")
-    with ServerProcess(tmp_path / "server.log", *args, env={"OMP_NUM_THREADS": "1"}) as server:
+    with two_rank_server(model_dir, tmp_path, "--plugins", "tests.gated_reft_plugin") as server:
         adapter = random_adapter_file("gatedreft", (0, 2), 4, "f2+l2", HIDDEN, seed=5)
-        upload(server.url, "gated", adapter.to_bytes())
-        ids = prompt(30, seed=3)
-        body = {"input_ids": ids, "adapter": "gated", "max_new_tokens": 6, "temperature": 0}
-        reply = httpx.post(f"{server.url}/v1/generate", json=body, timeout=20)
-        assert reply.status_code == 200, reply.text
-    expected = reference_generate(
-        load_reference_model(model_dir), ids, materialize(adapter, name="gated"), max_new_tokens=6
-    )
-    assert reply.json()["token_ids"] == expected
+        serves_like_the_reference(server, model_dir, adapter, "gated")
 
 
 def run_with_fault(model_dir, tmp_path, side: str) -> dict:
