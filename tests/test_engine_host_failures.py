@@ -94,10 +94,12 @@ def test_cancel_all_ends_every_stream_even_while_the_engine_is_stuck(tiny_model_
     assert first.token_ids and rest.finish_reason is FinishReason.ABORT
 
 
-def test_a_start_that_fails_once_the_engine_process_runs_stops_that_process(tiny_model_dir):
+def test_a_start_that_fails_once_the_engine_process_runs_stops_that_process(tiny_model_dir, tmp_path):
     """The engine process (the model, on a GPU its memory) must not outlive a start that failed after it
-    was spawned: here the store cannot be opened."""
-    with pytest.raises(StoreError, match="unsupported store"):
-        with running_app(tiny_model_dir("llama"), "ftp://nowhere", engine_core="process", device="cpu"):
+    was spawned: here the store cannot be opened (a file is in its way)."""
+    in_the_way = tmp_path / "store"
+    in_the_way.write_text("not a directory")
+    with pytest.raises(StoreError, match="cannot open the store"):
+        with running_app(tiny_model_dir("llama"), in_the_way, engine_core="process", device="cpu"):
             pass
     wait_for(lambda: not multiprocessing.active_children(), timeout=10)

@@ -224,5 +224,7 @@ def test_an_unreadable_pointer_is_reported_and_stops_neither_a_start_nor_the_oth
     s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{prefix}/pointers/bad", Body=b"not json")
     served = ObjectStore(url).served()
     assert served.versions == {"good": 1} and "unreadable pointer" in served.unreadable["bad"]
+    reader = ObjectStore(url)
+    assert reader.names() == ["bad", "good"], "listed, so that a listing can say what is wrong with it"
     with pytest.raises(OSError, match="unreadable pointer"):
-        ObjectStore(url).names()
+        reader.info("bad")

@@ -234,11 +234,10 @@ class ObjectStore:
         return Served(versions, unreadable)
 
     def names(self) -> list[str]:
-        """Served names; an unreadable pointer is an error here (a listing must not silently leave names out)."""
+        """Served names, and those whose pointer cannot be read (their `info` says why), as a directory
+        store lists every name with a `current` file without reading it."""
         served = self.served()
-        if served.unreadable:
-            raise ObjectStoreError(next(iter(served.unreadable.values())))
-        return sorted(served.versions)
+        return sorted([*served.versions, *served.unreadable])
 
     def current(self, name: str) -> int:
         return served_version(name, self.current_or_none(name))
