@@ -34,6 +34,13 @@ def load_reference_model(path):
     return load_causal_lm(path, torch.float32, attention="sdpa")
 
 
+@pytest.fixture(scope="module")
+def models(tiny_model_dir):
+    """(engine model, reference model) of the tiny Llama."""
+    directory = tiny_model_dir("llama")
+    return load_causal_lm(directory, torch.float32), load_reference_model(directory)
+
+
 @pytest.fixture(scope="session")
 def pyreft_fixture():
     expected = json.loads((FIXTURE / "expected.json").read_text())

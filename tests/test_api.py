@@ -241,7 +241,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model 'nope' not found"),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": ["hi", "ho"], "n": 9}, 400, "n: 2 prompt(s) x n=9 make 18"),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "n": 2, "best_of": 3}, 400, "best_of"),
-    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "suffix": "!"}, 400, "suffix"),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "logit_bias": {"a": 1}}, 400, "logit_bias keys"),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "logit_bias": {"-3": 1}}, 400, "logit_bias keys"),
     ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),

@@ -5,6 +5,7 @@ import torch
 
 from server.adapters.materialize import materialize
 from server.adapters.random_adapters import random_adapter_file
+from server.engine import sampler as sampler_module
 from server.engine.sampler import Sampler, filter_logits
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import FinishReason, Sequence
@@ -331,15 +332,15 @@ def test_a_seeded_request_draws_the_same_tokens_when_a_batched_draw_is_retried(m
     is drawn again row by row: the seeded rows must draw what they would have (found by fuzzing)."""
     params = {"temperature": 1.0, "seed": 1234, "logprobs": 1, "max_new_tokens": 8}
     alone = run_core(make_core(model), [(seq("s", prompt(10, 1), **params), 0)])["s"]
-    table, faults = Sampler._table, []
+    table, faults = sampler_module.logprob_table, []
 
-    def fails_once_for_a_batch(tokens, raw_logprobs, wanted):
+    def fails_once_for_a_batch(tokens, raw_logprobs, top):
         if tokens.shape[0] > 1 and not faults:
             faults.append(1)
             raise RuntimeError("CUDA out of memory (simulated)")
-        return table(tokens, raw_logprobs, wanted)
+        return table(tokens, raw_logprobs, top)
 
-    monkeypatch.setattr(Sampler, "_table", staticmethod(fails_once_for_a_batch))
+    monkeypatch.setattr(sampler_module, "logprob_table", fails_once_for_a_batch)
     mixed = run_core(
         make_core(model), [(seq("s", prompt(10, 1), **params), 0), (seq("g", prompt(7, 2), logprobs=0), 0)]
     )

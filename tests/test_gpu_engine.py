@@ -13,6 +13,7 @@ kernel in 16 bits only.
 """
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -69,6 +70,34 @@ def test_paged_backend_gives_sdpa_tokens(cuda_llama, cuda_graphs, compile_backen
         assert graphs is None
     if compile_backend is not None:  # neither the decode graphs nor the eager steps' layers fell back
         assert graphs._compiled is not None and not compile_layers(cuda_llama, compile_backend).failed
+
+
+def test_prompt_logprobs_on_the_gpu_path_equal_the_sdpa_paths(cuda_llama):
+    """Prompts scored over several chunks next to graph-replayed decodes, with async scheduling (the GPU's
+    defaults): the paged backend's prompt logprobs equal the sdpa backend's, as do every request's tokens."""
+
+    def scored_run(**config):
+        requests = [(s, t) for s, t in workload(cuda_llama)]
+        for i, (sequence, _) in enumerate(requests):
+            sequence.sampling = replace(sequence.sampling, prompt_logprobs=2 if i % 2 else None)
+        core = make_core(cuda_llama, num_blocks=96, max_batched_tokens=40, max_num_seqs=12, **config)
+        scored = {}
+        for sequence, _ in requests:
+            core.add(sequence)
+        while core.has_work():
+            for output in core.step():
+                if output.prompt_logprobs is not None:
+                    scored[output.request_id] = [(s.token, s.logprob, s.top_logprobs) for s in output.prompt_logprobs]
+        return {s.request_id: s.token_ids for s, _ in requests}, scored
+
+    expected_tokens, expected = scored_run(attention_backend="sdpa")
+    tokens, scored = scored_run(attention_backend="auto", cuda_graphs=True, async_scheduling=True)
+    assert tokens == expected_tokens and scored.keys() == expected.keys()
+    for request_id, samples in scored.items():
+        want = expected[request_id]
+        assert [token for token, _, _ in samples] == [token for token, _, _ in want]
+        assert [logprob for _, logprob, _ in samples] == pytest.approx([logprob for _, logprob, _ in want], abs=1e-4)
+        assert [top[0][0] for _, _, top in samples] == [top[0][0] for _, _, top in want]
 
 
 def test_triton_kernel_matches_its_twin_on_cuda():

@@ -9,16 +9,9 @@ import torch
 from server.engine.sequence import FinishReason
 from server.reft.interventions import Intervention
 from server.reft.reference import reference_generate
-from tests.conftest import load_reference_model
-from tests.engine_utils import load_engine_model, make_core, prompt, random_adapter, run_core, seq
+from tests.engine_utils import make_core, prompt, random_adapter, run_core, seq
 
 BLOCK = 8
-
-
-@pytest.fixture(scope="module")
-def models(tiny_model_dir):
-    path = tiny_model_dir("llama")
-    return load_engine_model(path), load_reference_model(path)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
 from server.reft.batch_edit import batch_edit_kwargs
 from server.reft.request_edit import RequestEdit
-from tests.conftest import load_reference_model
-from tests.engine_utils import load_engine_model, make_core, prompt, random_adapter, run_core
+from tests.engine_utils import make_core, prompt, random_adapter, run_core
 
 NEW_TOKENS = 10
 
@@ -32,12 +31,6 @@ def recomputed_generate(model, prompt_ids: list[int], edit: RequestEdit) -> list
         logits = model(torch.tensor([tokens]), use_cache=False, **kwargs).logits[0, -1]
         tokens.append(int(logits.argmax()))
     return tokens[len(prompt_ids) :]
-
-
-@pytest.fixture(scope="module")
-def models(tiny_model_dir):
-    directory = tiny_model_dir("llama")
-    return load_engine_model(directory), load_reference_model(directory)
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])

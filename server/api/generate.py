@@ -29,6 +29,11 @@ def token_logprobs(tokenizer, samples: list[Sample]) -> list[TokenLogprob]:
     ]
 
 
+def prompt_token_logprobs(tokenizer, samples: list[Sample]) -> list[TokenLogprob | None]:
+    """The prompt's tokens scored: the first has nothing before it to be scored by (null), as in vLLM."""
+    return [None, *token_logprobs(tokenizer, samples)]
+
+
 def adapter_ref(running: Running) -> AdapterRef | None:
     if running.lease is None:
         return None
@@ -54,7 +59,7 @@ async def generate(body: GenerateRequest, request: Request, state: State):
     """Generate from a prompt with the base model or an adapter (`adapter`: name or name@version)."""
     field = "prompt" if body.prompt is not None else "input_ids"
     prompt_ids = await tokenize(state, body.prompt if body.prompt is not None else body.input_ids, field)
-    sampling = body.sampling(body.max_new_tokens, body.logprobs)
+    sampling = body.sampling(body.max_new_tokens, body.logprobs, body.prompt_logprobs)
     running = await start(state, prompt_ids, sampling, body.adapter, "adapter", "max_new_tokens")
     adapter = adapter_ref(running)
     timeout = state.settings.request_timeout
@@ -63,6 +68,7 @@ async def generate(body: GenerateRequest, request: Request, state: State):
     output = await collect(request, running, timeout)
     if error := failure(output):
         raise error
+    scored = output.prompt_logprobs
     return GenerateResponse(
         id=running.stream.request_id,
         text=output.text,
@@ -71,6 +77,7 @@ async def generate(body: GenerateRequest, request: Request, state: State):
         adapter=adapter,
         usage=usage(output),
         logprobs=token_logprobs(state.tokenizer, output.logprobs) if body.logprobs is not None else None,
+        prompt_logprobs=prompt_token_logprobs(state.tokenizer, scored) if scored is not None else None,
     )
 
 
@@ -86,6 +93,9 @@ async def _events(
             data = {"id": request_id, "text": output.text, "token_ids": output.token_ids, "finish_reason": None}
             if logprobs:
                 data["logprobs"] = [lp.model_dump() for lp in token_logprobs(state.tokenizer, output.logprobs)]
+            if output.prompt_logprobs is not None:  # the first output's, where asked
+                scored = prompt_token_logprobs(state.tokenizer, output.prompt_logprobs)
+                data["prompt_logprobs"] = [lp.model_dump() if lp else None for lp in scored]
             if output.finished:
                 data["finish_reason"] = output.finish_reason.value
                 data["usage"] = usage(output).model_dump()

@@ -112,6 +112,21 @@ def completion_logprobs(tokenizer, samples: list[Sample], text_offset: int = 0) 
     }
 
 
+def echoed_logprobs(tokenizer, prompt_ids: list[int], scored: list[Sample]) -> dict:
+    """The prompt's part of an echoed completion's logprobs: the first token, which nothing before it scores,
+    has null for its logprob and its top logprobs, as in OpenAI's and vLLM's."""
+    part = completion_logprobs(tokenizer, [Sample(prompt_ids[0]), *scored])
+    part["top_logprobs"][0] = None
+    return part
+
+
+def joined_logprobs(prompt_part: dict, tokenizer, samples: list[Sample]) -> dict:
+    """An echoed prompt's logprobs followed by the generated tokens', whose offsets go on after the prompt's."""
+    end = prompt_part["text_offset"][-1] + len(prompt_part["tokens"][-1])
+    generated = completion_logprobs(tokenizer, samples, end)
+    return {key: prompt_part[key] + generated[key] for key in generated}
+
+
 def chat_logprobs(tokenizer, samples: list[Sample]) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
         text = tokenizer.decode([token_id])
@@ -123,6 +138,11 @@ def chat_logprobs(tokenizer, samples: list[Sample]) -> dict:
             for s in samples
         ]
     }
+
+
+def echo_text(tokenizer, prompt: str | list[int], prompt_ids: list[int]) -> str:
+    """The prompt as echoed: as sent, or a token-id prompt decoded."""
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)
 
 
 # -- streaming ---------------------------------------------------------------------------------------
@@ -185,7 +205,8 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     texts = body.prompts()
     check_choices(state, len(texts), body.n)
     prompts = [await tokenize(state, prompt) for prompt in texts]
-    runs = await start_choices(state, prompts, body, body.sampling(body.max_tokens, body.logprobs))
+    scored = body.logprobs if body.echo else None  # an echoed prompt's logprobs are its tokens' scores
+    runs = await start_choices(state, prompts, body, body.sampling(body.max_tokens, body.logprobs, scored))
     prompt_tokens = sum(len(prompt_ids) for prompt_ids in prompts)
     base = {
         "id": f"cmpl-{uuid.uuid4().hex}",
@@ -195,29 +216,36 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     }
     wants_logprobs = body.logprobs is not None
     timeout = state.settings.request_timeout
+    echoes = [echo_text(state.tokenizer, text, ids) for text, ids in zip(texts, prompts, strict=True)]
+
+    def choice(index: int, output: RequestOutput, first: bool = True, offset: int = 0) -> dict:
+        """One choice's text and logprobs; with echo, its first output begins with its prompt (and the prompt's
+        scores come with that output)."""
+        text = output.text
+        logprobs = completion_logprobs(state.tokenizer, output.logprobs, offset) if wants_logprobs else None
+        if body.echo and first:
+            text = echoes[index // body.n] + text
+            if wants_logprobs and output.prompt_logprobs is not None:
+                prompt_part = echoed_logprobs(state.tokenizer, prompts[index // body.n], output.prompt_logprobs)
+                logprobs = joined_logprobs(prompt_part, state.tokenizer, output.logprobs)
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(output)}
 
     if body.stream:
         offsets = [0] * len(runs)
+        started: set[int] = set()
 
         def chunk(index: int, output: RequestOutput) -> dict:
-            logprobs = completion_logprobs(state.tokenizer, output.logprobs, offsets[index]) if wants_logprobs else None
-            offsets[index] += len(output.text)
-            return {"index": index, "text": output.text, "logprobs": logprobs, "finish_reason": finish_reason(output)}
+            part = choice(index, output, index not in started, offsets[index])
+            started.add(index)
+            offsets[index] += len(part["text"])
+            return part
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = openai_events(runs, timeout, chunk, include_usage, base, prompt_tokens)
         return sse.EventStream(events, lambda: close_all(runs))
 
     outputs = await asyncio.gather(*(collect(request, running, timeout) for running in runs))
-    choices = [
-        {
-            "index": i,
-            "text": output.text,
-            "logprobs": completion_logprobs(state.tokenizer, output.logprobs) if wants_logprobs else None,
-            "finish_reason": finish_reason(output),
-        }
-        for i, output in enumerate(outputs)
-    ]
+    choices = [choice(i, output) for i, output in enumerate(outputs)]
     return {**base, "choices": choices, "usage": usage(prompt_tokens, list(outputs))}
 
 

@@ -81,7 +81,7 @@ class SamplingFields(StrictModel):
             raise ValueError("logit_bias names a token id twice")
         return bias
 
-    def sampling(self, max_new_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling(self, max_new_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_new_tokens=max_new_tokens,
@@ -98,6 +98,7 @@ class SamplingFields(StrictModel):
             stop=stop,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -108,6 +109,9 @@ class GenerateRequest(SamplingFields):
     adapter: Name | None = Field(None, description="Adapter name or name@version; unset = the base model")
     max_new_tokens: MaxTokens = 64
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Return logprobs with the top n")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Return each prompt token's logprob (the first's: null) with the top n"
+    )
     stream: bool = Field(False, description="Server-sent events, one per token batch")
 
     @model_validator(mode="after")
@@ -145,6 +149,7 @@ class GenerateResponse(BaseModel):
     adapter: AdapterRef | None
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 # -- OpenAI-compatible API --------------------------------------------------------------------------
@@ -194,8 +199,6 @@ class CompletionRequest(OpenAIFields):
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
 
     def unsupported(self) -> str | None:
-        if self.echo:
-            return "echo is not supported"
         if self.suffix:
             return "suffix is not supported"
         if self.best_of not in (None, self.n):

@@ -63,6 +63,7 @@ class RequestOutput:
     unavailable: bool = False  # SeqOutput's: the engine stopped under it
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_logprobs: list[Sample] | None = None  # in the first output, where asked: prompt tokens 1.. scored
 
 
 class RequestStream:
@@ -109,12 +110,13 @@ class RequestStream:
             raise StopAsyncIteration
         raw = await self._queue.get()
         if not raw.finish_reason and self._queue.qsize():  # coalesce what piled up meanwhile, in linear time
-            tokens, samples = list(raw.new_tokens), list(raw.samples)
+            tokens, samples, prompt = list(raw.new_tokens), list(raw.samples), raw.prompt_logprobs
             while not raw.finish_reason and self._queue.qsize():
                 raw = self._queue.get_nowait()
                 tokens += raw.new_tokens
                 samples += raw.samples
-            raw.new_tokens, raw.samples = tokens, samples
+                prompt = prompt if prompt is not None else raw.prompt_logprobs
+            raw.new_tokens, raw.samples, raw.prompt_logprobs = tokens, samples, prompt
         return self._process(raw)
 
     def _process(self, raw: SeqOutput) -> RequestOutput:
@@ -146,6 +148,7 @@ class RequestStream:
             unavailable=raw.unavailable,
             prompt_tokens=len(self.request.prompt_ids),
             completion_tokens=self.num_generated,
+            prompt_logprobs=raw.prompt_logprobs,
         )
 
     def _text_until_stop(self, tokens: list[int], last_unrendered: bool) -> tuple[str, int]:
@@ -206,6 +209,7 @@ class RequestStream:
             text="".join(p.text for p in parts),
             token_ids=[t for p in parts for t in p.token_ids],
             logprobs=[s for p in parts for s in p.logprobs],
+            prompt_logprobs=next((p.prompt_logprobs for p in parts if p.prompt_logprobs is not None), None),
         )
 
 

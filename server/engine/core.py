@@ -33,6 +33,7 @@ from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache, KVLayout
 from server.engine.memory import auto_kv_budget
 from server.engine.model_runner import EditCheck, ModelRunner, StepResult
+from server.engine.prompt_logprobs import PromptScores
 from server.engine.sampler import Draw, PendingTokens, Sample, Sampler
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledChunk, Scheduler
@@ -54,6 +55,7 @@ class SeqOutput:
     num_prompt: int = 0
     num_generated: int = 0
     unavailable: bool = False  # failed because the engine stopped, not for anything of its own: retry elsewhere
+    prompt_logprobs: list[Sample] | None = None  # with the first token, where asked: prompt tokens 1.. scored
 
 
 @dataclass(frozen=True)
@@ -75,23 +77,35 @@ class EngineLoad:
 @dataclass
 class InFlight:
     """A launched step that the host has not read yet: its drawn tokens (one draw for all its rows, or one
-    per row where the batched draw failed) and the finite check of its ReFT edits."""
+    per row where the batched draw failed), the finite check of its ReFT edits and its prompt logprobs."""
 
     parts: list[tuple[list[Sequence], Draw]]
     check: EditCheck | None = None
+    scores: PromptScores | None = None
 
     @property
     def seqs(self) -> list[Sequence]:
         return [seq for seqs, _ in self.parts for seq in seqs]
 
     @property
+    def owners(self) -> list[Sequence]:
+        """Every sequence whose outcome this step decides, each once."""
+        checked = self.check.owners if self.check is not None else []
+        scored = [s.seq for s in self.scores.scored] if self.scores is not None else []
+        return list(dict.fromkeys([*self.seqs, *checked, *scored]))
+
+    @property
+    def _copies(self) -> list:
+        return [draw for _, draw in self.parts] + [c for c in (self.check, self.scores) if c is not None]
+
+    @property
     def waited(self) -> float:
         """Seconds the host blocked for the device while reading this step."""
-        return sum(draw.waited for _, draw in self.parts) + (self.check.waited if self.check is not None else 0.0)
+        return sum(copy.waited for copy in self._copies)
 
     def landed(self) -> bool:
         """Whether reading this step would not wait for the device."""
-        return all(draw.landed() for _, draw in self.parts) and (self.check is None or self.check.landed())
+        return all(copy.landed() for copy in self._copies)
 
     def pending(self) -> PendingTokens | None:
         if not self.parts:
@@ -278,7 +292,8 @@ class EngineCore:
         held = [o for o in self._unreturned if o.request_id == request_id]
         self._unreturned = [o for o in self._unreturned if o.request_id != request_id]
         tokens, samples = [t for o in held for t in o.new_tokens], [s for o in held for s in o.samples]
-        return self._finish(seq, FinishReason.ABORT, new_tokens=tokens, samples=samples)
+        prompt = next((o.prompt_logprobs for o in held if o.prompt_logprobs is not None), None)
+        return self._finish(seq, FinishReason.ABORT, new_tokens=tokens, samples=samples, prompt_logprobs=prompt)
 
     def step(self) -> list[SeqOutput]:
         """One iteration: schedule chunks, run the model once over them (with ReFT's plan for their
@@ -333,12 +348,16 @@ class EngineCore:
             log.exception("engine step failed")
             return None, [(c.seq, f"{type(e).__name__}: {e}") for c in chunks]
         launched = InFlight([], result.check)
+        for scored in result.scored:  # counted at launch: the next step may recompute them (a preemption)
+            scored.seq.num_prompt_scored = scored.first + scored.count - 1
         if result.check is not None:  # K/V an edit could have poisoned stay out of the prefix cache until `_settle`
             for seq in result.check.owners:
                 seq.unchecked_edits += 1
         failed = list(result.failures.items())  # their K/V lack an edit: they must never enter the prefix cache
         try:
             self.scheduler.complete([c for c in chunks if c.seq not in result.failures])
+            if result.scored:
+                launched.scores = PromptScores(result.prompt_logits, result.scored)
             seqs = [chunk.seq for chunk in result.sampling]
             rows = [i for i, seq in enumerate(seqs) if seq not in result.failures]
             if rows:
@@ -350,7 +369,7 @@ class EngineCore:
         except Exception as e:  # a bug: fail the step's requests, but keep its edit check to settle
             log.exception("engine step failed after its forward")
             launched.parts, failed = [], [(c.seq, f"{type(e).__name__}: {e}") for c in chunks]
-        return (launched if launched.parts or launched.check else None), failed
+        return (launched if launched.parts or launched.check or launched.scores else None), failed
 
     def _draw(
         self, logits: Tensor, seqs: list[Sequence], pending: PendingTokens | None
@@ -390,9 +409,7 @@ class EngineCore:
         except Exception as e:
             log.exception("reading a step failed")
             error = f"reading the step failed: {type(e).__name__}: {e}"
-            owners = in_flight.check.owners if in_flight.check is not None else []
-            seqs = dict.fromkeys([*in_flight.seqs, *owners])
-            outputs += [self._finish(seq, FinishReason.ERROR, error) for seq in seqs if not seq.finished]
+            outputs += [self._finish(seq, FinishReason.ERROR, error) for seq in in_flight.owners if not seq.finished]
         return outputs
 
     def _read(self, in_flight: InFlight, outputs: list[SeqOutput]) -> None:
@@ -401,6 +418,9 @@ class EngineCore:
         drops its token."""
         if in_flight.check is not None:
             outputs += self._settle(in_flight.check)
+        if in_flight.scores is not None:
+            for seq, samples in in_flight.scores.read():
+                seq.prompt_logprobs += samples
         for seqs, draw in in_flight.parts:
             for seq in seqs:
                 seq.num_pending -= 1  # `ending` stays: it counted this token and any drawn since
@@ -431,6 +451,8 @@ class EngineCore:
     def _append(self, seq: Sequence, sample: Sample) -> SeqOutput:
         seq.token_ids.append(sample.token)
         produced = {"new_tokens": [sample.token], "samples": [sample]}  # counted now: delivered whatever follows
+        if seq.num_generated == 1 and seq.sampling.prompt_logprobs is not None:
+            produced["prompt_logprobs"] = seq.prompt_logprobs
         try:
             if self.async_scheduling:  # a block its pending token completed is indexed now, before finishing frees it
                 self.kv.cache_full_blocks(seq)
@@ -466,8 +488,20 @@ class EngineCore:
         return output
 
     @staticmethod
-    def _output(seq: Sequence, new_tokens: list[int] | None = None, samples: list[Sample] | None = None) -> SeqOutput:
-        return SeqOutput(seq.request_id, new_tokens or [], samples or [], None, None, seq.num_prompt, seq.num_generated)
+    def _output(
+        seq: Sequence,
+        new_tokens: list[int] | None = None,
+        samples: list[Sample] | None = None,
+        prompt_logprobs: list[Sample] | None = None,
+    ) -> SeqOutput:
+        return SeqOutput(
+            seq.request_id,
+            new_tokens or [],
+            samples or [],
+            num_prompt=seq.num_prompt,
+            num_generated=seq.num_generated,
+            prompt_logprobs=prompt_logprobs,
+        )
 
 
 def _adapter_names(sequences) -> list[str]:

@@ -80,11 +80,12 @@ class DecodeGraphs:
             self._compiled = torch.compile(self._model_logits, backend=compile_backend, dynamic=True)
 
     def fits(self, batch) -> bool:
-        """Whether a step (model_runner's StepBatch) decodes only, edits nothing, samples every row and is
-        small enough to replay."""
+        """Whether a step (model_runner's StepBatch) decodes only, edits nothing, samples every row, scores
+        no prompt token and is small enough to replay."""
         spans = batch.spans
         return (
             not batch.edits
+            and not batch.scored
             and len(spans) <= self.sizes[-1]
             and len(batch.keep) == len(spans)
             and all(s.length == 1 and len(s.block_table) <= self.width for s in spans)

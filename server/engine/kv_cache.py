@@ -159,8 +159,9 @@ class KVCache:
     def reuse_prefix(self, seq: Sequence) -> None:
         """Give a sequence with nothing computed the cached blocks of its longest known prefix and
         mark their tokens computed. The last token is always computed, since the step that computes
-        it samples the next one."""
-        if not self.prefix_caching or seq.num_computed or seq.block_table:
+        it samples the next one. A sequence that asks for its prompt's logprobs computes every prompt token:
+        a cached position would have no logits."""
+        if not self.prefix_caching or seq.num_computed or seq.block_table or seq.sampling.prompt_logprobs is not None:
             return
         keys = extend_block_keys(seq, self.block_size, (len(seq.token_ids) - 1) // self.block_size)
         for key in keys:

@@ -20,6 +20,7 @@ from server.engine.compiled_layers import COMPILED_KWARG, compile_layers
 from server.engine.config import decode_graphs_apply, resolve_attention_backend
 from server.engine.cuda_graphs import DecodeGraphs, GraphInputs
 from server.engine.kv_cache import KVCache
+from server.engine.prompt_logprobs import ScoredRows, rows_to_score
 from server.engine.sampler import PendingTokens
 from server.engine.scheduler import ScheduledChunk
 from server.engine.sequence import Sequence
@@ -59,6 +60,8 @@ class StepResult:
     logits: Tensor | None  # [len(sampling), vocab]
     failures: dict[Sequence, str] = field(default_factory=dict)  # sequences whose adapter raised
     check: EditCheck | None = None  # the finite check of the step's edits, to read with its tokens
+    scored: list[ScoredRows] = field(default_factory=list)  # prompt tokens scored, in `prompt_logits` rows
+    prompt_logits: Tensor | None = None  # [sum of their counts, vocab]
 
 
 def slots_for(block_table: list[int], start: int, length: int, block_size: int) -> list[int]:
@@ -74,9 +77,10 @@ class StepBatch:
     slots: list[int]
     spans: list[Span]
     edits: list[EditedRows]  # the rows each request's edit touches in this step
-    keep: list[int]  # rows whose logits are computed
+    keep: list[int]  # rows that sample, whose logits are computed
     new_blocks: list[int]  # KV blocks handed out since the last step: cleared before the forward
     from_pending: list[tuple[int, int]] = field(default_factory=list)  # (row, PendingTokens row): token set on device
+    scored: list[int] = field(default_factory=list)  # prompt rows whose logits are computed too, after `keep`'s
 
 
 @dataclass
@@ -87,7 +91,7 @@ class EagerInputs:
     plan: InterventionPlan | None
     input_ids: Tensor  # [T]
     positions: Tensor  # [T]
-    keep: Tensor  # rows whose logits are computed
+    keep: Tensor  # rows whose logits are computed: StepBatch's `keep`, then its `scored`
     pairs: Tensor | None  # where the pending tokens go (async scheduling), as transfers.place_pending takes them
 
 
@@ -144,21 +148,26 @@ class ModelRunner:
 
     def run(self, chunks: list[ScheduledChunk], pending: PendingTokens | None = None) -> StepResult:
         """`pending`: the tokens the previous step sampled, for chunks that end with one (async scheduling)."""
-        batch, sampling = self.pack(chunks, pending)
+        batch, sampling, scored = self.pack(chunks, pending)
         logits, plan = self.forward(batch, pending.tokens if pending is not None else None)
-        if plan is None:
-            return StepResult(sampling, logits if sampling else None)
-        check = EditCheck(plan) if plan.finite_rows is not None else None
-        return StepResult(sampling, logits if sampling else None, dict(plan.failures), check)
+        result = StepResult(sampling, logits[: len(sampling)] if sampling else None, scored=scored)
+        if scored:
+            result.prompt_logits = logits[len(batch.keep) :]
+        if plan is not None:
+            result.failures = dict(plan.failures)
+            result.check = EditCheck(plan) if plan.finite_rows is not None else None
+        return result
 
     def pack(
         self, chunks: list[ScheduledChunk], pending: PendingTokens | None = None
-    ) -> tuple[StepBatch, list[ScheduledChunk]]:
-        """Lay the chunks out as one row; also returns the chunks that sample, in logits order. A chunk's
-        last token may still be pending: its row gets a placeholder that the forward fills on the device."""
+    ) -> tuple[StepBatch, list[ScheduledChunk], list[ScoredRows]]:
+        """Lay the chunks out as one row; also returns the chunks that sample, in logits order, and the prompt
+        tokens scored (prompt_logprobs.py), in the order of their rows after those. A chunk's last token may
+        still be pending: its row gets a placeholder that the forward fills on the device."""
         chunks = sorted(chunks, key=lambda c: c.length > 1)  # decodes first; the sort is stable
         batch = StepBatch([], [], [], [], [], [], self.kv.take_new_blocks())
         sampling: list[ScheduledChunk] = []
+        scored: list[ScoredRows] = []
         for chunk in chunks:
             seq, row = chunk.seq, len(batch.token_ids)
             known = seq.token_ids[chunk.start : chunk.start + chunk.length]
@@ -174,14 +183,18 @@ class ModelRunner:
             if chunk.completes:
                 batch.keep.append(row + chunk.length - 1)
                 sampling.append(chunk)
-        if not batch.keep:
+            if (rows := rows_to_score(seq, chunk.start, chunk.length)) is not None:
+                first_row = row + rows.first - 1 - chunk.start  # position p's row scores prompt token p + 1
+                batch.scored.extend(range(first_row, first_row + rows.count))
+                scored.append(rows)
+        if not batch.keep and not batch.scored:
             batch.keep.append(len(batch.token_ids) - 1)  # a step of partial prefills still needs one row
-        return batch, sampling
+        return batch, sampling, scored
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, pending: Tensor | None = None) -> tuple[Tensor, InterventionPlan | None]:
-        """Run the model once: logits [len(batch.keep), vocab] and the step's intervention plan. `pending`:
-        the previous step's sampled tokens, which `batch.from_pending` places."""
+        """Run the model once: logits [len(batch.keep) + len(batch.scored), vocab] and the step's intervention
+        plan. `pending`: the previous step's sampled tokens, which `batch.from_pending` places."""
         inputs = self._stage(batch)
         if isinstance(inputs, GraphInputs):
             return self.graphs.run(inputs, pending), None
@@ -210,7 +223,7 @@ class ModelRunner:
                 build_plan(batch.edits, self.device, upload.stage),
                 upload.stage(batch.token_ids),
                 upload.stage(batch.positions),
-                upload.stage(batch.keep),
+                upload.stage(batch.keep + batch.scored),
                 upload.stage(batch.from_pending) if batch.from_pending else None,
             )
         finally:  # pack took the new blocks off the allocator: even a step that failed here must clear them

@@ -115,16 +115,32 @@ class Draw:
         host = self._host.wait()
         if all(wanted is None for wanted in self._wanted):
             return [Sample(token) for token in host.tolist()]
-        top = max(wanted or 0 for wanted in self._wanted)
-        samples = []
-        for row, wanted in zip(host.tolist(), self._wanted, strict=True):
-            token = int(row[0])
-            if wanted is None:
-                samples.append(Sample(token))
-                continue
-            values, ids = row[2 : 2 + wanted], row[2 + top : 2 + top + wanted]
-            samples.append(Sample(token, row[1], [(int(i), v) for i, v in zip(ids, values, strict=True)]))
-        return samples
+        return read_logprob_table(host, self._wanted)
+
+
+def logprob_table(tokens: Tensor, raw_logprobs: Tensor, top: int) -> Tensor:
+    """What the host needs of rows with logprobs, in one tensor so that one copy brings it: per row
+    [token, its logprob, `top` values..., their ids...] (float64 holds the ids exactly)."""
+    columns = [tokens[:, None].double(), raw_logprobs.gather(1, tokens[:, None]).double()]
+    if top:
+        values, ids = raw_logprobs.topk(top, dim=-1)
+        columns += [values.double(), ids.double()]
+    return torch.cat(columns, dim=1)
+
+
+def read_logprob_table(host: Tensor, wanted: list[int | None]) -> list[Sample]:
+    """The samples of a `logprob_table` on the host, each with its row's `wanted` top entries; rows whose
+    `wanted` is None get the token alone."""
+    top = (host.shape[1] - 2) // 2
+    samples = []
+    for row, count in zip(host.tolist(), wanted, strict=True):
+        token = int(row[0])
+        if count is None:
+            samples.append(Sample(token))
+            continue
+        values, ids = row[2 : 2 + count], row[2 + top : 2 + top + count]
+        samples.append(Sample(token, row[1], [(int(i), v) for i, v in zip(ids, values, strict=True)]))
+    return samples
 
 
 class Sampler:
@@ -152,7 +168,10 @@ class Sampler:
             if sampled:
                 rows = to_device(sampled, torch.long, logits.device)
                 tokens.index_copy_(0, rows, self._sample(logits[rows], [seqs[i] for i in sampled]))
-        host = HostCopy(tokens if raw_logprobs is None else self._table(tokens, raw_logprobs, wanted))
+        if raw_logprobs is not None:
+            host = HostCopy(logprob_table(tokens, raw_logprobs, max(w or 0 for w in wanted)))
+        else:
+            host = HostCopy(tokens)
         if penalized is not None:  # last: a draw that raised before here is drawn again row by row
             self.penalties.count(penalized, tokens)
         return Draw(tokens, host, wanted)
@@ -174,14 +193,3 @@ class Sampler:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device)
         return self._generators[device]
-
-    @staticmethod
-    def _table(tokens: Tensor, raw_logprobs: Tensor, wanted: list[int | None]) -> Tensor:
-        """What the host needs of a step with logprobs, in one tensor so that one copy brings it: per row
-        [token, its logprob, top values..., top ids...] (float64 holds the ids exactly)."""
-        top = max(w or 0 for w in wanted)
-        columns = [tokens[:, None].double(), raw_logprobs.gather(1, tokens[:, None]).double()]
-        if top:
-            values, ids = raw_logprobs.topk(top, dim=-1)
-            columns += [values.double(), ids.double()]
-        return torch.cat(columns, dim=1)

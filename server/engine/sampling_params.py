@@ -36,6 +36,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings: matched on text by the front end
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; n >= 0 = chosen token's logprob plus the top n
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (vLLM's)
 
     @property
     def greedy(self) -> bool:
@@ -67,6 +68,10 @@ class SamplingParams:
             (all(0 <= t <= MAX_TOKEN_ID for t, _ in self.logit_bias), "logit_bias keys must be valid token ids"),
             (all(abs(b) <= MAX_BIAS for _, b in self.logit_bias), f"logit_bias values must be in {biases}"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]",
+            ),
             (all(s for s in self.stop), "stop strings must not be empty"),
         ]
         for ok, message in checks:

@@ -6,9 +6,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from server.engine.sampling_params import SamplingParams
 from server.reft.request_edit import RequestEdit
+
+if TYPE_CHECKING:
+    from server.engine.sampler import Sample
 
 
 class FinishReason(enum.StrEnum):
@@ -44,6 +48,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     error: str | None = None
     num_preemptions: int = 0
+    num_prompt_scored: int = 0  # prompt tokens after the first whose logprobs a launched step computes
+    prompt_logprobs: list[Sample] = field(default_factory=list)  # those read so far (prompt_logprobs.py)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

@@ -25,11 +25,7 @@ def reference_generate(
 ) -> list[int]:
     """Greedy tokens after `prompt_ids` (BOS included, as served), at most `max_new_tokens`."""
     device = next(model.parameters()).device
-    edit = {}
-    if adapter is not None:
-        edit = batch_edit_kwargs(model, adapter.layers, [adapter.positions(len(prompt_ids))], len(prompt_ids))
-    out = model(torch.tensor([prompt_ids], device=device), use_cache=True, **edit)
-    raise_edit_failures(edit)
+    out = _prompt_forward(model, prompt_ids, adapter)
     past, logits = returned_cache(out), out.logits[0, -1]
     carry = cache_argument(model)
     tokens: list[int] = []
@@ -41,3 +37,20 @@ def reference_generate(
         out = model(torch.tensor([[token]], device=device), use_cache=True, **{carry: past})
         past, logits = returned_cache(out), out.logits[0, -1]
     return tokens
+
+
+@torch.no_grad()
+def reference_prompt_logprobs(model, prompt_ids: list[int], adapter: Adapter | None = None) -> torch.Tensor:
+    """[len(prompt_ids) - 1, vocab] float32: the log-distribution each prompt position gives the next token."""
+    logits = _prompt_forward(model, prompt_ids, adapter).logits[0, :-1]
+    return logits.float().log_softmax(dim=-1)
+
+
+def _prompt_forward(model, prompt_ids: list[int], adapter: Adapter | None):
+    """The prompt's forward, the adapter applied at its positions by hooks; the output keeps its KV cache."""
+    edit = {}
+    if adapter is not None:
+        edit = batch_edit_kwargs(model, adapter.layers, [adapter.positions(len(prompt_ids))], len(prompt_ids))
+    out = model(torch.tensor([prompt_ids], device=next(model.parameters()).device), use_cache=True, **edit)
+    raise_edit_failures(edit)
+    return out

@@ -1,0 +1,100 @@
+"""Prompt logprobs over HTTP: the native route's `prompt_logprobs` and the OpenAI completions' `echo` (with
+`logprobs`, as lm-evaluation-harness scores a continuation: token-id prompts, `max_tokens` 1, the sum of
+`token_logprobs` over the continuation), each equal to the slow reference with the adapter applied, and
+streaming equal to the whole answer."""
+
+import random
+
+import pytest
+import torch
+
+from server.adapters.materialize import materialize
+from server.adapters.pyreft import import_pyreft
+from server.reft.reference import reference_prompt_logprobs
+from tests.api_utils import running_app, stream, upload
+from tests.conftest import FIXTURE, load_reference_model
+
+MODEL_NAME = "model"
+VOCAB = 259
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(client, adapter as the reference applies it, reference model)."""
+    adapter_file = import_pyreft(FIXTURE / "adapters" / "di_l13_f1l2_unshared", positions="f1+l2", share_weights=False)
+    with running_app(FIXTURE / "model", tmp_path_factory.mktemp("store"), max_batched_tokens=32) as client:
+        assert upload(client, "di", adapter_file.to_bytes()).status_code == 201
+        yield client, materialize(adapter_file, name="di", version=1), load_reference_model(FIXTURE / "model")
+
+
+def token_prompt(length: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [1] + [rng.randrange(3, VOCAB) for _ in range(length - 1)]
+
+
+def scores(reference_model, prompt_ids, adapter=None) -> list[float]:
+    log_probs = reference_prompt_logprobs(reference_model, prompt_ids, adapter)
+    return log_probs.gather(1, torch.tensor(prompt_ids[1:])[:, None])[:, 0].tolist()
+
+
+@pytest.mark.parametrize("adapter", ["di", None])
+def test_native_prompt_logprobs_equal_the_reference(served, adapter):
+    client, di, reference_model = served
+    prompt_ids = token_prompt(45, 1)  # longer than a step's 32 tokens: scored over two steps
+    body = {"input_ids": prompt_ids, "max_new_tokens": 3, "ignore_eos": True, "adapter": adapter}
+    plain = client.post("/v1/generate", json=body).json()
+    out = client.post("/v1/generate", json={**body, "prompt_logprobs": 2}).json()
+    assert out["token_ids"] == plain["token_ids"] and "prompt_logprobs" not in plain
+    entries = out["prompt_logprobs"]
+    assert entries[0] is None and [e["token_id"] for e in entries[1:]] == prompt_ids[1:]
+    expected = scores(reference_model, prompt_ids, di if adapter else None)
+    assert [e["logprob"] for e in entries[1:]] == pytest.approx(expected, abs=1e-4)
+    assert all(len(e["top_logprobs"]) == 2 for e in entries[1:])
+    events = stream(client, "/v1/generate", {**body, "prompt_logprobs": 2, "stream": True})[:-1]
+    assert events[0]["prompt_logprobs"] == entries and all("prompt_logprobs" not in e for e in events[1:])
+
+
+def test_echo_with_logprobs_scores_a_continuation_as_lm_eval_reads_it(served):
+    client, di, reference_model = served
+    context, continuation = token_prompt(20, 2), token_prompt(8, 3)[1:]
+    prompt_ids = context + continuation
+    body = {"model": "di", "prompt": prompt_ids, "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == len(prompt_ids) + 1  # the prompt's tokens, then the one generated
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    served_sum = sum(logprobs["token_logprobs"][len(context) : -1])
+    assert served_sum == pytest.approx(sum(scores(reference_model, prompt_ids, di)[len(context) - 1 :]), abs=1e-3)
+    assert all(len(top) == 1 for top in logprobs["top_logprobs"][1:])
+    generated = client.post("/v1/completions", json={**body, "echo": False}).json()["choices"][0]
+    assert choice["text"].endswith(generated["text"])
+    assert logprobs["token_logprobs"][-1] == pytest.approx(generated["logprobs"]["token_logprobs"][0], abs=1e-5)
+    offsets = logprobs["text_offset"]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+
+
+def test_echo_without_logprobs_prefixes_each_choice_with_its_prompt(served):
+    client, _, _ = served
+    body = {"model": MODEL_NAME, "prompt": ["Hello there", "Good"], "max_tokens": 4, "n": 2, "echo": True}
+    out = client.post("/v1/completions", json={**body, "temperature": 0}).json()
+    plain = client.post("/v1/completions", json={**body, "temperature": 0, "echo": False}).json()
+    for choice, generated in zip(out["choices"], plain["choices"], strict=True):
+        prompt = body["prompt"][choice["index"] // 2]
+        assert choice["text"] == prompt + generated["text"] and choice["logprobs"] is None
+
+
+def test_echo_streams_as_it_answers_whole(served):
+    client, _, _ = served
+    body = {"model": "di", "prompt": token_prompt(40, 4), "max_tokens": 5, "logprobs": 2, "echo": True}
+    whole = client.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]
+    events = stream(client, "/v1/completions", {**body, "temperature": 0, "stream": True})[:-1]
+    parts = [event["choices"][0] for event in events]
+    assert "".join(p["text"] for p in parts) == whole["text"]
+    for key in ("tokens", "token_logprobs", "top_logprobs"):
+        assert [x for p in parts for x in p["logprobs"][key]] == whole["logprobs"][key]
+
+
+def test_prompt_logprobs_out_of_range_is_a_400(served):
+    client, _, _ = served
+    response = client.post("/v1/generate", json={"prompt": "hi", "prompt_logprobs": 21})
+    assert response.status_code == 400 and "prompt_logprobs" in response.text
