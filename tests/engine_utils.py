@@ -53,10 +53,14 @@ def assert_prefix_cache_finite(kv) -> list[int]:
 
 
 def run_core(
-    core: EngineCore, requests: list[tuple[Sequence, int]], max_steps: int = 100_000, finished: dict | None = None
+    core: EngineCore,
+    requests: list[tuple[Sequence, int]],
+    max_steps: int = 100_000,
+    finished: dict | None = None,
+    scored: dict | None = None,
 ) -> dict[str, list[int]]:
     """Drive the core; each (sequence, arrival step) joins at that step. Returns generated ids; `finished`
-    collects each request's (finish reason, error)."""
+    collects each request's (finish reason, error), `scored` its prompt tokens' logprobs where it asked."""
     pending = sorted(requests, key=lambda r: r[1])
     tokens: dict[str, list[int]] = {}
     step = 0
@@ -67,6 +71,8 @@ def run_core(
             tokens.setdefault(output.request_id, []).extend(output.new_tokens)
             if output.finish_reason is not None and finished is not None:
                 finished[output.request_id] = (output.finish_reason, output.error)
+            if output.prompt_logprobs is not None and scored is not None:
+                scored[output.request_id] = [sample.logprob for sample in output.prompt_logprobs]
         step += 1
         assert step < max_steps, "the engine did not finish"
     return tokens

@@ -41,7 +41,8 @@ ADAPTER_SPECS = [  # type, layers, rank, positions, share_weights
 
 
 def workload(adapter_paths: list[str]) -> list[dict]:
-    """Mixed adapters and base, staggered arrivals, some prompts sharing a prefix (prefix cache hits)."""
+    """Mixed adapters and base, staggered arrivals, some prompts sharing a prefix (prefix cache hits), some
+    scored (prompt logprobs)."""
     shared = prompt(21, seed=99)
     items = []
     for i in range(10):
@@ -52,6 +53,7 @@ def workload(adapter_paths: list[str]) -> list[dict]:
                 "prompt": shared + own[1:] if i % 2 else own,  # r1, r5, r9 share an adapter; r3, r7 none
                 "adapter": [*adapter_paths, None][i % 4],
                 "arrival": i // 2,
+                "prompt_logprobs": 2 if i % 3 == 0 else None,
             }
         )
     return items
@@ -76,9 +78,21 @@ def test_two_ranks_give_the_tokens_of_one_process_and_the_reference(tiny_model_d
 
     adapters = {p: materialize(AdapterFile.load(p), name=Path(p).stem, version=1) for p in paths}
     core = make_core(load_engine_model(model_dir), **CORE_CONFIG)
-    requests = [(seq(i["id"], i["prompt"], adapters.get(i["adapter"]), max_new_tokens=8), i["arrival"]) for i in items]
-    one_process = run_core(core, requests)
+    requests = [
+        (
+            seq(
+                i["id"], i["prompt"], adapters.get(i["adapter"]), max_new_tokens=8, prompt_logprobs=i["prompt_logprobs"]
+            ),
+            i["arrival"],
+        )
+        for i in items
+    ]
+    scored = {}
+    one_process = run_core(core, requests, scored=scored)
     assert core.kv.prefix_hits > 0
+    assert scored.keys() == result["scored"].keys() and len(scored) == 4
+    for request_id, logprobs in scored.items():
+        assert result["scored"][request_id] == pytest.approx(logprobs, abs=1e-4)
     reference_model = load_reference_model(model_dir)
     steered = 0
     for item in items:

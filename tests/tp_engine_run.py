@@ -1,5 +1,6 @@
 """Rank 0 of a two-process tensor-parallel group on CPU, for test_tensor_parallel: spawns rank 1 as
-the server does, runs a mixed workload through the engine and prints each request's tokens as JSON.
+the server does, runs a mixed workload through the engine and prints each request's tokens (and prompt
+logprobs, where it asks for them) as JSON.
 
     python -m tests.tp_engine_run MODEL_DIR WORKLOAD_JSON MAX_ADAPTERS_ON_FOLLOWERS
 """
@@ -38,10 +39,12 @@ def main(model_dir: str, workload_path: str, max_adapters: str) -> None:
             path = item["adapter"]
             adapters.setdefault(path, materialize(AdapterFile.load(path), name=Path(path).stem, version=1))
             adapter = adapters[path]
-        requests.append((seq(item["id"], item["prompt"], adapter, max_new_tokens=8), item["arrival"]))
-    tokens = run_core(core, requests)
+        sequence = seq(item["id"], item["prompt"], adapter, max_new_tokens=8, prompt_logprobs=item["prompt_logprobs"])
+        requests.append((sequence, item["arrival"]))
+    scored = {}
+    tokens = run_core(core, requests, scored=scored)
     group.stop()
-    print(json.dumps({"tokens": tokens, "kv_heads_per_rank": core.kv.layout.num_kv_heads}))
+    print(json.dumps({"tokens": tokens, "scored": scored, "kv_heads_per_rank": core.kv.layout.num_kv_heads}))
 
 
 if __name__ == "__main__":
