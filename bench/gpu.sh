@@ -6,8 +6,9 @@
 #   3. with --server only: `reft-server serve` on the 1b preset with 64 stored adapters, loaded by
 #      bench/load.py with 128 concurrent clients after an untimed warm-up load, once per entry of
 #      SERVERS (default "process thread"): the engine core's host, `process` (a process of its own) or
-#      `thread`, with `-sync`, `-async` and/or `-compile` suffixes adding --no-async-scheduling (async scheduling
-#      is the GPU default), --async-scheduling and --compile
+#      `thread`, with `-sync`, `-async`, `-compile` and/or `-bN` suffixes adding --no-async-scheduling (async
+#      scheduling is the GPU default), --async-scheduling, --compile and --max-batched-tokens N (default 4096:
+#      how many prompt tokens a step takes, which sets how many steps a wave of prompts waits for)
 #      (server-KIND.log, load-KIND.json, metrics-KIND.txt for each KIND, e.g. process-async), then 40 steps of
 #      a further load profiled through POST /v1/admin/profile (profile-KIND.txt).
 # Steps 1-2 need torch and transformers only. Step 3 also needs the HTTP stack, which GPU machines
@@ -93,7 +94,7 @@ PY
 
 # one server of a SERVERS entry (process or thread, then -sync, -async, -compile): an untimed warm-up load, then the measured one
 load_one() {
-  local model=$1 store=$2 kind=$3 port=8431 adapters option options flags=()
+  local model=$1 store=$2 kind=$3 port=8431 adapters option options flags=() budget=4096
   IFS=- read -ra options <<<"$kind"
   flags+=(--engine-core "${options[0]}")
   for option in "${options[@]:1}"; do
@@ -101,11 +102,12 @@ load_one() {
       async) flags+=(--async-scheduling) ;;
       sync) flags+=(--no-async-scheduling) ;;
       compile) flags+=(--compile) ;;
+      b[0-9]*) budget=${option#b} ;;
       *) echo "unknown server option $option in $kind"; return 1 ;;
     esac
   done
   "$PYTHON" -c 'import sys; from server.cli import main; sys.exit(main())' serve --model "$model" --device cuda \
-    --dtype bfloat16 --kv-cache-memory 16GiB --max-num-seqs 128 --max-batched-tokens 4096 --store "$store" \
+    --dtype bfloat16 --kv-cache-memory 16GiB --max-num-seqs 128 --max-batched-tokens "$budget" --store "$store" \
     "${flags[@]}" --admin-open --profile-dir "$OUT/profiles-$kind" --port "$port" --log-level warning \
     >"$OUT/server-$kind.log" 2>&1 &
   local pid=$! ready=0
