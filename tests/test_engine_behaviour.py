@@ -345,3 +345,15 @@ def test_a_seeded_request_draws_the_same_tokens_when_a_batched_draw_is_retried(m
         make_core(model), [(seq("s", prompt(10, 1), **params), 0), (seq("g", prompt(7, 2), logprobs=0), 0)]
     )
     assert faults and mixed["s"] == alone
+
+
+def test_a_one_token_prompt_chunk_counts_as_prefill(model):
+    """A step's prefill tokens (the metrics' step kind) are the prompt tokens it computes, a chunk of one
+    included: the first step of a one-token prompt prefills, the next ones decode."""
+    core = make_core(model)
+    core.add(seq("one", [1], max_new_tokens=3))
+    kinds = []
+    while core.has_work():
+        core.step()
+        kinds.append(core.last_step.num_prefill_tokens if core.last_step else None)
+    assert kinds[:3] == [1, 0, 0]

@@ -329,7 +329,7 @@ class EngineCore:
             raise
         outputs += self._accept(launched, read_now=not self.async_scheduling)
         if chunks:
-            prefill = sum(c.length for c in chunks if c.length > 1)
+            prefill = sum(c.length for c in chunks if c.prefills)
             tokens = sum(c.length for c in chunks)
             read = previous if self.async_scheduling else launched  # the step whose results were read here
             waited = read.waited if read is not None else 0.0

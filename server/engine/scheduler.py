@@ -31,6 +31,11 @@ class ScheduledChunk:
     length: int
 
     @property
+    def prefills(self) -> bool:
+        """Whether it computes prompt tokens, or recomputes generated ones (after a preemption): not a decode."""
+        return self.length > 1 or self.start < self.seq.num_prompt
+
+    @property
     def completes(self) -> bool:
         """Whether this chunk reaches the sequence's last known token, so the step samples for it."""
         return self.start + self.length == self.seq.num_tokens
