@@ -18,11 +18,15 @@ MODEL_NAME = "model"
 VOCAB = 259
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(client, adapter as the reference applies it, reference model)."""
+@pytest.fixture(scope="module", params=["thread", "process"])
+def served(request, tmp_path_factory):
+    """(client, adapter as the reference applies it, reference model), the engine in a thread or a process of
+    its own (the scores then cross a pipe)."""
     adapter_file = import_pyreft(FIXTURE / "adapters" / "di_l13_f1l2_unshared", positions="f1+l2", share_weights=False)
-    with running_app(FIXTURE / "model", tmp_path_factory.mktemp("store"), max_batched_tokens=32) as client:
+    store = tmp_path_factory.mktemp("store")
+    with running_app(
+        FIXTURE / "model", store, max_batched_tokens=32, engine_core=request.param, device="cpu"
+    ) as client:
         assert upload(client, "di", adapter_file.to_bytes()).status_code == 201
         yield client, materialize(adapter_file, name="di", version=1), load_reference_model(FIXTURE / "model")
 
