@@ -59,30 +59,41 @@ def served_name(settings: Settings, model_path: str) -> str:
 
 
 def build_state(
-    settings: Settings, model_path: str, model=None, tokenizer=None, group: TensorParallelGroup | None = None
+    settings: Settings,
+    model_path: str,
+    model=None,
+    tokenizer=None,
+    group: TensorParallelGroup | None = None,
+    store=None,
 ) -> AppState:
     """Everything the routes need; the engine's host loads the model unless one is given (tests pass
-    theirs). With a tensor-parallel group, this process is its rank 0 and the followers load their
-    shards meanwhile."""
+    theirs), and the store is opened unless it was. With a tensor-parallel group, this process is its
+    rank 0 and the followers load their shards meanwhile."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     if engine_core_in_process(settings, model_given=model is not None):
         host = CoreProcess(settings, model_path)
         try:  # the registry's adapter copies stay on the CPU; the engine process holds its own
             tokenizer = AutoTokenizer.from_pretrained(model_path)
-            return _state_around(settings, model_path, host, host.model, tokenizer, torch.device("cpu"))
+            return _state_around(settings, model_path, host, host.model, tokenizer, torch.device("cpu"), store)
         except BaseException:  # the engine process, and its model's memory, must not outlive a failed start
             host.abandon()
             raise
     core, tokenizer = _thread_core(settings, model_path, model, tokenizer, group)
     adapter_device = next(core.runner.model.parameters()).device
     return _state_around(
-        settings, model_path, CoreThread(core), ModelFacts.of(core.runner.model), tokenizer, adapter_device
+        settings, model_path, CoreThread(core), ModelFacts.of(core.runner.model), tokenizer, adapter_device, store
     )
 
 
 def _state_around(
-    settings: Settings, model_path: str, host: CoreHost, facts: ModelFacts, tokenizer, adapter_device: torch.device
+    settings: Settings,
+    model_path: str,
+    host: CoreHost,
+    facts: ModelFacts,
+    tokenizer,
+    adapter_device: torch.device,
+    store=None,
 ) -> AppState:
     """The routes' state around an engine host that holds the model."""
     model_name = served_name(settings, model_path)
@@ -92,7 +103,8 @@ def _state_around(
         vllm_compatible=settings.vllm_compatible_metrics,
     )
     engine = AsyncEngine(host, tokenizer, max_queue=settings.max_queue, metrics=metrics)
-    store = open_store(settings.store)
+    if store is None:
+        store = open_store(settings.store)
     registry = AdapterRegistry(
         store,
         facts.shape(settings.adapter_max_abs),
@@ -149,9 +161,11 @@ def create_app(
     model=None,
     tokenizer=None,
     group: TensorParallelGroup | None = None,
+    store=None,
 ) -> FastAPI:
     """The app for `settings`. `model_path` defaults to settings.model; tests may pass a loaded model.
-    `group`: the tensor-parallel group this process leads as rank 0; stopped with the app."""
+    `group`: the tensor-parallel group this process leads as rank 0; stopped with the app. `store`: the
+    adapter store, already opened (the CLI opens it before anything loads); default: settings.store."""
     path = model_path or settings.model
     if path is None:
         raise ValueError("no model given: pass --model (the CLI builds the demo model when none is given)")
@@ -159,7 +173,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = await asyncio.to_thread(build_state, settings, path, model, tokenizer, group)
+        state = await asyncio.to_thread(build_state, settings, path, model, tokenizer, group, store)
         app.state.reft = state
         try:  # whatever fails from here on, the engine (a process, perhaps) is stopped again
             state.engine.start()

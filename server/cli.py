@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import secrets
 import signal
 import sys
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import torch
 import uvicorn
-from pydantic import SecretStr, ValidationError
+from pydantic import ByteSize, SecretStr, TypeAdapter, ValidationError
 
 from server.adapters.precondition_args import add_precondition_arguments
 from server.adapters.store import StoreError
+from server.adapters.stores import open_store
 from server.config import Settings
+from server.models.location import ModelNotFound, model_argument, model_location
 from server.plugins import PluginError
 from server.training.cli import add_train_arguments, run_train
 
@@ -87,8 +90,17 @@ def serve(args: argparse.Namespace) -> int:
     if group is not None and group.rank > 0:  # a follower: rank 0 sends it the model and every step
         follow_under_torchrun(group, settings)
         return 0
+    # the store and the model's directory are checked before anything loads: a mistake in either is one
+    # line (main() says a StoreError's), not a traceback from the app's start
+    store = open_store(settings.store)
     model_path, banner, admin = settings.model, REAL_MODEL_BANNER, ""
-    if model_path is None:
+    if model_path is not None:
+        try:
+            model_path = model_location(model_path)
+        except ModelNotFound as e:
+            _say(f"error: --model: {e}")
+            return 2
+    else:
         from server.demo import prepare_demo
         from server.smollm2 import SmolLM2Missing
 
@@ -105,7 +117,7 @@ def serve(args: argparse.Namespace) -> int:
     if settings.tensor_parallel > 1 and group is None:
         check_tensor_parallel(AutoConfig.from_pretrained(model_path), settings.tensor_parallel)  # before spawning
         group = spawn_group(settings)
-    app = create_app(settings, model_path=model_path, group=group)
+    app = create_app(settings, model_path=model_path, group=group, store=store)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -264,7 +276,8 @@ def _pull(args: argparse.Namespace):
     from server.adapters.hub import HubRef, pull
     from server.adapters.options import AdapterOptions
 
-    adapter = pull(HubRef.parse(args.repo), AdapterOptions.from_args(args), base_model=args.base_model or "")
+    options = AdapterOptions.from_args(args)
+    adapter = pull(HubRef.parse(args.repo), options, args.max_upload_size, base_model=args.base_model or "")
     return _with_base_model(adapter, args.model) if args.model is not None else adapter
 
 
@@ -277,7 +290,7 @@ def _version_ref(ref: str) -> tuple[str, int]:
     return name, version
 
 
-def _with_base_model(adapter, model_path: Path):
+def _with_base_model(adapter, model_path: str):
     """The adapter checked against the model it was trained on, with that model's fingerprint."""
     import dataclasses
 
@@ -291,7 +304,7 @@ def _with_base_model(adapter, model_path: Path):
     validate(adapter, ModelShape.of(model))
     config = dataclasses.replace(adapter.config, base_model_fingerprint=model_fingerprint(model))
     if not config.base_model:
-        config = dataclasses.replace(config, base_model=str(model_path))
+        config = dataclasses.replace(config, base_model=model_path)
     adapter.config = config
     return adapter
 
@@ -314,6 +327,15 @@ def add_adapters_parser(subparsers) -> None:
     pull = action("pull", "import from the Hugging Face Hub: a pyreft checkpoint or a .safetensors adapter")
     pull.add_argument("repo", help="REPO_ID or REPO_ID@REVISION (token from HF_TOKEN)")
     _add_import_arguments(pull, positions_required=False)
+    upload_limit = Settings.model_fields["max_upload_size"].default
+    pull.add_argument(
+        "--max-upload-size",
+        type=_byte_size,
+        metavar="SIZE",
+        default=os.environ.get(f"{ENV_PREFIX}MAX_UPLOAD_SIZE", str(upload_limit)),
+        help="the files it fetches come to this at most, as for the server's uploads, e.g. 1GiB "
+        f"[env {ENV_PREFIX}MAX_UPLOAD_SIZE; default {upload_limit.human_readable()}]",
+    )
     action("list", "list adapters")
     show = action("show", "show one adapter's versions")
     show.add_argument("name")
@@ -346,11 +368,18 @@ def _add_import_arguments(parser: argparse.ArgumentParser, positions_required: b
     parser.add_argument("--base-model", default=None, help="recorded in the adapter's metadata")
     parser.add_argument(
         "--model",
-        type=Path,
+        type=model_argument,
         default=None,
         help="the base model directory it was trained on: checks the shapes and records its fingerprint",
     )
     add_precondition_arguments(parser, creates=True)
+
+
+def _byte_size(text: str) -> int:
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size, e.g. 256MiB") from None
 
 
 # -- entry point -------------------------------------------------------------------------------------

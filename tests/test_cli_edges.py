@@ -1,14 +1,17 @@
 """The command line and the adapter management surface at their edges: unusable stores, bad settings, Ctrl-C,
-failed writes, unreadable names, If-None-Match on every write (found by a review of that surface)."""
+failed writes, unreadable names, If-None-Match on every write, model paths that name no model, mistakes
+at start-up (found by reviews of that surface)."""
 
 import json
 import os
 
 import pytest
 
+import server.app
 from server.adapters.random_adapters import random_adapter_file
 from server.adapters.store import AdapterStore
 from server.cli import main
+from server.models.location import model_location
 from tests.api_utils import ADMIN, running_app
 from tests.conftest import FIXTURE
 
@@ -122,3 +125,78 @@ def test_train_refuses_a_store_or_name_it_cannot_publish_to_before_training(tmp_
     assert "unsupported store" in capsys.readouterr().err
     assert main([*base, "--name", "bad/name", "--store", str(tmp_path / "store")]) == 1
     assert "invalid adapter name" in capsys.readouterr().err
+
+
+@pytest.fixture
+def not_models(tmp_path, monkeypatch):
+    """A working directory and a home in which these --model values name no model directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models" / "empty").mkdir(parents=True)
+    (tmp_path / "weights.safetensors").write_bytes(b"x")
+    return tmp_path
+
+
+NOT_MODELS = [
+    ("/nonexistent/model", "no such directory"),
+    ("./missing", "no such directory"),
+    ("../missing", "no such directory"),
+    ("~/missing", "no such directory"),
+    ("models/missing", "no such directory"),  # it could be a Hub id, but models/ is a local directory
+    ("weights.safetensors", "not a directory"),
+    ("models/empty", "no config.json"),
+]
+
+
+TAKING_A_MODEL = [
+    ["adapters", "import-pyreft", CHECKPOINT, "--name", "lo", "--positions", "f1+l1"],
+    ["adapters", "pull", "someone/lo-reft", "--name", "lo"],
+    ["train", "--data", "data.jsonl", "--name", "lo"],
+]
+
+
+@pytest.mark.parametrize("command", TAKING_A_MODEL, ids=["import-pyreft", "pull", "train"])
+@pytest.mark.parametrize("text, message", NOT_MODELS)
+def test_a_model_path_that_names_no_model_is_a_usage_error(not_models, capsys, command, text, message):
+    """Not a Hub lookup with a message about repo ids or the network, as transformers would answer."""
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--model", text])
+    assert exited.value.code == 2
+    assert f"argument --model: {text}: {message}" in capsys.readouterr().err
+
+
+def test_hub_ids_and_model_directories_are_models(not_models):
+    assert model_location("someone/llama") == "someone/llama" and model_location("gpt2") == "gpt2"
+    (not_models / "models" / "empty" / "config.json").write_text("{}")
+    assert model_location("~/models/empty") == str(not_models / "models" / "empty")
+
+
+@pytest.fixture
+def app_never_built(monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the app was built: the mistake would surface as its start's traceback")
+
+    monkeypatch.setattr(server.app, "create_app", never)
+
+
+@pytest.mark.parametrize("text, message", NOT_MODELS)
+def test_serve_refuses_a_model_path_that_names_no_model_in_one_line(not_models, app_never_built, capsys, text, message):
+    assert main(["serve", "--model", text, "--store", str(not_models / "store"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model: {text}: {message}") and err.count("\n") == 1
+
+
+def test_serve_refuses_a_store_it_cannot_open_in_one_line(tmp_path, app_never_built, capsys):
+    in_the_way = tmp_path / "store"
+    in_the_way.write_text("not a directory")
+    assert main(["serve", "--model", str(FIXTURE / "model"), "--store", str(in_the_way), "--port", "0"]) == 2
+    assert capsys.readouterr().err == f"error: cannot open the store {str(in_the_way)!r}: Not a directory\n"
+
+
+def test_an_unexpected_start_up_error_keeps_its_traceback(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server.app, "create_app", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["serve", "--model", str(FIXTURE / "model"), "--store", str(tmp_path / "store"), "--port", "0"])

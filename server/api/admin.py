@@ -310,6 +310,7 @@ async def import_pyreft_adapter(
 HUB_RESPONSES = {
     403: {"description": "The repo is gated or private to the server's HF_TOKEN"},
     404: {"description": "The repo, revision or adapter files are missing (offline: not in the local cache)"},
+    413: {"description": "The repo's adapter files come to more than the upload limit (nothing is downloaded)"},
     502: {"description": "The Hugging Face Hub could not be reached, or failed"},
 }
 
@@ -349,7 +350,8 @@ async def pull_from_hub(
     shape = _model_shape(state)
     options = _adapter_options(shape, positions, share_weights, activation, intervention_type, layers, rank)
     try:
-        adapter = await asyncio.to_thread(pull, HubRef.parse(repo), options, state.model_name, shape)
+        ref, max_bytes = HubRef.parse(repo), int(state.settings.max_upload_size)
+        adapter = await asyncio.to_thread(pull, ref, options, max_bytes, state.model_name, shape)
     except HubError as e:  # an invalid reference is one too (400)
         raise APIError(e.status, str(e), param="repo") from None
     except AdapterError as e:

@@ -1,0 +1,45 @@
+"""Where a base model given as `--model` is: a local directory or a Hugging Face Hub id.
+
+transformers takes any text that is not an existing directory for a Hub id, so a mistyped local
+path ends in a Hub lookup and a message about repo ids or the network. Text that cannot be a Hub id
+(an absolute or relative path, `~`, more than one `/`) or whose first component is a local directory
+is a local path here, and must be a model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from server.adapters.hub import REPO_ID
+
+
+class ModelNotFound(ValueError):
+    pass
+
+
+def model_location(text: str) -> str:
+    """What transformers should load for `text`: a model directory (`~` expanded) or a Hub id as given."""
+    path = Path(os.path.expanduser(text))  # not Path.expanduser: it raises for an unknown ~user
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"{text}: no config.json in this directory: not a transformers model")
+        return str(path)
+    if path.exists():
+        raise ModelNotFound(f"{text}: not a directory: give the model's directory")
+    if _looks_local(text):
+        raise ModelNotFound(f"{text}: no such directory (a Hub id is owner/name)")
+    return text
+
+
+def model_argument(text: str) -> str:
+    """model_location as an argparse type: a local path that is no model is a usage error (exit 2)."""
+    try:
+        return model_location(text)
+    except ModelNotFound as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _looks_local(text: str) -> bool:
+    return not REPO_ID.fullmatch(text) or ("/" in text and Path(text).parent.is_dir())
