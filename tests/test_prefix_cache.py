@@ -140,3 +140,49 @@ def test_a_request_whose_adapter_failed_leaves_nothing_in_the_cache(models, adap
     assert FinishReason.ERROR in reasons
     flaky.layers[1][0] = working  # the fault was transient
     assert served(core, "retry", tokens, flaky) == (expected(models, tokens, flaky), 0)
+
+
+def prefill_tokens(core, requests: list) -> tuple[dict, int]:
+    """Serve `requests` ((sequence, arrival step) pairs); returns their tokens and the prompt tokens computed."""
+    computed, step = 0, 0
+    pending = sorted(requests, key=lambda request: request[1])
+    tokens: dict = {}
+    while pending or core.has_work():
+        while pending and pending[0][1] <= step:
+            core.add(pending.pop(0)[0])
+        for output in core.step():
+            tokens.setdefault(output.request_id, []).extend(output.new_tokens)
+        computed += core.last_step.num_prefill_tokens if core.last_step else 0
+        step += 1
+    return tokens, computed
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_twins_arriving_together_compute_their_shared_prompt_once(models, adapter, async_scheduling):
+    """Eight requests for one prompt (n choices of it), base and edited, arriving at once: the first computes
+    the prompt, the others wait for its blocks to enter the cache (an edited one's once its check is read)
+    and compute only their last block's tokens. Each still gets the reference's tokens."""
+    tokens = prompt(50, 11)  # six full blocks before the one holding the last token
+    for which in (None, adapter):
+        core = make_core(models[0], block_size=BLOCK, async_scheduling=async_scheduling)
+        twins = [(seq(f"t{i}", tokens, which, max_new_tokens=4), 0) for i in range(8)]
+        out, computed = prefill_tokens(core, twins)
+        assert computed == 50 + 7 * 2
+        want = expected(models, tokens, which, max_new_tokens=4)
+        assert all(generated == want for generated in out.values())
+
+
+def test_a_twin_waits_only_while_its_block_is_in_the_making(models, adapter):
+    """With async scheduling an edited prompt's blocks enter the cache once the step's edit check is read: a
+    twin admitted meanwhile waits, with the requests behind it. If the request computing the blocks is
+    aborted before then, they never enter the cache, and the twin goes ahead and computes them itself."""
+    tokens, behind = prompt(50, 12), prompt(20, 13)
+    core = make_core(models[0], block_size=BLOCK, async_scheduling=True)
+    for request_id, which in (("leader", tokens), ("twin", tokens), ("behind", behind)):
+        core.add(seq(request_id, which, adapter, max_new_tokens=4))
+    core.step()
+    assert [s.request_id for s in core.scheduler.waiting] == ["twin", "behind"]
+    core.abort("leader")
+    out = run_core(core, [])
+    assert out["twin"] == expected(models, tokens, adapter, max_new_tokens=4)
+    assert out["behind"] == expected(models, behind, adapter, max_new_tokens=4)

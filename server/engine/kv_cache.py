@@ -161,7 +161,7 @@ class KVCache:
         mark their tokens computed. The last token is always computed, since the step that computes
         it samples the next one. A sequence that asks for its prompt's logprobs computes every prompt token:
         a cached position would have no logits."""
-        if not self.prefix_caching or seq.num_computed or seq.block_table or seq.sampling.prompt_logprobs is not None:
+        if not self._reuses(seq) or seq.num_computed or seq.block_table:
             return
         keys = extend_block_keys(seq, self.block_size, (len(seq.token_ids) - 1) // self.block_size)
         for key in keys:
@@ -174,6 +174,29 @@ class KVCache:
             seq.block_table.append(block)
         seq.num_cached_blocks = len(seq.block_table)
         seq.num_computed = len(seq.block_table) * self.block_size
+
+    def caches_more_of_prompt(self, seq: Sequence) -> bool:
+        """Whether full blocks of the sequence's prompt are still to enter the prefix cache."""
+        return self.prefix_caching and seq.num_cached_blocks < seq.num_prompt // self.block_size
+
+    def next_block_in_the_making(self, seq: Sequence, caching: list[Sequence]) -> bool:
+        """Whether one of `caching` (sequences that `caches_more_of_prompt`) is computing the next block that
+        a sequence fresh from `reuse_prefix` would take from the prefix cache, were it there: the same key,
+        not yet in the cache. The sequence then does better to wait for it than to compute it too."""
+        block = len(seq.block_table)
+        if not caching or not self._reuses(seq) or (block + 1) * self.block_size > len(seq.token_ids) - 1:
+            return False  # the block holding its last token is its own: the step computing that token samples
+        key = extend_block_keys(seq, self.block_size, block + 1)[block]
+        return any(
+            other.num_cached_blocks <= block < other.num_prompt // self.block_size
+            and extend_block_keys(other, self.block_size, block + 1)[block] == key
+            for other in caching
+        )
+
+    def _reuses(self, seq: Sequence) -> bool:
+        """Whether a sequence may start from cached blocks: not one that scores its prompt (prompt_logprobs.py),
+        which needs the logits of every prompt position."""
+        return self.prefix_caching and seq.sampling.prompt_logprobs is None
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (benchmarks replaying one workload start each run cold)."""

@@ -4,7 +4,9 @@ Every step, running sequences are visited oldest first: a decoding sequence take
 prefilling one takes a chunk of its prompt from the budget left after the decodes still to come
 (chunked prefill never stalls decoding). Then waiting sequences are admitted first-come first-served
 while budget, sequence slots and KV blocks allow, each starting after the longest prefix the KV
-cache already holds (prefix caching). When the pool is full, the newest running sequences are
+cache already holds (prefix caching). One whose next prompt block a running sequence is computing
+(the same tokens, edited alike: n choices of one prompt, a system prompt many requests share) waits
+until that block is in the cache instead of computing it again. When the pool is full, the newest running sequences are
 preempted (their blocks freed, recomputed later) so the oldest always progress: no request starves
 and none fails for lack of memory.
 """
@@ -116,6 +118,7 @@ class Scheduler:
 
     def _admit(self, budget: int) -> list[ScheduledChunk]:
         chunks = []
+        caching = [s for s in self.running if self.kv.caches_more_of_prompt(s)]
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_pending:
@@ -123,7 +126,8 @@ class Scheduler:
             self.kv.reuse_prefix(seq)
             length = min(seq.num_uncomputed, budget)
             reserve = self.config.watermark_blocks if self.running else 0  # it spares running decodes a preemption
-            if self.kv.blocks_needed(seq, length) + reserve > self.kv.num_free_blocks:
+            twin = self.kv.next_block_in_the_making(seq, caching)
+            if twin or self.kv.blocks_needed(seq, length) + reserve > self.kv.num_free_blocks:
                 self.kv.free(seq)  # hand back any reused blocks until it is admitted
                 seq.num_computed = 0
                 break  # first come, first served: nobody overtakes the head of the queue
@@ -132,6 +136,8 @@ class Scheduler:
             self.kv.allocate(seq, length)
             seq.status = SequenceStatus.RUNNING
             insort(self.running, seq, key=_by_arrival)  # a re-admitted preempted sequence keeps its rank
+            if self.kv.caches_more_of_prompt(seq):
+                caching.append(seq)
             chunks.append(ScheduledChunk(seq, seq.num_computed, length))
             budget -= length
         return chunks
