@@ -69,7 +69,7 @@ def main() -> None:
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     settings = Settings(tensor_parallel=args.tensor_parallel, device=device, threads=args.threads)
     group = spawn_group(settings)
-    group.send(str(model_dir(args)))
+    group.send_at_start(str(model_dir(args)))
     sharded, _ = load_model(str(model_dir(args)), torch.device(args.device), dtype_of(args), args.tensor_parallel)
     sender = AdapterSender(max_bytes=2**34, max_count=args.adapters)
     core = EngineCore(sharded, config, set(), partial(TensorParallelDriver, group=group, adapters=sender))

@@ -142,7 +142,7 @@ def _thread_core(
     """The core for a thread of this process, and the tokenizer: the model's, unless one is given."""
     make_runner = ModelRunner
     if group is not None:
-        group.send(model_path)
+        group.send_at_start(model_path)
         sender = AdapterSender(int(settings.adapter_memory), settings.max_resident_adapters)
         make_runner = partial(TensorParallelDriver, group=group, adapters=sender)
     if model is None:
@@ -173,7 +173,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = await asyncio.to_thread(build_state, settings, path, model, tokenizer, group, store)
+        try:
+            state = await asyncio.to_thread(build_state, settings, path, model, tokenizer, group, store)
+        except Exception:  # not on cancellation: build_state would still be using the group in its thread
+            if group is not None:  # its followers, and their shards' memory, must not outlive a failed start
+                await asyncio.to_thread(group.abandon)
+            raise
         app.state.reft = state
         try:  # whatever fails from here on, the engine (a process, perhaps) is stopped again
             state.engine.start()

@@ -189,8 +189,9 @@ class CoreProcess:
         while True:
             command = self._outbox.get()
             try:
-                if (wire := self._wire(command)) is not None:
-                    self._commands.send_bytes(pickle.dumps(wire))
+                with self._adapters.sending():
+                    if (wire := self._wire(command)) is not None:
+                        self._commands.send_bytes(pickle.dumps(wire))
             except (OSError, EOFError) as e:  # the engine process is gone: its report pipe says so
                 self.failure = self.failure or f"the engine process is unreachable: {e}"
                 break

@@ -1,7 +1,8 @@
 """The engine core in a process of its own (`--engine-core process`, the GPU default), run here on the
 CPU: the same tokens as pyreft through the pipe, adapters sent once and dropped over budget (and sent
-again when the engine process could not take them), metrics and probes fed by the process's reports,
-and an engine process that dies, cannot load or crashes while loading reported, not hung on."""
+again when the engine process could not take them, or they could not be sent), metrics and probes fed
+by the process's reports, and an engine process that dies, cannot load or crashes while loading
+reported, not hung on."""
 
 import json
 import os
@@ -168,6 +169,25 @@ def test_an_engine_process_that_dies_while_loading_fails_the_start(tmp_path, mon
     settings = Settings(model=str(FIXTURE / "model"), device="cpu", engine_core="process", plugins="crash_in_engine")
     with pytest.raises(EngineProcessFailed, match="exited with code 3 at start-up"):
         CoreProcess(settings, str(FIXTURE / "model"))
+
+
+def test_an_adapter_whose_command_could_not_be_sent_goes_with_the_next(client, monkeypatch):
+    lo, di = (next(c for c in EXPECTED["cases"] if c["adapter"] == name) for name in ADAPTERS)
+    assert generate(client, prompt=lo["prompt"], adapter="lo14") == lo["adapter_tokens"]  # lo14 is resident
+    commands = client.app.state.reft.engine.host._commands
+    failures = [MemoryError("no room to send the adapter's tensors")]
+
+    def send_bytes_failing_once(data, send_bytes=commands.send_bytes):
+        if failures:
+            raise failures.pop()
+        return send_bytes(data)
+
+    monkeypatch.setattr(commands, "send_bytes", send_bytes_failing_once)
+    body = {"prompt": di["prompt"], "adapter": "di", "max_new_tokens": MAX_NEW, "ignore_eos": True}
+    failed = client.post("/v1/generate", json=body)
+    assert failed.status_code != 200 and "not sent" in failed.text, failed.text
+    # neither di's tensors nor the order to drop lo14 reached the engine process: the next request sends both
+    assert generate(client, prompt=di["prompt"], adapter="di") == di["adapter_tokens"]
 
 
 def test_an_adapter_the_engine_process_cannot_take_is_refused_and_sent_again():

@@ -1,4 +1,5 @@
-"""Tensor-parallel faults: what a follower lacks or a rank raises must fail promptly, never hang."""
+"""Tensor-parallel faults: what a follower lacks or a rank raises must fail promptly, never hang; a
+wedged follower breaks the group within STEP_TIMEOUT; a failed start leaves no follower behind."""
 
 import json
 import os
@@ -13,7 +14,10 @@ import tests.gated_reft_plugin  # noqa: F401  (registers gatedreft here, for the
 from server.adapters.format import AdapterFile
 from server.adapters.materialize import materialize
 from server.adapters.random_adapters import random_adapter_file
+from server.config import Settings
 from server.distributed.adapter_mirror import AdapterReceiver, AdapterSender
+from server.distributed.group import TensorParallelGroup
+from server.distributed.launch import spawn_group
 from server.reft.plan import build_plan
 from server.reft.reference import reference_generate
 from tests.conftest import load_reference_model
@@ -30,10 +34,9 @@ def test_followers_load_the_plugins_rank_0_serves(tiny_model_dir, tmp_path):
         serves_like_the_reference(server, model_dir, adapter, "gated")
 
 
-def run_with_fault(model_dir, tmp_path, side: str) -> dict:
-    adapter_path = tmp_path / "a.safetensors"
-    random_adapter_file("loreft", (0, 2), 4, "f2+l2", HIDDEN, seed=1).save(adapter_path)
-    command = [sys.executable, "-m", "tests.tp_fault_run", str(model_dir), str(adapter_path), side]
+def run_rank_0(module: str, *args: str) -> dict:
+    """Run a helper that leads a group as rank 0; its JSON result. A hang fails the test."""
+    command = [sys.executable, "-m", module, *args]
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -47,9 +50,15 @@ def run_with_fault(model_dir, tmp_path, side: str) -> dict:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         out, err = process.communicate()
-        pytest.fail(f"the group hung after a fault on {side}:\n{err[-2000:]}")
+        pytest.fail(f"the group hung ({' '.join(args)}):\n{err[-2000:]}")
     assert process.returncode == 0, err[-3000:]
     return json.loads(out.strip().splitlines()[-1])
+
+
+def run_with_fault(model_dir, tmp_path, side: str) -> dict:
+    adapter_path = tmp_path / "a.safetensors"
+    random_adapter_file("loreft", (0, 2), 4, "f2+l2", HIDDEN, seed=1).save(adapter_path)
+    return run_rank_0("tests.tp_fault_run", str(model_dir), str(adapter_path), side)
 
 
 @pytest.mark.parametrize("side", ["rank0", "follower"])
@@ -83,3 +92,35 @@ def test_followers_edit_like_rank_0_when_two_adapters_share_a_digest():
     build_plan(batch.edits, "cpu").apply(0, on_rank_0)
     build_plan(received.edits, "cpu").apply(0, on_follower)
     assert torch.equal(on_rank_0, on_follower)
+
+
+def test_a_failed_start_kills_the_followers_and_reports_its_error(tiny_model_dir, tmp_path):
+    (tmp_path / "file").touch()
+    result = run_rank_0("tests.tp_start_run", str(tiny_model_dir("llama")), str(tmp_path / "file" / "store"))
+    assert "cannot open the store" in result["error"], result
+    assert result["exit_codes"] == [-signal.SIGKILL], "the follower must not outlive rank 0's failed start"
+
+
+def test_followers_are_killed_when_rank_0_cannot_join(monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.setenv(name, "")  # spawn_group sets them: undone after the test
+    spawned = []
+
+    def cannot_join(backend, followers):
+        spawned.extend(followers)
+        raise RuntimeError("rank 0 cannot join")
+
+    monkeypatch.setattr(TensorParallelGroup, "join", cannot_join)
+    with pytest.raises(RuntimeError, match="rank 0 cannot join"):
+        spawn_group(Settings(tensor_parallel=2, device="cpu"))
+    assert [process.exitcode for process in spawned] == [-signal.SIGKILL]  # it would wait for the rendezvous
+
+
+@pytest.mark.parametrize("first", ["ping", "stop"])
+def test_a_wedged_follower_breaks_the_group_and_the_stop_still_ends(tiny_model_dir, first):
+    result = run_rank_0("tests.tp_wedged_run", str(tiny_model_dir("llama")), first)
+    assert "tensor-parallel rank is unreachable" in result["problem"], result
+    if first == "ping":  # the engine's idle ping: readiness reports the wedged follower
+        assert result["ping_error"] == result["problem"]
+    assert result["seconds"] < 10, result  # one STEP_TIMEOUT (2 s) and a kill, not GROUP_TIMEOUT
+    assert result["exit_codes"] == [-signal.SIGKILL]

@@ -27,7 +27,7 @@ CORE_CONFIG = dict(max_batched_tokens=32, max_num_seqs=6)
 def main(model_dir: str, workload_path: str, max_adapters: str) -> None:
     torch.set_num_threads(1)
     group = spawn_group(Settings(tensor_parallel=2, device="cpu", threads=1, log_level="warning"))
-    group.send(model_dir)
+    group.send_at_start(model_dir)
     model, _ = load_model(model_dir, torch.device("cpu"), torch.float32, tensor_parallel=2)
     sender = AdapterSender(max_bytes=2**30, max_count=int(max_adapters))
     core = make_core(model, make_runner=partial(TensorParallelDriver, group=group, adapters=sender), **CORE_CONFIG)

@@ -47,7 +47,7 @@ if FAULT_SIDE == ("follower" if is_follower else "rank0"):
 def main(model_dir: str, adapter_path: str, side: str) -> None:
     torch.set_num_threads(1)
     group = spawn_group(Settings(tensor_parallel=2, device="cpu", threads=1, log_level="warning"))
-    group.send(model_dir)
+    group.send_at_start(model_dir)
     model, _ = load_model(model_dir, torch.device("cpu"), torch.float32, tensor_parallel=2)
     sender = AdapterSender(max_bytes=2**30, max_count=4)
     make_runner = partial(TensorParallelDriver, group=group, adapters=sender)

@@ -18,6 +18,8 @@ they hold and tells them what to drop, so they never need to ask back.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -87,6 +89,17 @@ class AdapterSender:
                 new[digest] = AdapterPayload.of(adapter)
                 self._held[digest] = adapter.nbytes
         return new, self._evict(keep=used)
+
+    @contextmanager
+    def sending(self) -> Iterator[None]:
+        """Around building and sending a message: if that raises, the record is as it was before, since
+        the other side got neither the message's new adapters nor its order to drop some."""
+        held = self._held.copy()
+        try:
+            yield
+        except BaseException:
+            self._held = held
+            raise
 
     def forget(self, digest: str) -> None:
         """The other side does not hold `digest` after all: send it again when it is next used."""

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from server.config import Settings
-from server.distributed.group import TensorParallelGroup
+from server.distributed.group import TensorParallelGroup, kill_followers
 from server.distributed.runner import follow
 from server.logging_setup import setup_logging
 from server.models.loader import resolve_device
@@ -79,7 +79,11 @@ def spawn_group(settings: Settings) -> TensorParallelGroup:
     ]
     for process in followers:
         process.start()
-    return TensorParallelGroup.join(_backend(rank_device(settings, 0)), followers)
+    try:
+        return TensorParallelGroup.join(_backend(rank_device(settings, 0)), followers)
+    except BaseException:
+        kill_followers(followers)
+        raise
 
 
 def _follower_main(settings: Settings, rank: int) -> None:

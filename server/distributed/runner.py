@@ -51,12 +51,13 @@ class TensorParallelDriver(ModelRunner):
         super().__init__(model, kv, attention_backend, **graphs)
         self.group = group
         self.adapters = adapters
-        group.send(KVGeometry(kv.num_blocks, kv.block_size))
+        group.send_at_start(KVGeometry(kv.num_blocks, kv.block_size))
 
     def forward(self, batch: StepBatch, pending: Tensor | None = None) -> tuple[Tensor, InterventionPlan | None]:
         """`pending` stays None: the core reads every step at once with tensor parallelism."""
         assert pending is None, "async scheduling is off with tensor parallelism"
-        self.group.send(self.adapters.message(batch))
+        with self.adapters.sending():
+            self.group.send(self.adapters.message(batch))
         try:
             return super().forward(batch)
         except Exception as e:  # the followers may wait in a collective this rank never reaches: no more steps
@@ -79,9 +80,9 @@ def follow(group: TensorParallelGroup, settings: Settings, device: torch.device)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     load_plugins(settings.plugins)  # the intervention types rank 0 serves, before any adapter arrives
-    model_path = group.receive()
+    model_path = group.receive_at_start()
     model, _ = load_model(model_path, device, resolve_dtype(settings.dtype, device), tensor_parallel=group.size)
-    geometry: KVGeometry = group.receive()
+    geometry: KVGeometry = group.receive_at_start()
     parameter = next(model.parameters())
     layout = KVLayout.from_config(model.config, parameter.dtype).sharded(group.size)
     kv = KVCache(layout, geometry.num_blocks, geometry.block_size, parameter.device, prefix_caching=False)
