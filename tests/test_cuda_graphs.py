@@ -62,13 +62,13 @@ def test_only_plain_decode_steps_take_the_graphs(llama, tiny_model_dir):
     batch = decode_batch(core)
     assert graphs.fits(batch)
     chunk = ScheduledChunk(core.scheduler.running[0], 0, 4)  # a prefill chunk
-    prefill, _ = core.runner.pack([chunk])
+    prefill = core.runner.pack([chunk])[0]
     assert not graphs.fits(prefill)
     adapter = random_adapter("a", "loreft", (1,), 2, "l1", llama.config.hidden_size, seed=0)
     edited = seq("e", prompt(6, 9), adapter)  # its last prompt token is edited, in the step that computes it
     core.add(edited)
     core.kv.allocate(edited, 6)
-    with_edit, _ = core.runner.pack([ScheduledChunk(edited, 5, 1)])
+    with_edit = core.runner.pack([ScheduledChunk(edited, 5, 1)])[0]
     assert with_edit.edits and not graphs.fits(with_edit)
 
 
