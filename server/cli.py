@@ -23,7 +23,7 @@ from server.adapters.precondition_args import add_precondition_arguments
 from server.adapters.store import StoreError
 from server.adapters.stores import open_store
 from server.config import Settings
-from server.models.location import ModelNotFound, model_argument, model_location
+from server.model_location import ModelNotFound, model_argument, model_location
 from server.plugins import PluginError
 from server.training.cli import add_train_arguments, run_train
 

@@ -11,7 +11,7 @@ import server.app
 from server.adapters.random_adapters import random_adapter_file
 from server.adapters.store import AdapterStore
 from server.cli import main
-from server.models.location import model_location
+from server.model_location import model_location
 from tests.api_utils import ADMIN, running_app
 from tests.conftest import FIXTURE
 

@@ -13,7 +13,7 @@ ALLOWED = {
     "reft": set(),
     "engine": {"reft", "metrics"},
     "adapters": {"reft", "metrics"},
-    "training": {"adapters", "reft", "plugins", "tokenization"},
+    "training": {"adapters", "reft", "plugins", "tokenization", "model_location"},
 }
 FRONT = {"api", "app", "cli"}  # what no other room imports
 

@@ -25,7 +25,7 @@ from server.adapters.precondition_args import (
 )
 from server.adapters.store import Precondition, PreconditionFailed, StoreError, check_name
 from server.adapters.stores import open_store
-from server.models.location import model_argument
+from server.model_location import model_argument
 from server.plugins import PluginError, load_plugins, split_plugins
 from server.reft.interventions import INTERVENTION_TYPES, intervention_type
 from server.training.data import load_examples
