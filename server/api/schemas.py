@@ -68,6 +68,11 @@ class SamplingFields(StrictModel):
     )
     stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
+    min_tokens: int = Field(
+        0, ge=0, le=MAX_NEW_TOKENS, description="No EOS, stop token or stop string ends it before this many tokens"
+    )
+    include_stop_str_in_output: bool = Field(False, description="Keep the stop string that ends it in the text")
+    skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text")
 
     @field_validator("logit_bias")
     @classmethod
@@ -97,6 +102,9 @@ class SamplingFields(StrictModel):
             stop_token_ids=tuple(self.stop_token_ids),
             stop=stop,
             ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )

@@ -89,8 +89,9 @@ class RequestStream:
         self._on_finished = on_finished
         self._metrics = metrics
         self._queue: asyncio.Queue[SeqOutput] = asyncio.Queue()
-        self._detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_ids)
-        self._stops = StopStringMatcher(request.sampling.stop)
+        sampling = request.sampling
+        self._detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_ids, sampling.skip_special_tokens)
+        self._stops = StopStringMatcher(sampling.stop, sampling.include_stop_str_in_output)
         self.num_generated = 0
         self.finished = False  # the consumer has seen the last output
         self._ended = False  # on_finished was called
@@ -129,7 +130,8 @@ class RequestStream:
         self.num_generated -= len(raw.new_tokens) - kept
         reason = raw.finish_reason
         if reason is not None and not self._stops.stopped:
-            text += self._stops.feed(self._detokenizer.flush()) + self._stops.finish()
+            may_stop = self.num_generated > self.request.sampling.min_tokens
+            text += self._stops.feed(self._detokenizer.flush(), may_stop) + self._stops.finish()
         if self._stops.stopped and reason in (None, FinishReason.LENGTH):
             if reason is None:
                 self._abort(self.request_id)
@@ -154,13 +156,15 @@ class RequestStream:
     def _text_until_stop(self, tokens: list[int], last_unrendered: bool) -> tuple[str, int]:
         """The text `tokens` add (the last one left out if `last_unrendered`), and how many of them count:
         with stop strings, a token at a time, so that tokens past the one completing a stop string (steps
-        coalesced while the consumer was busy) are neither reported nor counted, however fast it reads."""
+        coalesced while the consumer was busy) are neither reported nor counted, however fast it reads. As in
+        vLLM, a stop string counts only in the text of tokens past the first min_tokens."""
         rendered = tokens[:-1] if last_unrendered else tokens
         if not self._stops.stops:
             return self._stops.feed(self._detokenizer.push(rendered)), len(tokens)
-        text = ""
+        text, before = "", self.num_generated - len(tokens)  # tokens generated before these
         for count, token in enumerate(rendered, 1):
-            text += self._stops.feed(self._detokenizer.push([token]))
+            may_stop = before + count > self.request.sampling.min_tokens
+            text += self._stops.feed(self._detokenizer.push([token]), may_stop)
             if self._stops.stopped:
                 return text, count
         return text, len(tokens)

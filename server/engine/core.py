@@ -167,7 +167,7 @@ class EngineCore:
             max_model_len=self.max_model_len,
             compile_backend=compile_backend,
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(frozenset(eos_token_ids))
         self.eos_token_ids = eos_token_ids
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None

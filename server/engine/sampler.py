@@ -1,5 +1,5 @@
 """Token selection for the rows of a step: greedy, temperature, top-k, top-p, min-p, logit bias,
-repetition, frequency and presence penalties and per-request seeds, plus optional logprobs.
+repetition, frequency and presence penalties, min_tokens and per-request seeds, plus optional logprobs.
 
 Sampling draws exponential noise per vocabulary entry and takes argmax(p / noise), which samples
 from p exactly. A seeded request draws each token's noise from a generator seeded with its seed and
@@ -55,6 +55,28 @@ def apply_logit_bias(logits: Tensor, seqs: list[Sequence]) -> Tensor:
     return logits.index_put(index, to_device(values, logits.dtype, logits.device), accumulate=True)
 
 
+def generated(seq: Sequence) -> int:
+    """Tokens the sequence has drawn so far, a pending one (async scheduling) included."""
+    return seq.num_tokens - seq.num_prompt
+
+
+def hold_stops(logits: Tensor, seqs: list[Sequence], eos_token_ids: frozenset[int]) -> Tensor:
+    """vLLM's `min_tokens`: EOS (unless ignored) and the stop tokens masked (to -inf) in the rows of requests
+    that have drawn fewer tokens than that."""
+    vocab = logits.shape[-1]
+    held = []
+    for row, seq in enumerate(seqs):
+        sampling = seq.sampling
+        if sampling.holds_stops(generated(seq)):
+            stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else eos_token_ids)
+            held += [(row, token) for token in sorted(stops) if token < vocab]
+    if not held:
+        return logits
+    rows, tokens = zip(*held, strict=True)
+    index = (to_device(rows, torch.long, logits.device), to_device(tokens, torch.long, logits.device))
+    return logits.index_put(index, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+
+
 def draw_seed(seed: int, position: int) -> int:
     """The seed of a seeded request's draw of the token at `position`: its noise is a function of the two
     alone, so neither a retried draw, nor a preemption, nor the async engine's pending token changes it.
@@ -89,7 +111,8 @@ def filter_logits(logits: Tensor, top_k: list[int], top_p: list[float], min_p: l
 
 def _plain_greedy(seq: Sequence) -> bool:
     sampling = seq.sampling
-    return sampling.greedy and not sampling.penalized and not sampling.logit_bias and sampling.logprobs is None
+    plain = sampling.greedy and not sampling.penalized and not sampling.logit_bias and sampling.logprobs is None
+    return plain and not sampling.holds_stops(generated(seq))
 
 
 @dataclass
@@ -144,7 +167,8 @@ def read_logprob_table(host: Tensor, wanted: list[int | None]) -> list[Sample]:
 
 
 class Sampler:
-    def __init__(self):
+    def __init__(self, eos_token_ids: frozenset[int] = frozenset()):
+        self.eos_token_ids = frozenset(eos_token_ids)  # held back, with the stop tokens, by min_tokens
         self.penalties = PenaltyRows()
         self._generators: dict[torch.device, torch.Generator] = {}  # reseeded for every seeded row's draw
 
@@ -159,7 +183,8 @@ class Sampler:
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if any(w is not None for w in wanted) else None
         # as vLLM orders them: the bias, then the penalties, repetition's before OpenAI's
-        logits, penalized = self.penalties.apply(apply_logit_bias(logits, seqs), seqs, pending)
+        logits = hold_stops(apply_logit_bias(logits, seqs), seqs, self.eos_token_ids)
+        logits, penalized = self.penalties.apply(logits, seqs, pending)
         sampled = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
         if len(sampled) == len(seqs):  # every row samples (the chat routes' default): no argmax, no row gather
             tokens = self._sample(logits, seqs)

@@ -35,12 +35,19 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings: matched on text by the front end
     ignore_eos: bool = False
+    min_tokens: int = 0  # no EOS or stop token drawn, no stop string matched, before this many tokens (vLLM's)
+    include_stop_str_in_output: bool = False  # the stop string that ends the request stays in its text
+    skip_special_tokens: bool = True  # special tokens are left out of the text
     logprobs: int | None = None  # None = off; n >= 0 = chosen token's logprob plus the top n
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (vLLM's)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    def holds_stops(self, generated: int) -> bool:
+        """Whether EOS and the stop tokens may not be drawn after `generated` tokens (min_tokens)."""
+        return generated < self.min_tokens
 
     @property
     def penalized(self) -> bool:
@@ -52,6 +59,7 @@ class SamplingParams:
         penalties, biases = f"[-{MAX_PENALTY}, {MAX_PENALTY}]", f"[-{MAX_BIAS}, {MAX_BIAS}]"
         checks = [
             (1 <= self.max_new_tokens <= MAX_NEW_TOKENS, f"max_new_tokens must be in [1, {MAX_NEW_TOKENS}]"),
+            (0 <= self.min_tokens <= self.max_new_tokens, "min_tokens must be in [0, max_new_tokens]"),
             (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
             (0 <= self.top_k <= MAX_TOP_K, f"top_k must be in [0, {MAX_TOP_K}] (0 disables it)"),
             (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}]"),

@@ -1,29 +1,35 @@
-"""Stop strings on streamed text: cut the output before the first stop string, and hold back a tail
-that could still become one, so a stream never shows text that a stop string later removes."""
+"""Stop strings on streamed text: cut the output before the first stop string (or after it, where asked),
+and hold back a tail that could still become one, so a stream never shows text that a stop string later
+removes. A stop string counts where it ends in text fed while stopping is allowed (vLLM's min_tokens
+feeds the first tokens' text with stopping not yet allowed)."""
 
 from __future__ import annotations
 
 
 class StopStringMatcher:
-    def __init__(self, stops: tuple[str, ...]):
+    def __init__(self, stops: tuple[str, ...], include_in_output: bool = False):
         self.stops = stops
+        self.include_in_output = include_in_output
         self.longest = max((len(s) for s in stops), default=0)
         self.text = ""
         self.emitted = 0
         self.stopped = False
 
-    def feed(self, delta: str) -> str:
-        """Add generated text; returns what may be shown now. Sets `stopped` on a match."""
+    def feed(self, delta: str, may_stop: bool = True) -> str:
+        """Add generated text; returns what may be shown now. Sets `stopped` on a match that ends in `delta`,
+        unless `may_stop` is False."""
         if self.stopped:
             return ""
         if not self.stops:
             return delta
-        search_from = max(0, len(self.text) - self.longest + 1)
+        fed = len(self.text)
         self.text += delta
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            return self._emit_until(min(hits))
+        if may_stop:
+            hits = [(i, i + len(s)) for s in self.stops if (i := self.text.find(s, max(0, fed - len(s) + 1))) >= 0]
+            if hits:
+                self.stopped = True
+                start, end = min(hits)
+                return self._emit_until(end if self.include_in_output else start)
         return self._emit_until(len(self.text) - self._held_back())
 
     def finish(self) -> str:
