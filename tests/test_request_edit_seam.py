@@ -52,3 +52,25 @@ def test_an_edit_rule_on_decode_positions_is_served_without_engine_changes(model
     assert {rid: generated[rid] for rid in expected} == expected
     # the same prompt and adapter with prompt-only edits shares no decode edits: its tokens differ
     assert generated["plain"] != generated["r1"]
+
+
+def test_a_twin_of_a_request_edited_while_it_decodes_waits_only_for_its_prompt(models):
+    """With async scheduling a request whose edits go on into its decode steps keeps its blocks out of the
+    prefix cache (each step's edit check is read a step later) for as long as it runs: a request for the
+    same prompt and edit waits for them no longer than its prompt's steps, and those behind it neither."""
+    engine_model, reference_model = models
+    hidden = engine_model.config.hidden_size
+    adapter = random_adapter("steer", "loreft", (0, 2), 4, "f1+l1", hidden, True, seed=3)
+    ids = prompt(40, 1)
+    edit = with_decode_positions(RequestEdit.for_prompt(adapter, 40), tuple(range(40, 40 + NEW_TOKENS)))
+    sampling = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    core = make_core(engine_model, block_size=8, async_scheduling=True)
+    core.add(Sequence("leader", ids, sampling, edit))
+    core.step()
+    core.add(Sequence("twin", ids, sampling, edit))
+    core.add(Sequence("behind", prompt(10, 2), sampling))
+    twin = []
+    for _ in range(3):
+        twin += [t for output in core.step() if output.request_id == "twin" for t in output.new_tokens]
+    assert not core.scheduler.waiting
+    assert twin + run_core(core, [])["twin"] == recomputed_generate(reference_model, ids, edit)

@@ -182,13 +182,16 @@ class KVCache:
     def next_block_in_the_making(self, seq: Sequence, caching: list[Sequence]) -> bool:
         """Whether one of `caching` (sequences that `caches_more_of_prompt`) is computing the next block that
         a sequence fresh from `reuse_prefix` would take from the prefix cache, were it there: the same key,
-        not yet in the cache. The sequence then does better to wait for it than to compute it too."""
+        not yet in the cache. The sequence then does better to wait for it than to compute it too. Only
+        while that one computes its prompt, or until the step that finished it is read (its edits checked):
+        an edit rule that also edits decode positions keeps its blocks unchecked for as long as it runs."""
         block = len(seq.block_table)
         if not caching or not self._reuses(seq) or (block + 1) * self.block_size > len(seq.token_ids) - 1:
             return False  # the block holding its last token is its own: the step computing that token samples
         key = extend_block_keys(seq, self.block_size, block + 1)[block]
         return any(
             other.num_cached_blocks <= block < other.num_prompt // self.block_size
+            and other.num_computed <= other.num_prompt
             and extend_block_keys(other, self.block_size, block + 1)[block] == key
             for other in caching
         )
