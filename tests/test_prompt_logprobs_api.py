@@ -98,6 +98,18 @@ def test_echo_streams_as_it_answers_whole(served):
         assert [x for p in parts for x in p["logprobs"][key]] == whole["logprobs"][key]
 
 
+def test_echo_streams_the_text_offsets_it_answers_whole(served):
+    """A text prompt's echoed text lacks the BOS its tokens begin with: the offsets of the tokens streamed after
+    the first event go on from the tokens before them, as in the whole answer, never back into the prompt."""
+    client, _, _ = served
+    body = {"model": MODEL_NAME, "prompt": "Hello world", "max_tokens": 6, "logprobs": 1, "echo": True}
+    body |= {"temperature": 0, "ignore_eos": True}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["text_offset"]
+    events = stream(client, "/v1/completions", {**body, "stream": True})[:-1]
+    streamed = [offset for event in events for offset in event["choices"][0]["logprobs"]["text_offset"]]
+    assert len(events) > 1 and streamed == whole
+
+
 def test_prompt_logprobs_out_of_range_is_a_400(served):
     client, _, _ = served
     response = client.post("/v1/generate", json={"prompt": "hi", "prompt_logprobs": 21})

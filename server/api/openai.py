@@ -237,7 +237,10 @@ async def completions(body: CompletionRequest, request: Request, state: State):
         def chunk(index: int, output: RequestOutput) -> dict:
             part = choice(index, output, index not in started, offsets[index])
             started.add(index)
-            offsets[index] += len(part["text"])
+            # the next tokens' offsets go on from these tokens', as in the whole answer: an echoed prompt's
+            # tokens need not spell its text (a BOS token is not in a text prompt)
+            if part["logprobs"] and part["logprobs"]["tokens"]:
+                offsets[index] = part["logprobs"]["text_offset"][-1] + len(part["logprobs"]["tokens"][-1])
             return part
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
