@@ -34,3 +34,20 @@ def test_the_fast_backend_decodes_and_deltas_add_up(tokenizer):
 def test_tokenizers_that_clean_up_spaces_keep_transformers_decode(tokenizer):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path, clean_up_tokenization_spaces=True)
     assert decoder_of(tokenizer) is tokenizer
+
+
+@pytest.mark.parametrize("clean_up_spaces", [False, True])
+def test_token_texts_are_transformers_decode_of_each_token_once(tokenizer, clean_up_spaces):
+    """Logprobs name tokens through TokenTexts: each id's text as transformers' `decode` gives it (special
+    tokens shown), decoded once however often it is named."""
+    from server.api.token_texts import TokenTexts
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path, clean_up_tokenization_spaces=clean_up_spaces)
+    vocab = range(len(tokenizer))
+    expected = [tokenizer.decode([i]) for i in vocab]
+    texts = TokenTexts(tokenizer)
+    decoded = []
+    real = texts._decoder.decode
+    texts._decoder.decode = lambda ids, **kwargs: decoded.append(ids) or real(ids, **kwargs)
+    assert [texts(i) for i in vocab] == expected == [texts(i) for i in vocab]
+    assert len(decoded) == len(tokenizer)

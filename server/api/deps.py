@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.api.errors import APIError
+from server.api.token_texts import TokenTexts
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
 from server.metrics import Metrics
@@ -31,6 +32,10 @@ class AppState:
     registry: AdapterRegistry
     metrics: Metrics
     draining_since: float | None = None  # monotonic time of SIGTERM (or of the shutdown)
+    token_texts: TokenTexts = field(init=False)  # each token's text alone, for logprobs
+
+    def __post_init__(self) -> None:
+        self.token_texts = TokenTexts(self.tokenizer)
 
     @property
     def draining(self) -> bool:

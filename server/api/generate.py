@@ -11,6 +11,7 @@ from server.api.deps import AppState, State, require_api_key
 from server.api.errors import APIError, error_body
 from server.api.schemas import AdapterRef, GenerateRequest, GenerateResponse, TokenLogprob, Usage
 from server.api.service import Running, collect, generation_failed, start, stream_outputs, tokenize
+from server.api.token_texts import TokenTexts
 from server.engine.async_engine import RequestOutput
 from server.engine.sampler import Sample
 from server.engine.sequence import FinishReason
@@ -18,9 +19,9 @@ from server.engine.sequence import FinishReason
 router = APIRouter(tags=["generation"], dependencies=[Depends(require_api_key)])
 
 
-def token_logprobs(tokenizer, samples: list[Sample]) -> list[TokenLogprob]:
+def token_logprobs(texts: TokenTexts, samples: list[Sample]) -> list[TokenLogprob]:
     def entry(token_id: int, logprob: float) -> dict:
-        return {"token_id": token_id, "token": tokenizer.decode([token_id]), "logprob": logprob}
+        return {"token_id": token_id, "token": texts(token_id), "logprob": logprob}
 
     return [
         TokenLogprob(**entry(s.token, s.logprob), top_logprobs=[entry(t, lp) for t, lp in s.top_logprobs or []])
@@ -29,9 +30,9 @@ def token_logprobs(tokenizer, samples: list[Sample]) -> list[TokenLogprob]:
     ]
 
 
-def prompt_token_logprobs(tokenizer, samples: list[Sample]) -> list[TokenLogprob | None]:
+def prompt_token_logprobs(texts: TokenTexts, samples: list[Sample]) -> list[TokenLogprob | None]:
     """The prompt's tokens scored: the first has nothing before it to be scored by (null), as in vLLM."""
-    return [None, *token_logprobs(tokenizer, samples)]
+    return [None, *token_logprobs(texts, samples)]
 
 
 def adapter_ref(running: Running) -> AdapterRef | None:
@@ -76,8 +77,8 @@ async def generate(body: GenerateRequest, request: Request, state: State):
         finish_reason=output.finish_reason.value if output.finish_reason else None,
         adapter=adapter,
         usage=usage(output),
-        logprobs=token_logprobs(state.tokenizer, output.logprobs) if body.logprobs is not None else None,
-        prompt_logprobs=prompt_token_logprobs(state.tokenizer, scored) if scored is not None else None,
+        logprobs=token_logprobs(state.token_texts, output.logprobs) if body.logprobs is not None else None,
+        prompt_logprobs=prompt_token_logprobs(state.token_texts, scored) if scored is not None else None,
     )
 
 
@@ -92,9 +93,9 @@ async def _events(
                 break
             data = {"id": request_id, "text": output.text, "token_ids": output.token_ids, "finish_reason": None}
             if logprobs:
-                data["logprobs"] = [lp.model_dump() for lp in token_logprobs(state.tokenizer, output.logprobs)]
+                data["logprobs"] = [lp.model_dump() for lp in token_logprobs(state.token_texts, output.logprobs)]
             if output.prompt_logprobs is not None:  # the first output's, where asked
-                scored = prompt_token_logprobs(state.tokenizer, output.prompt_logprobs)
+                scored = prompt_token_logprobs(state.token_texts, output.prompt_logprobs)
                 data["prompt_logprobs"] = [lp.model_dump() if lp else None for lp in scored]
             if output.finished:
                 data["finish_reason"] = output.finish_reason.value

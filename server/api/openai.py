@@ -19,6 +19,7 @@ from server.api.deps import AppState, State, require_api_key
 from server.api.errors import APIError, error_body
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
 from server.api.service import Running, collect, generation_failed, start, stream_outputs, tokenize, tokenize_chat
+from server.api.token_texts import TokenTexts
 from server.engine.async_engine import RequestOutput
 from server.engine.sampler import Sample
 from server.engine.sampling_params import MAX_SEED, SamplingParams
@@ -98,8 +99,8 @@ def close_all(runs: list[Running]) -> None:
 
 
 # -- logprobs in OpenAI's two shapes ----------------------------------------------------------------
-def completion_logprobs(tokenizer, samples: list[Sample], text_offset: int = 0) -> dict:
-    tokens = [tokenizer.decode([s.token]) for s in samples]
+def completion_logprobs(texts: TokenTexts, samples: list[Sample], text_offset: int = 0) -> dict:
+    tokens = [texts(s.token) for s in samples]
     offsets, position = [], text_offset
     for token in tokens:
         offsets.append(position)
@@ -107,29 +108,29 @@ def completion_logprobs(tokenizer, samples: list[Sample], text_offset: int = 0) 
     return {
         "tokens": tokens,
         "token_logprobs": [s.logprob for s in samples],
-        "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in s.top_logprobs or []} for s in samples],
+        "top_logprobs": [{texts(t): lp for t, lp in s.top_logprobs or []} for s in samples],
         "text_offset": offsets,
     }
 
 
-def echoed_logprobs(tokenizer, prompt_ids: list[int], scored: list[Sample]) -> dict:
+def echoed_logprobs(texts: TokenTexts, prompt_ids: list[int], scored: list[Sample]) -> dict:
     """The prompt's part of an echoed completion's logprobs: the first token, which nothing before it scores,
     has null for its logprob and its top logprobs, as in OpenAI's and vLLM's."""
-    part = completion_logprobs(tokenizer, [Sample(prompt_ids[0]), *scored])
+    part = completion_logprobs(texts, [Sample(prompt_ids[0]), *scored])
     part["top_logprobs"][0] = None
     return part
 
 
-def joined_logprobs(prompt_part: dict, tokenizer, samples: list[Sample]) -> dict:
+def joined_logprobs(prompt_part: dict, texts: TokenTexts, samples: list[Sample]) -> dict:
     """An echoed prompt's logprobs followed by the generated tokens', whose offsets go on after the prompt's."""
     end = prompt_part["text_offset"][-1] + len(prompt_part["tokens"][-1])
-    generated = completion_logprobs(tokenizer, samples, end)
+    generated = completion_logprobs(texts, samples, end)
     return {key: prompt_part[key] + generated[key] for key in generated}
 
 
-def chat_logprobs(tokenizer, samples: list[Sample]) -> dict:
+def chat_logprobs(texts: TokenTexts, samples: list[Sample]) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
-        text = tokenizer.decode([token_id])
+        text = texts(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     return {
@@ -222,12 +223,12 @@ async def completions(body: CompletionRequest, request: Request, state: State):
         """One choice's text and logprobs; with echo, its first output begins with its prompt (and the prompt's
         scores come with that output)."""
         text = output.text
-        logprobs = completion_logprobs(state.tokenizer, output.logprobs, offset) if wants_logprobs else None
+        logprobs = completion_logprobs(state.token_texts, output.logprobs, offset) if wants_logprobs else None
         if body.echo and first:
             text = echoes[index // body.n] + text
             if wants_logprobs and output.prompt_logprobs is not None:
-                prompt_part = echoed_logprobs(state.tokenizer, prompts[index // body.n], output.prompt_logprobs)
-                logprobs = joined_logprobs(prompt_part, state.tokenizer, output.logprobs)
+                prompt_part = echoed_logprobs(state.token_texts, prompts[index // body.n], output.prompt_logprobs)
+                logprobs = joined_logprobs(prompt_part, state.token_texts, output.logprobs)
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(output)}
 
     if body.stream:
@@ -270,7 +271,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         def chunk(index: int, output: RequestOutput) -> dict:
             delta = {"content": output.text} if index in started else {"role": "assistant", "content": output.text}
             started.add(index)
-            logprobs = chat_logprobs(state.tokenizer, output.logprobs) if body.logprobs else None
+            logprobs = chat_logprobs(state.token_texts, output.logprobs) if body.logprobs else None
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason(output)}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -283,7 +284,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         {
             "index": i,
             "message": {"role": "assistant", "content": output.text},
-            "logprobs": chat_logprobs(state.tokenizer, output.logprobs) if body.logprobs else None,
+            "logprobs": chat_logprobs(state.token_texts, output.logprobs) if body.logprobs else None,
             "finish_reason": finish_reason(output),
         }
         for i, output in enumerate(outputs)
