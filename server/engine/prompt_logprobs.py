@@ -22,6 +22,9 @@ from server.engine.sequence import Sequence
 from server.engine.transfers import HostCopy, to_device
 
 SCORE_ROWS = 256  # rows reduced at once: bounds the float32 copy of the logits that log_softmax makes
+# prompt tokens a step scores at most (the scheduler shortens scoring chunks to fit): bounds their logits,
+# which the KV pool's sizing (memory.py) does not measure, to about 1024 x vocabulary x 2 bytes
+MAX_SCORED_PER_STEP = 1024
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,11 @@ class ScoredRows:
     @property
     def targets(self) -> list[int]:
         return self.seq.prompt_ids[self.first : self.first + self.count]
+
+
+def scores_more(seq: Sequence) -> bool:
+    """Whether prompt tokens of the sequence are still to be scored."""
+    return seq.sampling.prompt_logprobs is not None and seq.num_prompt_scored < seq.num_prompt - 1
 
 
 def rows_to_score(seq: Sequence, start: int, length: int) -> ScoredRows | None:
