@@ -114,3 +114,21 @@ def test_prompt_logprobs_out_of_range_is_a_400(served):
     client, _, _ = served
     response = client.post("/v1/generate", json={"prompt": "hi", "prompt_logprobs": 21})
     assert response.status_code == 400 and "prompt_logprobs" in response.text
+
+
+def test_echo_with_no_tokens_to_generate_answers_the_prompt_alone(served):
+    """max_tokens 0 with echo, as older scoring clients send it: the prompt's text and scores alone (the one
+    token the engine draws is dropped), no completion tokens counted; without echo it is a 400."""
+    client, di, reference_model = served
+    prompt_ids = token_prompt(12, 5)
+    body = {"model": "di", "prompt": prompt_ids, "max_tokens": 0, "logprobs": 2, "echo": True, "temperature": 0}
+    out = client.post("/v1/completions", json=body).json()
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 0
+    assert len(choice["logprobs"]["tokens"]) == len(prompt_ids)
+    assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(scores(reference_model, prompt_ids, di), abs=1e-4)
+    events = stream(client, "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert "".join(e["choices"][0]["text"] for e in events[:-2]) == choice["text"]
+    assert events[-2]["usage"]["completion_tokens"] == 0
+    refused = client.post("/v1/completions", json={**body, "echo": False})
+    assert refused.status_code == 400 and "max_tokens" in refused.text

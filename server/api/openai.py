@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from functools import partial
 
 from fastapi import APIRouter, Depends, Request
 
@@ -179,9 +180,9 @@ async def merged(runs: list[Running], timeout: float) -> AsyncIterator[tuple[int
 
 
 async def openai_events(
-    runs: list[Running], timeout: float, chunk, include_usage: bool, base: dict, prompt_tokens: int
+    runs: list[Running], timeout: float, chunk, include_usage: bool, base: dict, usage_of
 ) -> AsyncIterator[str]:
-    """SSE for both routes; `chunk(index, output)` builds one choice."""
+    """SSE for both routes; `chunk(index, output)` builds one choice, `usage_of(final outputs)` the usage."""
     finals: dict[int, RequestOutput] = {}
     no_usage = {"usage": None} if include_usage else {}  # OpenAI's chunks say null until the last one
     try:
@@ -190,7 +191,7 @@ async def openai_events(
                 finals[index] = output
             yield sse.event({**base, "choices": [chunk(index, output)], **no_usage})
         if include_usage:
-            yield sse.event({**base, "choices": [], "usage": usage(prompt_tokens, list(finals.values()))})
+            yield sse.event({**base, "choices": [], "usage": usage_of(list(finals.values()))})
     except TimeoutError:
         yield sse.event(error_body(504, f"the request did not finish within {timeout:g} s and was aborted"))
     except APIError as e:
@@ -207,7 +208,9 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     check_choices(state, len(texts), body.n)
     prompts = [await tokenize(state, prompt) for prompt in texts]
     scored = body.logprobs if body.echo else None  # an echoed prompt's logprobs are its tokens' scores
-    runs = await start_choices(state, prompts, body, body.sampling(body.max_tokens, body.logprobs, scored))
+    generates = body.max_tokens > 0  # else (echo): the prompt alone, the one token drawn dropped, as vLLM's
+    sampling = body.sampling(max(1, body.max_tokens), body.logprobs, scored)
+    runs = await start_choices(state, prompts, body, sampling)
     prompt_tokens = sum(len(prompt_ids) for prompt_ids in prompts)
     base = {
         "id": f"cmpl-{uuid.uuid4().hex}",
@@ -219,9 +222,14 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     timeout = state.settings.request_timeout
     echoes = [echo_text(state.tokenizer, text, ids) for text, ids in zip(texts, prompts, strict=True)]
 
+    def completion_usage(outputs: list[RequestOutput]) -> dict:
+        return usage(prompt_tokens, outputs if generates else [])
+
     def choice(index: int, output: RequestOutput, first: bool = True, offset: int = 0) -> dict:
         """One choice's text and logprobs; with echo, its first output begins with its prompt (and the prompt's
         scores come with that output)."""
+        if not generates and output.finish_reason is not FinishReason.ERROR:
+            output = replace(output, text="", logprobs=[], finish_reason=output.finish_reason and FinishReason.LENGTH)
         text = output.text
         logprobs = completion_logprobs(state.token_texts, output.logprobs, offset) if wants_logprobs else None
         if body.echo and first:
@@ -245,12 +253,12 @@ async def completions(body: CompletionRequest, request: Request, state: State):
             return part
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = openai_events(runs, timeout, chunk, include_usage, base, prompt_tokens)
+        events = openai_events(runs, timeout, chunk, include_usage, base, completion_usage)
         return sse.EventStream(events, lambda: close_all(runs))
 
     outputs = await asyncio.gather(*(collect(request, running, timeout) for running in runs))
     choices = [choice(i, output) for i, output in enumerate(outputs)]
-    return {**base, "choices": choices, "usage": usage(prompt_tokens, list(outputs))}
+    return {**base, "choices": choices, "usage": completion_usage(list(outputs))}
 
 
 @router.post("/v1/chat/completions")
@@ -276,7 +284,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_base = {**base, "object": "chat.completion.chunk"}
-        events = openai_events(runs, timeout, chunk, include_usage, chunk_base, len(prompt_ids))
+        events = openai_events(runs, timeout, chunk, include_usage, chunk_base, partial(usage, len(prompt_ids)))
         return sse.EventStream(events, lambda: close_all(runs))
 
     outputs = await asyncio.gather(*(collect(request, running, timeout) for running in runs))

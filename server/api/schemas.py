@@ -200,13 +200,15 @@ Prompt = (
 
 class CompletionRequest(OpenAIFields):
     prompt: Prompt
-    max_tokens: MaxTokens = 16
+    max_tokens: int = Field(16, ge=0, le=MAX_NEW_TOKENS, description="0, with echo: the prompt alone")
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: Name | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
 
     def unsupported(self) -> str | None:
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens: 0 is for echo only (the prompt alone, with logprobs its tokens' scores)"
         if self.suffix:
             return "suffix is not supported"
         if self.best_of not in (None, self.n):
