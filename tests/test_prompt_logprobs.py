@@ -77,12 +77,12 @@ def test_a_cached_prefix_is_scored_all_the_same(models):
 
 def test_a_preempted_request_scores_each_token_once(models):
     """A pool too small for every request preempts and recomputes some: their prompt logprobs still come
-    once each, complete, and equal the reference's."""
+    once each, complete, and equal the reference's; recomputed once scored, a prompt comes from the cache."""
     model, reference_model = models
     prompts = {f"r{i}": prompt(60, 20 + i) for i in range(4)}
     core = make_core(model, num_blocks=24, block_size=8, max_batched_tokens=32, max_num_seqs=4, max_model_len=120)
     results = run(core, [seq(rid, p, max_new_tokens=40, prompt_logprobs=TOP) for rid, p in prompts.items()])
-    assert core.scheduler.num_preemptions > 0
+    assert core.scheduler.num_preemptions > 0 and core.kv.prefix_hits > 0
     for rid, prompt_ids in prompts.items():
         tokens, samples = results[rid]
         assert tokens == reference_generate(reference_model, prompt_ids, max_new_tokens=40)

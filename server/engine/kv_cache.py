@@ -157,13 +157,11 @@ class KVCache:
 
     # -- prefix caching ------------------------------------------------------------------------------
     def reuse_prefix(self, seq: Sequence) -> None:
-        """Give a sequence with nothing computed the cached blocks of its longest known prefix and
-        mark their tokens computed. The last token is always computed, since the step that computes
-        it samples the next one. A sequence that asks for its prompt's logprobs computes every prompt token:
-        a cached position would have no logits."""
-        if not self._reuses(seq) or seq.num_computed or seq.block_table:
+        """Give a sequence with nothing computed the cached blocks of its longest known prefix (of its
+        `_reusable_blocks`) and mark their tokens computed."""
+        if seq.num_computed or seq.block_table:
             return
-        keys = extend_block_keys(seq, self.block_size, (len(seq.token_ids) - 1) // self.block_size)
+        keys = extend_block_keys(seq, self.block_size, self._reusable_blocks(seq))
         for key in keys:
             block = self._block_of_key.get(key)
             if block is None:
@@ -186,8 +184,8 @@ class KVCache:
         while that one computes its prompt, or until the step that finished it is read (its edits checked):
         an edit rule that also edits decode positions keeps its blocks unchecked for as long as it runs."""
         block = len(seq.block_table)
-        if not caching or not self._reuses(seq) or (block + 1) * self.block_size > len(seq.token_ids) - 1:
-            return False  # the block holding its last token is its own: the step computing that token samples
+        if not caching or block >= self._reusable_blocks(seq):
+            return False
         key = extend_block_keys(seq, self.block_size, block + 1)[block]
         return any(
             other.num_cached_blocks <= block < other.num_prompt // self.block_size
@@ -196,10 +194,16 @@ class KVCache:
             for other in caching
         )
 
-    def _reuses(self, seq: Sequence) -> bool:
-        """Whether a sequence may start from cached blocks: not one that scores its prompt (prompt_logprobs.py),
-        which needs the logits of every prompt position."""
-        return self.prefix_caching and seq.sampling.prompt_logprobs is None
+    def _reusable_blocks(self, seq: Sequence) -> int:
+        """How many leading full blocks a sequence may take from the cache: not the one holding its last token
+        (the step computing that token samples the next), nor, for a request scoring its prompt
+        (prompt_logprobs.py), one holding a position whose logits it still needs."""
+        if not self.prefix_caching:
+            return 0
+        blocks = (len(seq.token_ids) - 1) // self.block_size
+        if seq.sampling.prompt_logprobs is not None:
+            blocks = min(blocks, seq.num_prompt_scored // self.block_size)  # position p scores token p + 1
+        return blocks
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (benchmarks replaying one workload start each run cold)."""
