@@ -4,10 +4,11 @@ distribution gives them (as sampled tokens' logprobs are).
 
 A step that computes prompt tokens of such a request keeps the logits of those rows too: the row at
 position p scores prompt token p + 1 (`ScoredRows`, laid out by the runner's `pack`). They are reduced on
-the device to one table per step (`score`), which travels to the host with the step's sampled tokens and
-is read with them (`PromptScores`). Each prompt token is scored once: `Sequence.num_prompt_scored` counts
-them as their steps launch, so a preempted request's recompute scores nothing twice. Such a request never
-starts from cached prefix blocks (kv_cache.reuse_prefix): their positions would have no logits.
+the device to one table per step (`PromptScores`), which travels to the host with the step's sampled
+tokens and is read with them. Each prompt token is scored once: `Sequence.num_prompt_scored` counts them
+as their steps launch, so a preempted request's recompute scores nothing twice. Such a request takes from
+the prefix cache only blocks whose positions it has scored (kv_cache.reuse_prefix): a cached position
+has no logits. A step scores at most MAX_SCORED_PER_STEP tokens (the scheduler shortens scoring chunks).
 """
 
 from __future__ import annotations
