@@ -101,3 +101,29 @@ def test_min_tokens_over_http(tmp_path, tiny_model_dir):
         model = client.get("/v1/models").json()["data"][0]["id"]
         chat = {"model": model, "prompt": "hi", "max_tokens": 3, "min_tokens": 2, "include_stop_str_in_output": True}
         assert client.post("/v1/completions", json=chat).status_code == 200
+
+
+def test_include_stop_str_in_output_renders_the_stop_token_too(models):
+    """As vLLM's: a request that a stop token (or EOS) ends keeps that token's text where
+    include_stop_str_in_output asks for the stop in the output; without it, the token is reported, not rendered."""
+    model = models[0]
+    tokenizer = byte_level_tokenizer()
+    prompt_ids = prompt(30, 2)
+    plain = greedy(model, prompt_ids, 30)
+    stop = next(t for t in plain[1:] if tokenizer.decode([t]).isprintable())  # a character of its own
+    end = plain.index(stop) + 1
+
+    async def serve(**sampling):
+        engine = AsyncEngine(CoreThread(make_core(model)), tokenizer)
+        engine.start()
+        try:
+            params = SamplingParams(max_new_tokens=30, stop_token_ids=(stop,), **sampling)
+            return await engine.submit(GenerationRequest(prompt_ids, params)).collect()
+        finally:
+            await engine.stop()
+
+    cut = asyncio.run(serve())
+    assert cut.token_ids == plain[:end] and cut.text == tokenizer.decode(plain[: end - 1])
+    kept = asyncio.run(serve(include_stop_str_in_output=True))
+    assert kept.token_ids == plain[:end] and kept.finish_reason is FinishReason.STOP
+    assert kept.text == tokenizer.decode(plain[:end])

@@ -4,6 +4,7 @@
 streaming equal to the whole answer."""
 
 import random
+import threading
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from server.adapters.materialize import materialize
 from server.adapters.pyreft import import_pyreft
 from server.reft.reference import reference_prompt_logprobs
-from tests.api_utils import running_app, stream, upload
+from tests.api_utils import running_app, stream, upload, wait_for
 from tests.conftest import FIXTURE, load_reference_model
 
 MODEL_NAME = "model"
@@ -132,3 +133,26 @@ def test_echo_with_no_tokens_to_generate_answers_the_prompt_alone(served):
     assert events[-2]["usage"]["completion_tokens"] == 0
     refused = client.post("/v1/completions", json={**body, "echo": False})
     assert refused.status_code == 400 and "max_tokens" in refused.text
+
+
+def test_echo_with_no_tokens_to_generate_that_is_given_up_says_so(tiny_model_dir, tmp_path):
+    """A max_tokens 0 echo that the server gives up on before it is scored (the end of a shutdown's grace)
+    ends with "abort", as any completion does: not with "length", which says the prompt was scored."""
+    with running_app(tiny_model_dir("llama"), tmp_path) as client:
+        engine = client.app.state.reft.engine
+        core, release = engine.host.core, threading.Event()
+        real_step = core.step
+        core.step = lambda: release.wait(30) and real_step()  # stuck: nothing is scored meanwhile
+        model = client.get("/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": "hello", "max_tokens": 0, "echo": True, "logprobs": 1}
+        answers = []
+        asking = threading.Thread(target=lambda: answers.append(client.post("/v1/completions", json=body)))
+        asking.start()
+        try:
+            wait_for(lambda: engine.num_in_flight == 1)
+            client.portal.call(engine.cancel_all)
+            asking.join(10)
+        finally:
+            release.set()
+    choice = answers[0].json()["choices"][0]
+    assert choice["finish_reason"] == "abort" and choice["logprobs"]["token_logprobs"] == []

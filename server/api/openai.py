@@ -229,7 +229,9 @@ async def completions(body: CompletionRequest, request: Request, state: State):
         """One choice's text and logprobs; with echo, its first output begins with its prompt (and the prompt's
         scores come with that output)."""
         if not generates and output.finish_reason is not FinishReason.ERROR:
-            output = replace(output, text="", logprobs=[], finish_reason=output.finish_reason and FinishReason.LENGTH)
+            # the token drawn does not end it (an EOS), but an abort stays one: the prompt was not scored
+            reason = FinishReason.LENGTH if output.finish_reason is FinishReason.STOP else output.finish_reason
+            output = replace(output, text="", logprobs=[], finish_reason=reason)
         text = output.text
         logprobs = completion_logprobs(state.token_texts, output.logprobs, offset) if wants_logprobs else None
         if body.echo and first:

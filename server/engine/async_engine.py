@@ -123,9 +123,10 @@ class RequestStream:
     def _process(self, raw: SeqOutput) -> RequestOutput:
         self._record_timing(len(raw.new_tokens))
         self.num_generated = raw.num_generated or self.num_generated
-        # as vLLM's: the token that stops (EOS, or one of stop_token_ids) is reported, not rendered
-        ends_on_stop_token = raw.finish_reason is FinishReason.STOP
-        text, kept = self._text_until_stop(raw.new_tokens, ends_on_stop_token)
+        # as vLLM's: the token that stops (EOS, or one of stop_token_ids) is reported, and rendered only where
+        # include_stop_str_in_output asks for the stop in the text
+        unrendered = raw.finish_reason is FinishReason.STOP and not self.request.sampling.include_stop_str_in_output
+        text, kept = self._text_until_stop(raw.new_tokens, unrendered)
         tokens, samples = raw.new_tokens[:kept], raw.samples[:kept]
         self.num_generated -= len(raw.new_tokens) - kept
         reason = raw.finish_reason

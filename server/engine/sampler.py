@@ -67,7 +67,7 @@ def hold_stops(logits: Tensor, seqs: list[Sequence], eos_token_ids: frozenset[in
     held = []
     for row, seq in enumerate(seqs):
         sampling = seq.sampling
-        if sampling.holds_stops(generated(seq)):
+        if sampling.min_tokens and sampling.holds_stops(generated(seq)):
             stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else eos_token_ids)
             held += [(row, token) for token in sorted(stops) if token < vocab]
     if not held:
@@ -112,7 +112,8 @@ def filter_logits(logits: Tensor, top_k: list[int], top_p: list[float], min_p: l
 def _plain_greedy(seq: Sequence) -> bool:
     sampling = seq.sampling
     plain = sampling.greedy and not sampling.penalized and not sampling.logit_bias and sampling.logprobs is None
-    return plain and not sampling.holds_stops(generated(seq))
+    # min_tokens first: counting the tokens of every row of every step costs as much as the checks above
+    return plain and not (sampling.min_tokens and sampling.holds_stops(generated(seq)))
 
 
 @dataclass
