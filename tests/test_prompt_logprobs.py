@@ -5,6 +5,9 @@ mode, a preemption or a warm prefix cache; and asking for them changes no reques
 import pytest
 import torch
 
+from server.engine.config import EngineConfig
+from server.engine.core import EngineCore
+from server.engine.kv_cache import KVLayout
 from server.reft.reference import reference_generate, reference_prompt_logprobs
 from tests.engine_utils import make_core, prompt, random_adapter, seq
 
@@ -100,26 +103,11 @@ def test_top_zero_gives_the_prompt_tokens_own_logprobs_alone(models):
     assert all(s.top_logprobs == [] for s in samples)
 
 
-def test_a_step_scores_at_most_its_allowance(models, monkeypatch):
-    """Scored prompt tokens keep logits rows the KV pool's sizing did not measure: the scheduler shortens
-    scoring chunks so that no step scores more than its allowance, and the scores stay the reference's."""
-    from server.engine import prompt_logprobs
-
-    monkeypatch.setattr(prompt_logprobs, "MAX_SCORED_PER_STEP", 10)
-    model, reference_model = models
-    core = make_core(model, max_batched_tokens=64)
-    run_step, scored_per_step = core.runner.run, []
-
-    def counted(chunks, pending=None):
-        result = run_step(chunks, pending)
-        scored_per_step.append(sum(s.count for s in result.scored))
-        return result
-
-    core.runner.run = counted
-    prompts = {f"r{i}": prompt(30 + 7 * i, 40 + i) for i in range(3)}
-    results = run(core, [seq(rid, p, max_new_tokens=2, prompt_logprobs=1) for rid, p in prompts.items()])
-    assert max(scored_per_step) == 10 and sum(scored_per_step) == sum(len(p) - 1 for p in prompts.values())
-    for rid, prompt_ids in prompts.items():
-        reference = reference_prompt_logprobs(reference_model, prompt_ids)
-        expected = reference.gather(1, torch.tensor(prompt_ids[1:])[:, None])[:, 0]
-        assert torch.allclose(torch.tensor([s.logprob for s in results[rid][1]]), expected, atol=1e-4)
+def test_the_warm_up_step_that_sizes_the_kv_pool_scores_its_prompt(models):
+    """A step may score every prompt token of its budget: the warm-up step whose peak memory the KV pool's
+    sizing leaves room for keeps their logits too."""
+    model, _ = models
+    config = EngineConfig(max_batched_tokens=48, num_blocks=8, block_size=8)
+    layout = KVLayout.from_config(model.config, torch.float32)
+    result = EngineCore._warm_up_step(model, layout, config, None)
+    assert result.prompt_logits.shape == (47, model.config.vocab_size) and sum(s.count for s in result.scored) == 47

@@ -35,7 +35,7 @@ from server.engine.memory import auto_kv_budget
 from server.engine.model_runner import EditCheck, ModelRunner, StepResult
 from server.engine.prompt_logprobs import PromptScores
 from server.engine.sampler import Draw, PendingTokens, Sample, Sampler
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from server.engine.scheduler import ScheduledChunk, Scheduler
 from server.engine.sequence import FinishReason, Sequence, SequenceStatus
 from server.engine.transfers import to_device
@@ -185,16 +185,19 @@ class EngineCore:
     ) -> StepResult:
         """One prefill, by default of the largest step the scheduler can make (its peak memory is what the KV
         budget must leave room for), in a pool of its own, with the attention backend and the compiled layers
-        that will serve."""
+        that will serve. It scores its prompt (prompt_logprobs.py), as a step may: a logits row per token."""
         tokens = tokens or config.max_batched_tokens
         window = getattr(model.config, "max_position_embeddings", None) or tokens
         tokens = min(tokens, window)
         device = next(model.parameters()).device
         kv = KVCache(layout, -(-tokens // config.block_size), config.block_size, device, prefix_caching=False)
-        seq = Sequence("warm-up", [0] * tokens, SamplingParams(max_new_tokens=1))
+        seq = Sequence("warm-up", [0] * tokens, SamplingParams(max_new_tokens=1, prompt_logprobs=MAX_LOGPROBS))
         kv.allocate(seq, tokens)
         runner = ModelRunner(model, kv, config.attention_backend, compile_backend=compile_backend)
-        return runner.run([ScheduledChunk(seq, 0, tokens)])
+        result = runner.run([ScheduledChunk(seq, 0, tokens)])
+        if result.scored:
+            PromptScores(result.prompt_logits, result.scored).read()
+        return result
 
     @classmethod
     def _compile_layers(cls, model: nn.Module, layout: KVLayout, config: EngineConfig, backend: str) -> None:

@@ -8,7 +8,8 @@ the device to one table per step (`PromptScores`), which travels to the host wit
 tokens and is read with them. Each prompt token is scored once: `Sequence.num_prompt_scored` counts them
 as their steps launch, so a preempted request's recompute scores nothing twice. Such a request takes from
 the prefix cache only blocks whose positions it has scored (kv_cache.reuse_prefix): a cached position
-has no logits. A step scores at most MAX_SCORED_PER_STEP tokens (the scheduler shortens scoring chunks).
+has no logits. A step may score every prompt token of its budget: the warm-up step that sizes the KV pool
+on a GPU (memory.py) scores its whole prompt, so that the pool leaves room for those logits.
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ from server.engine.sequence import Sequence
 from server.engine.transfers import HostCopy, to_device
 
 SCORE_ROWS = 256  # rows reduced at once: bounds the float32 copy of the logits that log_softmax makes
-# prompt tokens a step scores at most (the scheduler shortens scoring chunks to fit): bounds their logits,
-# which the KV pool's sizing (memory.py) does not measure, to about 1024 x vocabulary x 2 bytes
-MAX_SCORED_PER_STEP = 1024
 
 
 @dataclass(frozen=True)
@@ -39,11 +37,6 @@ class ScoredRows:
     @property
     def targets(self) -> list[int]:
         return self.seq.prompt_ids[self.first : self.first + self.count]
-
-
-def scores_more(seq: Sequence) -> bool:
-    """Whether prompt tokens of the sequence are still to be scored."""
-    return seq.sampling.prompt_logprobs is not None and seq.num_prompt_scored < seq.num_prompt - 1
 
 
 def rows_to_score(seq: Sequence, start: int, length: int) -> ScoredRows | None:

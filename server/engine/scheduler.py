@@ -17,10 +17,8 @@ from bisect import insort
 from collections import deque
 from dataclasses import dataclass
 
-from server.engine import prompt_logprobs
 from server.engine.config import EngineConfig
 from server.engine.kv_cache import KVCache
-from server.engine.prompt_logprobs import scores_more
 from server.engine.sequence import Sequence, SequenceStatus
 
 
@@ -54,7 +52,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self._scoring_left = 0  # prompt tokens the step being scheduled may still score
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -73,7 +70,6 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
         budget = self.config.max_batched_tokens
-        self._scoring_left = prompt_logprobs.MAX_SCORED_PER_STEP
         decodes_left = sum(1 for s in self.running if s.num_uncomputed == 1 and not s.ending)
         preempted = False
         for seq in list(self.running):
@@ -83,7 +79,7 @@ class Scheduler:
                 decodes_left -= 1
                 length = 1
             else:
-                length = self._scored_part(seq, min(seq.num_uncomputed, budget - decodes_left))
+                length = min(seq.num_uncomputed, budget - decodes_left)
             if length <= 0:
                 continue
             length, preempted_now = self._make_room(seq, length)
@@ -128,10 +124,10 @@ class Scheduler:
             if seq.num_pending:
                 break  # preempted with a token still in flight: its prefill waits until the host has it
             self.kv.reuse_prefix(seq)
-            length = self._scored_part(seq, min(seq.num_uncomputed, budget))
+            length = min(seq.num_uncomputed, budget)
             reserve = self.config.watermark_blocks if self.running else 0  # it spares running decodes a preemption
             twin = self.kv.next_block_in_the_making(seq, caching)
-            if not length or twin or self.kv.blocks_needed(seq, length) + reserve > self.kv.num_free_blocks:
+            if twin or self.kv.blocks_needed(seq, length) + reserve > self.kv.num_free_blocks:
                 self.kv.free(seq)  # hand back any reused blocks until it is admitted
                 seq.num_computed = 0
                 break  # first come, first served: nobody overtakes the head of the queue
@@ -145,15 +141,6 @@ class Scheduler:
             chunks.append(ScheduledChunk(seq, seq.num_computed, length))
             budget -= length
         return chunks
-
-    def _scored_part(self, seq: Sequence, length: int) -> int:
-        """`length`, or less for a sequence scoring its prompt: what the step's scoring allowance still takes
-        (prompt_logprobs.MAX_SCORED_PER_STEP), which it then takes."""
-        if length <= 1 or not scores_more(seq):
-            return length
-        length = min(length, self._scoring_left)
-        self._scoring_left -= length
-        return length
 
     def complete(self, chunks: list[ScheduledChunk]) -> None:
         """Record that the step computed these chunks' K/V."""
