@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from server.adapters.registry import AdapterRegistry
 from server.adapters.stores import open_store
-from server.api import admin, generate, health, openai, profile
+from server.api import admin, generate, health, openai, profile, tokenize
 from server.api.admin import ADMIN_PREFIX
 from server.api.admin_gate import AdminGate
 from server.api.body_limit import MULTIPART_OVERHEAD, BodyLimit
@@ -204,6 +204,6 @@ def create_app(
     )
     app.add_middleware(AdminGate, settings=settings, path_prefixes=(ADMIN_PREFIX, PROFILE_PREFIX))
     app.add_middleware(RequestContext)
-    for module in (generate, openai, admin, health, profile):
+    for module in (generate, openai, tokenize, admin, health, profile):
         app.include_router(module.router)
     return app

@@ -273,6 +273,26 @@ class ChatCompletionRequest(OpenAIFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+# -- tokenization (vLLM's) --------------------------------------------------------------------------
+class TokenizeRequest(StrictModel):
+    model: Name | None = Field(None, description="Any served model: every adapter tokenizes as the base model")
+    prompt: Text | None = Field(None, description="A text prompt, tokenized as generation tokenizes it (BOS added)")
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = Field(
+        None, description="A chat, rendered with the chat template as the chat route renders it"
+    )
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(StrictModel):
+    model: Name | None = None
+    tokens: TokenIds
+
+
 # -- admin API --------------------------------------------------------------------------------------
 class SetCurrentRequest(StrictModel):
     version: int = Field(ge=1, le=MAX_VERSION)
