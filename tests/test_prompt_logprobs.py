@@ -2,6 +2,8 @@
 reference's log-distribution (the adapter applied by hooks) whatever the chunking, the batch, the step
 mode, a preemption or a warm prefix cache; and asking for them changes no request's tokens."""
 
+import random
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.kv_cache import KVLayout
 from server.reft.reference import reference_generate, reference_prompt_logprobs
-from tests.engine_utils import make_core, prompt, random_adapter, seq
+from tests.engine_utils import make_core, prompt, random_adapter, run_core, seq
 
 TOP = 3
 
@@ -111,3 +113,25 @@ def test_the_warm_up_step_that_sizes_the_kv_pool_scores_its_prompt(models):
     layout = KVLayout.from_config(model.config, torch.float32)
     result = EngineCore._warm_up_step(model, layout, config, None)
     assert result.prompt_logits.shape == (47, model.config.vocab_size) and sum(s.count for s in result.scored) == 47
+
+
+def test_a_request_preempted_mid_prompt_reuses_only_what_it_scored(models):
+    """Found by fuzzing: a scoring request preempted part way through its prompt, whose blocks' cache keys
+    were known beyond what it had scored, took those blocks back and skipped scoring their positions. It
+    may take only the blocks it scored: every prompt token is scored, once."""
+    model, reference_model = models
+    rng = random.Random(3180)
+    base = [rng.randrange(3, 200) for _ in range(64)]
+    core = make_core(model, num_blocks=11, block_size=4, max_batched_tokens=8, max_num_seqs=4, max_model_len=40)
+    shapes = [(10, None, 3, 0), (24, 1, 11, 0), (20, 1, 8, 1), (24, None, 8, 2), (8, 1, 3, 1), (24, 1, 2, 1)]
+    requests = [
+        (seq(f"r{i}", base[:n], max_new_tokens=m, prompt_logprobs=k), t) for i, (n, k, m, t) in enumerate(shapes)
+    ]
+    scored = {}
+    run_core(core, requests, scored=scored)
+    assert core.scheduler.num_preemptions > 0
+    for sequence, _ in requests:
+        if sequence.sampling.prompt_logprobs is not None:
+            reference = reference_prompt_logprobs(reference_model, sequence.prompt_ids)
+            expected = reference.gather(1, torch.tensor(sequence.prompt_ids[1:])[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(scored[sequence.request_id]), expected, atol=1e-4), sequence.request_id

@@ -161,8 +161,8 @@ class KVCache:
         `_reusable_blocks`) and mark their tokens computed."""
         if seq.num_computed or seq.block_table:
             return
-        keys = extend_block_keys(seq, self.block_size, self._reusable_blocks(seq))
-        for key in keys:
+        reusable = self._reusable_blocks(seq)
+        for key in extend_block_keys(seq, self.block_size, reusable)[:reusable]:  # more may be known already
             block = self._block_of_key.get(key)
             if block is None:
                 break
