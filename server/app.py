@@ -47,6 +47,7 @@ DESCRIPTION = """One frozen base model, many ReFT adapters per request in mixed 
 
 * `/v1/generate`: native generation (JSON or server-sent events).
 * `/v1/completions`, `/v1/chat/completions`, `/v1/models`: OpenAI-compatible; `model` picks the adapter.
+* `/tokenize`, `/detokenize`: vLLM's; the token ids a prompt or a chat is served as, and text back from ids.
 * `/v1/adapters`: the admin API (bearer token).
 * `/health`, `/ready`, `/metrics`: operations.
 """

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from server.engine.kv_cache import KVCache, KVLayout
 from server.engine.sequence import FinishReason
 from server.reft.interventions import Intervention
 from server.reft.reference import reference_generate
@@ -186,3 +187,30 @@ def test_a_twin_waits_only_while_its_block_is_in_the_making(models, adapter):
     out = run_core(core, [])
     assert out["twin"] == expected(models, tokens, adapter, max_new_tokens=4)
     assert out["behind"] == expected(models, behind, adapter, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("scoring", [False, True])
+def test_a_sequence_back_from_a_preemption_takes_no_block_a_twin_only_looked_ahead_to(models, scoring):
+    """A twin waiting for the next block of a sequence still computing its prompt makes that sequence's key
+    of the block. Preempted before computing it, the sequence comes back once another has cached the block:
+    it takes only the blocks it may, neither the one holding its last token (there would be none left to
+    sample from) nor, scoring its prompt, one whose positions it has not scored."""
+    kv = KVCache(KVLayout.from_config(models[0].config, torch.float32), 16, BLOCK)
+    tokens = prompt(2 * BLOCK if not scoring else 3 * BLOCK, 21)
+    leader = seq("leader", tokens, prompt_logprobs=1 if scoring else None)
+    kv.allocate(leader, BLOCK + 4)  # its first chunk: a block and a half
+    leader.num_computed = leader.num_prompt_scored = BLOCK + 4
+    kv.cache_full_blocks(leader)
+    twin = seq("twin", tokens + [5] * BLOCK)
+    kv.reuse_prefix(twin)
+    assert kv.next_block_in_the_making(twin, [leader])  # the twin waits for the leader's second block
+    kv.free(twin)
+    twin.num_computed = 0
+    kv.free(leader)  # preempted
+    leader.num_computed = 0
+    kv.reuse_prefix(twin)  # the twin goes ahead and computes the block itself
+    kv.allocate(twin, len(twin.token_ids))
+    twin.num_computed = len(twin.token_ids)
+    kv.cache_full_blocks(twin)
+    kv.reuse_prefix(leader)
+    assert leader.num_computed == BLOCK

@@ -9,7 +9,7 @@ import torch
 
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
-from server.engine.kv_cache import KVLayout
+from server.engine.kv_cache import KVCache, KVLayout
 from server.reft.reference import reference_generate, reference_prompt_logprobs
 from tests.engine_utils import make_core, prompt, random_adapter, run_core, seq
 
@@ -135,3 +135,18 @@ def test_a_request_preempted_mid_prompt_reuses_only_what_it_scored(models):
             reference = reference_prompt_logprobs(reference_model, sequence.prompt_ids)
             expected = reference.gather(1, torch.tensor(sequence.prompt_ids[1:])[:, None])[:, 0]
             assert torch.allclose(torch.tensor(scored[sequence.request_id]), expected, atol=1e-4), sequence.request_id
+
+
+def test_a_request_that_has_scored_its_prompt_takes_its_generated_blocks_back_from_the_cache(models):
+    """Positions past the prompt score nothing: once its whole prompt is scored, a request preempted while it
+    generates takes back every cached block a request that scores nothing would."""
+    kv = KVCache(KVLayout.from_config(models[0].config, torch.float32), 8, 8)
+    scoring = seq("scoring", prompt(10, 4), max_new_tokens=40, prompt_logprobs=TOP)
+    scoring.token_ids += [5] * 20
+    kv.allocate(scoring, 30)
+    scoring.num_computed, scoring.num_prompt_scored = 29, 9
+    kv.cache_full_blocks(scoring)
+    kv.free(scoring)  # preempted
+    scoring.num_computed = 0
+    kv.reuse_prefix(scoring)
+    assert scoring.num_computed == 24

@@ -162,7 +162,8 @@ class KVCache:
         if seq.num_computed or seq.block_table:
             return
         reusable = self._reusable_blocks(seq)
-        for key in extend_block_keys(seq, self.block_size, reusable)[:reusable]:  # more may be known already
+        # the sequence may know more keys than that: a twin's `next_block_in_the_making` looked ahead
+        for key in extend_block_keys(seq, self.block_size, reusable)[:reusable]:
             block = self._block_of_key.get(key)
             if block is None:
                 break
@@ -201,7 +202,7 @@ class KVCache:
         if not self.prefix_caching:
             return 0
         blocks = (len(seq.token_ids) - 1) // self.block_size
-        if seq.sampling.prompt_logprobs is not None:
+        if seq.sampling.prompt_logprobs is not None and seq.num_prompt_scored < seq.num_prompt - 1:
             blocks = min(blocks, seq.num_prompt_scored // self.block_size)  # position p scores token p + 1
         return blocks
 

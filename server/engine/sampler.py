@@ -122,7 +122,7 @@ class Draw:
     their way to the host, with their logprobs where asked."""
 
     tokens: Tensor  # [rows] on the device
-    _host: HostCopy  # the tokens, or with logprobs the table `Sampler._table` describes
+    _host: HostCopy  # the tokens, or with logprobs the table `logprob_table` describes
     _wanted: list[int | None]  # each row's number of top logprobs (None: no logprobs)
 
     @property
