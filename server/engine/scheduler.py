@@ -6,9 +6,9 @@ prefilling one takes a chunk of its prompt from the budget left after the decode
 while budget, sequence slots and KV blocks allow, each starting after the longest prefix the KV
 cache already holds (prefix caching). One whose next prompt block a running sequence is computing
 (the same tokens, edited alike: n choices of one prompt, a system prompt many requests share) waits
-until that block is in the cache instead of computing it again. When the pool is full, the newest running sequences are
-preempted (their blocks freed, recomputed later) so the oldest always progress: no request starves
-and none fails for lack of memory.
+until that block is in the cache instead of computing it again. When the pool is full, the newest
+running sequences are preempted (their blocks freed, recomputed later) so the oldest always
+progress: no request starves and none fails for lack of memory.
 """
 
 from __future__ import annotations
