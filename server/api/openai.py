@@ -122,10 +122,14 @@ def echoed_logprobs(texts: TokenTexts, prompt_ids: list[int], scored: list[Sampl
     return part
 
 
+def offset_after(logprobs: dict) -> int:
+    """The text offset that tokens after these completion logprobs (not empty) begin at."""
+    return logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+
+
 def joined_logprobs(prompt_part: dict, texts: TokenTexts, samples: list[Sample]) -> dict:
     """An echoed prompt's logprobs followed by the generated tokens', whose offsets go on after the prompt's."""
-    end = prompt_part["text_offset"][-1] + len(prompt_part["tokens"][-1])
-    generated = completion_logprobs(texts, samples, end)
+    generated = completion_logprobs(texts, samples, offset_after(prompt_part))
     return {key: prompt_part[key] + generated[key] for key in generated}
 
 
@@ -251,7 +255,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
             # the next tokens' offsets go on from these tokens', as in the whole answer: an echoed prompt's
             # tokens need not spell its text (a BOS token is not in a text prompt)
             if part["logprobs"] and part["logprobs"]["tokens"]:
-                offsets[index] = part["logprobs"]["text_offset"][-1] + len(part["logprobs"]["tokens"][-1])
+                offsets[index] = offset_after(part["logprobs"])
             return part
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
