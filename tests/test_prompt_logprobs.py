@@ -31,9 +31,14 @@ def run(core, sequences) -> dict:
     return results
 
 
+def own_scores(reference: torch.Tensor, prompt_ids: list[int]) -> torch.Tensor:
+    """Each prompt token's logprob (after the first) in the reference's log-distributions."""
+    return reference.gather(1, torch.tensor(prompt_ids[1:])[:, None])[:, 0]
+
+
 def assert_matches_reference(samples, reference: torch.Tensor, prompt_ids: list[int]) -> None:
     assert [s.token for s in samples] == prompt_ids[1:]
-    expected = reference.gather(1, torch.tensor(prompt_ids[1:])[:, None])[:, 0]
+    expected = own_scores(reference, prompt_ids)
     assert torch.allclose(torch.tensor([s.logprob for s in samples]), expected, atol=1e-4)
     for sample, row in zip(samples, reference, strict=True):
         values, ids = row.topk(TOP)
@@ -100,7 +105,7 @@ def test_top_zero_gives_the_prompt_tokens_own_logprobs_alone(models):
     core = make_core(model)
     samples = run(core, [seq("r", prompt_ids, max_new_tokens=1, prompt_logprobs=0)])["r"][1]
     reference = reference_prompt_logprobs(reference_model, prompt_ids)
-    expected = reference.gather(1, torch.tensor(prompt_ids[1:])[:, None])[:, 0]
+    expected = own_scores(reference, prompt_ids)
     assert torch.allclose(torch.tensor([s.logprob for s in samples]), expected, atol=1e-4)
     assert all(s.top_logprobs == [] for s in samples)
 
@@ -133,7 +138,7 @@ def test_a_request_preempted_mid_prompt_reuses_only_what_it_scored(models):
     for sequence, _ in requests:
         if sequence.sampling.prompt_logprobs is not None:
             reference = reference_prompt_logprobs(reference_model, sequence.prompt_ids)
-            expected = reference.gather(1, torch.tensor(sequence.prompt_ids[1:])[:, None])[:, 0]
+            expected = own_scores(reference, sequence.prompt_ids)
             assert torch.allclose(torch.tensor(scored[sequence.request_id]), expected, atol=1e-4), sequence.request_id
 
 
