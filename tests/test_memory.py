@@ -3,13 +3,16 @@ that measures the activation peak on a GPU (run here on the CPU, where it must w
 the room set aside for the decode graphs (measured on CUDA only: test_gpu_engine.py)."""
 
 import pytest
+import torch
 
 import server.engine.core as core_module
+import server.engine.sampler as sampler_module
 from server.engine import memory
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.kv_cache import KVLayout
 from server.engine.memory import CPU_DEFAULT_BYTES, budget_from_measurements
+from server.engine.sampling_params import MAX_LOGPROBS
 from tests.engine_utils import load_engine_model
 
 
@@ -35,6 +38,23 @@ def test_the_warm_up_step_runs_the_largest_prefill(model):
     layout = KVLayout.from_config(model.config, next(model.parameters()).dtype)
     result = EngineCore._warm_up_step(model, layout, EngineConfig(max_batched_tokens=300, block_size=16), None)
     assert result.logits.shape == (1, model.config.vocab_size) and result.logits.isfinite().all()
+
+
+def test_the_warm_up_step_draws_for_every_row_a_step_may_sample_through_the_costliest_path(model, monkeypatch):
+    """The sampler's float32 copies and top-k/top-p sort of a full step's rows must peak inside the warm-up,
+    whose peak the KV budget leaves room for."""
+    filtered, tabled = [], []
+    filter_logits, logprob_table = sampler_module.filter_logits, sampler_module.logprob_table
+    monkeypatch.setattr(
+        sampler_module, "filter_logits", lambda logits, *a: filtered.append(logits) or filter_logits(logits, *a)
+    )
+    monkeypatch.setattr(
+        sampler_module, "logprob_table", lambda t, lp, top: tabled.append(top) or logprob_table(t, lp, top)
+    )
+    layout = KVLayout.from_config(model.config, next(model.parameters()).dtype)
+    EngineCore._warm_up_step(model, layout, EngineConfig(max_batched_tokens=64, block_size=16, max_num_seqs=48), None)
+    assert [tuple(logits.shape) for logits in filtered] == [(48, model.config.vocab_size)]
+    assert filtered[0].dtype == torch.float32 and tabled[-1] == MAX_LOGPROBS
 
 
 @pytest.mark.parametrize(

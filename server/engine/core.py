@@ -124,6 +124,10 @@ class StepStats:
     device_wait_seconds: float  # of `seconds`, blocked for the device's results (of the step before, if async)
 
 
+# the sampling parameters whose draw holds the most memory per row: the warm-up step's
+COSTLIEST_SAMPLING = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, logprobs=MAX_LOGPROBS)
+
+
 class EngineCore:
     def __init__(
         self,
@@ -185,7 +189,9 @@ class EngineCore:
     ) -> StepResult:
         """One prefill, by default of the largest step the scheduler can make (its peak memory is what the KV
         budget must leave room for), in a pool of its own, with the attention backend and the compiled layers
-        that will serve. It scores its prompt (prompt_logprobs.py), as a step may: a logits row per token."""
+        that will serve. It scores its prompt (prompt_logprobs.py), as a step may: a logits row per token.
+        Then it draws a token for as many rows as a step may sample, through the sampler's costliest path
+        (float32 copies of the logits, the sort of top-k and top-p, logprobs), whose peak counts too."""
         tokens = tokens or config.max_batched_tokens
         window = getattr(model.config, "max_position_embeddings", None) or tokens
         tokens = min(tokens, window)
@@ -197,6 +203,8 @@ class EngineCore:
         result = runner.run([ScheduledChunk(seq, 0, tokens)])
         if result.scored:
             PromptScores(result.prompt_logits, result.scored).read()
+        drawing = [Sequence(f"warm-up-{i}", [0], COSTLIEST_SAMPLING) for i in range(config.max_num_seqs)]
+        Sampler()(result.logits.expand(len(drawing), -1).clone(), drawing).samples()
         return result
 
     @classmethod

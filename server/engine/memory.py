@@ -1,10 +1,11 @@
 """Sizing the KV pool from the device, as vLLM's `--gpu-memory-utilization` does.
 
 On a GPU the pool takes what is left of `utilization` x the device's memory once the weights are in,
-a warm-up step with the largest batch (`max_batched_tokens` prompt tokens, each scored as prompt
-logprobs may score it: a logits row per token) has shown the peak of activations, and room is kept
-for the decode steps' CUDA graphs (their largest bucket, captured once over a pool of its own: the
-buckets share one memory pool, which the largest fills); memory other processes hold counts as used.
+a warm-up step with the largest batch has shown the peak of activations (`max_batched_tokens` prompt
+tokens, each scored as prompt logprobs may score it: a logits row per token; then a draw for
+`max_num_seqs` rows through the sampler's costliest path), and room is kept for the decode steps' CUDA
+graphs (their largest bucket, captured once over a pool of its own: the buckets share one memory pool,
+which the largest fills); memory other processes hold counts as used.
 On a CPU there is nothing to measure: the pool gets a fixed default and users size it with
 `--kv-cache-memory`.
 """
