@@ -160,7 +160,16 @@ def test_logprobs_match_the_model_distribution(model):
         row = logprobs[len(p) - 1 + i]
         assert sample.logprob == pytest.approx(row[sample.token].item(), abs=1e-4)
         assert [t for t, _ in sample.top_logprobs] == row.topk(5).indices.tolist()
-        assert sample.top_logprobs[0][0] == sample.token  # greedy picks the top token
+        assert sample.top_logprobs[0][0] == sample.token and sample.rank == 1  # greedy picks the top token
+
+
+def test_a_logprob_rank_counts_the_tokens_strictly_more_likely():
+    """vLLM's rank: 1 + the tokens more likely, so tied tokens share a rank."""
+    logprobs = torch.tensor([[-1.0, -2.0, -1.0, -3.0], [-0.5, -0.5, -2.0, -4.0]])
+    host = sampler_module.logprob_table(torch.tensor([1, 0]), logprobs, 2)
+    samples = sampler_module.read_logprob_table(host, [2, 0])
+    assert [(s.token, s.logprob, s.rank) for s in samples] == [(1, -2.0, 3), (0, -0.5, 1)]
+    assert samples[0].top_logprobs == [(0, -1.0), (2, -1.0)] and samples[1].top_logprobs == []
 
 
 def test_a_failing_adapter_fails_only_its_own_request(model, tiny_model_dir):

@@ -55,6 +55,10 @@ def test_native_prompt_logprobs_equal_the_reference(served, adapter):
     expected = scores(reference_model, prompt_ids, di if adapter else None)
     assert [e["logprob"] for e in entries[1:]] == pytest.approx(expected, abs=1e-4)
     assert all(len(e["top_logprobs"]) == 2 for e in entries[1:])
+    # the rank of a token among its top alternatives is its place there
+    for e in entries[1:]:
+        listed = [alternative["token_id"] for alternative in e["top_logprobs"]]
+        assert e["rank"] == listed.index(e["token_id"]) + 1 if e["token_id"] in listed else e["rank"] > 2
     events = stream(client, "/v1/generate", {**body, "prompt_logprobs": 2, "stream": True})[:-1]
     assert events[0]["prompt_logprobs"] == entries and all("prompt_logprobs" not in e for e in events[1:])
 
@@ -109,6 +113,66 @@ def test_echo_streams_the_text_offsets_it_answers_whole(served):
     events = stream(client, "/v1/completions", {**body, "stream": True})[:-1]
     streamed = [offset for event in events for offset in event["choices"][0]["logprobs"]["text_offset"]]
     assert len(events) > 1 and streamed == whole
+
+
+def assert_vllm_prompt_logprobs(entries, prompt_ids, expected, top):
+    """vLLM's shape: null first, then {token id: {logprob, rank, decoded_token}} with the prompt token first."""
+    assert entries[0] is None and len(entries) == len(prompt_ids)
+    for entry, token, logprob in zip(entries[1:], prompt_ids[1:], expected, strict=True):
+        own = entry[str(token)]
+        assert next(iter(entry)) == str(token) and own["logprob"] == pytest.approx(logprob, abs=1e-4)
+        assert isinstance(own["decoded_token"], str)
+        ranks = sorted(e["rank"] for e in entry.values())
+        if len(entry) == top:  # the prompt token is among the `top` most likely, listed once
+            assert ranks == list(range(1, top + 1))
+        else:
+            assert len(entry) == top + 1 and own["rank"] > top and ranks[:-1] == list(range(1, top + 1))
+
+
+@pytest.mark.parametrize("adapter", ["di", None])
+def test_completions_prompt_logprobs_in_vllms_shape_equal_the_reference(served, adapter):
+    client, di, reference_model = served
+    prompt_ids = token_prompt(40, 7)
+    model = adapter or MODEL_NAME
+    body = {"model": model, "prompt": prompt_ids, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 3}
+    out = client.post("/v1/completions", json=body).json()
+    expected = scores(reference_model, prompt_ids, di if adapter else None)
+    assert_vllm_prompt_logprobs(out["choices"][0]["prompt_logprobs"], prompt_ids, expected, 3)
+    plain = client.post("/v1/completions", json={**body, "prompt_logprobs": None}).json()["choices"][0]
+    assert out["choices"][0]["text"] == plain["text"] and "prompt_logprobs" not in plain
+
+
+def test_prompt_logprobs_beside_echo_each_keep_their_own_number_of_alternatives(served):
+    client, di, reference_model = served
+    prompt_ids = token_prompt(15, 8)
+    body = {"model": "di", "prompt": prompt_ids, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+    choice = client.post("/v1/completions", json={**body, "prompt_logprobs": 4}).json()["choices"][0]
+    assert all(len(top) == 1 for top in choice["logprobs"]["top_logprobs"][1:])
+    expected = scores(reference_model, prompt_ids, di)
+    assert choice["logprobs"]["token_logprobs"][1 : len(prompt_ids)] == pytest.approx(expected, abs=1e-4)
+    assert_vllm_prompt_logprobs(choice["prompt_logprobs"], prompt_ids, expected, 4)
+
+
+def test_chat_prompt_logprobs_score_the_rendered_chat_beside_the_choices(served, monkeypatch):
+    client, di, reference_model = served
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    monkeypatch.setattr(client.app.state.reft.tokenizer, "chat_template", template)  # the fixture's has none
+    messages = [{"role": "user", "content": "score me"}]
+    body = {"model": "di", "messages": messages, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 0}
+    out = client.post("/v1/chat/completions", json=body).json()
+    prompt_ids = client.post("/tokenize", json={"model": "di", "messages": messages}).json()["tokens"]
+    assert out["usage"]["prompt_tokens"] == len(prompt_ids)
+    entries = out["prompt_logprobs"]
+    assert_vllm_prompt_logprobs(entries, prompt_ids, scores(reference_model, prompt_ids, di), 0)
+    assert all(len(entry) == 1 for entry in entries[1:])  # no alternatives asked: the token alone
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_prompt_logprobs_are_not_streamed_as_in_vllm(served, route):
+    client, _, _ = served
+    prompt = {"prompt": "hi"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    response = client.post(route, json={"model": MODEL_NAME, **prompt, "stream": True, "prompt_logprobs": 1})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt_logprobs"
 
 
 def test_prompt_logprobs_out_of_range_is_a_400(served):

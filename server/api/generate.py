@@ -24,7 +24,9 @@ def token_logprobs(texts: TokenTexts, samples: list[Sample]) -> list[TokenLogpro
         return {"token_id": token_id, "token": texts(token_id), "logprob": logprob}
 
     return [
-        TokenLogprob(**entry(s.token, s.logprob), top_logprobs=[entry(t, lp) for t, lp in s.top_logprobs or []])
+        TokenLogprob(
+            **entry(s.token, s.logprob), rank=s.rank, top_logprobs=[entry(t, lp) for t, lp in s.top_logprobs or []]
+        )
         for s in samples
         if s.logprob is not None
     ]

@@ -114,12 +114,33 @@ def completion_logprobs(texts: TokenTexts, samples: list[Sample], text_offset: i
     }
 
 
-def echoed_logprobs(texts: TokenTexts, prompt_ids: list[int], scored: list[Sample]) -> dict:
-    """The prompt's part of an echoed completion's logprobs: the first token, which nothing before it scores,
-    has null for its logprob and its top logprobs, as in OpenAI's and vLLM's."""
-    part = completion_logprobs(texts, [Sample(prompt_ids[0]), *scored])
+def echoed_logprobs(texts: TokenTexts, prompt_ids: list[int], scored: list[Sample], top: int) -> dict:
+    """The prompt's part of an echoed completion's logprobs, with the `top` most likely tokens: the first
+    token, which nothing before it scores, has null for its logprob and its top logprobs, as in OpenAI's
+    and vLLM's."""
+    trimmed = [replace(sample, top_logprobs=sample.top_logprobs[:top]) for sample in scored]
+    part = completion_logprobs(texts, [Sample(prompt_ids[0]), *trimmed])
     part["top_logprobs"][0] = None
     return part
+
+
+def vllm_prompt_logprobs(texts: TokenTexts, output: RequestOutput, top: int) -> list[dict | None] | None:
+    """vLLM's `prompt_logprobs` of an output: per prompt token, null for the first, else {token id: {logprob,
+    rank, decoded_token}} for the token itself and the `top` most likely tokens; null if the request was
+    given up before its prompt was scored."""
+    if output.prompt_logprobs is None:
+        return None
+
+    def entry(token: int, logprob: float, rank: int) -> dict:
+        return {"logprob": logprob, "rank": rank, "decoded_token": texts(token)}
+
+    positions: list[dict | None] = [None]
+    for sample in output.prompt_logprobs:
+        position = {sample.token: entry(sample.token, sample.logprob, sample.rank)}
+        for rank, (token, logprob) in enumerate(sample.top_logprobs[:top], start=1):
+            position.setdefault(token, entry(token, logprob, rank))
+        positions.append(position)
+    return positions
 
 
 def offset_after(logprobs: dict) -> int:
@@ -211,9 +232,8 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     texts = body.prompts()
     check_choices(state, len(texts), body.n)
     prompts = [await tokenize(state, prompt) for prompt in texts]
-    scored = body.logprobs if body.echo else None  # an echoed prompt's logprobs are its tokens' scores
     generates = body.max_tokens > 0  # else (echo): the prompt alone, the one token drawn dropped, as vLLM's
-    sampling = body.sampling(max(1, body.max_tokens), body.logprobs, scored)
+    sampling = body.sampling(max(1, body.max_tokens), body.logprobs, body.prompt_scores())
     runs = await start_choices(state, prompts, body, sampling)
     prompt_tokens = sum(len(prompt_ids) for prompt_ids in prompts)
     base = {
@@ -241,9 +261,13 @@ async def completions(body: CompletionRequest, request: Request, state: State):
         if body.echo and first:
             text = echoes[index // body.n] + text
             if wants_logprobs and output.prompt_logprobs is not None:
-                prompt_part = echoed_logprobs(state.token_texts, prompts[index // body.n], output.prompt_logprobs)
+                prompt_ids = prompts[index // body.n]
+                prompt_part = echoed_logprobs(state.token_texts, prompt_ids, output.prompt_logprobs, body.logprobs)
                 logprobs = joined_logprobs(prompt_part, state.token_texts, output.logprobs)
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(output)}
+        part = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(output)}
+        if body.prompt_logprobs is not None:  # never streamed: the whole output is at hand
+            part["prompt_logprobs"] = vllm_prompt_logprobs(state.token_texts, output, body.prompt_logprobs)
+        return part
 
     if body.stream:
         offsets = [0] * len(runs)
@@ -275,7 +299,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     check_choices(state, 1, body.n)
     prompt_ids = await tokenize_chat(state, messages)
     max_new_tokens = body.max_new_tokens(default=max(1, state.max_model_len - len(prompt_ids)))
-    runs = await start_choices(state, [prompt_ids], body, body.sampling(max_new_tokens, body.logprob_count()))
+    sampling = body.sampling(max_new_tokens, body.logprob_count(), body.prompt_logprobs)
+    runs = await start_choices(state, [prompt_ids], body, sampling)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     timeout = state.settings.request_timeout
 
@@ -303,7 +328,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         }
         for i, output in enumerate(outputs)
     ]
-    return {**base, "object": "chat.completion", "choices": choices, "usage": usage(len(prompt_ids), list(outputs))}
+    response = {**base, "object": "chat.completion", "choices": choices, "usage": usage(len(prompt_ids), list(outputs))}
+    if body.prompt_logprobs is not None:  # the chat's one prompt, as vLLM reports it: beside the choices
+        response["prompt_logprobs"] = vllm_prompt_logprobs(state.token_texts, outputs[0], body.prompt_logprobs)
+    return response
 
 
 @router.get("/v1/models")

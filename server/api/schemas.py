@@ -73,6 +73,9 @@ class SamplingFields(StrictModel):
     )
     include_stop_str_in_output: bool = Field(False, description="Keep the stop string that ends it in the text")
     skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Return each prompt token's logprob (the first's: null) with the top n"
+    )
 
     @field_validator("logit_bias")
     @classmethod
@@ -117,9 +120,6 @@ class GenerateRequest(SamplingFields):
     adapter: Name | None = Field(None, description="Adapter name or name@version; unset = the base model")
     max_new_tokens: MaxTokens = 64
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Return logprobs with the top n")
-    prompt_logprobs: int | None = Field(
-        None, ge=0, le=MAX_LOGPROBS, description="Return each prompt token's logprob (the first's: null) with the top n"
-    )
     stream: bool = Field(False, description="Server-sent events, one per token batch")
 
     @model_validator(mode="after")
@@ -135,6 +135,7 @@ class TokenLogprob(BaseModel):
     token_id: int
     token: str
     logprob: float
+    rank: int | None = Field(None, description="1 + the number of tokens more likely than this one")
     top_logprobs: list[dict] = Field(default_factory=list)
 
 
@@ -187,6 +188,8 @@ class OpenAIFields(SamplingFields):
     def unsupported(self) -> str | None:
         if self.stream_options is not None and not self.stream:
             return "stream_options: only allowed with stream=true"
+        if self.prompt_logprobs is not None and self.stream:
+            return "prompt_logprobs: not available with stream=true (as in vLLM)"
         return None
 
 
@@ -222,6 +225,12 @@ class CompletionRequest(OpenAIFields):
         if isinstance(value, list) and not value:
             raise ValueError("the prompt is empty")
         return value
+
+    def prompt_scores(self) -> int | None:
+        """The alternatives each prompt token is scored with, if it is: an echoed prompt's logprobs are its
+        tokens' scores, which vLLM's prompt_logprobs report too."""
+        wanted = [n for n in (self.logprobs if self.echo else None, self.prompt_logprobs) if n is not None]
+        return max(wanted, default=None)
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per choice: a string or a list of token ids."""

@@ -40,6 +40,7 @@ class Sample:
     token: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    rank: int | None = None  # of `token` in the distribution: 1 + the tokens more likely (vLLM's)
 
 
 def apply_logit_bias(logits: Tensor, seqs: list[Sequence]) -> Tensor:
@@ -144,8 +145,10 @@ class Draw:
 
 def logprob_table(tokens: Tensor, raw_logprobs: Tensor, top: int) -> Tensor:
     """What the host needs of rows with logprobs, in one tensor so that one copy brings it: per row
-    [token, its logprob, `top` values..., their ids...] (float64 holds the ids exactly)."""
-    columns = [tokens[:, None].double(), raw_logprobs.gather(1, tokens[:, None]).double()]
+    [token, its logprob, its rank, `top` values..., their ids...] (float64 holds the ids exactly)."""
+    chosen = raw_logprobs.gather(1, tokens[:, None])
+    rank = (raw_logprobs > chosen).sum(dim=1, keepdim=True) + 1
+    columns = [tokens[:, None].double(), chosen.double(), rank.double()]
     if top:
         values, ids = raw_logprobs.topk(top, dim=-1)
         columns += [values.double(), ids.double()]
@@ -155,15 +158,15 @@ def logprob_table(tokens: Tensor, raw_logprobs: Tensor, top: int) -> Tensor:
 def read_logprob_table(host: Tensor, wanted: list[int | None]) -> list[Sample]:
     """The samples of a `logprob_table` on the host, each with its row's `wanted` top entries; rows whose
     `wanted` is None get the token alone."""
-    top = (host.shape[1] - 2) // 2
+    top = (host.shape[1] - 3) // 2
     samples = []
     for row, count in zip(host.tolist(), wanted, strict=True):
         token = int(row[0])
         if count is None:
             samples.append(Sample(token))
             continue
-        values, ids = row[2 : 2 + count], row[2 + top : 2 + top + count]
-        samples.append(Sample(token, row[1], [(int(i), v) for i, v in zip(ids, values, strict=True)]))
+        values, ids = row[3 : 3 + count], row[3 + top : 3 + top + count]
+        samples.append(Sample(token, row[1], [(int(i), v) for i, v in zip(ids, values, strict=True)], int(row[2])))
     return samples
 
 
