@@ -15,20 +15,38 @@ class ChatTemplateMissing(ValueError):
     pass
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+def encode_prompt(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """`add_special_tokens=False`: the text's own tokens alone."""
+    ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    if not add_special_tokens:
+        return ids
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is not None and bos != eos and (not ids or ids[0] != bos):
         ids = [bos, *ids]
     return ids
 
 
-def render_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+def render_chat(
+    tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True, continue_final_message: bool = False
+) -> str:
+    """`continue_final_message`: the last message left open, for the model to go on with it."""
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateMissing("this model's tokenizer has no chat template; use /v1/completions with a prompt")
-    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+    return tokenizer.apply_chat_template(
+        list(messages),
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        tokenize=False,
+    )
 
 
-def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-    text = render_chat(tokenizer, messages, add_generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def encode_chat(
+    tokenizer,
+    messages: Sequence[dict],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    add_special_tokens: bool = False,
+) -> list[int]:
+    """`add_special_tokens`: those a raw prompt gets, on top of the template's own (vLLM's meaning)."""
+    text = render_chat(tokenizer, messages, add_generation_prompt, continue_final_message)
+    return encode_prompt(tokenizer, text, add_special_tokens)

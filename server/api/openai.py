@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 
@@ -18,8 +19,17 @@ from fastapi import APIRouter, Depends, Request
 from server.api import sse
 from server.api.deps import AppState, State, require_api_key
 from server.api.errors import APIError, error_body
-from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
-from server.api.service import Running, collect, generation_failed, start, stream_outputs, tokenize, tokenize_chat
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields, TokenizeRequest
+from server.api.service import (
+    Running,
+    acquire_adapter,
+    collect,
+    generation_failed,
+    start,
+    stream_outputs,
+    tokenize,
+    tokenize_chat,
+)
 from server.api.token_texts import TokenTexts
 from server.engine.async_engine import RequestOutput
 from server.engine.sampler import Sample
@@ -29,11 +39,31 @@ from server.engine.sequence import FinishReason
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
 
 
-def adapter_for_model(state: AppState, model: str) -> str | None:
+def adapter_for_model(state: AppState, model: str | None) -> str | None:
     return None if model == state.model_name else model
 
 
-def check_supported(body: OpenAIFields) -> None:
+@contextmanager
+def model_lookup(state: AppState, model: str) -> Iterator[None]:
+    """An adapter the store lacks, named by `model`: the 404 says what `model` may name."""
+    try:
+        yield
+    except APIError as e:
+        if e.status != 404:
+            raise
+        message = f"model {model!r} not found: it is neither the base model {state.model_name!r} nor an adapter"
+        raise APIError(404, message, param="model") from None
+
+
+async def check_model(state: AppState, model: str | None) -> None:
+    """`model` resolved as the generation routes resolve it, the same errors if it cannot be served, but
+    nothing held (the adapter, loaded, stays cached for the generation that may follow)."""
+    if (adapter := adapter_for_model(state, model)) is not None:
+        with model_lookup(state, model):
+            (await acquire_adapter(state, adapter, "model")).release()
+
+
+def check_supported(body: OpenAIFields | TokenizeRequest) -> None:
     if problem := body.unsupported():
         raise APIError(400, problem, param=problem.split(":")[0].split(" ")[0])
 
@@ -50,16 +80,8 @@ def check_choices(state: AppState, prompts: int, n: int) -> None:
 
 
 async def start_model(state: AppState, prompt_ids: list[int], body: OpenAIFields, sampling) -> Running:
-    try:
+    with model_lookup(state, body.model):
         return await start(state, prompt_ids, sampling, adapter_for_model(state, body.model), "model", "max_tokens")
-    except APIError as e:
-        if e.status == 404:
-            raise APIError(
-                404,
-                f"model {body.model!r} not found: it is neither the base model {state.model_name!r} nor an adapter",
-                param="model",
-            ) from None
-        raise
 
 
 def finish_reason(output: RequestOutput) -> str | None:
@@ -297,7 +319,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     check_supported(body)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     check_choices(state, 1, body.n)
-    prompt_ids = await tokenize_chat(state, messages)
+    prompt_ids = await tokenize_chat(state, messages, body.add_generation_prompt, body.continue_final_message)
     max_new_tokens = body.max_new_tokens(default=max(1, state.max_model_len - len(prompt_ids)))
     sampling = body.sampling(max_new_tokens, body.logprob_count(), body.prompt_logprobs)
     runs = await start_choices(state, [prompt_ids], body, sampling)

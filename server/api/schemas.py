@@ -36,6 +36,7 @@ MAX_VERSION = (1 << 31) - 1
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+ModelName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKENS)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
@@ -169,7 +170,7 @@ class StreamOptions(StrictModel):
 class OpenAIFields(SamplingFields):
     """Fields both OpenAI routes share. Accepted but unsupported values are refused in `check()`."""
 
-    model: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+    model: ModelName
     temperature: float = Field(1.0, ge=0, le=2)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
@@ -256,7 +257,25 @@ class ChatMessage(StrictModel):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(OpenAIFields):
+class ChatTemplateFields(StrictModel):
+    """How the chat template ends a chat (vLLM's fields, alike on the chat route and /tokenize)."""
+
+    add_generation_prompt: bool = Field(True, description="End with the header of the assistant's reply to come")
+    continue_final_message: bool = Field(
+        False, description="Leave the last message open, for the model to go on with it (add_generation_prompt=false)"
+    )
+
+    @model_validator(mode="after")
+    def _one_ending(self):
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError(
+                "continue_final_message=true needs add_generation_prompt=false: "
+                "a chat ends either with its last message open or with a new reply's header"
+            )
+        return self
+
+
+class ChatCompletionRequest(OpenAIFields, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
@@ -283,22 +302,66 @@ class ChatCompletionRequest(OpenAIFields):
 
 
 # -- tokenization (vLLM's) --------------------------------------------------------------------------
-class TokenizeRequest(StrictModel):
-    model: Name | None = Field(None, description="Any served model: every adapter tokenizes as the base model")
+CHAT_ONLY_FIELDS = frozenset(
+    {
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template",
+        "chat_template_kwargs",
+        "mm_processor_kwargs",
+        "tools",
+    }
+)
+
+
+class TokenizeRequest(ChatTemplateFields):
+    """vLLM's two forms in one: `prompt` (TokenizeCompletionRequest) or `messages` (TokenizeChatRequest)."""
+
+    model: ModelName | None = Field(
+        None, description="The base model or an adapter (404 if neither): every adapter tokenizes as the base model"
+    )
     prompt: Text | None = Field(None, description="A text prompt, tokenized as generation tokenizes it (BOS added)")
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = Field(
         None, description="A chat, rendered with the chat template as the chat route renders it"
     )
+    add_special_tokens: bool | None = Field(
+        None,
+        description="Add the special tokens a raw prompt gets (BOS); unset: yes for a prompt, as generation does, "
+        "no for a chat, whose template has its own",
+    )
+    return_token_strs: bool | None = Field(False, description="Also return each token's vocabulary string")
+    # vLLM's, for what this server does not do: accepted unset or empty, as clients send them, else refused
+    chat_template: Text | None = None
+    chat_template_kwargs: FreeObject | None = None
+    mm_processor_kwargs: FreeObject | None = None
+    tools: Annotated[list[FreeObject], Field(max_length=MAX_OBJECT_KEYS)] | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
+        if self.prompt is not None and (chat_only := sorted(CHAT_ONLY_FIELDS & self.model_fields_set)):
+            raise ValueError(f"{', '.join(chat_only)}: only with messages")
         return self
+
+    def unsupported(self) -> str | None:
+        if self.chat_template is not None:
+            return "chat_template: not supported (chats render with the model's own template, as on the chat route)"
+        if self.chat_template_kwargs:
+            return "chat_template_kwargs: not supported (the chat route renders without them)"
+        if self.mm_processor_kwargs:
+            return "mm_processor_kwargs: not supported (text-only models)"
+        if self.tools:
+            return "tools are not supported"
+        return None
+
+    def with_special_tokens(self) -> bool:
+        """vLLM's defaults: a prompt gets them, as generation adds them; a chat's template has its own."""
+        return self.prompt is not None if self.add_special_tokens is None else self.add_special_tokens
 
 
 class DetokenizeRequest(StrictModel):
-    model: Name | None = None
+    model: ModelName | None = Field(None, description="The base model or an adapter (404 if neither)")
     tokens: TokenIds
 
 

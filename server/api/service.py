@@ -42,10 +42,12 @@ def check_prompt_chars(state: AppState, chars: int, field: str) -> None:
         )
 
 
-async def tokenize(state: AppState, prompt: str | list[int], field: str = "prompt") -> list[int]:
+async def tokenize(
+    state: AppState, prompt: str | list[int], field: str = "prompt", add_special_tokens: bool = True
+) -> list[int]:
     if isinstance(prompt, str):
         check_prompt_chars(state, len(prompt), field)
-        ids = await asyncio.to_thread(encode_prompt, state.tokenizer, check_text(prompt, field))
+        ids = await asyncio.to_thread(encode_prompt, state.tokenizer, check_text(prompt, field), add_special_tokens)
     else:
         check_length(state, prompt, 0, field)
         check_token_ids(state, prompt, field)
@@ -55,12 +57,20 @@ async def tokenize(state: AppState, prompt: str | list[int], field: str = "promp
     return ids
 
 
-async def tokenize_chat(state: AppState, messages: list[dict]) -> list[int]:
+async def tokenize_chat(
+    state: AppState,
+    messages: list[dict],
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    add_special_tokens: bool = False,
+) -> list[int]:
     check_prompt_chars(state, sum(len(m["content"]) for m in messages), "messages")
     for i, message in enumerate(messages):
         check_text(message["content"], f"messages.{i}.content")
     try:
-        ids = await asyncio.to_thread(encode_chat, state.tokenizer, messages)
+        ids = await asyncio.to_thread(
+            encode_chat, state.tokenizer, messages, add_generation_prompt, continue_final_message, add_special_tokens
+        )
     except ChatTemplateMissing as e:
         raise APIError(400, str(e), param="messages") from None
     except Exception as e:  # a template may raise anything on messages it does not accept
