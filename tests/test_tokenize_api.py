@@ -12,6 +12,7 @@ from tests.api_utils import error_of, running_app, upload
 CHAT = [{"role": "user", "content": "Where is the treasure?"}]
 PREFILLED = [*CHAT, {"role": "assistant", "content": "Arr, the treasure be"}]  # an answer begun, to go on with
 ADAPTER = "pirate"
+NEVER_SERVED = "parrot"  # named by /tokenize alone
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,8 @@ def served(tmp_path_factory):
     hidden_size = AutoConfig.from_pretrained(model_dir).hidden_size
     adapter = random_adapter_file("loreft", (1,), 2, "f1+l1", hidden_size)
     with running_app(model_dir, tmp_path_factory.mktemp("store")) as client:
-        assert upload(client, ADAPTER, adapter.to_bytes()).status_code == 201
+        for name in (ADAPTER, NEVER_SERVED):
+            assert upload(client, name, adapter.to_bytes()).status_code == 201
         model = client.get("/v1/models").json()["data"][0]["id"]
         yield client, AutoTokenizer.from_pretrained(model_dir), model
 
@@ -131,6 +133,16 @@ def test_model_is_any_served_model_else_the_generation_routes_404(served, path):
         generation = client.post("/v1/completions", json={"model": unknown, "prompt": "Hi", "max_tokens": 1})
         assert response.status_code == generation.status_code == 404
         assert error_of(response) == error_of(generation)
+
+
+def test_naming_an_adapter_loads_nothing(served):
+    """Tokenizing must not load an adapter, which could evict one that requests are using."""
+    client, _, _ = served
+    registry = client.app.state.reft.registry
+    for ref in (NEVER_SERVED, f"{NEVER_SERVED}@1"):
+        assert client.post("/tokenize", json={"model": ref, "prompt": "Hi"}).status_code == 200
+        assert client.post("/detokenize", json={"model": ref, "tokens": [1]}).status_code == 200
+    assert not registry.is_resident(NEVER_SERVED, 1)
 
 
 def test_detokenize_gives_the_text_back(served):

@@ -273,14 +273,22 @@ class AdapterRegistry:
                     self._drop(key)
 
     # -- resolution ------------------------------------------------------------------------------
+    async def resolve(self, ref: str) -> tuple[str, int]:
+        """The (name, version) a reference serves, nothing loaded; raises AdapterNotFound or ValueError."""
+        name, version = parse_ref(ref)
+        if version is None:
+            return name, await self._current(name)
+        if (name, version) not in self._resident:
+            try:
+                await asyncio.to_thread(self.version_facts, name, version)
+            except NotFound as e:
+                raise AdapterNotFound(str(e)) from None
+        return name, version
+
     async def acquire(self, ref: str) -> Lease:
         """Resolve and pin an adapter; raises AdapterNotFound, AdapterIncompatible or ValueError."""
         name, version = parse_ref(ref)
-        if version is None:
-            version = self.catalog.get(name)
-        if version is None:
-            version = await self._look_up(name)
-        key = (name, version)
+        key = (name, version or await self._current(name))  # a pinned version's load finds out if it exists
         resident = self._resident.get(key)
         if resident is not None and not resident.retired:
             self._resident.move_to_end(key)
@@ -292,6 +300,9 @@ class AdapterRegistry:
         resident.last_used = time.time()
         self._evict()
         return Lease(self, resident)
+
+    async def _current(self, name: str) -> int:
+        return self.catalog.get(name) or await self._look_up(name)
 
     async def _look_up(self, name: str) -> int:
         """The current version of a name the catalog lacks: maybe published by another replica since the

@@ -22,9 +22,9 @@ from server.api.errors import APIError, error_body
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields, TokenizeRequest
 from server.api.service import (
     Running,
-    acquire_adapter,
     collect,
     generation_failed,
+    resolve_adapter,
     start,
     stream_outputs,
     tokenize,
@@ -56,11 +56,10 @@ def model_lookup(state: AppState, model: str) -> Iterator[None]:
 
 
 async def check_model(state: AppState, model: str | None) -> None:
-    """`model` resolved as the generation routes resolve it, the same errors if it cannot be served, but
-    nothing held (the adapter, loaded, stays cached for the generation that may follow)."""
+    """`model` resolved as the generation routes resolve it, with their 404, nothing loaded."""
     if (adapter := adapter_for_model(state, model)) is not None:
         with model_lookup(state, model):
-            (await acquire_adapter(state, adapter, "model")).release()
+            await resolve_adapter(state, adapter, "model")
 
 
 def check_supported(body: OpenAIFields | TokenizeRequest) -> None:

@@ -7,7 +7,7 @@ huge prompt neither stalls other requests nor costs more than a length check."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -99,8 +99,18 @@ def check_length(state: AppState, prompt_ids: list[int], max_new_tokens: int, fi
 
 
 async def acquire_adapter(state: AppState, ref: str, field: str) -> Lease:
+    return await adapter_call(state.registry.acquire(ref), field)
+
+
+async def resolve_adapter(state: AppState, ref: str, field: str) -> None:
+    """That `ref` names a served adapter (nothing loaded), with acquire_adapter's errors."""
+    await adapter_call(state.registry.resolve(ref), field)
+
+
+async def adapter_call(call: Awaitable, field: str):
+    """A registry call's errors as the API's: unknown 404, not servable 422, malformed 400."""
     try:
-        return await state.registry.acquire(ref)
+        return await call
     except AdapterNotFound as e:
         raise APIError(404, str(e), param=field) from None
     except AdapterIncompatible as e:
