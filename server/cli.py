@@ -23,8 +23,9 @@ from server.adapters.precondition_args import add_precondition_arguments
 from server.adapters.store import StoreError
 from server.adapters.stores import open_store
 from server.config import Settings
-from server.model_location import ModelNotFound, model_argument, model_location
+from server.model_location import ModelNotFound, check_tokenizer, model_argument, model_location
 from server.plugins import PluginError
+from server.start_checks import StartUpMistake, check_address, check_device, check_model_shards
 from server.training.cli import add_train_arguments, run_train
 
 ENV_PREFIX = "REFT_"
@@ -75,28 +76,29 @@ DEMO_FOOTER = """
 
 
 def serve(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig
-
     from server.app import create_app
     from server.distributed.launch import follow_under_torchrun, join_torchrun_group, spawn_group
     from server.logging_setup import setup_logging
-    from server.models.loader import check_tensor_parallel
 
     settings = settings_from_args(args)
     setup_logging(settings.log_level, settings.log_json)
     if settings.threads:  # before the demo build too: oversubscribed cores slow training down badly
         torch.set_num_threads(settings.threads)
+    check_device(settings)  # on every rank, before torchrun's group binds each rank to its GPU
     group = join_torchrun_group(settings)
     if group is not None and group.rank > 0:  # a follower: rank 0 sends it the model and every step
         follow_under_torchrun(group, settings)
         return 0
-    # the store and the model's directory are checked before anything loads: a mistake in either is one
-    # line (main() says a StoreError's), not a traceback from the app's start
+    # the store, the address, the model's directory and its fit to the group are checked before anything
+    # loads: a mistake in any is one line (main() says a StoreError's or a StartUpMistake's), not a
+    # traceback from the app's start
     store = open_store(settings.store)
+    check_address(settings.host, settings.port)
     model_path, banner, admin = settings.model, REAL_MODEL_BANNER, ""
     if model_path is not None:
         try:
             model_path = model_location(model_path)
+            check_tokenizer(model_path)
         except ModelNotFound as e:
             _say(f"error: --model: {e}")
             return 2
@@ -109,14 +111,18 @@ def serve(args: argparse.Namespace) -> int:
         except SmolLM2Missing as e:
             _say(f"error: {e}")
             return 2
+        except OSError as e:  # an unwritable --demo-dir, a full disk
+            _say(f"error: cannot prepare the {settings.demo} demo: {e}")
+            return 2
         model_path, banner = str(prepared.model_dir), prepared.demo.banner + DEMO_FOOTER
         settings = settings.model_copy(
             update={"served_model_name": settings.served_model_name or prepared.demo.model_name}
         )
         settings, admin = demo_admin_access(settings)
-    if settings.tensor_parallel > 1 and group is None:
-        check_tensor_parallel(AutoConfig.from_pretrained(model_path), settings.tensor_parallel)  # before spawning
-        group = spawn_group(settings)
+    if settings.tensor_parallel > 1:
+        check_model_shards(model_path, settings.tensor_parallel)  # before spawning; under torchrun, before loading
+        if group is None:
+            group = spawn_group(settings)
     app = create_app(settings, model_path=model_path, group=group, store=store)
     config = uvicorn.Config(
         app,
@@ -410,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         for error in e.errors():  # loc[1:] names the union member tried, not something the user typed
             print(f"error: {_flag(str(error['loc'][0]))}: {error['msg']}", file=sys.stderr)
         return 2
-    except (PluginError, StoreError) as e:
+    except (PluginError, StoreError, StartUpMistake) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a store write is atomic: an interrupted one changed nothing

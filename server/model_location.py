@@ -3,7 +3,7 @@
 transformers takes any text that is not an existing directory for a Hub id, so a mistyped local
 path ends in a Hub lookup and a message about repo ids or the network. Text that cannot be a Hub id
 (an absolute or relative path, `~`, more than one `/`) or whose first component is a local directory
-is a local path here, and must be a model directory.
+is a local path here, and must be a model directory; one that is served must hold its tokenizer too.
 """
 
 from __future__ import annotations
@@ -13,6 +13,18 @@ import os
 from pathlib import Path
 
 from server.adapters.hub import REPO_ID
+
+# the files transformers builds a tokenizer from (a whole tokenizer, its config, or one kind of
+# vocabulary): a directory with none of them holds a model without its tokenizer
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "tekken.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 
 
 class ModelNotFound(ValueError):
@@ -31,6 +43,13 @@ def model_location(text: str) -> str:
     if _looks_local(text):
         raise ModelNotFound(f"{text}: no such directory (a Hub id is owner/name)")
     return text
+
+
+def check_tokenizer(location: str) -> None:
+    """A model directory (as model_location gives it) holds a tokenizer too; a Hub id is transformers' to resolve."""
+    directory = Path(location)
+    if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotFound(f"{location}: no tokenizer in this directory (none of {', '.join(TOKENIZER_FILES)})")
 
 
 def model_argument(text: str) -> str:

@@ -4,14 +4,18 @@ at start-up (found by reviews of that surface)."""
 
 import json
 import os
+import shutil
+import socket
 
 import pytest
+import torch
 
 import server.app
+import server.distributed.launch
 from server.adapters.random_adapters import random_adapter_file
 from server.adapters.store import AdapterStore
 from server.cli import main
-from server.model_location import model_location
+from server.model_location import check_tokenizer, model_location
 from tests.api_utils import ADMIN, running_app
 from tests.conftest import FIXTURE
 
@@ -169,6 +173,7 @@ def test_hub_ids_and_model_directories_are_models(not_models):
     assert model_location("someone/llama") == "someone/llama" and model_location("gpt2") == "gpt2"
     (not_models / "models" / "empty" / "config.json").write_text("{}")
     assert model_location("~/models/empty") == str(not_models / "models" / "empty")
+    check_tokenizer("someone/llama")  # a Hub id's files are transformers' to find
 
 
 @pytest.fixture
@@ -200,3 +205,87 @@ def test_an_unexpected_start_up_error_keeps_its_traceback(tmp_path, monkeypatch)
     monkeypatch.setattr(server.app, "create_app", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["serve", "--model", str(FIXTURE / "model"), "--store", str(tmp_path / "store"), "--port", "0"])
+
+
+def serve_the_fixture_model(tmp_path, *flags: str) -> int:
+    return main(["serve", "--model", str(FIXTURE / "model"), "--store", str(tmp_path / "store"), "--port", "0", *flags])
+
+
+@pytest.fixture
+def group_never_spawned(monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("tensor-parallel ranks were spawned: the mistake would surface in their start")
+
+    monkeypatch.setattr(server.distributed.launch, "spawn_group", never)
+
+
+def test_serve_refuses_a_degree_that_splits_the_models_heads_in_one_line(
+    tmp_path, app_never_built, group_never_spawned, capsys
+):
+    assert serve_the_fixture_model(tmp_path, "--device", "cpu", "--tensor-parallel", "3") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tensor-parallel: tensor parallel degree 3 must divide the model's 8 attention")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "cuda_built, reason",
+    [(False, f"torch here has no CUDA (torch {torch.__version__})"), (True, f"torch {torch.__version__} sees no CUDA")],
+)
+def test_serve_refuses_a_device_torch_does_not_have_in_one_line(
+    tmp_path, monkeypatch, app_never_built, capsys, cuda_built, reason
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: cuda_built)
+    assert serve_the_fixture_model(tmp_path, "--device", "cuda") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --device cuda: {reason}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+def test_serve_refuses_more_ranks_than_gpus_in_one_line(
+    tmp_path, monkeypatch, app_never_built, group_never_spawned, capsys, device
+):
+    """Rank r uses GPU r: without one, it would fail in a spawned process, under torch's traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert serve_the_fixture_model(tmp_path, "--device", device, "--tensor-parallel", "2") == 2
+    assert capsys.readouterr().err == "error: --tensor-parallel 2: a GPU per rank, and torch sees 1\n"
+
+
+def test_serve_refuses_a_model_directory_without_its_tokenizer_in_one_line(tmp_path, app_never_built, capsys):
+    """Weights and config.json alone: transformers' AutoTokenizer would fail in the app's start."""
+    weights_only = tmp_path / "model"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(FIXTURE / "model" / name, weights_only)
+    assert main(["serve", "--model", str(weights_only), "--store", str(tmp_path / "store"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model: {weights_only}: no tokenizer in this directory (none of tokenizer.json, ")
+    assert err.count("\n") == 1
+
+
+def test_serve_refuses_an_address_in_use_before_the_model_loads(tmp_path, app_never_built, capsys):
+    """uvicorn binds only once the model has loaded: the mistake would cost the load, then exit 3."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert serve_the_fixture_model(tmp_path, "--host", "127.0.0.1", "--port", str(port)) == 2
+    assert capsys.readouterr().err == f"error: --host/--port 127.0.0.1:{port}: Address already in use\n"
+
+
+def test_serve_refuses_a_torchrun_world_of_another_size_in_one_line(tmp_path, monkeypatch, app_never_built, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert serve_the_fixture_model(tmp_path, "--device", "cpu") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: torchrun started 2 processes but --tensor-parallel is 1") and err.count("\n") == 1
+
+
+def test_serve_refuses_a_demo_directory_it_cannot_write_in_one_line(tmp_path, app_never_built, capsys):
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("not a directory")
+    store = str(tmp_path / "store")
+    assert main(["serve", "--demo", "tiny", "--demo-dir", str(in_the_way / "demo"), "--store", store]) == 2
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line == f"error: cannot prepare the tiny demo: [Errno 20] Not a directory: '{in_the_way}/demo/tiny-v2'"

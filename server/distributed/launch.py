@@ -23,6 +23,7 @@ from server.distributed.group import TensorParallelGroup, kill_followers
 from server.distributed.runner import follow
 from server.logging_setup import setup_logging
 from server.models.loader import resolve_device
+from server.start_checks import StartUpMistake
 
 
 def rank_device(settings: Settings, local_rank: int) -> torch.device:
@@ -45,7 +46,7 @@ def join_torchrun_group(settings: Settings) -> TensorParallelGroup | None:
         return None
     world_size = int(os.environ["WORLD_SIZE"])
     if world_size != settings.tensor_parallel:
-        raise ValueError(
+        raise StartUpMistake(
             f"torchrun started {world_size} processes but --tensor-parallel is {settings.tensor_parallel}: "
             "they must be equal (one process per GPU of the group)"
         )

@@ -18,11 +18,18 @@ from server.engine.attention import ATTENTION_NAME, register_paged_attention
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device `name` (a Settings.device) stands for; ValueError, saying why, where it is not here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but torch sees no CUDA device (is the CUDA build of torch installed?)")
+        raise ValueError(_why_no_cuda())
     return torch.device(name)
+
+
+def _why_no_cuda() -> str:
+    if not torch.backends.cuda.is_built():
+        return f"torch here has no CUDA (torch {torch.__version__}): install a CUDA build of torch"
+    return f"torch {torch.__version__} sees no CUDA device (no GPU, no driver, or CUDA_VISIBLE_DEVICES hides them)"
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
