@@ -31,7 +31,7 @@ from server.distributed.group import TensorParallelGroup
 from server.distributed.launch import rank_device
 from server.distributed.runner import TensorParallelDriver
 from server.engine.async_engine import AsyncEngine
-from server.engine.core import EngineCore, model_eos_ids
+from server.engine.core import EngineCore, serving_core
 from server.engine.core_loop import CoreHost, CoreThread
 from server.engine.model_runner import ModelRunner
 from server.engine_process import CoreProcess
@@ -152,7 +152,7 @@ def _thread_core(
             model_path, device, resolve_dtype(settings.dtype, device), tensor_parallel=settings.tensor_parallel
         )
     config = settings.engine_config(next(model.parameters()).device.type)
-    return EngineCore(model, config, model_eos_ids(model, tokenizer), make_runner), tokenizer
+    return serving_core(model, config, tokenizer, make_runner), tokenizer
 
 
 def create_app(

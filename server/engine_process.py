@@ -34,7 +34,7 @@ import torch
 
 from server.config import Settings
 from server.distributed.adapter_mirror import AdapterPayload, AdapterReceiver, AdapterSender
-from server.engine.core import EngineCore, EngineLoad, SeqOutput, model_eos_ids
+from server.engine.core import EngineCore, EngineLoad, SeqOutput, serving_core
 from server.engine.core_loop import STOP, CoreLoop, Refuse, StepReport, Submit, stopped
 from server.engine.sequence import FinishReason
 from server.gc_freeze import freeze_long_lived
@@ -301,7 +301,7 @@ def _build_core(settings: Settings, model_path: str) -> EngineCore:
     load_plugins(settings.plugins)  # intervention types a plugin brings, before any adapter arrives
     device = resolve_device(settings.device)
     model, tokenizer = load_model(model_path, device, resolve_dtype(settings.dtype, device))
-    return EngineCore(model, settings.engine_config(device.type), model_eos_ids(model, tokenizer))
+    return serving_core(model, settings.engine_config(device.type), tokenizer)
 
 
 def _send_reports(outbox: queue.SimpleQueue, reports, loop: CoreLoop) -> None:

@@ -23,9 +23,9 @@ def load_engine_model(path, dtype=torch.float32):
     return load_causal_lm(path, dtype)
 
 
-def make_core(model, eos=frozenset(), make_runner=ModelRunner, **config) -> EngineCore:
+def make_core(model, eos=frozenset(), make_runner=ModelRunner, grammars=None, **config) -> EngineCore:
     defaults = dict(num_blocks=256, block_size=8, max_batched_tokens=64, max_num_seqs=16, max_model_len=512)
-    return EngineCore(model, EngineConfig(**{**defaults, **config}), set(eos), make_runner)
+    return EngineCore(model, EngineConfig(**{**defaults, **config}), set(eos), make_runner, grammars)
 
 
 def random_adapter(name: str, *args, version: int = 1, **kwargs) -> Adapter:

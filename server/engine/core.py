@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from server.engine.compiled_layers import compile_layers, first_compilation
 from server.engine.config import EngineConfig, decode_graphs_apply, resolve_attention_backend
 from server.engine.cuda_graphs import DecodeGraphs
+from server.engine.grammar import GrammarBroken, Grammars, advance, grammars_for
 from server.engine.kv_cache import KVCache, KVLayout
 from server.engine.memory import auto_kv_budget
 from server.engine.model_runner import EditCheck, ModelRunner, StepResult
@@ -88,6 +89,11 @@ class InFlight:
         return [seq for seqs, _ in self.parts for seq in seqs]
 
     @property
+    def constrained(self) -> bool:
+        """Whether a row drew under a grammar: its next mask needs this step's token."""
+        return any(seq.grammar is not None for seq in self.seqs)
+
+    @property
     def owners(self) -> list[Sequence]:
         """Every sequence whose outcome this step decides, each once."""
         checked = self.check.owners if self.check is not None else []
@@ -135,6 +141,7 @@ class EngineCore:
         config: EngineConfig,
         eos_token_ids: set[int],
         make_runner: Callable[..., ModelRunner] = ModelRunner,  # (model, kv, attention_backend, **graphs)
+        grammars: Grammars | None = None,  # structured outputs; None: requests for them are refused
     ):
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
@@ -171,7 +178,8 @@ class EngineCore:
             max_model_len=self.max_model_len,
             compile_backend=compile_backend,
         )
-        self.sampler = Sampler(frozenset(eos_token_ids))
+        self.sampler = Sampler(frozenset(eos_token_ids), grammars)
+        self.grammars = grammars
         self.eos_token_ids = eos_token_ids
         self.sequences: dict[str, Sequence] = {}
         self.last_step: StepStats | None = None
@@ -262,6 +270,10 @@ class EngineCore:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
         if seq.num_prompt >= self.max_model_len:
             raise ValueError(f"the prompt has {seq.num_prompt} tokens; the context window is {self.max_model_len}")
+        if seq.sampling.grammar is not None:
+            if self.grammars is None:
+                raise ValueError("structured outputs are not available: the tokenizer is not one llguidance reads")
+            seq.grammar = self.grammars.matcher(seq.sampling.grammar)
         self.sequences[seq.request_id] = seq
         self.scheduler.add(seq)
 
@@ -312,14 +324,17 @@ class EngineCore:
         sample. With async scheduling the drawn tokens are read in the next iteration, after its own
         launch, so the host's work overlaps the device's; without, at once. But a step the device has
         already finished when the next begins (the host is the bottleneck: long eager steps) is read
-        first: its tokens reach the clients a step sooner, and the scheduler sees which requests ended."""
+        first: its tokens reach the clients a step sooner, and the scheduler sees which requests ended. So is a
+        step with rows held to a grammar, whose next masks need its tokens (grammar.py)."""
         started = time.perf_counter()
         self.last_step = None
         previous, self._in_flight = self._in_flight, None
         outputs, self._unreturned = self._unreturned, []
         read_first = False
         try:
-            read_first = previous is not None and self.read_landed_first and previous.landed()
+            read_first = previous is not None and (
+                previous.constrained or (self.read_landed_first and previous.landed())
+            )
             if read_first:
                 outputs += self._read_or_fail(previous)
             chunks = self.scheduler.schedule()
@@ -470,7 +485,12 @@ class EngineCore:
         except Exception as e:  # a bug in the prefix cache: this request ends, with its token
             log.exception("indexing a sequence's blocks failed")
             return self._finish(seq, FinishReason.ERROR, f"{type(e).__name__}: {e}", **produced)
-        reason = self._stop_reason(seq, sample.token)
+        try:
+            complete = seq.grammar is not None and advance(seq.grammar, sample.token)
+        except GrammarBroken as e:  # a bug: the mask allowed what the matcher refuses
+            log.exception("a drawn token broke its grammar")
+            return self._finish(seq, FinishReason.ERROR, str(e), **produced)
+        reason = self._stop_reason(seq, sample.token) or (FinishReason.STOP if complete else None)
         if reason is not None:
             return self._finish(seq, reason, **produced)
         return self._output(seq, **produced)
@@ -518,6 +538,14 @@ class EngineCore:
 def _adapter_names(sequences) -> list[str]:
     """Each adapter name once, sorted so that the same set always reads the same."""
     return sorted({seq.edit.name for seq in sequences if seq.edit is not None})
+
+
+def serving_core(
+    model: nn.Module, config: EngineConfig, tokenizer, make_runner: Callable[..., ModelRunner] = ModelRunner
+) -> EngineCore:
+    """The core a server runs: EOS from the model and its tokenizer, structured outputs over that tokenizer."""
+    eos = model_eos_ids(model, tokenizer)
+    return EngineCore(model, config, eos, make_runner, grammars_for(tokenizer, model.config.vocab_size, eos))
 
 
 def model_eos_ids(model: nn.Module, tokenizer) -> set[int]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from server.engine.grammar import Grammars
 from server.engine.penalties import PenaltyRows
 from server.engine.sequence import Sequence
 from server.engine.transfers import HostCopy, to_device
@@ -113,6 +114,7 @@ def filter_logits(logits: Tensor, top_k: list[int], top_p: list[float], min_p: l
 def _plain_greedy(seq: Sequence) -> bool:
     sampling = seq.sampling
     plain = sampling.greedy and not sampling.penalized and not sampling.logit_bias and sampling.logprobs is None
+    plain = plain and seq.grammar is None
     # min_tokens first: counting the tokens of every row of every step costs as much as the checks above
     return plain and not (sampling.min_tokens and sampling.holds_stops(generated(seq)))
 
@@ -171,8 +173,9 @@ def read_logprob_table(host: Tensor, wanted: list[int | None]) -> list[Sample]:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: frozenset[int] = frozenset()):
+    def __init__(self, eos_token_ids: frozenset[int] = frozenset(), grammars: Grammars | None = None):
         self.eos_token_ids = frozenset(eos_token_ids)  # held back, with the stop tokens, by min_tokens
+        self.grammars = grammars  # the masks of rows held to a grammar (structured outputs)
         self.penalties = PenaltyRows()
         self._generators: dict[torch.device, torch.Generator] = {}  # reseeded for every seeded row's draw
 
@@ -186,6 +189,8 @@ class Sampler:
             return Draw(tokens, HostCopy(tokens), wanted)
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if any(w is not None for w in wanted) else None
+        if self.grammars is not None:  # what a grammar forbids is out before anything weighs the rest
+            logits = self.grammars.constrain(logits, [seq.grammar for seq in seqs])
         # as vLLM orders them: the bias, then the penalties, repetition's before OpenAI's
         logits = hold_stops(apply_logit_bias(logits, seqs), seqs, self.eos_token_ids)
         logits, penalized = self.penalties.apply(logits, seqs, pending)

@@ -40,6 +40,7 @@ class SamplingParams:
     skip_special_tokens: bool = True  # special tokens are left out of the text
     logprobs: int | None = None  # None = off; n >= 0 = chosen token's logprob plus the top n
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (vLLM's)
+    grammar: str | None = None  # structured output: the llguidance grammar its tokens must match (grammar.py)
 
     @property
     def greedy(self) -> bool:

@@ -12,6 +12,8 @@ from server.engine.sampling_params import SamplingParams
 from server.reft.request_edit import RequestEdit
 
 if TYPE_CHECKING:
+    from llguidance import LLMatcher
+
     from server.engine.sampler import Sample
 
 
@@ -50,6 +52,7 @@ class Sequence:
     num_preemptions: int = 0
     num_prompt_scored: int = 0  # prompt tokens after the first whose logprobs a launched step computes
     prompt_logprobs: list[Sample] = field(default_factory=list)  # those read so far (prompt_logprobs.py)
+    grammar: LLMatcher | None = None  # where `sampling.grammar` holds its tokens: its matcher (grammar.py)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

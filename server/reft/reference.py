@@ -7,11 +7,22 @@ the unmodified model. This is exactly pyreft's generation semantics, with nothin
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from server.reft.adapter import Adapter
 from server.reft.batch_edit import batch_edit_kwargs, raise_edit_failures
 from server.reft.hf_cache import cache_argument, returned_cache
+
+
+class Constraint(Protocol):
+    """What a structured output allows next (a bool per vocabulary entry), and taking a token: whether
+    the output is then complete."""
+
+    def allowed(self) -> torch.Tensor: ...
+
+    def accept(self, token: int) -> bool: ...
 
 
 @torch.no_grad()
@@ -22,17 +33,21 @@ def reference_generate(
     *,
     max_new_tokens: int = 16,
     eos_token_id: int | None = None,
+    constraint: Constraint | None = None,
 ) -> list[int]:
-    """Greedy tokens after `prompt_ids` (BOS included, as served), at most `max_new_tokens`."""
+    """Greedy tokens after `prompt_ids` (BOS included, as served), at most `max_new_tokens`; with a
+    `constraint`, only tokens it allows, until it is complete."""
     device = next(model.parameters()).device
     out = _prompt_forward(model, prompt_ids, adapter)
     past, logits = returned_cache(out), out.logits[0, -1]
     carry = cache_argument(model)
     tokens: list[int] = []
     while len(tokens) < max_new_tokens:
+        if constraint is not None:
+            logits = logits.masked_fill(~constraint.allowed(), float("-inf"))
         token = int(logits.argmax())
         tokens.append(token)
-        if token == eos_token_id:
+        if token == eos_token_id or (constraint is not None and constraint.accept(token)):
             break
         out = model(torch.tensor([[token]], device=device), use_cache=True, **{carry: past})
         past, logits = returned_cache(out), out.logits[0, -1]

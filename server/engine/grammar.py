@@ -1,0 +1,94 @@
+"""Structured outputs: a request's tokens held to a grammar (vLLM's structured outputs, OpenAI's
+`response_format`), with llguidance, the Rust matcher that vLLM, llama.cpp and OpenAI's own structured
+outputs use.
+
+The front end turns a JSON schema, a regular expression, a list of choices or a Lark grammar into one
+llguidance grammar (`SamplingParams.grammar`, text). The engine gives each such request a matcher over
+the model's tokenizer (`Grammars.matcher`). Before a step draws, the matchers of its constrained rows
+write their masks of allowed tokens into one bitmask on the host, in parallel and without the GIL
+(llguidance's executor); it crosses to the device in one copy and sets the rest of those rows' logits to
+-inf, before the bias, the penalties and the temperature (logprobs stay the model's own). Each drawn
+token then advances its matcher (`advance`), and a matcher that can take no more tokens (its grammar is
+complete) ends the request with "stop". A mask needs the token before it: with async scheduling, a step
+with constrained rows is read before the next one is launched (core.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import llguidance
+import llguidance.hf
+import torch
+from llguidance.torch import fill_next_token_bitmask_par
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+BITS = 32  # tokens per word of a bitmask
+
+
+class GrammarBroken(ValueError):
+    """A drawn token the matcher refused: a bug, since the mask allowed it."""
+
+
+class Grammars:
+    """A model's tokenizer as llguidance sees it, and the matchers made over it."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Iterable[int]):
+        """`tokenizer`: a fast transformers tokenizer; `vocab_size`: the logits' width (it may pass the
+        tokenizer's vocabulary); the EOS ids end a complete grammar."""
+        eos = sorted(eos_token_ids) or None
+        self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
+        self._executor = llguidance.LLExecutor()
+        self.vocab_size = vocab_size
+
+    def matcher(self, grammar: str) -> llguidance.LLMatcher:
+        """A fresh matcher of `grammar` (llguidance's grammar text); ValueError if it does not compile."""
+        matcher = llguidance.LLMatcher(self._tokenizer, grammar)
+        if matcher.is_error():
+            raise ValueError(f"structured output: {matcher.get_error()}")
+        return matcher
+
+    def constrain(self, logits: Tensor, matchers: Sequence[llguidance.LLMatcher | None]) -> Tensor:
+        """`logits` [rows, vocab] (float32) with what each row's matcher forbids at -inf; rows without one
+        as they are."""
+        rows = [row for row, matcher in enumerate(matchers) if matcher is not None]
+        if not rows:
+            return logits
+        words = -(-self.vocab_size // BITS)
+        host = torch.empty(len(rows), words, dtype=torch.int32, pin_memory=logits.is_cuda)
+        fill_next_token_bitmask_par(self._executor, [(matchers[row], i) for i, row in enumerate(rows)], host)
+        allowed = _unpack(host.to(logits.device, non_blocking=True), logits.shape[-1])
+        if len(rows) == len(matchers):
+            return logits.masked_fill(~allowed, float("-inf"))
+        index = torch.tensor(rows, device=logits.device)
+        return logits.index_copy(0, index, logits.index_select(0, index).masked_fill(~allowed, float("-inf")))
+
+
+def _unpack(bitmask: Tensor, vocab: int) -> Tensor:
+    """[rows, words] int32 bitmask (bit b of word w: token 32w + b) -> [rows, vocab] bool."""
+    shifts = torch.arange(BITS, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask[:, :, None] >> shifts) & 1
+    allowed = bits.flatten(1).bool()
+    if allowed.shape[1] < vocab:  # logits wider than the grammar's vocabulary: the rest is never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    return allowed[:, :vocab]
+
+
+def advance(matcher: llguidance.LLMatcher, token: int) -> bool:
+    """Feed a drawn token to its matcher; whether the grammar is now complete (no token may follow)."""
+    if not matcher.consume_token(token):
+        raise GrammarBroken(f"structured output: token {token} breaks the grammar: {matcher.get_error()}")
+    return matcher.is_stopped()
+
+
+def grammars_for(tokenizer, vocab_size: int, eos_token_ids: Iterable[int]) -> Grammars | None:
+    """Structured outputs for a served model, or None where llguidance cannot read its tokenizer (a slow,
+    Python-only one): requests that ask for them are then refused."""
+    try:
+        return Grammars(tokenizer, vocab_size, eos_token_ids)
+    except Exception as e:
+        log.warning("structured outputs are off: llguidance cannot read this tokenizer (%s)", e)
+        return None
