@@ -51,7 +51,7 @@ class ReferenceGrammar:
 
     def accept(self, token: int) -> bool:
         assert self.matcher.consume_token(token)
-        return self.matcher.is_stopped()
+        return token == EOS and self.matcher.is_stopped()
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
@@ -75,8 +75,8 @@ def test_constrained_requests_in_a_mixed_batch_equal_the_reference(served, async
             reference_model, prompt_ids, a, max_new_tokens=48, eos_token_id=EOS, constraint=constraint
         )
         assert tokens[rid] == expected, rid
-        if name is not None and expected[-1] != EOS and len(expected) < 48:
-            assert finished[rid][0] is FinishReason.STOP  # complete: nothing may follow
+        if name is not None and len(expected) < 48:  # complete: the grammar's EOS ended it
+            assert expected[-1] == EOS and finished[rid][0] is FinishReason.STOP
 
 
 def test_a_complete_grammar_ends_the_request_with_text_it_matches(served):
@@ -99,6 +99,17 @@ def test_a_complete_grammar_ends_the_request_with_text_it_matches(served):
             assert json.loads(text)["answer"] in ("yes", "no")
 
 
+@pytest.mark.parametrize("sampling", [{"ignore_eos": True}, {"min_tokens": 30}])
+def test_a_complete_grammar_ends_with_its_eos_even_where_eos_is_ignored_or_held(served, sampling):
+    model, _, tokenizer, grammars = served
+    core = make_core(model, eos={EOS}, grammars=grammars)
+    finished: dict = {}
+    request = seq("c", prompt(10, 1), max_new_tokens=40, grammar=GRAMMARS["choice"], **sampling)
+    tokens = run_core(core, [(request, 0)], finished=finished)["c"]
+    assert tokens[-1] == EOS and finished["c"][0] is FinishReason.STOP
+    assert tokenizer.decode(tokens[:-1]) in ("red", "green", 'blue, "dark"')
+
+
 def test_a_grammar_that_does_not_compile_is_refused_when_added(served):
     model, _, _, grammars = served
     core = make_core(model, eos={EOS}, grammars=grammars)
@@ -112,3 +123,72 @@ def test_without_a_grammar_reader_structured_outputs_are_refused(served):
     core = make_core(model, eos={EOS})
     with pytest.raises(ValueError, match="structured outputs are not available"):
         core.add(seq("g", prompt(5, 0), grammar=GRAMMARS["regex"]))
+
+
+# -- over HTTP ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["thread", "process"])
+def client(request, tiny_model_dir, tmp_path_factory):
+    """A server of the tiny Llama, its engine in a thread or a process of its own (grammars cross a pipe)."""
+    from tests.api_utils import running_app
+
+    store = tmp_path_factory.mktemp("store")
+    with running_app(tiny_model_dir("llama"), store, engine_core=request.param, device="cpu") as client:
+        yield client
+
+
+def model_of(client) -> str:
+    return client.get("/v1/models").json()["data"][0]["id"]
+
+
+COLOURS = ["red", "green", 'blue, "dark"']
+
+
+@pytest.mark.parametrize(
+    "structure",
+    [{"guided_choice": COLOURS}, {"structured_outputs": {"choice": COLOURS}}],
+)
+def test_completions_hold_the_text_to_the_choices(client, structure):
+    body = {"model": model_of(client), "prompt": "Pick a colour:", "max_tokens": 32, "temperature": 1.0, "n": 4}
+    out = client.post("/v1/completions", json={**body, **structure, "seed": 5}).json()
+    assert all(c["text"] in COLOURS and c["finish_reason"] == "stop" for c in out["choices"]), out
+
+
+def test_response_format_json_schema_gives_json_of_the_schema(client, monkeypatch):
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    monkeypatch.setattr(client.app.state.reft.tokenizer, "chat_template", template)  # the tiny model has none
+    schema = {**ANSWER, "additionalProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    body = {"model": model_of(client), "messages": [{"role": "user", "content": "yes?"}], "max_tokens": 64}
+    body |= {"response_format": response_format, "temperature": 0}
+    choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    if choice["finish_reason"] == "stop":  # greedy on random weights may pad with whitespace until max_tokens
+        assert json.loads(choice["message"]["content"])["answer"] in ("yes", "no")
+    else:
+        assert choice["message"]["content"].lstrip().startswith("{")
+
+
+def test_native_route_and_streaming_hold_to_a_regex(client):
+    body = {"prompt": "digits:", "max_new_tokens": 16, "structured_outputs": {"regex": "[0-9]{2,4}"}}
+    out = client.post("/v1/generate", json=body).json()
+    assert out["text"].isdigit() and 2 <= len(out["text"]) <= 4 and out["finish_reason"] == "stop"
+    from tests.api_utils import stream
+
+    events = stream(client, "/v1/generate", {**body, "stream": True})[:-1]
+    assert "".join(e["text"] for e in events) == out["text"]
+
+
+@pytest.mark.parametrize(
+    "structure, param",
+    [
+        ({"structured_outputs": {"regex": "("}}, "structured_outputs"),
+        ({"guided_json": "{not json"}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"guided_regex": "a", "response_format": {"type": "json_object"}}, None),
+    ],
+)
+def test_a_structure_that_cannot_be_served_is_a_400(client, structure, param):
+    body = {"model": model_of(client), "prompt": "x", "max_tokens": 4, **structure}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text

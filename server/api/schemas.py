@@ -9,6 +9,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.api.structured_outputs import (
+    ANY_JSON_OBJECT,
+    checked,
+    choice_grammar,
+    json_schema_grammar,
+    lark_grammar,
+    regex_grammar,
+)
 from server.engine.sampling_params import (
     MAX_BIAS,
     MAX_BIASED_TOKENS,
@@ -52,6 +60,49 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StructuredOutputs(StrictModel):
+    """vLLM's `structured_outputs`: the output held to exactly one of these (server/engine/grammar.py)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_schema: FreeObject | Text | None = Field(
+        None, alias="json", description="A JSON schema (an object, or its JSON text) the output is an instance of"
+    )
+    regex: Text | None = Field(None, description="A regular expression the output matches whole")
+    choice: Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPT_LIST)] | None = Field(
+        None, description="The output is exactly one of these strings"
+    )
+    grammar: Text | None = Field(None, description="A Lark grammar (llguidance's dialect, start rule `start`)")
+    json_object: bool | None = Field(None, description="true: any JSON object")
+
+    @model_validator(mode="after")
+    def _one_that_compiles(self):
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object") if self._value(name)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of json, regex, choice, grammar or json_object (given: {given})")
+        checked(self.grammar_text())
+        return self
+
+    def _value(self, name: str):
+        return self.json_schema if name == "json" else getattr(self, name)
+
+    def grammar_text(self) -> str:
+        """The llguidance grammar the engine holds the output to."""
+        if self.json_schema is not None:
+            return json_schema_grammar(self.json_schema)
+        if self.regex is not None:
+            return regex_grammar(self.regex)
+        if self.choice is not None:
+            return choice_grammar(self.choice)
+        if self.grammar is not None:
+            return lark_grammar(self.grammar)
+        return json_schema_grammar(ANY_JSON_OBJECT)
+
+
+# vLLM's older fields, each one kind of structured output
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
 class SamplingFields(StrictModel):
     """Sampling parameters shared by every generation route (vLLM's names and meanings)."""
 
@@ -77,6 +128,26 @@ class SamplingFields(StrictModel):
     prompt_logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="Return each prompt token's logprob (the first's: null) with the top n"
     )
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="Hold the output to a JSON schema, a regex, choices or a grammar (also vLLM's guided_*)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _guided_fields(cls, data):
+        """vLLM's guided_json, guided_regex, guided_choice and guided_grammar: structured_outputs by older names."""
+        if not isinstance(data, dict) or not GUIDED_FIELDS.keys() & data.keys():
+            return data
+        data = dict(data)
+        guided = {GUIDED_FIELDS[name]: data.pop(name) for name in GUIDED_FIELDS if name in data}
+        if data.get("structured_outputs") is not None:
+            raise ValueError("give structured_outputs or a guided_* field, not both")
+        data["structured_outputs"] = guided
+        return data
+
+    def structure(self) -> StructuredOutputs | None:
+        """What the output is held to, if anything."""
+        return self.structured_outputs
 
     @field_validator("logit_bias")
     @classmethod
@@ -111,6 +182,7 @@ class SamplingFields(StrictModel):
             skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            grammar=structure.grammar_text() if (structure := self.structure()) is not None else None,
         )
 
 
@@ -167,6 +239,39 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(StrictModel):
+    name: Name | None = None
+    description: Text | None = None
+    schema_: FreeObject | None = Field(None, alias="schema", description="unset: any JSON value")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormat(StrictModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or an instance of a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type json_schema, and only then")
+        if (structure := self.structure()) is not None:
+            checked(structure.grammar_text())
+        return self
+
+    def structure(self) -> StructuredOutputs | None:
+        """As vLLM's structured_outputs (checked by this model's validation)."""
+        if self.type == "json_object":
+            return StructuredOutputs.model_construct(json_object=True)
+        if self.type == "json_schema":
+            schema = self.json_schema.schema_
+            return StructuredOutputs.model_construct(json_schema=schema if schema is not None else {})
+        return None
+
+
 class OpenAIFields(SamplingFields):
     """Fields both OpenAI routes share. Accepted but unsupported values are refused in `check()`."""
 
@@ -176,6 +281,19 @@ class OpenAIFields(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Name | None = None
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _one_structure(self):
+        if self.structured_outputs is not None and self.response_format is not None:
+            if self.response_format.type != "text":
+                raise ValueError("give response_format or structured_outputs (or guided_*), not both")
+        return self
+
+    def structure(self) -> StructuredOutputs | None:
+        if self.response_format is not None and self.response_format.type != "text":
+            return self.response_format.structure()
+        return self.structured_outputs
 
     @model_validator(mode="before")
     @classmethod
@@ -283,15 +401,12 @@ class ChatCompletionRequest(OpenAIFields, ChatTemplateFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: Annotated[list[FreeObject], Field(max_length=MAX_OBJECT_KEYS)] | None = None
     tool_choice: Name | FreeObject | None = None
-    response_format: FreeObject | None = None
 
     def unsupported(self) -> str | None:
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs: needs logprobs=true"
         if self.tools or self.tool_choice not in (None, "none"):
             return "tools / tool_choice are not supported"
-        if self.response_format and self.response_format.get("type") != "text":
-            return "response_format: only {'type': 'text'} is supported"
         return super().unsupported()
 
     def max_new_tokens(self, default: int) -> int:

@@ -490,7 +490,9 @@ class EngineCore:
         except GrammarBroken as e:  # a bug: the mask allowed what the matcher refuses
             log.exception("a drawn token broke its grammar")
             return self._finish(seq, FinishReason.ERROR, str(e), **produced)
-        reason = self._stop_reason(seq, sample.token) or (FinishReason.STOP if complete else None)
+        # a complete grammar allows EOS alone: drawn, it ends the request, even one that ignores EOS
+        ended = complete and sample.token in self.eos_token_ids
+        reason = self._stop_reason(seq, sample.token) or (FinishReason.STOP if ended else None)
         if reason is not None:
             return self._finish(seq, reason, **produced)
         return self._output(seq, **produced)

@@ -8,9 +8,11 @@ the model's tokenizer (`Grammars.matcher`). Before a step draws, the matchers of
 write their masks of allowed tokens into one bitmask on the host, in parallel and without the GIL
 (llguidance's executor); it crosses to the device in one copy and sets the rest of those rows' logits to
 -inf, before the bias, the penalties and the temperature (logprobs stay the model's own). Each drawn
-token then advances its matcher (`advance`), and a matcher that can take no more tokens (its grammar is
-complete) ends the request with "stop". A mask needs the token before it: with async scheduling, a step
-with constrained rows is read before the next one is launched (core.py).
+token then advances its matcher (`advance`). Once the grammar is complete, its mask allows EOS alone,
+which ends the request with "stop" as any EOS does (here even where the request ignores EOS), so the
+text is the grammar's and the last token, as in vLLM, the EOS left out of it. A mask needs the token
+before it: with async scheduling, a step with constrained rows is read before the next one is launched
+(core.py).
 """
 
 from __future__ import annotations

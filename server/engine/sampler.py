@@ -1,5 +1,6 @@
 """Token selection for the rows of a step: greedy, temperature, top-k, top-p, min-p, logit bias,
-repetition, frequency and presence penalties, min_tokens and per-request seeds, plus optional logprobs.
+repetition, frequency and presence penalties, min_tokens, grammars (structured outputs, grammar.py) and
+per-request seeds, plus optional logprobs.
 
 Sampling draws exponential noise per vocabulary entry and takes argmax(p / noise), which samples
 from p exactly. A seeded request draws each token's noise from a generator seeded with its seed and
@@ -69,7 +70,9 @@ def hold_stops(logits: Tensor, seqs: list[Sequence], eos_token_ids: frozenset[in
     held = []
     for row, seq in enumerate(seqs):
         sampling = seq.sampling
-        if sampling.min_tokens and sampling.holds_stops(generated(seq)):
+        # a complete grammar allows EOS alone: it must be drawn, or nothing could be
+        complete = seq.grammar is not None and seq.grammar.is_stopped()
+        if sampling.min_tokens and sampling.holds_stops(generated(seq)) and not complete:
             stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else eos_token_ids)
             held += [(row, token) for token in sorted(stops) if token < vocab]
     if not held:

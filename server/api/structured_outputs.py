@@ -1,0 +1,38 @@
+"""The grammars of structured outputs, as the routes take them, in llguidance's one format (the engine holds a
+request's tokens to it: server/engine/grammar.py). Each is compiled once here, so that a grammar that cannot
+be served is the request's 400, never its failure in the engine."""
+
+from __future__ import annotations
+
+import json
+
+import llguidance
+
+ANY_JSON_OBJECT = {"type": "object"}
+
+
+def json_schema_grammar(schema: dict | str) -> str:
+    """A JSON schema, as an object or as its JSON text."""
+    return llguidance.LLMatcher.grammar_from_json_schema(schema if isinstance(schema, str) else json.dumps(schema))
+
+
+def regex_grammar(pattern: str) -> str:
+    return llguidance.LLMatcher.grammar_from_regex(pattern)
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """Exactly one of the strings."""
+    return lark_grammar("start: " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices))
+
+
+def lark_grammar(text: str) -> str:
+    """A Lark grammar, in llguidance's dialect (its start rule: `start`)."""
+    return llguidance.grammar_from("lark", text)
+
+
+def checked(grammar: str) -> str:
+    """The grammar, if it compiles; ValueError saying why it does not."""
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise ValueError(error.strip())
+    return grammar
