@@ -177,6 +177,15 @@ def test_native_route_and_streaming_hold_to_a_regex(client):
     assert "".join(e["text"] for e in events) == out["text"]
 
 
+def test_compact_json_leaves_a_model_no_whitespace_to_run_on_with(client):
+    """vLLM's disable_any_whitespace: the random model, which pads flexible JSON with whitespace until its
+    tokens run out, must now write the schema's instance and stop."""
+    structure = {"json": {**ANSWER, "additionalProperties": False}, "disable_any_whitespace": True}
+    body = {"prompt": "answer:", "max_new_tokens": 40, "structured_outputs": structure}
+    out = client.post("/v1/generate", json=body).json()
+    assert out["text"] in ('{"answer":"yes"}', '{"answer":"no"}') and out["finish_reason"] == "stop", out
+
+
 @pytest.mark.parametrize(
     "structure, param",
     [

@@ -74,6 +74,7 @@ class StructuredOutputs(StrictModel):
     )
     grammar: Text | None = Field(None, description="A Lark grammar (llguidance's dialect, start rule `start`)")
     json_object: bool | None = Field(None, description="true: any JSON object")
+    disable_any_whitespace: bool = Field(False, description="JSON without whitespace between its tokens")
 
     @model_validator(mode="after")
     def _one_that_compiles(self):
@@ -88,15 +89,16 @@ class StructuredOutputs(StrictModel):
 
     def grammar_text(self) -> str:
         """The llguidance grammar the engine holds the output to."""
+        any_whitespace = not self.disable_any_whitespace
         if self.json_schema is not None:
-            return json_schema_grammar(self.json_schema)
+            return json_schema_grammar(self.json_schema, any_whitespace)
         if self.regex is not None:
             return regex_grammar(self.regex)
         if self.choice is not None:
             return choice_grammar(self.choice)
         if self.grammar is not None:
             return lark_grammar(self.grammar)
-        return json_schema_grammar(ANY_JSON_OBJECT)
+        return json_schema_grammar(ANY_JSON_OBJECT, any_whitespace)
 
 
 # vLLM's older fields, each one kind of structured output

@@ -11,9 +11,12 @@ import llguidance
 ANY_JSON_OBJECT = {"type": "object"}
 
 
-def json_schema_grammar(schema: dict | str) -> str:
-    """A JSON schema, as an object or as its JSON text."""
-    return llguidance.LLMatcher.grammar_from_json_schema(schema if isinstance(schema, str) else json.dumps(schema))
+def json_schema_grammar(schema: dict | str, any_whitespace: bool = True) -> str:
+    """A JSON schema, as an object or as its JSON text; without `any_whitespace`, the JSON is compact (no
+    whitespace a model could run on with, vLLM's disable_any_whitespace) unless the schema's own
+    `x-guidance` says otherwise."""
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    return llguidance.LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": any_whitespace})
 
 
 def regex_grammar(pattern: str) -> str:
