@@ -11,8 +11,9 @@
 #      how many prompt tokens a step takes, which sets how many steps a wave of prompts waits for)
 #      (server-KIND.log, load-KIND.json, metrics-KIND.txt for each KIND, e.g. process-async), then 40 steps of
 #      a further load profiled through POST /v1/admin/profile (profile-KIND.txt).
-# Steps 1-2 need torch and transformers only. Step 3 also needs the HTTP stack, which GPU machines
-# without network access lack: carry these as py3.12 wheels and install them first: fastapi,
+# Steps 1-2 need torch and transformers only (and llguidance for the structured-output test). Step 3 also
+# needs the HTTP stack, which GPU machines without network access lack: carry these as py3.12 wheels
+# and install them first: llguidance, fastapi,
 # starlette, pydantic, pydantic-core, pydantic-settings, python-dotenv, annotated-types,
 # typing-inspection, uvicorn, python-multipart, opentelemetry-api, and uvloop and httptools, which
 # uvicorn[standard] (the package's dependency, as in the Docker image) brings: without them uvicorn

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 PACKAGES=(fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv annotated-types
-  typing-inspection typing-extensions uvicorn python-multipart opentelemetry-api uvloop httptools)
+  typing-inspection typing-extensions uvicorn python-multipart opentelemetry-api uvloop httptools llguidance)
 mapfile -t pinned < <("$PYTHON" - "${PACKAGES[@]}" <<'PY'
 import importlib.metadata
 import sys

@@ -6,6 +6,7 @@ gives the sdpa backend's greedy tokens on a mixed workload with adapters, chunke
 too small for everyone at once; every bucket's graph is captured and the replays serve the decode
 steps; the Triton kernels (decode, prefill) match their torch twins; masked GQA prefill stays on SDPA's
 fused kernels.
+Rows held to grammars (structured outputs) draw as on the sdpa path.
 Async scheduling keeps its tokens with the device lagging behind the host, and its launches never
 synchronize with the device: decode steps (graph replays) and steps that prefill (eager, with
 adapters' edits, with and without compiled layers). A prompt's long first chunk goes to SDPA's flash
@@ -98,6 +99,31 @@ def test_prompt_logprobs_on_the_gpu_path_equal_the_sdpa_paths(cuda_llama):
         assert [token for token, _, _ in samples] == [token for token, _, _ in want]
         assert [logprob for _, logprob, _ in samples] == pytest.approx([logprob for _, logprob, _ in want], abs=1e-4)
         assert [top[0][0] for _, _, top in samples] == [top[0][0] for _, _, top in want]
+
+
+def test_structured_outputs_on_the_gpu_path_equal_the_sdpa_paths(cuda_llama, tiny_model_dir):
+    """Rows held to grammars (their masks made in pinned memory, copied without waiting) next to plain rows,
+    on the GPU's defaults (paged, graphs, async scheduling): the tokens of the sdpa backend, run synchronously."""
+    import llguidance
+    from transformers import AutoTokenizer
+
+    from server.engine.grammar import Grammars
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    grammars = Grammars(tokenizer, cuda_llama.config.vocab_size, {2})
+    regex = llguidance.LLMatcher.grammar_from_regex("[0-9]{2,6}")
+
+    def held_run(**config):
+        requests = workload(cuda_llama)
+        for i, (sequence, _) in enumerate(requests):
+            sequence.sampling = replace(sequence.sampling, grammar=regex if i % 3 == 0 else None)
+        core = make_core(cuda_llama, eos={2}, grammars=grammars, num_blocks=96, max_batched_tokens=40, **config)
+        return run_core(core, requests)
+
+    expected = held_run(attention_backend="sdpa")
+    assert held_run(attention_backend="auto", cuda_graphs=True, async_scheduling=True) == expected
+    held = [tokens for request_id, tokens in expected.items() if int(request_id[1:]) % 3 == 0]
+    assert all(tokenizer.decode([t for t in tokens if t != 2]).isdigit() for tokens in held)
 
 
 def test_triton_kernel_matches_its_twin_on_cuda():

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-import llguidance
-import llguidance.hf
 import torch
-from llguidance.torch import fill_next_token_bitmask_par
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import llguidance
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,19 @@ class Grammars:
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Iterable[int]):
         """`tokenizer`: a fast transformers tokenizer; `vocab_size`: the logits' width (it may pass the
         tokenizer's vocabulary); the EOS ids end a complete grammar."""
+        import llguidance.hf  # only where structured outputs are served: the engine runs without it
+        import llguidance.torch
+
         eos = sorted(eos_token_ids) or None
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
         self._executor = llguidance.LLExecutor()
+        self._new_matcher = llguidance.LLMatcher
+        self._fill = llguidance.torch.fill_next_token_bitmask_par
         self.vocab_size = vocab_size
 
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
         """A fresh matcher of `grammar` (llguidance's grammar text); ValueError if it does not compile."""
-        matcher = llguidance.LLMatcher(self._tokenizer, grammar)
+        matcher = self._new_matcher(self._tokenizer, grammar)
         if matcher.is_error():
             raise ValueError(f"structured output: {matcher.get_error()}")
         return matcher
@@ -61,7 +67,7 @@ class Grammars:
             return logits
         words = -(-self.vocab_size // BITS)
         host = torch.empty(len(rows), words, dtype=torch.int32, pin_memory=logits.is_cuda)
-        fill_next_token_bitmask_par(self._executor, [(matchers[row], i) for i, row in enumerate(rows)], host)
+        self._fill(self._executor, [(matchers[row], i) for i, row in enumerate(rows)], host)
         allowed = _unpack(host.to(logits.device, non_blocking=True), logits.shape[-1])
         if len(rows) == len(matchers):
             return logits.masked_fill(~allowed, float("-inf"))
@@ -88,7 +94,7 @@ def advance(matcher: llguidance.LLMatcher, token: int) -> bool:
 
 def grammars_for(tokenizer, vocab_size: int, eos_token_ids: Iterable[int]) -> Grammars | None:
     """Structured outputs for a served model, or None where llguidance cannot read its tokenizer (a slow,
-    Python-only one): requests that ask for them are then refused."""
+    Python-only one) or is not installed: requests that ask for them are then refused."""
     try:
         return Grammars(tokenizer, vocab_size, eos_token_ids)
     except Exception as e:
