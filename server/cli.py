@@ -22,10 +22,17 @@ from pydantic import ByteSize, SecretStr, TypeAdapter, ValidationError
 from server.adapters.precondition_args import add_precondition_arguments
 from server.adapters.store import StoreError
 from server.adapters.stores import open_store
-from server.config import Settings
+from server.config import ENGINE_CONFIG_SOURCES, Settings
+from server.engine.config import EngineConfigError
 from server.model_location import ModelNotFound, check_tokenizer, model_argument, model_location
 from server.plugins import PluginError
-from server.start_checks import StartUpMistake, check_address, check_device, check_model_shards
+from server.start_checks import (
+    StartUpMistake,
+    check_address,
+    check_device,
+    check_engine_core,
+    check_model_shards,
+)
 from server.training.cli import add_train_arguments, run_train
 
 ENV_PREFIX = "REFT_"
@@ -85,6 +92,7 @@ def serve(args: argparse.Namespace) -> int:
     if settings.threads:  # before the demo build too: oversubscribed cores slow training down badly
         torch.set_num_threads(settings.threads)
     check_device(settings)  # on every rank, before torchrun's group binds each rank to its GPU
+    check_engine_core(settings)
     group = join_torchrun_group(settings)
     if group is not None and group.rank > 0:  # a follower: rank 0 sends it the model and every step
         follow_under_torchrun(group, settings)
@@ -129,6 +137,7 @@ def serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_config=None,
+        lifespan="off",  # DrainingServer runs the app's lifespan itself
         # past the grace, the requests still running are aborted (DrainingServer): a little longer, so
         # that their streams still send their last event and [DONE] before uvicorn cuts the connections
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace + STREAM_FLUSH_SECONDS),
@@ -160,7 +169,7 @@ class DrainingServer(uvicorn.Server):
     """uvicorn's Server that marks the app as draining (so /ready answers 503 and new requests are
     refused) as soon as SIGTERM lands, aborts what still runs when the grace period ends (so that every
     stream ends with an event and [DONE] rather than a cut connection), and prints a banner once it
-    listens."""
+    listens. It runs the app's lifespan as an `AppLifespan`: a start that fails raises out of run()."""
 
     def __init__(self, config: uvicorn.Config, on_listening: Callable[[int], None]):
         super().__init__(config)
@@ -180,10 +189,30 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
+        self.lifespan = AppLifespan(self.config.app)  # in place of uvicorn's, which the config turns off
         await super().startup(sockets)
         if self.started:
             ports = [sock.getsockname()[1] for server in self.servers for sock in server.sockets]
             self.on_listening(ports[0] if ports else self.config.port)
+
+
+class AppLifespan:
+    """The app's lifespan behind the interface uvicorn's Server drives (startup, shutdown, should_exit,
+    state), entered and left in the server's task. uvicorn's own logs what a failed start raises, with its
+    traceback, and exits 3; here it propagates, so that main() says a mistake in the settings that only
+    the loaded model shows (an EngineConfigError) in one line, and a bug keeps its traceback."""
+
+    should_exit = False  # uvicorn's sets it after a failed start; this one raises instead
+
+    def __init__(self, app):
+        self.state: dict = {}  # what each request's scope["state"] starts from: the app keeps its own
+        self._context = app.router.lifespan_context(app)
+
+    async def startup(self) -> None:
+        await self._context.__aenter__()
+
+    async def shutdown(self) -> None:
+        await self._context.__aexit__(None, None, None)
 
 
 def _say(message: str) -> None:
@@ -415,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         for error in e.errors():  # loc[1:] names the union member tried, not something the user typed
             print(f"error: {_flag(str(error['loc'][0]))}: {error['msg']}", file=sys.stderr)
+        return 2
+    except EngineConfigError as e:  # found once the model loaded, while the engine was built from the settings
+        flags = "/".join(_flag(ENGINE_CONFIG_SOURCES.get(field, field)) for field in e.fields)
+        print(f"error: {flags}: {e.reason}", file=sys.stderr)
         return 2
     except (PluginError, StoreError, StartUpMistake) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,6 +22,9 @@ DEFAULT_DEMO_DIR = Path.home() / ".cache" / "reft-server" / "demo"
 # CPU's step grows with every row.
 BATCH_LIMITS = {True: (256, 8192), False: (64, 512)}
 
+# the Settings field each EngineConfig field is made from (engine_config), where their names differ
+ENGINE_CONFIG_SOURCES = {"kv_cache_bytes": "kv_cache_memory", "compile_backend": "compile"}
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REFT_", extra="ignore")

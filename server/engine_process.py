@@ -34,6 +34,7 @@ import torch
 
 from server.config import Settings
 from server.distributed.adapter_mirror import AdapterPayload, AdapterReceiver, AdapterSender
+from server.engine.config import EngineConfigError
 from server.engine.core import EngineCore, EngineLoad, SeqOutput, serving_core
 from server.engine.core_loop import STOP, CoreLoop, Refuse, StepReport, Submit, stopped
 from server.engine.sequence import FinishReason
@@ -91,6 +92,7 @@ class Started:
 @dataclass(frozen=True)
 class StartFailed:
     error: str
+    refusal: EngineConfigError | None = None  # a setting the engine refused: the server raises it as it is
 
 
 class CoreProcess:
@@ -131,6 +133,9 @@ class CoreProcess:
             self._wait_for_exit(EXIT_SECONDS)
             raise EngineProcessFailed(f"the engine process exited with code {self._exit_code()} at start-up") from None
         if isinstance(message, StartFailed):
+            self._wait_for_exit(EXIT_SECONDS)  # it exits once it has said so; a kill would leak its semaphores
+            if message.refusal is not None:
+                raise message.refusal
             raise EngineProcessFailed(f"the engine process could not start: {message.error}")
         return message
 
@@ -260,6 +265,9 @@ def _engine_main(settings: Settings, model_path: str, commands, reports) -> None
     _exit_with_the_server()
     try:
         core = _build_core(settings, model_path)
+    except EngineConfigError as e:  # the settings' mistake, not a fault: no traceback, the server says it
+        reports.send_bytes(pickle.dumps(StartFailed(str(e), refusal=e)))
+        return
     except BaseException as e:
         log.exception("the engine process could not start")
         reports.send_bytes(pickle.dumps(StartFailed(f"{type(e).__name__}: {e}")))

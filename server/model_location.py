@@ -60,5 +60,15 @@ def model_argument(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def model_with_tokenizer_argument(text: str) -> str:
+    """model_argument for a command that uses the model's tokenizer too: a directory without it is a usage error."""
+    location = model_argument(text)
+    try:
+        check_tokenizer(location)
+    except ModelNotFound as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return location
+
+
 def _looks_local(text: str) -> bool:
     return not REPO_ID.fullmatch(text) or ("/" in text and Path(text).parent.is_dir())

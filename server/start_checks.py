@@ -16,7 +16,8 @@ class StartUpMistake(ValueError):
 
 
 def check_device(settings: Settings) -> None:
-    """The device is here, with a GPU for every rank of a tensor-parallel group (rank r uses GPU r)."""
+    """The device is here, with a GPU for every rank of a tensor-parallel group (rank r uses GPU r), and
+    such a group on GPUs is told the KV cache's size."""
     from server.models.loader import resolve_device  # transformers: slow to import, for serve alone
 
     try:
@@ -26,6 +27,20 @@ def check_device(settings: Settings) -> None:
     size = settings.tensor_parallel
     if device.type == "cuda" and size > torch.cuda.device_count():
         raise StartUpMistake(f"--tensor-parallel {size}: a GPU per rank, and torch sees {torch.cuda.device_count()}")
+    if device.type == "cuda" and size > 1 and settings.kv_cache_memory == "auto":  # as EngineCore would refuse
+        raise StartUpMistake(
+            f"--tensor-parallel {size}: give the KV cache's size (--kv-cache-memory): sizing it from the GPU's "
+            "memory would take a warm-up step of the whole group"
+        )
+
+
+def check_engine_core(settings: Settings) -> None:
+    """--engine-core process loads the model in a process of its own, apart from a tensor-parallel group."""
+    if settings.engine_core == "process" and settings.tensor_parallel > 1:
+        raise StartUpMistake(
+            f"--engine-core process: not with --tensor-parallel {settings.tensor_parallel}, whose rank 0 steps "
+            "in the server's process (use thread or auto)"
+        )
 
 
 def check_address(host: str, port: int) -> None:

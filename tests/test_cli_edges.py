@@ -3,8 +3,10 @@ failed writes, unreadable names, If-None-Match on every write, model paths that 
 at start-up (found by reviews of that surface)."""
 
 import json
+import multiprocessing
 import os
 import shutil
+import signal
 import socket
 
 import pytest
@@ -16,6 +18,7 @@ from server.adapters.random_adapters import random_adapter_file
 from server.adapters.store import AdapterStore
 from server.cli import main
 from server.model_location import check_tokenizer, model_location
+from server.start_checks import check_address
 from tests.api_utils import ADMIN, running_app
 from tests.conftest import FIXTURE
 
@@ -253,12 +256,20 @@ def test_serve_refuses_more_ranks_than_gpus_in_one_line(
     assert capsys.readouterr().err == "error: --tensor-parallel 2: a GPU per rank, and torch sees 1\n"
 
 
-def test_serve_refuses_a_model_directory_without_its_tokenizer_in_one_line(tmp_path, app_never_built, capsys):
-    """Weights and config.json alone: transformers' AutoTokenizer would fail in the app's start."""
-    weights_only = tmp_path / "model"
-    weights_only.mkdir()
+@pytest.fixture
+def weights_only(tmp_path):
+    """A model directory with weights and config.json alone, no tokenizer."""
+    directory = tmp_path / "model"
+    directory.mkdir()
     for name in ("config.json", "model.safetensors"):
-        shutil.copy(FIXTURE / "model" / name, weights_only)
+        shutil.copy(FIXTURE / "model" / name, directory)
+    return directory
+
+
+def test_serve_refuses_a_model_directory_without_its_tokenizer_in_one_line(
+    tmp_path, weights_only, app_never_built, capsys
+):
+    """transformers' AutoTokenizer would fail in the app's start."""
     assert main(["serve", "--model", str(weights_only), "--store", str(tmp_path / "store"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --model: {weights_only}: no tokenizer in this directory (none of tokenizer.json, ")
@@ -289,3 +300,82 @@ def test_serve_refuses_a_demo_directory_it_cannot_write_in_one_line(tmp_path, ap
     assert main(["serve", "--demo", "tiny", "--demo-dir", str(in_the_way / "demo"), "--store", store]) == 2
     last_line = capsys.readouterr().err.splitlines()[-1]
     assert last_line == f"error: cannot prepare the tiny demo: [Errno 20] Not a directory: '{in_the_way}/demo/tiny-v2'"
+
+
+def test_train_refuses_a_model_directory_without_its_tokenizer_as_a_usage_error(tmp_path, weights_only, capsys):
+    """Not transformers' message of many lines, which suggests the Hub."""
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--model", str(weights_only), "--data", "data.jsonl", "--name", "lo", "--layers", "1"])
+    assert exited.value.code == 2
+    assert f"argument --model: {weights_only}: no tokenizer in this directory (" in capsys.readouterr().err
+
+
+@pytest.fixture
+def signal_handlers_kept():
+    """serve() takes SIGINT and SIGTERM for the rest of its process: pytest's handlers come back after."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def test_serve_refuses_the_process_engine_core_for_a_group_in_one_line(
+    tmp_path, app_never_built, group_never_spawned, capsys
+):
+    assert (
+        serve_the_fixture_model(tmp_path, "--device", "cpu", "--engine-core", "process", "--tensor-parallel", "2") == 2
+    )
+    assert capsys.readouterr().err.startswith("error: --engine-core process: not with --tensor-parallel 2, whose rank")
+
+
+def test_serve_refuses_a_group_on_gpus_without_the_kv_cache_size_in_one_line(
+    tmp_path, monkeypatch, app_never_built, group_never_spawned, capsys
+):
+    """Sizing the KV cache from the GPU's memory is a warm-up step of one rank: the engine refuses it in a group."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert serve_the_fixture_model(tmp_path, "--device", "cuda", "--tensor-parallel", "2") == 2
+    assert capsys.readouterr().err.startswith(
+        "error: --tensor-parallel 2: give the KV cache's size (--kv-cache-memory)"
+    )
+
+
+ENGINE_REFUSALS = [
+    (["--max-model-len", "4096"], "--max-model-len: 4096 exceeds the model's context window 1024"),
+    (["--kv-cache-memory", "1KiB"], "--kv-cache-memory: 1024 bytes hold no block of the KV cache: one of 16 tokens"),
+    (
+        ["--kv-cache-memory", "2MiB", "--max-model-len", "1000"],
+        "--kv-cache-memory/--max-model-len: the KV cache holds 432 tokens, less than 1000 plus one block",
+    ),
+    (["--max-batched-tokens", "4", "--max-num-seqs", "8"], "--max-batched-tokens/--max-num-seqs: 4 tokens a step"),
+]
+
+
+@pytest.mark.parametrize("flags, message", ENGINE_REFUSALS, ids=["window", "no-block", "kv-cache", "batch"])
+def test_serve_refuses_settings_the_engine_refuses_in_one_line(tmp_path, signal_handlers_kept, capsys, flags, message):
+    """Found only once the model is loaded, as the engine is built in the app's start: uvicorn would log
+    the traceback and exit 3. Nothing listens meanwhile, so the port is free again."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert serve_the_fixture_model(tmp_path, "--device", "cpu", "--port", str(port), *flags) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"error: {message}") and "Traceback" not in err
+    check_address("127.0.0.1", port)
+
+
+def test_an_engine_process_says_a_setting_it_refuses_in_one_line_and_exits(tmp_path, signal_handlers_kept, capsys):
+    flags = ("--device", "cpu", "--engine-core", "process", "--max-model-len", "4096")
+    assert serve_the_fixture_model(tmp_path, *flags) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "error: --max-model-len: 4096 exceeds the model's context window 1024"
+    assert "Traceback" not in err and not multiprocessing.active_children()
+
+
+def test_a_bug_in_the_engines_build_keeps_its_traceback(tmp_path, monkeypatch, signal_handlers_kept):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server.app, "EngineCore", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        serve_the_fixture_model(tmp_path, "--device", "cpu")

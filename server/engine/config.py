@@ -17,13 +17,28 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+class EngineConfigError(ValueError):
+    """A setting the engine cannot be built with: `fields` name it (EngineConfig fields, which the
+    server's flags map to), `reason` says why."""
+
+    def __init__(self, fields: tuple[str, ...], reason: str):
+        super().__init__(fields, reason)  # these args: an engine process sends it back pickled
+        self.fields = fields
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{'/'.join(self.fields)}: {self.reason}"
+
+
 def resolve_attention_backend(name: str, device_type: str) -> str:
     """auto: paged on CUDA where Triton is, else sdpa. Paged on CUDA without Triton is refused here, at
     start-up, rather than at the first step."""
     if name == "auto":
         return "paged" if device_type == "cuda" and triton_available() else "sdpa"
     if name == "paged" and device_type == "cuda" and not triton_available():
-        raise ValueError("the paged attention backend runs Triton kernels on CUDA: install triton, or use sdpa")
+        raise EngineConfigError(
+            ("attention_backend",), "paged runs Triton kernels on CUDA: install triton, or use sdpa"
+        )
     return name
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from server.engine.compiled_layers import compile_layers, first_compilation
-from server.engine.config import EngineConfig, decode_graphs_apply, resolve_attention_backend
+from server.engine.config import EngineConfig, EngineConfigError, decode_graphs_apply, resolve_attention_backend
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.grammar import GrammarBroken, Grammars, advance, grammars_for
 from server.engine.kv_cache import KVCache, KVLayout
@@ -160,7 +160,11 @@ class EngineCore:
             budget = config.kv_cache_bytes
             if budget is None:
                 if tensor_parallel > 1 and device.type == "cuda":  # the warm-up step would need the whole group
-                    raise ValueError("with tensor parallelism, size the KV cache explicitly (--kv-cache-memory)")
+                    raise EngineConfigError(
+                        ("kv_cache_bytes",),
+                        "give its size with tensor parallelism: sizing it from the device's "
+                        "memory would take a warm-up step of the whole group",
+                    )
                 warm_up = lambda: self._warm_up_step(model, layout, config, compile_backend)  # noqa: E731
                 graphs = partial(self._decode_graphs_bytes, model, layout, config) if graphs_wanted else None
                 budget = auto_kv_budget(model, warm_up, config.gpu_memory_utilization, graphs)
@@ -254,11 +258,14 @@ class EngineCore:
                 )
             return min(window, usable)
         if config.max_model_len > window:
-            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context window {window}")
+            raise EngineConfigError(
+                ("max_model_len",), f"{config.max_model_len} exceeds the model's context window {window}"
+            )
         if usable < config.max_model_len:
-            raise ValueError(
-                f"the KV cache holds {self.kv.capacity_tokens} tokens, less than max_model_len {config.max_model_len} "
-                "plus one block: raise the KV cache budget or lower max_model_len"
+            raise EngineConfigError(
+                ("kv_cache_bytes", "max_model_len"),
+                f"the KV cache holds {self.kv.capacity_tokens} tokens, less than {config.max_model_len} plus one "
+                "block: give the KV cache more memory or lower max_model_len",
             )
         return config.max_model_len
 

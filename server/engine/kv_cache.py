@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from server.engine.config import EngineConfigError
 from server.engine.prefix_keys import extend_block_keys
 from server.engine.sequence import Sequence
 from server.engine.transfers import StepUpload
@@ -98,7 +99,14 @@ class KVCache:
 
     @classmethod
     def from_budget(cls, layout: KVLayout, budget_bytes: int, block_size: int, device="cpu", **options) -> KVCache:
-        num_blocks = budget_bytes // (layout.bytes_per_token() * block_size) - 1  # the pad block counts too
+        block_bytes = layout.bytes_per_token() * block_size
+        num_blocks = budget_bytes // block_bytes - 1  # the pad block counts too
+        if num_blocks < 1:
+            raise EngineConfigError(
+                ("kv_cache_bytes",),
+                f"{budget_bytes} bytes hold no block of the KV cache: one of {block_size} tokens takes {block_bytes} "
+                "bytes, and the cache keeps one more for padding",
+            )
         return cls(layout, num_blocks, block_size, device, **options)
 
     @property

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from server.engine.config import EngineConfigError
+
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_BYTES = 512 * 2**20
@@ -52,10 +54,11 @@ def auto_kv_budget(model: nn.Module, warm_up, utilization: float, graphs_bytes: 
     fields = {"total": total, "used": total - free, "peak": transient_peak, "graphs": graphs, "kv_bytes": budget}
     log.info("KV cache sized from the device", extra={"fields": fields})
     if budget <= 0:
-        raise ValueError(
-            f"no memory left for the KV cache at gpu_memory_utilization {utilization}: the weights, a warm-up "
-            f"step and the CUDA graphs use {total - free + transient_peak + graphs} of {total} bytes; raise the "
-            "utilization or lower max_batched_tokens"
+        raise EngineConfigError(
+            ("gpu_memory_utilization", "max_batched_tokens"),
+            f"no memory left for the KV cache at {utilization}: the weights, a warm-up step and the CUDA graphs use "
+            f"{total - free + transient_peak + graphs} of {total} bytes; raise the utilization or lower "
+            "max_batched_tokens",
         )
     return budget
 

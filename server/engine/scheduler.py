@@ -17,7 +17,7 @@ from bisect import insort
 from collections import deque
 from dataclasses import dataclass
 
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, EngineConfigError
 from server.engine.kv_cache import KVCache
 from server.engine.sequence import Sequence, SequenceStatus
 
@@ -46,7 +46,11 @@ class ScheduledChunk:
 class Scheduler:
     def __init__(self, kv: KVCache, config: EngineConfig):
         if config.max_batched_tokens < config.max_num_seqs:
-            raise ValueError("max_batched_tokens must be >= max_num_seqs (every running sequence decodes each step)")
+            raise EngineConfigError(
+                ("max_batched_tokens", "max_num_seqs"),
+                f"{config.max_batched_tokens} tokens a step are fewer than {config.max_num_seqs} sequences: every "
+                "running sequence decodes a token each step",
+            )
         self.kv = kv
         self.config = config
         self.waiting: deque[Sequence] = deque()

@@ -25,7 +25,7 @@ from server.adapters.precondition_args import (
 )
 from server.adapters.store import Precondition, PreconditionFailed, StoreError, check_name
 from server.adapters.stores import open_store
-from server.model_location import model_argument
+from server.model_location import model_with_tokenizer_argument
 from server.plugins import PluginError, load_plugins, split_plugins
 from server.reft.interventions import INTERVENTION_TYPES, intervention_type
 from server.training.data import load_examples
@@ -35,7 +35,7 @@ from server.training.trainer import Progress, TrainResult, train_adapter
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, type=model_argument, help="base model directory (the model you serve)"
+        "--model", required=True, type=model_with_tokenizer_argument, help="base model directory (the model you serve)"
     )
     parser.add_argument(
         "--data", required=True, type=Path, help='JSONL: {"prompt", "completion"} or {"messages"} lines'
