@@ -376,6 +376,6 @@ def test_a_bug_in_the_engines_build_keeps_its_traceback(tmp_path, monkeypatch, s
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(server.app, "EngineCore", broken)
+    monkeypatch.setattr(server.app, "serving_core", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         serve_the_fixture_model(tmp_path, "--device", "cpu")
