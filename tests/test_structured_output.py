@@ -4,6 +4,9 @@ masks each greedy step with a matcher of its own; next to plain and adapter requ
 in nothing, with async scheduling as without."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import llguidance
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from server.engine.grammar import Grammars
+from server.engine.grammar import MAX_GRAMMAR_CHARS, Grammars, validate
 from server.engine.sequence import FinishReason
 from server.reft.reference import reference_generate
 from tests.conftest import load_reference_model
@@ -116,6 +119,43 @@ def test_a_grammar_that_does_not_compile_is_refused_when_added(served):
     with pytest.raises(ValueError, match="structured output"):
         core.add(seq("bad", prompt(5, 0), grammar='{"grammars": [{"lark_grammar": "start: missing_rule"}]}'))
     assert not core.has_work()
+
+
+# a schema whose $refs nest 2000 objects deep (~110 KB) and a Lark grammar of 5000 rules each the next's only
+# part (~60 KB): llguidance's recursive compile overflowed an 8 MiB thread stack on both, killing the process
+DEEP_STRUCTURES = r"""
+import json, sys
+from transformers import AutoTokenizer
+from server.api.schemas import GenerateRequest
+from server.engine.grammar import Grammars
+
+defs = {f"d{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(2000)}
+schema = {"$defs": {**defs, "d2000": {"type": "integer"}}, "$ref": "#/$defs/d0"}
+lark = "start: r0\n" + "\n".join(f"r{i}: r{i + 1}" for i in range(5000)) + '\nr5000: "z"'
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+grammars = Grammars(tokenizer, len(tokenizer), {2})
+for structure in ({"json": schema}, {"grammar": lark}):
+    request = GenerateRequest.model_validate({"prompt": "x", "structured_outputs": structure})
+    grammars.matcher(request.sampling(4, None).grammar)
+print("compiled")
+"""
+
+
+def test_grammars_nested_past_a_threads_stack_compile_where_they_used_to_crash_the_process(tiny_model_dir):
+    root = Path(__file__).resolve().parent.parent
+    run = [sys.executable, "-c", DEEP_STRUCTURES, str(tiny_model_dir("llama"))]
+    done = subprocess.run(run, cwd=root, capture_output=True, text=True, timeout=300)  # a crash must not take pytest
+    assert done.returncode == 0 and done.stdout.strip() == "compiled", (done.returncode, done.stderr[-2000:])
+
+
+def test_a_grammar_past_the_size_served_is_refused_before_it_compiles(served):
+    model, _, _, grammars = served
+    too_large = llguidance.LLMatcher.grammar_from_regex("a" * MAX_GRAMMAR_CHARS)
+    with pytest.raises(ValueError, match="characters, more than"):
+        validate(too_large)
+    core = make_core(model, eos={EOS}, grammars=grammars)
+    with pytest.raises(ValueError, match="characters, more than"):
+        core.add(seq("big", prompt(5, 0), grammar=too_large))
 
 
 def test_without_a_grammar_reader_structured_outputs_are_refused(served):

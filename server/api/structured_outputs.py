@@ -8,6 +8,8 @@ import json
 
 import llguidance
 
+from server.engine.grammar import validate
+
 ANY_JSON_OBJECT = {"type": "object"}
 
 
@@ -35,7 +37,5 @@ def lark_grammar(text: str) -> str:
 
 def checked(grammar: str) -> str:
     """The grammar, if it compiles; ValueError saying why it does not."""
-    error = llguidance.LLMatcher.validate_grammar(grammar)
-    if error:
-        raise ValueError(error.strip())
+    validate(grammar)
     return grammar

@@ -18,8 +18,9 @@ before it: with async scheduling, a step with constrained rows is read before th
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor
@@ -30,6 +31,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BITS = 32  # tokens per word of a bitmask
+
+# llguidance compiles a grammar recursively, with no depth limit of its own: a frame or more per level of nesting
+# (a chain of $refs in a JSON schema, of rules in a Lark grammar). A thread's usual 8 MiB hold about 1000 levels,
+# which well under 100 KB of request body reach, and a stack overflow kills the process: the server or its engine. So a
+# grammar's text is bounded, and it is compiled on a thread whose stack holds the deepest grammar of that size
+# (measured: at most ~128 MiB, for Lark rules nested one per ~9 characters; JSON schemas need less), with margin.
+# The stack is reserved, not committed: a compile uses only the pages its depth touches.
+MAX_GRAMMAR_CHARS = 1 << 18
+COMPILE_STACK_BYTES = 1 << 29
+_stack_size = threading.Lock()  # threading.stack_size is process-wide: set for one thread's start at a time
+
+T = TypeVar("T")
 
 
 class GrammarBroken(ValueError):
@@ -54,7 +67,8 @@ class Grammars:
 
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
         """A fresh matcher of `grammar` (llguidance's grammar text); ValueError if it does not compile."""
-        matcher = self._new_matcher(self._tokenizer, grammar)
+        bounded(grammar)
+        matcher = on_compile_stack(lambda: self._new_matcher(self._tokenizer, grammar))
         if matcher.is_error():
             raise ValueError(f"structured output: {matcher.get_error()}")
         return matcher
@@ -73,6 +87,48 @@ class Grammars:
             return logits.masked_fill(~allowed, float("-inf"))
         index = torch.tensor(rows, device=logits.device)
         return logits.index_copy(0, index, logits.index_select(0, index).masked_fill(~allowed, float("-inf")))
+
+
+def validate(grammar: str) -> None:
+    """ValueError saying why `grammar` (llguidance's grammar text) cannot be served, if it cannot."""
+    import llguidance
+
+    bounded(grammar)
+    error = on_compile_stack(lambda: llguidance.LLMatcher.validate_grammar(grammar))
+    if error:
+        raise ValueError(error.strip())
+
+
+def bounded(grammar: str) -> None:
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        raise ValueError(
+            f"structured output: the grammar is {len(grammar)} characters, more than the {MAX_GRAMMAR_CHARS} served"
+        )
+
+
+def on_compile_stack(build: Callable[[], T]) -> T:
+    """`build()` (llguidance compiling a grammar), on a thread of its own with COMPILE_STACK_BYTES of stack;
+    what it returns or raises."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append((build(), None))
+        except BaseException as e:  # raised again on the caller's thread
+            outcome.append((None, e))
+
+    with _stack_size:
+        usual = threading.stack_size(COMPILE_STACK_BYTES)
+        try:
+            thread = threading.Thread(target=run, name="grammar-compile", daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(usual)
+    thread.join()
+    result, error = outcome[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def _unpack(bitmask: Tensor, vocab: int) -> Tensor:
