@@ -241,3 +241,25 @@ def test_a_structure_that_cannot_be_served_is_a_400(client, structure, param):
     body = {"model": model_of(client), "prompt": "x", "max_tokens": 4, **structure}
     response = client.post("/v1/completions", json=body)
     assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/generate"])
+def test_a_null_guided_field_is_unset_and_an_empty_schema_or_regex_is_given(client, route):
+    """As vLLM's: a null guided_* is unset (OpenAI's clients send null for unset), and any value that is not
+    null is given, the empty schema (any JSON value) and the empty regex (the empty text) included."""
+    if route == "/v1/completions":
+        body, text = {"model": model_of(client), "prompt": "x", "max_tokens": 24}, lambda out: out["choices"][0]["text"]
+    else:
+        body, text = {"prompt": "x", "max_new_tokens": 24}, lambda out: out["text"]
+
+    def post(**fields) -> dict:
+        response = client.post(route, json={**body, **fields})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    post(guided_json=None, guided_regex=None, guided_choice=None, guided_grammar=None)
+    assert text(post(guided_json=None, guided_regex="[0-9]{3}")).isdigit()
+    assert text(post(guided_regex=None, structured_outputs={"choice": ["yes"]})) == "yes"
+    assert text(post(structured_outputs={"regex": ""})) == ""
+    assert text(post(structured_outputs={"regex": "[ab]", "json_object": False})) in ("a", "b")
+    post(structured_outputs={"json": {}})

@@ -78,14 +78,17 @@ class StructuredOutputs(StrictModel):
 
     @model_validator(mode="after")
     def _one_that_compiles(self):
-        given = [name for name in ("json", "regex", "choice", "grammar", "json_object") if self._value(name)]
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object") if self._given(name)]
         if len(given) != 1:
             raise ValueError(f"give exactly one of json, regex, choice, grammar or json_object (given: {given})")
         checked(self.grammar_text())
         return self
 
-    def _value(self, name: str):
-        return self.json_schema if name == "json" else getattr(self, name)
+    def _given(self, name: str) -> bool:
+        """null is unset, and so is json_object false; an empty schema ({}: any JSON value) or regex is given."""
+        if name == "json_object":
+            return self.json_object is True
+        return (self.json_schema if name == "json" else getattr(self, name)) is not None
 
     def grammar_text(self) -> str:
         """The llguidance grammar the engine holds the output to."""
@@ -141,7 +144,10 @@ class SamplingFields(StrictModel):
         if not isinstance(data, dict) or not GUIDED_FIELDS.keys() & data.keys():
             return data
         data = dict(data)
-        guided = {GUIDED_FIELDS[name]: data.pop(name) for name in GUIDED_FIELDS if name in data}
+        named = {GUIDED_FIELDS[name]: data.pop(name) for name in GUIDED_FIELDS if name in data}
+        guided = {kind: value for kind, value in named.items() if value is not None}  # null is unset, as in vLLM
+        if not guided:
+            return data
         if data.get("structured_outputs") is not None:
             raise ValueError("give structured_outputs or a guided_* field, not both")
         data["structured_outputs"] = guided
