@@ -158,6 +158,18 @@ def test_a_grammar_past_the_size_served_is_refused_before_it_compiles(served):
         core.add(seq("big", prompt(5, 0), grammar=too_large))
 
 
+def test_choices_of_any_characters_compile_and_match_exactly_themselves(served):
+    from server.api.structured_outputs import checked, choice_grammar
+
+    model, _, tokenizer, grammars = served
+    choices = ["a\x7fb", "\x00", "\t\n", 'say "\\u0041"', "é😀", "\u2028", "/re/", "%"]
+    grammar = checked(choice_grammar(choices))  # DEL, raw in a Lark string, was a 400 "lexer error"
+    for choice in choices:
+        matcher = grammars.matcher(grammar)
+        assert matcher.consume_tokens(tokenizer.encode(choice, add_special_tokens=False)), choice
+        assert matcher.is_accepting() and matcher.consume_token(EOS), choice
+
+
 def test_without_a_grammar_reader_structured_outputs_are_refused(served):
     model, _, _, _ = served
     core = make_core(model, eos={EOS})

@@ -27,7 +27,12 @@ def regex_grammar(pattern: str) -> str:
 
 def choice_grammar(choices: list[str]) -> str:
     """Exactly one of the strings."""
-    return lark_grammar("start: " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices))
+    return lark_grammar("start: " + " | ".join(lark_string(choice) for choice in choices))
+
+
+def lark_string(text: str) -> str:
+    """`text` as a Lark string literal: JSON's, with DEL escaped too (llguidance's lexer refuses it raw)."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def lark_grammar(text: str) -> str:
