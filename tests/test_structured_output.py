@@ -113,6 +113,29 @@ def test_a_complete_grammar_ends_with_its_eos_even_where_eos_is_ignored_or_held(
     assert tokenizer.decode(tokens[:-1]) in ("red", "green", 'blue, "dark"')
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_grammar_no_text_completes_fails_the_request_instead_of_stopping_it_empty(served, async_scheduling):
+    """llguidance validates `start: start` and a schema that is its own $ref, then gives up on the first mask,
+    allowing EOS alone: that ended the request with "stop" and the empty text, which matches neither."""
+    model, _, _, grammars = served
+    core = make_core(model, eos={EOS}, grammars=grammars, async_scheduling=async_scheduling)
+    hopeless = {
+        "lark": llguidance.grammar_from("lark", "start: start"),
+        "schema": llguidance.LLMatcher.grammar_from_json_schema('{"$ref": "#"}'),
+    }
+    finished: dict = {}
+    requests = [
+        (seq(name, prompt(6, i), max_new_tokens=8, min_tokens=4, grammar=g), 0)
+        for i, (name, g) in enumerate(hopeless.items())
+    ]
+    requests.append((seq("fine", prompt(7, 5), max_new_tokens=8, grammar=GRAMMARS["regex"]), 0))
+    run_core(core, requests, finished=finished)
+    for name in hopeless:
+        reason, error = finished[name]
+        assert reason is FinishReason.ERROR and error.startswith("structured output: "), finished[name]
+    assert finished["fine"][0] is FinishReason.STOP
+
+
 def test_a_grammar_that_does_not_compile_is_refused_when_added(served):
     model, _, _, grammars = served
     core = make_core(model, eos={EOS}, grammars=grammars)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from server.engine.compiled_layers import compile_layers, first_compilation
 from server.engine.config import EngineConfig, EngineConfigError, decode_graphs_apply, resolve_attention_backend
 from server.engine.cuda_graphs import DecodeGraphs
-from server.engine.grammar import GrammarBroken, Grammars, advance, grammars_for
+from server.engine.grammar import GrammarBroken, GrammarFailed, Grammars, advance, grammars_for
 from server.engine.kv_cache import KVCache, KVLayout
 from server.engine.memory import auto_kv_budget
 from server.engine.model_runner import EditCheck, ModelRunner, StepResult
@@ -494,6 +494,8 @@ class EngineCore:
             return self._finish(seq, FinishReason.ERROR, f"{type(e).__name__}: {e}", **produced)
         try:
             complete = seq.grammar is not None and advance(seq.grammar, sample.token)
+        except GrammarFailed as e:  # the request's grammar, not a bug: it fails, saying why
+            return self._finish(seq, FinishReason.ERROR, str(e), **produced)
         except GrammarBroken as e:  # a bug: the mask allowed what the matcher refuses
             log.exception("a drawn token broke its grammar")
             return self._finish(seq, FinishReason.ERROR, str(e), **produced)

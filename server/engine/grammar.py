@@ -49,6 +49,12 @@ class GrammarBroken(ValueError):
     """A drawn token the matcher refused: a bug, since the mask allowed it."""
 
 
+class GrammarFailed(ValueError):
+    """The matcher gave up on the request's grammar while computing its mask: one no text completes (`start:
+    start`, a JSON schema that is its own $ref), or one past a limit of llguidance's. Its mask then allows EOS
+    alone, which would end the request with "stop" and text the grammar does not match."""
+
+
 class Grammars:
     """A model's tokenizer as llguidance sees it, and the matchers made over it."""
 
@@ -143,6 +149,8 @@ def _unpack(bitmask: Tensor, vocab: int) -> Tensor:
 
 def advance(matcher: llguidance.LLMatcher, token: int) -> bool:
     """Feed a drawn token to its matcher; whether the grammar is now complete (no token may follow)."""
+    if matcher.is_error():  # since the mask the token was drawn under
+        raise GrammarFailed(f"structured output: {matcher.get_error().splitlines()[0]}")
     if not matcher.consume_token(token):
         raise GrammarBroken(f"structured output: token {token} breaks the grammar: {matcher.get_error()}")
     return matcher.is_stopped()
