@@ -269,6 +269,37 @@ def test_async_decode_launches_never_wait_for_the_device(cuda_llama):
     assert core.runner.graphs.steps_run == replayed + 20
 
 
+def test_launches_with_rows_held_to_a_grammar_never_wait_for_the_device(cuda_llama, tiny_model_dir):
+    """A step whose rows are partly held to a grammar (its masks cross in one copy, onto a subset of rows):
+    its launch must not synchronize, or the draw's host work cannot overlap the forward."""
+    import llguidance
+    from transformers import AutoTokenizer
+
+    from server.engine.grammar import Grammars
+    from tests.engine_utils import prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    grammars = Grammars(tokenizer, cuda_llama.config.vocab_size, {2})
+    core = make_core(cuda_llama, eos={2}, grammars=grammars, num_blocks=96, max_num_seqs=12, async_scheduling=True)
+    regex = llguidance.LLMatcher.grammar_from_regex("[a-z ]{8,60}")
+    for i in range(6):
+        sampling = {"temperature": 0.8, "seed": i} if i % 3 else {}
+        core.add(seq(f"s{i}", prompt(12 + i, i), max_new_tokens=40, grammar=regex if i % 2 else None, **sampling))
+    core.step()  # lazy set-up on first use may wait once
+    launch = core._launch
+
+    def strict(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    core._launch = strict
+    for _ in range(10):
+        core.step()
+
+
 @pytest.mark.parametrize("compile_backend", [None, "inductor"])
 def test_async_prefill_launches_never_wait_for_the_device(cuda_llama, compile_backend):
     """Steps that prefill run eagerly (HF's forward, ReFT's hooks editing rows of several adapters, the

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from torch import Tensor
 
+from server.engine.transfers import to_device
+
 if TYPE_CHECKING:
     import llguidance
 
@@ -91,7 +93,7 @@ class Grammars:
         allowed = _unpack(host.to(logits.device, non_blocking=True), logits.shape[-1])
         if len(rows) == len(matchers):
             return logits.masked_fill(~allowed, float("-inf"))
-        index = torch.tensor(rows, device=logits.device)
+        index = to_device(rows, torch.long, logits.device)  # queued behind the forward: torch.tensor would wait for it
         return logits.index_copy(0, index, logits.index_select(0, index).masked_fill(~allowed, float("-inf")))
 
 
