@@ -136,6 +136,28 @@ def test_a_grammar_no_text_completes_fails_the_request_instead_of_stopping_it_em
     assert finished["fine"][0] is FinishReason.STOP
 
 
+def test_choices_of_one_grammar_compile_it_once_and_each_holds_a_matcher_of_its_own(served, monkeypatch):
+    """Compiling takes the engine's thread: n choices, or a client's requests, share one compile."""
+    import server.engine.grammar as grammar_module
+
+    model, _, tokenizer, _ = served
+    grammars = Grammars(tokenizer, model.config.vocab_size, {EOS})  # a cache of its own
+    compiles = []
+    compile_once = grammar_module.on_compile_stack
+    monkeypatch.setattr(grammar_module, "on_compile_stack", lambda build: compiles.append(1) or compile_once(build))
+    core = make_core(model, eos={EOS}, grammars=grammars)
+    requests = [
+        seq(f"c{i}", prompt(9, 3), max_new_tokens=40, temperature=1.0, seed=i, grammar=GRAMMARS["choice"])
+        for i in range(6)
+    ]
+    finished: dict = {}
+    tokens = run_core(core, [(request, 0) for request in requests], finished=finished)
+    assert len(compiles) == 1 and len({id(request.grammar) for request in requests}) == 6
+    texts = {tokenizer.decode(ids[:-1]) for ids in tokens.values()}
+    assert texts <= {"red", "green", 'blue, "dark"'} and len(texts) > 1  # each choice went its own way
+    assert all(reason is FinishReason.STOP for reason, _ in finished.values())
+
+
 def test_a_grammar_that_does_not_compile_is_refused_when_added(served):
     model, _, _, grammars = served
     core = make_core(model, eos={EOS}, grammars=grammars)
