@@ -158,6 +158,21 @@ def test_choices_of_one_grammar_compile_it_once_and_each_holds_a_matcher_of_its_
     assert all(reason is FinishReason.STOP for reason, _ in finished.values())
 
 
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_min_tokens_holds_the_eos_of_a_grammar_that_may_go_on_even_where_eos_is_ignored(served, ignore_eos):
+    """EOS, the model's favourite (bias), is allowed after 2 digits: drawn, it ends the request even where EOS
+    is ignored, so min_tokens holds it back there too, until the grammar may end."""
+    model, _, tokenizer, grammars = served
+    core = make_core(model, eos={EOS}, grammars=grammars)
+    sampling = {"min_tokens": 10, "ignore_eos": ignore_eos, "logit_bias": ((EOS, 100.0),)}
+    digits = llguidance.LLMatcher.grammar_from_regex("[0-9]{2,40}")
+    request = seq("digits", prompt(8, 1), max_new_tokens=30, grammar=digits, **sampling)
+    finished: dict = {}
+    tokens = run_core(core, [(request, 0)], finished=finished)["digits"]
+    assert len(tokens) == 11 and tokens[-1] == EOS and finished["digits"][0] is FinishReason.STOP
+    assert tokenizer.decode(tokens[:-1]).isdigit()
+
+
 def test_a_grammar_that_does_not_compile_is_refused_when_added(served):
     model, _, _, grammars = served
     core = make_core(model, eos={EOS}, grammars=grammars)

@@ -64,8 +64,8 @@ def generated(seq: Sequence) -> int:
 
 
 def hold_stops(logits: Tensor, seqs: list[Sequence], eos_token_ids: frozenset[int]) -> Tensor:
-    """vLLM's `min_tokens`: EOS (unless ignored) and the stop tokens masked (to -inf) in the rows of requests
-    that have drawn fewer tokens than that."""
+    """vLLM's `min_tokens`: EOS (unless ignored, and no grammar makes it end the request) and the stop tokens
+    masked (to -inf) in the rows of requests that have drawn fewer tokens than that."""
     vocab = logits.shape[-1]
     held = []
     for row, seq in enumerate(seqs):
@@ -73,7 +73,9 @@ def hold_stops(logits: Tensor, seqs: list[Sequence], eos_token_ids: frozenset[in
         # a complete grammar allows EOS alone: it must be drawn, or nothing could be
         complete = seq.grammar is not None and seq.grammar.is_stopped()
         if sampling.min_tokens and sampling.holds_stops(generated(seq)) and not complete:
-            stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else eos_token_ids)
+            # under a grammar EOS ends the request even where EOS is ignored (core.py): held all the same
+            holds_eos = not sampling.ignore_eos or seq.grammar is not None
+            stops = set(sampling.stop_token_ids) | (eos_token_ids if holds_eos else set())
             held += [(row, token) for token in sorted(stops) if token < vocab]
     if not held:
         return logits
