@@ -163,12 +163,12 @@ def test_logprobs_match_the_model_distribution(model):
         assert sample.top_logprobs[0][0] == sample.token and sample.rank == 1  # greedy picks the top token
 
 
-def test_a_logprob_rank_counts_the_tokens_strictly_more_likely():
-    """vLLM's rank: 1 + the tokens more likely, so tied tokens share a rank."""
+def test_a_logprob_rank_counts_the_tokens_at_least_as_likely():
+    """vLLM's rank: the tokens at least as likely, the token itself included, so a tie counts against it."""
     logprobs = torch.tensor([[-1.0, -2.0, -1.0, -3.0], [-0.5, -0.5, -2.0, -4.0]])
     host = sampler_module.logprob_table(torch.tensor([1, 0]), logprobs, 2)
     samples = sampler_module.read_logprob_table(host, [2, 0])
-    assert [(s.token, s.logprob, s.rank) for s in samples] == [(1, -2.0, 3), (0, -0.5, 1)]
+    assert [(s.token, s.logprob, s.rank) for s in samples] == [(1, -2.0, 3), (0, -0.5, 2)]
     assert samples[0].top_logprobs == [(0, -1.0), (2, -1.0)] and samples[1].top_logprobs == []
 
 

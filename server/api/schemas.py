@@ -216,7 +216,7 @@ class TokenLogprob(BaseModel):
     token_id: int
     token: str
     logprob: float
-    rank: int | None = Field(None, description="1 + the number of tokens more likely than this one")
+    rank: int | None = Field(None, description="How many tokens are at least as likely, this one included")
     top_logprobs: list[dict] = Field(default_factory=list)
 
 

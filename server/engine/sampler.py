@@ -42,7 +42,7 @@ class Sample:
     token: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
-    rank: int | None = None  # of `token` in the distribution: 1 + the tokens more likely (vLLM's)
+    rank: int | None = None  # of `token`: the tokens at least as likely, itself included (vLLM's count)
 
 
 def apply_logit_bias(logits: Tensor, seqs: list[Sequence]) -> Tensor:
@@ -154,7 +154,7 @@ def logprob_table(tokens: Tensor, raw_logprobs: Tensor, top: int) -> Tensor:
     """What the host needs of rows with logprobs, in one tensor so that one copy brings it: per row
     [token, its logprob, its rank, `top` values..., their ids...] (float64 holds the ids exactly)."""
     chosen = raw_logprobs.gather(1, tokens[:, None])
-    rank = (raw_logprobs > chosen).sum(dim=1, keepdim=True) + 1
+    rank = (raw_logprobs >= chosen).sum(dim=1, keepdim=True)  # as vLLM counts it: a tie ranks the token lower
     columns = [tokens[:, None].double(), chosen.double(), rank.double()]
     if top:
         values, ids = raw_logprobs.topk(top, dim=-1)
