@@ -6,6 +6,7 @@ in nothing, with async scheduling as without."""
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import llguidance
@@ -173,12 +174,38 @@ def test_min_tokens_holds_the_eos_of_a_grammar_that_may_go_on_even_where_eos_is_
     assert tokenizer.decode(tokens[:-1]).isdigit()
 
 
-def test_a_grammar_that_does_not_compile_is_refused_when_added(served):
-    model, _, _, grammars = served
+def test_a_grammar_that_does_not_compile_fails_its_request_alone(served):
+    model, reference_model, _, grammars = served
     core = make_core(model, eos={EOS}, grammars=grammars)
-    with pytest.raises(ValueError, match="structured output"):
-        core.add(seq("bad", prompt(5, 0), grammar='{"grammars": [{"lark_grammar": "start: missing_rule"}]}'))
-    assert not core.has_work()
+    bad = seq("bad", prompt(5, 0), grammar='{"grammars": [{"lark_grammar": "start: missing_rule"}]}')
+    finished: dict = {}
+    tokens = run_core(core, [(bad, 0), (seq("good", prompt(7, 1), max_new_tokens=6), 0)], finished=finished)
+    assert finished["bad"][0] is FinishReason.ERROR and "structured output" in finished["bad"][1]
+    assert tokens["good"] == reference_generate(reference_model, prompt(7, 1), max_new_tokens=6)
+
+
+def test_the_engine_steps_the_others_while_a_grammar_compiles(served):
+    """A grammar compiles off the engine's thread (0.2 s for a large schema): meanwhile the other requests
+    go on, and the constrained one joins once it has compiled."""
+    model, reference_model, tokenizer, _ = served
+    grammars = Grammars(tokenizer, model.config.vocab_size, {EOS})
+    compile_grammar, release = grammars._compile, threading.Event()
+    grammars._compile = lambda grammar: release.wait(30) and compile_grammar(grammar)
+    core = make_core(model, eos={EOS}, grammars=grammars)
+    core.add(seq("held", prompt(9, 2), max_new_tokens=8, grammar=GRAMMARS["regex"]))
+    core.add(seq("free", prompt(7, 1), max_new_tokens=6))
+    outputs = [output for _ in range(12) for output in core.step()]
+    assert [t for o in outputs if o.request_id == "free" for t in o.new_tokens] == reference_generate(
+        reference_model, prompt(7, 1), max_new_tokens=6
+    )
+    assert not any(o.request_id == "held" for o in outputs) and core.only_compiling and core.load().waiting == 1
+    release.set()
+    tokens = run_core(core, [])
+    constraint = ReferenceGrammar(tokenizer, GRAMMARS["regex"], model.config.vocab_size)
+    expected = reference_generate(
+        reference_model, prompt(9, 2), max_new_tokens=8, eos_token_id=EOS, constraint=constraint
+    )
+    assert tokens["held"] == expected
 
 
 # a schema whose $refs nest 2000 objects deep (~110 KB) and a Lark grammar of 5000 rules each the next's only
@@ -214,8 +241,9 @@ def test_a_grammar_past_the_size_served_is_refused_before_it_compiles(served):
     with pytest.raises(ValueError, match="characters, more than"):
         validate(too_large)
     core = make_core(model, eos={EOS}, grammars=grammars)
-    with pytest.raises(ValueError, match="characters, more than"):
-        core.add(seq("big", prompt(5, 0), grammar=too_large))
+    finished: dict = {}
+    run_core(core, [(seq("big", prompt(5, 0), grammar=too_large), 0)], finished=finished)
+    assert finished["big"][0] is FinishReason.ERROR and "characters, more than" in finished["big"][1]
 
 
 def test_choices_of_any_characters_compile_and_match_exactly_themselves(served):

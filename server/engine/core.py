@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -194,6 +195,8 @@ class EngineCore:
         self.read_landed_first = device.type == "cuda"
         self._in_flight: InFlight | None = None
         self._unreturned: list[SeqOutput] = []  # read by a step that then raised: the next step returns them
+        # sequences whose grammar is compiling: they join the scheduler once it has (`_admit_compiled`)
+        self._compiling: list[tuple[Sequence, Future]] = []
 
     @staticmethod
     def _warm_up_step(
@@ -280,12 +283,38 @@ class EngineCore:
         if seq.sampling.grammar is not None:
             if self.grammars is None:
                 raise ValueError("structured outputs are not available: the tokenizer is not one llguidance reads")
-            seq.grammar = self.grammars.matcher(seq.sampling.grammar)
+            # compiled off this thread, which goes on stepping the others meanwhile
+            self._compiling.append((seq, self.grammars.compile(seq.sampling.grammar)))
+        else:
+            self.scheduler.add(seq)
         self.sequences[seq.request_id] = seq
-        self.scheduler.add(seq)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._in_flight is not None or bool(self._unreturned)
+        return (
+            self.scheduler.has_work() or self._in_flight is not None or bool(self._unreturned) or bool(self._compiling)
+        )
+
+    @property
+    def only_compiling(self) -> bool:
+        """Whether all there is to do is wait for grammars to compile: a loop may sleep a little first."""
+        if self.scheduler.has_work() or self._in_flight is not None or self._unreturned:
+            return False
+        return not any(compiled.done() for _, compiled in self._compiling)
+
+    def _admit_compiled(self) -> list[SeqOutput]:
+        """Sequences whose grammar has compiled join the scheduler, each with a matcher of its own; those whose
+        grammar does not compile fail, saying why."""
+        outputs, still = [], []
+        for seq, compiled in self._compiling:
+            if not compiled.done():
+                still.append((seq, compiled))
+            elif (error := compiled.exception()) is not None:
+                outputs.append(self._finish(seq, FinishReason.ERROR, str(error)))
+            else:
+                seq.grammar = compiled.result().deep_copy()
+                self.scheduler.add(seq)
+        self._compiling = still
+        return outputs
 
     @property
     def max_num_seqs(self) -> int:
@@ -302,13 +331,13 @@ class EngineCore:
     def load(self) -> EngineLoad:
         scheduler, kv = self.scheduler, self.kv
         return EngineLoad(
-            waiting=len(scheduler.waiting),
+            waiting=len(scheduler.waiting) + len(self._compiling),
             running=len(scheduler.running),
             kv_usage=kv.usage(),
             kv_blocks=kv.num_blocks,
             block_size=kv.block_size,
             running_adapters=_adapter_names(scheduler.running),
-            waiting_adapters=_adapter_names(scheduler.waiting),
+            waiting_adapters=_adapter_names([*scheduler.waiting, *(seq for seq, _ in self._compiling)]),
             preemptions=scheduler.num_preemptions,
             prefix_queries=kv.prefix_queries,
             prefix_hits=kv.prefix_hits,
@@ -332,13 +361,15 @@ class EngineCore:
         launch, so the host's work overlaps the device's; without, at once. But a step the device has
         already finished when the next begins (the host is the bottleneck: long eager steps) is read
         first: its tokens reach the clients a step sooner, and the scheduler sees which requests ended. So is a
-        step with rows held to a grammar, whose next masks need its tokens (grammar.py)."""
+        step with rows held to a grammar, whose next masks need its tokens (grammar.py). Requests whose grammar
+        has compiled since the last step join the scheduler first."""
         started = time.perf_counter()
         self.last_step = None
         previous, self._in_flight = self._in_flight, None
         outputs, self._unreturned = self._unreturned, []
         read_first = False
         try:
+            outputs += self._admit_compiled()
             read_first = previous is not None and (
                 previous.constrained or (self.read_landed_first and previous.landed())
             )
@@ -521,6 +552,8 @@ class EngineCore:
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None, **produced) -> SeqOutput:
         self.scheduler.remove(seq)
+        if self._compiling:
+            self._compiling = [(other, compiled) for other, compiled in self._compiling if other is not seq]
         self.sequences.pop(seq.request_id, None)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

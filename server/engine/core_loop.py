@@ -24,6 +24,7 @@ from server.reft.request_edit import request_edit
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_SECONDS = 0.5  # an idle loop still reports this often: its heartbeat
+COMPILE_POLL_SECONDS = 0.005  # how often a loop with nothing but compiling grammars looks whether one is done
 # steps in a row that raise before the loop gives up: stepping the same sequences again cannot help, and
 # a loop that went on would spin with its heartbeat fresh while every request hangs
 MAX_STEP_FAILURES = 3
@@ -108,7 +109,7 @@ class CoreLoop:
     def _run(self) -> None:
         while not self._stopping:
             busy = self.core.has_work()
-            commands = self.inbox.take(wait=0 if busy else IDLE_WAIT_SECONDS)
+            commands = self.inbox.take(wait=self._wait(busy))
             outputs = [output for command in commands if (output := self._apply(command)) is not None]
             step = None
             if self.core.has_work():
@@ -129,6 +130,13 @@ class CoreLoop:
                 self._sink(StepReport(outputs, self.core.load(), step, profiles_done=self.profiler.done))
             except Exception:  # a bug on the receiving side must not stop the engine
                 log.exception("reporting a step failed")
+
+    def _wait(self, busy: bool) -> float:
+        """How long to wait for a command before stepping: not at all while steps have work, a little while
+        all there is waits for grammars to compile (off this thread), else until a command comes."""
+        if not busy:
+            return IDLE_WAIT_SECONDS
+        return COMPILE_POLL_SECONDS if self.core.only_compiling else 0
 
     def _apply(self, command) -> SeqOutput | None:
         """One command; a request's command that fails ends that request alone."""

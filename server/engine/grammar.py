@@ -3,16 +3,17 @@
 outputs use.
 
 The front end turns a JSON schema, a regular expression, a list of choices or a Lark grammar into one
-llguidance grammar (`SamplingParams.grammar`, text). The engine gives each such request a matcher over
-the model's tokenizer (`Grammars.matcher`). Before a step draws, the matchers of its constrained rows
-write their masks of allowed tokens into one bitmask on the host, in parallel and without the GIL
-(llguidance's executor); it crosses to the device in one copy and sets the rest of those rows' logits to
--inf, before the bias, the penalties and the temperature (logprobs stay the model's own). Each drawn
-token then advances its matcher (`advance`). Once the grammar is complete, its mask allows EOS alone,
-which ends the request with "stop" as any EOS does (here even where the request ignores EOS), so the
-text is the grammar's and the last token, as in vLLM, the EOS left out of it. A mask needs the token
-before it: with async scheduling, a step with constrained rows is read before the next one is launched
-(core.py).
+llguidance grammar (`SamplingParams.grammar`, text). The engine gives each such request a matcher over the
+model's tokenizer: compiled off the engine's thread, which steps the other requests meanwhile (the request
+joins the scheduler once it has), and kept for the requests that bring it again. Before a step draws, the
+matchers of its constrained rows write their masks of allowed tokens into one bitmask on the host, in
+parallel and without the GIL (llguidance's executor); it crosses to the device in one copy and sets the
+rest of those rows' logits to -inf, before the bias, the penalties and the temperature (logprobs stay the
+model's own). Each drawn token then advances its matcher (`advance`). Once the grammar is complete, its
+mask allows EOS alone, which ends the request with "stop" as any EOS does (here even where the request
+ignores EOS), so the text is the grammar's and the last token, as in vLLM, the EOS left out of it. A mask
+needs the token before it: with async scheduling, a step with constrained rows is read before the next one
+is launched (core.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
@@ -74,25 +76,30 @@ class Grammars:
         self._new_matcher = llguidance.LLMatcher
         self._fill = llguidance.torch.fill_next_token_bitmask_par
         self.vocab_size = vocab_size
-        # the latest grammars compiled, as fresh matchers that requests get copies of: compiling takes the
-        # engine's thread (0.2 s for a 100 KB schema, more with a real vocabulary), and n choices of one
-        # request, or the requests of one client, bring the same grammar again and again
-        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        # the latest grammars compiled (or compiling), as fresh matchers that requests get copies of: a compile
+        # takes a while (0.2 s for a 100 KB schema, more with a real vocabulary), and n choices of one request,
+        # or the requests of one client, bring the same grammar again and again
+        self._compiled: OrderedDict[str, Future[llguidance.LLMatcher]] = OrderedDict()
 
-    def matcher(self, grammar: str) -> llguidance.LLMatcher:
-        """A fresh matcher of `grammar` (llguidance's grammar text); ValueError if it does not compile."""
+    def compile(self, grammar: str) -> Future[llguidance.LLMatcher]:
+        """`grammar` (llguidance's grammar text) compiled off the caller's thread, whose work goes on (the
+        compile releases the GIL); the future holds a fresh matcher to copy (`Future.result().deep_copy()`),
+        or the ValueError saying why it does not compile."""
         compiled = self._compiled.get(grammar)
         if compiled is None:
-            compiled = self._compile(grammar)
-            self._compiled[grammar] = compiled
+            compiled = self._compiled[grammar] = on_compile_stack(lambda: self._compile(grammar))
             if len(self._compiled) > COMPILED_KEPT:
                 self._compiled.popitem(last=False)
         self._compiled.move_to_end(grammar)
-        return compiled.deep_copy()
+        return compiled
+
+    def matcher(self, grammar: str) -> llguidance.LLMatcher:
+        """A fresh matcher of `grammar`, once compiled; ValueError if it does not compile."""
+        return self.compile(grammar).result().deep_copy()
 
     def _compile(self, grammar: str) -> llguidance.LLMatcher:
         bounded(grammar)
-        matcher = on_compile_stack(lambda: self._new_matcher(self._tokenizer, grammar))
+        matcher = self._new_matcher(self._tokenizer, grammar)
         if matcher.is_error():
             raise ValueError(f"structured output: {matcher.get_error()}")
         return matcher
@@ -118,7 +125,7 @@ def validate(grammar: str) -> None:
     import llguidance
 
     bounded(grammar)
-    error = on_compile_stack(lambda: llguidance.LLMatcher.validate_grammar(grammar))
+    error = on_compile_stack(lambda: llguidance.LLMatcher.validate_grammar(grammar)).result()
     if error:
         raise ValueError(error.strip())
 
@@ -130,29 +137,24 @@ def bounded(grammar: str) -> None:
         )
 
 
-def on_compile_stack(build: Callable[[], T]) -> T:
-    """`build()` (llguidance compiling a grammar), on a thread of its own with COMPILE_STACK_BYTES of stack;
-    what it returns or raises."""
-    outcome: list = []
+def on_compile_stack(build: Callable[[], T]) -> Future[T]:
+    """`build()` (llguidance compiling a grammar) started on a thread of its own with COMPILE_STACK_BYTES of
+    stack; the future of what it returns or raises."""
+    outcome: Future[T] = Future()
 
     def run() -> None:
         try:
-            outcome.append((build(), None))
-        except BaseException as e:  # raised again on the caller's thread
-            outcome.append((None, e))
+            outcome.set_result(build())
+        except BaseException as e:  # raised again where the future is read
+            outcome.set_exception(e)
 
     with _stack_size:
         usual = threading.stack_size(COMPILE_STACK_BYTES)
         try:
-            thread = threading.Thread(target=run, name="grammar-compile", daemon=True)
-            thread.start()
+            threading.Thread(target=run, name="grammar-compile", daemon=True).start()
         finally:
             threading.stack_size(usual)
-    thread.join()
-    result, error = outcome[0]
-    if error is not None:
-        raise error
-    return result
+    return outcome
 
 
 def _unpack(bitmask: Tensor, vocab: int) -> Tensor:
