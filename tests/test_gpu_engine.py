@@ -238,6 +238,19 @@ def test_async_scheduling_with_a_lagging_device_gives_the_same_tokens(cuda_llama
     assert run_core(core, workload(cuda_llama)) == expected
 
 
+def never_waiting(launch):
+    """`launch` made to raise where it synchronizes with the device (CUDA's sync debug mode)."""
+
+    def strict(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return strict
+
+
 def test_async_decode_launches_never_wait_for_the_device(cuda_llama):
     """A decode step's launch (inputs, graph replay, draw with filters, bias and penalties, the copy home)
     must not synchronize with the device, or its host work cannot overlap the step before: CUDA's sync
@@ -253,16 +266,7 @@ def test_async_decode_launches_never_wait_for_the_device(cuda_llama):
     while any(s.num_computed < s.num_prompt for s in core.sequences.values()):
         core.step()
     core.step()
-    launch = core._launch
-
-    def strict(*args):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return launch(*args)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    core._launch = strict
+    core._launch = never_waiting(core._launch)
     replayed = core.runner.graphs.steps_run
     for _ in range(20):  # new KV blocks every 16 tokens: their zeroing is in there too
         core.step()
@@ -285,17 +289,10 @@ def test_launches_with_rows_held_to_a_grammar_never_wait_for_the_device(cuda_lla
     for i in range(6):
         sampling = {"temperature": 0.8, "seed": i} if i % 3 else {}
         core.add(seq(f"s{i}", prompt(12 + i, i), max_new_tokens=40, grammar=regex if i % 2 else None, **sampling))
-    core.step()  # lazy set-up on first use may wait once
-    launch = core._launch
-
-    def strict(*args):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return launch(*args)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    core._launch = strict
+    while core.load().waiting:  # the grammar compiles off the engine's thread; then a step's lazy set-up
+        core.step()
+    core.step()
+    core._launch = never_waiting(core._launch)
     for _ in range(10):
         core.step()
 
@@ -318,15 +315,11 @@ def test_async_prefill_launches_never_wait_for_the_device(cuda_llama, compile_ba
     launch = core._launch
     prefill_launches = []
 
-    def strict(chunks, previous):
+    def recorded(chunks, previous):
         prefill_launches.append(any(chunk.length > 1 for chunk in chunks))
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return launch(chunks, previous)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        return launch(chunks, previous)
 
-    core._launch = strict
+    core._launch = never_waiting(recorded)
     while core.has_work():
         core.step()
     assert sum(prefill_launches) >= 3
