@@ -204,8 +204,11 @@ def test_openai_completion_logprobs_shape(client):
 
 
 def test_models_lists_base_and_adapters(client):
-    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    models = client.get("/v1/models").json()["data"]
+    ids = [m["id"] for m in models]
     assert ids[0] == MODEL_NAME and {"lo14", "di"} <= set(ids)
+    window = client.post("/tokenize", json={"prompt": "x"}).json()["max_model_len"]
+    assert all(m["max_model_len"] == window for m in models)  # vLLM's field: what a client budgets against
 
 
 def test_chat_without_a_template_is_a_clear_400(client):

@@ -358,8 +358,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 @router.get("/v1/models")
 async def models(state: State):
     """The base model and every adapter in the store, each usable as `model`: an adapter's `version` is
-    the one it serves and `created` that version's publish time."""
-    entry = {"object": "model", "owned_by": "reft-server"}
+    the one it serves and `created` that version's publish time; `max_model_len` (vLLM's) is the context
+    window every one of them is served with."""
+    entry = {"object": "model", "owned_by": "reft-server", "max_model_len": state.max_model_len}
     data = [{**entry, "id": state.model_name, "created": int(time.time()), "root": state.model_name, "parent": None}]
     for name, version, facts in await asyncio.to_thread(state.registry.served_versions):
         adapter = {"id": name, "created": int(facts.created), "version": version}
