@@ -45,6 +45,9 @@ def generate(client, **body):
 
 def test_health_ready_and_metrics(client):
     assert client.get("/health").json() == {"status": "ok"}
+    from importlib.metadata import version
+
+    assert client.get("/version").json() == {"version": version("reft-server")}  # vLLM's route
     ready = client.get("/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     long_prompt = "a prompt long enough to fill a few KV cache blocks, sent twice"

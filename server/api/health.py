@@ -1,4 +1,4 @@
-"""Operations routes: liveness, readiness and Prometheus metrics.
+"""Operations routes: liveness, readiness, Prometheus metrics and the version.
 
 Liveness (/health) fails only when restarting the process would help: the engine has died, or has not
 reported for STALE_ENGINE_SECONDS (an idle loop reports too: idle or busy, it is stuck). Readiness
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -39,6 +39,12 @@ async def health(state: State):
     if problem is not None:
         return error_response(503, f"unhealthy: {problem}")
     return {"status": "ok"}
+
+
+@router.get("/version")
+async def server_version(request: Request):
+    """The server's version (vLLM's GET /version)."""
+    return {"version": request.app.version}
 
 
 @router.get("/ready")

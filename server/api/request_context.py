@@ -16,7 +16,7 @@ from server.logging_setup import request_id
 
 log = logging.getLogger("reft.access")
 error_log = logging.getLogger("reft.errors")
-QUIET_PATHS = ("/health", "/ready", "/metrics")
+QUIET_PATHS = ("/health", "/ready", "/metrics", "/version")
 
 
 class RequestContext:
