@@ -293,15 +293,16 @@ class OpenAIFields(SamplingFields):
 
     @model_validator(mode="after")
     def _one_structure(self):
-        if self.structured_outputs is not None and self.response_format is not None:
-            if self.response_format.type != "text":
-                raise ValueError("give response_format or structured_outputs (or guided_*), not both")
+        if self.structured_outputs is not None and self._response_structure() is not None:
+            raise ValueError("give response_format or structured_outputs (or guided_*), not both")
         return self
 
     def structure(self) -> StructuredOutputs | None:
-        if self.response_format is not None and self.response_format.type != "text":
-            return self.response_format.structure()
-        return self.structured_outputs
+        held = self._response_structure()
+        return held if held is not None else self.structured_outputs
+
+    def _response_structure(self) -> StructuredOutputs | None:
+        return self.response_format.structure() if self.response_format is not None else None
 
     @model_validator(mode="before")
     @classmethod

@@ -290,16 +290,17 @@ class EngineCore:
         self.sequences[seq.request_id] = seq
 
     def has_work(self) -> bool:
-        return (
-            self.scheduler.has_work() or self._in_flight is not None or bool(self._unreturned) or bool(self._compiling)
-        )
+        return self._steppable or bool(self._compiling)
+
+    @property
+    def _steppable(self) -> bool:
+        """Whether a step has something to schedule, read or return now."""
+        return self.scheduler.has_work() or self._in_flight is not None or bool(self._unreturned)
 
     @property
     def only_compiling(self) -> bool:
         """Whether all there is to do is wait for grammars to compile: a loop may sleep a little first."""
-        if self.scheduler.has_work() or self._in_flight is not None or self._unreturned:
-            return False
-        return not any(compiled.done() for _, compiled in self._compiling)
+        return not self._steppable and not any(compiled.done() for _, compiled in self._compiling)
 
     def _admit_compiled(self) -> list[SeqOutput]:
         """Sequences whose grammar has compiled join the scheduler, each with a matcher of its own; those whose
