@@ -33,6 +33,7 @@ from server.distributed.runner import TensorParallelDriver
 from server.engine.async_engine import AsyncEngine
 from server.engine.core import EngineCore, serving_core
 from server.engine.core_loop import CoreHost, CoreThread
+from server.engine.grammar import Grammars, grammars_for
 from server.engine.model_runner import ModelRunner
 from server.engine_process import CoreProcess
 from server.gc_freeze import freeze_long_lived, thaw
@@ -76,15 +77,18 @@ def build_state(
         host = CoreProcess(settings, model_path)
         try:  # the registry's adapter copies stay on the CPU; the engine process holds its own
             tokenizer = AutoTokenizer.from_pretrained(model_path)
-            return _state_around(settings, model_path, host, host.model, tokenizer, torch.device("cpu"), store)
+            # requests' grammars are checked here against a reader of their own: the engine's is in its process
+            eos = {tokenizer.eos_token_id} - {None}
+            grammars = grammars_for(tokenizer, host.model.vocab_size, eos)
+            cpu = torch.device("cpu")
+            return _state_around(settings, model_path, host, host.model, tokenizer, grammars, cpu, store)
         except BaseException:  # the engine process, and its model's memory, must not outlive a failed start
             host.abandon()
             raise
     core, tokenizer = _thread_core(settings, model_path, model, tokenizer, group)
     adapter_device = next(core.runner.model.parameters()).device
-    return _state_around(
-        settings, model_path, CoreThread(core), ModelFacts.of(core.runner.model), tokenizer, adapter_device, store
-    )
+    facts = ModelFacts.of(core.runner.model)
+    return _state_around(settings, model_path, CoreThread(core), facts, tokenizer, core.grammars, adapter_device, store)
 
 
 def _state_around(
@@ -93,6 +97,7 @@ def _state_around(
     host: CoreHost,
     facts: ModelFacts,
     tokenizer,
+    grammars: Grammars | None,
     adapter_device: torch.device,
     store=None,
 ) -> AppState:
@@ -121,7 +126,7 @@ def _state_around(
     metrics.watch_residents(
         lambda: [(r.name, r.version) for r in registry.resident_report()], settings.max_resident_adapters
     )
-    return AppState(settings, model_name, facts, tokenizer, engine, store, registry, metrics)
+    return AppState(settings, model_name, facts, tokenizer, engine, store, registry, metrics, grammars)
 
 
 def engine_core_in_process(settings: Settings, model_given: bool) -> bool:

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import llguidance
@@ -15,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from server.engine.grammar import MAX_GRAMMAR_CHARS, Grammars, validate
+from server.engine.grammar import MAX_GRAMMAR_CHARS, Grammars, bounded
 from server.engine.sequence import FinishReason
 from server.reft.reference import reference_generate
 from tests.conftest import load_reference_model
@@ -174,6 +175,20 @@ def test_min_tokens_holds_the_eos_of_a_grammar_that_may_go_on_even_where_eos_is_
     assert tokenizer.decode(tokens[:-1]).isdigit()
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_stop_token_the_grammar_requires_is_drawn_though_min_tokens_holds_it(served, async_scheduling):
+    """min_tokens holds back the stop tokens, but where the grammar allows nothing else the grammar wins (with
+    both, every logit was -inf and the request failed); the stop token then ends the request, as any does."""
+    model, _, tokenizer, grammars = served
+    stop = tokenizer.convert_tokens_to_ids("x")
+    core = make_core(model, eos={EOS}, grammars=grammars, async_scheduling=async_scheduling)
+    grammar = llguidance.grammar_from("lark", f'start: "12" <[{stop}]> "34"')
+    request = seq("s", prompt(6, 3), max_new_tokens=20, grammar=grammar, min_tokens=10, stop_token_ids=(stop,))
+    finished: dict = {}
+    tokens = run_core(core, [(request, 0)], finished=finished)["s"]
+    assert tokenizer.decode(tokens) == "12x" and finished["s"][0] is FinishReason.STOP, (tokens, finished)
+
+
 def test_a_grammar_that_does_not_compile_fails_its_request_alone(served):
     model, reference_model, _, grammars = served
     core = make_core(model, eos={EOS}, grammars=grammars)
@@ -239,7 +254,7 @@ def test_a_grammar_past_the_size_served_is_refused_before_it_compiles(served):
     model, _, _, grammars = served
     too_large = llguidance.LLMatcher.grammar_from_regex("a" * MAX_GRAMMAR_CHARS)
     with pytest.raises(ValueError, match="characters, more than"):
-        validate(too_large)
+        bounded(too_large)
     core = make_core(model, eos={EOS}, grammars=grammars)
     finished: dict = {}
     run_core(core, [(seq("big", prompt(5, 0), grammar=too_large), 0)], finished=finished)
@@ -247,11 +262,11 @@ def test_a_grammar_past_the_size_served_is_refused_before_it_compiles(served):
 
 
 def test_choices_of_any_characters_compile_and_match_exactly_themselves(served):
-    from server.api.structured_outputs import checked, choice_grammar
+    from server.api.structured_outputs import choice_grammar
 
     model, _, tokenizer, grammars = served
     choices = ["a\x7fb", "\x00", "\t\n", 'say "\\u0041"', "é😀", "\u2028", "/re/", "%"]
-    grammar = checked(choice_grammar(choices))  # DEL, raw in a Lark string, was a 400 "lexer error"
+    grammar = choice_grammar(choices)  # DEL, raw in a Lark string, was a 400 "lexer error"
     for choice in choices:
         matcher = grammars.matcher(grammar)
         assert matcher.consume_tokens(tokenizer.encode(choice, add_special_tokens=False)), choice
@@ -335,12 +350,55 @@ def test_compact_json_leaves_a_model_no_whitespace_to_run_on_with(client):
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"response_format": {"type": "yaml"}}, "response_format.type"),
         ({"guided_regex": "a", "response_format": {"type": "json_object"}}, None),
+        # refused only by a compile over the model's tokenizer (the engine's): were 500s from the engine
+        ({"guided_grammar": "start: <|no_such_special_token|>"}, "structured_outputs"),
+        ({"structured_outputs": {"grammar": "start: <[999999]>"}}, "structured_outputs"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/no"}}}},
+            "response_format",
+        ),
     ],
 )
 def test_a_structure_that_cannot_be_served_is_a_400(client, structure, param):
     body = {"model": model_of(client), "prompt": "x", "max_tokens": 4, **structure}
     response = client.post("/v1/completions", json=body)
     assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+@pytest.mark.parametrize("route", ["/v1/generate", "/v1/chat/completions"])
+def test_a_grammar_only_the_tokenizer_refuses_is_a_400_on_every_route(client, route):
+    if route == "/v1/generate":
+        body = {"prompt": "x", "max_new_tokens": 4, "structured_outputs": {"grammar": "start: <[999999]>"}}
+    else:
+        body = {"model": model_of(client), "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/no"}}}
+    response = client.post(route, json=body)
+    assert response.status_code == 400 and "structured output" in response.json()["error"]["message"], response.text
+
+
+def test_a_grammar_compiles_off_the_event_loop_which_serves_other_requests_meanwhile(client):
+    """A new grammar's compile (0.2 s for a 100 KB schema) is awaited, not waited for: held open here, the
+    server answers other requests, then the structured request completes."""
+    grammars = client.app.state.reft.grammars
+    compile_grammar, release = grammars._compile, threading.Event()
+    grammars._compile = lambda grammar: release.wait(30) and compile_grammar(grammar)
+    body = {"prompt": "n:", "max_new_tokens": 8, "structured_outputs": {"regex": "[0-9]{3}-held"}}
+    answer: dict = {}
+    held = threading.Thread(target=lambda: answer.update(response=client.post("/v1/generate", json=body)))
+    try:
+        held.start()
+        started = time.monotonic()
+        assert (
+            client.get("/v1/models").status_code == 200
+            and client.post("/v1/generate", json={"prompt": "free", "max_new_tokens": 4}).status_code == 200
+        )
+        assert time.monotonic() - started < 10 and "response" not in answer
+    finally:
+        release.set()
+        held.join(60)
+        grammars._compile = compile_grammar
+    response = answer["response"]
+    assert response.status_code == 200 and response.json()["text"].endswith("-held"), response.text
 
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/generate"])

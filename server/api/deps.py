@@ -15,6 +15,7 @@ from server.api.errors import APIError
 from server.api.token_texts import TokenTexts
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
+from server.engine.grammar import Grammars
 from server.metrics import Metrics
 from server.model_facts import ModelFacts
 
@@ -31,6 +32,7 @@ class AppState:
     store: AdapterStore
     registry: AdapterRegistry
     metrics: Metrics
+    grammars: Grammars | None  # the engine's structured outputs, which requests' grammars are checked against
     draining_since: float | None = None  # monotonic time of SIGTERM (or of the shutdown)
     token_texts: TokenTexts = field(init=False)  # each token's text alone, for logprobs
 

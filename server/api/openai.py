@@ -30,6 +30,7 @@ from server.api.service import (
     tokenize,
     tokenize_chat,
 )
+from server.api.structured_outputs import check_grammar
 from server.api.token_texts import TokenTexts
 from server.engine.async_engine import RequestOutput
 from server.engine.sampler import Sample
@@ -104,6 +105,7 @@ def choice_sampling(sampling: SamplingParams, choice: int) -> SamplingParams:
 
 async def start_choices(state: AppState, prompts: list[list[int]], body: OpenAIFields, sampling) -> list[Running]:
     """`body.n` requests per prompt, in choice-index order (prompt by prompt); all closed if one cannot start."""
+    await check_grammar(state.grammars, sampling.grammar, body.structure_field())
     runs = []
     try:
         for prompt_ids in prompts:

@@ -11,12 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from server.api.structured_outputs import (
     ANY_JSON_OBJECT,
-    checked,
     choice_grammar,
     json_schema_grammar,
     lark_grammar,
     regex_grammar,
 )
+from server.engine.grammar import bounded
 from server.engine.sampling_params import (
     MAX_BIAS,
     MAX_BIASED_TOKENS,
@@ -81,7 +81,7 @@ class StructuredOutputs(StrictModel):
         given = [name for name in ("json", "regex", "choice", "grammar", "json_object") if self._given(name)]
         if len(given) != 1:
             raise ValueError(f"give exactly one of json, regex, choice, grammar or json_object (given: {given})")
-        checked(self.grammar_text())
+        bounded(self.grammar_text())  # compiled over the tokenizer by the route, off the event loop
         return self
 
     def _given(self, name: str) -> bool:
@@ -156,6 +156,10 @@ class SamplingFields(StrictModel):
     def structure(self) -> StructuredOutputs | None:
         """What the output is held to, if anything."""
         return self.structured_outputs
+
+    def structure_field(self) -> str:
+        """The field that gave `structure()`, which its errors name."""
+        return "structured_outputs"
 
     @field_validator("logit_bias")
     @classmethod
@@ -267,7 +271,7 @@ class ResponseFormat(StrictModel):
         if (self.type == "json_schema") != (self.json_schema is not None):
             raise ValueError("json_schema is given with type json_schema, and only then")
         if (structure := self.structure()) is not None:
-            checked(structure.grammar_text())
+            bounded(structure.grammar_text())
         return self
 
     def structure(self) -> StructuredOutputs | None:
@@ -300,6 +304,9 @@ class OpenAIFields(SamplingFields):
     def structure(self) -> StructuredOutputs | None:
         held = self._response_structure()
         return held if held is not None else self.structured_outputs
+
+    def structure_field(self) -> str:
+        return "response_format" if self._response_structure() is not None else super().structure_field()
 
     def _response_structure(self) -> StructuredOutputs | None:
         return self.response_format.structure() if self.response_format is not None else None

@@ -1,14 +1,17 @@
 """The grammars of structured outputs, as the routes take them, in llguidance's one format (the engine holds a
-request's tokens to it: server/engine/grammar.py). Each is compiled once here, so that a grammar that cannot
-be served is the request's 400, never its failure in the engine."""
+request's tokens to it: server/engine/grammar.py). Each is compiled over the model's tokenizer before the
+request reaches the engine, off the event loop (`check_grammar`), so that a grammar that cannot be served is
+the request's 400, never its failure in the engine."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import llguidance
 
-from server.engine.grammar import validate
+from server.api.errors import APIError
+from server.engine.grammar import UNAVAILABLE, Grammars
 
 ANY_JSON_OBJECT = {"type": "object"}
 
@@ -40,7 +43,15 @@ def lark_grammar(text: str) -> str:
     return llguidance.grammar_from("lark", text)
 
 
-def checked(grammar: str) -> str:
-    """The grammar, if it compiles; ValueError saying why it does not."""
-    validate(grammar)
-    return grammar
+async def check_grammar(grammars: Grammars | None, grammar: str | None, field: str) -> None:
+    """A 400 naming `field` unless the engine can hold a request to `grammar`, if any: compiled over the model's
+    tokenizer on a thread of its own, as the engine compiles it (where the engine runs in this process, the
+    same compile, which the engine then finds done)."""
+    if grammar is None:
+        return
+    if grammars is None:
+        raise APIError(400, UNAVAILABLE, param=field)
+    try:
+        await asyncio.wrap_future(grammars.compile(grammar))
+    except ValueError as e:
+        raise APIError(400, str(e), param=field) from None

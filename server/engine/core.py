@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from server.engine.compiled_layers import compile_layers, first_compilation
 from server.engine.config import EngineConfig, EngineConfigError, decode_graphs_apply, resolve_attention_backend
 from server.engine.cuda_graphs import DecodeGraphs
-from server.engine.grammar import GrammarBroken, GrammarFailed, Grammars, advance, grammars_for
+from server.engine.grammar import UNAVAILABLE, GrammarBroken, GrammarFailed, Grammars, advance, grammars_for
 from server.engine.kv_cache import KVCache, KVLayout
 from server.engine.memory import auto_kv_budget
 from server.engine.model_runner import EditCheck, ModelRunner, StepResult
@@ -282,7 +282,7 @@ class EngineCore:
             raise ValueError(f"the prompt has {seq.num_prompt} tokens; the context window is {self.max_model_len}")
         if seq.sampling.grammar is not None:
             if self.grammars is None:
-                raise ValueError("structured outputs are not available: the tokenizer is not one llguidance reads")
+                raise ValueError(UNAVAILABLE)
             # compiled off this thread, which goes on stepping the others meanwhile
             self._compiling.append((seq, self.grammars.compile(seq.sampling.grammar)))
         else:

@@ -48,6 +48,8 @@ COMPILE_STACK_BYTES = 1 << 29
 _stack_size = threading.Lock()  # threading.stack_size is process-wide: set for one thread's start at a time
 COMPILED_KEPT = 8  # grammars whose compiled matcher (its lexer, its parser's tables) a Grammars keeps
 
+UNAVAILABLE = "structured outputs are not available: the tokenizer is not one llguidance reads"
+
 T = TypeVar("T")
 
 
@@ -80,18 +82,20 @@ class Grammars:
         # takes a while (0.2 s for a 100 KB schema, more with a real vocabulary), and n choices of one request,
         # or the requests of one client, bring the same grammar again and again
         self._compiled: OrderedDict[str, Future[llguidance.LLMatcher]] = OrderedDict()
+        self._compiled_lock = threading.Lock()  # the API checks requests' grammars here as the engine compiles them
 
     def compile(self, grammar: str) -> Future[llguidance.LLMatcher]:
         """`grammar` (llguidance's grammar text) compiled off the caller's thread, whose work goes on (the
         compile releases the GIL); the future holds a fresh matcher to copy (`Future.result().deep_copy()`),
-        or the ValueError saying why it does not compile."""
-        compiled = self._compiled.get(grammar)
-        if compiled is None:
-            compiled = self._compiled[grammar] = on_compile_stack(lambda: self._compile(grammar))
-            if len(self._compiled) > COMPILED_KEPT:
-                self._compiled.popitem(last=False)
-        self._compiled.move_to_end(grammar)
-        return compiled
+        or the ValueError saying why it does not compile. Any thread may call it."""
+        with self._compiled_lock:
+            compiled = self._compiled.get(grammar)
+            if compiled is None:
+                compiled = self._compiled[grammar] = on_compile_stack(lambda: self._compile(grammar))
+                if len(self._compiled) > COMPILED_KEPT:
+                    self._compiled.popitem(last=False)
+            self._compiled.move_to_end(grammar)
+            return compiled
 
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
         """A fresh matcher of `grammar`, once compiled; ValueError if it does not compile."""
@@ -120,16 +124,6 @@ class Grammars:
         return logits.index_copy(0, index, logits.index_select(0, index).masked_fill(~allowed, float("-inf")))
 
 
-def validate(grammar: str) -> None:
-    """ValueError saying why `grammar` (llguidance's grammar text) cannot be served, if it cannot."""
-    import llguidance
-
-    bounded(grammar)
-    error = on_compile_stack(lambda: llguidance.LLMatcher.validate_grammar(grammar)).result()
-    if error:
-        raise ValueError(error.strip())
-
-
 def bounded(grammar: str) -> None:
     if len(grammar) > MAX_GRAMMAR_CHARS:
         raise ValueError(
@@ -141,6 +135,7 @@ def on_compile_stack(build: Callable[[], T]) -> Future[T]:
     """`build()` (llguidance compiling a grammar) started on a thread of its own with COMPILE_STACK_BYTES of
     stack; the future of what it returns or raises."""
     outcome: Future[T] = Future()
+    outcome.set_running_or_notify_cancel()  # a compile others share: one caller giving up must not cancel it
 
     def run() -> None:
         try:

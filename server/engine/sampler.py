@@ -64,24 +64,27 @@ def generated(seq: Sequence) -> int:
 
 
 def hold_stops(logits: Tensor, seqs: list[Sequence], eos_token_ids: frozenset[int]) -> Tensor:
-    """vLLM's `min_tokens`: EOS (unless ignored, and no grammar makes it end the request) and the stop tokens
-    masked (to -inf) in the rows of requests that have drawn fewer tokens than that."""
+    """vLLM's `min_tokens`: EOS (unless ignored) and the stop tokens masked (to -inf) in the rows of requests
+    that have drawn fewer tokens than that; but where a grammar allows nothing else (a complete grammar allows
+    EOS alone), it wins, as nothing could be drawn."""
     vocab = logits.shape[-1]
-    held = []
+    held, under_grammar = [], False
     for row, seq in enumerate(seqs):
         sampling = seq.sampling
-        # a complete grammar allows EOS alone: it must be drawn, or nothing could be
-        complete = seq.grammar is not None and seq.grammar.is_stopped()
-        if sampling.min_tokens and sampling.holds_stops(generated(seq)) and not complete:
+        if sampling.min_tokens and sampling.holds_stops(generated(seq)):
             # under a grammar EOS ends the request even where EOS is ignored (core.py): held all the same
             holds_eos = not sampling.ignore_eos or seq.grammar is not None
             stops = set(sampling.stop_token_ids) | (eos_token_ids if holds_eos else set())
             held += [(row, token) for token in sorted(stops) if token < vocab]
+            under_grammar |= seq.grammar is not None
     if not held:
         return logits
     rows, tokens = zip(*held, strict=True)
     index = (to_device(rows, torch.long, logits.device), to_device(tokens, torch.long, logits.device))
-    return logits.index_put(index, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+    holding = logits.index_put(index, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+    if not under_grammar:  # without a grammar, tokens other than the stops are always left
+        return holding
+    return torch.where(holding.isneginf().all(dim=-1, keepdim=True), logits, holding)  # on the device: no sync
 
 
 def draw_seed(seed: int, position: int) -> int:
