@@ -12,7 +12,7 @@ labelled Gauge so that a scrape never sees the old series removed and the new on
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
@@ -27,18 +27,22 @@ class AdapterRequestsInfo(Collector):
         self.documentation = documentation
         self.max_lora = str(max_lora)
         # (running, waiting, timestamp): replaced whole, so a scrape on another thread reads one consistent state
-        self._state = ("", "", time.time())
+        self._state: tuple[tuple[str, ...], tuple[str, ...], float] = ((), (), time.time())
+        self.loading: Callable[[], Iterable[str]] = tuple  # adapters being loaded for requests (watch_loading)
         registry.register(self)
 
     def update(self, running: Iterable[str], waiting: Iterable[str]) -> None:
         """Adapter names of the running and the waiting requests (each name once)."""
-        self._state = (",".join(running), ",".join(waiting), time.time())
+        self._state = (tuple(running), tuple(waiting), time.time())
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(self.name, self.documentation, labels=LABELS)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         running, waiting, updated_at = self._state
+        # a request whose adapter is still loading waits too, before the engine has it: listed, a picker sends
+        # that adapter's next requests here rather than have another replica load it as well
+        waiting = sorted({*waiting, *self.loading()})
         family = GaugeMetricFamily(self.name, self.documentation, labels=LABELS)
-        family.add_metric([self.max_lora, running, waiting], updated_at)
+        family.add_metric([self.max_lora, ",".join(running), ",".join(waiting)], updated_at)
         yield family

@@ -126,6 +126,7 @@ def _state_around(
     metrics.watch_residents(
         lambda: [(r.name, r.version) for r in registry.resident_report()], settings.max_resident_adapters
     )
+    metrics.watch_loading(registry.loading_names)
     return AppState(settings, model_name, facts, tokenizer, engine, store, registry, metrics, grammars)
 
 

@@ -11,7 +11,7 @@ running and waiting requests) are set together once per engine step by `observe_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -113,6 +113,12 @@ class Metrics:
         """Export `residents()` (name, version), most recently used first, as an info gauge of at
         most `max_series` series: bounded cardinality however many adapters the store holds."""
         self.registry.register(_ResidentInfo(residents, max_series))
+
+    def watch_loading(self, loading: Callable[[], Iterable[str]]) -> None:
+        """List the adapters that `loading()` names, being loaded for requests, among the waiting ones."""
+        self.adapter_requests.loading = loading
+        if self.vllm:
+            self.vllm.adapters.loading = loading
 
     def observe_load(self, *, waiting: int, running: int, kv_usage: float, kv_blocks: int, block_size: int) -> None:
         self.queue_length.set(waiting)

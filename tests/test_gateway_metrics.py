@@ -6,6 +6,7 @@ requests for different adapters as they run and queue. A running batch of two ma
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -132,6 +133,29 @@ def test_adapter_lists_follow_requests_as_they_run_and_queue(client):
     assert idle.value("vllm:num_requests_waiting") == idle.value("vllm:num_requests_running") == 0
     stamps = [s.samples("vllm:lora_requests_info")[0].value for s in scrapes]
     assert stamps == sorted(stamps) and stamps[0] < stamps[-1], "each update stamps the time"
+
+
+def test_an_adapter_loading_for_a_request_is_listed_as_waiting(client):
+    """Before the engine has the request, its adapter is loading: a picker that saw no trace of it would send
+    the adapter's next requests to other replicas, each loading it too."""
+    assert (
+        upload(client, "loading", random_adapter_file("loreft", (1,), 4, "f1", 128, seed=9).to_bytes()).status_code
+        == 201
+    )
+    registry, release = client.app.state.reft.registry, threading.Event()
+    load = registry._load
+    registry._load = lambda name, version: release.wait(POLL_DEADLINE) and load(name, version)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            request = pool.submit(complete, client, "loading", 2)
+            during = wait_for(client, lambda s: "loading" in s.adapters()[1], "the loading adapter listed as waiting")
+            assert "loading" in during.adapters("reft_adapter_requests_info")[1] and not request.done()
+            release.set()
+            assert request.result()["usage"]["completion_tokens"] == 2
+    finally:
+        release.set()
+        registry._load = load
+    assert scrape(client).adapters() == (set(), set())
 
 
 def test_base_model_requests_list_no_adapter(client):

@@ -401,6 +401,10 @@ class AdapterRegistry:
     def is_resident(self, name: str, version: int) -> bool:
         return (name, version) in self._resident
 
+    def loading_names(self) -> set[str]:
+        """Names of the adapters being loaded for requests (a scrape may read it from another thread)."""
+        return {name for name, _ in list(self._loading)}
+
     def resident_report(self) -> list[ResidentReport]:
         """Every resident adapter version, most recently used first."""
         reports = [
