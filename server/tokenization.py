@@ -8,7 +8,9 @@ tokens, which is then tokenized without adding more (as vLLM does).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import inspect
+from collections.abc import Mapping, Sequence
 
 
 class ChatTemplateMissing(ValueError):
@@ -27,9 +29,14 @@ def encode_prompt(tokenizer, text: str, add_special_tokens: bool = True) -> list
 
 
 def render_chat(
-    tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True, continue_final_message: bool = False
+    tokenizer,
+    messages: Sequence[dict],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    template_kwargs: Mapping[str, object] | None = None,
 ) -> str:
-    """`continue_final_message`: the last message left open, for the model to go on with it."""
+    """`continue_final_message`: the last message left open, for the model to go on with it; `template_kwargs`:
+    more variables for the template (none of `reserved_template_names()`)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateMissing("this model's tokenizer has no chat template; use /v1/completions with a prompt")
     return tokenizer.apply_chat_template(
@@ -37,7 +44,19 @@ def render_chat(
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
         tokenize=False,
+        **(template_kwargs or {}),
     )
+
+
+@functools.cache
+def reserved_template_names() -> frozenset[str]:
+    """What a chat's template variables may not be named: apply_chat_template's own arguments, which would
+    change how it renders or what it returns, and `messages`, the chat itself."""
+    from transformers import PreTrainedTokenizerBase
+
+    parameters = inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters
+    named = {name for name, p in parameters.items() if p.kind is not p.VAR_KEYWORD and name != "self"}
+    return frozenset(named | {"messages"})
 
 
 def encode_chat(
@@ -46,7 +65,8 @@ def encode_chat(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     add_special_tokens: bool = False,
+    template_kwargs: Mapping[str, object] | None = None,
 ) -> list[int]:
     """`add_special_tokens`: those a raw prompt gets, on top of the template's own (vLLM's meaning)."""
-    text = render_chat(tokenizer, messages, add_generation_prompt, continue_final_message)
+    text = render_chat(tokenizer, messages, add_generation_prompt, continue_final_message, template_kwargs)
     return encode_prompt(tokenizer, text, add_special_tokens)

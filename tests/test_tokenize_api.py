@@ -73,6 +73,29 @@ def test_vllms_fields_at_their_defaults_change_nothing(served):
     assert tokenized(client, model=model, messages=CHAT, **chat_defaults) == tokenized(client, messages=CHAT)
 
 
+def test_chat_template_kwargs_are_variables_of_the_template_on_both_routes(served):
+    """vLLM's chat_template_kwargs (e.g. a Qwen3 template's enable_thinking): here a template that reads a
+    `persona` variable, set on the served tokenizer for this test."""
+    client, tokenizer, model = served
+    template = (
+        "{% if persona %}<|im_start|>system\n{{ persona }}<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    served_tokenizer = client.app.state.reft.tokenizer
+    usual, served_tokenizer.chat_template, tokenizer.chat_template = served_tokenizer.chat_template, template, template
+    try:
+        kwargs = {"persona": "You are a pirate."}
+        expected = encode_chat(tokenizer, CHAT, template_kwargs=kwargs)
+        assert tokenizer.decode(expected).startswith("<|im_start|>system\nYou are a pirate.")
+        assert tokenized(client, messages=CHAT, chat_template_kwargs=kwargs)["tokens"] == expected
+        assert tokenized(client, messages=CHAT)["tokens"] == encode_chat(tokenizer, CHAT) != expected
+        completion = greedy(client, "/v1/chat/completions", 1, model=model, messages=CHAT, chat_template_kwargs=kwargs)
+        assert completion["usage"]["prompt_tokens"] == len(expected)
+    finally:
+        served_tokenizer.chat_template = tokenizer.chat_template = usual
+
+
 def test_add_special_tokens_false_gives_the_texts_tokens_alone(served):
     client, tokenizer, _ = served
     served_ids = tokenized(client, prompt="Hello there")["tokens"]
@@ -160,10 +183,11 @@ def test_detokenize_gives_the_text_back(served):
         ("/tokenize", {"prompt": "a", "tools": None}, "tools: only with messages"),
         ("/tokenize", {"messages": CHAT, "continue_final_message": True}, "needs add_generation_prompt=false"),
         ("/tokenize", {"messages": CHAT, "chat_template": "{{ messages }}"}, "chat_template: not supported"),
+        ("/tokenize", {"messages": CHAT, "chat_template_kwargs": {"tokenize": True}}, "tokenize: set by the server"),
         (
-            "/tokenize",
-            {"messages": CHAT, "chat_template_kwargs": {"enable_thinking": False}},
-            "chat_template_kwargs: not",
+            "/v1/chat/completions",
+            {"messages": CHAT, "chat_template_kwargs": {"messages": [], "return_dict": True}},
+            "messages, return_dict: set by the server",
         ),
         ("/tokenize", {"messages": CHAT, "mm_processor_kwargs": {"fps": 1}}, "mm_processor_kwargs: not supported"),
         ("/tokenize", {"messages": CHAT, "tools": [{"type": "function"}]}, "tools are not supported"),

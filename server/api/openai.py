@@ -320,7 +320,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     check_supported(body)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     check_choices(state, 1, body.n)
-    prompt_ids = await tokenize_chat(state, messages, body.add_generation_prompt, body.continue_final_message)
+    prompt_ids = await tokenize_chat(state, messages, body)
     max_new_tokens = body.max_new_tokens(default=max(1, state.max_model_len - len(prompt_ids)))
     sampling = body.sampling(max_new_tokens, body.logprob_count(), body.prompt_logprobs)
     runs = await start_choices(state, [prompt_ids], body, sampling)

@@ -29,6 +29,7 @@ from server.engine.sampling_params import (
     MIN_REPETITION_PENALTY,
     SamplingParams,
 )
+from server.tokenization import reserved_template_names
 
 MAX_STOP_STRINGS = 16
 MAX_NAME_CHARS = 256  # model ids, adapter refs, user ids
@@ -392,11 +393,14 @@ class ChatMessage(StrictModel):
 
 
 class ChatTemplateFields(StrictModel):
-    """How the chat template ends a chat (vLLM's fields, alike on the chat route and /tokenize)."""
+    """How the chat template renders a chat (vLLM's fields, alike on the chat route and /tokenize)."""
 
     add_generation_prompt: bool = Field(True, description="End with the header of the assistant's reply to come")
     continue_final_message: bool = Field(
         False, description="Leave the last message open, for the model to go on with it (add_generation_prompt=false)"
+    )
+    chat_template_kwargs: FreeObject | None = Field(
+        None, description="More variables for the chat template (e.g. enable_thinking, where a template reads it)"
     )
 
     @model_validator(mode="after")
@@ -407,6 +411,17 @@ class ChatTemplateFields(StrictModel):
                 "a chat ends either with its last message open or with a new reply's header"
             )
         return self
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables_only(cls, kwargs: dict | None) -> dict | None:
+        """Not the rendering's own arguments (tokenize, return_dict, ...) nor the messages: variables alone."""
+        if taken := sorted(set(kwargs or ()) & reserved_template_names()):
+            raise ValueError(f"{', '.join(taken)}: set by the server, not a template variable a request may give")
+        return kwargs
+
+    def template_kwargs(self) -> dict:
+        return self.chat_template_kwargs or {}
 
 
 class ChatCompletionRequest(OpenAIFields, ChatTemplateFields):
@@ -463,7 +478,6 @@ class TokenizeRequest(ChatTemplateFields):
     return_token_strs: bool | None = Field(False, description="Also return each token's vocabulary string")
     # vLLM's, for what this server does not do: accepted unset or empty, as clients send them, else refused
     chat_template: Text | None = None
-    chat_template_kwargs: FreeObject | None = None
     mm_processor_kwargs: FreeObject | None = None
     tools: Annotated[list[FreeObject], Field(max_length=MAX_OBJECT_KEYS)] | None = None
 
@@ -478,8 +492,6 @@ class TokenizeRequest(ChatTemplateFields):
     def unsupported(self) -> str | None:
         if self.chat_template is not None:
             return "chat_template: not supported (chats render with the model's own template, as on the chat route)"
-        if self.chat_template_kwargs:
-            return "chat_template_kwargs: not supported (the chat route renders without them)"
         if self.mm_processor_kwargs:
             return "mm_processor_kwargs: not supported (text-only models)"
         if self.tools:

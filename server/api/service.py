@@ -16,6 +16,7 @@ from server.adapters.registry import AdapterIncompatible, AdapterNotFound, Lease
 from server.adapters.store import InvalidName
 from server.api.deps import AppState
 from server.api.errors import APIError
+from server.api.schemas import ChatTemplateFields
 from server.engine.async_engine import EngineOverloaded, EngineStopped, GenerationRequest, RequestOutput, RequestStream
 from server.engine.sampling_params import SamplingParams
 from server.metrics import BASE_LABEL
@@ -58,18 +59,20 @@ async def tokenize(
 
 
 async def tokenize_chat(
-    state: AppState,
-    messages: list[dict],
-    add_generation_prompt: bool,
-    continue_final_message: bool,
-    add_special_tokens: bool = False,
+    state: AppState, messages: list[dict], template: ChatTemplateFields, add_special_tokens: bool = False
 ) -> list[int]:
     check_prompt_chars(state, sum(len(m["content"]) for m in messages), "messages")
     for i, message in enumerate(messages):
         check_text(message["content"], f"messages.{i}.content")
     try:
         ids = await asyncio.to_thread(
-            encode_chat, state.tokenizer, messages, add_generation_prompt, continue_final_message, add_special_tokens
+            encode_chat,
+            state.tokenizer,
+            messages,
+            template.add_generation_prompt,
+            template.continue_final_message,
+            add_special_tokens,
+            template.template_kwargs(),
         )
     except ChatTemplateMissing as e:
         raise APIError(400, str(e), param="messages") from None
