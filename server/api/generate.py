@@ -10,8 +10,15 @@ from server.api import sse
 from server.api.deps import AppState, State, require_api_key
 from server.api.errors import APIError, error_body
 from server.api.schemas import AdapterRef, GenerateRequest, GenerateResponse, TokenLogprob, Usage
-from server.api.service import Running, collect, generation_failed, start, stream_outputs, tokenize
-from server.api.structured_outputs import check_grammar
+from server.api.service import (
+    Running,
+    collect,
+    compile_grammar,
+    generation_failed,
+    start,
+    stream_outputs,
+    tokenize,
+)
 from server.api.token_texts import TokenTexts
 from server.engine.async_engine import RequestOutput
 from server.engine.sampler import Sample
@@ -64,8 +71,8 @@ async def generate(body: GenerateRequest, request: Request, state: State):
     field = "prompt" if body.prompt is not None else "input_ids"
     prompt_ids = await tokenize(state, body.prompt if body.prompt is not None else body.input_ids, field)
     sampling = body.sampling(body.max_new_tokens, body.logprobs, body.prompt_logprobs)
-    await check_grammar(state.grammars, sampling.grammar, body.structure_field())
-    running = await start(state, prompt_ids, sampling, body.adapter, "adapter", "max_new_tokens")
+    compiled = await compile_grammar(state, sampling.grammar, body.structure_field())
+    running = await start(state, prompt_ids, sampling, body.adapter, "adapter", "max_new_tokens", compiled)
     adapter = adapter_ref(running)
     timeout = state.settings.request_timeout
     if body.stream:

@@ -23,6 +23,7 @@ from server.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIF
 from server.api.service import (
     Running,
     collect,
+    compile_grammar,
     generation_failed,
     resolve_adapter,
     start,
@@ -30,7 +31,6 @@ from server.api.service import (
     tokenize,
     tokenize_chat,
 )
-from server.api.structured_outputs import check_grammar
 from server.api.token_texts import TokenTexts
 from server.engine.async_engine import RequestOutput
 from server.engine.sampler import Sample
@@ -79,9 +79,10 @@ def check_choices(state: AppState, prompts: int, n: int) -> None:
     raise APIError(400, message, param="n")
 
 
-async def start_model(state: AppState, prompt_ids: list[int], body: OpenAIFields, sampling) -> Running:
+async def start_model(state: AppState, prompt_ids: list[int], body: OpenAIFields, sampling, compiled) -> Running:
     with model_lookup(state, body.model):
-        return await start(state, prompt_ids, sampling, adapter_for_model(state, body.model), "model", "max_tokens")
+        adapter = adapter_for_model(state, body.model)
+        return await start(state, prompt_ids, sampling, adapter, "model", "max_tokens", compiled)
 
 
 def finish_reason(output: RequestOutput) -> str | None:
@@ -105,12 +106,12 @@ def choice_sampling(sampling: SamplingParams, choice: int) -> SamplingParams:
 
 async def start_choices(state: AppState, prompts: list[list[int]], body: OpenAIFields, sampling) -> list[Running]:
     """`body.n` requests per prompt, in choice-index order (prompt by prompt); all closed if one cannot start."""
-    await check_grammar(state.grammars, sampling.grammar, body.structure_field())
+    compiled = await compile_grammar(state, sampling.grammar, body.structure_field())
     runs = []
     try:
         for prompt_ids in prompts:
             for choice in range(body.n):
-                runs.append(await start_model(state, prompt_ids, body, choice_sampling(sampling, choice)))
+                runs.append(await start_model(state, prompt_ids, body, choice_sampling(sampling, choice), compiled))
     except BaseException:
         close_all(runs)
         raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -17,6 +18,7 @@ from server.adapters.store import InvalidName
 from server.api.deps import AppState
 from server.api.errors import APIError
 from server.api.schemas import ChatTemplateFields
+from server.api.structured_outputs import check_grammar
 from server.engine.async_engine import EngineOverloaded, EngineStopped, GenerationRequest, RequestOutput, RequestStream
 from server.engine.sampling_params import SamplingParams
 from server.metrics import BASE_LABEL
@@ -128,6 +130,7 @@ class Running:
 
     stream: RequestStream
     lease: Lease | None
+    compiled: Future | None = None  # its grammar's compile: an engine in this process finds it while it is held
 
     @property
     def adapter_label(self) -> str:
@@ -140,6 +143,27 @@ class Running:
             self.lease = None
 
 
+def check_serving(state: AppState) -> None:
+    if (problem := state.engine.problem()) is not None:  # e.g. the engine process or a tensor-parallel rank is gone
+        raise APIError(503, f"the engine cannot serve: {problem}")
+    if state.draining or not state.engine.accepting:
+        raise APIError(503, "the server is shutting down or not ready")
+
+
+async def compile_grammar(state: AppState, grammar: str | None, field: str) -> Future | None:
+    """The request's grammar, if any, compiled before it starts (structured_outputs.check_grammar); meanwhile it
+    holds a slot of the engine's in-flight bound, so that no more compiles run than requests may be in flight
+    (a 429 past that, before any work)."""
+    if grammar is None:
+        return None
+    check_serving(state)
+    try:
+        with state.engine.reserving():
+            return await check_grammar(state.grammars, grammar, field)
+    except EngineOverloaded as e:
+        raise _submit_error(state, e) from None
+
+
 async def start(
     state: AppState,
     prompt_ids: list[int],
@@ -147,11 +171,10 @@ async def start(
     adapter_ref: str | None,
     adapter_field: str,
     length_field: str,
+    compiled: Future | None = None,
 ) -> Running:
-    if (problem := state.engine.problem()) is not None:  # e.g. the engine process or a tensor-parallel rank is gone
-        raise APIError(503, f"the engine cannot serve: {problem}")
-    if state.draining or not state.engine.accepting:
-        raise APIError(503, "the server is shutting down or not ready")
+    """`compiled`: the compile of the request's grammar (compile_grammar), held while it runs."""
+    check_serving(state)
     check_length(state, prompt_ids, sampling.max_new_tokens, length_field)
     check_token_ids(state, [token for token, _ in sampling.logit_bias], "logit_bias")
     lease = await acquire_adapter(state, adapter_ref, adapter_field) if adapter_ref else None
@@ -161,7 +184,7 @@ async def start(
         if lease is not None:
             lease.release()
         raise _submit_error(state, e) from None
-    return Running(stream, lease)
+    return Running(stream, lease, compiled)
 
 
 def _submit_error(state: AppState, error: Exception) -> Exception:

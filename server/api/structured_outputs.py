@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import Future
 
 import llguidance
 
@@ -43,15 +44,15 @@ def lark_grammar(text: str) -> str:
     return llguidance.grammar_from("lark", text)
 
 
-async def check_grammar(grammars: Grammars | None, grammar: str | None, field: str) -> None:
-    """A 400 naming `field` unless the engine can hold a request to `grammar`, if any: compiled over the model's
-    tokenizer on a thread of its own, as the engine compiles it (where the engine runs in this process, the
-    same compile, which the engine then finds done)."""
-    if grammar is None:
-        return
+async def check_grammar(grammars: Grammars | None, grammar: str, field: str) -> Future:
+    """A 400 naming `field` unless the engine can hold a request to `grammar`: compiled over the model's tokenizer
+    on a thread of its own, as the engine compiles it. The compile, which the request holds until the engine
+    has it: an engine in this process finds it done (grammar.py)."""
     if grammars is None:
         raise APIError(400, UNAVAILABLE, param=field)
+    compiled = grammars.compile(grammar)
     try:
-        await asyncio.wrap_future(grammars.compile(grammar))
+        await asyncio.wrap_future(compiled)
     except ValueError as e:
         raise APIError(400, str(e), param=field) from None
+    return compiled

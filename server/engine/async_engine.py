@@ -14,7 +14,7 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from server.engine.core import EngineLoad, SeqOutput
@@ -230,6 +230,7 @@ class AsyncEngine:
         self.metrics = metrics
         self.max_in_flight = host.max_num_seqs + max_queue
         self._streams: dict[str, RequestStream] = {}
+        self._reserved = 0  # slots held by requests still being prepared (`reserving`)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._stopping = False
@@ -280,7 +281,23 @@ class AsyncEngine:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._streams)
+        return len(self._streams) + self._reserved
+
+    @contextlib.contextmanager
+    def reserving(self) -> Iterator[None]:
+        """A slot of the in-flight bound held while a request is prepared (its grammar compiling, off the event
+        loop), so that the work before admission is bounded as the requests admitted are; EngineOverloaded if
+        none is free. The slot is let go before the request is submitted."""
+        self._check_room()
+        self._reserved += 1
+        try:
+            yield
+        finally:
+            self._reserved -= 1
+
+    def _check_room(self) -> None:
+        if self.num_in_flight >= self.max_in_flight:
+            raise EngineOverloaded(f"{self.num_in_flight} requests in flight; the limit is {self.max_in_flight}")
 
     @property
     def max_model_len(self) -> int:
@@ -298,8 +315,7 @@ class AsyncEngine:
         """Queue a request; raises EngineOverloaded when the bounded queue is full."""
         if not self.accepting:
             raise EngineStopped("the engine is not accepting requests")
-        if len(self._streams) >= self.max_in_flight:
-            raise EngineOverloaded(f"{len(self._streams)} requests in flight; the limit is {self.max_in_flight}")
+        self._check_room()
         request.sampling.check()
         stream = RequestStream(
             request, self.tokenizer, abort=self.cancel, on_finished=self._stream_finished, metrics=self.metrics

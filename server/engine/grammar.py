@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -82,20 +83,41 @@ class Grammars:
         # takes a while (0.2 s for a 100 KB schema, more with a real vocabulary), and n choices of one request,
         # or the requests of one client, bring the same grammar again and again
         self._compiled: OrderedDict[str, Future[llguidance.LLMatcher]] = OrderedDict()
-        self._compiled_lock = threading.Lock()  # the API checks requests' grammars here as the engine compiles them
+        # and every compile that someone still holds, kept or not: a request the route checked holds its compile
+        # until the engine has it, which then finds it done however many other grammars came meanwhile
+        self._held: weakref.WeakValueDictionary[str, Future[llguidance.LLMatcher]] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()  # the routes check requests' grammars here as the engine compiles them
 
     def compile(self, grammar: str) -> Future[llguidance.LLMatcher]:
         """`grammar` (llguidance's grammar text) compiled off the caller's thread, whose work goes on (the
         compile releases the GIL); the future holds a fresh matcher to copy (`Future.result().deep_copy()`),
         or the ValueError saying why it does not compile. Any thread may call it."""
-        with self._compiled_lock:
+        with self._lock:
             compiled = self._compiled.get(grammar)
             if compiled is None:
-                compiled = self._compiled[grammar] = on_compile_stack(lambda: self._compile(grammar))
-                if len(self._compiled) > COMPILED_KEPT:
-                    self._compiled.popitem(last=False)
+                compiled = self._held.get(grammar)
+            started = compiled is None
+            if started:
+                compiled = self._held[grammar] = on_compile_stack(lambda: self._compile(grammar))
+            self._compiled[grammar] = compiled
             self._compiled.move_to_end(grammar)
-            return compiled
+            if len(self._compiled) > COMPILED_KEPT:
+                self._compiled.popitem(last=False)
+        if started:  # outside the lock: a compile already done runs the callback here, at once
+            compiled.add_done_callback(lambda done: self._forget_if_broken(grammar, done))
+        return compiled
+
+    def _forget_if_broken(self, grammar: str, done: Future) -> None:
+        """A compile that failed other than by the grammar's fault (out of memory, say) is not kept: the
+        grammar's next request compiles it again."""
+        error = done.exception()
+        if error is None or isinstance(error, ValueError):
+            return
+        with self._lock:
+            if self._compiled.get(grammar) is done:
+                del self._compiled[grammar]
+            if self._held.get(grammar) is done:
+                del self._held[grammar]
 
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
         """A fresh matcher of `grammar`, once compiled; ValueError if it does not compile."""
