@@ -34,15 +34,18 @@ def render_chat(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     template_kwargs: Mapping[str, object] | None = None,
+    tools: Sequence[dict] | None = None,
 ) -> str:
     """`continue_final_message`: the last message left open, for the model to go on with it; `template_kwargs`:
-    more variables for the template (none of `reserved_template_names()`)."""
+    more variables for the template (none of `reserved_template_names()`); `tools`: the functions the model may
+    call, as JSON schemas of OpenAI's shape, which a template without tools leaves out."""
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateMissing("this model's tokenizer has no chat template; use /v1/completions with a prompt")
     return tokenizer.apply_chat_template(
         list(messages),
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
+        tools=list(tools) if tools else None,
         tokenize=False,
         **(template_kwargs or {}),
     )
@@ -66,7 +69,8 @@ def encode_chat(
     continue_final_message: bool = False,
     add_special_tokens: bool = False,
     template_kwargs: Mapping[str, object] | None = None,
+    tools: Sequence[dict] | None = None,
 ) -> list[int]:
     """`add_special_tokens`: those a raw prompt gets, on top of the template's own (vLLM's meaning)."""
-    text = render_chat(tokenizer, messages, add_generation_prompt, continue_final_message, template_kwargs)
+    text = render_chat(tokenizer, messages, add_generation_prompt, continue_final_message, template_kwargs, tools)
     return encode_prompt(tokenizer, text, add_special_tokens)

@@ -190,7 +190,7 @@ def test_detokenize_gives_the_text_back(served):
             "messages, return_dict: set by the server",
         ),
         ("/tokenize", {"messages": CHAT, "mm_processor_kwargs": {"fps": 1}}, "mm_processor_kwargs: not supported"),
-        ("/tokenize", {"messages": CHAT, "tools": [{"type": "function"}]}, "tools are not supported"),
+        ("/tokenize", {"messages": CHAT, "tools": [{"type": "function"}]}, "tools.0.function: Field required"),
         ("/tokenize", {"model": "", "prompt": "a"}, "model"),
         ("/tokenize", {"model": "../etc", "prompt": "a"}, "invalid adapter name"),
         ("/detokenize", {"tokens": [10**9]}, "outside the vocabulary"),

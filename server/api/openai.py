@@ -32,6 +32,7 @@ from server.api.service import (
     tokenize_chat,
 )
 from server.api.token_texts import TokenTexts
+from server.api.tool_calls import ToolCalls
 from server.engine.async_engine import RequestOutput
 from server.engine.sampler import Sample
 from server.engine.sampling_params import MAX_SEED, SamplingParams
@@ -231,14 +232,16 @@ async def merged(runs: list[Running], timeout: float) -> AsyncIterator[tuple[int
 async def openai_events(
     runs: list[Running], timeout: float, chunk, include_usage: bool, base: dict, usage_of
 ) -> AsyncIterator[str]:
-    """SSE for both routes; `chunk(index, output)` builds one choice, `usage_of(final outputs)` the usage."""
+    """SSE for both routes; `chunk(index, output)` builds one choice (None: no event), `usage_of(final outputs)`
+    the usage."""
     finals: dict[int, RequestOutput] = {}
     no_usage = {"usage": None} if include_usage else {}  # OpenAI's chunks say null until the last one
     try:
         async for index, output in merged(runs, timeout):
             if output.finished:
                 finals[index] = output
-            yield sse.event({**base, "choices": [chunk(index, output)], **no_usage})
+            if (part := chunk(index, output)) is not None:
+                yield sse.event({**base, "choices": [part], **no_usage})
         if include_usage:
             yield sse.event({**base, "choices": [], "usage": usage_of(list(finals.values()))})
     except TimeoutError:
@@ -317,25 +320,37 @@ async def completions(body: CompletionRequest, request: Request, state: State):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
-    """OpenAI chat completions with the tokenizer's chat template; `model` picks the adapter."""
+    """OpenAI chat completions with the tokenizer's chat template; `model` picks the adapter; a tool_choice that
+    forces calls answers with them (server/api/tool_calls.py)."""
     check_supported(body)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     check_choices(state, 1, body.n)
-    prompt_ids = await tokenize_chat(state, messages, body)
+    prompt_ids = await tokenize_chat(state, body.messages, body)
     max_new_tokens = body.max_new_tokens(default=max(1, state.max_model_len - len(prompt_ids)))
     sampling = body.sampling(max_new_tokens, body.logprob_count(), body.prompt_logprobs)
     runs = await start_choices(state, [prompt_ids], body, sampling)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     timeout = state.settings.request_timeout
+    calls = [ToolCalls(body.named_function()) for _ in runs] if body.forces_calls() else None
+
+    def logprobs_of(output: RequestOutput) -> dict | None:
+        return chat_logprobs(state.token_texts, output.logprobs) if body.logprobs else None
 
     if body.stream:
         started: set[int] = set()
 
-        def chunk(index: int, output: RequestOutput) -> dict:
-            delta = {"content": output.text} if index in started else {"role": "assistant", "content": output.text}
-            started.add(index)
-            logprobs = chat_logprobs(state.token_texts, output.logprobs) if body.logprobs else None
-            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason(output)}
+        def chunk(index: int, output: RequestOutput) -> dict | None:
+            reason = finish_reason(output)
+            if calls is None:
+                delta = {"content": output.text}
+            else:
+                deltas, reason = calls[index].read(output.text), calls[index].finish_reason(reason)
+                delta = {"tool_calls": deltas} if deltas else {}
+            if index not in started:
+                started.add(index)
+                delta = {"role": "assistant", "content": "", **delta}
+            elif not delta and reason is None and not body.logprobs:
+                return None  # no call complete yet: nothing to send (as vLLM)
+            return {"index": index, "delta": delta, "logprobs": logprobs_of(output), "finish_reason": reason}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_base = {**base, "object": "chat.completion.chunk"}
@@ -343,15 +358,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         return sse.EventStream(events, lambda: close_all(runs))
 
     outputs = await asyncio.gather(*(collect(request, running, timeout) for running in runs))
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": output.text},
-            "logprobs": chat_logprobs(state.token_texts, output.logprobs) if body.logprobs else None,
-            "finish_reason": finish_reason(output),
-        }
-        for i, output in enumerate(outputs)
-    ]
+
+    def choice(index: int, output: RequestOutput) -> dict:
+        message, reason = {"role": "assistant", "content": output.text}, finish_reason(output)
+        if calls is not None:
+            calls[index].read(output.text)
+            message = {"role": "assistant", "content": "", "tool_calls": calls[index].calls}
+            reason = calls[index].finish_reason(reason)
+        return {"index": index, "message": message, "logprobs": logprobs_of(output), "finish_reason": reason}
+
+    choices = [choice(i, output) for i, output in enumerate(outputs)]
     response = {**base, "object": "chat.completion", "choices": choices, "usage": usage(len(prompt_ids), list(outputs))}
     if body.prompt_logprobs is not None:  # the chat's one prompt, as vLLM reports it: beside the choices
         response["prompt_logprobs"] = vllm_prompt_logprobs(state.token_texts, outputs[0], body.prompt_logprobs)

@@ -5,9 +5,10 @@ prompt's length is bounded again by the configured limits in the routes."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from server.api.structured_outputs import (
     ANY_JSON_OBJECT,
@@ -16,6 +17,7 @@ from server.api.structured_outputs import (
     lark_grammar,
     regex_grammar,
 )
+from server.api.tool_calls import calls_schema, parameters_schema
 from server.engine.grammar import bounded
 from server.engine.sampling_params import (
     MAX_BIAS,
@@ -39,7 +41,8 @@ MAX_PROMPT_LIST = 1024  # /v1/completions prompt lists; the configured max_promp
 MAX_MESSAGES = 4096
 MAX_CONTENT_PARTS = 256
 MAX_CHOICES = 128  # n and best_of (the route's max_prompts bounds prompts x n again)
-MAX_OBJECT_KEYS = 256  # free-form objects accepted only to be refused (tools, ...)
+MAX_OBJECT_KEYS = 256  # free-form objects (JSON schemas, template variables, ...)
+MAX_TOOLS = 128  # a request's functions; also the calls of one message
 MAX_VERSION = (1 << 31) - 1
 
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
@@ -383,13 +386,108 @@ class TextPart(StrictModel):
     text: Text
 
 
+FunctionName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+
+
+class FunctionCall(StrictModel):
+    name: FunctionName
+    arguments: Text = Field(description="The arguments, the JSON text of an object (OpenAI's)")
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str) -> str:
+        try:
+            parsed = json.loads(arguments) if arguments else {}
+        except (ValueError, RecursionError):
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("not the JSON text of an object")
+        return arguments
+
+    def for_template(self) -> dict:
+        """The arguments an object, as chat templates take them (transformers' tool use; vLLM passes them so)."""
+        return {"name": self.name, "arguments": json.loads(self.arguments) if self.arguments else {}}
+
+
+class ToolCall(StrictModel):
+    """A call an earlier assistant message made, as OpenAI's responses give it."""
+
+    id: Name | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def for_template(self) -> dict:
+        call = {"type": self.type, "function": self.function.for_template()}
+        return call if self.id is None else {"id": self.id, **call}
+
+
 class ChatMessage(StrictModel):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Text | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = Field(
+        None, description="Null or absent only on an assistant message that makes tool_calls"
+    )
     name: Name | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = Field(
+        None, description="An assistant message's calls (OpenAI's shape)"
+    )
+    tool_call_id: Name | None = Field(None, description="A tool message's: the call it answers")
+
+    @model_validator(mode="after")
+    def _fields_of_its_role(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls: only on an assistant message")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("tool_call_id: only on a tool message")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content: needed, except on an assistant message that makes tool_calls")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict:
+        """As chat templates take a message (vLLM's shape): a call's arguments an object; a tool message's name (the
+        function's, which some templates show) and tool_call_id; no content is the empty text."""
+        message = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.for_template() for call in self.tool_calls]
+        if self.role == "tool":
+            message |= {key: value for key in ("name", "tool_call_id") if (value := getattr(self, key)) is not None}
+        return message
+
+    def chars(self) -> int:
+        """The characters it brings to the prompt: its text and its calls."""
+        calls = sum(len(c.function.name) + len(c.function.arguments) for c in self.tool_calls or ())
+        return len(self.text()) + calls
+
+
+class FunctionDefinition(StrictModel):
+    name: FunctionName
+    description: Text | None = None
+    parameters: FreeObject | None = Field(None, description="The JSON schema of its arguments; unset: it takes none")
+    strict: bool | None = Field(None, description="Accepted, as OpenAI's; a forced call always follows the schema")
+
+
+class Tool(StrictModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+    def for_template(self) -> dict:
+        function = self.function
+        described = {} if function.description is None else {"description": function.description}
+        schema = {"name": function.name, **described, "parameters": parameters_schema(function.parameters)}
+        return {"type": self.type, "function": schema}
+
+
+class NamedFunction(StrictModel):
+    name: FunctionName
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatTemplateFields(StrictModel):
@@ -401,6 +499,9 @@ class ChatTemplateFields(StrictModel):
     )
     chat_template_kwargs: FreeObject | None = Field(
         None, description="More variables for the chat template (e.g. enable_thinking, where a template reads it)"
+    )
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = Field(
+        None, description="Functions the model may call, shown to it by the chat template (where it renders tools)"
     )
 
     @model_validator(mode="after")
@@ -420,8 +521,23 @@ class ChatTemplateFields(StrictModel):
             raise ValueError(f"{', '.join(taken)}: set by the server, not a template variable a request may give")
         return kwargs
 
+    @field_validator("tools")
+    @classmethod
+    def _one_function_a_name(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        names = [tool.function.name for tool in tools or ()]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"{', '.join(twice)}: more than one function of that name")
+        return tools
+
     def template_kwargs(self) -> dict:
         return self.chat_template_kwargs or {}
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as chat templates take them; none (not an empty list) where there are none."""
+        return [tool.for_template() for tool in self.tools] if self.tools else None
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class ChatCompletionRequest(OpenAIFields, ChatTemplateFields):
@@ -430,21 +546,86 @@ class ChatCompletionRequest(OpenAIFields, ChatTemplateFields):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: Annotated[list[FreeObject], Field(max_length=MAX_OBJECT_KEYS)] | None = None
-    tool_choice: Name | FreeObject | None = None
+    parallel_tool_calls: bool = Field(True, description='false: "required" makes one call')
+    tool_choice: ToolChoice | None = Field(
+        None,
+        description='"none": text; "required": calls of the tools; {"type": "function", "function": {"name"}}: a call '
+        'of that function; "auto" (the default with tools) is refused: it needs a tool-call parser, which this '
+        "server does not have",
+    )
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _a_choice_among_the_tools(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        """Checked against the fields before it, where they are valid (else their own errors tell)."""
+        if choice in (None, "none") or "tools" not in info.data:
+            return choice
+        tools = info.data["tools"]
+        if tools is None:
+            raise ValueError("needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"the function {choice.function.name!r} is not one of the tools")
+        if (schema := forced_schema(choice, tools, info.data.get("parallel_tool_calls", True))) is None:
+            return choice
+        response_format = info.data.get("response_format")
+        if info.data.get("structured_outputs") is not None or (
+            response_format and response_format.structure() is not None
+        ):
+            raise ValueError("the calls' schema holds the output: not with response_format or structured_outputs")
+        bounded(StructuredOutputs.model_construct(json_schema=schema).grammar_text())
+        return choice
 
     def unsupported(self) -> str | None:
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs: needs logprobs=true"
-        if self.tools or self.tool_choice not in (None, "none"):
-            return "tools / tool_choice are not supported"
+        if self.tool_mode() == "auto":
+            return (
+                'tool_choice: "auto" (the default where tools are given) needs a parser of the model\'s tool calls, '
+                'which this server does not have; give "required" (the output is calls of the tools), a named '
+                'function ({"type": "function", "function": {"name": ...}}) or "none"'
+            )
         return super().unsupported()
+
+    def tool_mode(self) -> Literal["none", "auto", "required"] | NamedToolChoice:
+        """What tool_choice means here: unset, "auto" where there are tools; "required" of no tools, "none" (OpenAI's,
+        as vLLM's)."""
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        return "none" if self.tool_choice == "required" and not self.tools else self.tool_choice
+
+    def forces_calls(self) -> bool:
+        return self.tool_mode() not in ("none", "auto")
+
+    def named_function(self) -> str | None:
+        mode = self.tool_mode()
+        return mode.function.name if isinstance(mode, NamedToolChoice) else None
+
+    def structure(self) -> StructuredOutputs | None:
+        if self.forces_calls():
+            schema = forced_schema(self.tool_mode(), self.tools, self.parallel_tool_calls)
+            return StructuredOutputs.model_construct(json_schema=schema)
+        return super().structure()
+
+    def structure_field(self) -> str:
+        if (named := self.named_function()) is not None:
+            return f"tools.{[t.function.name for t in self.tools].index(named)}.function.parameters"
+        return "tools" if self.forces_calls() else super().structure_field()
 
     def max_new_tokens(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
 
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def forced_schema(choice: ToolChoice, tools: list[Tool], parallel: bool) -> dict | None:
+    """The JSON schema of the calls a tool_choice forces, if it does."""
+    if isinstance(choice, NamedToolChoice):
+        (function,) = [t.function for t in tools if t.function.name == choice.function.name]
+        return parameters_schema(function.parameters)
+    if choice == "required" and tools:
+        return calls_schema([(t.function.name, t.function.parameters) for t in tools], parallel)
+    return None
 
 
 # -- tokenization (vLLM's) --------------------------------------------------------------------------
@@ -479,7 +660,6 @@ class TokenizeRequest(ChatTemplateFields):
     # vLLM's, for what this server does not do: accepted unset or empty, as clients send them, else refused
     chat_template: Text | None = None
     mm_processor_kwargs: FreeObject | None = None
-    tools: Annotated[list[FreeObject], Field(max_length=MAX_OBJECT_KEYS)] | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -494,8 +674,6 @@ class TokenizeRequest(ChatTemplateFields):
             return "chat_template: not supported (chats render with the model's own template, as on the chat route)"
         if self.mm_processor_kwargs:
             return "mm_processor_kwargs: not supported (text-only models)"
-        if self.tools:
-            return "tools are not supported"
         return None
 
     def with_special_tokens(self) -> bool:

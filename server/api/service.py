@@ -7,6 +7,7 @@ huge prompt neither stalls other requests nor costs more than a length check."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from server.adapters.registry import AdapterIncompatible, AdapterNotFound, Lease
 from server.adapters.store import InvalidName
 from server.api.deps import AppState
 from server.api.errors import APIError
-from server.api.schemas import ChatTemplateFields
+from server.api.schemas import ChatMessage, ChatTemplateFields
 from server.api.structured_outputs import check_grammar
 from server.engine.async_engine import EngineOverloaded, EngineStopped, GenerationRequest, RequestOutput, RequestStream
 from server.engine.sampling_params import SamplingParams
@@ -61,20 +62,23 @@ async def tokenize(
 
 
 async def tokenize_chat(
-    state: AppState, messages: list[dict], template: ChatTemplateFields, add_special_tokens: bool = False
+    state: AppState, messages: list[ChatMessage], template: ChatTemplateFields, add_special_tokens: bool = False
 ) -> list[int]:
-    check_prompt_chars(state, sum(len(m["content"]) for m in messages), "messages")
+    tools = template.template_tools()
+    tool_chars = len(json.dumps(tools, ensure_ascii=False)) if tools else 0
+    check_prompt_chars(state, sum(m.chars() for m in messages) + tool_chars, "messages")
     for i, message in enumerate(messages):
-        check_text(message["content"], f"messages.{i}.content")
+        check_text(message.text(), f"messages.{i}.content")
     try:
         ids = await asyncio.to_thread(
             encode_chat,
             state.tokenizer,
-            messages,
+            [message.for_template() for message in messages],
             template.add_generation_prompt,
             template.continue_final_message,
             add_special_tokens,
             template.template_kwargs(),
+            tools,
         )
     except ChatTemplateMissing as e:
         raise APIError(400, str(e), param="messages") from None

@@ -23,8 +23,7 @@ async def tokenize_prompt(body: TokenizeRequest, state: State):
     check_supported(body)
     await check_model(state, body.model)
     if body.messages is not None:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = await tokenize_chat(state, messages, body, body.with_special_tokens())
+        ids = await tokenize_chat(state, body.messages, body, body.with_special_tokens())
     else:
         ids = await tokenize(state, body.prompt, add_special_tokens=body.with_special_tokens())
     response = {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
