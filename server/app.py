@@ -39,6 +39,7 @@ from server.engine_process import CoreProcess
 from server.gc_freeze import freeze_long_lived, thaw
 from server.metrics import Metrics
 from server.model_facts import ModelFacts
+from server.models.load_errors import loading
 from server.models.loader import load_model, resolve_device, resolve_dtype
 from server.plugins import load_plugins
 
@@ -76,7 +77,8 @@ def build_state(
     if engine_core_in_process(settings, model_given=model is not None):
         host = CoreProcess(settings, model_path)
         try:  # the registry's adapter copies stay on the CPU; the engine process holds its own
-            tokenizer = AutoTokenizer.from_pretrained(model_path)
+            with loading(model_path, "its tokenizer"):
+                tokenizer = AutoTokenizer.from_pretrained(model_path)
             # requests' grammars are checked here against a reader of their own: the engine's is in its process
             eos = {tokenizer.eos_token_id} - {None}
             grammars = grammars_for(tokenizer, host.model.vocab_size, eos)

@@ -25,6 +25,7 @@ from server.adapters.stores import open_store
 from server.config import ENGINE_CONFIG_SOURCES, Settings
 from server.engine.config import EngineConfigError
 from server.model_location import ModelNotFound, check_tokenizer, model_argument, model_location
+from server.models.load_errors import ModelLoadError
 from server.plugins import PluginError
 from server.start_checks import (
     StartUpMistake,
@@ -99,7 +100,7 @@ def serve(args: argparse.Namespace) -> int:
         return 0
     # the store, the address, the model's directory and its fit to the group are checked before anything
     # loads: a mistake in any is one line (main() says a StoreError's or a StartUpMistake's), not a
-    # traceback from the app's start
+    # traceback from the app's start; so are model files that cannot be loaded (a ModelLoadError)
     store = open_store(settings.store)
     check_address(settings.host, settings.port)
     model_path, banner, admin = settings.model, REAL_MODEL_BANNER, ""
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         flags = "/".join(_flag(ENGINE_CONFIG_SOURCES.get(field, field)) for field in e.fields)
         print(f"error: {flags}: {e.reason}", file=sys.stderr)
         return 2
-    except (PluginError, StoreError, StartUpMistake) as e:
+    except (PluginError, StoreError, StartUpMistake, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a store write is atomic: an interrupted one changed nothing

@@ -41,6 +41,7 @@ from server.engine.sequence import FinishReason
 from server.gc_freeze import freeze_long_lived
 from server.logging_setup import setup_logging
 from server.model_facts import ModelFacts
+from server.models.load_errors import ModelLoadError
 from server.models.loader import load_model, resolve_device, resolve_dtype
 from server.pipe_frames import FrameReader
 from server.plugins import load_plugins
@@ -92,7 +93,8 @@ class Started:
 @dataclass(frozen=True)
 class StartFailed:
     error: str
-    refusal: EngineConfigError | None = None  # a setting the engine refused: the server raises it as it is
+    # a setting the engine refused, or model files it cannot load: the server raises it as it is
+    refusal: EngineConfigError | ModelLoadError | None = None
 
 
 class CoreProcess:
@@ -265,7 +267,7 @@ def _engine_main(settings: Settings, model_path: str, commands, reports) -> None
     _exit_with_the_server()
     try:
         core = _build_core(settings, model_path)
-    except EngineConfigError as e:  # the settings' mistake, not a fault: no traceback, the server says it
+    except (EngineConfigError, ModelLoadError) as e:  # the settings' or the files' mistake: the server says it
         reports.send_bytes(pickle.dumps(StartFailed(str(e), refusal=e)))
         return
     except BaseException as e:

@@ -61,9 +61,11 @@ def check_model_shards(model_path: str, size: int) -> None:
     """The model splits into whole attention and KV heads over `size` ranks."""
     from transformers import AutoConfig
 
+    from server.models.load_errors import loading
     from server.models.loader import check_tensor_parallel
 
-    config = AutoConfig.from_pretrained(model_path)
+    with loading(model_path):
+        config = AutoConfig.from_pretrained(model_path)
     try:
         check_tensor_parallel(config, size)
     except ValueError as e:

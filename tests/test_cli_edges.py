@@ -379,3 +379,43 @@ def test_a_bug_in_the_engines_build_keeps_its_traceback(tmp_path, monkeypatch, s
     monkeypatch.setattr(server.app, "serving_core", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         serve_the_fixture_model(tmp_path, "--device", "cpu")
+
+
+def unknown_model_type(directory):
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "nosuchmodel"}))
+
+
+def truncated_weights(directory):
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # its header (its length, then JSON) runs past the end
+
+
+def corrupt_tokenizer(directory):
+    (directory / "tokenizer.json").write_text('{"broken')
+
+
+BROKEN_MODELS = [
+    (unknown_model_type, "cannot load it: The checkpoint you are trying to load has model type `nosuchmodel`"),
+    (truncated_weights, "cannot load it: Error while deserializing header: invalid header length"),
+    (corrupt_tokenizer, "cannot load its tokenizer: Unterminated string starting at: line 1 column 2"),
+]
+
+
+@pytest.mark.parametrize("engine_core", ["thread", "process"])
+@pytest.mark.parametrize("breaks, reason", BROKEN_MODELS, ids=["model-type", "weights", "tokenizer"])
+def test_serve_says_a_model_it_cannot_load_in_one_line(
+    tmp_path, tiny_model_dir, signal_handlers_kept, capfd, engine_core, breaks, reason
+):
+    """Not transformers' traceback, from the server's process or the engine's (capfd: the engine process's
+    stderr too). JSON log lines may come first."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    breaks(model)
+    flags = ("--device", "cpu", "--engine-core", engine_core, "--store", str(tmp_path / "store"), "--log-json")
+    assert main(["serve", "--model", str(model), *flags, "--port", "0"]) == 2
+    err = capfd.readouterr().err
+    *logged, said = err.splitlines()
+    assert said.startswith(f"error: --model {model}: {reason}")
+    assert "Traceback" not in err and all(json.loads(line)["level"] for line in logged)
+    assert not multiprocessing.active_children()

@@ -31,6 +31,7 @@ from server.engine_process import (
     WireSubmit,
     _with_adapter,
 )
+from server.models.load_errors import ModelLoadError
 from tests.api_utils import ADMIN, error_of, running_app, sse_events, upload, wait_for
 from tests.conftest import FIXTURE
 
@@ -134,8 +135,9 @@ def test_a_dead_engine_process_fails_its_requests_and_the_probes(tmp_path):
         assert refused.status_code == 503 and "engine process exited" in error_of(refused)["message"], "and says why"
 
 
-def test_an_engine_process_that_cannot_load_its_model_fails_the_start(tmp_path):
-    with pytest.raises(EngineProcessFailed, match="could not start"):
+def test_an_engine_process_that_cannot_load_its_model_fails_the_start_with_why(tmp_path):
+    """The mistake crosses the pipe as it is, for main() to say in one line."""
+    with pytest.raises(ModelLoadError, match=f"--model {tmp_path / 'no-such-model'}: cannot load it: "):
         with running_app(tmp_path / "no-such-model", tmp_path, engine_core="process", device="cpu"):
             pass
 
@@ -161,6 +163,21 @@ import multiprocessing, os
 if multiprocessing.parent_process() is not None:  # only in the engine process
     os._exit(3)
 """
+
+
+FAILING_PLUGIN = """
+import multiprocessing
+if multiprocessing.parent_process() is not None:  # only in the engine process
+    raise RuntimeError("a bug")
+"""
+
+
+def test_an_engine_process_that_fails_while_loading_fails_the_start(tmp_path, monkeypatch):
+    (tmp_path / "fail_in_engine.py").write_text(FAILING_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned processes start from this sys.path
+    settings = Settings(model=str(FIXTURE / "model"), device="cpu", engine_core="process", plugins="fail_in_engine")
+    with pytest.raises(EngineProcessFailed, match="could not start: .*RuntimeError: a bug"):
+        CoreProcess(settings, str(FIXTURE / "model"))
 
 
 def test_an_engine_process_that_dies_while_loading_fails_the_start(tmp_path, monkeypatch):

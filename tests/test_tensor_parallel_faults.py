@@ -3,6 +3,7 @@ wedged follower breaks the group within STEP_TIMEOUT; a failed start leaves no f
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from server.reft.plan import build_plan
 from server.reft.reference import reference_generate
 from tests.conftest import load_reference_model
 from tests.engine_utils import prompt, random_adapter
+from tests.test_cli_edges import truncated_weights
 from tests.test_tensor_parallel import edit_batch, serves_like_the_reference, two_rank_server
 
 HIDDEN = 128
@@ -99,6 +101,26 @@ def test_a_failed_start_kills_the_followers_and_reports_its_error(tiny_model_dir
     result = run_rank_0("tests.tp_start_run", str(tiny_model_dir("llama")), str(tmp_path / "file" / "store"))
     assert "cannot open the store" in result["error"], result
     assert result["exit_codes"] == [-signal.SIGKILL], "the follower must not outlive rank 0's failed start"
+
+
+def test_a_group_says_a_model_it_cannot_load_in_one_line(tiny_model_dir, tmp_path):
+    """Every rank loads the files: rank 0 says why in one line, a follower that fails first logs it, and neither
+    prints a traceback."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    truncated_weights(model)
+    flags = ["--tensor-parallel", "2", "--device", "cpu", "--threads", "1", "--store", str(tmp_path / "store")]
+    command = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), *flags, "--log-json", "--port", "0"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"the group hung:\n{process.communicate()[1][-2000:]}")
+    *logged, said = err.splitlines()
+    assert process.returncode == 2, err[-3000:]
+    assert said.startswith(f"error: --model {model}: cannot load it: Error while deserializing header: invalid")
+    assert "Traceback" not in err and all(json.loads(line)["level"] for line in logged)
 
 
 def test_followers_are_killed_when_rank_0_cannot_join(monkeypatch):

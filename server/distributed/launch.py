@@ -10,10 +10,12 @@ NCCL joins the ranks on GPUs (rank r uses GPU r), gloo on CPUs.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -22,8 +24,11 @@ from server.config import Settings
 from server.distributed.group import TensorParallelGroup, kill_followers
 from server.distributed.runner import follow
 from server.logging_setup import setup_logging
+from server.models.load_errors import ModelLoadError
 from server.models.loader import resolve_device
 from server.start_checks import StartUpMistake
+
+log = logging.getLogger(__name__)
 
 
 def rank_device(settings: Settings, local_rank: int) -> torch.device:
@@ -93,5 +98,9 @@ def _follower_main(settings: Settings, rank: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
     device = rank_device(settings, rank)
     group = TensorParallelGroup.join(_backend(device))
-    follow(group, settings, device)
+    try:
+        follow(group, settings, device)
+    except ModelLoadError as e:  # rank 0 reads the same files and says it in one line: no traceback here
+        log.error("tensor-parallel rank %d: %s", rank, e)
+        sys.exit(2)
     dist.destroy_process_group()

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Distri
 from server.adapters.dtypes import DTYPES
 from server.adapters.fingerprint import model_fingerprint
 from server.engine.attention import ATTENTION_NAME, register_paged_attention
+from server.models.load_errors import loading
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,11 +54,15 @@ def check_tensor_parallel(config, size: int) -> None:
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype, tensor_parallel: int = 1):
     """(model, tokenizer) with the engine's paged attention; weights frozen. With `tensor_parallel` > 1,
-    every rank of the (already joined) process group calls this and holds its own shard."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    every rank of the (already joined) process group calls this and holds its own shard. Files that
+    cannot be loaded raise ModelLoadError."""
+    with loading(path):  # first: the tokenizer reads config.json too, and would be blamed for it
+        config = AutoConfig.from_pretrained(path)
+    with loading(path, "its tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     options = {}
     if tensor_parallel > 1:
-        check_tensor_parallel(AutoConfig.from_pretrained(path), tensor_parallel)
+        check_tensor_parallel(config, tensor_parallel)
         options["distributed_config"] = DistributedConfig(tp_size=tensor_parallel)
     model = load_causal_lm(path, dtype, **options)
     model.to(device).requires_grad_(False)
@@ -75,5 +80,6 @@ def load_causal_lm(
     if isinstance(source, PretrainedConfig):
         model = AutoModelForCausalLM.from_config(source, dtype=dtype, attn_implementation=attention, **options)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention, **options)
+        with loading(str(source)):
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attention, **options)
     return model.eval()
