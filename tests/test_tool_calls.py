@@ -269,18 +269,9 @@ BAD = [
         "structured output",
     ),
     (
-        {
-            "tools": [
-                {
-                    "type": "function",
-                    "function": {"name": n, "parameters": {"$defs": {"d": {"type": t}}, "$ref": "#/$defs/d"}},
-                }
-                for n, t in (("a", "string"), ("b", "number"))
-            ],
-            "tool_choice": "required",
-        },
-        "tool_choice",
-        "$defs/d is defined twice",
+        {"tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "string"}}}]},
+        "tools.0.function.parameters",
+        "the arguments are an object",
     ),
 ]
 BAD_MESSAGES = [

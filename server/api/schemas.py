@@ -466,8 +466,18 @@ class ChatMessage(StrictModel):
 class FunctionDefinition(StrictModel):
     name: FunctionName
     description: Text | None = None
-    parameters: FreeObject | None = Field(None, description="The JSON schema of its arguments; unset: it takes none")
+    parameters: FreeObject | None = Field(
+        None, description="The JSON schema of its arguments, an object; unset: it takes none"
+    )
     strict: bool | None = Field(None, description="Accepted, as OpenAI's; a forced call always follows the schema")
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, parameters: dict | None) -> dict | None:
+        """A call's arguments are a JSON object (OpenAI's): a schema of anything else describes no call."""
+        if parameters is not None and parameters.get("type", "object") != "object":
+            raise ValueError(f'the arguments are an object: a schema of "type": {parameters["type"]!r} describes none')
+        return parameters
 
 
 class Tool(StrictModel):

@@ -4,52 +4,60 @@ way of writing calls: a `tool_choice` that forces calls holds the output to a JS
 function's arguments, an instance of its `parameters`; "required"'s is a JSON array of {"name", "parameters"} calls
 of the given tools. "auto", where the model may answer in text or call, needs that parser; none is here.
 
-vLLM's shapes: a call's id is "chatcmpl-tool-" and random hex; its `arguments` are the generated text for a named
-function, and each call's `parameters` written again as JSON for "required" (whose calls, streamed, come whole, each
-as soon as its object is complete: a named function's arguments stream as they are generated)."""
+vLLM's shapes: a call's id is "chatcmpl-tool-" and random hex; its `arguments` are the generated text of the arguments,
+as written (a named function's whole output; each "required" call's `parameters`). Streamed, a named function's
+arguments come as they are generated, and "required"'s calls whole, each as soon as its object is complete.
+A call's arguments are always a JSON object, as OpenAI's are: a function's `parameters` describe one."""
 
 from __future__ import annotations
 
 import json
-import re
 import uuid
 
 # a function without `parameters` takes none (OpenAI's meaning): its arguments are {}
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
-# where JSON schemas keep the subschemas their "#/..." references name: the root of the schema
-DEFINITIONS = ("$defs", "definitions")
-_JSON_SPACE = "[ \t\n\r]*"
-_BEFORE_CALL = re.compile(f"{_JSON_SPACE}[\\[,]{_JSON_SPACE}")  # the array's opening, or a comma, before a call
-_DECODER = json.JSONDecoder()
+# the keywords of a schema whose values are data, not schemas: a "$ref" key there is a value, not a reference
+DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 
 
 def parameters_schema(parameters: dict | None) -> dict:
-    return NO_PARAMETERS if parameters is None else parameters
+    """The schema a call's arguments are held to: an object (`parameters` that say no type, {} say, would allow
+    any JSON value; FunctionDefinition refuses another type)."""
+    if parameters is None:
+        return NO_PARAMETERS
+    return parameters if "type" in parameters else {**parameters, "type": "object"}
 
 
 def calls_schema(functions: list[tuple[str, dict | None]], parallel: bool) -> dict:
     """The schema of "required": a JSON array of at least one call (at most one unless `parallel`), each the name of
-    one of `functions` (name, parameters) and an instance of its parameters. The functions' definitions move to the
-    array's root, where their references ("#/$defs/...") now point; one name defined twice, differently, is a
-    ValueError."""
-    shared: dict[str, dict] = {}
-    calls = []
-    for name, parameters in functions:
-        parameters = dict(parameters_schema(parameters))
-        for key in DEFINITIONS:
-            if isinstance(parameters.get(key), dict):
-                for definition, schema in parameters.pop(key).items():
-                    if shared.setdefault(key, {}).setdefault(definition, schema) != schema:
-                        raise ValueError(
-                            f"{key}/{definition} is defined twice, differently, among the tools, which "
-                            '"required" holds in one schema'
-                        )
-        properties = {"name": {"type": "string", "enum": [name]}, "parameters": parameters}
+    one of `functions` (name, parameters) and an instance of its parameters. Each function's parameters move whole
+    under the root's $defs, their own references ("#", "#/properties/a", "#/$defs/d") moved with them: they name
+    what they named in the function's schema."""
+    definitions, calls = {}, []
+    for i, (name, parameters) in enumerate(functions):
+        root = f"#/$defs/tool{i}"
+        definitions[f"tool{i}"] = _moved_to(parameters_schema(parameters), root)
+        properties = {"name": {"type": "string", "enum": [name]}, "parameters": {"$ref": root}}
         calls.append(
             {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
         )
     schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1, **({} if parallel else {"maxItems": 1})}
-    return {**schema, **shared}
+    return {**schema, "$defs": definitions}
+
+
+def _moved_to(schema, root: str):
+    """`schema` with its local references ("#...") made to start at `root`, where it now lives."""
+    if isinstance(schema, list):
+        return [_moved_to(item, root) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    moved = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            moved[key] = root + value[1:]
+        else:
+            moved[key] = value if key in DATA_KEYWORDS else _moved_to(value, root)
+    return moved
 
 
 def new_call(name: str, arguments: str) -> dict:
@@ -66,33 +74,79 @@ class ToolCalls:
         self.named = named
         self.calls: list[dict] = []
         self._text = ""
-        self._read_to = 0  # "required": where the text not yet read as calls begins
+        self._array = CallArray() if named is None else None
 
     def read(self, text: str) -> list[dict]:
         """The deltas of `text`, the output's next piece, in OpenAI's streamed shape: a call's index, and with its
         first delta its id, type and name."""
         self._text += text
-        if self.named is None:
-            return self._whole_calls() if "}" in text else []  # no object is complete before its "}"
+        if self._array is not None:
+            read = [new_call(json.loads(m["name"]), m["parameters"]) for m in self._array.feed(text)]
+            self.calls += read
+            first = len(self.calls) - len(read)
+            return [{"index": first + i, **call} for i, call in enumerate(read)]
         if self.calls:
             self.calls[0]["function"]["arguments"] = self._text
             return [{"index": 0, "function": {"arguments": text}}] if text else []
         self.calls.append(new_call(self.named, text))
         return [{"index": 0, **self.calls[0], "function": dict(self.calls[0]["function"])}]
 
-    def _whole_calls(self) -> list[dict]:
-        read = []
-        while (before := _BEFORE_CALL.match(self._text, self._read_to)) is not None:
-            try:
-                call, self._read_to = _DECODER.raw_decode(self._text, before.end())
-            except json.JSONDecodeError:  # not complete yet
-                break
-            read.append(new_call(call["name"], json.dumps(call["parameters"], ensure_ascii=False)))
-        self.calls += read
-        first = len(self.calls) - len(read)
-        return [{"index": first + i, **call} for i, call in enumerate(read)]
-
     def finish_reason(self, reason: str | None) -> str | None:
-        """vLLM's (and OpenAI's): "tool_calls" where "required" calls ended as they should; a named function's call
-        ends as text does ("stop"), and a cut-off output (its last call incomplete, left out) says why."""
-        return "tool_calls" if self.named is None and reason == "stop" else reason
+        """vLLM's (and OpenAI's): "tool_calls" where "required"'s array of calls ended as it should; a named
+        function's call ends as text does ("stop"), and an output cut short (by max_tokens, or a stop string: its
+        last call incomplete, left out) says why."""
+        return "tool_calls" if self._array is not None and self._array.closed and reason == "stop" else reason
+
+
+class CallArray:
+    """ "required"'s output, a JSON array of call objects, read as it grows: each call's members as written, once its
+    object is complete. A scan, not a parse: each character is looked at once, and no value is converted (numbers
+    of any length, which Python's json would turn into Infinity or refuse) or recursed into (values of any depth)."""
+
+    def __init__(self):
+        self.closed = False  # the array's "]" came
+        self._text = ""
+        self._at = 0  # the next character to look at
+        self._depth = 0  # 1 in the array, 2 in a call, more in its values
+        self._string: int | None = None  # where the string being scanned began
+        self._escaped = False
+        self._key: str | None = None  # the call's member being read
+        self._value: int | None = None  # where its value began
+        self._members: dict[str, str] = {}
+
+    def feed(self, text: str) -> list[dict[str, str]]:
+        """The calls that `text`, the output's next piece, completes: each a member name -> the text of its value."""
+        self._text += text
+        calls = []
+        for at in range(self._at, len(self._text)):
+            char = self._text[at]
+            if self._string is not None:
+                self._scan_string(char, at)
+            elif char == '"':
+                self._string = at
+            elif char in "[{":
+                self._depth += 1
+            elif self._depth == 2 and char in ",}":  # a call's member ends, and with "}" the call
+                if self._value is not None:
+                    self._members[self._key] = self._text[self._value : at].strip()
+                    self._value = None
+                if char == "}":
+                    calls.append(self._members)
+                    self._members, self._depth = {}, 1
+            elif char in "]}":
+                self._depth -= 1
+                self.closed = self._depth == 0
+            elif char == ":" and self._depth == 2:
+                self._value = at + 1
+        self._at = len(self._text)
+        return calls
+
+    def _scan_string(self, char: str, at: int) -> None:
+        if self._escaped:
+            self._escaped = False
+        elif char == "\\":
+            self._escaped = True
+        elif char == '"':
+            if self._depth == 2 and self._value is None:  # a member's name
+                self._key = json.loads(self._text[self._string : at + 1])
+            self._string = None
