@@ -39,7 +39,7 @@ from server.engine_process import CoreProcess
 from server.gc_freeze import freeze_long_lived, thaw
 from server.metrics import Metrics
 from server.model_facts import ModelFacts
-from server.models.load_errors import loading
+from server.model_load_errors import loading
 from server.models.loader import load_model, resolve_device, resolve_dtype
 from server.plugins import load_plugins
 

@@ -24,8 +24,8 @@ from server.adapters.store import StoreError
 from server.adapters.stores import open_store
 from server.config import ENGINE_CONFIG_SOURCES, Settings
 from server.engine.config import EngineConfigError
+from server.model_load_errors import ModelLoadError, loading
 from server.model_location import ModelNotFound, check_tokenizer, model_argument, model_location
-from server.models.load_errors import ModelLoadError
 from server.plugins import PluginError
 from server.start_checks import (
     StartUpMistake,
@@ -336,7 +336,8 @@ def _with_base_model(adapter, model_path: str):
     from server.adapters.model_shape import ModelShape
     from server.adapters.validation import validate
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)  # bf16: half the memory, same hash
+    with loading(model_path):  # bf16: half the memory, the same fingerprint
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
     validate(adapter, ModelShape.of(model))
     config = dataclasses.replace(adapter.config, base_model_fingerprint=model_fingerprint(model))
     if not config.base_model:

@@ -41,7 +41,7 @@ from server.engine.sequence import FinishReason
 from server.gc_freeze import freeze_long_lived
 from server.logging_setup import setup_logging
 from server.model_facts import ModelFacts
-from server.models.load_errors import ModelLoadError
+from server.model_load_errors import ModelLoadError
 from server.models.loader import load_model, resolve_device, resolve_dtype
 from server.pipe_frames import FrameReader
 from server.plugins import load_plugins

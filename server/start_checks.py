@@ -61,7 +61,7 @@ def check_model_shards(model_path: str, size: int) -> None:
     """The model splits into whole attention and KV heads over `size` ranks."""
     from transformers import AutoConfig
 
-    from server.models.load_errors import loading
+    from server.model_load_errors import loading
     from server.models.loader import check_tensor_parallel
 
     with loading(model_path):

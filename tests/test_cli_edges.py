@@ -419,3 +419,24 @@ def test_serve_says_a_model_it_cannot_load_in_one_line(
     assert said.startswith(f"error: --model {model}: {reason}")
     assert "Traceback" not in err and all(json.loads(line)["level"] for line in logged)
     assert not multiprocessing.active_children()
+
+
+def test_train_and_adapter_imports_say_a_model_they_cannot_load_in_one_line(tmp_path, tiny_model_dir, capsys):
+    """`train --model` and `adapters import-pyreft --model` load the model too: the same one line, no traceback."""
+    from tests.conftest import FIXTURE
+    from tests.test_train import run_cli
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    truncated_weights(model)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    assert run_cli(model, data, "--layers", "0", "--out", tmp_path / "a.safetensors") == 1
+    err = capsys.readouterr().err
+    assert f"error: --model {model}: cannot load it: Error while deserializing header" in err and "Traceback" not in err
+    checkpoint = FIXTURE / "adapters" / "lo_l14_f3l3_unshared"
+    imported = ["adapters", "--store", str(tmp_path / "store"), "import-pyreft", str(checkpoint), "--name", "lo"]
+    imported += ["--positions", "f3+l3"]
+    assert main([*imported, "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model {model}: cannot load it: ") and "Traceback" not in err

@@ -31,7 +31,7 @@ from server.engine_process import (
     WireSubmit,
     _with_adapter,
 )
-from server.models.load_errors import ModelLoadError
+from server.model_load_errors import ModelLoadError
 from tests.api_utils import ADMIN, error_of, running_app, sse_events, upload, wait_for
 from tests.conftest import FIXTURE
 

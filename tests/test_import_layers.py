@@ -13,7 +13,7 @@ ALLOWED = {
     "reft": set(),
     "engine": {"reft", "metrics"},
     "adapters": {"reft", "metrics"},
-    "training": {"adapters", "reft", "plugins", "tokenization", "model_location"},
+    "training": {"adapters", "reft", "plugins", "tokenization", "model_location", "model_load_errors"},
 }
 FRONT = {"api", "app", "cli"}  # what no other room imports
 

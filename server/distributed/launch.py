@@ -24,7 +24,7 @@ from server.config import Settings
 from server.distributed.group import TensorParallelGroup, kill_followers
 from server.distributed.runner import follow
 from server.logging_setup import setup_logging
-from server.models.load_errors import ModelLoadError
+from server.model_load_errors import ModelLoadError
 from server.models.loader import resolve_device
 from server.start_checks import StartUpMistake
 

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Distri
 from server.adapters.dtypes import DTYPES
 from server.adapters.fingerprint import model_fingerprint
 from server.engine.attention import ATTENTION_NAME, register_paged_attention
-from server.models.load_errors import loading
+from server.model_load_errors import loading
 
 
 def resolve_device(name: str) -> torch.device:

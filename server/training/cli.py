@@ -25,6 +25,7 @@ from server.adapters.precondition_args import (
 )
 from server.adapters.store import Precondition, PreconditionFailed, StoreError, check_name
 from server.adapters.stores import open_store
+from server.model_load_errors import loading
 from server.model_location import model_with_tokenizer_argument
 from server.plugins import PluginError, load_plugins, split_plugins
 from server.reft.interventions import INTERVENTION_TYPES, intervention_type
@@ -105,10 +106,13 @@ def _train(args: argparse.Namespace) -> tuple[TrainResult, str]:
     intervention_type(args.intervention_type)  # an unknown type fails before anything loads
     device = _device(args.device)
     _check_precondition_early(args)  # hours of training must not end in a refused publish that was foreseeable
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    with loading(args.model, "its tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
     data_sha256 = file_sha256(args.data)  # before parsing: the bytes trained on, even if the file changes later
     examples = load_examples(args.data, tokenizer)  # bad data fails before the model loads
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(device)
+    with loading(args.model):
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+    model = model.to(device)
     bar = ProgressBar(sys.stderr)
     options = AdapterOptions.from_args(args, ModelShape.of(model).num_layers)
     if options.layers is None:
