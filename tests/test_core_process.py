@@ -172,19 +172,16 @@ if multiprocessing.parent_process() is not None:  # only in the engine process
 """
 
 
-def test_an_engine_process_that_fails_while_loading_fails_the_start(tmp_path, monkeypatch):
-    (tmp_path / "fail_in_engine.py").write_text(FAILING_PLUGIN)
+@pytest.mark.parametrize(
+    "plugin, failure",
+    [(FAILING_PLUGIN, "could not start: .*RuntimeError: a bug"), (CRASHING_PLUGIN, "exited with code 3 at start-up")],
+    ids=["raises", "dies"],
+)
+def test_an_engine_process_that_fails_while_loading_fails_the_start(tmp_path, monkeypatch, plugin, failure):
+    (tmp_path / "in_engine.py").write_text(plugin)
     monkeypatch.syspath_prepend(str(tmp_path))  # spawned processes start from this sys.path
-    settings = Settings(model=str(FIXTURE / "model"), device="cpu", engine_core="process", plugins="fail_in_engine")
-    with pytest.raises(EngineProcessFailed, match="could not start: .*RuntimeError: a bug"):
-        CoreProcess(settings, str(FIXTURE / "model"))
-
-
-def test_an_engine_process_that_dies_while_loading_fails_the_start(tmp_path, monkeypatch):
-    (tmp_path / "crash_in_engine.py").write_text(CRASHING_PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path))  # spawned processes start from this sys.path
-    settings = Settings(model=str(FIXTURE / "model"), device="cpu", engine_core="process", plugins="crash_in_engine")
-    with pytest.raises(EngineProcessFailed, match="exited with code 3 at start-up"):
+    settings = Settings(model=str(FIXTURE / "model"), device="cpu", engine_core="process", plugins="in_engine")
+    with pytest.raises(EngineProcessFailed, match=failure):
         CoreProcess(settings, str(FIXTURE / "model"))
 
 
