@@ -73,20 +73,18 @@ class ToolCalls:
     def __init__(self, named: str | None):
         self.named = named
         self.calls: list[dict] = []
-        self._text = ""
         self._array = CallArray() if named is None else None
 
     def read(self, text: str) -> list[dict]:
         """The deltas of `text`, the output's next piece, in OpenAI's streamed shape: a call's index, and with its
         first delta its id, type and name."""
-        self._text += text
         if self._array is not None:
             read = [new_call(json.loads(m["name"]), m["parameters"]) for m in self._array.feed(text)]
             self.calls += read
             first = len(self.calls) - len(read)
             return [{"index": first + i, **call} for i, call in enumerate(read)]
         if self.calls:
-            self.calls[0]["function"]["arguments"] = self._text
+            self.calls[0]["function"]["arguments"] += text
             return [{"index": 0, "function": {"arguments": text}}] if text else []
         self.calls.append(new_call(self.named, text))
         return [{"index": 0, **self.calls[0], "function": dict(self.calls[0]["function"])}]
