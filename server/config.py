@@ -120,6 +120,12 @@ class Settings(BaseSettings):
         16, ge=1, description="Completions in one OpenAI request at most, prompts x n (never more than the queue holds)"
     )
 
+    tool_call_parser: Literal["hermes"] | None = Field(
+        None,
+        description='How the model writes tool calls, read back for tool_choice "auto" (vLLM\'s flag): hermes = '
+        '<tool_call>{"name": ..., "arguments": ...}</tool_call> (Hermes 2 Pro, Qwen2.5, Qwen3); unset, "auto" is a 400',
+    )
+
     # adapters
     store: str = Field(
         "adapters_store",

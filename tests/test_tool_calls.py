@@ -1,6 +1,7 @@
 """OpenAI function calling on the chat route as vLLM serves it without a tool-call parser: a named function's call and
 "required"'s calls held to their schemas by structured outputs, read back as tool_calls (whole or streamed, alike);
-"none" plain text; "auto" a clear 400; tools and earlier calls rendered by the chat template, on /tokenize alike.
+"none" plain text; "auto" without a parser a clear 400 (with one: test_tool_call_parser.py); tools and earlier calls
+rendered by the chat template, on /tokenize alike.
 
 The tiny random model pads flexible JSON with whitespace until its tokens run out: its requests here bias the
 whitespace bytes away, so that greedy calls complete."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
@@ -32,7 +32,8 @@ from server.api.service import (
     tokenize_chat,
 )
 from server.api.token_texts import TokenTexts
-from server.api.tool_calls import ToolCalls
+from server.api.tool_calls import CallReader, ToolCalls
+from server.api.tool_parsers import PARSERS
 from server.engine.async_engine import RequestOutput
 from server.engine.sampler import Sample
 from server.engine.sampling_params import MAX_SEED, SamplingParams
@@ -67,6 +68,25 @@ async def check_model(state: AppState, model: str | None) -> None:
 def check_supported(body: OpenAIFields | TokenizeRequest) -> None:
     if problem := body.unsupported():
         raise APIError(400, problem, param=problem.split(":")[0].split(" ")[0])
+
+
+def tool_call_reader(body: ChatCompletionRequest, parser: str | None) -> Callable[[], CallReader] | None:
+    """What reads a choice's output as tool calls (None where tool_choice is "none": text): for "auto", the server's
+    parser of the model's way of writing them; else the calls that structured outputs force (tool_calls.py)."""
+    mode = body.tool_mode()
+    if mode == "none":
+        return None
+    if mode != "auto":
+        return partial(ToolCalls, body.named_function())
+    if parser is None:
+        raise APIError(
+            400,
+            'tool_choice: "auto" (the default where tools are given) needs a parser of the model\'s tool calls, and '
+            'this server was started without one (--tool-call-parser); give "required" (the output is calls of the '
+            'tools), a named function ({"type": "function", "function": {"name": ...}}) or "none"',
+            param="tool_choice",
+        )
+    return partial(PARSERS[parser], [tool.function.name for tool in body.tools])
 
 
 def check_choices(state: AppState, prompts: int, n: int) -> None:
@@ -320,17 +340,20 @@ async def completions(body: CompletionRequest, request: Request, state: State):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
-    """OpenAI chat completions with the tokenizer's chat template; `model` picks the adapter; a tool_choice that
-    forces calls answers with them (server/api/tool_calls.py)."""
+    """OpenAI chat completions with the tokenizer's chat template; `model` picks the adapter; with tools, the output
+    is read as calls (tool_call_reader)."""
     check_supported(body)
     check_choices(state, 1, body.n)
+    new_reader = tool_call_reader(body, state.settings.tool_call_parser)
     prompt_ids = await tokenize_chat(state, body.messages, body)
     max_new_tokens = body.max_new_tokens(default=max(1, state.max_model_len - len(prompt_ids)))
     sampling = body.sampling(max_new_tokens, body.logprob_count(), body.prompt_logprobs)
+    if new_reader is not None and new_reader.func.keeps_special_tokens:  # a parser reads the tags they may be
+        sampling = replace(sampling, skip_special_tokens=False)
     runs = await start_choices(state, [prompt_ids], body, sampling)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     timeout = state.settings.request_timeout
-    calls = [ToolCalls(body.named_function()) for _ in runs] if body.forces_calls() else None
+    readers = [new_reader() for _ in runs] if new_reader is not None else None
 
     def logprobs_of(output: RequestOutput) -> dict | None:
         return chat_logprobs(state.token_texts, output.logprobs) if body.logprobs else None
@@ -340,16 +363,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 
         def chunk(index: int, output: RequestOutput) -> dict | None:
             reason = finish_reason(output)
-            if calls is None:
+            if readers is None:
                 delta = {"content": output.text}
             else:
-                deltas, reason = calls[index].read(output.text), calls[index].finish_reason(reason)
-                delta = {"tool_calls": deltas} if deltas else {}
+                content, deltas = readers[index].read(output.text, final=reason is not None)
+                reason = readers[index].finish_reason(reason)
+                delta = ({"content": content} if content else {}) | ({"tool_calls": deltas} if deltas else {})
             if index not in started:
                 started.add(index)
                 delta = {"role": "assistant", "content": "", **delta}
             elif not delta and reason is None and not body.logprobs:
-                return None  # no call complete yet: nothing to send (as vLLM)
+                return None  # nothing to send yet: a call not complete, or text that may begin one (as vLLM)
             return {"index": index, "delta": delta, "logprobs": logprobs_of(output), "finish_reason": reason}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -361,10 +385,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 
     def choice(index: int, output: RequestOutput) -> dict:
         message, reason = {"role": "assistant", "content": output.text}, finish_reason(output)
-        if calls is not None:
-            calls[index].read(output.text)
-            message = {"role": "assistant", "content": "", "tool_calls": calls[index].calls}
-            reason = calls[index].finish_reason(reason)
+        if readers is not None:
+            readers[index].read(output.text, final=True)
+            message, reason = readers[index].message(), readers[index].finish_reason(reason)
         return {"index": index, "message": message, "logprobs": logprobs_of(output), "finish_reason": reason}
 
     choices = [choice(i, output) for i, output in enumerate(outputs)]

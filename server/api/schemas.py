@@ -560,8 +560,8 @@ class ChatCompletionRequest(OpenAIFields, ChatTemplateFields):
     tool_choice: ToolChoice | None = Field(
         None,
         description='"none": text; "required": calls of the tools; {"type": "function", "function": {"name"}}: a call '
-        'of that function; "auto" (the default with tools) is refused: it needs a tool-call parser, which this '
-        "server does not have",
+        'of that function; "auto" (the default with tools): text or calls, as the model writes them, read by the '
+        "server's --tool-call-parser (without one, a 400)",
     )
 
     @field_validator("tool_choice")
@@ -588,12 +588,6 @@ class ChatCompletionRequest(OpenAIFields, ChatTemplateFields):
     def unsupported(self) -> str | None:
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs: needs logprobs=true"
-        if self.tool_mode() == "auto":
-            return (
-                'tool_choice: "auto" (the default where tools are given) needs a parser of the model\'s tool calls, '
-                'which this server does not have; give "required" (the output is calls of the tools), a named '
-                'function ({"type": "function", "function": {"name": ...}}) or "none"'
-            )
         return super().unsupported()
 
     def tool_mode(self) -> Literal["none", "auto", "required"] | NamedToolChoice:

@@ -2,7 +2,7 @@
 way of writing calls: a `tool_choice` that forces calls holds the output to a JSON schema (structured outputs, as
 `response_format` does), and the text generated is then read back as those calls. A named function's output is that
 function's arguments, an instance of its `parameters`; "required"'s is a JSON array of {"name", "parameters"} calls
-of the given tools. "auto", where the model may answer in text or call, needs that parser; none is here.
+of the given tools. "auto", where the model may answer in text or call, needs that parser (tool_parsers.py).
 
 vLLM's shapes: a call's id is "chatcmpl-tool-" and random hex; its `arguments` are the generated text of the arguments,
 as written (a named function's whole output; each "required" call's `parameters`). Streamed, a named function's
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Protocol
 
 # a function without `parameters` takes none (OpenAI's meaning): its arguments are {}
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -65,29 +66,51 @@ def new_call(name: str, arguments: str) -> dict:
     return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function", "function": function}
 
 
+class CallReader(Protocol):
+    """Reads a choice's output as tool calls: a whole output is read as one final piece, so that a streamed output
+    and a whole one give the same content and calls."""
+
+    keeps_special_tokens: bool  # the output is to be read with the tokenizer's special tokens in it
+
+    def read(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
+        """The content and the call deltas (OpenAI's streamed shape) of the output's next piece."""
+
+    def finish_reason(self, reason: str | None) -> str | None: ...
+
+    def message(self) -> dict:
+        """The whole output as OpenAI's message."""
+
+
 class ToolCalls:
     """The calls of one choice whose tool_choice forces them, read from its text as it comes (`read`): for the
     function `named`, the text is its one call's arguments; for "required" (named None), a JSON array of calls, each
     read once its object is complete (the grammar makes every complete object a call). `calls`: those read so far."""
+
+    keeps_special_tokens = False  # the output is JSON, whatever the tokenizer's special tokens
 
     def __init__(self, named: str | None):
         self.named = named
         self.calls: list[dict] = []
         self._array = CallArray() if named is None else None
 
-    def read(self, text: str) -> list[dict]:
-        """The deltas of `text`, the output's next piece, in OpenAI's streamed shape: a call's index, and with its
-        first delta its id, type and name."""
+    def read(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
+        """The content (none: the output is calls) and call deltas of `text`, the output's next piece, in OpenAI's
+        streamed shape: a call's index, and with its first delta its id, type and name. `final` changes nothing:
+        an incomplete call is left out (a tool parser's reader takes the same arguments)."""
         if self._array is not None:
             read = [new_call(json.loads(m["name"]), m["parameters"]) for m in self._array.feed(text)]
             self.calls += read
             first = len(self.calls) - len(read)
-            return [{"index": first + i, **call} for i, call in enumerate(read)]
+            return "", [{"index": first + i, **call} for i, call in enumerate(read)]
         if self.calls:
             self.calls[0]["function"]["arguments"] += text
-            return [{"index": 0, "function": {"arguments": text}}] if text else []
+            return "", [{"index": 0, "function": {"arguments": text}}] if text else []
         self.calls.append(new_call(self.named, text))
-        return [{"index": 0, **self.calls[0], "function": dict(self.calls[0]["function"])}]
+        return "", [{"index": 0, **self.calls[0], "function": dict(self.calls[0]["function"])}]
+
+    def message(self) -> dict:
+        """The whole output as OpenAI's message: its calls, and content "" (vLLM's)."""
+        return {"role": "assistant", "content": "", "tool_calls": self.calls}
 
     def finish_reason(self, reason: str | None) -> str | None:
         """vLLM's (and OpenAI's): "tool_calls" where "required"'s array of calls ended as it should; a named

@@ -1,0 +1,157 @@
+"""tool_choice "auto": the model answers in text or calls tools the way it was trained to write calls, and a parser of
+that way (`--tool-call-parser`, vLLM's flag and names) reads its output into OpenAI's `content` and `tool_calls`.
+`PARSERS` names them, one class per format.
+
+hermes: each call a JSON object {"name": ..., "arguments": {...}} between <tool_call> and </tool_call>, the format of
+Hermes 2 Pro, Qwen2.5, Qwen3 and the models trained on their chat templates.
+
+One reader serves a streamed answer and a whole one alike (a whole answer is read as one piece), so both give the same
+content and calls:
+- Text goes out as content as it comes, but for what may be the start of a call's tag, held until told apart.
+- A call goes out whole, once its closing tag is read, with its arguments as written.
+- Whitespace touching a call is dropped (content on either side of calls keeps what stood before them).
+- A block that is not a call of one of the tools (not JSON, a name not among them, arguments not an object) is content,
+  its tags included: nothing the model wrote is lost. So is a block left open at the end, unless what it holds is a
+  whole call (a model stopping before its closing tag).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+
+from server.api.tool_calls import CallArray, new_call
+
+
+def call_of(text: str, tool_names: Collection[str]) -> dict | None:
+    """The call a JSON text makes, if it is an object {"name": one of `tool_names`, "arguments": an object}; its
+    arguments as written. Python's json only checks the text: it converts no number (so none is too large for it,
+    1e999 or a long integer), and a value too deep for it is not a call."""
+    try:
+        value = json.loads(text, parse_int=_unread, parse_float=_unread, parse_constant=_refused)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(value, dict) or not isinstance(name := value.get("name"), str) or name not in tool_names:
+        return None
+    if not isinstance(value.get("arguments", {}), dict):
+        return None
+    (members,) = CallArray().feed(f"[{text}]")  # the object's members as written
+    return new_call(name, members.get("arguments", "{}"))
+
+
+def _unread(_: str) -> None:
+    return None
+
+
+def _refused(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+class HermesCalls:
+    """Reads an answer in the hermes format as it comes (`read`); `content` and `calls`: what it has read so far."""
+
+    START, END = "<tool_call>", "</tool_call>"
+    keeps_special_tokens = True  # the tags are special tokens in some tokenizers (Hermes 2 Pro's), as vLLM reads them
+
+    def __init__(self, tool_names: Collection[str]):
+        self.tool_names = frozenset(tool_names)
+        self.content = ""
+        self.calls: list[dict] = []
+        self._pending = ""  # read, not given out yet
+        self._in_block = False  # _pending is a block's body, its START tag read
+        self._spaces = ""  # trailing whitespace held: given out before more content, dropped before a call
+        self._block_spaces = ""  # the whitespace dropped before the open block: given back if it is no call
+        self._after_call = False  # whitespace read now touches the call before it
+        self._gap = ""  # the whitespace before the last run of calls: between content on either side of them
+        self._out: tuple[list[str], list[dict]] = ([], [])
+
+    def read(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
+        """The content and call deltas of `text`, the answer's next piece (`final`: its last); each call delta in
+        OpenAI's streamed shape, whole: its index, id, type, name and arguments."""
+        self._pending += text
+        while self._next_tag_read():
+            pass
+        if final:
+            self._end()
+        else:  # all of the text outside a block, but what may begin a START tag
+            held = _tag_prefix_length(self._pending, self.START) if not self._in_block else len(self._pending)
+            self._text(self._pending[: len(self._pending) - held])
+            self._pending = self._pending[len(self._pending) - held :]
+        content, calls = self._out
+        self._out = ([], [])
+        return "".join(content), calls
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        """Where the answer called tools and ended as it meant to, "tool_calls"; a cut answer says why it was cut."""
+        return "tool_calls" if self.calls and reason == "stop" else reason
+
+    def message(self) -> dict:
+        """The whole answer as OpenAI's message: no content (null) where it is only calls."""
+        if not self.calls:
+            return {"role": "assistant", "content": self.content}
+        return {"role": "assistant", "content": self.content or None, "tool_calls": self.calls}
+
+    def _next_tag_read(self) -> bool:
+        """Read up to the next tag in _pending, if there is one whole."""
+        tag = self.END if self._in_block else self.START
+        at = self._pending.find(tag)
+        if at < 0:
+            return False
+        before, self._pending = self._pending[:at], self._pending[at + len(tag) :]
+        if self._in_block:
+            self._block(before, closed=True)
+        else:
+            self._text(before)
+            if not self._after_call:
+                self._gap = self._spaces
+            self._block_spaces, self._spaces = self._spaces, ""  # dropped, unless the block is no call
+        self._in_block = not self._in_block
+        return True
+
+    def _block(self, body: str, closed: bool) -> None:
+        call = call_of(body, self.tool_names)
+        if call is None:
+            self._spaces = self._block_spaces
+            self._text(self.START + body + (self.END if closed else ""))
+            return
+        self.calls.append(call)
+        self._out[1].append({"index": len(self.calls) - 1, **call, "function": dict(call["function"])})
+        self._after_call = True
+
+    def _text(self, text: str) -> None:
+        """Content: whitespace after a call dropped, trailing whitespace held (it may touch a call to come)."""
+        if self._after_call:
+            text = text.lstrip()
+            self._after_call = not text
+            if text and self.content:  # content again: apart from the content before the calls, as it was
+                text = self._gap + text
+        body = text.rstrip()
+        if body:
+            self._emit(self._spaces + body)
+            self._spaces = ""
+        self._spaces += text[len(body) :]
+
+    def _end(self) -> None:
+        if self._in_block:
+            self._block(self._pending, closed=False)
+        else:
+            self._text(self._pending)
+        self._pending, self._in_block = "", False
+        if not self._after_call:  # whitespace at the very end touches no call
+            self._emit(self._spaces)
+        self._spaces = ""
+
+    def _emit(self, content: str) -> None:
+        self.content += content
+        self._out[0].append(content)
+
+
+def _tag_prefix_length(text: str, tag: str) -> int:
+    """How many of `text`'s last characters may begin `tag`."""
+    for length in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-length:]):
+            return length
+    return 0
+
+
+PARSERS = {"hermes": HermesCalls}

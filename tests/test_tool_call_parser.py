@@ -1,0 +1,195 @@
+"""tool_choice "auto" with --tool-call-parser hermes: the output read as content and <tool_call> calls, streamed exactly
+as whole (every way of cutting the text into pieces gives the same content and calls); blocks that are no call of the
+tools kept as content; served end to end (the tiny model held to a hermes answer by structured outputs), with the
+tokenizer's special tokens kept in the text the parser reads."""
+
+import random
+
+import pytest
+
+from server.api.tool_parsers import PARSERS, HermesCalls, call_of
+from server.config import Settings
+from tests.api_utils import running_app, stream
+
+TOOLS = ("weather", "time")
+
+
+def read_whole(text: str) -> HermesCalls:
+    reader = HermesCalls(TOOLS)
+    reader.read(text, final=True)
+    return reader
+
+
+def read_in_pieces(text: str, cuts: list[int]) -> tuple[str, list[dict]]:
+    """The content and calls that streaming `text`, cut at `cuts`, gives out."""
+    reader, content, calls = HermesCalls(TOOLS), "", []
+    bounds = [0, *cuts, len(text)]
+    for i, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        piece_content, deltas = reader.read(text[start:end], final=i == len(bounds) - 2)
+        content += piece_content
+        calls += deltas
+    return content, calls
+
+
+def shape(calls: list[dict]) -> list[tuple]:
+    return [(call["function"]["name"], call["function"]["arguments"]) for call in calls]
+
+
+# (output, content (None: calls only), calls as (name, arguments as written))
+CASES = [
+    ("Paris is sunny.", "Paris is sunny.", []),
+    ("Trailing whitespace stays \n", "Trailing whitespace stays \n", []),
+    (
+        '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+        None,
+        [("weather", '{"city": "Paris"}')],
+    ),
+    (
+        'Let me look.\n<tool_call>{"name": "weather", "arguments": {"city": "Rome"}}</tool_call>\n'
+        '<tool_call>{"name": "time", "arguments": {"zone": "CET"}}</tool_call>\n',
+        "Let me look.",
+        [("weather", '{"city": "Rome"}'), ("time", '{"zone": "CET"}')],
+    ),
+    # numbers stay as written, however large; a call without arguments takes none
+    (
+        '<tool_call>{"name": "time", "arguments": {"n": 1e999, "m": 123456789012345678901234567890}}</tool_call>',
+        None,
+        [("time", '{"n": 1e999, "m": 123456789012345678901234567890}')],
+    ),
+    ('<tool_call>{"name": "time"}</tool_call>', None, [("time", "{}")]),
+    # no call of the tools: content, tags and the whitespace before them included
+    ("Hi <tool_call>not json</tool_call>", "Hi <tool_call>not json</tool_call>", []),
+    (
+        'a <tool_call>{"name": "other", "arguments": {}}</tool_call>',
+        'a <tool_call>{"name": "other", "arguments": {}}</tool_call>',
+        [],
+    ),
+    (
+        '<tool_call>{"name": "time", "arguments": "{}"}</tool_call>',
+        '<tool_call>{"name": "time", "arguments": "{}"}</tool_call>',
+        [],
+    ),
+    (
+        '<tool_call>{"name": "time", "arguments": {"x": NaN}}</tool_call>',
+        '<tool_call>{"name": "time", "arguments": {"x": NaN}}</tool_call>',
+        [],
+    ),
+    ("<tool_call>" + "[" * 100_000 + "</tool_call>", "<tool_call>" + "[" * 100_000 + "</tool_call>", []),
+    # left open at the end: a whole call is one (a model stopping before its closing tag), else content
+    ('<tool_call>{"name": "weather", "arguments": {"city": "Rome"}}\n', None, [("weather", '{"city": "Rome"}')]),
+    ('Sure <tool_call>{"name": "weather", "argu', 'Sure <tool_call>{"name": "weather", "argu', []),
+    # what might have begun a tag is content once it does not
+    ("a <tool_ca", "a <tool_ca", []),
+    ("x < y and <tool> </tool_call>", "x < y and <tool> </tool_call>", []),
+    # text between and after calls is content, the whitespace touching the calls dropped
+    (
+        '<tool_call>{"name": "time", "arguments": {}}</tool_call> then \n<tool_call>{"name": "time", "arguments": {}}'
+        "</tool_call> done",
+        "then \ndone",
+        [("time", "{}"), ("time", "{}")],
+    ),
+]
+
+
+@pytest.mark.parametrize(("output", "content", "calls"), CASES)
+def test_whole_output_reads_as_content_and_calls(output, content, calls):
+    reader = read_whole(output)
+    message = reader.message()
+    assert message["content"] == content
+    assert shape(message.get("tool_calls", [])) == calls
+    assert reader.finish_reason("stop") == ("tool_calls" if calls else "stop")
+    assert reader.finish_reason("length") == "length"  # a cut answer says it was cut
+
+
+@pytest.mark.parametrize(("output", "content", "calls"), [case for case in CASES if len(case[0]) < 1000])
+def test_streamed_output_reads_as_the_whole_does_however_it_is_cut(output, content, calls):
+    whole = read_whole(output)
+    cuttings = [list(range(1, len(output)))]  # a character at a time
+    rng = random.Random(0)
+    for _ in range(30):
+        cuttings.append(sorted(rng.sample(range(1, len(output)), rng.randint(0, min(6, len(output) - 1)))))
+    for cuts in cuttings:
+        streamed_content, deltas = read_in_pieces(output, cuts)
+        assert streamed_content == whole.content, cuts
+        assert shape(deltas) == shape(whole.calls)
+        assert [delta["index"] for delta in deltas] == list(range(len(deltas)))
+        assert all(delta["id"].startswith("chatcmpl-tool-") and delta["type"] == "function" for delta in deltas)
+
+
+def test_a_call_streams_only_once_its_block_closes():
+    reader = HermesCalls(TOOLS)
+    assert reader.read("Checking. <tool") == ("Checking.", [])  # the space before a tag may touch a call: held
+    assert reader.read('_call>{"name": "time", "arguments": {}}') == ("", [])
+    content, deltas = reader.read("</tool_call>")
+    assert content == "" and shape(deltas) == [("time", "{}")]
+
+
+def test_call_of_wants_an_object_naming_a_tool():
+    assert (
+        call_of('{"name": "time", "arguments": {"zone": "UTC"}}', TOOLS)["function"]["arguments"] == '{"zone": "UTC"}'
+    )
+    for text in ('["time"]', '{"name": 3}', '{"name": ["time"]}', '{"name": "time", "arguments": [1]}', "{"):
+        assert call_of(text, TOOLS) is None, text
+
+
+def test_every_parser_is_a_settings_choice():
+    assert set(PARSERS) == set(Settings.model_fields["tool_call_parser"].annotation.__args__[0].__args__)
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+API_TOOLS = [{"type": "function", "function": {"name": name, "parameters": WEATHER}} for name in TOOLS]
+ANSWER = 'Sure.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def literal_regex(text: str) -> str:
+    return "".join("\\n" if char == "\n" else "\\" + char if char in ".{}[]()*+?|^$\\" else char for char in text)
+
+
+@pytest.fixture(scope="module", params=["thread", "process"])
+def served(request, tiny_model_dir, tmp_path_factory):
+    """The tiny Llama served with the hermes parser; a chat body with tools whose output structured outputs hold to
+    `ANSWER` (the random model writes no calls of its own)."""
+    store = tmp_path_factory.mktemp("store")
+    settings = {"engine_core": request.param, "device": "cpu", "tool_call_parser": "hermes"}
+    with running_app(tiny_model_dir("llama"), store, **settings) as client:
+        body = {
+            "model": client.get("/v1/models").json()["data"][0]["id"],
+            "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": API_TOOLS,
+            "max_tokens": 128,
+            "structured_outputs": {"regex": literal_regex(ANSWER)},
+        }
+        yield client, body
+
+
+def test_auto_reads_the_calls_the_model_writes(served):
+    client, body = served
+    for choice in ({}, {"tool_choice": "auto"}):
+        response = client.post("/v1/chat/completions", json=body | choice)
+        assert response.status_code == 200, response.text
+        (answer,) = response.json()["choices"]
+        assert answer["finish_reason"] == "tool_calls"
+        assert answer["message"]["content"] == "Sure."
+        assert shape(answer["message"]["tool_calls"]) == [("weather", '{"city": "Paris"}')]
+
+
+def test_auto_streams_content_then_the_whole_call(served):
+    client, body = served
+    *chunks, done = stream(client, "/v1/chat/completions", body | {"stream": True})
+    assert done == "[DONE]"
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks if chunk["choices"]]
+    assert "".join(delta.get("content", "") for delta in deltas) == "Sure."
+    calls = [call for delta in deltas for call in delta.get("tool_calls", [])]
+    assert shape(calls) == [("weather", '{"city": "Paris"}')] and calls[0]["index"] == 0
+    assert [chunk["choices"][0]["finish_reason"] for chunk in chunks if chunk["choices"]][-1] == "tool_calls"
+
+
+def test_auto_reads_text_with_special_tokens_kept(served):
+    """The parser reads the tokenizer's special tokens (hermes tags are some tokenizers'), as vLLM's does; "none" is
+    plain text, where they are left out."""
+    client, body = served
+    forced_bos = {"max_tokens": 1, "logit_bias": {"1": 100}, "structured_outputs": None}
+    auto = client.post("/v1/chat/completions", json=body | forced_bos).json()["choices"][0]
+    assert auto["message"] == {"role": "assistant", "content": "<|bos|>"} and auto["finish_reason"] == "length"
+    none = client.post("/v1/chat/completions", json=body | forced_bos | {"tool_choice": "none"}).json()["choices"][0]
+    assert none["message"]["content"] == ""
