@@ -120,10 +120,12 @@ class Settings(BaseSettings):
         16, ge=1, description="Completions in one OpenAI request at most, prompts x n (never more than the queue holds)"
     )
 
-    tool_call_parser: Literal["hermes"] | None = Field(
+    tool_call_parser: Literal["hermes", "llama3_json"] | None = Field(
         None,
         description='How the model writes tool calls, read back for tool_choice "auto" (vLLM\'s flag): hermes = '
-        '<tool_call>{"name": ..., "arguments": ...}</tool_call> (Hermes 2 Pro, Qwen2.5, Qwen3); unset, "auto" is a 400',
+        '<tool_call>{"name": ..., "arguments": ...}</tool_call> (Hermes 2 Pro, Qwen2.5, Qwen3); llama3_json = an '
+        'answer that starts with {"name": ..., "parameters": ...}, more after ";" (Llama 3.1-3.3); unset, "auto" '
+        "is a 400",
     )
 
     # adapters

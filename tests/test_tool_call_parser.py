@@ -1,7 +1,8 @@
-"""tool_choice "auto" with --tool-call-parser hermes: the output read as content and <tool_call> calls, streamed exactly
-as whole (every way of cutting the text into pieces gives the same content and calls); blocks that are no call of the
-tools kept as content; served end to end (the tiny model held to a hermes answer by structured outputs), with the
-tokenizer's special tokens kept in the text the parser reads."""
+"""tool_choice "auto" with --tool-call-parser: the output read as content and calls (hermes: <tool_call> blocks;
+llama3_json: an answer of ";"-separated JSON calls), streamed exactly as whole (every way of cutting the text into
+pieces gives the same content and calls); what is no call of the tools kept as content; served end to end (the tiny
+model held to a hermes answer by structured outputs), with the tokenizer's special tokens kept in the text the parser
+reads."""
 
 import random
 
@@ -14,15 +15,15 @@ from tests.api_utils import running_app, stream
 TOOLS = ("weather", "time")
 
 
-def read_whole(text: str) -> HermesCalls:
-    reader = HermesCalls(TOOLS)
+def read_whole(parser: str, text: str):
+    reader = PARSERS[parser](TOOLS)
     reader.read(text, final=True)
     return reader
 
 
-def read_in_pieces(text: str, cuts: list[int]) -> tuple[str, list[dict]]:
+def read_in_pieces(parser: str, text: str, cuts: list[int]) -> tuple[str, list[dict]]:
     """The content and calls that streaming `text`, cut at `cuts`, gives out."""
-    reader, content, calls = HermesCalls(TOOLS), "", []
+    reader, content, calls = PARSERS[parser](TOOLS), "", []
     bounds = [0, *cuts, len(text)]
     for i, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
         piece_content, deltas = reader.read(text[start:end], final=i == len(bounds) - 2)
@@ -36,7 +37,7 @@ def shape(calls: list[dict]) -> list[tuple]:
 
 
 # (output, content (None: calls only), calls as (name, arguments as written))
-CASES = [
+HERMES = [
     ("Paris is sunny.", "Paris is sunny.", []),
     ("Trailing whitespace stays \n", "Trailing whitespace stays \n", []),
     (
@@ -89,11 +90,37 @@ CASES = [
         [("time", "{}"), ("time", "{}")],
     ),
 ]
+LLAMA3_JSON = [
+    ("Paris is sunny.", "Paris is sunny.", []),
+    ("  Text, then {}", "  Text, then {}", []),
+    ('{"name": "weather", "parameters": {"city": "Paris"}}', None, [("weather", '{"city": "Paris"}')]),
+    (
+        '<|python_tag|>{"name": "weather", "parameters": {"city": "Rome"}}; {"name": "time", "arguments": {}}\n',
+        None,
+        [("weather", '{"city": "Rome"}'), ("time", "{}")],
+    ),
+    ('\n{"name": "time", "parameters": {"s": "a \\" } ; {"}}', None, [("time", '{"s": "a \\" } ; {"}')]),
+    ('{"name": "time", "parameters": {"n": 1e999}}', None, [("time", '{"n": 1e999}')]),
+    # what breaks the calls is content from there on; the whole answer where no call came before
+    ('{"name": "time", "parameters": {}}; and more', "and more", [("time", "{}")]),
+    (
+        '{"name": "time", "parameters": {}} {"name": "other", "parameters": {}}',
+        '{"name": "other", "parameters": {}}',
+        [("time", "{}")],
+    ),
+    ('<|python_tag|>{"name": "other", "parameters": {}}', '<|python_tag|>{"name": "other", "parameters": {}}', []),
+    ('{"name": "time", "parameters": {"zone": "U', '{"name": "time", "parameters": {"zone": "U', []),
+    ('{"name": "time", "parameters": {}}; {"name": "we', '{"name": "we', [("time", "{}")]),
+    ("<|python_tag|>", "<|python_tag|>", []),
+    ("<|python", "<|python", []),
+    ("{" * 100_000 + "}" * 100_000, "{" * 100_000 + "}" * 100_000, []),
+]
+CASES = [("hermes", *case) for case in HERMES] + [("llama3_json", *case) for case in LLAMA3_JSON]
 
 
-@pytest.mark.parametrize(("output", "content", "calls"), CASES)
-def test_whole_output_reads_as_content_and_calls(output, content, calls):
-    reader = read_whole(output)
+@pytest.mark.parametrize(("parser", "output", "content", "calls"), CASES)
+def test_whole_output_reads_as_content_and_calls(parser, output, content, calls):
+    reader = read_whole(parser, output)
     message = reader.message()
     assert message["content"] == content
     assert shape(message.get("tool_calls", [])) == calls
@@ -101,15 +128,15 @@ def test_whole_output_reads_as_content_and_calls(output, content, calls):
     assert reader.finish_reason("length") == "length"  # a cut answer says it was cut
 
 
-@pytest.mark.parametrize(("output", "content", "calls"), [case for case in CASES if len(case[0]) < 1000])
-def test_streamed_output_reads_as_the_whole_does_however_it_is_cut(output, content, calls):
-    whole = read_whole(output)
+@pytest.mark.parametrize(("parser", "output", "content", "calls"), [case for case in CASES if len(case[1]) < 1000])
+def test_streamed_output_reads_as_the_whole_does_however_it_is_cut(parser, output, content, calls):
+    whole = read_whole(parser, output)
     cuttings = [list(range(1, len(output)))]  # a character at a time
     rng = random.Random(0)
     for _ in range(30):
         cuttings.append(sorted(rng.sample(range(1, len(output)), rng.randint(0, min(6, len(output) - 1)))))
     for cuts in cuttings:
-        streamed_content, deltas = read_in_pieces(output, cuts)
+        streamed_content, deltas = read_in_pieces(parser, output, cuts)
         assert streamed_content == whole.content, cuts
         assert shape(deltas) == shape(whole.calls)
         assert [delta["index"] for delta in deltas] == list(range(len(deltas)))

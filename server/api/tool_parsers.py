@@ -1,18 +1,18 @@
 """tool_choice "auto": the model answers in text or calls tools the way it was trained to write calls, and a parser of
 that way (`--tool-call-parser`, vLLM's flag and names) reads its output into OpenAI's `content` and `tool_calls`.
-`PARSERS` names them, one class per format.
-
-hermes: each call a JSON object {"name": ..., "arguments": {...}} between <tool_call> and </tool_call>, the format of
-Hermes 2 Pro, Qwen2.5, Qwen3 and the models trained on their chat templates.
+`PARSERS` names them, one class per format:
+- hermes: each call a JSON object {"name": ..., "arguments": {...}} between <tool_call> and </tool_call>, text around
+  them: Hermes 2 Pro, Qwen2.5, Qwen3 and the models trained on their chat templates.
+- llama3_json: an answer that is calls, JSON objects {"name": ..., "parameters": {...}} apart by ";": Llama 3.1-3.3.
 
 One reader serves a streamed answer and a whole one alike (a whole answer is read as one piece), so both give the same
 content and calls:
-- Text goes out as content as it comes, but for what may be the start of a call's tag, held until told apart.
-- A call goes out whole, once its closing tag is read, with its arguments as written.
-- Whitespace touching a call is dropped (content on either side of calls keeps what stood before them).
-- A block that is not a call of one of the tools (not JSON, a name not among them, arguments not an object) is content,
-  its tags included: nothing the model wrote is lost. So is a block left open at the end, unless what it holds is a
-  whole call (a model stopping before its closing tag).
+- Text goes out as content as it comes, but for what may yet turn out to be a call (the start of a tag), held until
+  told apart.
+- A call goes out whole, once it is complete, with its arguments as written.
+- Whitespace touching a call is dropped.
+- What is not a call of one of the tools (not JSON, a name not among them, arguments not an object) is content, as
+  written: nothing the model wrote is lost.
 """
 
 from __future__ import annotations
@@ -23,20 +23,21 @@ from collections.abc import Collection
 from server.api.tool_calls import CallArray, new_call
 
 
-def call_of(text: str, tool_names: Collection[str]) -> dict | None:
-    """The call a JSON text makes, if it is an object {"name": one of `tool_names`, "arguments": an object}; its
-    arguments as written. Python's json only checks the text: it converts no number (so none is too large for it,
-    1e999 or a long integer), and a value too deep for it is not a call."""
+def call_of(text: str, tool_names: Collection[str], argument_keys: tuple[str, ...] = ("arguments",)) -> dict | None:
+    """The call a JSON text makes, if it is an object {"name": one of `tool_names`, <the first of `argument_keys` it
+    has>: an object (none: no arguments)}; its arguments as written. Python's json only checks the text: it converts
+    no number (so none is too large for it, 1e999 or a long integer), and a value too deep for it is not a call."""
     try:
         value = json.loads(text, parse_int=_unread, parse_float=_unread, parse_constant=_refused)
     except (ValueError, RecursionError):
         return None
     if not isinstance(value, dict) or not isinstance(name := value.get("name"), str) or name not in tool_names:
         return None
-    if not isinstance(value.get("arguments", {}), dict):
+    key = next((key for key in argument_keys if key in value), None)
+    if key is not None and not isinstance(value[key], dict):
         return None
     (members,) = CallArray().feed(f"[{text}]")  # the object's members as written
-    return new_call(name, members.get("arguments", "{}"))
+    return new_call(name, members[key] if key is not None else "{}")
 
 
 def _unread(_: str) -> None:
@@ -47,36 +48,21 @@ def _refused(constant: str) -> None:
     raise ValueError(f"{constant} is not JSON")
 
 
-class HermesCalls:
-    """Reads an answer in the hermes format as it comes (`read`); `content` and `calls`: what it has read so far."""
+class TextAndCalls:
+    """What a parser has read of an answer so far (`content`, `calls`), and what the piece being read gave out."""
 
-    START, END = "<tool_call>", "</tool_call>"
-    keeps_special_tokens = True  # the tags are special tokens in some tokenizers (Hermes 2 Pro's), as vLLM reads them
+    keeps_special_tokens = True  # a format's markers are special tokens in some tokenizers; vLLM's parsers read them
 
     def __init__(self, tool_names: Collection[str]):
         self.tool_names = frozenset(tool_names)
         self.content = ""
         self.calls: list[dict] = []
-        self._pending = ""  # read, not given out yet
-        self._in_block = False  # _pending is a block's body, its START tag read
-        self._spaces = ""  # trailing whitespace held: given out before more content, dropped before a call
-        self._block_spaces = ""  # the whitespace dropped before the open block: given back if it is no call
-        self._after_call = False  # whitespace read now touches the call before it
-        self._gap = ""  # the whitespace before the last run of calls: between content on either side of them
         self._out: tuple[list[str], list[dict]] = ([], [])
 
     def read(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
         """The content and call deltas of `text`, the answer's next piece (`final`: its last); each call delta in
         OpenAI's streamed shape, whole: its index, id, type, name and arguments."""
-        self._pending += text
-        while self._next_tag_read():
-            pass
-        if final:
-            self._end()
-        else:  # all of the text outside a block, but what may begin a START tag
-            held = _tag_prefix_length(self._pending, self.START) if not self._in_block else len(self._pending)
-            self._text(self._pending[: len(self._pending) - held])
-            self._pending = self._pending[len(self._pending) - held :]
+        self._read(text, final)
         content, calls = self._out
         self._out = ([], [])
         return "".join(content), calls
@@ -90,6 +76,45 @@ class HermesCalls:
         if not self.calls:
             return {"role": "assistant", "content": self.content}
         return {"role": "assistant", "content": self.content or None, "tool_calls": self.calls}
+
+    def _read(self, text: str, final: bool) -> None:
+        raise NotImplementedError
+
+    def _emit(self, content: str) -> None:
+        self.content += content
+        self._out[0].append(content)
+
+    def _emit_call(self, call: dict) -> None:
+        self.calls.append(call)
+        self._out[1].append({"index": len(self.calls) - 1, **call, "function": dict(call["function"])})
+
+
+class HermesCalls(TextAndCalls):
+    """hermes: each call between <tool_call> and </tool_call>, text around them. Content on either side of calls keeps
+    the whitespace that stood before them. A block that is no call is content, tags included; so is one left open at
+    the end, unless what it holds is a whole call (a model stopping before its closing tag)."""
+
+    START, END = "<tool_call>", "</tool_call>"
+
+    def __init__(self, tool_names: Collection[str]):
+        super().__init__(tool_names)
+        self._pending = ""  # read, not given out yet
+        self._in_block = False  # _pending is a block's body, its START tag read
+        self._spaces = ""  # trailing whitespace held: given out before more content, dropped before a call
+        self._block_spaces = ""  # the whitespace dropped before the open block: given back if it is no call
+        self._after_call = False  # whitespace read now touches the call before it
+        self._gap = ""  # the whitespace before the last run of calls: between content on either side of them
+
+    def _read(self, text: str, final: bool) -> None:
+        self._pending += text
+        while self._next_tag_read():
+            pass
+        if final:
+            self._end()
+        else:  # all of the text outside a block, but what may begin a START tag
+            held = _tag_prefix_length(self._pending, self.START) if not self._in_block else len(self._pending)
+            self._text(self._pending[: len(self._pending) - held])
+            self._pending = self._pending[len(self._pending) - held :]
 
     def _next_tag_read(self) -> bool:
         """Read up to the next tag in _pending, if there is one whole."""
@@ -114,8 +139,7 @@ class HermesCalls:
             self._spaces = self._block_spaces
             self._text(self.START + body + (self.END if closed else ""))
             return
-        self.calls.append(call)
-        self._out[1].append({"index": len(self.calls) - 1, **call, "function": dict(call["function"])})
+        self._emit_call(call)
         self._after_call = True
 
     def _text(self, text: str) -> None:
@@ -141,9 +165,83 @@ class HermesCalls:
             self._emit(self._spaces)
         self._spaces = ""
 
-    def _emit(self, content: str) -> None:
-        self.content += content
-        self._out[0].append(content)
+
+class Llama3JsonCalls(TextAndCalls):
+    """llama3_json: an answer that calls tools starts with a call, a JSON object {"name": ..., "parameters": {...}}
+    ("arguments" taken too), maybe after <|python_tag|>, and more follow after ";"; any other answer is text. What
+    breaks the calls (something neither a call nor ";" or whitespace between them, or a call that is no call of the
+    tools, or one left open at the end) is content from there on, as written: the whole answer if no call came
+    before it. ";" and whitespace between calls are dropped."""
+
+    PYTHON_TAG = "<|python_tag|>"
+    ARGUMENT_KEYS = ("parameters", "arguments")
+
+    def __init__(self, tool_names: Collection[str]):
+        super().__init__(tool_names)
+        self._pending = ""  # read, not given out yet (in calls: the answer so far, or what follows the last call)
+        self._mode: str | None = None  # "calls" or "text", once the answer's first characters tell
+        self._at = 0  # in calls: the next character of _pending to scan
+        self._start = 0  # in calls: where the object being read begins
+        self._depth = 0  # in calls: of the object being read (0: between calls)
+        self._in_string = False
+        self._escaped = False
+
+    def _read(self, text: str, final: bool) -> None:
+        self._pending += text
+        if self._mode is None:
+            self._decide(final)
+        if self._mode == "calls":
+            self._read_calls()
+        if self._mode == "calls" and final:
+            self._text_from(self._start if self._depth else len(self._pending))  # a call left open, or nothing
+        if self._mode == "text":
+            self._emit(self._pending)
+            self._pending = ""
+
+    def _decide(self, final: bool) -> None:
+        """Calls if the answer starts with one, else text; undecided while it may yet (whitespace, a tag's start)."""
+        start = self._pending.lstrip()
+        lead = len(self._pending) - len(start)
+        if start.startswith(self.PYTHON_TAG) or start.startswith("{"):
+            self._mode = "calls"
+            self._at = lead + (len(self.PYTHON_TAG) if start.startswith(self.PYTHON_TAG) else 0)
+        elif final or (start and not self.PYTHON_TAG.startswith(start)):
+            self._mode = "text"
+
+    def _read_calls(self) -> None:
+        """Each call whole, once its object closes; a string-aware count of brackets tells where that is."""
+        while self._mode == "calls" and self._at < len(self._pending):
+            char = self._pending[self._at]
+            self._at += 1
+            if self._depth == 0:
+                if char == "{":
+                    self._start, self._depth = self._at - 1, 1
+                elif not (char.isspace() or char == ";"):
+                    self._text_from(self._at - 1)
+            elif self._escaped:
+                self._escaped = False
+            elif self._in_string:
+                self._escaped, self._in_string = char == "\\", char != '"'
+            elif char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self._depth += 1
+            elif char in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    self._call_read()
+
+    def _call_read(self) -> None:
+        call = call_of(self._pending[self._start : self._at], self.tool_names, self.ARGUMENT_KEYS)
+        if call is None:
+            return self._text_from(self._start)
+        self._emit_call(call)
+        self._pending, self._at = self._pending[self._at :], 0
+
+    def _text_from(self, at: int) -> None:
+        """The rest of the answer is text, from `at` on (from its start, if no call came before)."""
+        self._mode = "text"
+        self._pending = self._pending[at:] if self.calls else self._pending
 
 
 def _tag_prefix_length(text: str, tag: str) -> int:
@@ -154,4 +252,4 @@ def _tag_prefix_length(text: str, tag: str) -> int:
     return 0
 
 
-PARSERS = {"hermes": HermesCalls}
+PARSERS = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls}
