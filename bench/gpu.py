@@ -247,11 +247,14 @@ class Benchmark:
         say(f"  medians: base {base['tokens_per_s']:.1f} tok/s, adapters {with_adapters['tokens_per_s']:.1f} tok/s")
         say(f"  adapters / base = {ratio:.3f} (median of {len(rounds)} rounds)")
         for name, run in (("base", base), ("adapters", with_adapters)):
-            prefill, decode = run["steps"]["prefill"], run["steps"]["decode"]
-            say(
-                f"  {name}: {prefill['count']} steps that prefilled, {prefill['mean_ms']:.2f} ms mean; "
-                f"{decode['count']} that only decoded, {decode['mean_ms']:.2f} ms"
-            )
+            for kind, title in (("prefill", "steps that prefilled"), ("decode", "steps that only decoded")):
+                steps = run["steps"][kind]
+                say(
+                    f"  {name}: {steps['count']} {title}, mean / median / slowest {steps['mean_ms']:.2f} / "
+                    f"{steps['median_ms']:.2f} / {steps['max_ms']:.1f} ms, {steps['device_wait_share']:.0%} blocked "
+                    "on the device"
+                )
+            say(f"  {name}: {1000 * run['outside_steps_s']:.1f} ms of the run outside the steps")
         return {
             "attention_backend": resolve_attention_backend(config.attention_backend, torch.device(args.device).type),
             "cuda_graphs": config.cuda_graphs,

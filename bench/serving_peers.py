@@ -38,7 +38,7 @@ def run_engine(model, requests: list[Request], adapters, config: EngineConfig) -
         sampling = SamplingParams(max_new_tokens=request.max_new_tokens, ignore_eos=True)
         core.add(Sequence(f"r{index}", list(request.prompt), sampling, request_edit(adapter, len(request.prompt))))
     generated = 0
-    steps = {"decode": [], "prefill": []}  # seconds of each step that only decoded / also prefilled
+    steps = {"decode": [], "prefill": []}  # each step that only decoded / also prefilled
     device = next(model.parameters()).device
     with timed(device) as elapsed:
         while core.has_work():
@@ -47,11 +47,29 @@ def run_engine(model, requests: list[Request], adapters, config: EngineConfig) -
                     raise RuntimeError(f"request {output.request_id} failed: {output.error}")
                 generated += len(output.new_tokens)
             if core.last_step is not None:
-                steps["prefill" if core.last_step.num_prefill_tokens else "decode"].append(core.last_step.seconds)
-    step_figures = {
-        kind: {"count": len(times), "mean_ms": 1000 * sum(times) / max(1, len(times))} for kind, times in steps.items()
+                steps["prefill" if core.last_step.num_prefill_tokens else "decode"].append(core.last_step)
+    step_figures = {kind: step_figures_of(stats) for kind, stats in steps.items()}
+    in_steps = sum(stat.seconds for stats in steps.values() for stat in stats)
+    # the run's time outside step() (the final drain of the device included): where steps explain a gap, it is ~0
+    return {
+        **throughput(generated, elapsed.seconds),
+        "steps": step_figures,
+        "outside_steps_s": elapsed.seconds - in_steps,
     }
-    return {**throughput(generated, elapsed.seconds), "steps": step_figures}
+
+
+def step_figures_of(stats: list) -> dict:
+    """A kind of step's count, mean, median and slowest (ms), and its share blocked for the device's results: the
+    slowest step tells a one-off (a compile, an allocation) from a step that is slow every time."""
+    times = sorted(1000 * stat.seconds for stat in stats) or [0.0]
+    waited = sum(stat.device_wait_seconds for stat in stats)
+    return {
+        "count": len(stats),
+        "mean_ms": sum(times) / max(1, len(stats)),
+        "median_ms": times[len(times) // 2],
+        "max_ms": times[-1],
+        "device_wait_share": waited / max(1e-9, sum(times) / 1000),
+    }
 
 
 @torch.inference_mode()

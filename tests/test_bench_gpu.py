@@ -50,6 +50,14 @@ def test_smoke_throughputs_count_every_requested_token(smoke_results):
     for run in runs:
         assert run["tokens"] == wanted and run["tokens_per_s"] > 0
     assert parts["hf-cb"]["settings"]["max_requests_per_batch"] == settings["max_num_seqs"]
+    for run in (parts[engine][run] for engine in engines for run in ("base", "adapters")):
+        assert 0 <= run["outside_steps_s"] < run["seconds"]
+        prefill, decode = run["steps"]["prefill"], run["steps"]["decode"]
+        assert prefill["count"] > 0 and decode["count"] > 0
+        assert all(
+            0 < steps["median_ms"] <= steps["max_ms"] and 0 <= steps["device_wait_share"] <= 1
+            for steps in (prefill, decode)
+        )
 
 
 # on the CPU the default ("decode") is synchronous, as "decode-sync"
