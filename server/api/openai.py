@@ -86,7 +86,7 @@ def tool_call_reader(body: ChatCompletionRequest, parser: str | None) -> Callabl
             'tools), a named function ({"type": "function", "function": {"name": ...}}) or "none"',
             param="tool_choice",
         )
-    return partial(PARSERS[parser], [tool.function.name for tool in body.tools])
+    return partial(PARSERS[parser], [tool.function.name for tool in body.tools], body.parallel_tool_calls)
 
 
 def check_choices(state: AppState, prompts: int, n: int) -> None:

@@ -556,7 +556,9 @@ class ChatCompletionRequest(OpenAIFields, ChatTemplateFields):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    parallel_tool_calls: bool = Field(True, description='false: "required" makes one call')
+    parallel_tool_calls: bool = Field(
+        True, description='false: one call at most ("required" makes one, "auto" answers only the first)'
+    )
     tool_choice: ToolChoice | None = Field(
         None,
         description='"none": text; "required": calls of the tools; {"type": "function", "function": {"name"}}: a call '

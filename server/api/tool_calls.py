@@ -84,14 +84,15 @@ class CallReader(Protocol):
 class ToolCalls:
     """The calls of one choice whose tool_choice forces them, read from its text as it comes (`read`): for the
     function `named`, the text is its one call's arguments; for "required" (named None), a JSON array of calls, each
-    read once its object is complete (the grammar makes every complete object a call). `calls`: those read so far."""
+    read once its object is complete (the grammar makes every complete object a call). `message`: the calls read."""
 
     keeps_special_tokens = False  # the output is JSON, whatever the tokenizer's special tokens
 
     def __init__(self, named: str | None):
         self.named = named
-        self.calls: list[dict] = []
+        self.calls: list[dict] = []  # read so far (a named call's arguments: its first piece, the rest in _arguments)
         self._array = CallArray() if named is None else None
+        self._arguments: list[str] = []  # the named call's arguments after its first piece
 
     def read(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
         """The content (none: the output is calls) and call deltas of `text`, the output's next piece, in OpenAI's
@@ -103,13 +104,16 @@ class ToolCalls:
             first = len(self.calls) - len(read)
             return "", [{"index": first + i, **call} for i, call in enumerate(read)]
         if self.calls:
-            self.calls[0]["function"]["arguments"] += text
+            self._arguments.append(text)  # joined once, in `message`: a long call streamed is read in linear time
             return "", [{"index": 0, "function": {"arguments": text}}] if text else []
         self.calls.append(new_call(self.named, text))
         return "", [{"index": 0, **self.calls[0], "function": dict(self.calls[0]["function"])}]
 
     def message(self) -> dict:
         """The whole output as OpenAI's message: its calls, and content "" (vLLM's)."""
+        if self._arguments:
+            self.calls[0]["function"]["arguments"] += "".join(self._arguments)
+            self._arguments = []
         return {"role": "assistant", "content": "", "tool_calls": self.calls}
 
     def finish_reason(self, reason: str | None) -> str | None:

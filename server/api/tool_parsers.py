@@ -7,8 +7,8 @@ that way (`--tool-call-parser`, vLLM's flag and names) reads its output into Ope
 
 One reader serves a streamed answer and a whole one alike (a whole answer is read as one piece), so both give the same
 content and calls:
-- Text goes out as content as it comes, but for what may yet turn out to be a call (the start of a tag), held until
-  told apart.
+- Text goes out as content as it comes, but for what may yet turn out to be a call (the start of a tag; with hermes,
+  trailing whitespace too, which may touch a call), held until told apart.
 - A call goes out whole, once it is complete, with its arguments as written.
 - Whitespace touching a call is dropped.
 - What is not a call of one of the tools (not JSON, a name not among them, arguments not an object) is content, as
@@ -49,15 +49,23 @@ def _refused(constant: str) -> None:
 
 
 class TextAndCalls:
-    """What a parser has read of an answer so far (`content`, `calls`), and what the piece being read gave out."""
+    """What a parser has read of an answer so far (`content`, `calls`), and what the piece being read gave out. What
+    grows with the answer is kept in pieces and joined once, so that a long answer streamed is read in linear time
+    (this runs on the event loop)."""
 
     keeps_special_tokens = True  # a format's markers are special tokens in some tokenizers; vLLM's parsers read them
 
-    def __init__(self, tool_names: Collection[str]):
+    def __init__(self, tool_names: Collection[str], parallel: bool = True):
+        """`parallel`: parallel_tool_calls; false, the calls after the first are left out (vLLM's; OpenAI makes one)."""
         self.tool_names = frozenset(tool_names)
-        self.content = ""
+        self.parallel = parallel
         self.calls: list[dict] = []
+        self._content: list[str] = []
         self._out: tuple[list[str], list[dict]] = ([], [])
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
 
     def read(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
         """The content and call deltas of `text`, the answer's next piece (`final`: its last); each call delta in
@@ -81,10 +89,14 @@ class TextAndCalls:
         raise NotImplementedError
 
     def _emit(self, content: str) -> None:
-        self.content += content
-        self._out[0].append(content)
+        if content:
+            self._content.append(content)
+            self._out[0].append(content)
 
     def _emit_call(self, call: dict) -> None:
+        """A call read: answered, unless one was and calls are not parallel (then a call all the same, no content)."""
+        if self.calls and not self.parallel:
+            return
         self.calls.append(call)
         self._out[1].append({"index": len(self.calls) - 1, **call, "function": dict(call["function"])})
 
@@ -96,11 +108,12 @@ class HermesCalls(TextAndCalls):
 
     START, END = "<tool_call>", "</tool_call>"
 
-    def __init__(self, tool_names: Collection[str]):
-        super().__init__(tool_names)
-        self._pending = ""  # read, not given out yet
-        self._in_block = False  # _pending is a block's body, its START tag read
-        self._spaces = ""  # trailing whitespace held: given out before more content, dropped before a call
+    def __init__(self, tool_names: Collection[str], parallel: bool = True):
+        super().__init__(tool_names, parallel)
+        self._pending = ""  # read, not given out yet: what may begin the next tag (or holds one whole)
+        self._in_block = False  # a block's START tag is read, not yet its END
+        self._body: list[str] = []  # the open block's text, but for _pending
+        self._spaces: list[str] = []  # trailing whitespace held: given out before more content, dropped before a call
         self._block_spaces = ""  # the whitespace dropped before the open block: given back if it is no call
         self._after_call = False  # whitespace read now touches the call before it
         self._gap = ""  # the whitespace before the last run of calls: between content on either side of them
@@ -111,10 +124,14 @@ class HermesCalls(TextAndCalls):
             pass
         if final:
             self._end()
-        else:  # all of the text outside a block, but what may begin a START tag
-            held = _tag_prefix_length(self._pending, self.START) if not self._in_block else len(self._pending)
-            self._text(self._pending[: len(self._pending) - held])
-            self._pending = self._pending[len(self._pending) - held :]
+        else:  # all of the text, but what may begin the tag to come
+            tag = self.END if self._in_block else self.START
+            read = len(self._pending) - _tag_prefix_length(self._pending, tag)
+            if self._in_block:
+                self._body.append(self._pending[:read])
+            else:
+                self._text(self._pending[:read])
+            self._pending = self._pending[read:]
 
     def _next_tag_read(self) -> bool:
         """Read up to the next tag in _pending, if there is one whole."""
@@ -124,19 +141,22 @@ class HermesCalls(TextAndCalls):
             return False
         before, self._pending = self._pending[:at], self._pending[at + len(tag) :]
         if self._in_block:
-            self._block(before, closed=True)
+            self._block(closed=True, rest=before)
         else:
             self._text(before)
+            spaces, self._spaces = "".join(self._spaces), []
             if not self._after_call:
-                self._gap = self._spaces
-            self._block_spaces, self._spaces = self._spaces, ""  # dropped, unless the block is no call
+                self._gap = spaces
+            self._block_spaces = spaces  # dropped, unless the block is no call
         self._in_block = not self._in_block
         return True
 
-    def _block(self, body: str, closed: bool) -> None:
+    def _block(self, closed: bool, rest: str) -> None:
+        """The open block ends (`closed`: with its END tag), `rest` its text after _body."""
+        body, self._body = "".join(self._body) + rest, []
         call = call_of(body, self.tool_names)
         if call is None:
-            self._spaces = self._block_spaces
+            self._spaces = [self._block_spaces]
             self._text(self.START + body + (self.END if closed else ""))
             return
         self._emit_call(call)
@@ -147,23 +167,24 @@ class HermesCalls(TextAndCalls):
         if self._after_call:
             text = text.lstrip()
             self._after_call = not text
-            if text and self.content:  # content again: apart from the content before the calls, as it was
+            if text and self._content:  # content again: apart from the content before the calls, as it was
                 text = self._gap + text
         body = text.rstrip()
         if body:
-            self._emit(self._spaces + body)
-            self._spaces = ""
-        self._spaces += text[len(body) :]
+            self._emit("".join(self._spaces) + body)
+            self._spaces = []
+        if len(body) < len(text):
+            self._spaces.append(text[len(body) :])
 
     def _end(self) -> None:
         if self._in_block:
-            self._block(self._pending, closed=False)
+            self._block(closed=False, rest=self._pending)
         else:
             self._text(self._pending)
         self._pending, self._in_block = "", False
         if not self._after_call:  # whitespace at the very end touches no call
-            self._emit(self._spaces)
-        self._spaces = ""
+            self._emit("".join(self._spaces))
+        self._spaces = []
 
 
 class Llama3JsonCalls(TextAndCalls):
@@ -176,48 +197,57 @@ class Llama3JsonCalls(TextAndCalls):
     PYTHON_TAG = "<|python_tag|>"
     ARGUMENT_KEYS = ("parameters", "arguments")
 
-    def __init__(self, tool_names: Collection[str]):
-        super().__init__(tool_names)
-        self._pending = ""  # read, not given out yet (in calls: the answer so far, or what follows the last call)
+    def __init__(self, tool_names: Collection[str], parallel: bool = True):
+        super().__init__(tool_names, parallel)
         self._mode: str | None = None  # "calls" or "text", once the answer's first characters tell
-        self._at = 0  # in calls: the next character of _pending to scan
-        self._start = 0  # in calls: where the object being read begins
+        self._held: list[str] = []  # while undecided: the answer so far (whitespace, maybe the start of the tag)
+        self._blank = True  # _held is whitespace alone
+        self._raw: list[str] | None = None  # in calls, until a call is read: the answer so far (content if none is)
+        self._object: list[str] = []  # in calls: the pieces of the object being read, but for the piece in hand
         self._depth = 0  # in calls: of the object being read (0: between calls)
         self._in_string = False
         self._escaped = False
 
     def _read(self, text: str, final: bool) -> None:
-        self._pending += text
         if self._mode is None:
-            self._decide(final)
+            text = self._decide(text, final)
         if self._mode == "calls":
-            self._read_calls()
-        if self._mode == "calls" and final:
-            self._text_from(self._start if self._depth else len(self._pending))  # a call left open, or nothing
-        if self._mode == "text":
-            self._emit(self._pending)
-            self._pending = ""
+            self._read_calls(text)
+            if final and self._mode == "calls":
+                self._end_calls()
+        elif self._mode == "text":
+            self._emit(text)
 
-    def _decide(self, final: bool) -> None:
-        """Calls if the answer starts with one, else text; undecided while it may yet (whitespace, a tag's start)."""
-        start = self._pending.lstrip()
-        lead = len(self._pending) - len(start)
+    def _decide(self, text: str, final: bool) -> str:
+        """Calls if the answer starts with one, else text; undecided while it may yet be (whitespace, the tag's start,
+        held). Returns what of the answer is left to read once decided."""
+        self._held.append(text)
+        if self._blank and not text.strip() and not final:
+            return ""  # whitespace alone so far: joined once something else comes
+        held = "".join(self._held)
+        start = held.lstrip()
+        self._held, self._blank = [held], not start
         if start.startswith(self.PYTHON_TAG) or start.startswith("{"):
-            self._mode = "calls"
-            self._at = lead + (len(self.PYTHON_TAG) if start.startswith(self.PYTHON_TAG) else 0)
-        elif final or (start and not self.PYTHON_TAG.startswith(start)):
-            self._mode = "text"
+            self._mode, self._held = "calls", []
+            head = len(held) - len(start) + (len(self.PYTHON_TAG) if start.startswith(self.PYTHON_TAG) else 0)
+            self._raw = [held[:head]]
+            return held[head:]
+        if final or (start and not self.PYTHON_TAG.startswith(start)):
+            self._mode, self._held = "text", []
+            return held
+        return ""
 
-    def _read_calls(self) -> None:
+    def _read_calls(self, text: str) -> None:
         """Each call whole, once its object closes; a string-aware count of brackets tells where that is."""
-        while self._mode == "calls" and self._at < len(self._pending):
-            char = self._pending[self._at]
-            self._at += 1
+        if self._raw is not None:
+            self._raw.append(text)
+        start = 0  # where the object being read begins in `text` (0: in an earlier piece, or none)
+        for at, char in enumerate(text):
             if self._depth == 0:
                 if char == "{":
-                    self._start, self._depth = self._at - 1, 1
+                    start, self._depth = at, 1
                 elif not (char.isspace() or char == ";"):
-                    self._text_from(self._at - 1)
+                    return self._break(text[at:])
             elif self._escaped:
                 self._escaped = False
             elif self._in_string:
@@ -229,19 +259,25 @@ class Llama3JsonCalls(TextAndCalls):
             elif char in "}]":
                 self._depth -= 1
                 if self._depth == 0:
-                    self._call_read()
+                    body, self._object = "".join(self._object) + text[start : at + 1], []
+                    if (call := call_of(body, self.tool_names, self.ARGUMENT_KEYS)) is None:
+                        return self._break(body + text[at + 1 :])
+                    self._emit_call(call)
+                    self._raw = None
+        if self._depth:
+            self._object.append(text[start:])
+        return None
 
-    def _call_read(self) -> None:
-        call = call_of(self._pending[self._start : self._at], self.tool_names, self.ARGUMENT_KEYS)
-        if call is None:
-            return self._text_from(self._start)
-        self._emit_call(call)
-        self._pending, self._at = self._pending[self._at :], 0
+    def _end_calls(self) -> None:
+        """The answer ended in calls: an object left open breaks them, and nothing but the tag is no call."""
+        if self._depth or self._raw is not None:
+            self._break("".join(self._object))
 
-    def _text_from(self, at: int) -> None:
-        """The rest of the answer is text, from `at` on (from its start, if no call came before)."""
+    def _break(self, rest: str) -> None:
+        """The calls are broken: the rest of the answer is text, from `rest` on (from its start, if no call came)."""
         self._mode = "text"
-        self._pending = self._pending[at:] if self.calls else self._pending
+        self._emit("".join(self._raw) if self._raw is not None else rest)
+        self._raw, self._object = None, []
 
 
 def _tag_prefix_length(text: str, tag: str) -> int:
