@@ -4,6 +4,7 @@ a tool's references keep naming what they named in its schema under "required", 
 type takes an object, and "required"'s calls are read as written, whatever numbers or depth the model wrote."""
 
 import json
+import time
 
 import pytest
 from transformers import AutoTokenizer
@@ -108,6 +109,21 @@ def test_required_calls_with_long_numbers_or_deep_values_are_read_not_raised():
     assert "1" * 5000 in call["function"]["arguments"]
     (call,) = calls_of('[{"name": "f", "parameters": {"x": ' + "[" * 3000 + "]" * 3000 + "}}]")
     assert "[" * 3000 in call["function"]["arguments"]
+
+
+@pytest.mark.parametrize("named", ["f", None])
+def test_a_long_call_streams_in_linear_time(named):
+    """A named call's arguments, "required"'s array: what grows with the output is neither copied nor scanned again
+    for each piece (copied, "required"'s 1.6M characters read 4 at a time took ~9 s, on the event loop)."""
+    arguments = '{"code": "' + "ab, c" * 320_000 + '"}'
+    output = (
+        arguments if named else f'[{{"name": "f", "parameters": {arguments}}}, {{"name": "f", "parameters": {{}}}}]'
+    )
+    calls, started = ToolCalls(named), time.perf_counter()
+    for at in range(0, len(output), 4):
+        calls.read(output[at : at + 4])
+    assert time.perf_counter() - started < 3
+    assert [call["function"]["arguments"] for call in calls.message()["tool_calls"]][:1] == [arguments]
 
 
 def test_required_holds_each_call_to_its_own_tools_definitions(tiny_model_dir):

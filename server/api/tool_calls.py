@@ -92,7 +92,7 @@ class ToolCalls:
         self.named = named
         self.calls: list[dict] = []  # read so far (a named call's arguments: its first piece, the rest in _arguments)
         self._array = CallArray() if named is None else None
-        self._arguments: list[str] = []  # the named call's arguments after its first piece
+        self._arguments: list[str] = []
 
     def read(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
         """The content (none: the output is calls) and call deltas of `text`, the output's next piece, in OpenAI's
@@ -104,7 +104,7 @@ class ToolCalls:
             first = len(self.calls) - len(read)
             return "", [{"index": first + i, **call} for i, call in enumerate(read)]
         if self.calls:
-            self._arguments.append(text)  # joined once, in `message`: a long call streamed is read in linear time
+            self._arguments.append(text)  # joined once, in `message` (a string grown by += may be copied each time)
             return "", [{"index": 0, "function": {"arguments": text}}] if text else []
         self.calls.append(new_call(self.named, text))
         return "", [{"index": 0, **self.calls[0], "function": dict(self.calls[0]["function"])}]
@@ -130,8 +130,9 @@ class CallArray:
 
     def __init__(self):
         self.closed = False  # the array's "]" came
-        self._text = ""
-        self._at = 0  # the next character to look at
+        self._pieces: list[str] = []  # the text from _kept on (the call being read), as it came: joined when sliced
+        self._kept = 0  # where _pieces begin in the whole text
+        self._read = 0  # how much of the whole text was fed
         self._depth = 0  # 1 in the array, 2 in a call, more in its values
         self._string: int | None = None  # where the string being scanned began
         self._escaped = False
@@ -141,10 +142,9 @@ class CallArray:
 
     def feed(self, text: str) -> list[dict[str, str]]:
         """The calls that `text`, the output's next piece, completes: each a member name -> the text of its value."""
-        self._text += text
+        self._pieces.append(text)
         calls = []
-        for at in range(self._at, len(self._text)):
-            char = self._text[at]
+        for at, char in enumerate(text, self._read):
             if self._string is not None:
                 self._scan_string(char, at)
             elif char == '"':
@@ -153,18 +153,29 @@ class CallArray:
                 self._depth += 1
             elif self._depth == 2 and char in ",}":  # a call's member ends, and with "}" the call
                 if self._value is not None:
-                    self._members[self._key] = self._text[self._value : at].strip()
+                    self._members[self._key] = self._slice(self._value, at).strip()
                     self._value = None
                 if char == "}":
                     calls.append(self._members)
                     self._members, self._depth = {}, 1
+                    self._forget_before(at + 1)
             elif char in "]}":
                 self._depth -= 1
                 self.closed = self._depth == 0
             elif char == ":" and self._depth == 2:
                 self._value = at + 1
-        self._at = len(self._text)
+        self._read += len(text)
         return calls
+
+    def _slice(self, start: int, end: int) -> str:
+        """The whole text's [start, end): a few slices per call, so a long call streamed is read in linear time."""
+        kept = "".join(self._pieces)
+        self._pieces = [kept]
+        return kept[start - self._kept : end - self._kept]
+
+    def _forget_before(self, at: int) -> None:
+        kept = "".join(self._pieces)
+        self._pieces, self._kept = [kept[at - self._kept :]], at
 
     def _scan_string(self, char: str, at: int) -> None:
         if self._escaped:
@@ -173,5 +184,5 @@ class CallArray:
             self._escaped = True
         elif char == '"':
             if self._depth == 2 and self._value is None:  # a member's name
-                self._key = json.loads(self._text[self._string : at + 1])
+                self._key = json.loads(self._slice(self._string, at + 1))
             self._string = None
