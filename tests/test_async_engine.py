@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+import time
 
 import pytest
 
@@ -68,6 +69,36 @@ def test_stop_string_matcher(deltas, stops, shown, stopped):
     out = "".join(matcher.feed(d) for d in deltas)
     out += matcher.finish()
     assert (out, matcher.stopped) == (shown, stopped)
+
+
+def reference_stop(text: str, stops: tuple[str, ...], include: bool) -> tuple[str, bool]:
+    """What stop strings leave of a whole text fed a character at a time: the text up to where the first of them
+    ends, the longest of those ending there cut off (or kept)."""
+    found = [(i + len(s), -len(s)) for s in stops if (i := text.find(s)) >= 0]
+    if not found:
+        return text, False
+    end, minus_length = min(found)
+    return text[: end if include else end + minus_length], True
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_string_matcher_agrees_with_the_whole_text(include):
+    """Long texts fed a character at a time (as a token's text may be), the matcher forgetting what no stop string
+    can reach back to."""
+    rng = random.Random(include)
+    for _ in range(300):
+        stops = tuple({"".join(rng.choice("ab ") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3))})
+        text = "".join(rng.choice("ab  c") for _ in range(rng.randint(0, 200)))
+        matcher = StopStringMatcher(stops, include_in_output=include)
+        shown = "".join(matcher.feed(char) for char in text) + matcher.finish()
+        assert (shown, matcher.stopped) == reference_stop(text, stops, include), (text, stops)
+
+
+def test_stop_string_matcher_reads_a_long_output_in_linear_time():
+    """It was quadratic: 200k pieces took 11 s on the event loop; the shown text's head is forgotten now."""
+    matcher, started = StopStringMatcher(("</answer>", "\n\nUser:")), time.perf_counter()
+    shown = "".join(matcher.feed("wo ") for _ in range(200_000))
+    assert time.perf_counter() - started < 5 and shown == "wo " * 200_000 and len(matcher.pending) < 40
 
 
 def test_stream_matches_the_core_and_decodes_text(model):

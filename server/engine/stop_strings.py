@@ -11,8 +11,9 @@ class StopStringMatcher:
         self.stops = stops
         self.include_in_output = include_in_output
         self.longest = max((len(s) for s in stops), default=0)
-        self.text = ""
-        self.emitted = 0
+        # the text not shown yet: a stop string ending in new text begins in it (shown text holds no stop string's
+        # beginning), so the shown text is forgotten and a long output is matched in linear time
+        self.pending = ""
         self.stopped = False
 
     def feed(self, delta: str, may_stop: bool = True) -> str:
@@ -22,29 +23,28 @@ class StopStringMatcher:
             return ""
         if not self.stops:
             return delta
-        fed = len(self.text)
-        self.text += delta
+        fed = len(self.pending)
+        self.pending += delta
         if may_stop:
-            hits = [(i, i + len(s)) for s in self.stops if (i := self.text.find(s, max(0, fed - len(s) + 1))) >= 0]
+            hits = [(i, i + len(s)) for s in self.stops if (i := self.pending.find(s, max(0, fed - len(s) + 1))) >= 0]
             if hits:
                 self.stopped = True
                 start, end = min(hits)
-                return self._emit_until(end if self.include_in_output else start)
-        return self._emit_until(len(self.text) - self._held_back())
+                return self._show(end if self.include_in_output else start)
+        return self._show(len(self.pending) - self._held_back())
 
     def finish(self) -> str:
         """The request ended without a stop string: release the held-back tail."""
-        return "" if self.stopped else self._emit_until(len(self.text))
+        return "" if self.stopped else self._show(len(self.pending))
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of some stop string."""
-        for size in range(min(self.longest - 1, len(self.text)), 0, -1):
-            tail = self.text[-size:]
+        for size in range(min(self.longest - 1, len(self.pending)), 0, -1):
+            tail = self.pending[-size:]
             if any(s.startswith(tail) for s in self.stops):
                 return size
         return 0
 
-    def _emit_until(self, end: int) -> str:
-        end = max(end, self.emitted)
-        shown, self.emitted = self.text[self.emitted : end], end
+    def _show(self, end: int) -> str:
+        shown, self.pending = self.pending[:end], self.pending[end:]
         return shown
