@@ -17,7 +17,7 @@ NEW_TOKENS = 10
 
 def with_decode_positions(edit: RequestEdit, decode_positions: tuple[int, ...]) -> RequestEdit:
     positions = tuple(tuple(sorted({*index, *decode_positions})) for index in edit.positions)
-    return RequestEdit(edit.adapter, positions, max(edit.end, max(decode_positions) + 1))
+    return RequestEdit(edit.adapter, positions)
 
 
 @torch.no_grad()

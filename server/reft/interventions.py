@@ -243,6 +243,13 @@ class Intervention:
     def __call__(self, h: Tensor) -> Tensor:
         return self.kind.apply(h, self.params, self.act)
 
+    @functools.cached_property
+    def batch_shape(self) -> tuple:
+        """What interventions must share to run as one batch (plan.py): type, activation, parameter shapes and
+        dtypes. Kept: a step plan asks for it per layer and adapter."""
+        params = tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(self.params.items()))
+        return (self.kind.name, self.act, params)
+
 
 def cast_params(kind: InterventionType, params: Params, dtype: torch.dtype, device: torch.device | str) -> dict:
     """Place parameters for a model of `dtype`: rotations and source vectors stay fp32 (as in pyreft)."""

@@ -58,9 +58,7 @@ class _Pair:
         """Pairs with equal keys run as one batch: same type, activation and parameter shapes. The index
         leads: without shared weights and with a one-sided spec, #0 and #1 edit the same rows, and #1
         must see what #0 made of them."""
-        intervention = self.adapter.layers[layer][self.index]
-        params = tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(intervention.params.items()))
-        return (self.index, intervention.kind.name, intervention.act, params)
+        return (self.index, self.adapter.layers[layer][self.index].batch_shape)
 
 
 @dataclass
