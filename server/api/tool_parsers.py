@@ -21,6 +21,7 @@ import json
 from collections.abc import Collection
 
 from server.api.tool_calls import CallArray, new_call
+from server.engine.stop_strings import held_tail
 
 
 def call_of(text: str, tool_names: Collection[str], argument_keys: tuple[str, ...] = ("arguments",)) -> dict | None:
@@ -126,7 +127,7 @@ class HermesCalls(TextAndCalls):
             self._end()
         else:  # all of the text, but what may begin the tag to come
             tag = self.END if self._in_block else self.START
-            read = len(self._pending) - _tag_prefix_length(self._pending, tag)
+            read = len(self._pending) - held_tail(self._pending, (tag,))
             if self._in_block:
                 self._body.append(self._pending[:read])
             else:
@@ -278,14 +279,6 @@ class Llama3JsonCalls(TextAndCalls):
         self._mode = "text"
         self._emit("".join(self._raw) if self._raw is not None else rest)
         self._raw, self._object = None, []
-
-
-def _tag_prefix_length(text: str, tag: str) -> int:
-    """How many of `text`'s last characters may begin `tag`."""
-    for length in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-length:]):
-            return length
-    return 0
 
 
 PARSERS = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls}

@@ -5,12 +5,23 @@ feeds the first tokens' text with stopping not yet allowed)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+
+def held_tail(text: str, strings: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of one of `strings`: text that may yet become one
+    of them, and so is held back from a stream."""
+    for size in range(min(max(map(len, strings), default=0) - 1, len(text)), 0, -1):
+        tail = text[-size:]
+        if any(s.startswith(tail) for s in strings):
+            return size
+    return 0
+
 
 class StopStringMatcher:
     def __init__(self, stops: tuple[str, ...], include_in_output: bool = False):
         self.stops = stops
         self.include_in_output = include_in_output
-        self.longest = max((len(s) for s in stops), default=0)
         # the text not shown yet: a stop string ending in new text begins in it (shown text holds no stop string's
         # beginning), so the shown text is forgotten and a long output is matched in linear time
         self.pending = ""
@@ -31,19 +42,11 @@ class StopStringMatcher:
                 self.stopped = True
                 start, end = min(hits)
                 return self._show(end if self.include_in_output else start)
-        return self._show(len(self.pending) - self._held_back())
+        return self._show(len(self.pending) - held_tail(self.pending, self.stops))
 
     def finish(self) -> str:
         """The request ended without a stop string: release the held-back tail."""
         return "" if self.stopped else self._show(len(self.pending))
-
-    def _held_back(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of some stop string."""
-        for size in range(min(self.longest - 1, len(self.pending)), 0, -1):
-            tail = self.pending[-size:]
-            if any(s.startswith(tail) for s in self.stops):
-                return size
-        return 0
 
     def _show(self, end: int) -> str:
         shown, self.pending = self.pending[:end], self.pending[end:]
