@@ -20,6 +20,6 @@ for name in sys.argv[1:]:
 PY
 )
 "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version "${DEVICE_PYTHON:-3.12}" \
-  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_31_x86_64 \
   --platform manylinux1_x86_64 --dest "${DEST:-.whl}" "${pinned[@]}"
 ls "${DEST:-.whl}"

@@ -26,7 +26,11 @@ def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.devic
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     # the caching host allocator keeps the pinned block until the copy has run
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    if isinstance(values, np.ndarray):  # torch.tensor(pin_memory=True) refuses numpy arrays
+        host = torch.from_numpy(values).to(dtype).pin_memory()
+    else:
+        host = torch.tensor(values, dtype=dtype, pin_memory=True)
+    return host.to(device, non_blocking=True)
 
 
 class StepUpload:
