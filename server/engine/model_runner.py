@@ -19,6 +19,7 @@ from server.engine.attention import STEP_KWARG, Span, StepAttention
 from server.engine.compiled_layers import COMPILED_KWARG, compile_layers
 from server.engine.config import decode_graphs_apply, resolve_attention_backend
 from server.engine.cuda_graphs import DecodeGraphs, GraphInputs
+from server.engine.fused_norms import fuse_rms_norms
 from server.engine.kv_cache import KVCache
 from server.engine.prompt_logprobs import ScoredRows, rows_to_score
 from server.engine.sampler import PendingTokens
@@ -115,6 +116,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.attention_backend = resolve_attention_backend(attention_backend, self.device.type)
         self.upload = StepUpload(self.device)  # every step's integer inputs, in one host-to-device copy
+        fuse_rms_norms(model)
         self._hooks = install_plan_hooks(model)
         self._compiled_layer_kwargs = {}
         if compile_backend is not None:

@@ -1,0 +1,58 @@
+"""The engine's fused RMSNorm (server/engine/fused_norms.py) computes exactly what transformers' norm does,
+and leaves alone the norms that compute something else."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from server.engine.fused_norms import fuse_rms_norms
+from server.models.tiny import VOCAB_SIZE, tiny_config
+
+
+def random_model(family: str, dtype: torch.dtype, num_layers: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers=num_layers), dtype=dtype).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "variance_epsilon"):
+                module.weight.normal_(1.0, 0.5)  # ones (the init) would hide a scale applied in the wrong place
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("family", "norms_per_layer"), [("llama", 2), ("qwen2", 2), ("mistral", 2), ("qwen3", 4)])
+def test_fused_norms_give_the_models_own_logits(family, norms_per_layer, dtype):
+    model = random_model(family, dtype)
+    ids = torch.randint(3, VOCAB_SIZE, (2, 17))
+    with torch.inference_mode():
+        expected = model(ids).logits
+        assert fuse_rms_norms(model) == 2 * norms_per_layer + 1  # and the final norm
+        assert torch.equal(model(ids).logits, expected)
+        assert fuse_rms_norms(model) == 2 * norms_per_layer + 1  # a second engine on the same model: the same
+        assert torch.equal(model(ids).logits, expected)
+
+
+def test_norms_that_compute_something_else_keep_their_forward():
+    class OnePlusWeight(nn.Module):  # Gemma's: scales by 1 + weight, its weight starts at zeros
+        def __init__(self, size: int):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(size))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return (1 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    class Gated(nn.Module):  # another signature
+        def __init__(self, size: int):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(size))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x, gate):
+            return self.weight * x * gate
+
+    modules = nn.ModuleList([OnePlusWeight(16), Gated(16), nn.LayerNorm(16)])
+    assert fuse_rms_norms(modules) == 0
+    assert all("forward" not in vars(module) for module in modules)
+    assert fuse_rms_norms(random_model("gpt2", torch.float32)) == 0
