@@ -43,6 +43,16 @@ def test_norms_that_compute_something_else_keep_their_forward():
         def forward(self, x):
             return (1 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
+    class ScaleThenRound(nn.Module):  # one rounding, after the scale (ones at init: the same as Llama's there)
+        def __init__(self, size: int):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(size, dtype=torch.bfloat16))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (self.weight.float() * normed).to(x.dtype)
+
     class Gated(nn.Module):  # another signature
         def __init__(self, size: int):
             super().__init__()
@@ -52,7 +62,7 @@ def test_norms_that_compute_something_else_keep_their_forward():
         def forward(self, x, gate):
             return self.weight * x * gate
 
-    modules = nn.ModuleList([OnePlusWeight(16), Gated(16), nn.LayerNorm(16)])
+    modules = nn.ModuleList([OnePlusWeight(16), ScaleThenRound(64), Gated(16), nn.LayerNorm(16)])
     assert fuse_rms_norms(modules) == 0
     assert all("forward" not in vars(module) for module in modules)
     assert fuse_rms_norms(random_model("gpt2", torch.float32)) == 0

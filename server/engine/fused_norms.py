@@ -9,13 +9,15 @@ inside, rounded to the input's dtype once, as transformers rounds it), and the s
 same values, in two kernels. On a CPU it runs the same operations as transformers' code.
 
 Which modules qualify is decided by what they compute, not by their class name: a module with a 1-D
-`weight` and a `variance_epsilon` (transformers' name) whose output on a probe equals the fused form's.
-A norm that scales by `1 + weight` (Gemma's), or takes other arguments, fails the probe and keeps its own
-forward. A fused module keeps its class, parameters and hooks; only its `forward` is replaced.
+`weight` and a `variance_epsilon` (transformers' name) whose output on a probe equals the fused form's
+bit for bit (on the CPU). A norm that scales by `1 + weight` (Gemma's), scales before it rounds, or takes
+other arguments fails the probe and keeps its own forward. A fused module keeps its class, parameters
+and hooks; only its `forward` is replaced.
 """
 
 from __future__ import annotations
 
+import copy
 from types import MethodType
 
 import torch
@@ -42,13 +44,13 @@ def _computes_llama_rms_norm(module: nn.Module) -> bool:
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     if not isinstance(weight, Tensor) or weight.dim() != 1 or not isinstance(eps, float):
         return False
-    generator = torch.Generator(device=weight.device).manual_seed(0)
-    probe = torch.randn(4, weight.shape[0], generator=generator, device=weight.device).to(weight.dtype)
+    generator = torch.Generator().manual_seed(0)
     try:
-        expected = module.forward(probe)  # not module(): no hooks
-    except Exception:  # another signature: not this norm
+        # a copy on the CPU, where torch's rms_norm runs transformers' own operations: the same bits exactly;
+        # with random weights, so that a norm that scales before rounding (or by 1 + weight) cannot pass
+        twin = copy.deepcopy(module).cpu()
+        twin.weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5 + 1)
+        probe = torch.randn(4, weight.shape[0], generator=generator).to(weight.dtype)
+        return torch.equal(twin.forward(probe), _fused_forward(twin, probe))  # forward, not (): no hooks
+    except Exception:  # another signature, say: not this norm
         return False
-    fused = _fused_forward(module, probe)
-    # on CUDA the fused kernel sums the squares in another order: a last-bit difference, never Gemma's 1 + weight
-    tolerance = 4 * torch.finfo(weight.dtype).eps
-    return expected.shape == fused.shape and torch.allclose(expected, fused, rtol=tolerance, atol=tolerance)
