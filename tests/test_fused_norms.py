@@ -29,7 +29,10 @@ def test_fused_norms_give_the_models_own_logits(family, norms_per_layer, dtype):
         expected = model(ids).logits
         assert fuse_rms_norms(model) == 2 * norms_per_layer + 1  # and the final norm
         assert torch.equal(model(ids).logits, expected)
-        assert fuse_rms_norms(model) == 2 * norms_per_layer + 1  # a second engine on the same model: the same
+        forwards = [vars(module).get("forward") for module in model.modules()]
+        assert fuse_rms_norms(model) == 2 * norms_per_layer + 1  # a second engine on the same model
+        now = [vars(module).get("forward") for module in model.modules()]
+        assert all(a is b for a, b in zip(now, forwards, strict=True))  # the same method objects
         assert torch.equal(model(ids).logits, expected)
 
 
