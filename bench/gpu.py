@@ -66,6 +66,7 @@ from bench.serving_peers import continuous_batching_config, run_continuous, run_
 from bench.step_profile import profile_steps  # noqa: E402
 from server.engine.attention import ATTENTION_NAME  # noqa: E402
 from server.engine.config import EngineConfig, async_scheduling_default, resolve_attention_backend  # noqa: E402
+from server.metrics import STEP_PHASES  # noqa: E402
 from server.models.tiny import VOCAB_SIZE  # noqa: E402
 
 # engine variants: part suffix -> (attention_backend, cuda_graphs, torch.compile backend of the decode forward,
@@ -249,10 +250,11 @@ class Benchmark:
         for name, run in (("base", base), ("adapters", with_adapters)):
             for kind, title in (("prefill", "steps that prefilled"), ("decode", "steps that only decoded")):
                 steps = run["steps"][kind]
+                phases = " / ".join(f"{ms:.2f}" for ms in steps["phase_mean_ms"].values())
                 say(
                     f"  {name}: {steps['count']} {title}, mean / median / slowest {steps['mean_ms']:.2f} / "
-                    f"{steps['median_ms']:.2f} / {steps['max_ms']:.1f} ms, {steps['device_wait_share']:.0%} blocked "
-                    "on the device"
+                    f"{steps['median_ms']:.2f} / {steps['max_ms']:.1f} ms ({' / '.join(STEP_PHASES)} {phases}), "
+                    f"{steps['device_wait_share']:.0%} blocked on the device"
                 )
             say(f"  {name}: {1000 * run['outside_steps_s']:.1f} ms of the run outside the steps")
         return {

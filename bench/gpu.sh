@@ -145,8 +145,9 @@ profile_under_load() {
   rm -rf "$OUT/profiles-$kind"
 }
 
-# how many engine steps only decoded (graph replays) and how many also prefilled (eager), and how much of
-# their time they blocked for the device; warm-up load included
+# how many engine steps only decoded (graph replays) and how many also prefilled (eager), their mean time in
+# each phase (scheduling, launching, reading), and how much of their time they blocked for the device;
+# warm-up load included
 step_kinds() {
   "$PYTHON" - "$1" <<'PY'
 import sys
@@ -154,17 +155,22 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-steps, waited = {}, 0.0
+steps, phases, waited = {}, {}, 0.0
 for family in text_string_to_metric_families(Path(sys.argv[1]).read_text()):
     if family.name == "reft_step_duration_seconds":
         for sample in family.samples:
             if sample.name.endswith(("_count", "_sum")):
                 steps.setdefault(sample.labels["kind"], {})[sample.name.rsplit("_", 1)[1]] = sample.value
+    elif family.name == "reft_step_phase_seconds":
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                phases.setdefault(sample.labels["kind"], {})[sample.labels["phase"]] = sample.value
     elif family.name == "reft_step_device_wait_seconds":
         waited = sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
 for kind, figures in sorted(steps.items()):
-    mean = 1000 * figures["sum"] / figures["count"] if figures["count"] else 0.0
-    print(f"engine steps, {kind}: {figures['count']:.0f}, mean {mean:.1f} ms")
+    count = figures["count"] or 1
+    split = ", ".join(f"{phase} {1000 * spent / count:.1f}" for phase, spent in phases.get(kind, {}).items())
+    print(f"engine steps, {kind}: {figures['count']:.0f}, mean {1000 * figures['sum'] / count:.1f} ms ({split})")
 busy = sum(figures["sum"] for figures in steps.values())
 print(f"engine steps blocked for the device {100 * waited / busy if busy else 0.0:.0f}% of their time")
 PY

@@ -19,6 +19,7 @@ from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
+from server.metrics import STEP_PHASES
 from server.reft.request_edit import request_edit
 
 CB_LOGGER = "ContinuousBatchingLogger"  # transformers' continuous batching logs here, not under transformers.*
@@ -59,8 +60,9 @@ def run_engine(model, requests: list[Request], adapters, config: EngineConfig) -
 
 
 def step_figures_of(stats: list) -> dict:
-    """A kind of step's count, mean, median and slowest (ms), and its share blocked for the device's results: the
-    slowest step tells a one-off (a compile, an allocation) from a step that is slow every time."""
+    """A kind of step's count, mean, median and slowest (ms), its share blocked for the device's results, and its mean
+    time in each phase (ms: scheduling, launching, reading): the slowest step tells a one-off (a compile, an
+    allocation) from a step that is slow every time."""
     times = sorted(1000 * stat.seconds for stat in stats) or [0.0]
     waited = sum(stat.device_wait_seconds for stat in stats)
     return {
@@ -69,6 +71,9 @@ def step_figures_of(stats: list) -> dict:
         "median_ms": times[len(times) // 2],
         "max_ms": times[-1],
         "device_wait_share": waited / max(1e-9, sum(times) / 1000),
+        "phase_mean_ms": {
+            phase: 1000 * sum(stat.phase_seconds[phase] for stat in stats) / max(1, len(stats)) for phase in STEP_PHASES
+        },
     }
 
 

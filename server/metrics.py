@@ -27,6 +27,9 @@ TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 BASE_LABEL = "base"
 STEP_KINDS = ("decode", "prefill")
+# where a step's time goes: choosing its chunks; packing them, running the forward (a graph replay, or an eager
+# forward launched kernel by kernel) and drawing its tokens; reading a step's drawn tokens and accepting them
+STEP_PHASES = ("schedule", "launch", "read")
 
 
 class Metrics:
@@ -80,9 +83,19 @@ class Metrics:
             "near 1 means the device is the bottleneck, near 0 the host",
             registry=r,
         )
+        self.step_phase_seconds = Counter(
+            "reft_step_phase_seconds",
+            "Time engine steps spent choosing their chunks (schedule), packing them, running the forward and "
+            "drawing tokens (launch), and reading and accepting drawn tokens (read): shares of "
+            "reft_step_duration_seconds_sum",
+            ["kind", "phase"],
+            registry=r,
+        )
         for kind in STEP_KINDS:  # both series from the start, so that rates over them never miss one
             for histogram in (self.step_tokens, self.step_requests, self.step_seconds):
                 histogram.labels(kind)
+            for phase in STEP_PHASES:
+                self.step_phase_seconds.labels(kind, phase)
         self.adapters_stored = Gauge("reft_adapters_stored", "Adapters in the store", registry=r)
         self.adapters_resident = Gauge("reft_adapters_resident", "Adapters loaded on the model's device", registry=r)
         self.adapter_resident_bytes = Gauge("reft_adapters_resident_bytes", "Bytes of resident adapters", registry=r)
@@ -101,13 +114,21 @@ class Metrics:
         self.vllm = VllmCompatibleMetrics(r, model_name, max_lora) if vllm_compatible else None
 
     def observe_step(
-        self, num_tokens: int, num_seqs: int, num_prefill_tokens: int, seconds: float, device_wait_seconds: float
+        self,
+        num_tokens: int,
+        num_seqs: int,
+        num_prefill_tokens: int,
+        seconds: float,
+        device_wait_seconds: float,
+        phase_seconds: dict[str, float],
     ) -> None:
         kind = STEP_KINDS[num_prefill_tokens > 0]
         self.step_tokens.labels(kind).observe(num_tokens)
         self.step_requests.labels(kind).observe(num_seqs)
         self.step_seconds.labels(kind).observe(seconds)
         self.step_device_wait.inc(device_wait_seconds)
+        for phase, spent in phase_seconds.items():
+            self.step_phase_seconds.labels(kind, phase).inc(spent)
 
     def watch_residents(self, residents: Callable[[], list[tuple[str, int]]], max_series: int) -> None:
         """Export `residents()` (name, version), most recently used first, as an info gauge of at

@@ -62,6 +62,10 @@ def test_health_ready_and_metrics(client):
     for kind in ("prefill", "decode"):  # each request: a step with its prompt, then one that decodes
         steps = re.search(rf'^reft_step_duration_seconds_count{{kind="{kind}"}} (\S+)$', text, re.MULTILINE)
         assert steps and float(steps.group(1)) >= 2, kind
+        launched = re.search(
+            rf'^reft_step_phase_seconds_total{{kind="{kind}",phase="launch"}} (\S+)$', text, re.MULTILINE
+        )
+        assert launched and float(launched.group(1)) > 0, kind
     assert "x-request-id" in client.get("/health").headers
 
 

@@ -5,6 +5,7 @@ up here first. The CUDA test is the one bench/gpu.sh runs on the device before t
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -58,6 +59,8 @@ def test_smoke_throughputs_count_every_requested_token(smoke_results):
             0 < steps["median_ms"] <= steps["max_ms"] and 0 <= steps["device_wait_share"] <= 1
             for steps in (prefill, decode)
         )
+        for steps in (prefill, decode):  # the phases split the mean step
+            assert math.isclose(sum(steps["phase_mean_ms"].values()), steps["mean_ms"], rel_tol=1e-6)
 
 
 # on the CPU the default ("decode") is synchronous, as "decode-sync"

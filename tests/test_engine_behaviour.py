@@ -1,5 +1,7 @@
 """Sampling, stop conditions, logprobs, local failures, fairness and block accounting of the core."""
 
+import math
+
 import pytest
 import torch
 
@@ -366,3 +368,17 @@ def test_a_one_token_prompt_chunk_counts_as_prefill(model):
         core.step()
         kinds.append(core.last_step.num_prefill_tokens if core.last_step else None)
     assert kinds[:3] == [1, 0, 0]
+
+
+def test_a_steps_phases_split_its_time(model):
+    """Scheduling, launching and reading (StepStats.phase_seconds, the metrics' reft_step_phase_seconds) add up
+    to the step's time."""
+    core = make_core(model)
+    core.add(seq("a", [5, 6, 7, 8], max_new_tokens=4))
+    while core.has_work():
+        core.step()
+        step = core.last_step
+        if step is not None:
+            phases = step.phase_seconds
+            assert set(phases) == {"schedule", "launch", "read"} and min(phases.values()) >= 0
+            assert phases["launch"] > 0 and math.isclose(sum(phases.values()), step.seconds)

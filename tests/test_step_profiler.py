@@ -35,7 +35,7 @@ def test_the_next_steps_are_profiled_while_requests_run(client):
     wait_for(summary.exists, timeout=30)  # written last
     text = summary.read_text()
     assert "4 engine steps under torch.profiler" in text and "steps prefilled" in text
-    assert "steps only decoded" in text and "aten::mm" in text
+    assert "steps only decoded" in text and "aten::mm" in text and "(schedule " in text
     assert json.loads(trace.read_text())["traceEvents"]
     assert not list(summary.parent.glob("*.part"))
 

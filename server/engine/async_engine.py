@@ -404,5 +404,10 @@ class AsyncEngine:
         if report.step is not None:
             step = report.step
             m.observe_step(
-                step.num_tokens, step.num_seqs, step.num_prefill_tokens, step.seconds, step.device_wait_seconds
+                step.num_tokens,
+                step.num_seqs,
+                step.num_prefill_tokens,
+                step.seconds,
+                step.device_wait_seconds,
+                step.phase_seconds,
             )

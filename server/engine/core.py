@@ -41,6 +41,7 @@ from server.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from server.engine.scheduler import ScheduledChunk, Scheduler
 from server.engine.sequence import FinishReason, Sequence, SequenceStatus
 from server.engine.transfers import to_device
+from server.metrics import STEP_PHASES
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,20 @@ class StepStats:
     num_prefill_tokens: int
     seconds: float
     device_wait_seconds: float  # of `seconds`, blocked for the device's results (of the step before, if async)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # of `seconds`, by STEP_PHASES
+
+
+class PhaseClock:
+    """Splits a step's time into STEP_PHASES: `lap(phase)` charges the time since the last lap to `phase`."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(STEP_PHASES, 0.0)
+        self._mark = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] += now - self._mark
+        self._mark = now
 
 
 # the sampling parameters whose draw holds the most memory per row: the warm-up step's
@@ -364,7 +379,7 @@ class EngineCore:
         first: its tokens reach the clients a step sooner, and the scheduler sees which requests ended. So is a
         step with rows held to a grammar, whose next masks need its tokens (grammar.py). Requests whose grammar
         has compiled since the last step join the scheduler first."""
-        started = time.perf_counter()
+        clock = PhaseClock()
         self.last_step = None
         previous, self._in_flight = self._in_flight, None
         outputs, self._unreturned = self._unreturned, []
@@ -376,8 +391,11 @@ class EngineCore:
             )
             if read_first:
                 outputs += self._read_or_fail(previous)
+                clock.lap("read")
             chunks = self.scheduler.schedule()
+            clock.lap("schedule")
             launched, failed = self._launch(chunks, None if read_first else previous) if chunks else (None, [])
+            clock.lap("launch")
         except BaseException:
             self._unreturned = outputs  # the next step returns them: no token read is lost
             if not read_first:
@@ -393,12 +411,14 @@ class EngineCore:
             self._unreturned = outputs  # and returns what was read here
             raise
         outputs += self._accept(launched, read_now=not self.async_scheduling)
+        clock.lap("read")
         if chunks:
             prefill = sum(c.length for c in chunks if c.prefills)
             tokens = sum(c.length for c in chunks)
             read = previous if self.async_scheduling else launched  # the step whose results were read here
             waited = read.waited if read is not None else 0.0
-            self.last_step = StepStats(tokens, len(chunks), prefill, time.perf_counter() - started, waited)
+            seconds = sum(clock.seconds.values())  # the whole step: its last lap is its end
+            self.last_step = StepStats(tokens, len(chunks), prefill, seconds, waited, clock.seconds)
         return outputs
 
     def _launch(
