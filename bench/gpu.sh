@@ -5,7 +5,8 @@
 #      which runs step 3 alone, so that a session can split its work into calls of under 10 minutes);
 #   3. with --server only: `reft-server serve` on the 1b preset with 64 stored adapters, loaded by
 #      bench/load.py with 128 concurrent clients after an untimed warm-up load, once per entry of
-#      SERVERS (default "process thread"): the engine core's host, `process` (a process of its own) or
+#      SERVERS (default "process process-b8192": the GPU server's engine host, with the issue's step budget
+#      and with the server's own): the engine core's host, `process` (a process of its own) or
 #      `thread`, with `-sync`, `-async`, `-compile` and/or `-bN` suffixes adding --no-async-scheduling (async
 #      scheduling is the GPU default), --async-scheduling, --compile and --max-batched-tokens N (default 4096:
 #      how many prompt tokens a step takes, which sets how many steps a wave of prompts waits for)
@@ -35,7 +36,7 @@ PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # the CUDA tests (skipped without CUDA); GPU_TESTS="..." runs others, GPU_TESTS=" " none
 read -ra GPU_TESTS <<<"${GPU_TESTS:-tests/test_gpu_engine.py tests/test_bench_gpu.py::test_smoke_run_on_cuda}"
-read -ra SERVERS <<<"${SERVERS:-process thread}"
+read -ra SERVERS <<<"${SERVERS:-process process-b8192}"
 
 server=0 bench=1
 bench_args=()
