@@ -4,8 +4,8 @@ In float32 the paged backend, eager and replayed from CUDA graphs (of the forwar
 Inductor compiled it, with the eager steps' layers compiled too), with and without async scheduling,
 gives the sdpa backend's greedy tokens on a mixed workload with adapters, chunked prefill and a pool
 too small for everyone at once; every bucket's graph is captured and the replays serve the decode
-steps; the Triton kernels (decode, prefill) match their torch twins; masked GQA prefill stays on SDPA's
-fused kernels.
+steps; the Triton kernels (decode, prefill) match their torch twins, and the rotary kernel gives
+transformers' own bits; masked GQA prefill stays on SDPA's fused kernels.
 Rows held to grammars (structured outputs) draw as on the sdpa path.
 Async scheduling keeps its tokens with the device lagging behind the host, and its launches never
 synchronize with the device: decode steps (graph replays) and steps that prefill (eager, with
@@ -160,6 +160,27 @@ def test_triton_prefill_kernel_matches_its_twin_on_cuda():
             kernel = paged_prefill_triton(torch.zeros_like(queries), *args)
             twin = paged_prefill_reference(torch.zeros_like(queries), *args)
             torch.testing.assert_close(kernel.float(), twin.float(), atol=atol, rtol=0)
+
+
+def test_rotary_kernel_gives_transformers_bits_on_cuda(cuda_llama):
+    """The engine routes Llama's rotation through the fused kernel (fused_rotary.py), whose every bit equals
+    transformers' own function's, in each dtype, for a prefill step's tokens and a decode step's."""
+    import transformers.models.llama.modeling_llama as llama
+
+    from server.engine.fused_rotary import FusedRotary
+
+    make_core(cuda_llama)
+    assert isinstance(llama.apply_rotary_pos_emb, FusedRotary)
+    original = llama.apply_rotary_pos_emb.original
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for tokens in (1, 300):
+            q = (4 * torch.randn(1, tokens, 32, 64, device="cuda")).to(dtype).transpose(1, 2)
+            k = (4 * torch.randn(1, tokens, 8, 64, device="cuda")).to(dtype).transpose(1, 2)
+            angles = torch.rand(1, tokens, 32, device="cuda") * tokens
+            cos, sin = (torch.cat((f(angles), f(angles)), dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+            fused, expected = llama.apply_rotary_pos_emb(q, k, cos, sin), original(q, k, cos, sin)
+            assert all(torch.equal(a, b) for a, b in zip(fused, expected, strict=True)), (dtype, tokens)
 
 
 def test_masked_gqa_prefill_keeps_to_fused_kernels():

@@ -114,3 +114,18 @@ def test_every_launch_the_kernel_bench_sweeps_compiles_for_sm_90():
         except Exception as e:
             refused.append(f"{name}: {type(e).__name__}: {e}"[:300])
     assert not refused, "\n".join(refused)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_rotary_kernel_compiles_for_sm_90(shape):
+    """fused_rotary_triton.py's launch for a step of 40 tokens in HF's layouts, fused multiply-adds off."""
+    from server.engine.fused_rotary_triton import rotary_call
+
+    dtype, heads, kv_heads, head_dim = SHAPES[shape]
+    q = torch.zeros(1, 40, heads, head_dim, dtype=dtype).transpose(1, 2)
+    k = torch.zeros(1, 40, kv_heads, head_dim, dtype=dtype).transpose(1, 2)
+    cos = torch.zeros(1, 40, head_dim, dtype=dtype)
+    call = rotary_call(q, k, cos, cos, torch.empty_like(q), torch.empty_like(k))
+    compiled = compile_ahead(call, TARGETS["sm_90"])
+    assert compiled.asm["cubin"], "no machine code"
+    assert "fma." not in compiled.asm["ptx"]  # a product fused into the sum would skip its rounding

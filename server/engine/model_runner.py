@@ -20,6 +20,7 @@ from server.engine.compiled_layers import COMPILED_KWARG, compile_layers
 from server.engine.config import decode_graphs_apply, resolve_attention_backend
 from server.engine.cuda_graphs import DecodeGraphs, GraphInputs
 from server.engine.fused_norms import fuse_rms_norms
+from server.engine.fused_rotary import fuse_rotary
 from server.engine.kv_cache import KVCache
 from server.engine.prompt_logprobs import ScoredRows, rows_to_score
 from server.engine.sampler import PendingTokens
@@ -116,7 +117,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.attention_backend = resolve_attention_backend(attention_backend, self.device.type)
         self.upload = StepUpload(self.device)  # every step's integer inputs, in one host-to-device copy
-        fuse_rms_norms(model)
+        fuse_rms_norms(model)  # fewer, larger kernels with the model's own values (fused_norms.py, fused_rotary.py)
+        fuse_rotary(model)
         self._hooks = install_plan_hooks(model)
         self._compiled_layer_kwargs = {}
         if compile_backend is not None:
