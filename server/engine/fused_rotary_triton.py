@@ -52,7 +52,13 @@ def _rotate_heads(
     tl.store(out + HALF, out2.to(target.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# what changes with a step's token count: Triton would compile a variant for each value of 1 or divisible by 16,
+# some on first use while serving
+STEP_INTEGERS = ["tokens", "q_batch_stride", "k_batch_stride", "cos_batch_stride"]
+STEP_INTEGERS += ["q_out_batch_stride", "k_out_batch_stride"]
+
+
+@triton.jit(do_not_specialize=STEP_INTEGERS)
 def _rotary_kernel(
     q,
     k,
