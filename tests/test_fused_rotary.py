@@ -89,3 +89,16 @@ def results():
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_the_kernel_gives_llamas_bits(results, case):
     assert results[case] == [True, True, True], CASES[case]
+
+
+def test_a_kernel_that_fails_leaves_the_models_own_rotation_for_good(monkeypatch, caplog):
+    """Here the launch fails for real (Triton takes no CPU tensors outside its interpreter)."""
+    import server.engine.fused_rotary as fused_rotary
+
+    monkeypatch.setattr(fused_rotary, "_kernel_takes", lambda *tensors: True)
+    rotary = FusedRotary(llama_rotation)
+    q, k = torch.randn(1, 5, 4, 8).transpose(1, 2), torch.randn(1, 5, 2, 8).transpose(1, 2)
+    cos, sin = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    for _ in range(2):
+        assert all(map(torch.equal, rotary(q, k, cos, sin), llama_rotation(q, k, cos, sin)))
+    assert rotary.failed and caplog.text.count("the fused rotary kernel failed") == 1

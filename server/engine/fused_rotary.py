@@ -16,12 +16,14 @@ for that family; for anything the kernel does not take it calls the original.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+log = logging.getLogger(__name__)
 FUNCTION_NAME = "apply_rotary_pos_emb"
 
 
@@ -40,18 +42,25 @@ def fuse_rotary(model: nn.Module) -> int:
 
 
 class FusedRotary:
-    """A modeling module's `apply_rotary_pos_emb`, through the kernel where it applies."""
+    """A modeling module's `apply_rotary_pos_emb`, through the kernel where it applies. If the kernel fails (say,
+    this Triton cannot compile it), the error is logged once and the original serves from then on."""
 
     def __init__(self, original: Callable):
         self.original = original
+        self.failed = False
 
     def __call__(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if args or kwargs or not _kernel_takes(q, k, cos, sin):
+        if self.failed or args or kwargs or not _kernel_takes(q, k, cos, sin):
             return self.original(q, k, cos, sin, *args, **kwargs)
-        from server.engine.fused_rotary_triton import rotary_call  # Triton ships with CUDA builds of torch
-
         q_out, k_out = torch.empty_like(q), torch.empty_like(k)  # q's and k's layouts (transposed views)
-        rotary_call(q, k, cos, sin, q_out, k_out).launch()
+        try:
+            from server.engine.fused_rotary_triton import rotary_call  # Triton ships with CUDA builds of torch
+
+            rotary_call(q, k, cos, sin, q_out, k_out).launch()
+        except Exception:
+            log.exception("the fused rotary kernel failed: the model's own rotation runs from now on")
+            self.failed = True
+            return self.original(q, k, cos, sin)
         return q_out, k_out
 
 
