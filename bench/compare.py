@@ -62,6 +62,7 @@ from server.adapters.random_adapters import random_adapter_file  # noqa: E402
 from server.adapters.store import AdapterStore  # noqa: E402
 from server.engine.config import EngineConfig  # noqa: E402
 from server.engine.core import EngineCore  # noqa: E402
+from server.engine.fused_rotary import transformers_own_rotation  # noqa: E402
 from server.engine.sampling_params import SamplingParams  # noqa: E402
 from server.engine.sequence import Sequence  # noqa: E402
 from server.reft.adapter import Adapter  # noqa: E402
@@ -165,6 +166,7 @@ def lockstep(runs: dict[str, tuple[EngineCore, list[Request], list[Adapter]]]) -
 
 # -- HF generate baselines -------------------------------------------------------------------------------
 @torch.inference_mode()
+@transformers_own_rotation()  # baselines run transformers' own code, also after an engine ran in this process
 def hf_generate(model, batch: list[Request], adapter: Adapter | None) -> torch.Tensor:
     """Greedy HF `generate` on one left-padded batch, up to its longest request's output length.
 

@@ -34,6 +34,7 @@ from bench.common import (  # noqa: E402
 from bench.load import percentile  # noqa: E402
 from server.engine.config import EngineConfig  # noqa: E402
 from server.engine.core import EngineCore  # noqa: E402
+from server.engine.fused_rotary import transformers_own_rotation  # noqa: E402
 from server.engine.sampling_params import SamplingParams  # noqa: E402
 from server.engine.sequence import Sequence  # noqa: E402
 from server.reft.request_edit import request_edit  # noqa: E402
@@ -91,6 +92,7 @@ class _FirstToken:
 
 
 @torch.inference_mode()
+@transformers_own_rotation()  # baselines run transformers' own code, also after an engine ran in this process
 def run_static(model, requests: list[Request], batch_size: int) -> dict:
     """HF generate on batches formed in arrival order; a batch starts when it is full (or the last
     request arrived) and the previous batch finished: static batching as users run it."""

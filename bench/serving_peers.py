@@ -17,6 +17,7 @@ from bench.common import Request, left_padded
 from bench.device_timing import timed
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
+from server.engine.fused_rotary import transformers_own_rotation
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
 from server.metrics import STEP_PHASES
@@ -78,6 +79,7 @@ def step_figures_of(stats: list) -> dict:
 
 
 @torch.inference_mode()
+@transformers_own_rotation()  # baselines run transformers' own code, also after an engine ran in this process
 def run_static(model, requests: list[Request], batch_size: int) -> dict:
     """HF `generate`, greedy, on left-padded batches of `batch_size` in order, one after another."""
     device = next(model.parameters()).device
@@ -121,6 +123,7 @@ def continuous_batching_config(max_seqs: int, max_batched_tokens: int, kv_bytes:
     return ContinuousBatchingConfig(**applied), applied
 
 
+@transformers_own_rotation()
 def run_continuous(model, requests: list[Request], cb_config) -> dict:
     """`generate_batch` twice on the same requests: the first call includes its start-up (cache
     allocation, warm-up, CUDA graph capture); the second reuses the warmed-up manager where this

@@ -9,7 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server.engine.fused_rotary import FusedRotary, _computes_llama_rotation, fuse_rotary, llama_rotation
+from server.engine.fused_rotary import (
+    FusedRotary,
+    _computes_llama_rotation,
+    fuse_rotary,
+    llama_rotation,
+    transformers_own_rotation,
+)
 from server.models.tiny import VOCAB_SIZE, tiny_config
 from tests.triton_interpreter import interpreted
 
@@ -102,3 +108,13 @@ def test_a_kernel_that_fails_leaves_the_models_own_rotation_for_good(monkeypatch
     for _ in range(2):
         assert all(map(torch.equal, rotary(q, k, cos, sin), llama_rotation(q, k, cos, sin)))
     assert rotary.failed and caplog.text.count("the fused rotary kernel failed") == 1
+
+
+def test_baselines_get_transformers_own_rotation_back():
+    import transformers.models.llama.modeling_llama as llama
+
+    fuse_rotary(AutoModelForCausalLM.from_config(tiny_config("llama", num_layers=1)))
+    fused = llama.apply_rotary_pos_emb
+    with transformers_own_rotation():
+        assert llama.apply_rotary_pos_emb is fused.original
+    assert llama.apply_rotary_pos_emb is fused

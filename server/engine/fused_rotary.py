@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 FUNCTION_NAME = "apply_rotary_pos_emb"
+
+
+_FUSED: dict[ModuleType, FusedRotary] = {}  # the modeling modules whose function goes through the kernel
 
 
 def fuse_rotary(model: nn.Module) -> int:
@@ -36,9 +41,23 @@ def fuse_rotary(model: nn.Module) -> int:
         if isinstance(function, FusedRotary):
             fused += 1
         elif callable(function) and _computes_llama_rotation(function):
-            setattr(module, FUNCTION_NAME, FusedRotary(function))
+            _FUSED[module] = FusedRotary(function)
+            setattr(module, FUNCTION_NAME, _FUSED[module])
             fused += 1
     return fused
+
+
+@contextmanager
+def transformers_own_rotation() -> Iterator[None]:
+    """Within, every modeling module's rotary function is transformers' own again: for baselines that must run
+    plain transformers in a process where an engine runs too."""
+    for module, fused in _FUSED.items():
+        setattr(module, FUNCTION_NAME, fused.original)
+    try:
+        yield
+    finally:
+        for module, fused in _FUSED.items():
+            setattr(module, FUNCTION_NAME, fused)
 
 
 class FusedRotary:
