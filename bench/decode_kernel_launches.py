@@ -27,9 +27,10 @@ from server.engine.core import EngineCore
 from server.engine.sequence import Sequence
 
 GRID = {"tile": (32, 64, 128), "num_warps": (2, 4, 8), "num_stages": (2, 3)}
+SMOKE_GRID = {"tile": (32,), "num_warps": (2,), "num_stages": (2, 3)}  # the same code, a few compiles
 
 
-def time_launches(core: EngineCore, sequences: list[Sequence], repeats: int) -> dict:
+def time_launches(core: EngineCore, sequences: list[Sequence], repeats: int, grid: dict = GRID) -> dict:
     """{"default": the kernel as the engine runs it, "launches": the grid's, "varlen": torch's paged flash
     attention's} with ms and GB/s of each."""
     per_token = kv_bytes_per_token(core.runner.model.config, core.kv.layout.dtype.itemsize)
@@ -52,9 +53,9 @@ def time_launches(core: EngineCore, sequences: list[Sequence], repeats: int) -> 
         out = kernel(torch.empty_like(queries), queries, keys, values, *args)
         return {**timing(kernel), "max_difference": (out.float() - default.float()).abs().max().item()}
 
-    for tile in GRID["tile"]:
-        for num_warps in GRID["num_warps"]:
-            for num_stages in GRID["num_stages"]:
+    for tile in grid["tile"]:
+        for num_warps in grid["num_warps"]:
+            for num_stages in grid["num_stages"]:
                 launch = Launch(tile, num_warps, num_stages)
                 result["launches"].append({**vars(launch), **measured(partial(paged_decode_triton, launch=launch))})
     try:

@@ -58,9 +58,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import PRESETS, build_on_device, machine, make_adapters, stamp, workload  # noqa: E402
 from bench.decode_floor import decode_step, decoding_core, kv_bytes_per_token, with_floor  # noqa: E402
+from bench.decode_kernel_launches import GRID as DECODE_GRID  # noqa: E402
+from bench.decode_kernel_launches import SMOKE_GRID as DECODE_SMOKE_GRID  # noqa: E402
 from bench.decode_kernel_launches import time_launches  # noqa: E402
 from bench.device_timing import GIB, copy_bandwidth, peak_memory_gib, release_memory  # noqa: E402
 from bench.fixture_parity import fixture_parity, forced_logit_error  # noqa: E402
+from bench.prefill_kernel import GRID as PREFILL_GRID  # noqa: E402
+from bench.prefill_kernel import SMOKE_GRID as PREFILL_SMOKE_GRID  # noqa: E402
 from bench.prefill_kernel import time_prefill  # noqa: E402
 from bench.serving_peers import continuous_batching_config, run_continuous, run_engine, run_static  # noqa: E402
 from bench.step_profile import profile_steps  # noqa: E402
@@ -112,7 +116,11 @@ SIZES = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--smoke", action="store_true", help="CPU, tiny preset, a few requests: every part in seconds")
+    add(
+        "--smoke",
+        action="store_true",
+        help="CPU, tiny preset, a few requests, a few kernel launches swept: every part in seconds",
+    )
     add("--parts", default=",".join(PARTS), help=f"comma-separated, from {','.join(PARTS)}")
     add("--json", type=Path, default=None, help="write the results here (rewritten after every part)")
     add("--preset", choices=list(PRESETS))
@@ -301,7 +309,8 @@ class Benchmark:
     def decode_sweep(self, model, batch: int, context: int) -> dict:
         """The decode kernel's launch grid over `batch` sequences of ~`context` tokens."""
         core, sequences = decoding_core(model, batch, context, 2, self.engine_config("eager"))
-        result = time_launches(core, sequences, self.args.decode_steps)
+        grid = DECODE_SMOKE_GRID if self.args.smoke else DECODE_GRID
+        result = time_launches(core, sequences, self.args.decode_steps, grid)
         mean_context = sum(len(s.token_ids) - 1 for s in sequences) / batch
         say(f"  {batch} seqs, mean context {mean_context:.0f}, {result['kv_bytes'] / 1e9:.3f} GB of K/V:")
         default = result["default"]
@@ -328,7 +337,8 @@ class Benchmark:
                 )
         sweeps = [self.decode_sweep(model, batch, context) for batch, context in args.kernel_shapes]
         cached = max(args.prompt_len)  # the second chunk of a prompt twice the longest
-        prefill = time_prefill(model, tuple(args.prompt_len), args.max_batched_tokens, cached, args.decode_steps)
+        grid = PREFILL_SMOKE_GRID if args.smoke else PREFILL_GRID
+        prefill = time_prefill(model, tuple(args.prompt_len), args.max_batched_tokens, cached, args.decode_steps, grid)
         for case in prefill.values():
             say(
                 f"  prefill, {case['chunks']} chunks of {case['tokens']} tokens after {case['cached']} cached: "

@@ -33,6 +33,7 @@ from server.engine.paged_prefill import QUERY_TILE, prefill_tiles
 from server.engine.transfers import StepUpload
 
 GRID = {"query_tile": (16, 32, 64), "key_tile": (32, 64, 128), "num_warps": (4, 8)}
+SMOKE_GRID = {"query_tile": (16, 32), "key_tile": (64,), "num_warps": (4,)}  # the same code, a few compiles
 
 
 def prefill_chunks(prompt_len: tuple[int, int], budget: int, seed: int = 0) -> list[int]:
@@ -58,7 +59,7 @@ def attending(step: PagedStep | SdpaStep, queries: torch.Tensor):
     return lambda layer: step.attend(layer, queries, None, None)
 
 
-def time_prefill(model, prompt_len: tuple[int, int], budget: int, cached: int, repeats: int) -> dict:
+def time_prefill(model, prompt_len: tuple[int, int], budget: int, cached: int, repeats: int, grid: dict = GRID) -> dict:
     """{"new": ..., "after_cached": ..., "one_long": ...}, each with both paths' ms over every layer and their
     largest difference."""
     parameter = next(model.parameters())
@@ -86,18 +87,20 @@ def time_prefill(model, prompt_len: tuple[int, int], budget: int, cached: int, r
             "max_difference": (paged - sdpa).abs().max().item(),
         }
         if device.type == "cuda":
-            result[case]["launches"] = time_launches(kv, spans, queries, paged, repeats)
+            result[case]["launches"] = time_launches(kv, spans, queries, paged, repeats, grid)
         del kv
     return result
 
 
-def time_launches(kv: KVCache, spans: list[Span], queries: Tensor, default: Tensor, repeats: int) -> list[dict]:
-    """The Triton prefill kernel over the spans under every launch of GRID: ms over every layer and the
+def time_launches(
+    kv: KVCache, spans: list[Span], queries: Tensor, default: Tensor, repeats: int, grid: dict = GRID
+) -> list[dict]:
+    """The Triton prefill kernel over the spans under every launch of `grid`: ms over every layer and the
     largest difference from `default` (the engine's launch, layer 0), or why the launch failed."""
     from server.engine.paged_prefill_triton import PrefillLaunch
 
     launches = []
-    for query_tile, key_tile, num_warps in itertools.product(*GRID.values()):
+    for query_tile, key_tile, num_warps in itertools.product(*grid.values()):
         launch = PrefillLaunch(key_tile, num_warps)
         figures = {
             "query_tile": query_tile,
