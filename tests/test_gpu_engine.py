@@ -167,6 +167,7 @@ def test_rotary_kernel_gives_transformers_bits_on_cuda(cuda_llama):
     transformers' own function's, in each dtype, for a prefill step's tokens and a decode step's."""
     import transformers.models.llama.modeling_llama as llama
 
+    from server.engine.fused_norms import same_bits
     from server.engine.fused_rotary import FusedRotary
 
     make_core(cuda_llama)
@@ -175,12 +176,18 @@ def test_rotary_kernel_gives_transformers_bits_on_cuda(cuda_llama):
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for tokens in (1, 300):
-            q = (4 * torch.randn(1, tokens, 32, 64, device="cuda")).to(dtype).transpose(1, 2)
-            k = (4 * torch.randn(1, tokens, 8, 64, device="cuda")).to(dtype).transpose(1, 2)
+            q, k = (4 * torch.randn(1, tokens, heads, 64, device="cuda") for heads in (32, 8))
+            for x in (q, k):  # zeros of both signs, and below angles of 0: where a zero's sign can go astray
+                x.view(-1)[::5], x.view(-1)[1::7] = 0.0, -0.0
+            q, k = (x.to(dtype).transpose(1, 2) for x in (q, k))
             angles = torch.rand(1, tokens, 32, device="cuda") * tokens
+            angles.view(-1)[::3] = 0.0
             cos, sin = (torch.cat((f(angles), f(angles)), dim=-1).to(dtype) for f in (torch.cos, torch.sin))
             fused, expected = llama.apply_rotary_pos_emb(q, k, cos, sin), original(q, k, cos, sin)
-            assert all(torch.equal(a, b) for a, b in zip(fused, expected, strict=True)), (dtype, tokens)
+            assert all(map(same_bits, fused, expected)), (dtype, tokens)
+    assert not llama.apply_rotary_pos_emb.failed  # the kernel ran: a failed launch would have compared the original
+    q.requires_grad_(True)  # the kernel has no backward: a rotation that needs one is the original's
+    assert original(q, k, cos, sin)[0].grad_fn is not None and llama.apply_rotary_pos_emb(q, k, cos, sin)[0].grad_fn
 
 
 def test_masked_gqa_prefill_keeps_to_fused_kernels():

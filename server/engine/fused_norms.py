@@ -49,10 +49,20 @@ def _computes_llama_rms_norm(module: nn.Module) -> bool:
     generator = torch.Generator().manual_seed(0)
     try:
         # a copy on the CPU, where torch's rms_norm runs transformers' own operations: the same bits exactly;
-        # with random weights, so that a norm that scales before rounding (or by 1 + weight) cannot pass
+        # with random weights, so that a norm that scales before rounding (or by 1 + weight) cannot pass; and
+        # float32 inputs too, so that one that casts to the weight's dtype before it scales cannot either
         twin = copy.deepcopy(module).cpu()
         twin.weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5 + 1)
-        probe = torch.randn(4, weight.shape[0], generator=generator).to(weight.dtype)
-        return torch.equal(twin.forward(probe), _fused_forward(twin, probe))  # forward, not (): no hooks
+        probe = torch.randn(4, weight.shape[0], generator=generator)
+        inputs = [probe.to(dtype) for dtype in dict.fromkeys([weight.dtype, torch.float32])]
+        return all(same_bits(twin.forward(x), _fused_forward(twin, x)) for x in inputs)  # forward(): no hooks
     except Exception:  # another signature, say: not this norm
         return False
+
+
+def same_bits(a, b: Tensor) -> bool:
+    """Whether `a` is a tensor of `b`'s dtype and shape with the same bits: unlike torch.equal, -0 is not 0."""
+    if not isinstance(a, Tensor) or a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    as_integers = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[b.element_size()]
+    return torch.equal(a.view(as_integers), b.view(as_integers))

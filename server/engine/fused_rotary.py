@@ -25,6 +25,8 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
+from server.engine.fused_norms import same_bits
+
 log = logging.getLogger(__name__)
 FUNCTION_NAME = "apply_rotary_pos_emb"
 
@@ -94,10 +96,16 @@ def llama_rotation(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tens
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # it computes in float32
+
+
 def _kernel_takes(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
     return (
         not torch.compiler.is_compiling()
         and q.is_cuda
+        and q.device.index == torch.cuda.current_device()  # Triton launches on the current device
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, cos, sin)))  # it has no backward
+        and q.dtype in KERNEL_DTYPES
         and q.dim() == k.dim() == 4
         and cos.dim() == sin.dim() == 3
         and q.dtype == k.dtype == cos.dtype == sin.dtype
@@ -123,10 +131,6 @@ def _computes_llama_rotation(function: Callable) -> bool:
         except Exception:  # another signature: not this rotation
             return False
         expected = llama_rotation(q, k, cos, sin)
-        if not (isinstance(got, tuple) and len(got) == 2 and all(map(_same_bits, got, expected))):
+        if not (isinstance(got, tuple) and len(got) == 2 and all(map(same_bits, got, expected))):
             return False
     return True
-
-
-def _same_bits(a, b: Tensor) -> bool:
-    return isinstance(a, Tensor) and a.dtype == b.dtype and torch.equal(a, b)

@@ -45,7 +45,8 @@ def _rotate_heads(
     first = source + source_base + head * source_head_stride + dim
     x1 = tl.load(first, mask=mask).to(tl.float32)
     x2 = tl.load(first + HALF, mask=mask).to(tl.float32)
-    out1 = _rounded(x1 * cos1, target.dtype.element_ty) + _rounded(-x2 * sin1, target.dtype.element_ty)
+    # x1 * cos1 + (-x2) * sin1, written as a difference: Triton negates as 0 - x, which would lose a zero's sign
+    out1 = _rounded(x1 * cos1, target.dtype.element_ty) - _rounded(x2 * sin1, target.dtype.element_ty)
     out2 = _rounded(x2 * cos2, target.dtype.element_ty) + _rounded(x1 * sin2, target.dtype.element_ty)
     out = target + target_base + head * target_head_stride + dim
     tl.store(out, out1.to(target.dtype.element_ty), mask=mask)
