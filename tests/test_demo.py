@@ -1,13 +1,16 @@
-"""The demo's plumbing without building a model: the missing-wheel error, the setup pin, the banner's
-admin token, and which cached adapters are published into a store."""
+"""The demo's plumbing: the missing-wheel error, the setup pin, the banner's admin token, which cached
+adapters are published into a store (without building a model), and which shipped adapters a first start
+takes (the toy model built, one adapter trained)."""
 
 import dataclasses
 import re
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from server import smollm2
+from server.adapters.fingerprint import model_fingerprint
 from server.adapters.format import AdapterFile
 from server.adapters.random_adapters import random_adapter_file
 from server.adapters.store import AdapterStore
@@ -69,3 +72,26 @@ def test_cached_adapters_replace_only_those_trained_for_another_model(tmp_path):
     assert all(store.versions(name) == [1] for name in demo.adapters[2:])
     prepare_demo("tiny", tmp_path / "demo", tmp_path / "store", log=lambda _: None)
     assert store.versions(pirate) == [1, 2]
+
+
+def test_a_first_start_copies_the_shipped_adapters_made_for_its_model_and_trains_the_others(tmp_path, monkeypatch):
+    demo = DEMOS["tiny"]
+    cache = tmp_path / "demo" / f"tiny-v{demo.version}"
+    demo.build_model(cache / "model")
+    fingerprint = model_fingerprint(AutoModelForCausalLM.from_pretrained(cache / "model"))
+    pirate, shouty, french = demo.adapters
+    shipped = {name: cached_adapter(demo.model_name, seed) for seed, name in enumerate(demo.adapters)}
+    for name, made_for in ((pirate, fingerprint), (shouty, "rfp1-another-conversion"), (french, fingerprint)):
+        shipped[name].config = dataclasses.replace(shipped[name].config, base_model_fingerprint=made_for)
+    shipped_bytes = {name: adapter.to_bytes() for name, adapter in shipped.items()}
+    monkeypatch.setitem(DEMOS, "tiny", dataclasses.replace(demo, shipped=shipped_bytes.get))
+
+    said = []
+    prepared = prepare_demo("tiny", tmp_path / "demo", tmp_path / "store", log=said.append)
+    assert list(prepared.trained) == [shouty]
+    assert any(shouty in line and "another conversion" in line for line in said), said
+    store = AdapterStore(tmp_path / "store")
+    for name in (pirate, french):
+        assert (cache / "adapters" / f"{name}.safetensors").read_bytes() == shipped_bytes[name]
+        assert store.read(name)[1] == shipped_bytes[name]
+    assert store.read(shouty)[1] == prepared.trained[shouty].adapter.to_bytes()

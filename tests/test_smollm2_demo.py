@@ -1,19 +1,23 @@
 """The default demo on the real SmolLM2-135M-Instruct, converted from the installed wheel and given its
 four style adapters once per session (the `smollm2_demo` fixture, as a first `reft-server serve` does):
-the styles carry over to questions no adapter saw, every request of a mixed batch equals itself
-served alone and the reference path, through the engine and over HTTP, with the real tokenizer and
-chat template, and an adapter reloaded from the store reproduces the trainer's own evaluation."""
+the shipped adapters are the ones this code's recipe makes for this model, the styles carry over to
+questions no adapter saw, every request of a mixed batch equals itself served alone and the reference
+path, through the engine and over HTTP, with the real tokenizer and chat template; and the recipe,
+trained anew on one style, still carries it, and its adapter reloaded from a store reproduces the
+trainer's own evaluation."""
 
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from server.adapters.fingerprint import model_fingerprint
 from server.adapters.format import AdapterFile
 from server.adapters.materialize import materialize
 from server.adapters.store import AdapterStore
-from server.demo_smollm2 import style_examples
+from server.demo_smollm2 import RECORD_KEY, SHIPPED_DIR, demo_record, shipped_style, style_examples, train_style
 from server.demo_styles import ANSWERS, HELD_OUT_QUESTIONS, STYLES, style_answers
 from server.reft.reference import reference_generate
 from server.smollm2 import SMOLLM2_MODEL_NAME
@@ -83,21 +87,38 @@ def test_every_training_answer_carries_its_style(style):
     assert not unmarked
 
 
-@pytest.mark.parametrize("style", STYLES)
-def test_each_adapter_carries_its_style_to_held_out_questions(demo, held_out_mixed, style):
-    tokenizer = demo[2]
-    _, replies = held_out_mixed
+def test_the_demo_serves_the_shipped_adapters_which_this_codes_recipe_made_for_this_model(demo, reference_model):
+    prepared, store_dir, _, _ = demo
+    assert prepared.trained == {}  # nothing was trained: each was shipped, current, and for this model
+    for style in STYLES:
+        shipped = shipped_style(style)
+        assert shipped is not None, f"{SHIPPED_DIR} is stale: regenerate it with `python -m server.demo_smollm2`"
+        config = AdapterFile.from_bytes(shipped).config
+        assert config.provenance[RECORD_KEY] == demo_record(style)
+        assert config.base_model_fingerprint == model_fingerprint(reference_model)
+        assert AdapterStore(store_dir).read(style)[1] == shipped
 
-    def marked(name):
-        texts = [tokenizer.decode(replies[name, q], skip_special_tokens=True) for q in HELD_OUT_QUESTIONS]
+
+def replies_of(held_out_mixed, name: str | None) -> dict[str, list[int]]:
+    """{held-out question: the ids generated for it} by adapter `name` (None: the base model) in the mixed batch."""
+    return {question: held_out_mixed[1][name, question] for question in HELD_OUT_QUESTIONS}
+
+
+def assert_steered(tokenizer, steered: dict[str, list[int]], base: dict[str, list[int]], style: str) -> None:
+    """At least 3/4 of the held-out replies carry `style`'s mark, and at most 1/4 of the base model's."""
+
+    def marked(replies):
+        texts = [tokenizer.decode(replies[question], skip_special_tokens=True) for question in HELD_OUT_QUESTIONS]
         return sum(MARKS[style](text) for text in texts), texts
 
-    steered, steered_texts = marked(style)
-    base, base_texts = marked(None)
-    assert steered >= 0.75 * len(HELD_OUT_QUESTIONS) and base <= 0.25 * len(HELD_OUT_QUESTIONS), (
-        steered_texts,
-        base_texts,
-    )
+    (steered_marks, steered_texts), (base_marks, base_texts) = marked(steered), marked(base)
+    questions = len(HELD_OUT_QUESTIONS)
+    assert steered_marks >= 0.75 * questions and base_marks <= 0.25 * questions, (steered_texts, base_texts)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_each_adapter_carries_its_style_to_held_out_questions(demo, held_out_mixed, style):
+    assert_steered(demo[2], replies_of(held_out_mixed, style), replies_of(held_out_mixed, None), style)
 
 
 def test_mixed_batch_equals_alone_and_reference(demo, held_out_mixed, reference_model):
@@ -143,16 +164,45 @@ def test_concurrent_http_requests_equal_the_reference(demo, reference_model):
         assert response.json()["choices"][0]["message"]["content"] == expected, (name, question)
 
 
-def test_adapter_reloaded_from_the_store_reproduces_the_trainers_evaluation(demo, reference_model, engine_model):
-    prepared, store_dir, tokenizer, adapters = demo
-    trained = prepared.trained["pirate"].adapter  # as the trainer returned it, never written
-    stored = stored_adapter_file(store_dir, "pirate")
+@pytest.fixture(scope="module")
+def trained_pirate(demo):
+    """The pirate adapter trained anew by the demo's recipe, as a first start without a shipped copy does."""
+    prepared, _, tokenizer, _ = demo
+    model = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32)
+    return train_style(model, tokenizer, "pirate").adapter  # as the trainer returned it, never written
+
+
+def test_the_recipe_trained_anew_still_carries_its_style(demo, engine_model, held_out_mixed, trained_pirate):
+    tokenizer = demo[2]
+    adapter = materialize(AdapterFile.from_bytes(trained_pirate.to_bytes()), name="pirate-anew")
+    core = make_core(engine_model, eos={tokenizer.eos_token_id}, **ENGINE)
+    requests = [
+        (seq(f"q{i}", chat_ids(tokenizer, question), adapter, max_new_tokens=MAX_NEW_TOKENS), 0)
+        for i, question in enumerate(HELD_OUT_QUESTIONS)
+    ]
+    served = run_core(core, requests)
+    steered = {question: served[f"q{i}"] for i, question in enumerate(HELD_OUT_QUESTIONS)}
+    assert_steered(tokenizer, steered, replies_of(held_out_mixed, None), "pirate")
+
+
+def test_adapter_reloaded_from_a_store_reproduces_the_trainers_evaluation(
+    demo, reference_model, engine_model, trained_pirate, tmp_path
+):
+    _, _, tokenizer, _ = demo
+    store = AdapterStore(tmp_path / "store")
+    store.publish("pirate", trained_pirate.to_bytes())
+    stored = stored_adapter_file(tmp_path / "store", "pirate")
     examples = style_examples(tokenizer, "pirate")[:4]
     eos = tokenizer.eos_token_id
-    assert reproduced(reference_model, stored, examples, eos) == reproduced(reference_model, trained, examples, eos)
+    assert reproduced(reference_model, stored, examples, eos) == reproduced(
+        reference_model, trained_pirate, examples, eos
+    )
     prompts = [example.prompt_ids for example in examples]
-    expected = greedy_completions(reference_model, trained, prompts, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos)
+    expected = greedy_completions(
+        reference_model, trained_pirate, prompts, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos
+    )
     core = make_core(engine_model, eos={eos}, **ENGINE)
-    requests = [(seq(f"p{i}", p, adapters["pirate"], max_new_tokens=MAX_NEW_TOKENS), 0) for i, p in enumerate(prompts)]
+    served_adapter = materialize(stored, name="pirate")
+    requests = [(seq(f"p{i}", p, served_adapter, max_new_tokens=MAX_NEW_TOKENS), 0) for i, p in enumerate(prompts)]
     served = run_core(core, requests)
     assert [served[f"p{i}"] for i in range(len(prompts))] == expected
