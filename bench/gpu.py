@@ -261,8 +261,8 @@ class Benchmark:
                 phases = " / ".join(f"{ms:.2f}" for ms in steps["phase_mean_ms"].values())
                 say(
                     f"  {name}: {steps['count']} {title}, mean / median / slowest {steps['mean_ms']:.2f} / "
-                    f"{steps['median_ms']:.2f} / {steps['max_ms']:.1f} ms ({' / '.join(STEP_PHASES)} {phases}), "
-                    f"{steps['device_wait_share']:.0%} blocked on the device"
+                    f"{steps['median_ms']:.2f} / {steps['max_ms']:.1f} ms ({' / '.join(STEP_PHASES)} {phases}; "
+                    f"on the CPU {steps['cpu_mean_ms']:.2f}), {steps['device_wait_share']:.0%} blocked on the device"
                 )
             say(f"  {name}: {1000 * run['outside_steps_s']:.1f} ms of the run outside the steps")
         return {

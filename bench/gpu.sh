@@ -147,7 +147,8 @@ profile_under_load() {
 }
 
 # how many engine steps only decoded (graph replays) and how many also prefilled (eager), their mean time in
-# each phase (scheduling, launching, reading), and how much of their time they blocked for the device;
+# each phase (scheduling, launching, reading) and on the engine thread's CPU (the rest, less the device
+# wait, it waited for the GIL or a core), and how much of their time they blocked for the device;
 # warm-up load included
 step_kinds() {
   "$PYTHON" - "$1" <<'PY'
@@ -156,7 +157,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-steps, phases, waited = {}, {}, 0.0
+steps, phases, cpu, waited = {}, {}, {}, 0.0
 for family in text_string_to_metric_families(Path(sys.argv[1]).read_text()):
     if family.name == "reft_step_duration_seconds":
         for sample in family.samples:
@@ -166,12 +167,17 @@ for family in text_string_to_metric_families(Path(sys.argv[1]).read_text()):
         for sample in family.samples:
             if sample.name.endswith("_total"):
                 phases.setdefault(sample.labels["kind"], {})[sample.labels["phase"]] = sample.value
+    elif family.name == "reft_step_cpu_seconds":
+        cpu.update((sample.labels["kind"], sample.value) for sample in family.samples if sample.name.endswith("_total"))
     elif family.name == "reft_step_device_wait_seconds":
         waited = sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
 for kind, figures in sorted(steps.items()):
     count = figures["count"] or 1
     split = ", ".join(f"{phase} {1000 * spent / count:.1f}" for phase, spent in phases.get(kind, {}).items())
-    print(f"engine steps, {kind}: {figures['count']:.0f}, mean {1000 * figures['sum'] / count:.1f} ms ({split})")
+    print(
+        f"engine steps, {kind}: {figures['count']:.0f}, mean {1000 * figures['sum'] / count:.1f} ms ({split}), "
+        f"of it on the CPU {1000 * cpu.get(kind, 0.0) / count:.1f} ms"
+    )
 busy = sum(figures["sum"] for figures in steps.values())
 print(f"engine steps blocked for the device {100 * waited / busy if busy else 0.0:.0f}% of their time")
 PY

@@ -91,9 +91,17 @@ class Metrics:
             ["kind", "phase"],
             registry=r,
         )
+        self.step_cpu_seconds = Counter(
+            "reft_step_cpu_seconds",
+            "CPU time of the engine's thread in steps: what reft_step_duration_seconds_sum has beyond it and the "
+            "device wait, the thread spent waiting to run (for the GIL or a core). On a CPU device the forward's "
+            "other threads are not counted",
+            ["kind"],
+            registry=r,
+        )
         for kind in STEP_KINDS:  # both series from the start, so that rates over them never miss one
-            for histogram in (self.step_tokens, self.step_requests, self.step_seconds):
-                histogram.labels(kind)
+            for series in (self.step_tokens, self.step_requests, self.step_seconds, self.step_cpu_seconds):
+                series.labels(kind)
             for phase in STEP_PHASES:
                 self.step_phase_seconds.labels(kind, phase)
         self.adapters_stored = Gauge("reft_adapters_stored", "Adapters in the store", registry=r)
@@ -121,6 +129,7 @@ class Metrics:
         seconds: float,
         device_wait_seconds: float,
         phase_seconds: dict[str, float],
+        cpu_seconds: float,
     ) -> None:
         kind = STEP_KINDS[num_prefill_tokens > 0]
         self.step_tokens.labels(kind).observe(num_tokens)
@@ -129,6 +138,7 @@ class Metrics:
         self.step_device_wait.inc(device_wait_seconds)
         for phase, spent in phase_seconds.items():
             self.step_phase_seconds.labels(kind, phase).inc(spent)
+        self.step_cpu_seconds.labels(kind).inc(cpu_seconds)
 
     def watch_residents(self, residents: Callable[[], list[tuple[str, int]]], max_series: int) -> None:
         """Export `residents()` (name, version), most recently used first, as an info gauge of at

@@ -66,6 +66,8 @@ def test_health_ready_and_metrics(client):
             rf'^reft_step_phase_seconds_total{{kind="{kind}",phase="launch"}} (\S+)$', text, re.MULTILINE
         )
         assert launched and float(launched.group(1)) > 0, kind
+        on_cpu = re.search(rf'^reft_step_cpu_seconds_total{{kind="{kind}"}} (\S+)$', text, re.MULTILINE)
+        assert on_cpu and float(on_cpu.group(1)) > 0, kind
     assert "x-request-id" in client.get("/health").headers
 
 

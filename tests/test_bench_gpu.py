@@ -62,6 +62,7 @@ def test_smoke_throughputs_count_every_requested_token(smoke_results):
         )
         for steps in (prefill, decode):  # the phases split the mean step
             assert math.isclose(sum(steps["phase_mean_ms"].values()), steps["mean_ms"], rel_tol=1e-6)
+            assert 0 < steps["cpu_mean_ms"] <= steps["mean_ms"]
 
 
 # on the CPU the default ("decode") is synchronous, as "decode-sync"

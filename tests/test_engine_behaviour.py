@@ -1,6 +1,7 @@
 """Sampling, stop conditions, logprobs, local failures, fairness and block accounting of the core."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -382,3 +383,30 @@ def test_a_steps_phases_split_its_time(model):
             phases = step.phase_seconds
             assert set(phases) == {"schedule", "launch", "read"} and min(phases.values()) >= 0
             assert phases["launch"] > 0 and math.isclose(sum(phases.values()), step.seconds)
+            assert 0 < step.cpu_seconds <= step.seconds
+
+
+def test_a_step_that_waits_for_the_gil_shows_less_cpu_time_than_wall_time(model):
+    """StepStats.cpu_seconds is the stepping thread's own CPU time: with another thread of the process holding the
+    GIL in pure Python, each step spends part of its wall time waiting to run, which its CPU time leaves out."""
+    core = make_core(model)
+    for i in range(8):
+        core.add(seq(f"s{i}", [5, 6, 7, 8], max_new_tokens=40))
+    stop = threading.Event()
+
+    def hold_the_gil():
+        while not stop.is_set():
+            sum(range(1000))
+
+    contender = threading.Thread(target=hold_the_gil)
+    contender.start()
+    wall = cpu = 0.0
+    try:
+        while core.has_work():
+            core.step()
+            if core.last_step is not None:
+                wall, cpu = wall + core.last_step.seconds, cpu + core.last_step.cpu_seconds
+    finally:
+        stop.set()
+        contender.join()
+    assert 0 < cpu < 0.75 * wall

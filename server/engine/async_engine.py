@@ -410,4 +410,5 @@ class AsyncEngine:
                 step.seconds,
                 step.device_wait_seconds,
                 step.phase_seconds,
+                step.cpu_seconds,
             )

@@ -131,16 +131,23 @@ class StepStats:
     seconds: float
     device_wait_seconds: float  # of `seconds`, blocked for the device's results (of the step before, if async)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # of `seconds`, by STEP_PHASES
+    # of `seconds`, the CPU time of the thread that stepped: the rest, less the device wait, it waited to run
+    # (for the GIL, which another thread of the process held, or for a core)
+    cpu_seconds: float = 0.0
 
 
 class PhaseClock:
-    """Splits a step's time into STEP_PHASES: `lap(phase)` charges the time since the last lap to `phase`."""
+    """Splits a step's time into STEP_PHASES: `lap(phase)` charges the time since the last lap to `phase`.
+    It also counts the CPU time of the thread that laps, until its last lap (`cpu_seconds`)."""
 
     def __init__(self):
         self.seconds = dict.fromkeys(STEP_PHASES, 0.0)
+        self.cpu_seconds = 0.0  # until the last lap; read inside the wall clock's span, so never more than it
         self._mark = time.perf_counter()
+        self._cpu_start = time.thread_time()
 
     def lap(self, phase: str) -> None:
+        self.cpu_seconds = time.thread_time() - self._cpu_start
         now = time.perf_counter()
         self.seconds[phase] += now - self._mark
         self._mark = now
@@ -418,7 +425,7 @@ class EngineCore:
             read = previous if self.async_scheduling else launched  # the step whose results were read here
             waited = read.waited if read is not None else 0.0
             seconds = sum(clock.seconds.values())  # the whole step: its last lap is its end
-            self.last_step = StepStats(tokens, len(chunks), prefill, seconds, waited, clock.seconds)
+            self.last_step = StepStats(tokens, len(chunks), prefill, seconds, waited, clock.seconds, clock.cpu_seconds)
         return outputs
 
     def _launch(

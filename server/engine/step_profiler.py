@@ -122,13 +122,14 @@ def header(steps: list[StepStats]) -> str:
         if chosen:
             mean = 1000 * sum(s.seconds for s in chosen) / len(chosen)
             blocked = 1000 * sum(s.device_wait_seconds for s in chosen) / len(chosen)
+            cpu = 1000 * sum(s.cpu_seconds for s in chosen) / len(chosen)
             tokens = sum(s.num_tokens for s in chosen) / len(chosen)
             split = ", ".join(
                 f"{phase} {1000 * sum(s.phase_seconds.get(phase, 0.0) for s in chosen) / len(chosen):.2f}"
                 for phase in STEP_PHASES
             )
             lines.append(
-                f"  {len(chosen)} steps {kind}: {tokens:.0f} tokens, {mean:.2f} ms mean ({split}), {blocked:.2f} ms "
-                "of it blocked for the device"
+                f"  {len(chosen)} steps {kind}: {tokens:.0f} tokens, {mean:.2f} ms mean ({split}), {cpu:.2f} ms of "
+                f"it on the engine thread's CPU, {blocked:.2f} ms blocked for the device"
             )
     return "\n".join(lines)
