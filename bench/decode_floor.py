@@ -51,12 +51,12 @@ def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
 
 
 def decoding_core(
-    model, batch: int, context: int, steps: int, engine_config: EngineConfig, seed: int = 0
+    model, batch: int, context: int, steps: int, engine_config: EngineConfig, seed: int = 0, room: int = 0
 ) -> tuple[EngineCore, list[Sequence]]:
     """An engine whose `batch` sequences of `context` prompt tokens all decode together, with room for
-    `steps` more decode steps; two untimed ones are taken already."""
+    `steps` more decode steps, and for `room` more sequences beside them; two untimed steps are taken already."""
     gc.collect()  # the last batch size's KV pool must be gone before this one allocates its own
-    core = EngineCore(model, replace(engine_config, max_num_seqs=batch), eos_token_ids=set())
+    core = EngineCore(model, replace(engine_config, max_num_seqs=batch + room), eos_token_ids=set())
     rng = random.Random(seed)
     sampling = SamplingParams(max_new_tokens=steps + PREFILL_SLACK, ignore_eos=True)
     vocab = model.config.vocab_size

@@ -363,10 +363,13 @@ class Benchmark:
         )
         config = self.engine_config()
         result = profile_steps(model, batch, args.decode_context, 5, config, tuple(args.prompt_len), adapters)
+        budget, decoding = config.max_batched_tokens, result["mixed"]["decoding"]
         titles = {
             "decode": f"decode step ({batch} sequences)",
-            "prefill": f"prefill step ({config.max_batched_tokens} tokens)",
-            "prefill_adapters": f"prefill step ({config.max_batched_tokens} tokens, an adapter per prompt)",
+            "prefill": f"prefill step ({budget} tokens)",
+            "prefill_adapters": f"prefill step ({budget} tokens, an adapter per prompt)",
+            "mixed": f"mixed step ({budget} tokens, {decoding} of them decoding)",
+            "mixed_adapters": f"mixed step ({budget} tokens, {decoding} of them decoding, an adapter per prompt)",
         }
         for phase, title in titles.items():
             if phase != "decode":

@@ -1,8 +1,10 @@
 """Where an engine step's time goes: torch.profiler over decode steps of a full batch, then over steps that
 prefill a full token budget of new prompts (eager, as every step with prefill is), once without adapters
-and once with a distinct adapter per prompt. Returns the top operators by device time and by host time,
-and for each prefill step how long the host took to launch it against how long until the device was done,
-so a GPU run says which kernels and which Python to work on next, and what adapters add to a step."""
+and once with a distinct adapter per prompt; then the same with most of the batch decoding beside the new
+prompts ("mixed"), as a serving engine's steps with prefill mostly are under a steady load. Returns the top
+operators by device time and by host time, and for each step with prefill how long the host took to launch
+it against how long until the device was done, so a GPU run says which kernels and which Python to work on
+next, and what adapters and decoding rows add to a step."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from server.engine.sequence import Sequence
 from server.reft.request_edit import request_edit
 
 TOP = 15
+MAX_DRAIN_STEPS = 8  # steps that finish a step's new prompts: the last one's chunk, then reading the tokens
 
 
 def profile_steps(
@@ -48,31 +51,42 @@ def profile_steps(
     del core
     result = {"decode_steps": steps, "decode": top_ops(decode, steps)}
     # async: a step returns once launched (nothing before it is in flight), so its host time shows apart
-    room = max(engine_config.max_num_seqs, engine_config.max_batched_tokens // prompt_len[0] + 1)
+    room = engine_config.max_batched_tokens // prompt_len[0] + 1  # the most new prompts one step can take
     prefill_config = replace(engine_config, max_num_seqs=room, cuda_graphs=False, async_scheduling=True)
-    core = EngineCore(model, prefill_config, set())
     rng = random.Random(1)
+    core = EngineCore(model, prefill_config, set())
     for phase, edits in (("prefill", []), ("prefill_adapters", adapters)):
-        prefill_step(core, rng, prompt_len, edits)  # untimed: the step's shapes cost once (kernel choices)
-        prompts, launch_ms, done_ms = prefill_step(core, rng, prompt_len, edits)
-        profiled = profile(activities=activities)
-        prefill_step(core, rng, prompt_len, edits, profiled)
-        result[phase] = {
-            "prompts": prompts,
-            "launch_ms": launch_ms,
-            "done_ms": done_ms,
-            **top_ops(profiled, 1),
-        }
+        result[phase] = profiled_prefill(core, rng, prompt_len, edits, activities)
+    del core
+    # the server's concurrency less the new prompts' room decodes; the decode steps between keep their graphs
+    decoding = max(1, engine_config.max_num_seqs - room)
+    mixed_config = replace(engine_config, async_scheduling=True)
+    core, _ = decoding_core(model, decoding, context, 6 * MAX_DRAIN_STEPS, mixed_config, room=room)
+    for phase, edits in (("mixed", []), ("mixed_adapters", adapters)):
+        result[phase] = {"decoding": decoding, **profiled_prefill(core, rng, prompt_len, edits, activities, decoding)}
     return result
 
 
+def profiled_prefill(
+    core: EngineCore, rng: random.Random, prompt_len: tuple[int, int], adapters: list, activities, decoding: int = 0
+) -> dict:
+    """`prefill_step` three times: untimed (the step's shapes cost once: kernel choices), timed, profiled."""
+    prefill_step(core, rng, prompt_len, adapters, decoding=decoding)
+    prompts, launch_ms, done_ms = prefill_step(core, rng, prompt_len, adapters, decoding=decoding)
+    profiled = profile(activities=activities)
+    prefill_step(core, rng, prompt_len, adapters, profiled, decoding)
+    return {"prompts": prompts, "launch_ms": launch_ms, "done_ms": done_ms, **top_ops(profiled, 1)}
+
+
 def prefill_step(
-    core: EngineCore, rng: random.Random, prompt_len: tuple[int, int], adapters: list, around=None
+    core: EngineCore, rng: random.Random, prompt_len: tuple[int, int], adapters: list, around=None, decoding: int = 0
 ) -> tuple:
-    """One step over a full token budget of new prompts (the last one chunked), timed: (prompts, ms until the
-    step returned, ms until the device finished it); then the rest of its work drained, untimed. `around`
-    (a profiler) covers the step and the device finishing it, not the drain."""
-    budget, vocab = core.scheduler.config.max_batched_tokens, core.runner.model.config.vocab_size
+    """One step over the token budget that `decoding` sequences decoding beside it leave to new prompts (the last
+    one chunked), timed: (prompts, ms until the step returned, ms until the device finished it); then the new
+    prompts' work drained, untimed. `around` (a profiler) covers the step and the device finishing it, not the
+    drain."""
+    budget = core.scheduler.config.max_batched_tokens - decoding
+    vocab = core.runner.model.config.vocab_size
     sampling = SamplingParams(max_new_tokens=1, ignore_eos=True)
     tokens, prompts = 0, 0
     while tokens < budget:
@@ -88,9 +102,20 @@ def prefill_step(
         launched = time.perf_counter()
         synchronize(device)
         done = time.perf_counter()
-    while core.has_work():
+    for _ in range(MAX_DRAIN_STEPS):
+        if drained(core, decoding):
+            break
         core.step()
+    if not drained(core, decoding):
+        raise RuntimeError(f"the new prompts still ran after {MAX_DRAIN_STEPS} steps")
     return prompts, 1000 * (launched - started), 1000 * (done - started)
+
+
+def drained(core: EngineCore, decoding: int) -> bool:
+    """Whether only the `decoding` sequences are left (without any: nothing at all, no step in flight)."""
+    if not decoding:
+        return not core.has_work()
+    return not core.scheduler.waiting and len(core.scheduler.running) <= decoding
 
 
 def top_ops(profiled: profile, steps: int) -> dict:

@@ -155,8 +155,10 @@ def test_smoke_kernel_part_times_the_twins_alone_on_a_cpu(smoke_results):
 def test_smoke_profile_names_where_host_time_goes(smoke_results):
     profiled = smoke_results["parts"]["profile"]
     assert profiled["seqs"] == max(smoke_results["settings"]["decode_seqs"])
-    for phase in ("decode", "prefill", "prefill_adapters"):
+    with_prefill = ("prefill", "prefill_adapters", "mixed", "mixed_adapters")
+    for phase in ("decode", *with_prefill):
         assert profiled[phase]["device"] == []  # the CPU has no device timeline
         assert any(op["name"] == "aten::mm" and op["ms"] > 0 for op in profiled[phase]["host"])
-    for phase in ("prefill", "prefill_adapters"):  # a full budget of new prompts, launched then finished
+    for phase in with_prefill:  # a full budget of new prompts (beside decoding rows: mixed), launched then finished
         assert profiled[phase]["prompts"] >= 2 and 0 < profiled[phase]["launch_ms"] <= profiled[phase]["done_ms"]
+    assert profiled["mixed"]["decoding"] == profiled["mixed_adapters"]["decoding"] >= 1
