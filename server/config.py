@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         True, description="Replay decode-only steps from CUDA graphs (paged attention on a GPU; captured at start)"
     )
+    fused_kernels: bool = Field(
+        True,
+        description="Run the model's RMSNorms, and on a GPU its rotary embeddings, through fused kernels that give "
+        "its own values bit for bit (fewer kernels a layer); off: the model's own code",
+    )
     compile: bool = Field(
         False,
         description="torch.compile the decode forward before capturing its CUDA graphs, and each decoder layer for "
@@ -200,6 +205,7 @@ class Settings(BaseSettings):
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
             compile_backend="inductor" if self.compile else None,
+            fused_kernels=self.fused_kernels,
             async_scheduling=(
                 self.async_scheduling if self.async_scheduling is not None else async_scheduling_default(device_type)
             ),

@@ -4,15 +4,19 @@ and leaves alone the norms that compute something else."""
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
 
+from server.config import Settings
+from server.engine.attention import ATTENTION_NAME
 from server.engine.fused_norms import fuse_rms_norms
+from server.models.loader import load_causal_lm
 from server.models.tiny import VOCAB_SIZE, tiny_config
+from server.reft.reference import reference_generate
+from tests.engine_utils import make_core, run_core, seq
 
 
-def random_model(family: str, dtype: torch.dtype, num_layers: int = 2) -> nn.Module:
+def random_model(family: str, dtype: torch.dtype, num_layers: int = 2, attention: str = "sdpa") -> nn.Module:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers=num_layers), dtype=dtype).eval()
+    model = load_causal_lm(tiny_config(family, num_layers=num_layers), dtype, attention=attention)
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "variance_epsilon"):
@@ -69,3 +73,19 @@ def test_norms_that_compute_something_else_keep_their_forward():
     assert fuse_rms_norms(modules) == 0
     assert all("forward" not in vars(module) for module in modules)
     assert fuse_rms_norms(random_model("gpt2", torch.float32)) == 0
+
+
+def test_the_fused_kernels_switch_keeps_the_models_own_norms_and_the_same_tokens():
+    """`--no-fused-kernels` (EngineConfig.fused_kernels): an engine that leaves the norms' forward as it is, and
+    serves the tokens an engine with them fused serves, and the reference."""
+    plain, fused = (random_model("llama", torch.float32, attention=ATTENTION_NAME) for _ in range(2))
+    assert Settings(fused_kernels=False).engine_config("cpu").fused_kernels is False
+    prompt = [5, 9, 14, 3, 7]
+    tokens = {}
+    for name, model, switch in (("plain", plain, False), ("fused", fused, True)):
+        core = make_core(model, fused_kernels=switch)
+        tokens[name] = run_core(core, [(seq("r", prompt, max_new_tokens=8), 0)])["r"]
+    assert not any("forward" in vars(module) for module in plain.modules())
+    assert sum("forward" in vars(module) for module in fused.modules()) == 2 * 2 + 1
+    reference = reference_generate(random_model("llama", torch.float32), prompt, None, max_new_tokens=8)
+    assert tokens["plain"] == tokens["fused"] == reference

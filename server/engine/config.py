@@ -68,6 +68,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay decode-only steps of the paged backend from CUDA graphs (cuda_graphs.py)
     compile_backend: str | None = None  # torch.compile those steps' forward and the others' layers ("inductor")
     async_scheduling: bool = False  # read each step's sampled tokens in the next step, after its launch (core.py)
+    # the model's RMSNorms, and on CUDA its rotary embeddings, through fused kernels with its own bits
+    # (fused_norms.py, fused_rotary.py); off: its own modules' code
+    fused_kernels: bool = True
 
     def __post_init__(self):
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -204,6 +204,7 @@ class EngineCore:
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
             compile_backend=compile_backend,
+            fused_kernels=config.fused_kernels,
         )
         self.sampler = Sampler(frozenset(eos_token_ids), grammars)
         self.grammars = grammars
@@ -236,7 +237,9 @@ class EngineCore:
         kv = KVCache(layout, -(-tokens // config.block_size), config.block_size, device, prefix_caching=False)
         seq = Sequence("warm-up", [0] * tokens, SamplingParams(max_new_tokens=1, prompt_logprobs=MAX_LOGPROBS))
         kv.allocate(seq, tokens)
-        runner = ModelRunner(model, kv, config.attention_backend, compile_backend=compile_backend)
+        runner = ModelRunner(
+            model, kv, config.attention_backend, compile_backend=compile_backend, fused_kernels=config.fused_kernels
+        )
         result = runner.run([ScheduledChunk(seq, 0, tokens)])
         if result.scored:
             PromptScores(result.prompt_logits, result.scored).read()

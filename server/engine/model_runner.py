@@ -107,18 +107,21 @@ class ModelRunner:
         max_num_seqs: int = 1,
         max_model_len: int = 1,
         compile_backend: str | None = None,
+        fused_kernels: bool = True,
     ):
         """`cuda_graphs` (paged backend only): replay decode-only steps of up to `max_num_seqs` sequences of
         up to `max_model_len` tokens from graphs captured now (cuda_graphs.py), of the forward compiled
         with `compile_backend` if given. With `compile_backend`, the other steps run each decoder layer
-        compiled with it (compiled_layers.py)."""
+        compiled with it (compiled_layers.py). `fused_kernels`: fuse the model's norms and rotary embeddings
+        first (fused_norms.py, fused_rotary.py), unless an engine in this process did already."""
         self.model = model
         self.kv = kv
         self.device = next(model.parameters()).device
         self.attention_backend = resolve_attention_backend(attention_backend, self.device.type)
         self.upload = StepUpload(self.device)  # every step's integer inputs, in one host-to-device copy
-        fuse_rms_norms(model)  # fewer, larger kernels with the model's own values (fused_norms.py, fused_rotary.py)
-        fuse_rotary(model)
+        if fused_kernels:  # fewer, larger kernels with the model's own values
+            fuse_rms_norms(model)
+            fuse_rotary(model)
         self._hooks = install_plan_hooks(model)
         self._compiled_layer_kwargs = {}
         if compile_backend is not None:
