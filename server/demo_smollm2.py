@@ -19,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from server.adapters.format import AdapterFile
+from server.adapters.errors import AdapterError
+from server.adapters.format import config_from_header
 from server.demo_styles import STYLES, style_answers
 from server.smollm2 import SMOLLM2_MODEL_NAME
 from server.training.data import Example, parse_examples
@@ -79,12 +80,16 @@ def train_style(model, tokenizer, style: str) -> TrainResult:
 
 
 def shipped_style(style: str) -> bytes | None:
-    """The adapter file shipped for `style`, if this code's recipe and data made it."""
+    """The adapter file shipped for `style`, if this code's recipe and data made it (and it is readable)."""
     path = SHIPPED_DIR / f"{style}.safetensors"
     if not path.is_file():
         return None
     data = path.read_bytes()
-    return data if AdapterFile.from_bytes(data).config.provenance.get(RECORD_KEY) == demo_record(style) else None
+    try:
+        record = config_from_header(data).provenance.get(RECORD_KEY)
+    except AdapterError:
+        return None
+    return data if record == demo_record(style) else None
 
 
 def write_shipped(directory: Path = SHIPPED_DIR) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from server import smollm2
+from server import demo_smollm2, smollm2
 from server.adapters.fingerprint import model_fingerprint
 from server.adapters.format import AdapterFile
 from server.adapters.random_adapters import random_adapter_file
@@ -95,3 +95,19 @@ def test_a_first_start_copies_the_shipped_adapters_made_for_its_model_and_trains
         assert (cache / "adapters" / f"{name}.safetensors").read_bytes() == shipped_bytes[name]
         assert store.read(name)[1] == shipped_bytes[name]
     assert store.read(shouty)[1] == prepared.trained[shouty].adapter.to_bytes()
+
+
+def test_a_shipped_smollm2_adapter_serves_only_if_readable_and_made_by_this_codes_recipe(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_smollm2, "SHIPPED_DIR", tmp_path)
+    current = cached_adapter(smollm2.SMOLLM2_MODEL_NAME, 0)
+    current.config = dataclasses.replace(
+        current.config, provenance={demo_smollm2.RECORD_KEY: demo_smollm2.demo_record("pirate")}
+    )
+    (tmp_path / "pirate.safetensors").write_bytes(current.to_bytes())
+    assert demo_smollm2.shipped_style("pirate") == current.to_bytes()
+    stale = dataclasses.replace(current.config, provenance={demo_smollm2.RECORD_KEY: demo_smollm2.demo_record("emoji")})
+    (tmp_path / "pirate.safetensors").write_bytes(AdapterFile(stale, current.tensors).to_bytes())
+    assert demo_smollm2.shipped_style("pirate") is None  # another style's record: not this recipe's data
+    (tmp_path / "pirate.safetensors").write_bytes(b"not a safetensors file")
+    assert demo_smollm2.shipped_style("pirate") is None
+    assert demo_smollm2.shipped_style("french") is None  # none shipped
