@@ -72,8 +72,9 @@ def build_state(
     """Everything the routes need; the engine's host loads the model unless one is given (tests pass
     theirs), and the store is opened unless it was. With a tensor-parallel group, this process is its
     rank 0 and the followers load their shards meanwhile."""
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    device = next(model.parameters()).device if model is not None else resolve_device(settings.device)
+    if (threads := settings.torch_threads(device.type)) is not None:
+        torch.set_num_threads(threads)
     if engine_core_in_process(settings, model_given=model is not None):
         host = CoreProcess(settings, model_path)
         try:  # the registry's adapter copies stay on the CPU; the engine process holds its own

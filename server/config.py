@@ -22,6 +22,11 @@ DEFAULT_DEMO_DIR = Path.home() / ".cache" / "reft-server" / "demo"
 # CPU's step grows with every row.
 BATCH_LIMITS = {True: (256, 8192), False: (64, 512)}
 
+# torch's CPU threads in a serving process whose model runs on a GPU, unless --threads says otherwise: its CPU
+# work is launching kernels and small host-side tensors, and a thread per core for them (torch's default) only
+# competes for the cores with the engine's own threads and the API process's (vLLM defaults OMP_NUM_THREADS=1)
+GPU_HOST_THREADS = 1
+
 # the Settings field each EngineConfig field is made from (engine_config), where their names differ
 ENGINE_CONFIG_SOURCES = {"kv_cache_bytes": "kv_cache_memory", "compile_backend": "compile"}
 
@@ -36,7 +41,12 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Model dtype; auto = bfloat16 on GPU, float32 on CPU"
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice)")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for torch (default: 1 where the model runs on a GPU, whose host only launches "
+        "kernels; torch's choice on a CPU, where the forward runs on them)",
+    )
     demo: Literal["smollm2", "tiny"] = Field(
         "smollm2", description="Demo served without a model: smollm2 (SmolLM2-135M-Instruct) or tiny (a toy model)"
     )
@@ -190,6 +200,13 @@ class Settings(BaseSettings):
     vllm_compatible_metrics: bool = Field(
         True, description="Also export the load metrics under vLLM's names (vllm:num_requests_waiting, ...)"
     )
+
+    def torch_threads(self, device_type: str) -> int | None:
+        """The CPU threads torch should use in a serving process whose model runs on a device of that type:
+        --threads, else GPU_HOST_THREADS on a GPU; None: torch's own choice."""
+        if self.threads:
+            return self.threads
+        return GPU_HOST_THREADS if device_type == "cuda" else None
 
     def engine_config(self, device_type: str) -> EngineConfig:
         """The engine's part of these settings, for a model on a device of that type ("cuda", "cpu")."""

@@ -306,10 +306,10 @@ def _exit_with_the_server() -> None:
 
 
 def _build_core(settings: Settings, model_path: str) -> EngineCore:
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    load_plugins(settings.plugins)  # intervention types a plugin brings, before any adapter arrives
     device = resolve_device(settings.device)
+    if (threads := settings.torch_threads(device.type)) is not None:
+        torch.set_num_threads(threads)
+    load_plugins(settings.plugins)  # intervention types a plugin brings, before any adapter arrives
     model, tokenizer = load_model(model_path, device, resolve_dtype(settings.dtype, device))
     return serving_core(model, settings.engine_config(device.type), tokenizer)
 

@@ -108,3 +108,12 @@ def test_async_scheduling_defaults_on_with_a_gpu_and_the_flag_wins():
 def test_invalid_settings_exit_with_a_message(capsys):
     assert main(["serve", "--port", "99999"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_torch_threads_default_to_one_where_the_model_runs_on_a_gpu():
+    """A GPU's host only launches kernels: one torch thread (GPU_HOST_THREADS) unless --threads says otherwise;
+    on a CPU the forward runs on torch's threads, so torch's own choice stays."""
+    assert Settings().torch_threads("cuda") == 1
+    assert Settings().torch_threads("cpu") is None
+    assert Settings(threads=6).torch_threads("cuda") == Settings(threads=6).torch_threads("cpu") == 6
+    assert settings_from_args(build_parser().parse_args(["serve", "--threads", "3"])).torch_threads("cuda") == 3
