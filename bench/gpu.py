@@ -68,6 +68,7 @@ from bench.prefill_kernel import SMOKE_GRID as PREFILL_SMOKE_GRID  # noqa: E402
 from bench.prefill_kernel import time_prefill  # noqa: E402
 from bench.serving_peers import continuous_batching_config, run_continuous, run_engine, run_static  # noqa: E402
 from bench.step_profile import profile_steps  # noqa: E402
+from server.config import GPU_HOST_THREADS  # noqa: E402
 from server.engine.attention import ATTENTION_NAME  # noqa: E402
 from server.engine.config import EngineConfig, async_scheduling_default, resolve_attention_backend  # noqa: E402
 from server.metrics import STEP_PHASES  # noqa: E402
@@ -93,7 +94,9 @@ FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "pyref
 SIZES = {
     "preset": ("1b", "tiny"),
     "device": ("cuda" if torch.cuda.is_available() else "cpu", "cpu"),
-    "threads": (None, 1),  # one CPU thread: tiny models gain nothing from more, and a busy CI host stalls them
+    # on a GPU the server's default (Settings.torch_threads): one, as the host only launches kernels; with --smoke
+    # one too: tiny models gain nothing from more, and a busy CI host stalls them
+    "threads": (GPU_HOST_THREADS if torch.cuda.is_available() else None, 1),
     "requests": (256, 6),
     "prompt_len": ((128, 512), (8, 24)),
     "output_len": (128, 6),
@@ -126,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--preset", choices=list(PRESETS))
     add("--device")
     add("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on GPU, float32 on CPU")
-    add("--threads", type=int, help="CPU threads for torch (default: torch's; 1 with --smoke)")
+    add("--threads", type=int, help="CPU threads for torch (default: 1 on a GPU, as the server; torch's on a CPU)")
     add("--requests", type=int, help="requests, all arriving at once")
     add("--prompt-len", type=int, nargs=2, metavar=("MIN", "MAX"), help="prompt tokens, uniform (random ids)")
     add("--output-len", type=int, help="output tokens of every request (EOS ignored)")
