@@ -147,8 +147,9 @@ profile_under_load() {
 }
 
 # how many engine steps only decoded (graph replays) and how many also prefilled (eager), their mean time in
-# each phase (scheduling, launching, reading) and on the engine thread's CPU (the rest, less the device
-# wait, it waited for the GIL or a core), and how much of their time they blocked for the device;
+# each phase (scheduling, launching, reading) and on the engine thread's CPU (the rest it waited for the GIL
+# or a core; on CUDA the device waits spin, so they count as CPU time), and how much of their time they
+# blocked for the device;
 # warm-up load included
 step_kinds() {
   "$PYTHON" - "$1" <<'PY'

@@ -72,10 +72,8 @@ def build_state(
     """Everything the routes need; the engine's host loads the model unless one is given (tests pass
     theirs), and the store is opened unless it was. With a tensor-parallel group, this process is its
     rank 0 and the followers load their shards meanwhile."""
-    device = next(model.parameters()).device if model is not None else resolve_device(settings.device)
-    if (threads := settings.torch_threads(device.type)) is not None:
-        torch.set_num_threads(threads)
     if engine_core_in_process(settings, model_given=model is not None):
+        settings.apply_torch_threads(resolve_device(settings.device).type)  # this process serves the API alone
         host = CoreProcess(settings, model_path)
         try:  # the registry's adapter copies stay on the CPU; the engine process holds its own
             with loading(model_path, "its tokenizer"):
@@ -89,6 +87,7 @@ def build_state(
             host.abandon()
             raise
     core, tokenizer = _thread_core(settings, model_path, model, tokenizer, group)
+    settings.apply_torch_threads(next(core.runner.model.parameters()).device.type)  # once it is loaded
     adapter_device = next(core.runner.model.parameters()).device
     facts = ModelFacts.of(core.runner.model)
     return _state_around(settings, model_path, CoreThread(core), facts, tokenizer, core.grammars, adapter_device, store)

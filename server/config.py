@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
+import torch
 from pydantic import ByteSize, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -207,6 +208,12 @@ class Settings(BaseSettings):
         if self.threads:
             return self.threads
         return GPU_HOST_THREADS if device_type == "cuda" else None
+
+    def apply_torch_threads(self, device_type: str) -> None:
+        """Give torch `torch_threads` CPU threads, if any: in a process that loads the model, once it is loaded
+        (its dtype casts run on the CPU, on every thread torch has)."""
+        if (threads := self.torch_threads(device_type)) is not None:
+            torch.set_num_threads(threads)
 
     def engine_config(self, device_type: str) -> EngineConfig:
         """The engine's part of these settings, for a model on a device of that type ("cuda", "cpu")."""

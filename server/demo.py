@@ -11,6 +11,7 @@ store finish with one complete copy of each.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ class Demo:
     banner: str  # str.format fields: url, model
     build_model: Callable[[Path], object]  # writes a loadable model directory, atomically
     train: Callable[..., TrainResult]  # (model, tokenizer, adapter name)
-    shipped: Callable[[str], bytes | None] = lambda name: None  # a ready adapter file, made as `train` makes it
+    # (adapter name, tokenizer) -> a ready adapter file, made as `train` would make it now; None: train it
+    shipped: Callable[..., bytes | None] = lambda name, tokenizer: None
 
 
 DEMOS = {
@@ -92,7 +94,7 @@ def _make_missing(prepared: PreparedDemo, adapters_dir: Path, names: list[str], 
     model = AutoModelForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32)
     trained = {}
     for name in names:
-        shipped = prepared.demo.shipped(name)
+        shipped = prepared.demo.shipped(name, tokenizer)
         if shipped is not None and config_from_header(shipped).base_model_fingerprint == model_fingerprint(model):
             _cache(adapters_dir, name, shipped)
             log(f"demo adapter {name!r}: the copy shipped with reft-server, trained by the same recipe")
@@ -108,10 +110,13 @@ def _make_missing(prepared: PreparedDemo, adapters_dir: Path, names: list[str], 
 
 
 def _cache(adapters_dir: Path, name: str, data: bytes) -> None:
-    cached = adapters_dir / f"{name}.safetensors"
-    tmp = cached.with_name(f".{name}.{os.getpid()}.part")
-    tmp.write_bytes(data)
-    tmp.replace(cached)
+    """Write the adapter atomically: replicas sharing the cache (each its server as PID 1 in its container) never
+    see a part of a file, nor write into each other's temporary one."""
+    descriptor, tmp = tempfile.mkstemp(dir=adapters_dir, prefix=f".{name}.", suffix=".part")
+    os.fchmod(descriptor, 0o644)  # mkstemp's 0600 would hide it from another user sharing the cache
+    with os.fdopen(descriptor, "wb") as f:
+        f.write(data)
+    os.replace(tmp, adapters_dir / f"{name}.safetensors")
 
 
 def _publish(demo: Demo, adapters_dir: Path, store: AdapterStore, log: Log) -> None:

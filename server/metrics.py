@@ -93,9 +93,9 @@ class Metrics:
         )
         self.step_cpu_seconds = Counter(
             "reft_step_cpu_seconds",
-            "CPU time of the engine's thread in steps: what reft_step_duration_seconds_sum has beyond it and the "
-            "device wait, the thread spent waiting to run (for the GIL or a core). On a CPU device the forward's "
-            "other threads are not counted",
+            "CPU time of the engine's thread in steps: what reft_step_duration_seconds_sum has beyond it, the "
+            "thread spent off the CPU, waiting to run (for the GIL or a core). On CUDA it includes the device waits "
+            "(CUDA's synchronizations spin); on a CPU device the forward's other threads are not counted",
             ["kind"],
             registry=r,
         )

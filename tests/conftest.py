@@ -57,7 +57,7 @@ SMOLLM2_DEMO_TIMEOUT = 1500
 @pytest.fixture(scope="session")
 def smollm2_demo(tmp_path_factory):
     """The SmolLM2 demo built once per session, as `reft-server serve` builds it at first start:
-    (PreparedDemo with the freshly trained results, demo directory, store directory)."""
+    (PreparedDemo with the results of what it trained, demo directory, store directory)."""
     from server.demo import prepare_demo
 
     root = tmp_path_factory.mktemp("smollm2_demo")

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server import demo_smollm2, demo_toy, smollm2
 from server.adapters.fingerprint import model_fingerprint
@@ -87,7 +87,7 @@ def test_a_first_start_copies_the_shipped_adapters_made_for_its_model_and_trains
     for name, made_for in ((pirate, fingerprint), (shouty, "rfp1-another-conversion"), (french, fingerprint)):
         shipped[name].config = dataclasses.replace(shipped[name].config, base_model_fingerprint=made_for)
     shipped_bytes = {name: adapter.to_bytes() for name, adapter in shipped.items()}
-    monkeypatch.setitem(DEMOS, "tiny", dataclasses.replace(demo, shipped=shipped_bytes.get))
+    monkeypatch.setitem(DEMOS, "tiny", dataclasses.replace(demo, shipped=lambda name, _: shipped_bytes.get(name)))
     monkeypatch.setitem(demo_toy.ADAPTER_TRAINING, "epochs", 2)  # the one it trains: which, not how well
 
     said = []
@@ -101,17 +101,30 @@ def test_a_first_start_copies_the_shipped_adapters_made_for_its_model_and_trains
     assert store.read(shouty)[1] == prepared.trained[shouty].adapter.to_bytes()
 
 
-def test_a_shipped_smollm2_adapter_serves_only_if_readable_and_made_by_this_codes_recipe(tmp_path, monkeypatch):
+def test_a_shipped_smollm2_adapter_serves_only_if_whole_and_made_by_this_codes_recipe(
+    tmp_path, monkeypatch, tiny_model_dir
+):
     monkeypatch.setattr(demo_smollm2, "SHIPPED_DIR", tmp_path)
-    current = cached_adapter(smollm2.SMOLLM2_MODEL_NAME, 0)
-    current.config = dataclasses.replace(
-        current.config, provenance={demo_smollm2.RECORD_KEY: demo_smollm2.demo_record("pirate")}
-    )
-    (tmp_path / "pirate.safetensors").write_bytes(current.to_bytes())
-    assert demo_smollm2.shipped_style("pirate") == current.to_bytes()
-    stale = dataclasses.replace(current.config, provenance={demo_smollm2.RECORD_KEY: demo_smollm2.demo_record("emoji")})
-    (tmp_path / "pirate.safetensors").write_bytes(AdapterFile(stale, current.tensors).to_bytes())
-    assert demo_smollm2.shipped_style("pirate") is None  # another style's record: not this recipe's data
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))  # any with a chat template
+
+    def shipped_as(style: str, recorded: dict) -> bytes:
+        adapter = cached_adapter(smollm2.SMOLLM2_MODEL_NAME, 0)
+        adapter.config = dataclasses.replace(adapter.config, provenance={demo_smollm2.RECORD_KEY: recorded})
+        (tmp_path / f"{style}.safetensors").write_bytes(data := adapter.to_bytes())
+        return data
+
+    def record(style: str, **recipe) -> dict:
+        current = demo_smollm2.demo_record(style, demo_smollm2.style_examples(tokenizer, style))
+        return {**current, "recipe": {**current["recipe"], **recipe}}
+
+    current = shipped_as("pirate", record("pirate"))
+    assert demo_smollm2.shipped_style("pirate", tokenizer) == current
+    shipped_as("pirate", record("emoji"))  # another style's examples
+    assert demo_smollm2.shipped_style("pirate", tokenizer) is None
+    shipped_as("pirate", record("pirate", epochs=5))  # another recipe
+    assert demo_smollm2.shipped_style("pirate", tokenizer) is None
+    (tmp_path / "pirate.safetensors").write_bytes(current[:-100])  # a whole header, cut tensors
+    assert demo_smollm2.shipped_style("pirate", tokenizer) is None
     (tmp_path / "pirate.safetensors").write_bytes(b"not a safetensors file")
-    assert demo_smollm2.shipped_style("pirate") is None
-    assert demo_smollm2.shipped_style("french") is None  # none shipped
+    assert demo_smollm2.shipped_style("pirate", tokenizer) is None
+    assert demo_smollm2.shipped_style("french", tokenizer) is None  # none shipped

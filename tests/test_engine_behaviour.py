@@ -391,7 +391,7 @@ def test_a_step_that_waits_for_the_gil_shows_less_cpu_time_than_wall_time(model)
     GIL in pure Python, each step spends part of its wall time waiting to run, which its CPU time leaves out."""
     core = make_core(model)
     for i in range(8):
-        core.add(seq(f"s{i}", [5, 6, 7, 8], max_new_tokens=40))
+        core.add(seq(f"s{i}", [5, 6, 7, 8], max_new_tokens=6))  # each step waits out switch intervals: few
     stop = threading.Event()
 
     def hold_the_gil():

@@ -88,15 +88,15 @@ def test_every_training_answer_carries_its_style(style):
 
 
 def test_the_demo_serves_the_shipped_adapters_which_this_codes_recipe_made_for_this_model(demo, reference_model):
-    prepared, store_dir, _, _ = demo
-    assert prepared.trained == {}  # nothing was trained: each was shipped, current, and for this model
+    prepared, store_dir, tokenizer, _ = demo
     for style in STYLES:
-        shipped = shipped_style(style)
+        shipped = shipped_style(style, tokenizer)
         assert shipped is not None, f"{SHIPPED_DIR} is stale: regenerate it with `python -m server.demo_smollm2`"
         config = AdapterFile.from_bytes(shipped).config
-        assert config.provenance[RECORD_KEY] == demo_record(style)
+        assert config.provenance[RECORD_KEY] == demo_record(style, style_examples(tokenizer, style))
         assert config.base_model_fingerprint == model_fingerprint(reference_model)
         assert AdapterStore(store_dir).read(style)[1] == shipped
+    assert not prepared.trained  # nothing was trained: each was shipped, current, and for this model
 
 
 def replies_of(held_out_mixed, name: str | None) -> dict[str, list[int]]:

@@ -77,11 +77,10 @@ class TensorParallelDriver(ModelRunner):
 
 def follow(group: TensorParallelGroup, settings: Settings, device: torch.device) -> None:
     """A follower's whole life: load its shard of the model, then run rank 0's steps until STOP."""
-    if (threads := settings.torch_threads(device.type)) is not None:
-        torch.set_num_threads(threads)
     load_plugins(settings.plugins)  # the intervention types rank 0 serves, before any adapter arrives
     model_path = group.receive_at_start()
     model, _ = load_model(model_path, device, resolve_dtype(settings.dtype, device), tensor_parallel=group.size)
+    settings.apply_torch_threads(device.type)
     geometry: KVGeometry = group.receive_at_start()
     parameter = next(model.parameters())
     layout = KVLayout.from_config(model.config, parameter.dtype).sharded(group.size)

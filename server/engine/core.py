@@ -131,8 +131,9 @@ class StepStats:
     seconds: float
     device_wait_seconds: float  # of `seconds`, blocked for the device's results (of the step before, if async)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # of `seconds`, by STEP_PHASES
-    # of `seconds`, the CPU time of the thread that stepped: the rest, less the device wait, it waited to run
-    # (for the GIL, which another thread of the process held, or for a core)
+    # of `seconds`, the CPU time of the thread that stepped: the rest it spent off the CPU, waiting to run (for the
+    # GIL, which another thread of the process held, or for a core). On CUDA its device waits count as CPU time:
+    # CUDA's synchronizations spin by default
     cpu_seconds: float = 0.0
 
 
