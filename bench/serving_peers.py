@@ -20,7 +20,7 @@ from server.engine.core import EngineCore
 from server.engine.fused_rotary import transformers_own_rotation
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
-from server.metrics import STEP_PHASES
+from server.engine.step_profiler import step_means
 from server.reft.request_edit import request_edit
 
 CB_LOGGER = "ContinuousBatchingLogger"  # transformers' continuous batching logs here, not under transformers.*
@@ -65,17 +65,13 @@ def step_figures_of(stats: list) -> dict:
     time in each phase (ms: scheduling, launching, reading) and on the stepping thread's CPU: the slowest step
     tells a one-off (a compile, an allocation) from a step that is slow every time."""
     times = sorted(1000 * stat.seconds for stat in stats) or [0.0]
-    waited = sum(stat.device_wait_seconds for stat in stats)
+    means = step_means(stats)
     return {
         "count": len(stats),
-        "mean_ms": sum(times) / max(1, len(stats)),
         "median_ms": times[len(times) // 2],
         "max_ms": times[-1],
-        "device_wait_share": waited / max(1e-9, sum(times) / 1000),
-        "phase_mean_ms": {
-            phase: 1000 * sum(stat.phase_seconds[phase] for stat in stats) / max(1, len(stats)) for phase in STEP_PHASES
-        },
-        "cpu_mean_ms": 1000 * sum(stat.cpu_seconds for stat in stats) / max(1, len(stats)),
+        "device_wait_share": means["device_wait_mean_ms"] / max(1e-6, means["mean_ms"]),
+        **means,
     }
 
 

@@ -120,16 +120,27 @@ def header(steps: list[StepStats]) -> str:
     decoded = [s for s in steps if not s.num_prefill_tokens]
     for kind, chosen in (("prefilled", prefilled), ("only decoded", decoded)):
         if chosen:
-            mean = 1000 * sum(s.seconds for s in chosen) / len(chosen)
-            blocked = 1000 * sum(s.device_wait_seconds for s in chosen) / len(chosen)
-            cpu = 1000 * sum(s.cpu_seconds for s in chosen) / len(chosen)
+            means = step_means(chosen)
             tokens = sum(s.num_tokens for s in chosen) / len(chosen)
-            split = ", ".join(
-                f"{phase} {1000 * sum(s.phase_seconds.get(phase, 0.0) for s in chosen) / len(chosen):.2f}"
-                for phase in STEP_PHASES
-            )
+            split = ", ".join(f"{phase} {ms:.2f}" for phase, ms in means["phase_mean_ms"].items())
             lines.append(
-                f"  {len(chosen)} steps {kind}: {tokens:.0f} tokens, {mean:.2f} ms mean ({split}), {cpu:.2f} ms of "
-                f"it on the engine thread's CPU, {blocked:.2f} ms blocked for the device"
+                f"  {len(chosen)} steps {kind}: {tokens:.0f} tokens, {means['mean_ms']:.2f} ms mean ({split}), "
+                f"{means['cpu_mean_ms']:.2f} ms of it on the engine thread's CPU, {means['device_wait_mean_ms']:.2f} "
+                "ms blocked for the device"
             )
     return "\n".join(lines)
+
+
+def step_means(steps: list[StepStats]) -> dict:
+    """The mean step of `steps` (zeros if none), in ms: its duration, phases, thread's CPU time and device wait."""
+    count = max(1, len(steps))
+
+    def mean(seconds) -> float:
+        return 1000 * sum(seconds) / count
+
+    return {
+        "mean_ms": mean(s.seconds for s in steps),
+        "phase_mean_ms": {phase: mean(s.phase_seconds.get(phase, 0.0) for s in steps) for phase in STEP_PHASES},
+        "cpu_mean_ms": mean(s.cpu_seconds for s in steps),
+        "device_wait_mean_ms": mean(s.device_wait_seconds for s in steps),
+    }
