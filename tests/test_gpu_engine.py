@@ -280,13 +280,13 @@ def never_waiting(launch):
 
 
 def test_async_decode_launches_never_wait_for_the_device(cuda_llama):
-    """A decode step's launch (inputs, graph replay, draw with filters, bias and penalties, the copy home)
-    must not synchronize with the device, or its host work cannot overlap the step before: CUDA's sync
-    debug mode raises on any."""
+    """A decode step's launch (inputs, graph replay, draw with filters, bias, penalties and min_tokens' held
+    stops, the copy home) must not synchronize with the device, or its host work cannot overlap the step
+    before: CUDA's sync debug mode raises on any."""
     from tests.engine_utils import prompt
 
     core = make_core(cuda_llama, num_blocks=96, max_batched_tokens=96, max_num_seqs=12, async_scheduling=True)
-    filters = {"top_k": 50, "top_p": 0.9, "logit_bias": ((7, 5.0),)}
+    filters = {"top_k": 50, "top_p": 0.9, "logit_bias": ((7, 5.0),), "min_tokens": 30, "stop_token_ids": (9,)}
     penalties = {"repetition_penalty": 1.2, "frequency_penalty": 0.5, "presence_penalty": 0.3}
     for i in range(8):  # every sampling feature, the penalties' device-side counts included
         sampling = {"temperature": 0.8, "seed": i, "logprobs": 2} | (filters | penalties if i % 2 else {})

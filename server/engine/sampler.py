@@ -81,7 +81,8 @@ def hold_stops(logits: Tensor, seqs: list[Sequence], eos_token_ids: frozenset[in
         return logits
     rows, tokens = zip(*held, strict=True)
     index = (to_device(rows, torch.long, logits.device), to_device(tokens, torch.long, logits.device))
-    holding = logits.index_put(index, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+    # the -inf made on the device: torch.tensor(..., device=cuda) would copy it from the host and wait for the device
+    holding = logits.index_put(index, logits.new_full((), float("-inf")))
     if not under_grammar:  # without a grammar, tokens other than the stops are always left
         return holding
     return torch.where(holding.isneginf().all(dim=-1, keepdim=True), logits, holding)  # on the device: no sync
