@@ -89,6 +89,13 @@ VARIANTS = {
 ENGINE_PARTS = tuple(f"{kind}-{suffix}".rstrip("-") for suffix in VARIANTS for kind in ("engine", "decode"))
 PARTS = (*ENGINE_PARTS, "kernel", "profile", "hf-static", "hf-cb", "parity")
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "pyreft_reference"
+# the profile part's lists per step (profile_summary.top_events), as printed
+PROFILE_SIDES = {
+    "device": "device time",
+    "host": "host time",
+    "python": "Python's own time",
+    "waits": "host waits for the device",
+}
 
 # flag -> (GPU default, --smoke default); a flag given on the command line wins over both
 SIZES = {
@@ -379,11 +386,12 @@ class Benchmark:
                 figures = result[phase]
                 say(
                     f"  {title}: {figures['prompts']} prompts, launched in {figures['launch_ms']:.2f} ms, done in "
-                    f"{figures['done_ms']:.2f} ms"
+                    f"{figures['done_ms']:.2f} ms (the median of {len(figures['launches_ms'])} launches: "
+                    f"{', '.join(f'{ms:.2f}' for ms in figures['launches_ms'])} ms)"
                 )
-            for side in ("device", "host"):
+            for side, what in PROFILE_SIDES.items():
                 if result[phase][side]:
-                    say(f"  {title}, {side} time:")
+                    say(f"  {title}, {what}:")
                 for op in result[phase][side]:
                     say(f"    {op['ms']:8.3f} ms  {op['calls']:7.1f} calls  {op['name']}")
         return {"seqs": batch, **result}

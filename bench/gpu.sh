@@ -6,12 +6,14 @@
 #   3. with --server only: `reft-server serve` on the 1b preset with 64 stored adapters, loaded by
 #      bench/load.py with 128 concurrent clients after an untimed warm-up load, once per entry of
 #      SERVERS (default "process process-b8192": the GPU server's engine host, with the step budget
-#      and with the server's own): the engine core's host, `process` (a process of its own) or
-#      `thread`, with `-sync`, `-async`, `-compile` and/or `-bN` suffixes adding --no-async-scheduling (async
-#      scheduling is the GPU default), --async-scheduling, --compile and --max-batched-tokens N (default 4096:
-#      how many prompt tokens a step takes, which sets how many steps a wave of prompts waits for)
-#      (server-KIND.log, load-KIND.json, metrics-KIND.txt for each KIND, e.g. process-async), then 40 steps of
-#      a further load profiled through POST /v1/admin/profile (profile-KIND.txt).
+#      and with the server's own): the engine core's host, `process` (a process of its own) or `thread`,
+#      with `-sync`, `-async`, `-compile`, `-bN` and/or `-tN` suffixes adding --no-async-scheduling (async
+#      scheduling is the GPU default), --async-scheduling, --compile, --max-batched-tokens N (default 4096:
+#      how many prompt tokens a step takes, which sets how many steps a wave of prompts waits for) and
+#      --threads N (torch's CPU threads; the server's GPU default is one) (server-KIND.log, load-KIND.json,
+#      metrics-KIND.txt for each KIND, e.g. process-async), then 40 steps of a further load profiled through
+#      POST /v1/admin/profile (profile-KIND.txt), then 20 steps of another with Python's frames
+#      (profile-KIND-stacks.txt: the engine thread's Python time, the host's waits for the device).
 # Steps 1-2 need torch and transformers only (and llguidance for the structured-output test). Step 3 also
 # needs the HTTP stack, which GPU machines without network access lack: carry these as py3.12 wheels
 # and install them first: llguidance, fastapi,
@@ -105,6 +107,7 @@ load_one() {
       sync) flags+=(--no-async-scheduling) ;;
       compile) flags+=(--compile) ;;
       b[0-9]*) budget=${option#b} ;;
+      t[0-9]*) flags+=(--threads "${option#t}") ;;
       *) echo "unknown server option $option in $kind"; return 1 ;;
     esac
   done
@@ -135,15 +138,24 @@ load_one() {
 }
 
 # after the measured load (profiling slows the steps it covers): the engine's next 40 steps under torch.profiler
-# while 128 more requests run, its summary kept as profile-KIND.txt (the timeline is too large to bring back)
+# while 128 more requests run, its summary kept as profile-KIND.txt (the timeline is too large to bring back);
+# then 20 steps with Python's frames, as profile-KIND-stacks.txt
 profile_under_load() {
-  local port=$1 kind=$2 summary
+  local port=$1 kind=$2
   shift 2
-  summary=$("$PYTHON" -c "import httpx; print(httpx.post('http://127.0.0.1:$port/v1/admin/profile', json={'steps': 40}).json()['summary'])") || return 0
-  "$@" --requests 128 --seed 2 --out /dev/null >/dev/null
-  for _ in $(seq 60); do [ -f "$summary" ] && break; sleep 1; done
-  [ -f "$summary" ] && cp "$summary" "$OUT/profile-$kind.txt" && head -12 "$summary"
+  profile_once "$port" "{'steps': 40}" "$OUT/profile-$kind.txt" "$@"
+  profile_once "$port" "{'steps': 20, 'with_stack': True}" "$OUT/profile-$kind-stacks.txt" "$@"
   rm -rf "$OUT/profiles-$kind"
+}
+
+# one profile (the request's JSON body, as a Python literal) under a load of 128 requests, its summary copied to $3
+profile_once() {
+  local port=$1 body=$2 copy=$3 summary
+  shift 3
+  summary=$("$PYTHON" -c "import httpx; print(httpx.post('http://127.0.0.1:$port/v1/admin/profile', json=$body).json()['summary'])") || return 0
+  "$@" --requests 128 --seed 2 --out /dev/null >/dev/null
+  for _ in $(seq 90); do [ -f "$summary" ] && break; sleep 1; done  # with frames the summary takes longer
+  [ -f "$summary" ] && cp "$summary" "$copy" && head -12 "$summary"
 }
 
 # how many engine steps only decoded (graph replays) and how many also prefilled (eager), their mean time in

@@ -2,15 +2,17 @@
 prefill a full token budget of new prompts (eager, as every step with prefill is), once without adapters
 and once with a distinct adapter per prompt; then the same with most of the batch decoding beside the new
 prompts ("mixed"), as a serving engine's steps with prefill mostly are under a steady load. Returns the top
-operators by device time and by host time, and for each step with prefill how long the host took to launch
-it against how long until the device was done, so a GPU run says which kernels and which Python to work on
-next, and what adapters and decoding rows add to a step."""
+operators by device time and by host time, the Python functions with the most time of their own, the host's
+waits for the device by where they were made, and for each step with prefill how long the host took to
+launch it against how long until the device was done, so a GPU run says which kernels and which Python to
+work on next, and what adapters and decoding rows add to a step."""
 
 from __future__ import annotations
 
 import os
 import random
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -27,6 +29,9 @@ from server.engine.sequence import Sequence
 from server.reft.request_edit import request_edit
 
 TOP = 15
+# steps timed per phase, the median reported: run F timed one, and its mixed step with adapters took 36 ms to launch
+# against 16-19 ms for the other phases, a figure one step cannot tell from an outlier
+TIMED_STEPS = 3
 MAX_DRAIN_STEPS = 8  # steps that finish a step's new prompts: the last one's chunk, then reading the tokens
 
 
@@ -45,7 +50,7 @@ def profile_steps(
     core, _ = decoding_core(model, batch, context, steps + 1, engine_config)
     on_gpu = next(model.parameters()).device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities) as decode:
+    with profile(activities=activities, with_stack=True) as decode:
         for _ in range(steps):
             core.step()
     del core
@@ -70,12 +75,16 @@ def profile_steps(
 def profiled_prefill(
     core: EngineCore, rng: random.Random, prompt_len: tuple[int, int], adapters: list, activities, decoding: int = 0
 ) -> dict:
-    """`prefill_step` three times: untimed (the step's shapes cost once: kernel choices), timed, profiled."""
+    """`prefill_step` untimed (the step's shapes cost once: kernel choices), TIMED_STEPS times timed (the
+    median step's figures, and every step's launch), then once profiled, with Python's frames."""
     prefill_step(core, rng, prompt_len, adapters, decoding=decoding)
-    prompts, launch_ms, done_ms = prefill_step(core, rng, prompt_len, adapters, decoding=decoding)
-    profiled = profile(activities=activities)
+    timed = [prefill_step(core, rng, prompt_len, adapters, decoding=decoding) for _ in range(TIMED_STEPS)]
+    prompts, launch_ms, done_ms = sorted(timed, key=lambda figures: figures[1])[len(timed) // 2]
+    profiled = profile(activities=activities, with_stack=True)
     prefill_step(core, rng, prompt_len, adapters, profiled, decoding)
-    return {"prompts": prompts, "launch_ms": launch_ms, "done_ms": done_ms, **top_ops(profiled, 1)}
+    launches = [round(figures[1], 2) for figures in timed]
+    figures = {"prompts": prompts, "launch_ms": launch_ms, "done_ms": done_ms, "launches_ms": launches}
+    return {**figures, **top_ops(profiled, 1)}
 
 
 def prefill_step(
@@ -119,8 +128,9 @@ def drained(core: EngineCore, decoding: int) -> bool:
 
 
 def top_ops(profiled: profile, steps: int) -> dict:
-    """Per step: the operators with the most device time and with the most host time (self times, ms)."""
+    """Per step: the operators with the most device time and with the most host time (self times, ms), this
+    thread's Python functions with the most time of their own, and the host's waits for the device."""
     with tempfile.TemporaryDirectory() as directory:
         trace = os.path.join(directory, "trace.json")
         profiled.export_chrome_trace(trace)
-        return top_events(read_events(trace), steps, TOP)
+        return top_events(read_events(trace), steps, TOP, thread=threading.get_native_id())

@@ -40,13 +40,26 @@ def test_the_next_steps_are_profiled_while_requests_run(client):
     assert not list(summary.parent.glob("*.part"))
 
 
+def test_with_python_frames_the_summary_gives_python_time_by_function(client):
+    started = client.post("/v1/admin/profile", json={"steps": 3, "with_stack": True}, headers=ADMIN)
+    assert started.status_code == 202 and started.json()["with_stack"] is True
+    body = {"prompt": "frames", "max_new_tokens": 6, "ignore_eos": True}
+    assert client.post("/v1/generate", json=body).status_code == 200
+    summary = Path(started.json()["summary"])
+    wait_for(summary.exists, timeout=60)
+    text = summary.read_text()
+    assert "aten::mm" in text.split("Python's own time per step")[0]
+    python = text.split("Python's own time per step")[1]
+    assert "server/engine/" in python and " at 0x" not in python  # builtins named without their address
+
+
 def test_no_body_takes_fifty_steps_and_bad_bodies_are_refused(client):
     started = client.post("/v1/admin/profile", headers=ADMIN)
     assert started.json()["steps"] == 50
     body = {"prompt": "fifty", "max_new_tokens": 60, "ignore_eos": True}
     assert client.post("/v1/generate", json=body).status_code == 200
     wait_for(Path(started.json()["summary"]).exists, timeout=30)
-    for body in ({"steps": 0}, {"steps": 1001}, {"steps": 2, "extra": 1}):
+    for body in ({"steps": 0}, {"steps": 1001}, {"steps": 2, "extra": 1}, {"steps": 2, "with_stack": "often"}):
         refused = client.post("/v1/admin/profile", json=body, headers=ADMIN)
         assert refused.status_code in (400, 422) and error_of(refused)
 
@@ -141,3 +154,48 @@ def test_host_self_times_subtract_what_each_operator_called():
     host = {op["name"]: op["ms"] * 1000 for op in ops["host"]}
     assert host == pytest.approx({"aten::linear": 4, "aten::mm": 4, "cudaLaunchKernel": 2, "aten::relu": 3})
     assert [(op["name"], op["ms"] * 1000) for op in ops["device"]] == [("gemm", pytest.approx(5))]
+
+
+def test_python_time_is_the_stepping_threads_and_waits_name_the_function_that_waited():
+    """Thread 1 steps: a function (20 us) calls a builtin (10 us) around an operator (8 us) that waits for the
+    device (6 us). Thread 2 waits on its queue the whole time."""
+    events = [
+        {
+            "ph": "X",
+            "cat": "python_function",
+            "name": "server/engine/core.py(10): step",
+            "pid": 1,
+            "tid": 1,
+            "ts": 0,
+            "dur": 20,
+        },
+        {
+            "ph": "X",
+            "cat": "python_function",
+            "name": "<built-in method item of Tensor object at 0x7f00>",
+            "pid": 1,
+            "tid": 1,
+            "ts": 4,
+            "dur": 10,
+        },
+        {"ph": "X", "cat": "cpu_op", "name": "aten::item", "pid": 1, "tid": 1, "ts": 5, "dur": 8},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "pid": 1, "tid": 1, "ts": 6, "dur": 6},
+        {
+            "ph": "X",
+            "cat": "python_function",
+            "name": "<built-in method get of _queue.SimpleQueue object at 0x1>",
+            "pid": 1,
+            "tid": 2,
+            "ts": 0,
+            "dur": 50,
+        },
+    ]
+    ops = top_events(events, steps=2, thread=1)
+    in_us = {side: {op["name"]: op["ms"] * 2000 for op in ops[side]} for side in ("host", "python", "waits")}
+    assert in_us["python"] == pytest.approx(
+        {"server/engine/core.py(10): step": 10, "<built-in method item of Tensor object>": 2}
+    )
+    assert in_us["host"] == pytest.approx({"aten::item": 2, "cudaStreamSynchronize": 6})
+    assert in_us["waits"] == pytest.approx({"cudaStreamSynchronize in server/engine/core.py(10): step": 6})
+    everyone = {op["name"] for op in top_events(events, steps=1)["python"]}
+    assert "<built-in method get of _queue.SimpleQueue object>" in everyone

@@ -327,15 +327,15 @@ class AsyncEngine:
     def cancel(self, request_id: str) -> None:
         self.host.send(Abort(request_id))
 
-    def profile(self, steps: int, stem: str) -> ProfileSteps:
+    def profile(self, steps: int, stem: str, with_stack: bool = False) -> ProfileSteps:
         """Have the engine profile its next `steps` steps into the returned command's `trace` and `summary`
-        files, one profile at a time (ProfileBusy)."""
+        files (with Python's frames if `with_stack`), one profile at a time (ProfileBusy)."""
         if not self.alive:
             raise EngineStopped("the engine is not running")
         if self._profiles_sent > self._profiles_done:
             raise ProfileBusy("a profile of the engine's steps is being taken: ask again once it is written")
         self._profiles_sent += 1
-        command = ProfileSteps(steps, stem)
+        command = ProfileSteps(steps, stem, with_stack)
         self.host.send(command)
         return command
 

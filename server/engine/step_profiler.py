@@ -2,12 +2,15 @@
 real load (`POST /v1/admin/profile` with REFT_PROFILE_DIR set, as vLLM's profiler endpoints).
 
 The loop (core_loop.py) starts a session on a `ProfileSteps` command and stops it after that many steps
-have run. It writes the timeline, `<stem>.trace.json` (Perfetto, chrome://tracing), and starts a process
-that reads it into `<stem>.txt`: the steps' mean durations by kind and the operators with the most device
-and host time per step (profile_summary.py). Reading a large trace takes seconds of Python, which the loop
-must not spend: it only stops the profiler and writes the trace (about a second for 300 steps of a tiny
-model on a CPU). Each file appears whole, the summary last. Profiling slows the steps it covers; nothing
-else changes, and a failure to profile or to write is logged, never raised into the loop.
+have run. It writes the timeline, `<stem>.trace.json` (Perfetto, chrome://tracing), on request with
+Python's frames (`with_stack`), and starts a process that reads it into `<stem>.txt`: the steps' mean
+durations by kind, the operators with the most device and host time per step, and with the frames, the
+stepping thread's Python time by function and the host's waits for the device by where they were made
+(profile_summary.py). Reading a large trace takes seconds of Python, which the loop must not spend: it
+only stops the profiler and writes the trace (about a second for 300 steps of a tiny model on a CPU;
+Python's frames make it several times larger). Each file appears whole, the summary last. Profiling slows
+the steps it covers (Python's frames most of all); nothing else changes, and a failure to profile or to
+write is logged, never raised into the loop.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +34,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ProfileSteps:
-    """A command for the loop: profile its next `steps` steps, and write `<stem>.trace.json` and `<stem>.txt`."""
+    """A command for the loop: profile its next `steps` steps, and write `<stem>.trace.json` and `<stem>.txt`;
+    with `with_stack`, with Python's frames too."""
 
     steps: int
     stem: str
+    with_stack: bool = False
 
     @property
     def trace(self) -> str:
@@ -48,6 +54,7 @@ class ProfileSteps:
 class _Session:
     command: ProfileSteps
     profiler: profile
+    thread: int  # the stepping thread's native id: the summary's Python time is this thread's
     steps: list[StepStats] = field(default_factory=list)
 
 
@@ -68,13 +75,13 @@ class StepProfiler:
             return
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         try:
-            profiler = profile(activities=activities)
+            profiler = profile(activities=activities, with_stack=command.with_stack)
             profiler.start()
         except Exception:
             log.exception("the profiler could not start")
             self.done += 1
             return
-        self._session = _Session(command, profiler)
+        self._session = _Session(command, profiler, threading.get_native_id())
         log.info("profiling the engine's next steps", extra={"fields": {"steps": command.steps, "to": command.stem}})
 
     def stepped(self, stats: StepStats) -> None:
@@ -102,7 +109,8 @@ class StepProfiler:
             session.profiler.export_chrome_trace(f"{command.trace}.part")
             os.replace(f"{command.trace}.part", command.trace)
             summarize = [sys.executable, "-m", "server.engine.profile_summary", command.trace, command.summary]
-            summarize += ["--steps", str(max(1, len(session.steps))), "--header", header(session.steps)]
+            summarize += ["--steps", str(max(1, len(session.steps))), "--thread", str(session.thread)]
+            summarize += ["--header", header(session.steps)]
             self._summarizers.append(subprocess.Popen(summarize, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
         except Exception:
             log.exception("writing the profile %s failed", command.stem)
