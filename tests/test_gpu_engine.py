@@ -9,8 +9,8 @@ transformers' own bits; masked GQA prefill stays on SDPA's fused kernels.
 Rows held to grammars (structured outputs) draw as on the sdpa path.
 Async scheduling keeps its tokens with the device lagging behind the host, and its launches never
 synchronize with the device: decode steps (graph replays) and steps that prefill (eager, with
-adapters' edits, with and without compiled layers). A prompt's long first chunk goes to SDPA's flash
-kernel in 16 bits only.
+adapters' edits, with and without compiled layers); nor does an adapter's arrival on the device. A
+prompt's long first chunk goes to SDPA's flash kernel in 16 bits only.
 """
 
 import random
@@ -266,17 +266,29 @@ def test_async_scheduling_with_a_lagging_device_gives_the_same_tokens(cuda_llama
     assert run_core(core, workload(cuda_llama)) == expected
 
 
-def never_waiting(launch):
-    """`launch` made to raise where it synchronizes with the device (CUDA's sync debug mode)."""
+def never_waiting(function):
+    """`function` made to raise where it synchronizes with the device (CUDA's sync debug mode)."""
 
-    def strict(*args):
+    def strict(*args, **kwargs):
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return launch(*args)
+            return function(*args, **kwargs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
     return strict
+
+
+def test_an_arriving_adapter_reaches_the_device_without_waiting_for_it(cuda_llama):
+    """The engine process's receiver and the registry place adapters while steps run: their copies must not
+    wait for the device's queued work, and must give the bits a cast on the host gives."""
+    adapter_file = random_adapter_file("loreft", (1, 2), 4, "f3+l3", cuda_llama.config.hidden_size, seed=0)
+    on_host = materialize(adapter_file, name="a", dtype=torch.bfloat16)
+    on_device = never_waiting(materialize)(adapter_file, name="a", dtype=torch.bfloat16, device="cuda")
+    for layer, interventions in on_host.layers.items():
+        for host, device in zip(interventions, on_device.layers[layer], strict=True):
+            for name, tensor in host.params.items():
+                assert device.params[name].is_cuda and torch.equal(device.params[name].cpu(), tensor)
 
 
 def test_async_decode_launches_never_wait_for_the_device(cuda_llama):

@@ -256,6 +256,16 @@ def cast_params(kind: InterventionType, params: Params, dtype: torch.dtype, devi
     placed = {}
     for name, tensor in params.items():
         spec = kind.param(name)
-        target = torch.float32 if spec is not None and spec.fp32 else dtype
-        placed[name] = tensor.to(device=device, dtype=target)
+        placed[name] = place(tensor, torch.float32 if spec is not None and spec.fp32 else dtype, device)
     return placed
+
+
+def place(tensor: Tensor, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """`tensor` in `dtype` on `device`. From the host to a CUDA device it is cast on the host (the same bits)
+    and sent from pinned memory without waiting: a copy from pageable memory would first wait for all the
+    device's queued work, and an adapter arriving while the engine serves would hold up the thread that
+    receives it (and the requests queued behind it) for steps. Kernels queued after the copy see its data."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device=device, dtype=dtype)
+    return tensor.to(dtype=dtype).pin_memory().to(device, non_blocking=True)
