@@ -63,6 +63,7 @@ from bench.decode_kernel_launches import SMOKE_GRID as DECODE_SMOKE_GRID  # noqa
 from bench.decode_kernel_launches import time_launches  # noqa: E402
 from bench.device_timing import GIB, copy_bandwidth, peak_memory_gib, release_memory  # noqa: E402
 from bench.fixture_parity import fixture_parity, forced_logit_error  # noqa: E402
+from bench.gemm_shapes import linear_host_costs  # noqa: E402
 from bench.prefill_kernel import GRID as PREFILL_GRID  # noqa: E402
 from bench.prefill_kernel import SMOKE_GRID as PREFILL_SMOKE_GRID  # noqa: E402
 from bench.prefill_kernel import time_prefill  # noqa: E402
@@ -87,7 +88,7 @@ VARIANTS = {
     "flex": ("flex", False, None, False),
 }
 ENGINE_PARTS = tuple(f"{kind}-{suffix}".rstrip("-") for suffix in VARIANTS for kind in ("engine", "decode"))
-PARTS = (*ENGINE_PARTS, "kernel", "profile", "hf-static", "hf-cb", "parity")
+PARTS = (*ENGINE_PARTS, "kernel", "profile", "gemm-shapes", "hf-static", "hf-cb", "parity")
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "pyreft_reference"
 # the profile part's lists per step (profile_summary.top_events), as printed
 PROFILE_SIDES = {
@@ -395,6 +396,18 @@ class Benchmark:
                 for op in result[phase][side]:
                     say(f"    {op['ms']:8.3f} ms  {op['calls']:7.1f} calls  {op['name']}")
         return {"seqs": batch, **result}
+
+    def gemm_shapes(self) -> dict:
+        """The host's time per projection launch over a step's worth of rows, for row counts seen and new."""
+        rows = self.args.max_batched_tokens
+        costs = linear_host_costs(self.models.get(ATTENTION_NAME), rows)
+        for cost in costs:
+            out_features, in_features = cost["shape"]
+            say(
+                f"  {rows} x {in_features} -> {out_features}: {cost['seen_us']:6.1f} us per launch over row counts "
+                f"seen before, {cost['new_us']:6.1f} over new ones"
+            )
+        return {"rows": rows, "shapes": costs}
 
     def hf_static(self) -> dict:
         model = self.models.get("sdpa")
