@@ -144,6 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-num-seqs", type=int, help="running sequences at most (engine and generate_batch)")
     add("--max-batched-tokens", type=int, help="tokens per step at most (engine and generate_batch)")
     add("--kv-cache-gib", type=float, help="KV cache memory (engine and generate_batch)")
+    add("--step-token-multiple", type=int, default=1, help="pad eager steps to a multiple of this many tokens")
     add("--adapters", type=int, help="distinct LoReFT adapters in the engine's adapter run")
     add("--engine-rounds", type=int, help="rounds of base and adapter runs, alternating; medians reported")
     add("--adapter-rank", type=int, default=4)
@@ -224,6 +225,7 @@ class Benchmark:
             cuda_graphs=cuda_graphs,
             compile_backend=compile_backend,
             async_scheduling=async_scheduling,
+            step_token_multiple=self.args.step_token_multiple,
         )
 
     def run_part(self, part: str) -> dict:

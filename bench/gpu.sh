@@ -7,11 +7,12 @@
 #      bench/load.py with 128 concurrent clients after an untimed warm-up load, once per entry of
 #      SERVERS (default "process process-b8192": the GPU server's engine host, with the step budget
 #      and with the server's own): the engine core's host, `process` (a process of its own) or `thread`,
-#      with `-sync`, `-async`, `-compile`, `-bN` and/or `-tN` suffixes adding --no-async-scheduling (async
-#      scheduling is the GPU default), --async-scheduling, --compile, --max-batched-tokens N (default 4096:
-#      how many prompt tokens a step takes, which sets how many steps a wave of prompts waits for) and
-#      --threads N (torch's CPU threads; the server's GPU default is one) (server-KIND.log, load-KIND.json,
-#      metrics-KIND.txt for each KIND, e.g. process-async), then 40 steps of a further load profiled through
+#      with `-sync`, `-async`, `-compile`, `-bN`, `-tN` and/or `-pN` suffixes adding --no-async-scheduling
+#      (async scheduling is the GPU default), --async-scheduling, --compile, --max-batched-tokens N (default
+#      4096: how many prompt tokens a step takes, which sets how many steps a wave of prompts waits for),
+#      --threads N (torch's CPU threads; the server's GPU default is one) and --step-token-multiple N (eager
+#      steps padded to a multiple of N tokens) (server-KIND.log, load-KIND.json, metrics-KIND.txt for each
+#      KIND, e.g. process-async), then 40 steps of a further load profiled through
 #      POST /v1/admin/profile (profile-KIND.txt), then 20 steps of another with Python's frames
 #      (profile-KIND-stacks.txt: the engine thread's Python time, the host's waits for the device).
 # Steps 1-2 need torch and transformers only (and llguidance for the structured-output test). Step 3 also
@@ -108,6 +109,7 @@ load_one() {
       compile) flags+=(--compile) ;;
       b[0-9]*) budget=${option#b} ;;
       t[0-9]*) flags+=(--threads "${option#t}") ;;
+      p[0-9]*) flags+=(--step-token-multiple "${option#p}") ;;
       *) echo "unknown server option $option in $kind"; return 1 ;;
     esac
   done

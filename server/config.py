@@ -107,6 +107,14 @@ class Settings(BaseSettings):
         description="Run the model's RMSNorms, and on a GPU its rotary embeddings, through fused kernels that give "
         "its own values bit for bit (fewer kernels a layer); off: the model's own code",
     )
+    step_token_multiple: int = Field(
+        1,
+        ge=1,
+        le=512,
+        description="Pad every step that runs eagerly (every step that prefills) with unused rows up to a multiple of "
+        "this many tokens, so that its matrix products see a few shapes instead of a new one each step "
+        "(cuBLAS chooses a kernel on the host per new shape); 1 = no padding",
+    )
     compile: bool = Field(
         False,
         description="torch.compile the decode forward before capturing its CUDA graphs, and each decoder layer for "
@@ -230,6 +238,7 @@ class Settings(BaseSettings):
             cuda_graphs=self.cuda_graphs,
             compile_backend="inductor" if self.compile else None,
             fused_kernels=self.fused_kernels,
+            step_token_multiple=self.step_token_multiple,
             async_scheduling=(
                 self.async_scheduling if self.async_scheduling is not None else async_scheduling_default(device_type)
             ),

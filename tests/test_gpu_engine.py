@@ -1,8 +1,8 @@
 """The GPU engine on a CUDA device (skipped elsewhere; bench/gpu.sh runs these first on a GPU machine).
 
 In float32 the paged backend, eager and replayed from CUDA graphs (of the forward as it is, and as
-Inductor compiled it, with the eager steps' layers compiled too), with and without async scheduling,
-gives the sdpa backend's greedy tokens on a mixed workload with adapters, chunked prefill and a pool
+Inductor compiled it, with the eager steps' layers compiled too), with and without async scheduling and
+padded eager steps, gives the sdpa backend's greedy tokens on a mixed workload with adapters, chunked prefill and a pool
 too small for everyone at once; every bucket's graph is captured and the replays serve the decode
 steps; the Triton kernels (decode, prefill) match their torch twins, and the rotary kernel gives
 transformers' own bits; masked GQA prefill stays on SDPA's fused kernels.
@@ -55,13 +55,20 @@ def run(model, **config):
 
 
 @pytest.mark.parametrize(
-    "cuda_graphs, compile_backend, async_scheduling",
-    [(False, None, False), (True, None, False), (True, "inductor", False), (True, None, True), (False, None, True)],
+    "cuda_graphs, compile_backend, async_scheduling, multiple",
+    [
+        (False, None, False, 1),
+        (True, None, False, 1),
+        (True, "inductor", False, 1),
+        (True, None, True, 1),
+        (False, None, True, 1),
+        (True, None, True, 64),
+    ],
 )
-def test_paged_backend_gives_sdpa_tokens(cuda_llama, cuda_graphs, compile_backend, async_scheduling):
+def test_paged_backend_gives_sdpa_tokens(cuda_llama, cuda_graphs, compile_backend, async_scheduling, multiple):
     _, expected = run(cuda_llama, attention_backend="sdpa")
     config = {"cuda_graphs": cuda_graphs, "compile_backend": compile_backend, "async_scheduling": async_scheduling}
-    core, tokens = run(cuda_llama, attention_backend="auto", **config)
+    core, tokens = run(cuda_llama, attention_backend="auto", step_token_multiple=multiple, **config)
     assert core.runner.attention_backend == "paged"
     assert tokens == expected
     graphs = core.runner.graphs

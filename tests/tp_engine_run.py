@@ -21,12 +21,14 @@ from server.distributed.runner import TensorParallelDriver
 from server.models.loader import load_model
 from tests.engine_utils import make_core, run_core, seq
 
-CORE_CONFIG = dict(max_batched_tokens=32, max_num_seqs=6)
+# eager steps padded to a multiple of 8 tokens: every rank must pad alike, and the tokens stay the reference's
+CORE_CONFIG = dict(max_batched_tokens=32, max_num_seqs=6, step_token_multiple=8)
 
 
 def main(model_dir: str, workload_path: str, max_adapters: str) -> None:
     torch.set_num_threads(1)
-    group = spawn_group(Settings(tensor_parallel=2, device="cpu", threads=1, log_level="warning"))
+    settings = Settings(tensor_parallel=2, device="cpu", threads=1, log_level="warning", step_token_multiple=8)
+    group = spawn_group(settings)
     group.send_at_start(model_dir)
     model, _ = load_model(model_dir, torch.device("cpu"), torch.float32, tensor_parallel=2)
     sender = AdapterSender(max_bytes=2**30, max_count=int(max_adapters))

@@ -85,7 +85,13 @@ def follow(group: TensorParallelGroup, settings: Settings, device: torch.device)
     parameter = next(model.parameters())
     layout = KVLayout.from_config(model.config, parameter.dtype).sharded(group.size)
     kv = KVCache(layout, geometry.num_blocks, geometry.block_size, parameter.device, prefix_caching=False)
-    runner = ModelRunner(model, kv, settings.attention_backend, fused_kernels=settings.fused_kernels)
+    runner = ModelRunner(
+        model,
+        kv,
+        settings.attention_backend,
+        fused_kernels=settings.fused_kernels,
+        step_token_multiple=settings.step_token_multiple,
+    )
     adapters = AdapterReceiver(parameter.dtype, parameter.device)
     while (message := group.receive()) != STOP:
         if message == PING:

@@ -71,9 +71,14 @@ class EngineConfig:
     # the model's RMSNorms, and on CUDA its rotary embeddings, through fused kernels with its own bits
     # (fused_norms.py, fused_rotary.py); off: its own modules' code
     fused_kernels: bool = True
+    # the tokens of every eagerly run step rounded up to a multiple of this with padding rows (model_runner.py's
+    # `padded`), so that its matrix products see a few shapes rather than a new one every step; 1: none
+    step_token_multiple: int = 1
 
     def __post_init__(self):
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, not {self.attention_backend!r}"
             )
+        if self.step_token_multiple < 1:
+            raise ValueError(f"step_token_multiple must be at least 1, not {self.step_token_multiple}")

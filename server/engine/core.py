@@ -206,6 +206,7 @@ class EngineCore:
             max_model_len=self.max_model_len,
             compile_backend=compile_backend,
             fused_kernels=config.fused_kernels,
+            step_token_multiple=config.step_token_multiple,
         )
         self.sampler = Sampler(frozenset(eos_token_ids), grammars)
         self.grammars = grammars
@@ -239,7 +240,12 @@ class EngineCore:
         seq = Sequence("warm-up", [0] * tokens, SamplingParams(max_new_tokens=1, prompt_logprobs=MAX_LOGPROBS))
         kv.allocate(seq, tokens)
         runner = ModelRunner(
-            model, kv, config.attention_backend, compile_backend=compile_backend, fused_kernels=config.fused_kernels
+            model,
+            kv,
+            config.attention_backend,
+            compile_backend=compile_backend,
+            fused_kernels=config.fused_kernels,
+            step_token_multiple=config.step_token_multiple,
         )
         result = runner.run([ScheduledChunk(seq, 0, tokens)])
         if result.scored:

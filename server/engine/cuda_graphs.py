@@ -10,8 +10,8 @@ slot, context length and block table. The step writes its columns into the step'
 one host-to-device copy, transfers.py's StepUpload, which also carries the step's new blocks and, with
 async scheduling, where its pending tokens go) and, once that was sent, copies them into the buffer the
 graphs read, on the device. Padding sequences (the bucket rounds the batch up) decode token 0 at
-position 0 into the first slot of the pool's pad block and read only that; the graph zeroes the slot
-again after the forward, so the pad block stays all zeros for the sdpa path.
+position 0 into the first slot of the pool's pad block and read only that; the graph zeroes the block
+again after the forward, so it stays all zeros for the sdpa path.
 Every bucket's logits land in one shared buffer, valid until the next step.
 
 With `compile_backend` (`--compile`), the forward is first compiled by torch.compile, dynamic in the
@@ -171,8 +171,7 @@ class DecodeGraphs:
         if self.logits is None:
             self.logits = logits.new_empty((self.sizes[-1], logits.shape[-1]))
         self.logits[:size].copy_(logits)
-        self.kv.keys[:, self.pad_slot].zero_()  # the padding rows wrote there
-        self.kv.values[:, self.pad_slot].zero_()
+        self.kv.zero_pad_block()  # the padding rows wrote there
 
     def _model_logits(self, input_ids: Tensor, position_ids: Tensor, **step) -> Tensor:
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **step).logits[0]

@@ -155,6 +155,12 @@ class KVCache:
         for pool in (self.keys, self.values):
             pool.view(pool.shape[0], self.num_blocks + 1, -1).index_fill_(1, blocks, 0)
 
+    def zero_pad_block(self) -> None:
+        """Clear the pad block in every layer, after padding rows of a step wrote their keys and values there."""
+        pad = slice(self.pad_block * self.block_size, (self.pad_block + 1) * self.block_size)
+        self.keys[:, pad].zero_()
+        self.values[:, pad].zero_()
+
     def free(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):  # a prefix's tail is evicted before its head
             self._refs[block] -= 1

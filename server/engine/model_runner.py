@@ -10,7 +10,7 @@ that every rank of a tensor-parallel group runs the same `forward` on what rank 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -85,6 +85,26 @@ class StepBatch:
     scored: list[int] = field(default_factory=list)  # prompt rows whose logits are computed too, after `keep`'s
 
 
+def padded(batch: StepBatch, multiple: int, kv: KVCache) -> StepBatch:
+    """`batch` with padding rows after its own, up to a multiple of `multiple` tokens (itself if it is one).
+    They are one chunk of token 0 from position 0 (two tokens or more: one would be a decode row, and those
+    come first) over the pool's pad block alone: they write their keys and values into its slots, read
+    nothing else, and are neither sampled nor edited. The caller clears the pad block after the forward."""
+    count = -len(batch.token_ids) % multiple
+    if count == 0:
+        return batch
+    if count == 1:
+        count += multiple
+    row, block_size = len(batch.token_ids), kv.block_size
+    return replace(
+        batch,
+        token_ids=batch.token_ids + [0] * count,
+        positions=batch.positions + list(range(count)),
+        slots=batch.slots + [kv.pad_block * block_size + p % block_size for p in range(count)],
+        spans=[*batch.spans, Span(row, count, 0, [kv.pad_block] * -(-count // block_size))],
+    )
+
+
 @dataclass
 class EagerInputs:
     """A step that runs the model eagerly, its tensors staged in the step's upload."""
@@ -95,6 +115,7 @@ class EagerInputs:
     positions: Tensor  # [T]
     keep: Tensor  # rows whose logits are computed: StepBatch's `keep`, then its `scored`
     pairs: Tensor | None  # where the pending tokens go (async scheduling), as transfers.place_pending takes them
+    padding: bool = False  # padding rows wrote into the pad block (`padded`)
 
 
 class ModelRunner:
@@ -108,14 +129,17 @@ class ModelRunner:
         max_model_len: int = 1,
         compile_backend: str | None = None,
         fused_kernels: bool = True,
+        step_token_multiple: int = 1,
     ):
         """`cuda_graphs` (paged backend only): replay decode-only steps of up to `max_num_seqs` sequences of
         up to `max_model_len` tokens from graphs captured now (cuda_graphs.py), of the forward compiled
         with `compile_backend` if given. With `compile_backend`, the other steps run each decoder layer
         compiled with it (compiled_layers.py). `fused_kernels`: fuse the model's norms and rotary embeddings
-        first (fused_norms.py, fused_rotary.py), unless an engine in this process did already."""
+        first (fused_norms.py, fused_rotary.py), unless an engine in this process did already. The steps
+        run eagerly are padded to a multiple of `step_token_multiple` tokens (`padded`)."""
         self.model = model
         self.kv = kv
+        self.step_token_multiple = step_token_multiple
         self.device = next(model.parameters()).device
         self.attention_backend = resolve_attention_backend(attention_backend, self.device.type)
         self.upload = StepUpload(self.device)  # every step's integer inputs, in one host-to-device copy
@@ -216,6 +240,8 @@ class ModelRunner:
             **plan_kwargs(inputs.plan),
             **self._compiled_layer_kwargs,
         )
+        if inputs.padding:
+            self.kv.zero_pad_block()
         return out.logits[0], inputs.plan
 
     def _stage(self, batch: StepBatch) -> GraphInputs | EagerInputs:
@@ -225,13 +251,15 @@ class ModelRunner:
         try:
             if self.graphs is not None and self.graphs.fits(batch):
                 return self.graphs.stage(batch, upload)
+            rows = padded(batch, self.step_token_multiple, self.kv)
             return EagerInputs(
-                StepAttention.build(self.kv, batch.spans, batch.slots, upload, self.attention_backend),
+                StepAttention.build(self.kv, rows.spans, rows.slots, upload, self.attention_backend),
                 build_plan(batch.edits, self.device, upload.stage),
-                upload.stage(batch.token_ids),
-                upload.stage(batch.positions),
+                upload.stage(rows.token_ids),
+                upload.stage(rows.positions),
                 upload.stage(batch.keep + batch.scored),
                 upload.stage(batch.from_pending) if batch.from_pending else None,
+                padding=rows is not batch,
             )
         finally:  # pack took the new blocks off the allocator: even a step that failed here must clear them
             upload.send()
