@@ -14,6 +14,7 @@ import random
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -32,6 +33,7 @@ TOP = 15
 # steps timed per phase, the median reported: run F timed one, and its mixed step with adapters took 36 ms to launch
 # against 16-19 ms for the other phases, a figure one step cannot tell from an outlier
 TIMED_STEPS = 3
+PHASE_STEPS = 1 + TIMED_STEPS + 2  # prefill steps per phase: untimed, timed, profiled plainly and with frames
 MAX_DRAIN_STEPS = 8  # steps that finish a step's new prompts: the last one's chunk, then reading the tokens
 
 
@@ -47,14 +49,17 @@ def profile_steps(
     """Decode steps of `batch` sequences of ~`context` tokens; then prefill steps of `engine_config`'s token
     budget of prompts of `prompt_len` tokens, plain ("prefill") and each prompt with its own adapter
     ("prefill_adapters", cycling through `adapters`)."""
-    core, _ = decoding_core(model, batch, context, steps + 1, engine_config)
+    core, _ = decoding_core(model, batch, context, 2 * steps + 1, engine_config)
     on_gpu = next(model.parameters()).device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities, with_stack=True) as decode:
-        for _ in range(steps):
-            core.step()
+
+    def decode_steps(around: profile) -> None:
+        with around:
+            for _ in range(steps):
+                core.step()
+
+    result = {"decode_steps": steps, "decode": profiled(decode_steps, activities, steps)}
     del core
-    result = {"decode_steps": steps, "decode": top_ops(decode, steps)}
     # async: a step returns once launched (nothing before it is in flight), so its host time shows apart
     room = engine_config.max_batched_tokens // prompt_len[0] + 1  # the most new prompts one step can take
     prefill_config = replace(engine_config, max_num_seqs=room, cuda_graphs=False, async_scheduling=True)
@@ -66,7 +71,7 @@ def profile_steps(
     # the server's concurrency less the new prompts' room decodes; the decode steps between keep their graphs
     decoding = max(1, engine_config.max_num_seqs - room)
     mixed_config = replace(engine_config, async_scheduling=True)
-    core, _ = decoding_core(model, decoding, context, 6 * MAX_DRAIN_STEPS, mixed_config, room=room)
+    core, _ = decoding_core(model, decoding, context, 2 * PHASE_STEPS * (MAX_DRAIN_STEPS + 1), mixed_config, room=room)
     for phase, edits in (("mixed", []), ("mixed_adapters", adapters)):
         result[phase] = {"decoding": decoding, **profiled_prefill(core, rng, prompt_len, edits, activities, decoding)}
     return result
@@ -76,15 +81,23 @@ def profiled_prefill(
     core: EngineCore, rng: random.Random, prompt_len: tuple[int, int], adapters: list, activities, decoding: int = 0
 ) -> dict:
     """`prefill_step` untimed (the step's shapes cost once: kernel choices), TIMED_STEPS times timed (the
-    median step's figures, and every step's launch), then once profiled, with Python's frames."""
+    median step's figures, and every step's launch), then profiled (`profiled`): PHASE_STEPS in all."""
     prefill_step(core, rng, prompt_len, adapters, decoding=decoding)
     timed = [prefill_step(core, rng, prompt_len, adapters, decoding=decoding) for _ in range(TIMED_STEPS)]
     prompts, launch_ms, done_ms = sorted(timed, key=lambda figures: figures[1])[len(timed) // 2]
-    profiled = profile(activities=activities, with_stack=True)
-    prefill_step(core, rng, prompt_len, adapters, profiled, decoding)
+    ops = profiled(lambda around: prefill_step(core, rng, prompt_len, adapters, around, decoding), activities, 1)
     launches = [round(figures[1], 2) for figures in timed]
-    figures = {"prompts": prompts, "launch_ms": launch_ms, "done_ms": done_ms, "launches_ms": launches}
-    return {**figures, **top_ops(profiled, 1)}
+    return {"prompts": prompts, "launch_ms": launch_ms, "done_ms": done_ms, "launches_ms": launches, **ops}
+
+
+def profiled(run: Callable[[profile], object], activities, steps: int) -> dict:
+    """`run(profiler)` twice, per step: plainly for the operators' device and host times, then with Python's
+    frames (whose tracing slows every operator) for Python's own time and the waits by function."""
+    plain, framed = profile(activities=activities), profile(activities=activities, with_stack=True)
+    run(plain)
+    run(framed)
+    frames = top_ops(framed, steps)
+    return {**top_ops(plain, steps), "python": frames["python"], "waits": frames["waits"]}
 
 
 def prefill_step(

@@ -111,9 +111,9 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=512,
-        description="Pad every step that runs eagerly (every step that prefills) with unused rows up to a multiple of "
-        "this many tokens, so that its matrix products see a few shapes instead of a new one each step "
-        "(cuBLAS chooses a kernel on the host per new shape); 1 = no padding",
+        description="Pad every step that runs eagerly (those that prefill, and decode steps no CUDA graph replays) "
+        "with unused rows up to a multiple of this many tokens, so that its matrix products see a few shapes instead "
+        "of a new one each step (cuBLAS chooses a kernel on the host per new shape); 1 = no padding",
     )
     compile: bool = Field(
         False,

@@ -14,6 +14,7 @@ from server.config import Settings
 from server.engine.attention import Span
 from server.engine.kv_cache import KVCache, KVLayout
 from server.engine.model_runner import ModelRunner, StepBatch, padded
+from server.models.tiny import build_tiny_model
 from tests.engine_utils import load_engine_model, make_core, prompt, random_adapter, run_core, seq
 
 
@@ -28,12 +29,12 @@ def test_padding_rows_are_one_chunk_over_the_pad_block(llama):
     assert padded(batch, 1, kv) is batch and padded(batch, 5, kv) is batch
     rows = padded(batch, 4, kv)  # 3 rows
     pad = kv.pad_block * kv.block_size
-    assert rows.token_ids == [5, 6, 7, 8, 9, 0, 0, 0] and rows.positions[5:] == [0, 1, 2]
-    assert rows.slots[5:] == [pad, pad + 1, pad + 2] and rows.spans[-1] == Span(5, 3, 0, [kv.pad_block])
+    assert rows.token_ids == [5, 6, 7, 8, 9, 0, 0, 0] and rows.positions[5:] == [0, 0, 0]
+    assert rows.slots[5:] == [pad, pad + 1, pad + 2] and rows.spans[-1] == Span(5, 3, 0, [kv.pad_block], True)
     assert rows.keep == batch.keep and rows.edits == batch.edits
     rows = padded(batch, 6, kv)  # one row would be a decode row, which must come first: 1 + 6 rows instead
-    assert len(rows.token_ids) == 12 and rows.spans[-1] == Span(5, 7, 0, [kv.pad_block] * 2)
-    assert rows.slots[5:] == [pad + p % 4 for p in range(7)]
+    assert len(rows.token_ids) == 12 and rows.spans[-1] == Span(5, 7, 0, [kv.pad_block] * 2, True)
+    assert rows.slots[5:] == [pad + p % 4 for p in range(7)] and rows.positions[5:] == [0] * 7
 
 
 def workload(model):
@@ -51,23 +52,37 @@ def workload(model):
 
 
 def served(model, **config):
+    """Every request's tokens, finish and prompt logprobs; each step checked to leave the pad block all zeros."""
     core = make_core(model, max_batched_tokens=48, max_num_seqs=6, async_scheduling=True, **config)
+    step = core.step
+
+    def checked_step():
+        outputs = step()
+        pad = slice(core.kv.pad_block * core.kv.block_size, (core.kv.pad_block + 1) * core.kv.block_size)
+        assert not core.kv.keys[:, pad].any() and not core.kv.values[:, pad].any()
+        return outputs
+
+    core.step = checked_step
     finished, scored = {}, {}
     tokens = run_core(core, workload(model), finished=finished, scored=scored)
-    return tokens, finished, scored, core
+    return tokens, finished, scored
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "paged", "flex"])
 def test_padded_steps_give_every_request_what_the_unpadded_engine_gives(llama, backend, monkeypatch):
-    expected = served(llama, attention_backend=backend)[:3]
+    expected = served(llama, attention_backend=backend)
     zeroed = []
     clear = KVCache.zero_pad_block
     monkeypatch.setattr(KVCache, "zero_pad_block", lambda kv: zeroed.append(1) or clear(kv))
-    *result, core = served(llama, attention_backend=backend, step_token_multiple=16)
-    assert result == list(expected)
-    assert zeroed  # steps were padded, and the pad block cleared after each
-    pad = slice(core.kv.pad_block * core.kv.block_size, (core.kv.pad_block + 1) * core.kv.block_size)
-    assert not core.kv.keys[:, pad].any() and not core.kv.values[:, pad].any()
+    assert served(llama, attention_backend=backend, step_token_multiple=16) == expected
+    assert zeroed  # steps were padded
+
+
+def test_padding_stays_within_a_models_learned_positions(tmp_path):
+    """GPT-2 looks its positions up in a table (96 here): up to 129 padding rows must not index past it."""
+    model = load_engine_model(build_tiny_model("gpt2", tmp_path, max_positions=96))
+    expected = served(model, max_model_len=96)
+    assert served(model, max_model_len=96, step_token_multiple=128) == expected
 
 
 def test_every_eager_step_runs_a_multiple_of_the_tokens(llama, monkeypatch):

@@ -59,7 +59,8 @@ def workload(adapter_paths: list[str]) -> list[dict]:
     return items
 
 
-def test_two_ranks_give_the_tokens_of_one_process_and_the_reference(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("multiple", [1, 8])  # eager steps padded to a multiple of 8 tokens on every rank
+def test_two_ranks_give_the_tokens_of_one_process_and_the_reference(tiny_model_dir, tmp_path, multiple):
     model_dir = tiny_model_dir("llama")
     paths = []
     for seed, spec in enumerate(ADAPTER_SPECS):
@@ -68,7 +69,8 @@ def test_two_ranks_give_the_tokens_of_one_process_and_the_reference(tiny_model_d
     items = workload(paths)
     (tmp_path / "workload.json").write_text(json.dumps(items))
     # followers may hold 2 of the 3 adapters: they must drop and receive them again as the steps go
-    command = [sys.executable, "-m", "tests.tp_engine_run", str(model_dir), str(tmp_path / "workload.json"), "2"]
+    workload_path = str(tmp_path / "workload.json")
+    command = [sys.executable, "-m", "tests.tp_engine_run", str(model_dir), workload_path, "2", str(multiple)]
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
@@ -77,7 +79,7 @@ def test_two_ranks_give_the_tokens_of_one_process_and_the_reference(tiny_model_d
     assert result["kv_heads_per_rank"] == 1  # 2 KV heads over 2 ranks
 
     adapters = {p: materialize(AdapterFile.load(p), name=Path(p).stem, version=1) for p in paths}
-    core = make_core(load_engine_model(model_dir), **CORE_CONFIG)
+    core = make_core(load_engine_model(model_dir), step_token_multiple=multiple, **CORE_CONFIG)
     requests = [
         (
             seq(

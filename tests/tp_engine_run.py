@@ -2,7 +2,7 @@
 the server does, runs a mixed workload through the engine and prints each request's tokens (and prompt
 logprobs, where it asks for them) as JSON.
 
-    python -m tests.tp_engine_run MODEL_DIR WORKLOAD_JSON MAX_ADAPTERS_ON_FOLLOWERS
+    python -m tests.tp_engine_run MODEL_DIR WORKLOAD_JSON MAX_ADAPTERS_ON_FOLLOWERS STEP_TOKEN_MULTIPLE
 """
 
 import json
@@ -21,18 +21,19 @@ from server.distributed.runner import TensorParallelDriver
 from server.models.loader import load_model
 from tests.engine_utils import make_core, run_core, seq
 
-# eager steps padded to a multiple of 8 tokens: every rank must pad alike, and the tokens stay the reference's
-CORE_CONFIG = dict(max_batched_tokens=32, max_num_seqs=6, step_token_multiple=8)
+CORE_CONFIG = dict(max_batched_tokens=32, max_num_seqs=6)
 
 
-def main(model_dir: str, workload_path: str, max_adapters: str) -> None:
+def main(model_dir: str, workload_path: str, max_adapters: str, multiple: str) -> None:
+    """`multiple`: the steps' step_token_multiple, which every rank must pad to alike."""
     torch.set_num_threads(1)
-    settings = Settings(tensor_parallel=2, device="cpu", threads=1, log_level="warning", step_token_multiple=8)
-    group = spawn_group(settings)
+    options = {"device": "cpu", "threads": 1, "log_level": "warning", "step_token_multiple": int(multiple)}
+    group = spawn_group(Settings(tensor_parallel=2, **options))
     group.send_at_start(model_dir)
     model, _ = load_model(model_dir, torch.device("cpu"), torch.float32, tensor_parallel=2)
     sender = AdapterSender(max_bytes=2**30, max_count=int(max_adapters))
-    core = make_core(model, make_runner=partial(TensorParallelDriver, group=group, adapters=sender), **CORE_CONFIG)
+    driver = partial(TensorParallelDriver, group=group, adapters=sender)
+    core = make_core(model, make_runner=driver, step_token_multiple=int(multiple), **CORE_CONFIG)
     adapters = {}
     requests = []
     for item in json.loads(Path(workload_path).read_text()):

@@ -53,6 +53,7 @@ class Span:
     length: int  # query tokens this step
     start: int  # absolute position of the first query token (tokens already cached)
     block_table: list[int]
+    padding: bool = False  # rows that only pad the step (model_runner.py's `padded`), over the pad block
 
 
 class AttentionGroup:
@@ -224,9 +225,12 @@ class SdpaStep:
 
     def __init__(self, kv: KVCache, spans: list[Span], num_rows: int, upload: StepUpload):
         decode, prefill = _decode_and_prefill(spans)
+        # padding rows in a group of their own: among the chunks they would pad every chunk's queries to their count
+        chunks, padding = [s for s in prefill if not s.padding], [s for s in prefill if s.padding]
         self.kv = kv
         self.num_rows = num_rows
-        self.groups = [AttentionGroup(g, kv.block_size, kv.pad_block, num_rows, upload) for g in (decode, prefill) if g]
+        groups = (decode, chunks, padding)
+        self.groups = [AttentionGroup(g, kv.block_size, kv.pad_block, num_rows, upload) for g in groups if g]
 
     def attend(self, layer: int, queries: Tensor, scaling: float | None, sliding_window: int | None) -> Tensor:
         out = queries.new_empty((self.num_rows + 1, *queries.shape[1:]))  # + the spare row padded queries land in

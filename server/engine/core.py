@@ -232,6 +232,7 @@ class EngineCore:
         that will serve. It scores its prompt (prompt_logprobs.py), as a step may: a logits row per token.
         Then it draws a token for as many rows as a step may sample, through the sampler's costliest path
         (float32 copies of the logits, the sort of top-k and top-p, logprobs), whose peak counts too."""
+        # padded like every eager step (step_token_multiple); a step of fewer tokens may pad to a few more rows
         tokens = tokens or config.max_batched_tokens
         window = getattr(model.config, "max_position_embeddings", None) or tokens
         tokens = min(tokens, window)

@@ -87,21 +87,23 @@ class StepBatch:
 
 def padded(batch: StepBatch, multiple: int, kv: KVCache) -> StepBatch:
     """`batch` with padding rows after its own, up to a multiple of `multiple` tokens (itself if it is one).
-    They are one chunk of token 0 from position 0 (two tokens or more: one would be a decode row, and those
-    come first) over the pool's pad block alone: they write their keys and values into its slots, read
-    nothing else, and are neither sampled nor edited. The caller clears the pad block after the forward."""
+    They are one chunk (two tokens or more: one would be a decode row, and those come first) of token 0, all at
+    position 0 (within any model's positions), over the pool's pad block alone: they write their keys and
+    values into its slots, the same values each, read nothing else, and are neither sampled nor edited. The
+    caller clears the pad block after the forward."""
     count = -len(batch.token_ids) % multiple
     if count == 0:
         return batch
     if count == 1:
         count += multiple
     row, block_size = len(batch.token_ids), kv.block_size
+    table = [kv.pad_block] * -(-count // block_size)
     return replace(
         batch,
         token_ids=batch.token_ids + [0] * count,
-        positions=batch.positions + list(range(count)),
+        positions=batch.positions + [0] * count,
         slots=batch.slots + [kv.pad_block * block_size + p % block_size for p in range(count)],
-        spans=[*batch.spans, Span(row, count, 0, [kv.pad_block] * -(-count // block_size))],
+        spans=[*batch.spans, Span(row, count, 0, table, padding=True)],
     )
 
 
@@ -231,17 +233,19 @@ class ModelRunner:
             return self.graphs.run(inputs, pending), None
         if inputs.pairs is not None:
             place_pending(inputs.input_ids, inputs.pairs, pending)
-        out = self.model(
-            input_ids=inputs.input_ids[None],
-            position_ids=inputs.positions[None],
-            logits_to_keep=inputs.keep,
-            use_cache=False,
-            **{STEP_KWARG: inputs.attention},
-            **plan_kwargs(inputs.plan),
-            **self._compiled_layer_kwargs,
-        )
-        if inputs.padding:
-            self.kv.zero_pad_block()
+        try:
+            out = self.model(
+                input_ids=inputs.input_ids[None],
+                position_ids=inputs.positions[None],
+                logits_to_keep=inputs.keep,
+                use_cache=False,
+                **{STEP_KWARG: inputs.attention},
+                **plan_kwargs(inputs.plan),
+                **self._compiled_layer_kwargs,
+            )
+        finally:  # also after a forward that raised: the pad block must be all zeros for the next step
+            if inputs.padding:
+                self.kv.zero_pad_block()
         return out.logits[0], inputs.plan
 
     def _stage(self, batch: StepBatch) -> GraphInputs | EagerInputs:

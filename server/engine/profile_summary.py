@@ -4,8 +4,9 @@
 - with Python frames in the trace (`with_stack=True`), the Python functions with the most time of their
   own: the interpreter's, outside the functions and operators they called. A step's host time beyond
   its operators' is there;
-- the host's waits for the device (CUDA's `...Synchronize` calls) by the Python function that made them:
-  each one stalls the host until the device has run everything queued before it.
+- the host's waits for the device (CUDA's `...Synchronize` calls) by the Python function that made them
+  (without frames, by the operator): each one stalls the host until the device has run everything queued
+  before it.
 The engine's profiler (step_profiler.py) runs this in a process of its own once the trace is written, so
 that reading a large trace never holds the engine loop up:
 
@@ -45,9 +46,8 @@ def read_events(trace_path: str) -> list[dict]:
 
 def top_events(events: Iterable[dict], steps: int, top: int = TOP, thread: int | None = None) -> dict:
     """{side: [...]} for each of SIDES: per step, the `top` names with the most time, each {"name", "calls",
-    "ms"}. "python" and "waits" stay empty without Python frames in the trace; "python" counts the thread
-    `thread` alone (a native thread id) if given: the stepping thread's, not its neighbours' waits on their
-    queues."""
+    "ms"}. "python" stays empty without Python frames in the trace, and counts the thread `thread` alone (a
+    native thread id) if given: the stepping thread's, not its neighbours' waits on their queues."""
     totals: dict[str, dict[str, list[float]]] = {side: defaultdict(lambda: [0, 0.0]) for side in SIDES}
     host_by_thread: dict[tuple, list[dict]] = defaultdict(list)
     for event in events:
@@ -97,7 +97,8 @@ def _nested(events: list[dict]) -> Iterable[tuple[dict, float, list[dict]]]:
 
 
 def _caller(enclosing: list[dict]) -> str:
-    """The innermost Python function around a wait that is not a builtin (else its innermost operator)."""
+    """The innermost Python function around a wait that is not a builtin (without frames, its innermost
+    operator)."""
     frames = [e["name"] for e in enclosing if e.get("cat") == PYTHON_CATEGORY and not e["name"].startswith("<")]
     operators = [e["name"] for e in enclosing if e.get("cat") == "cpu_op"]
     return (frames or operators or ["?"])[-1]

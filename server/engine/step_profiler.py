@@ -1,13 +1,13 @@
 """The engine's next steps under torch.profiler, on request: where a serving engine's step time goes under
 real load (`POST /v1/admin/profile` with REFT_PROFILE_DIR set, as vLLM's profiler endpoints).
 
-The loop (core_loop.py) starts a session on a `ProfileSteps` command and stops it after that many steps
-have run. It writes the timeline, `<stem>.trace.json` (Perfetto, chrome://tracing), on request with
-Python's frames (`with_stack`), and starts a process that reads it into `<stem>.txt`: the steps' mean
-durations by kind, the operators with the most device and host time per step, and with the frames, the
-stepping thread's Python time by function and the host's waits for the device by where they were made
-(profile_summary.py). Reading a large trace takes seconds of Python, which the loop must not spend: it
-only stops the profiler and writes the trace (about a second for 300 steps of a tiny model on a CPU;
+The loop (core_loop.py) starts a session on a `ProfileSteps` command and stops it after that many steps have
+run. It writes the timeline, `<stem>.trace.json` (Perfetto, chrome://tracing), on request with Python's
+frames (`with_stack`), and starts a process that reads it into `<stem>.txt`: the steps' mean durations by
+kind, the operators with the most device and host time per step, the host's waits for the device by the
+operator that made them, and with the frames, by the function, and the stepping thread's Python time by
+function (profile_summary.py). Reading a large trace takes seconds of Python, which the loop must not spend:
+it only stops the profiler and writes the trace (about a second for 300 steps of a tiny model on a CPU;
 Python's frames make it several times larger). Each file appears whole, the summary last. Profiling slows
 the steps it covers (Python's frames most of all); nothing else changes, and a failure to profile or to
 write is logged, never raised into the loop.
