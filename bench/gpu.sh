@@ -31,6 +31,7 @@
 #   OUT=/tmp/gpu bench/gpu.sh                     # elsewhere
 #   OUT=/tmp/gpu bench/gpu.sh --parts decode      # any bench/gpu.py flags
 #   OUT=/tmp/gpu bench/gpu.sh --smoke             # seconds, on any machine
+#   GPU_BUNDLE=1 bench/gpu.sh --server-only       # everything in $OUT/gpu-results.tgz
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"
@@ -200,5 +201,11 @@ PY
 
 if [ "$server" = 1 ]; then
   serve_and_load || failed=1
+fi
+# GPU_BUNDLE=1: everything under $OUT packed into one archive, gpu-results.tgz (the device tool brings back at
+# most 8 files, and a call with servers writes about 7 a server)
+if [ -n "${GPU_BUNDLE:-}" ]; then
+  bundle=$(mktemp --suffix .tgz)
+  tar -czf "$bundle" -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv "$bundle" "$OUT/gpu-results.tgz" || failed=1
 fi
 exit "$failed"

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,17 @@ def test_gpu_sh_writes_everything_under_out(tmp_path):
     results = json.loads((tmp_path / "gpu.json").read_text())
     assert list(results["parts"]) == ["hf-static"] and "error" not in results["parts"]["hf-static"]
     assert "[hf-static]" in (tmp_path / "gpu.log").read_text()
+
+
+def test_gpu_sh_bundles_everything_into_one_archive(tmp_path):
+    """GPU_BUNDLE=1: the device tool brings back a few files only, so the results travel as one archive."""
+    environment = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_BUNDLE": "1"}
+    command = ["bash", str(ROOT / "bench" / "gpu.sh"), "--smoke", "--parts", "hf-static", "--requests", "2"]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [path.name for path in tmp_path.iterdir()] == ["gpu-results.tgz"]
+    with tarfile.open(tmp_path / "gpu-results.tgz") as archive:
+        assert {"./gpu.json", "./gpu.log"} <= set(archive.getnames())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
