@@ -72,6 +72,7 @@ from bench.step_profile import profile_steps  # noqa: E402
 from server.config import GPU_HOST_THREADS  # noqa: E402
 from server.engine.attention import ATTENTION_NAME  # noqa: E402
 from server.engine.config import EngineConfig, async_scheduling_default, resolve_attention_backend  # noqa: E402
+from server.engine.profile_summary import SIDES  # noqa: E402
 from server.metrics import STEP_PHASES  # noqa: E402
 from server.models.tiny import VOCAB_SIZE  # noqa: E402
 
@@ -90,13 +91,6 @@ VARIANTS = {
 ENGINE_PARTS = tuple(f"{kind}-{suffix}".rstrip("-") for suffix in VARIANTS for kind in ("engine", "decode"))
 PARTS = (*ENGINE_PARTS, "kernel", "profile", "gemm-shapes", "hf-static", "hf-cb", "parity")
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "pyreft_reference"
-# the profile part's lists per step (profile_summary.top_events), as printed
-PROFILE_SIDES = {
-    "device": "device time",
-    "host": "host time",
-    "python": "Python's own time",
-    "waits": "host waits for the device",
-}
 
 # flag -> (GPU default, --smoke default); a flag given on the command line wins over both
 SIZES = {
@@ -392,9 +386,9 @@ class Benchmark:
                     f"{figures['done_ms']:.2f} ms (the median of {len(figures['launches_ms'])} launches: "
                     f"{', '.join(f'{ms:.2f}' for ms in figures['launches_ms'])} ms)"
                 )
-            for side, what in PROFILE_SIDES.items():
+            for side, what in SIDES.items():
                 if result[phase][side]:
-                    say(f"  {title}, {what}:")
+                    say(f"  {title}, {what}")
                 for op in result[phase][side]:
                     say(f"    {op['ms']:8.3f} ms  {op['calls']:7.1f} calls  {op['name']}")
         return {"seqs": batch, **result}
