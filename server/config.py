@@ -105,7 +105,9 @@ class Settings(BaseSettings):
     fused_kernels: bool = Field(
         True,
         description="Run the model's RMSNorms, and on a GPU its rotary embeddings, through fused kernels that give "
-        "its own values bit for bit (fewer kernels a layer); off: the model's own code",
+        "its own values bit for bit (fewer kernels a layer), and on a GPU LoReFT's edits in one kernel per batch of "
+        "adapters and layer (equal to the torch formula but for the last bit); off: the model's own code and "
+        "the formulas",
     )
     step_token_multiple: int = Field(
         1,

@@ -197,6 +197,53 @@ def test_rotary_kernel_gives_transformers_bits_on_cuda(cuda_llama):
     assert original(q, k, cos, sin)[0].grad_fn is not None and llama.apply_rotary_pos_emb(q, k, cos, sin)[0].grad_fn
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loreft_kernel_edits_as_the_torch_formula_on_cuda(monkeypatch, dtype):
+    """A step's plan over 9 adapters (most sharing a batch, one spanning several segments) edits the rows through
+    the fused kernel, as the torch formula does (to a rounding step in bf16), and a row's edit does not depend
+    on what else is in the batch."""
+    from server.reft import fused_loreft
+    from server.reft.plan import build_plan
+    from server.reft.request_edit import request_edit
+
+    hidden_size = 256
+    adapters = [
+        materialize(
+            random_adapter_file("loreft", (0, 1), 4, "f5+l5", hidden_size, share_weights=False, seed=i, scale=0.5),
+            name=f"a{i}",
+            dtype=dtype,
+            device="cuda",
+        )
+        for i in range(9)
+    ]
+    requests = [(adapters[0], 40)] * 4 + [(a, 12 + 3 * i) for i, a in enumerate(adapters[1:])]
+    chunks, row = [], 0
+    for i, (adapter, length) in enumerate(requests):
+        chunks.append(request_edit(adapter, length).rows(f"r{i}", row, 0, length))
+        row += length
+    hidden = (4 * torch.randn(row, hidden_size, device="cuda")).to(dtype)
+    launched = []
+
+    def edited(plan_chunks, fused: bool):
+        monkeypatch.setattr(fused_loreft, "_failed", not fused)
+        plan, out = build_plan(plan_chunks, "cuda"), hidden.clone()
+        for layer in (0, 1):
+            plan.apply(layer, out)
+        assert not plan.failures
+        return out
+
+    takes = fused_loreft._kernel_takes
+    monkeypatch.setattr(fused_loreft, "_kernel_takes", lambda *a: launched.append(takes(*a)) or launched[-1])
+    kernel = edited(chunks, fused=True)
+    assert launched and all(launched)  # every batch of the plan went to the kernel
+    formula = edited(chunks, fused=False)
+    step = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps * formula.float().abs().max().item()
+    torch.testing.assert_close(kernel.float(), formula.float(), atol=step, rtol=0)
+    alone = edited(chunks[-1:], fused=True)
+    last_row = chunks[-1].first_row
+    assert torch.equal(alone[last_row:], kernel[last_row:])
+
+
 def test_masked_gqa_prefill_keeps_to_fused_kernels():
     """Prefill chunks past position 0 need a mask; with GQA on CUDA that would push SDPA onto its math
     kernel (scores materialised): the sdpa groups must run with math disallowed, and agree with it."""

@@ -102,3 +102,37 @@ def test_non_finite_rows_are_reported_against_their_owner_only():
     hidden[13, 5] = float("inf")
     plan.check_finite(hidden)
     assert list(plan.non_finite_owners(plan.finite_rows.tolist())) == ["r1"]
+
+
+def test_a_fused_form_gets_each_row_with_its_own_parameters(monkeypatch):
+    """A type's fused form (LoReFT's kernel on CUDA) receives the batch's rows, where each sits in the segments,
+    and the parameters stacked [layers, S, ...] with this layer's position: here a Python twin of the kernel
+    that edits row by row through those arguments gives each intervention's own edit; with fused=False the
+    formula edits and the fused form is never called."""
+    from server.reft import interventions
+
+    calls = []
+
+    def row_by_row(hidden, rows, positions, length, params, layer_index, act):
+        calls.append(layer_index)
+        for row, position in zip(rows.tolist(), positions.tolist(), strict=True):
+            own = {name: stacked[layer_index, position // length] for name, stacked in params.items()}
+            own["bias"] = own["bias"][0]  # [1, r] in the stack
+            hidden[row] = interventions.loreft(hidden[row : row + 1], own, act)[0]
+        return True
+
+    loreft = dataclasses.replace(interventions.intervention_type("loreft"), fused=row_by_row)
+    adapters = [adapter(f"a{i}", "loreft", (0, 2), 4, "f3+l3", share=False, seed=i) for i in range(5)]
+    for a in adapters:
+        for layer in a.layers.values():
+            layer[:] = [dataclasses.replace(iv, kind=loreft) for iv in layer]
+    chunks, rows = chunks_for([(a, 9 + 4 * i, 0, 9 + 4 * i) for i, a in enumerate(adapters + adapters[:1])])
+    for fused in (True, False):
+        calls.clear()
+        plan = build_plan(chunks, "cpu", fused=fused)
+        hidden = torch.randn(rows, D, generator=torch.Generator().manual_seed(0))
+        for layer in (0, 1, 2):
+            expected = edited_alone(hidden, chunks, layer)
+            plan.apply(layer, hidden)
+            torch.testing.assert_close(hidden, expected, msg=f"layer {layer}")
+        assert calls == ([0, 0, 1, 1] if fused else [])  # #0 and #1 at layer 0, then at layer 2 (position 1)

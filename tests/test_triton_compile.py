@@ -129,3 +129,26 @@ def test_the_rotary_kernel_compiles_for_sm_90(shape):
     compiled = compile_ahead(call, TARGETS["sm_90"])
     assert compiled.asm["cubin"], "no machine code"
     assert "fma." not in compiled.asm["ptx"]  # a product fused into the sum would skip its rounding
+
+
+@pytest.mark.parametrize(
+    "dtype, hidden, rank",
+    [(torch.bfloat16, 2048, 4), (torch.bfloat16, 576, 4), (torch.float16, 4096, 8), (torch.float32, 32, 1)],
+)
+@pytest.mark.parametrize("target", ["sm_90", "sm_80"])
+def test_the_loreft_kernel_compiles_for_the_gpus_that_serve(dtype, hidden, rank, target):
+    """fused_loreft_triton.py's launch for 3 segments of 5 rows at layer position 1 of 2: the 1b preset's and
+    SmolLM2's widths, a wide fp16 model, the tests' float32 one with rank 1."""
+    from server.reft.fused_loreft_triton import loreft_launch
+
+    params = {
+        "rotation": torch.zeros(2, 3, hidden, rank),
+        "weight": torch.zeros(2, 3, rank, hidden, dtype=dtype),
+        "bias": torch.zeros(2, 3, 1, rank, dtype=dtype),
+    }
+    rows = torch.zeros(14, dtype=torch.long)
+    kernel, grid, args, constexprs, options = loreft_launch(
+        torch.zeros(40, hidden, dtype=dtype), rows, rows, 5, params, 1
+    )
+    compiled = compile_ahead(KernelCall(kernel, grid, args, constexprs, options), TARGETS[target])
+    assert compiled.asm["cubin"], "no machine code"

@@ -137,11 +137,13 @@ class ModelRunner:
         up to `max_model_len` tokens from graphs captured now (cuda_graphs.py), of the forward compiled
         with `compile_backend` if given. With `compile_backend`, the other steps run each decoder layer
         compiled with it (compiled_layers.py). `fused_kernels`: fuse the model's norms and rotary embeddings
-        first (fused_norms.py, fused_rotary.py), unless an engine in this process did already. The steps
+        first (fused_norms.py, fused_rotary.py), unless an engine in this process did already, and edit
+        through the intervention types' fused kernels (plan.py). The steps
         run eagerly are padded to a multiple of `step_token_multiple` tokens (`padded`)."""
         self.model = model
         self.kv = kv
         self.step_token_multiple = step_token_multiple
+        self.fused_kernels = fused_kernels
         self.device = next(model.parameters()).device
         self.attention_backend = resolve_attention_backend(attention_backend, self.device.type)
         self.upload = StepUpload(self.device)  # every step's integer inputs, in one host-to-device copy
@@ -258,7 +260,7 @@ class ModelRunner:
             rows = padded(batch, self.step_token_multiple, self.kv)
             return EagerInputs(
                 StepAttention.build(self.kv, rows.spans, rows.slots, upload, self.attention_backend),
-                build_plan(batch.edits, self.device, upload.stage),
+                build_plan(batch.edits, self.device, upload.stage, self.fused_kernels),
                 upload.stage(rows.token_ids),
                 upload.stage(rows.positions),
                 upload.stage(batch.keep + batch.scored),

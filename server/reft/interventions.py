@@ -34,8 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
+from server.reft.fused_loreft import loreft_in_place
+
 Params = Mapping[str, Tensor]
 Activation = Callable[[Tensor], Tensor]
+FusedEdit = Callable[[Tensor, Tensor, Tensor, int, Params, int, Activation], bool]
 
 
 @functools.cache
@@ -175,6 +178,9 @@ class InterventionType:
     apply: Callable[[Tensor, Params, Activation], Tensor]
     params: tuple[ParamSpec, ...]
     pyreft_class: str | None = None  # the class name in pyreft checkpoints, for import
+    # where it can, edits rows of the step in place in one launch: fused(hidden [T, d], rows, positions,
+    # segment_length, params stacked [layers, S, ...], layer_index, act) -> whether it did (plan.EditBatch)
+    fused: FusedEdit | None = None
 
     def param(self, name: str) -> ParamSpec | None:
         return next((s for s in self.params if s.name == name), None)
@@ -221,7 +227,7 @@ def register_intervention_type(kind: InterventionType) -> InterventionType:
 
 
 for _builtin in (
-    InterventionType("loreft", loreft, (_ROTATION, _WEIGHT, _BIAS), "LoreftIntervention"),
+    InterventionType("loreft", loreft, (_ROTATION, _WEIGHT, _BIAS), "LoreftIntervention", loreft_in_place),
     InterventionType("noreft", noreft, (_WEIGHT, _BIAS, _PROJ_WEIGHT, _PROJ_BIAS), "NoreftIntervention"),
     InterventionType("direft", direft, (_ROTATION, _WEIGHT, _BIAS), "DireftIntervention"),
     InterventionType("nodireft", nodireft, (_WEIGHT, _BIAS, _PROJ_WEIGHT), "NodireftIntervention"),

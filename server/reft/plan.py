@@ -61,24 +61,56 @@ class _Pair:
         return (self.index, self.adapter.layers[layer][self.index].batch_shape)
 
 
+class _Stack:
+    """The parameters of one layout's segments at every layer it edits with one batch shape, stacked on first use
+    as [layers, S, ...] per name (`stack_params`): a few launches per step, not a few per layer."""
+
+    def __init__(self, interventions: list[list[Intervention]]):
+        self.interventions = interventions  # per layer position, per segment
+        self._params: dict[str, Tensor] | None = None
+
+    def params(self) -> dict[str, Tensor]:
+        if self._params is None:
+            flat = stack_params([iv.params for layer in self.interventions for iv in layer])
+            shape = (len(self.interventions), len(self.interventions[0]))
+            self._params = {name: tensor.view(*shape, *tensor.shape[1:]) for name, tensor in flat.items()}
+        return self._params
+
+
 @dataclass
 class EditBatch:
     """Segments of rows edited together at one layer: segment s by `interventions[s]`."""
 
-    interventions: list[Intervention]
+    stack: _Stack
+    layer_index: int  # this layer's position in the stack
     gather: Tensor  # [S, M] rows of the step (padding repeats a row of the segment)
     valid: Tensor  # positions in the flattened [S * M] that are real rows
     targets: Tensor  # the step rows those positions are written back to
     owners: list[list[Hashable]]  # per segment
 
-    def apply(self, hidden: Tensor) -> None:
+    @property
+    def interventions(self) -> list[Intervention]:
+        return self.stack.interventions[self.layer_index]
+
+    def apply(self, hidden: Tensor, fused: bool = True) -> None:
+        """Edit the batch's rows of `hidden` [T, d] in place: through the type's fused kernel if `fused` and it
+        takes them, else the type's formula."""
         segments, length = self.gather.shape
+        first = self.interventions[0]
+        if (
+            fused
+            and first.kind.fused is not None
+            and first.kind.fused(
+                hidden, self.targets, self.valid, length, self.stack.params(), self.layer_index, first.act
+            )
+        ):
+            return
         if segments == 1:  # one adapter: the plain form, which rounds exactly as the reference path does
-            hidden.index_copy_(0, self.targets, self.interventions[0](hidden.index_select(0, self.targets)))
+            hidden.index_copy_(0, self.targets, first(hidden.index_select(0, self.targets)))
             return
         x = hidden.index_select(0, self.gather.flatten()).view(segments, length, -1)
-        params = stack_params([iv.params for iv in self.interventions])
-        edited = self.interventions[0].kind.apply(x, params, self.interventions[0].act)
+        params = {name: stacked[self.layer_index] for name, stacked in self.stack.params().items()}
+        edited = first.kind.apply(x, params, first.act)
         hidden.index_copy_(0, self.targets, edited.flatten(0, 1).index_select(0, self.valid))
 
     def apply_one_by_one(self, hidden: Tensor, failures: dict[Hashable, str]) -> None:
@@ -98,6 +130,7 @@ class EditBatch:
 class InterventionPlan:
     layers: dict[int, list[EditBatch]]
     owner_rows: list[tuple[Hashable, int, int]]  # (owner, first row, rows) of every edited chunk
+    fused: bool = True  # edit through the types' fused kernels where they take the rows
     failures: dict[Hashable, str] = field(default_factory=dict)
     finite_rows: Tensor | None = None  # [T] after the last layer
 
@@ -105,7 +138,7 @@ class InterventionPlan:
         """Edit the rows of `hidden` [T, d] in place."""
         for batch in self.layers.get(layer, ()):
             try:
-                batch.apply(hidden)
+                batch.apply(hidden, self.fused)
             except Exception:
                 batch.apply_one_by_one(hidden, self.failures)
 
@@ -181,37 +214,39 @@ def _segments(pairs: list[_Pair], tensor: IndexTensor) -> _Segments:
     return _Segments(segment_pairs, tensor(gather), tensor(valid), tensor(targets))
 
 
-def _batch(layer: int, segments: _Segments) -> EditBatch:
-    return EditBatch(
-        [pair.adapter.layers[layer][pair.index] for pair in segments.pairs],
-        segments.gather,
-        segments.valid,
-        segments.targets,
-        [pair.owners for pair in segments.pairs],
-    )
-
-
 def build_plan(
-    pieces: list[EditedRows], device: torch.device | str, index_tensor: IndexTensor | None = None
+    pieces: list[EditedRows], device: torch.device | str, index_tensor: IndexTensor | None = None, fused: bool = True
 ) -> InterventionPlan | None:
     """One step's plan: every piece's rows edited, batched per layer and type; None if nothing is edited.
     `index_tensor` moves row indices to `device` (default: torch.tensor; the engine passes one that does
-    not wait for the device's queued work)."""
+    not wait for the device's queued work). `fused`: through the types' fused kernels where they take the
+    rows (on CUDA, LoReFT's: fused_loreft.py), else always through the types' formulas."""
     tensor = index_tensor or (lambda values: torch.tensor(values, dtype=torch.long, device=device))
     pairs, owner_rows = _pairs(pieces)
     if not pairs:
         return None
-    by_layer: dict[int, dict[tuple, list[_Pair]]] = {}
+    groups: dict[tuple[int, tuple], list[_Pair]] = {}  # (layer, batch key) -> its pairs
     for pair in pairs:
         for layer in pair.adapter.layers:
-            by_layer.setdefault(layer, {}).setdefault(pair.batch_key(layer), []).append(pair)
-    layouts: dict[tuple[int, ...], _Segments] = {}  # adapters usually share layers: lay out each group once
-    layers = {}
-    for layer, groups in by_layer.items():
-        layers[layer] = []
-        for _, group in sorted(groups.items(), key=lambda item: item[0][0]):  # every #0 before any #1
-            ids = tuple(id(pair) for pair in group)
-            if ids not in layouts:
-                layouts[ids] = _segments(group, tensor)
-            layers[layer].append(_batch(layer, layouts[ids]))
-    return InterventionPlan(layers, owner_rows)
+            groups.setdefault((layer, pair.batch_key(layer)), []).append(pair)
+    # adapters usually share layers and shapes: lay out each group of pairs once, stack its parameters once
+    layouts: dict[tuple[int, ...], _Segments] = {}
+    stacked_layers: dict[tuple, list[int]] = {}  # (pairs, batch key) -> the layers that group edits
+    for (layer, key), group in groups.items():
+        ids = tuple(id(pair) for pair in group)
+        if ids not in layouts:
+            layouts[ids] = _segments(group, tensor)
+        stacked_layers.setdefault((ids, key), []).append(layer)
+    batches: dict[int, list[EditBatch]] = {}
+    for (ids, key), layers in stacked_layers.items():
+        segments = layouts[ids]
+        stack = _Stack([[pair.adapter.layers[layer][pair.index] for pair in segments.pairs] for layer in layers])
+        owners = [pair.owners for pair in segments.pairs]
+        for position, layer in enumerate(layers):
+            batch = EditBatch(stack, position, segments.gather, segments.valid, segments.targets, owners)
+            batches.setdefault(layer, []).append((key[0], batch))
+    # per layer, every #0 before any #1 (the batch key leads with the index)
+    ordered = {
+        layer: [batch for _, batch in sorted(found, key=lambda item: item[0])] for layer, found in batches.items()
+    }
+    return InterventionPlan(ordered, owner_rows, fused)
