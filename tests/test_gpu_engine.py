@@ -237,7 +237,9 @@ def test_loreft_kernel_edits_as_the_torch_formula_on_cuda(monkeypatch, dtype):
     kernel = edited(chunks, fused=True)
     assert launched and all(launched)  # every batch of the plan went to the kernel
     formula = edited(chunks, fused=False)
-    step = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps * formula.float().abs().max().item()
+    # a rounding step at the largest value in bf16; in fp32 the sums' order shows (run G: 1.6e-5 at values near 20)
+    relative = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    step = relative * formula.float().abs().max().item()
     torch.testing.assert_close(kernel.float(), formula.float(), atol=step, rtol=0)
     alone = edited(chunks[-1:], fused=True)
     last_row = chunks[-1].first_row
