@@ -30,6 +30,16 @@ def test_staged_values_land_after_one_copy():
     assert {t.dtype for t in (tokens, tables, pairs, reserved)} == {torch.long}
 
 
+def test_every_staged_tensor_starts_on_a_16_byte_boundary():
+    """Triton specializes a kernel on each pointer's alignment: staged metadata must always be aligned, or
+    serving compiles variants as steps run (and runs ones the ahead-of-time compile tests never saw)."""
+    upload = StepUpload(CPU, capacity=8)
+    staged = [upload.stage(list(range(n))) for n in (3, 1, 2, 5, 7, 1, 16)]  # odd sizes, and growth
+    upload.send()
+    assert all(t.data_ptr() % 16 == 0 for t in staged)
+    assert [t.tolist() for t in staged] == [list(range(n)) for n in (3, 1, 2, 5, 7, 1, 16)]
+
+
 def test_nothing_is_there_before_the_send():
     upload = StepUpload(CPU)
     staged = upload.stage([3, 1, 4])

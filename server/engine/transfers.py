@@ -33,6 +33,12 @@ def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.devic
     return host.to(device, non_blocking=True)
 
 
+# int64 elements: a staged tensor starts on a 16-byte boundary. Triton compiles a variant of a kernel per
+# alignment of each pointer it takes (16 bytes or not), so staged tensors that started anywhere would compile
+# variants while serving (a step's stall) and run ones that tests/test_triton_compile.py never compiled
+ALIGNMENT = 2
+
+
 class StepUpload:
     """One step's integer inputs, on their way to the device in one copy.
 
@@ -53,15 +59,17 @@ class StepUpload:
         self._used = 0
 
     def reserve(self, shape: tuple[int, ...]) -> tuple[np.ndarray, Tensor]:
-        """Room for an int64 array of `shape`: the host array to write it into, and its tensor on the device."""
+        """Room for an int64 array of `shape`: the host array to write it into, and its tensor on the device,
+        which starts on a 16-byte boundary (`ALIGNMENT`)."""
         size = math.prod(shape)
         if self._source is None:  # the first stage since `send`
             self._open(self._capacity)
-        if self._used + size > self._capacity:
+        begin = -(-self._used // ALIGNMENT) * ALIGNMENT
+        if begin + size > self._capacity:
             self._copy()
             self._open(2 * max(self._capacity, size))
-        begin = self._used
-        self._used += size
+            begin = 0
+        self._used = begin + size
         return self._host[begin : self._used].reshape(shape), self._target[begin : self._used].view(shape)
 
     def stage(self, values: list | np.ndarray) -> Tensor:
