@@ -75,8 +75,26 @@ def test_batched_edits_equal_each_intervention_alone(dtype):
         plan.apply(layer, hidden)
         torch.testing.assert_close(hidden, expected, msg=f"layer {layer}")
     assert not plan.failures
-    # layer 0: seven rank-4 LoReFTs in one batch, the rank-8 one, DiReFT's #0 and #1: not one per adapter
+    # layer 0: seven rank-4 LoReFTs in one batch, the rank-8 one, DiReFT's #0 and #1: not one per adapter;
+    # DiReFT's one-sided spec without shared weights edits its rows with #0, then #1: two batches in order
     assert len(plan.layers[0]) == 4
+
+
+def test_unshared_interventions_batch_together_unless_a_row_gets_both():
+    """Two-sided specs without shared weights: #0 (first positions) and #1 (last) edit apart, so they run as
+    one batch. A one-sided spec without shared weights (as a pyreft checkpoint may be) edits its rows with #0,
+    then #1: a step with such a request runs every #0 first."""
+    adapters = [adapter(f"u{i}", "loreft", (0,), 4, "f3+l3", share=False, seed=i) for i in range(3)]
+    one_sided = adapter("o", "loreft", (0,), 4, "f3", share=False, seed=9)
+    for extra, batches in (([], 1), ([(one_sided, 8, 0, 8)], 2)):
+        requests = [(a, 12, 0, 12) for a in adapters] + extra
+        chunks, rows = chunks_for(requests)
+        plan = build_plan(chunks, "cpu")
+        hidden = torch.randn(rows, D, generator=torch.Generator().manual_seed(0))
+        expected = edited_alone(hidden, chunks, 0)
+        plan.apply(0, hidden)
+        torch.testing.assert_close(hidden, expected)
+        assert len(plan.layers[0]) == batches
 
 
 def test_a_failing_intervention_fails_only_its_owners():
@@ -135,4 +153,5 @@ def test_a_fused_form_gets_each_row_with_its_own_parameters(monkeypatch):
             expected = edited_alone(hidden, chunks, layer)
             plan.apply(layer, hidden)
             torch.testing.assert_close(hidden, expected, msg=f"layer {layer}")
-        assert calls == ([0, 0, 1, 1] if fused else [])  # #0 and #1 at layer 0, then at layer 2 (position 1)
+        # no row is edited twice: #0 and #1 in one batch, at layer 0, then at layer 2 (stack position 1)
+        assert calls == ([0, 1] if fused else [])

@@ -54,11 +54,13 @@ class _Pair:
     rows: list[int] = field(default_factory=list)
     owners: list[Hashable] = field(default_factory=list)
 
-    def batch_key(self, layer: int) -> tuple:
-        """Pairs with equal keys run as one batch: same type, activation and parameter shapes. The index
-        leads: without shared weights and with a one-sided spec, #0 and #1 edit the same rows, and #1
-        must see what #0 made of them."""
-        return (self.index, self.adapter.layers[layer][self.index].batch_shape)
+    def batch_key(self, layer: int, rows_once: bool) -> tuple:
+        """Pairs with equal keys run as one batch: same type, activation and parameter shapes. The key leads
+        with the index where a row is edited by both #0 and #1 (a one-sided spec without shared weights, which
+        pyreft checkpoints may have): #1 must see what #0 made of it, so every #0 runs first. Where the step
+        edits each row once (`rows_once`: two-sided specs split a prompt's positions between #0 and #1), they
+        edit apart and batch together."""
+        return (0 if rows_once else self.index, self.adapter.layers[layer][self.index].batch_shape)
 
 
 class _Stack:
@@ -225,10 +227,12 @@ def build_plan(
     pairs, owner_rows = _pairs(pieces)
     if not pairs:
         return None
+    rows = [row for pair in pairs for row in pair.rows]
+    rows_once = len(set(rows)) == len(rows)
     groups: dict[tuple[int, tuple], list[_Pair]] = {}  # (layer, batch key) -> its pairs
     for pair in pairs:
         for layer in pair.adapter.layers:
-            groups.setdefault((layer, pair.batch_key(layer)), []).append(pair)
+            groups.setdefault((layer, pair.batch_key(layer, rows_once)), []).append(pair)
     # adapters usually share layers and shapes: lay out each group of pairs once, stack its parameters once
     layouts: dict[tuple[int, ...], _Segments] = {}
     stacked_layers: dict[tuple, list[int]] = {}  # (pairs, batch key) -> the layers that group edits
