@@ -392,14 +392,16 @@ def test_a_step_that_waits_for_the_gil_shows_less_cpu_time_than_wall_time(model)
     core = make_core(model)
     for i in range(8):
         core.add(seq(f"s{i}", [5, 6, 7, 8], max_new_tokens=6))  # each step waits out switch intervals: few
-    stop = threading.Event()
+    stop, running = threading.Event(), threading.Event()
 
     def hold_the_gil():
+        running.set()
         while not stop.is_set():
-            sum(range(1000))
+            sum(range(200_000))  # one C call: it keeps the GIL for milliseconds, past any switch request
 
     contender = threading.Thread(target=hold_the_gil)
     contender.start()
+    running.wait()
     wall = cpu = 0.0
     try:
         while core.has_work():
