@@ -4,9 +4,11 @@ A step packs many sequences into one row of T tokens. The rows each request's ch
 `EditedRows`, made by request_edit.py) are collected per (adapter, intervention index): a *pair*.
 Per layer, the pairs whose interventions share a type, activation and parameter shapes form one
 `EditBatch`: their rows are gathered into segments of equal length M ([S, M, d], padded; a long pair
-spans several segments), their parameters are stacked along S, and the type's formula runs once over
-all of them (the batched form in interventions.py, as Punica/S-LoRA do for LoRA). So a step with 64
-adapters costs a handful of launches per layer, not 64 groups of them. The trainer, the reference
+spans several segments), their parameters are stacked along S (once per step for every layer the group
+edits), and the type's formula runs once over all of them (the batched form in interventions.py, as
+Punica/S-LoRA do for LoRA), or its fused form where it has one (LoReFT on CUDA: one kernel that edits
+the rows in place). So a step with 64 adapters costs a handful of launches per layer, not 64 groups of
+them. The trainer, the reference
 and the baselines run the same plan over a padded batch's rows (batch_edit.py).
 
 A failing batch is retried segment by segment, so an exception fails only the requests whose
