@@ -8,8 +8,8 @@ spans several segments), their parameters are stacked along S (once per step for
 edits), and the type's formula runs once over all of them (the batched form in interventions.py, as
 Punica/S-LoRA do for LoRA), or its fused form where it has one (LoReFT on CUDA: one kernel that edits
 the rows in place). So a step with 64 adapters costs a handful of launches per layer, not 64 groups of
-them. The trainer, the reference
-and the baselines run the same plan over a padded batch's rows (batch_edit.py).
+them. The trainer, the reference and the baselines run the same plan over a padded batch's rows
+(batch_edit.py).
 
 A failing batch is retried segment by segment, so an exception fails only the requests whose
 segment raised (`failures`). Rows whose hidden states are not finite after the last layer fail their
