@@ -6,7 +6,6 @@ sums run in another order than cuBLAS's, so the last bit may differ: float32 is 
 to a rounding step.
 """
 
-import json
 import logging
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 from server.reft import fused_loreft
 from server.reft.interventions import activation
-from tests.triton_interpreter import interpreted
+from tests.triton_interpreter import interpreted_cases
 
 CASES = [  # dtype, hidden size, rank, segments, segment length, layers, layer position
     ("float32", 32, 4, 3, 5, 2, 1),
@@ -62,7 +61,7 @@ print(json.dumps(results))
 @pytest.fixture(scope="module")
 def results():
     pytest.importorskip("triton")
-    return json.loads(interpreted(CHILD, json.dumps(CASES)))
+    return interpreted_cases(CHILD, CASES)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))

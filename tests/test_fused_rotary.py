@@ -3,8 +3,6 @@ keep their own function everywhere but CUDA, and its Triton kernel against Llama
 Triton's interpreter on the CPU (tests/triton_interpreter.py). The CUDA test (test_gpu_engine.py) holds the
 compiled kernel to transformers' own function in bfloat16 too."""
 
-import json
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -18,7 +16,7 @@ from server.engine.fused_rotary import (
     transformers_own_rotation,
 )
 from server.models.tiny import VOCAB_SIZE, tiny_config
-from tests.triton_interpreter import interpreted
+from tests.triton_interpreter import interpreted_cases
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3"])
@@ -95,7 +93,7 @@ print(json.dumps(results))
 @pytest.fixture(scope="module")
 def results():
     pytest.importorskip("triton")
-    return json.loads(interpreted(CHILD, json.dumps(CASES)))
+    return interpreted_cases(CHILD, CASES)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))

@@ -7,11 +7,9 @@ buffers hand them over), queries with HF's strides, and tiles of positions other
 The comparison runs in a child process under the interpreter (tests/triton_interpreter.py).
 """
 
-import json
-
 import pytest
 
-from tests.triton_interpreter import interpreted
+from tests.triton_interpreter import interpreted_cases
 
 pytest.importorskip("triton")
 
@@ -53,7 +51,7 @@ print(json.dumps(errors))
 
 @pytest.fixture(scope="module")
 def errors():
-    return json.loads(interpreted(CHILD, json.dumps(CASES)))
+    return interpreted_cases(CHILD, CASES)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))

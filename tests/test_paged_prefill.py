@@ -9,11 +9,9 @@ end mid-tile, tables seen through a transposed view, HF's query strides, other t
 the chunks, which must stay as they were. Then a whole engine runs both Triton kernels, interpreted.
 """
 
-import json
-
 import pytest
 
-from tests.triton_interpreter import interpreted
+from tests.triton_interpreter import interpreted, interpreted_cases
 
 pytest.importorskip("triton")
 
@@ -71,7 +69,7 @@ print(json.dumps(errors))
 
 @pytest.fixture(scope="module")
 def results():
-    return json.loads(interpreted(CHILD, json.dumps(CASES)))
+    return interpreted_cases(CHILD, CASES)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
