@@ -71,16 +71,18 @@ def test_the_kernel_edits_rows_as_the_torch_formula_does(results, case):
     assert error <= (1e-5 if CASES[case][0] == "float32" else ulp), CASES[case]
 
 
-def test_off_cuda_the_torch_formula_edits():
-    d, r = 8, 2
-    params = {"rotation": torch.zeros(1, 1, d, r), "weight": torch.zeros(1, 1, r, d), "bias": torch.zeros(1, 1, 1, r)}
+def test_off_cuda_the_torch_formula_edits_and_nothing_is_stacked_for_the_kernel():
+    def stacked():
+        raise AssertionError("the parameters were stacked for a kernel that cannot run here")
+
     rows = torch.tensor([0])
-    assert not fused_loreft.loreft_in_place(torch.zeros(2, d), rows, rows, 1, params, 0, activation("linear"))
+    assert not fused_loreft.loreft_in_place(torch.zeros(2, 8), rows, rows, 1, stacked, 0, activation("linear"))
 
 
 def test_a_kernel_that_fails_leaves_the_torch_formula_for_good(monkeypatch, caplog):
     """Here the launch fails for real (Triton takes no CPU tensors outside its interpreter)."""
     pytest.importorskip("triton")
+    monkeypatch.setattr(fused_loreft, "_kernel_runs", lambda *args: True)
     monkeypatch.setattr(fused_loreft, "_kernel_takes", lambda *args: True)
     monkeypatch.setattr(fused_loreft, "_failed", False)
     d, r = 8, 2
@@ -88,5 +90,6 @@ def test_a_kernel_that_fails_leaves_the_torch_formula_for_good(monkeypatch, capl
     rows = torch.tensor([0])
     with caplog.at_level(logging.ERROR):
         for _ in range(2):
-            assert not fused_loreft.loreft_in_place(torch.zeros(2, d), rows, rows, 1, params, 0, activation("linear"))
+            stacked = lambda: params  # noqa: E731
+            assert not fused_loreft.loreft_in_place(torch.zeros(2, d), rows, rows, 1, stacked, 0, activation("linear"))
     assert fused_loreft._failed and caplog.text.count("the fused LoReFT kernel failed") == 1

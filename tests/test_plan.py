@@ -124,17 +124,17 @@ def test_non_finite_rows_are_reported_against_their_owner_only():
 
 def test_a_fused_form_gets_each_row_with_its_own_parameters(monkeypatch):
     """A type's fused form (LoReFT's kernel on CUDA) receives the batch's rows, where each sits in the segments,
-    and the parameters stacked [layers, S, ...] with this layer's position: here a Python twin of the kernel
+    and what makes the parameters stacked [layers, S, ...], with this layer's position: here a Python twin of the kernel
     that edits row by row through those arguments gives each intervention's own edit; with fused=False the
     formula edits and the fused form is never called."""
     from server.reft import interventions
 
     calls = []
 
-    def row_by_row(hidden, rows, positions, length, params, layer_index, act):
+    def row_by_row(hidden, rows, positions, length, stacked, layer_index, act):
         calls.append(layer_index)
         for row, position in zip(rows.tolist(), positions.tolist(), strict=True):
-            own = {name: stacked[layer_index, position // length] for name, stacked in params.items()}
+            own = {name: tensor[layer_index, position // length] for name, tensor in stacked().items()}
             own["bias"] = own["bias"][0]  # [1, r] in the stack
             hidden[row] = interventions.loreft(hidden[row : row + 1], own, act)[0]
         return True

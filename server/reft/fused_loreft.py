@@ -32,14 +32,18 @@ def loreft_in_place(
     rows: Tensor,
     positions: Tensor,
     segment_length: int,
-    params: dict[str, Tensor],
+    stacked: Callable[[], dict[str, Tensor]],
     layer_index: int,
     act: Callable[[Tensor], Tensor],
 ) -> bool:
     """Edit `hidden`'s `rows` [T, d] in place if the kernel takes them; whether it did. Row i belongs to segment
-    positions[i] // segment_length of `params`, stacked [layers, S, ...], at layer position `layer_index`."""
+    positions[i] // segment_length of the parameters `stacked()` makes, [layers, S, ...], at layer position
+    `layer_index`; they are asked for only where the kernel would run (elsewhere the formula may not need them)."""
     global _failed
-    if _failed or not _kernel_takes(hidden, params, act):
+    if _failed or not _kernel_runs(hidden, act):
+        return False
+    params = stacked()
+    if not _kernel_takes(hidden, params):
         return False
     try:
         from server.reft.fused_loreft_triton import loreft_launch  # Triton ships with CUDA builds of torch
@@ -55,23 +59,30 @@ def loreft_in_place(
     return True
 
 
-def _kernel_takes(hidden: Tensor, params: dict[str, Tensor], act: Callable[[Tensor], Tensor]) -> bool:
-    rotation, weight, bias = params.get("rotation"), params.get("weight"), params.get("bias")
+def _kernel_runs(hidden: Tensor, act: Callable[[Tensor], Tensor]) -> bool:
+    """Whether the kernel can edit these rows, whatever the parameters."""
     return (
         isinstance(act, LinearActivation)
-        and rotation is not None
-        and weight is not None
-        and bias is not None
-        and len(params) == 3
         and not torch.compiler.is_compiling()
         and hidden.is_cuda
         and hidden.device.index == torch.cuda.current_device()  # Triton launches on the current device
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, rotation, weight, bias)))
         and hidden.dtype in KERNEL_DTYPES
-        and rotation.dtype == torch.float32
-        and weight.dtype == bias.dtype == hidden.dtype
         and hidden.dim() == 2
         and hidden.stride(1) == 1
+    )
+
+
+def _kernel_takes(hidden: Tensor, params: dict[str, Tensor]) -> bool:
+    """Whether the kernel takes these parameters for the rows `_kernel_runs` allowed."""
+    rotation, weight, bias = params.get("rotation"), params.get("weight"), params.get("bias")
+    return (
+        rotation is not None
+        and weight is not None
+        and bias is not None
+        and len(params) == 3
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, rotation, weight, bias)))
+        and rotation.dtype == torch.float32
+        and weight.dtype == bias.dtype == hidden.dtype
         and _shapes_agree(hidden.shape[1], rotation, weight, bias)
         and all(t.is_contiguous() and t.device == hidden.device for t in (rotation, weight, bias))
     )

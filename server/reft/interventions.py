@@ -38,7 +38,7 @@ from server.reft.fused_loreft import loreft_in_place
 
 Params = Mapping[str, Tensor]
 Activation = Callable[[Tensor], Tensor]
-FusedEdit = Callable[[Tensor, Tensor, Tensor, int, Params, int, Activation], bool]
+FusedEdit = Callable[[Tensor, Tensor, Tensor, int, Callable[[], Params], int, Activation], bool]
 
 
 @functools.cache
@@ -179,7 +179,8 @@ class InterventionType:
     params: tuple[ParamSpec, ...]
     pyreft_class: str | None = None  # the class name in pyreft checkpoints, for import
     # where it can, edits rows of the step in place in one launch: fused(hidden [T, d], rows, positions,
-    # segment_length, params stacked [layers, S, ...], layer_index, act) -> whether it did (plan.EditBatch)
+    # segment_length, stacked, layer_index, act) -> whether it did (plan.EditBatch); stacked() makes the
+    # parameters stacked [layers, S, ...], to be called only where it edits
     fused: FusedEdit | None = None
 
     def param(self, name: str) -> ParamSpec | None:

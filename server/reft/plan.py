@@ -105,7 +105,7 @@ class EditBatch:
             fused
             and first.kind.fused is not None
             and first.kind.fused(
-                hidden, self.targets, self.valid, length, self.stack.params(), self.layer_index, first.act
+                hidden, self.targets, self.valid, length, self.stack.params, self.layer_index, first.act
             )
         ):
             return
