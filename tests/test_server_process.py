@@ -60,6 +60,16 @@ def server(tiny_model_dir, store, tmp_path_factory, engine_core):
     process.stop()
 
 
+@pytest.fixture(scope="module")
+def replica(tiny_model_dir, store, tmp_path_factory):
+    """A second server on `server`'s store, as a second replica of a deployment: it syncs every 0.5 s."""
+    log = tmp_path_factory.mktemp("logs") / "b.log"
+    args = ("--model", str(tiny_model_dir("llama")), "--store", str(store), "--store-sync-interval", "0.5")
+    process = ServerProcess(log, *args, *SERVE_ARGS)
+    yield process
+    process.stop()
+
+
 def test_openai_client_completions_chat_streaming_and_adapters(server, tiny_model_dir):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     base_name = tiny_model_dir("llama").name
@@ -164,77 +174,57 @@ def test_large_reports_reach_every_stream(server):
         assert sum(len(chunk["logprobs"]) for chunk in chunks) == 24 and chunks[-1]["finish_reason"] == "length"
 
 
-def test_two_servers_on_one_store_see_each_others_changes(server, tiny_model_dir, store, tmp_path):
-    other = ServerProcess(
-        tmp_path / "b.log",
-        "--model",
-        str(tiny_model_dir("llama")),
-        "--store",
-        str(store),
-        "--store-sync-interval",
-        "0.5",
-        *SERVE_ARGS,
-    )
-    try:
-
-        def generate_on_b(adapter):
-            return httpx.post(
-                f"{other.url}/v1/generate", json={"prompt": "shared", "adapter": adapter, "max_new_tokens": 4}
-            )
-
-        published = upload(server.url, "replicated", adapter_bytes(2))  # published on A
-        on_b = generate_on_b("replicated")  # B finds a name it has not seen yet at once
-        assert on_b.status_code == 200 and on_b.json()["adapter"] == {"name": "replicated", "version": 1}
-        assert published["version"] == 1
-
-        upload(server.url, "replicated", adapter_bytes(3))  # v2 on A: B serves it within its sync interval
-        wait_for(lambda: generate_on_b("replicated").json()["adapter"]["version"] == 2, timeout=5)
-        wait_for(lambda: "replicated" in [m["id"] for m in httpx.get(f"{other.url}/v1/models").json()["data"]])
-
-        assert httpx.delete(f"{server.url}/v1/adapters/replicated", headers=ADMIN).status_code == 200
-        wait_for(lambda: generate_on_b("replicated").status_code == 404, timeout=5)
-    finally:
-        other.stop()
-
-
-def test_two_servers_on_one_store_compare_and_swap(server, tiny_model_dir, store, tmp_path):
-    other = ServerProcess(
-        tmp_path / "cas.log", "--model", str(tiny_model_dir("llama")), "--store", str(store), *SERVE_ARGS
-    )
-    try:
-        urls = [server.url, other.url]
-        created = httpx.post(
-            f"{server.url}/v1/adapters/cas-shared",
-            files={"file": ("a.safetensors", adapter_bytes(5))},
-            headers={**ADMIN, "If-None-Match": "*"},
+def test_two_servers_on_one_store_see_each_others_changes(server, replica):
+    def generate_on_b(adapter):
+        return httpx.post(
+            f"{replica.url}/v1/generate", json={"prompt": "shared", "adapter": adapter, "max_new_tokens": 4}
         )
-        assert created.status_code == 201
 
-        def writer(index: int) -> list[tuple[int, int, int]]:
-            outcomes = []
-            for round_ in range(3):
-                url = urls[(index + round_) % 2]  # each writer alternates replicas
-                seen = httpx.get(f"{url}/v1/adapters/cas-shared", headers=ADMIN).headers["etag"]
-                response = httpx.post(
-                    f"{url}/v1/adapters/cas-shared",
-                    files={"file": ("a.safetensors", adapter_bytes(6))},
-                    headers={**ADMIN, "If-Match": seen},
-                    timeout=30,
-                )
-                outcomes.append((response.status_code, int(seen.strip('"')), int(response.headers["etag"].strip('"'))))
-            return outcomes
+    published = upload(server.url, "replicated", adapter_bytes(2))  # published on A
+    on_b = generate_on_b("replicated")  # B finds a name it has not seen yet at once
+    assert on_b.status_code == 200 and on_b.json()["adapter"] == {"name": "replicated", "version": 1}
+    assert published["version"] == 1
 
-        with ThreadPoolExecutor(4) as pool:
-            outcomes = [o for result in pool.map(writer, range(4)) for o in result]
-        won = [(seen, made) for status, seen, made in outcomes if status == 201]
-        assert all(status in (201, 412) for status, _, _ in outcomes)
-        assert all(made == seen + 1 for seen, made in won)
-        assert sorted(seen for seen, _ in won) == list(range(1, len(won) + 1)), "no version replaced twice"
-        assert AdapterStore(store).versions("cas-shared") == list(range(1, len(won) + 2))
-        stale = httpx.delete(f"{other.url}/v1/adapters/cas-shared", headers={**ADMIN, "If-Match": '"1"'})
-        assert stale.status_code == 412 and stale.headers["etag"] == f'"{len(won) + 1}"'
-    finally:
-        other.stop()
+    upload(server.url, "replicated", adapter_bytes(3))  # v2 on A: B serves it within its sync interval
+    wait_for(lambda: generate_on_b("replicated").json()["adapter"]["version"] == 2, timeout=5)
+    wait_for(lambda: "replicated" in [m["id"] for m in httpx.get(f"{replica.url}/v1/models").json()["data"]])
+
+    assert httpx.delete(f"{server.url}/v1/adapters/replicated", headers=ADMIN).status_code == 200
+    wait_for(lambda: generate_on_b("replicated").status_code == 404, timeout=5)
+
+
+def test_two_servers_on_one_store_compare_and_swap(server, replica, store):
+    urls = [server.url, replica.url]
+    created = httpx.post(
+        f"{server.url}/v1/adapters/cas-shared",
+        files={"file": ("a.safetensors", adapter_bytes(5))},
+        headers={**ADMIN, "If-None-Match": "*"},
+    )
+    assert created.status_code == 201
+
+    def writer(index: int) -> list[tuple[int, int, int]]:
+        outcomes = []
+        for round_ in range(3):
+            url = urls[(index + round_) % 2]  # each writer alternates replicas
+            seen = httpx.get(f"{url}/v1/adapters/cas-shared", headers=ADMIN).headers["etag"]
+            response = httpx.post(
+                f"{url}/v1/adapters/cas-shared",
+                files={"file": ("a.safetensors", adapter_bytes(6))},
+                headers={**ADMIN, "If-Match": seen},
+                timeout=30,
+            )
+            outcomes.append((response.status_code, int(seen.strip('"')), int(response.headers["etag"].strip('"'))))
+        return outcomes
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = [o for result in pool.map(writer, range(4)) for o in result]
+    won = [(seen, made) for status, seen, made in outcomes if status == 201]
+    assert all(status in (201, 412) for status, _, _ in outcomes)
+    assert all(made == seen + 1 for seen, made in won)
+    assert sorted(seen for seen, _ in won) == list(range(1, len(won) + 1)), "no version replaced twice"
+    assert AdapterStore(store).versions("cas-shared") == list(range(1, len(won) + 2))
+    stale = httpx.delete(f"{replica.url}/v1/adapters/cas-shared", headers={**ADMIN, "If-Match": '"1"'})
+    assert stale.status_code == 412 and stale.headers["etag"] == f'"{len(won) + 1}"'
 
 
 @pytest.mark.parametrize(

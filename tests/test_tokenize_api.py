@@ -5,24 +5,25 @@ a clear 400 or 404."""
 import pytest
 
 from server.adapters.random_adapters import random_adapter_file
-from server.smollm2 import convert_smollm2
 from server.tokenization import encode_chat, encode_prompt
 from tests.api_utils import error_of, running_app, upload
+from tests.conftest import SMOLLM2_DEMO_TIMEOUT
 
 CHAT = [{"role": "user", "content": "Where is the treasure?"}]
 PREFILLED = [*CHAT, {"role": "assistant", "content": "Arr, the treasure be"}]  # an answer begun, to go on with
 ADAPTER = "pirate"
 NEVER_SERVED = "parrot"  # named by /tokenize alone
 
+pytestmark = pytest.mark.timeout(SMOLLM2_DEMO_TIMEOUT)  # the first test here may build the session's demo
+
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, smollm2_demo):
     """A server of the demo's SmolLM2 (a real tokenizer with a chat template) with an adapter, that
     tokenizer, and the base model's served name."""
     from transformers import AutoConfig, AutoTokenizer
 
-    model_dir = tmp_path_factory.mktemp("smollm2") / "model"
-    convert_smollm2(model_dir)
+    model_dir = smollm2_demo[0].model_dir  # converted once per session; this server has a store of its own
     hidden_size = AutoConfig.from_pretrained(model_dir).hidden_size
     adapter = random_adapter_file("loreft", (1,), 2, "f1+l1", hidden_size)
     with running_app(model_dir, tmp_path_factory.mktemp("store")) as client:
