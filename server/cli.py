@@ -24,6 +24,7 @@ from server.adapters.store import StoreError
 from server.adapters.stores import open_store
 from server.config import ENGINE_CONFIG_SOURCES, Settings
 from server.engine.config import EngineConfigError
+from server.gc_freeze import exit_without_teardown
 from server.model_load_errors import ModelLoadError, loading
 from server.model_location import ModelNotFound, check_tokenizer, model_argument, model_location
 from server.plugins import PluginError
@@ -152,7 +153,7 @@ def serve(args: argparse.Namespace) -> int:
         # uvicorn re-raises the signal after its graceful shutdown; a drained server exits 0
         signal.signal(sig, lambda *_: None)
     DrainingServer(config, show_banner).run()
-    return 0
+    exit_without_teardown(0)  # the app has stopped its engine and its group: nothing is left to free
 
 
 def demo_admin_access(settings: Settings) -> tuple[Settings, str]:

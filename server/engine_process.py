@@ -36,7 +36,7 @@ from server.engine.config import EngineConfigError
 from server.engine.core import EngineCore, EngineLoad, SeqOutput, serving_core
 from server.engine.core_loop import STOP, CoreLoop, Refuse, StepReport, Submit, stopped
 from server.engine.sequence import FinishReason
-from server.gc_freeze import freeze_long_lived
+from server.gc_freeze import exit_without_teardown, freeze_long_lived
 from server.logging_setup import setup_logging
 from server.model_facts import ModelFacts
 from server.model_load_errors import ModelLoadError
@@ -289,6 +289,7 @@ def _engine_main(settings: Settings, model_path: str, commands, reports) -> None
     finally:
         outbox.put(STOP)
         sender.join()
+    exit_without_teardown(0)  # its start-up objects are frozen: a teardown would print Triton's leak warnings
 
 
 def _exit_with_the_server() -> None:
