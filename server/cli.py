@@ -98,7 +98,7 @@ def serve(args: argparse.Namespace) -> int:
     group = join_torchrun_group(settings)
     if group is not None and group.rank > 0:  # a follower: rank 0 sends it the model and every step
         follow_under_torchrun(group, settings)
-        return 0
+        exit_without_teardown(0)
     # the store, the address, the model's directory and its fit to the group are checked before anything
     # loads: a mistake in any is one line (main() says a StoreError's or a StartUpMistake's), not a
     # traceback from the app's start; so are model files that cannot be loaded (a ModelLoadError)

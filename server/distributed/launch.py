@@ -23,6 +23,7 @@ import torch.distributed as dist
 from server.config import Settings
 from server.distributed.group import TensorParallelGroup, kill_followers
 from server.distributed.runner import follow
+from server.gc_freeze import exit_without_teardown
 from server.logging_setup import setup_logging
 from server.model_load_errors import ModelLoadError
 from server.models.loader import resolve_device
@@ -104,3 +105,4 @@ def _follower_main(settings: Settings, rank: int) -> None:
         log.error("tensor-parallel rank %d: %s", rank, e)
         sys.exit(2)
     dist.destroy_process_group()
+    exit_without_teardown(0)
