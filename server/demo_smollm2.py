@@ -56,12 +56,13 @@ SMOLLM2_BANNER = """
   reft-server is running the OFFLINE DEMO on {url}
   "{model}" is SmolLM2-135M-Instruct (a small model: expect short, sometimes wrong answers).
   Adapters "emoji", "pirate", "shouty" and "french" steer the same frozen model per request.
+  Greedy replies (temperature 0) show the styles best; the OpenAI default, 1.0, samples freely.
 
     curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
-         -d '{{"model": "pirate", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+         -d '{{"model": "pirate", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], "temperature": 0}}'
 
-    python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='-');
-    print(c.chat.completions.create(model='emoji', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0].message.content)"
+    python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='-'); print(c.chat.completions.create(
+    model='emoji', messages=[{{'role': 'user', 'content': 'Hi'}}], temperature=0).choices[0].message.content)"
 """
 
 
